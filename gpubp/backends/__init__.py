@@ -1,0 +1,125 @@
+"""Backend registry: one word picks the backend, ``auto`` picks the best that runs here."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendUnavailableError
+from .base import OPS, Backend
+from .numpy_backend import NumpyBackend
+
+__all__ = [
+    "BACKEND_NAMES",
+    "OPS",
+    "Backend",
+    "available_backends",
+    "backend_status",
+    "get_backend",
+    "to_numpy",
+    "use_backend",
+]
+
+#: Every name ``get_backend`` understands, best first (``auto`` picks the first that runs).
+BACKEND_NAMES: tuple[str, ...] = ("cupy", "numba", "numpy")
+
+_instances: dict[str, Backend] = {}
+_context: list[str] = []  # names set by use_backend, innermost last
+
+
+def _numpy_status() -> str | None:
+    return None
+
+
+def _numba_status() -> str | None:
+    if importlib.util.find_spec("numba") is None:
+        return "Numba is not installed (pip install 'gpubp[numba]')"
+    return "the numba backend is not part of this release yet (it is being built; see issue 6)"
+
+
+def _cupy_status() -> str | None:
+    if importlib.util.find_spec("cupy") is None:
+        return "CuPy is not installed (pip install 'gpubp[cuda12]' or 'gpubp[cuda13]')"
+    try:
+        import cupy
+
+        if not cupy.cuda.is_available():
+            return "CuPy is installed but no CUDA GPU is visible (cupy.cuda.is_available() is False)"
+    except Exception as exc:  # a broken driver or toolkit: report it, never crash the registry
+        return f"CuPy could not reach a GPU: {type(exc).__name__}: {exc}"
+    return "the cupy backend is not part of this release yet (it is being built; see issue 7)"
+
+
+_STATUS = {"numpy": _numpy_status, "numba": _numba_status, "cupy": _cupy_status}
+_CLASSES: dict[str, type[Backend]] = {"numpy": NumpyBackend}
+
+
+def backend_status() -> dict[str, str | None]:
+    """For each backend name, ``None`` if it can run here, else the reason it cannot."""
+    return {name: _STATUS[name]() for name in BACKEND_NAMES}
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run on this machine, best first."""
+    return [name for name, why in backend_status().items() if why is None]
+
+
+def get_backend(name: str | Backend | None = None) -> Backend:
+    """The backend called ``name`` (``numpy``, ``numba``, ``cupy`` or ``auto``).
+
+    ``auto`` (and ``None``) is the backend chosen by the innermost :func:`use_backend` block if
+    there is one, else the best that can run here: CuPy with a working GPU, else Numba, else
+    NumPy. A backend object is returned
+    as it is. Raises :class:`~gpubp.errors.BackendUnavailableError` if the backend cannot run
+    here, saying why and what to use instead; :class:`ValueError` for an unknown name.
+    """
+    if isinstance(name, Backend):
+        return name
+    if name is None:
+        name = "auto"
+    if not isinstance(name, str) or name not in (*BACKEND_NAMES, "auto"):
+        raise ValueError(
+            f"backend={name!r} is not known; expected one of auto, {', '.join(BACKEND_NAMES)}"
+        )
+    if name == "auto":
+        name = _context[-1] if _context else available_backends()[0]
+    if name not in _instances:
+        why = _STATUS[name]()
+        if why is not None:
+            others = [n for n in available_backends() if n != name]
+            raise BackendUnavailableError(
+                f"backend={name!r} cannot run here: {why}. Available now: "
+                f"{', '.join(others)}; pass backend='auto' to take the best of them"
+            )
+        _instances[name] = _CLASSES[name]()
+    return _instances[name]
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[Backend]:
+    """Context manager: inside it, ``backend="auto"`` (the default everywhere) means ``name``.
+
+    >>> with use_backend("numpy") as be:
+    ...     be.name
+    'numpy'
+    """
+    backend = get_backend(name)
+    _context.append(backend.name)
+    try:
+        yield backend
+    finally:
+        _context.pop()
+
+
+def to_numpy(array: Any) -> np.ndarray:
+    """A NumPy array with the values of ``array`` (a NumPy array, a list, or a GPU array)."""
+    if isinstance(array, np.ndarray):
+        return array
+    get = getattr(array, "get", None)  # cupy.ndarray.get() copies device -> host
+    if callable(get) and type(array).__module__.startswith("cupy"):
+        return np.asarray(get())
+    return np.asarray(array)

@@ -1,0 +1,421 @@
+"""The backend protocol and a complete implementation written against an array module ``xp``.
+
+Every backend offers the ops of :mod:`gpubp.reference`, with the same names and the same
+positional arguments in the same order; a backend may add keyword-only arguments (buffers to
+write into). A test checks this for every backend.
+
+Unlike the reference, backend ops may write their results into buffers they are given
+(``out=``, ``dW=``, ...) and the update ops change the parameters and optimizer state in place;
+every op still returns its results, so callers use the return values and never care which.
+
+:class:`Backend` is complete: a new backend sets ``xp`` (NumPy, CuPy, ...) and overrides only
+the ops it makes faster, falling back to ``super()`` for anything it does not handle.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .. import activations as act
+from ..errors import NonFiniteLossError
+
+#: The op names every backend offers, in the order the reference defines them.
+OPS: tuple[str, ...] = (
+    "forward_layer",
+    "output_delta",
+    "hidden_delta",
+    "parameter_gradients",
+    "sgd_update",
+    "adam_update",
+    "forward",
+    "gradients",
+    "update_parameters",
+    "train_step",
+)
+
+SUPPORTED_DTYPES: tuple[str, ...] = ("float32", "float64")
+
+
+class Workspace:
+    """Every buffer one train step needs, for one (layer sizes, batch size, dtype).
+
+    ``a[l]``: ``(B, n_l)`` activations for ``l = 0..L-1`` (``a[0]`` holds the staged input);
+    ``z_out``: ``(B, n_L)``, the output pre-activation, then ``delta^L`` in place;
+    ``d[l]``: ``(B, n_l)`` deltas of the hidden layers; ``dW[l]``, ``db[l]``: gradients;
+    ``y``: ``(B, n_L)`` targets; scratch buffers for activations and the optimizer.
+    """
+
+    def __init__(self, xp: Any, sizes: tuple[int, ...], batch: int, dtype: Any) -> None:
+        L = len(sizes) - 1
+        widest = max(sizes)
+        self.batch = batch
+        self.a = [xp.empty((batch, n), dtype=dtype) for n in sizes[:-1]]
+        self.z_out = xp.empty((batch, sizes[-1]), dtype=dtype)
+        self.d = [xp.empty((batch, n), dtype=dtype) for n in sizes[:-1]]
+        self.dW = [xp.empty((sizes[i + 1], sizes[i]), dtype=dtype) for i in range(L)]
+        self.db = [xp.empty((sizes[i + 1],), dtype=dtype) for i in range(L)]
+        self.y = xp.empty((batch, sizes[-1]), dtype=dtype)
+        self.scratch = xp.empty(batch * widest, dtype=dtype)
+        self.rowbuf = xp.empty((batch, 1), dtype=dtype)
+        self.rows = xp.arange(batch, dtype=np.int64)
+        self.flat_idx = xp.empty(batch, dtype=np.int64)
+        biggest = max(sizes[i + 1] * sizes[i] for i in range(L))
+        self.pscratch = xp.empty(2 * biggest, dtype=dtype)
+
+    def scratch_like(self, shape: tuple[int, ...]) -> Any:
+        """A view of the activation scratch buffer with ``shape``."""
+        return self.scratch[: math.prod(shape)].reshape(shape)
+
+
+class Backend:
+    """Backpropagation ops on the array module ``xp``; subclasses set ``name`` and ``xp``.
+
+    Attributes
+    ----------
+    name : str
+        The one word a user passes as ``backend=``.
+    xp : module
+        The array module (``numpy``, ``cupy``) every op is written against.
+    """
+
+    name: ClassVar[str] = "base"
+    xp: Any = np
+    max_workspaces: ClassVar[int] = 4
+
+    def __init__(self) -> None:
+        self._workspaces: OrderedDict[tuple[Any, ...], Workspace] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"<gpubp backend {self.name!r}>"
+
+    # --- arrays -----------------------------------------------------------------------------
+
+    def asarray(self, x: Any, dtype: Any = None) -> Any:
+        """``x`` as an array of this backend (a copy only where needed)."""
+        return self.xp.asarray(x, dtype=dtype)
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        return self.xp.zeros(shape, dtype=dtype)
+
+    def to_numpy(self, a: Any) -> np.ndarray:
+        """A NumPy array with the values of ``a`` (no copy for NumPy input)."""
+        return np.asarray(a)
+
+    def owns(self, a: Any) -> bool:
+        """Whether ``a`` is already an array of this backend."""
+        return isinstance(a, self.xp.ndarray)
+
+    def synchronize(self) -> None:
+        """Wait until queued work is done (a no-op on the CPU)."""
+
+    def workspace(self, sizes: tuple[int, ...], batch: int, dtype: Any) -> Workspace:
+        """The buffers for one batch shape, made once and reused (least recently used kept)."""
+        key = (tuple(sizes), int(batch), np.dtype(dtype).str)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            ws = Workspace(self.xp, tuple(sizes), batch, dtype)
+            self._workspaces[key] = ws
+            while len(self._workspaces) > self.max_workspaces:
+                self._workspaces.popitem(last=False)
+        else:
+            self._workspaces.move_to_end(key)
+        return ws
+
+    # --- the ops ----------------------------------------------------------------------------
+
+    def forward_layer(self, a_prev: Any, W: Any, b: Any, activation: str, *, out: Any = None,
+                      scratch: Any = None) -> Any:  # fmt: skip
+        """``a = f(a_prev @ W.T + b)``: ``(B, n_in) @ (n_out, n_in).T + (n_out,) -> (B, n_out)``.
+
+        Bias and activation are applied in place on the GEMM output ``out``.
+        """
+        xp = self.xp
+        z = xp.matmul(a_prev, W.T, out=out)
+        z += b
+        return act.apply_inplace(xp, z, activation, scratch)
+
+    def output_delta(self, z: Any, y: Any, output: str, loss: str, *, out: Any = None,
+                     scratch: Any = None, rowbuf: Any = None) -> tuple[Any, Any]:  # fmt: skip
+        """``(delta^L, C)`` from the output pre-activation ``z`` ``(B, n)`` and targets ``y``.
+
+        ``y`` is ``(B, n)`` targets or, for classification, ``(B,)`` integer labels. Formulas as
+        in :func:`gpubp.reference.output_delta`. ``out`` may be ``z`` itself (in place).
+        ``scratch`` is ``(B, n)`` and ``rowbuf`` ``(B, 1)``, both optional.
+        """
+        xp = self.xp
+        B, n = z.shape
+        Y = self._targets(y, n, z.dtype)
+        if out is None:
+            out = xp.empty_like(z)
+        s = xp.empty_like(z) if scratch is None else scratch
+        rb = xp.empty((B, 1), dtype=z.dtype) if rowbuf is None else rowbuf
+        if loss == "cross_entropy":
+            # C = 1/B sum_rows [logsumexp(z) - Y.z] (rows of Y sum to 1); delta = (softmax - Y)/B
+            xp.max(z, axis=1, keepdims=True, out=rb)
+            xp.subtract(z, rb, out=out)  # shifted logits; overwrites z when out is z
+            yz = xp.vdot(Y, out)
+            xp.exp(out, out=out)
+            xp.sum(out, axis=1, keepdims=True, out=rb)
+            out /= rb
+            xp.log(rb, out=rb)
+            value = (xp.sum(rb) - yz) / B
+            out -= Y
+            out *= 1.0 / B
+            return out, value
+        if loss == "binary_cross_entropy":
+            # C = 1/B sum [softplus(z) - Y z]; softplus(z) = max(z, 0) + log1p(exp(-|z|))
+            xp.abs(z, out=s)
+            xp.negative(s, out=s)
+            xp.exp(s, out=s)
+            xp.log1p(s, out=s)
+            value = xp.sum(s) - xp.vdot(Y, z)
+            xp.maximum(z, 0, out=s)
+            value = (value + xp.sum(s)) / B
+            if out is not z:
+                out[...] = z
+            act.apply_inplace(xp, out, "sigmoid")
+            out -= Y
+            out *= 1.0 / B
+            return out, value
+        # mse: C = 1/(2B) ||a - Y||^2, delta = J_f^T (a - Y) / B
+        if out is not z:
+            out[...] = z
+        act.apply_inplace(xp, out, output, s)
+        xp.subtract(out, Y, out=s)  # r = a - Y
+        value = xp.vdot(s, s) / (2 * B)
+        s *= 1.0 / B  # g = r / B
+        self._mul_output_jacobian(out, s, output, rb)
+        return out, value
+
+    def _mul_output_jacobian(self, a: Any, g: Any, output: str, rowbuf: Any) -> None:
+        """Overwrite ``a`` (``f(z)``) with ``J_f(z)^T g``; ``g`` is used as scratch."""
+        xp = self.xp
+        if output == "identity":
+            a[...] = g
+        elif output == "softmax":
+            # a * (g - sum_j g_j a_j)  =  g a - a (sum_j g_j a_j)
+            g *= a
+            xp.sum(g, axis=1, keepdims=True, out=rowbuf)
+            a *= rowbuf
+            xp.subtract(g, a, out=a)
+        elif output == "relu":
+            xp.greater(a, 0, out=a)
+            a *= g
+        elif output == "tanh":
+            a *= a
+            xp.subtract(1.0, a, out=a)
+            a *= g
+        elif output == "sigmoid":
+            g *= a
+            xp.subtract(1.0, a, out=a)
+            a *= g
+        else:  # pragma: no cover - validated at construction
+            raise ValueError(f"output {output!r} is not supported")
+
+    def _targets(self, y: Any, n: int, dtype: Any, out: Any = None, ws: Workspace | None = None) -> Any:
+        """``(B, n)`` targets of ``dtype``; ``(B,)`` integer labels become one-hot rows."""
+        xp = self.xp
+        if y.ndim == 1 and y.dtype.kind in "iu" and n > 1:
+            B = y.shape[0]
+            Y = xp.empty((B, n), dtype=dtype) if out is None else out
+            Y.fill(0)
+            if ws is not None:
+                idx = ws.flat_idx
+                xp.multiply(ws.rows, n, out=idx)
+                idx += y
+            else:
+                idx = xp.arange(B, dtype=np.int64) * n + y
+            xp.put(Y.reshape(-1), idx, 1)
+            return Y
+        y = y.reshape(y.shape[0], n)
+        if out is None:
+            return y if y.dtype == dtype else y.astype(dtype)
+        out[...] = y
+        return out
+
+    def hidden_delta(self, delta_next: Any, W_next: Any, a: Any, activation: str, *,
+                     out: Any = None, scratch: Any = None) -> Any:  # fmt: skip
+        """``delta = (delta_next @ W_next) * f'(a)``: ``(B, n_next) @ (n_next, n) -> (B, n)``.
+
+        The Hadamard product is applied in place on the GEMM output ``out``.
+        """
+        g = self.xp.matmul(delta_next, W_next, out=out)
+        return act.derivative_mul_inplace(self.xp, g, a, activation, scratch)
+
+    def parameter_gradients(self, delta: Any, a_prev: Any, *, dW: Any = None,
+                            db: Any = None) -> tuple[Any, Any]:  # fmt: skip
+        """``dW = delta.T @ a_prev`` ``(n_out, B) @ (B, n_in)``; ``db = sum over B of delta``."""
+        xp = self.xp
+        return xp.matmul(delta.T, a_prev, out=dW), xp.sum(delta, axis=0, out=db)
+
+    def sgd_update(self, param: Any, grad: Any, buf: Any, lr: float, momentum: float,
+                   nesterov: bool, weight_decay: float, *, scratch: Any = None) -> tuple[Any, Any]:  # fmt: skip
+        """SGD step in place on ``param`` and ``buf``; formulas in :func:`gpubp.reference.sgd_update`.
+
+        ``scratch`` is an optional flat buffer of at least ``param.size`` elements.
+        """
+        xp = self.xp
+        s = self._pscratch(param, scratch, 0)
+        g = grad
+        if weight_decay:
+            xp.multiply(param, weight_decay, out=s)
+            s += grad
+            g = s
+        if momentum:
+            buf *= momentum
+            buf += g
+            if nesterov:  # p -= lr * (g + momentum * buf)
+                xp.multiply(g, lr, out=s)
+                param -= s
+                xp.multiply(buf, lr * momentum, out=s)
+            else:
+                xp.multiply(buf, lr, out=s)
+        else:
+            xp.multiply(g, lr, out=s)
+        param -= s
+        return param, buf
+
+    def adam_update(self, param: Any, grad: Any, m: Any, v: Any, step: int, lr: float,
+                    beta1: float, beta2: float, eps: float, weight_decay: float,
+                    decoupled: bool, *, scratch: Any = None) -> tuple[Any, Any, Any]:  # fmt: skip
+        """Adam / AdamW step in place on ``param``, ``m``, ``v``; see :func:`gpubp.reference.adam_update`.
+
+        ``scratch`` is an optional flat buffer of at least ``2 * param.size`` elements.
+        """
+        xp = self.xp
+        s1 = self._pscratch(param, scratch, 0)
+        s2 = self._pscratch(param, scratch, 1)
+        g = grad
+        if weight_decay and decoupled:
+            param *= 1.0 - lr * weight_decay
+        elif weight_decay:
+            xp.multiply(param, weight_decay, out=s1)
+            s1 += grad
+            g = s1
+        m *= beta1
+        xp.multiply(g, 1.0 - beta1, out=s2)
+        m += s2
+        v *= beta2
+        xp.multiply(g, g, out=s2)
+        s2 *= 1.0 - beta2
+        v += s2
+        bc1 = 1.0 - beta1**step
+        bc2 = 1.0 - beta2**step
+        xp.sqrt(v, out=s2)
+        s2 *= 1.0 / math.sqrt(bc2)
+        s2 += eps
+        xp.divide(m, s2, out=s1)
+        s1 *= lr / bc1
+        param -= s1
+        return param, m, v
+
+    def _pscratch(self, param: Any, scratch: Any, k: int) -> Any:
+        if scratch is None:
+            return self.xp.empty_like(param)
+        n = param.size
+        return scratch[k * n : (k + 1) * n].reshape(param.shape)
+
+    # --- compositions -----------------------------------------------------------------------
+
+    def forward(self, weights: list[Any], biases: list[Any], x: Any, activation: str,
+                output: str) -> Any:  # fmt: skip
+        """Network output ``a^L`` ``(B, n_L)`` for input ``x`` ``(B, n_0)`` (allocates; for inference)."""
+        a = x
+        L = len(weights)
+        for i in range(L):
+            a = self.forward_layer(a, weights[i], biases[i], activation if i < L - 1 else output)
+        return a
+
+    def gradients(self, weights: list[Any], biases: list[Any], x: Any, y: Any, activation: str,
+                  output: str, loss: str) -> tuple[Any, list[Any], list[Any]]:  # fmt: skip
+        """``(C, dWs, dbs)`` by backpropagation into this batch shape's workspace buffers.
+
+        The returned gradient arrays belong to the workspace: the next call overwrites them.
+        """
+        L = len(weights)
+        sizes = (weights[0].shape[1], *(W.shape[0] for W in weights))
+        B = x.shape[0]
+        ws = self.workspace(sizes, B, weights[0].dtype)
+        a0 = self._stage(x, ws.a[0])
+        Y = self._targets(y, sizes[-1], weights[0].dtype, out=ws.y, ws=ws)
+        acts = [a0]
+        for i in range(L - 1):
+            acts.append(self.forward_layer(acts[i], weights[i], biases[i], activation,
+                                           out=ws.a[i + 1],
+                                           scratch=ws.scratch_like((B, sizes[i + 1]))))  # fmt: skip
+        z = self.forward_layer(acts[L - 1], weights[L - 1], biases[L - 1], "identity", out=ws.z_out)
+        delta, value = self.output_delta(z, Y, output, loss, out=z,
+                                         scratch=ws.scratch_like(z.shape), rowbuf=ws.rowbuf)  # fmt: skip
+        for i in range(L - 1, -1, -1):
+            self.parameter_gradients(delta, acts[i], dW=ws.dW[i], db=ws.db[i])
+            if i > 0:
+                delta = self.hidden_delta(delta, weights[i], acts[i], activation, out=ws.d[i],
+                                          scratch=ws.scratch_like((B, sizes[i])))  # fmt: skip
+        return value, ws.dW, ws.db
+
+    def _stage(self, x: Any, buf: Any) -> Any:
+        """``x`` itself when it is already a C-contiguous array of the right dtype, else a copy in ``buf``."""
+        if self.owns(x) and x.dtype == buf.dtype and x.flags.c_contiguous:
+            return x
+        buf[...] = x
+        return buf
+
+    def update_parameters(self, params: list[Any], grads: list[Any], optimizer: Any,
+                          state: dict[str, Any], *, scratch: Any = None) -> tuple[list[Any], dict[str, Any]]:  # fmt: skip
+        """Apply ``optimizer`` to every parameter in place (order ``W^1..W^L, b^1..b^L``).
+
+        ``state["step"]`` is incremented, and each slot list updated in place.
+        """
+        step = int(state["step"]) + 1
+        if optimizer.kind == "sgd":
+            bufs = state.get("momentum_buffer", [None] * len(params))
+            for p, g, buf in zip(params, grads, bufs):
+                self.sgd_update(p, g, buf, optimizer.lr, optimizer.momentum, optimizer.nesterov,
+                                optimizer.weight_decay, scratch=scratch)  # fmt: skip
+        else:
+            beta1, beta2 = optimizer.betas
+            for p, g, m, v in zip(params, grads, state["exp_avg"], state["exp_avg_sq"]):
+                self.adam_update(p, g, m, v, step, optimizer.lr, beta1, beta2, optimizer.eps,
+                                 optimizer.weight_decay, optimizer.decoupled, scratch=scratch)  # fmt: skip
+        state["step"] = step
+        return params, state
+
+    def train_step(self, weights: list[Any], biases: list[Any], x: Any, y: Any, activation: str,
+                   output: str, loss: str, optimizer: Any,
+                   state: dict[str, Any]) -> tuple[Any, list[Any], list[Any], dict[str, Any]]:  # fmt: skip
+        """Forward, loss, backward and update; ``(C, weights, biases, state)``, updated in place.
+
+        All gradients are computed before anything is updated; if the loss or any gradient is
+        not finite, :class:`~gpubp.errors.NonFiniteLossError` is raised and the parameters and
+        optimizer state are left exactly as they were.
+        """
+        value, dWs, dbs = self.gradients(weights, biases, x, y, activation, output, loss)
+        self.check_finite(value, dWs, dbs)
+        ws = self.workspace((weights[0].shape[1], *(W.shape[0] for W in weights)),
+                            x.shape[0], weights[0].dtype)  # fmt: skip
+        self.update_parameters([*weights, *biases], [*dWs, *dbs], optimizer, state,
+                               scratch=ws.pscratch)  # fmt: skip
+        return value, weights, biases, state
+
+    def check_finite(self, value: Any, dWs: list[Any], dbs: list[Any]) -> None:
+        """Raise :class:`NonFiniteLossError` if the loss or a gradient holds NaN or infinity."""
+        xp = self.xp
+        if not math.isfinite(float(value)):
+            raise NonFiniteLossError(
+                f"the loss is {float(value)} (not finite); the step was skipped and the "
+                "parameters kept. Lower the learning rate, or check the inputs for huge values"
+            )
+        for kind, grads in (("dW", dWs), ("db", dbs)):
+            for i, g in enumerate(grads):
+                # one reduction per tensor; a NaN or inf anywhere makes the sum non-finite, and a
+                # finite-but-overflowing sum is confirmed elementwise before raising
+                if not math.isfinite(float(xp.sum(g))) and not bool(xp.isfinite(g).all()):
+                    raise NonFiniteLossError(
+                        f"the gradient {kind}[{i}] holds NaN or infinity although the loss is "
+                        f"{float(value):.6g}; the step was skipped and the parameters kept. Lower "
+                        "the learning rate or scale the inputs"
+                    )

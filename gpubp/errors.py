@@ -1,0 +1,15 @@
+"""Exceptions raised by gpubp. Each message says what was wrong, what was expected, and what to do."""
+
+from __future__ import annotations
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that cannot run here (not installed, no GPU, not built yet)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training step produced a NaN or infinite loss or gradient; the parameters were kept."""
+
+
+class ModelFileError(ValueError):
+    """A saved model or checkpoint file is missing parts, malformed, or does not match."""

@@ -1,0 +1,573 @@
+"""The user-facing model: :class:`MLP`.
+
+Every public method validates its input before touching anything, so a rejected call leaves the
+parameters and optimizer state exactly as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import zipfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import activations as act
+from .backends import Backend, get_backend, to_numpy
+from .errors import ModelFileError
+from .losses import LOSSES, check_combination, is_classifier
+from .optim import Adam, Optimizer
+
+__all__ = ["MLP"]
+
+FORMAT = "gpubp-mlp"
+FORMAT_VERSION = 1
+
+
+def _check_dtype(dtype: object) -> np.dtype[Any]:
+    try:
+        dt = np.dtype(dtype)  # type: ignore[call-overload]
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in ("float32", "float64"):
+        raise ValueError(f"dtype={dtype!r} is not supported; expected 'float32' or 'float64'")
+    return dt
+
+
+class MLP:
+    """A fully connected network trained by backpropagation on the backend of your choice.
+
+    Parameters
+    ----------
+    layer_sizes : sequence of int
+        ``[n_0, n_1, ..., n_L]``: input width, hidden widths, output width (at least two).
+    activation : str
+        Hidden activation: ``identity``, ``sigmoid``, ``tanh``, ``relu``, ``leaky_relu``.
+    output : str
+        Output activation: ``identity``, ``sigmoid``, ``tanh``, ``relu``, ``softmax``.
+    loss : str
+        ``mse`` (any output), ``cross_entropy`` (softmax), ``binary_cross_entropy`` (sigmoid).
+    backend : str or Backend
+        ``numpy``, ``numba``, ``cupy`` or ``auto`` (see :func:`gpubp.get_backend`).
+    dtype : str
+        ``float32`` or ``float64``: parameters, activations and arithmetic.
+    seed : int
+        Seeds the initialisation (He normal for the ReLU family, Glorot uniform otherwise,
+        biases zero) and the shuffling in :meth:`fit`.
+
+    Notes
+    -----
+    Layer ``l`` holds ``W^l`` ``(n_l, n_{l-1})`` and ``b^l`` ``(n_l,)``; the forward pass is
+    ``a^l = f(a^{l-1} @ W^l.T + b^l)`` on batches ``(B, n)``; losses are means over the batch.
+    """
+
+    def __init__(
+        self,
+        layer_sizes: Sequence[int],
+        activation: str = "relu",
+        output: str = "softmax",
+        loss: str = "cross_entropy",
+        backend: str | Backend = "auto",
+        dtype: str = "float32",
+        seed: int | None = 0,
+    ) -> None:
+        self.layer_sizes = self._check_sizes(layer_sizes)
+        self.activation = act.check_activation(
+            activation, argument="activation", allowed=act.HIDDEN_ACTIVATIONS
+        )
+        self.output = act.check_activation(output, argument="output", allowed=act.OUTPUT_ACTIVATIONS)
+        self.loss = check_combination(loss, self.output)
+        self.dtype = _check_dtype(dtype)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        self.seed = seed
+        self.backend = get_backend(backend)
+        self._rng = np.random.default_rng(seed)
+        weights, biases = self._initial_parameters(np.random.default_rng(seed))
+        self._W = [self.backend.asarray(w, self.dtype) for w in weights]
+        self._b = [self.backend.asarray(b, self.dtype) for b in biases]
+
+    # --- construction -----------------------------------------------------------------------
+
+    @staticmethod
+    def _check_sizes(layer_sizes: object) -> tuple[int, ...]:
+        msg = "layer_sizes must be a sequence of at least two positive ints, e.g. [784, 128, 10]"
+        if isinstance(layer_sizes, (str, bytes)) or not isinstance(layer_sizes, Sequence):
+            raise TypeError(f"{msg}; got {layer_sizes!r}")
+        sizes = tuple(layer_sizes)
+        if len(sizes) < 2:
+            raise ValueError(f"{msg}; got {sizes!r}")
+        for i, n in enumerate(sizes):
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+                raise ValueError(f"{msg}; layer_sizes[{i}] is {n!r}")
+        return tuple(int(n) for n in sizes)
+
+    def _initial_parameters(self, rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        weights, biases = [], []
+        L = self.n_layers
+        for i in range(L):
+            n_in, n_out = self.layer_sizes[i], self.layer_sizes[i + 1]
+            rule, scale = act.initial_std(self.activation if i < L - 1 else self.output, n_in, n_out)
+            if rule == "normal":
+                w = rng.normal(0.0, scale, size=(n_out, n_in))
+            else:
+                w = rng.uniform(-scale, scale, size=(n_out, n_in))
+            weights.append(w)
+            biases.append(np.zeros(n_out))
+        return weights, biases
+
+    @property
+    def n_layers(self) -> int:
+        """``L``, the number of weight layers."""
+        return len(self.layer_sizes) - 1
+
+    @property
+    def n_inputs(self) -> int:
+        return self.layer_sizes[0]
+
+    @property
+    def n_outputs(self) -> int:
+        return self.layer_sizes[-1]
+
+    @property
+    def n_parameters(self) -> int:
+        s = self.layer_sizes
+        return sum(s[i + 1] * (s[i] + 1) for i in range(self.n_layers))
+
+    def config(self) -> dict[str, Any]:
+        """What it takes to rebuild this model (no parameters)."""
+        return {
+            "layer_sizes": list(self.layer_sizes),
+            "activation": self.activation,
+            "output": self.output,
+            "loss": self.loss,
+            "dtype": self.dtype.name,
+            "seed": None if self.seed is None else int(self.seed),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"MLP({list(self.layer_sizes)}, activation={self.activation!r}, output={self.output!r}, "
+            f"loss={self.loss!r}, backend={self.backend.name!r}, dtype={self.dtype.name!r})"
+        )
+
+    # --- input checks -----------------------------------------------------------------------
+
+    def _array(self, value: Any, argument: str) -> Any:
+        """``value`` as an array of this backend (NumPy arrays, lists, or backend arrays)."""
+        be = self.backend
+        if be.owns(value):
+            arr = value
+        else:
+            try:
+                host = to_numpy(value)
+            except (ValueError, TypeError) as exc:
+                raise TypeError(
+                    f"{argument} must be an array or a nested list of numbers; could not read "
+                    f"it as one ({exc})"
+                ) from None
+            if host.dtype.kind in "biuf":
+                arr = be.asarray(host)
+            else:
+                arr = host
+        kind = arr.dtype.kind
+        if kind not in "biuf":
+            raise TypeError(
+                f"{argument} has dtype {arr.dtype}; expected real numbers (float or int). "
+                "Convert it with np.asarray(..., dtype=np.float32)"
+            )
+        return arr
+
+    def _all_finite(self, arr: Any) -> bool:
+        if arr.dtype.kind != "f":
+            return True
+        xp = self.backend.xp
+        # one cheap reduction; only a non-finite sum (which a huge finite input can also give)
+        # pays for the elementwise test
+        return math.isfinite(float(xp.sum(arr))) or bool(xp.isfinite(arr).all())
+
+    def _check_x(self, x: Any, argument: str = "x") -> Any:
+        arr = self._array(x, argument)
+        if arr.ndim == 1 and self.n_inputs > 1 and arr.shape[0] == self.n_inputs:
+            raise ValueError(
+                f"{argument} has shape {tuple(arr.shape)}, one sample without a batch axis; expected "
+                f"(batch, {self.n_inputs}). Use {argument}[None, :] for a batch of one"
+            )
+        if arr.ndim != 2 or arr.shape[1] != self.n_inputs:
+            raise ValueError(
+                f"{argument} has shape {tuple(arr.shape)}; expected (batch, {self.n_inputs}) "
+                f"for a model with layer_sizes {list(self.layer_sizes)}"
+            )
+        if arr.shape[0] == 0:
+            raise ValueError(f"{argument} is an empty batch (shape {tuple(arr.shape)}); pass at least one row")
+        if not self._all_finite(arr):
+            raise ValueError(f"{argument} contains NaN or infinity; clean or impute the inputs first")
+        if arr.dtype != self.dtype:
+            arr = arr.astype(self.dtype)
+        return arr
+
+    def _check_y(self, y: Any, batch: int, argument: str = "y") -> Any:
+        """Validated targets: integer labels ``(B,)`` or float targets ``(B, n_out)``."""
+        arr = self._array(y, argument)
+        n = self.n_outputs
+        xp = self.backend.xp
+        if arr.shape[:1] != (batch,):
+            raise ValueError(
+                f"{argument} has shape {tuple(arr.shape)} but x has {batch} rows; expected "
+                f"{self._y_expectation()} with the same number of rows as x"
+            )
+        if arr.dtype.kind == "b":
+            arr = arr.astype(self.dtype)
+        labels_ok = self.loss == "cross_entropy" or (self.loss == "mse" and n > 1)
+        if arr.ndim == 1 and arr.dtype.kind in "iu" and labels_ok:
+            lo, hi = int(xp.min(arr)), int(xp.max(arr))
+            if lo < 0 or hi >= n:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"{argument} holds the label {bad}, out of range; labels must be integers in "
+                    f"[0, {n - 1}] for a model with {n} outputs"
+                )
+            return arr.astype(np.int64) if arr.dtype != np.int64 else arr
+        if arr.ndim == 1 and n == 1:
+            arr = arr.reshape(batch, 1)
+        if arr.ndim != 2 or arr.shape[1] != n:
+            raise ValueError(
+                f"{argument} has shape {tuple(arr.shape)} and dtype {arr.dtype}; expected "
+                f"{self._y_expectation()}"
+            )
+        if not self._all_finite(arr):
+            raise ValueError(f"{argument} contains NaN or infinity; targets must be finite")
+        arr = arr.astype(self.dtype) if arr.dtype != self.dtype else arr
+        if self.loss == "binary_cross_entropy":
+            if float(xp.min(arr)) < 0 or float(xp.max(arr)) > 1:
+                raise ValueError(
+                    f"{argument} holds values outside [0, 1]; binary_cross_entropy needs targets "
+                    "that are probabilities (0 or 1 for hard labels)"
+                )
+        elif self.loss == "cross_entropy":
+            sums = xp.sum(arr, axis=1)
+            if float(xp.min(arr)) < 0 or float(xp.max(xp.abs(sums - 1))) > 1e-3:
+                raise ValueError(
+                    f"{argument} rows must be one-hot (or probabilities summing to 1) for "
+                    f"cross_entropy; pass integer labels of shape ({batch},) otherwise"
+                )
+        return arr
+
+    def _y_expectation(self) -> str:
+        n = self.n_outputs
+        if self.loss == "cross_entropy":
+            return f"integer labels in [0, {n - 1}] of shape (batch,) or one-hot rows (batch, {n})"
+        if self.loss == "binary_cross_entropy":
+            return f"targets in [0, 1] of shape (batch, {n})" + (" or (batch,)" if n == 1 else "")
+        if n == 1:
+            return "float targets of shape (batch,) or (batch, 1)"
+        return f"float targets of shape (batch, {n}) or integer class labels of shape (batch,)"
+
+    # --- inference --------------------------------------------------------------------------
+
+    def _logits(self, x: Any) -> Any:
+        """Output pre-activation ``z^L`` ``(B, n_L)`` on the backend."""
+        be = self.backend
+        a = x
+        for i in range(self.n_layers - 1):
+            a = be.forward_layer(a, self._W[i], self._b[i], self.activation)
+        return be.forward_layer(a, self._W[-1], self._b[-1], "identity")
+
+    def _chunks(self, x: Any, batch_size: int) -> Any:
+        for start in range(0, x.shape[0], batch_size):
+            yield start, x[start : start + batch_size]
+
+    def forward(self, x: Any, batch_size: int = 4096) -> np.ndarray:
+        """Network output ``a^L = f(...)`` for ``x`` ``(B, n_0)``, as a NumPy ``(B, n_L)`` array."""
+        x = self._check_x(x)
+        out = np.empty((x.shape[0], self.n_outputs), dtype=self.dtype)
+        for start, xb in self._chunks(x, batch_size):
+            z = self._logits(xb)
+            act.apply_inplace(self.backend.xp, z, self.output)
+            out[start : start + xb.shape[0]] = to_numpy(z)
+        return out
+
+    def predict(self, x: Any) -> np.ndarray:
+        """Predictions for ``x``: class labels ``(B,)`` for classifiers, outputs for regression.
+
+        Softmax outputs and multi-output MSE give the argmax; a single sigmoid output with binary
+        cross-entropy gives 0/1 labels ``(B,)``, several give 0/1 per output ``(B, n_L)``; a
+        single-output MSE model returns its outputs ``(B, 1)``.
+        """
+        a = self.forward(x)
+        if self.loss == "binary_cross_entropy":
+            labels = (a > 0.5).astype(np.int64)
+            return labels[:, 0] if self.n_outputs == 1 else labels
+        if is_classifier(self.loss, self.n_outputs):
+            return np.argmax(a, axis=1)
+        return a
+
+    def evaluate(self, x: Any, y: Any, batch_size: int = 4096) -> dict[str, float | None]:
+        """Mean loss and accuracy over ``(x, y)``: ``{"loss": ..., "accuracy": ...}``.
+
+        Accuracy is the fraction of correct labels (argmax for softmax and multi-output MSE, a 0.5
+        threshold per output for sigmoid with binary cross-entropy); ``None`` for a single-output
+        regression.
+        """
+        x = self._check_x(x)
+        y = self._check_y(y, x.shape[0])
+        be, xp = self.backend, self.backend.xp
+        total, correct, count = 0.0, 0.0, 0
+        for start, xb in self._chunks(x, batch_size):
+            yb = y[start : start + xb.shape[0]]
+            z = self._logits(xb)
+            _, value = be.output_delta(z, yb, self.output, self.loss, out=xp.empty_like(z))
+            total += float(value) * xb.shape[0]
+            act.apply_inplace(xp, z, self.output)
+            if self.loss == "binary_cross_entropy":
+                correct += float(xp.sum((z > 0.5) == (yb > 0.5))) / self.n_outputs
+            elif is_classifier(self.loss, self.n_outputs):
+                truth = yb if yb.ndim == 1 else xp.argmax(yb, axis=1)
+                correct += float(xp.sum(xp.argmax(z, axis=1) == truth))
+            count += xb.shape[0]
+        accuracy = correct / count if is_classifier(self.loss, self.n_outputs) else None
+        return {"loss": total / count, "accuracy": accuracy}
+
+    # --- training ---------------------------------------------------------------------------
+
+    def gradients(self, x: Any, y: Any) -> tuple[float, list[np.ndarray], list[np.ndarray]]:
+        """``(C, dWs, dbs)`` for the batch, as NumPy copies, without updating anything."""
+        x = self._check_x(x)
+        y = self._check_y(y, x.shape[0])
+        value, dWs, dbs = self.backend.gradients(
+            self._W, self._b, x, y, self.activation, self.output, self.loss
+        )
+        return (
+            float(value),
+            [to_numpy(g).copy() for g in dWs],
+            [to_numpy(g).copy() for g in dbs],
+        )
+
+    def train_step(self, x: Any, y: Any, optimizer: Optimizer) -> float:
+        """One step on the batch ``(x, y)``: forward, loss, backward, update. Returns the loss.
+
+        Raises :class:`~gpubp.errors.NonFiniteLossError` (parameters and optimizer state kept)
+        when the loss or a gradient comes out NaN or infinite.
+        """
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"optimizer must be a gpubp.optim optimizer such as gpubp.optim.SGD(lr=0.1), got "
+                f"{type(optimizer).__name__}"
+            )
+        x = self._check_x(x)
+        y = self._check_y(y, x.shape[0])
+        shapes = [tuple(W.shape) for W in self._W] + [tuple(b.shape) for b in self._b]
+        state = optimizer.bind(self, self.backend, shapes, self.dtype)
+        value, _, _, _ = self.backend.train_step(
+            self._W, self._b, x, y, self.activation, self.output, self.loss, optimizer, state
+        )
+        return float(value)
+
+    def fit(
+        self,
+        X: Any,
+        y: Any,
+        epochs: int = 10,
+        batch_size: int = 64,
+        optimizer: Optimizer | None = None,
+        validation_data: tuple[Any, Any] | None = None,
+        progress: bool = True,
+        shuffle: bool = True,
+    ) -> dict[str, list[float]]:
+        """Train for ``epochs`` passes over ``(X, y)`` in shuffled mini-batches.
+
+        Returns a history: ``loss`` (mean training loss per epoch), ``time`` (seconds per epoch)
+        and, with ``validation_data``, ``val_loss`` and ``val_accuracy``. The default optimizer
+        is ``Adam(lr=1e-3)``. ``progress`` draws a bar on stderr.
+        """
+        for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        optimizer = Adam(lr=1e-3) if optimizer is None else optimizer
+        X = self._check_x(X, "X")
+        y = self._check_y(y, X.shape[0])
+        if validation_data is not None:
+            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+                raise ValueError("validation_data must be a pair (X_val, y_val)")
+            Xv = self._check_x(validation_data[0], "validation_data[0]")
+            yv = self._check_y(validation_data[1], Xv.shape[0], "validation_data[1]")
+        N = X.shape[0]
+        history: dict[str, list[float]] = {"loss": [], "time": []}
+        n_batches = math.ceil(N / batch_size)
+        for epoch in range(1, int(epochs) + 1):
+            t0 = time.perf_counter()
+            order = self._rng.permutation(N) if shuffle else np.arange(N)
+            order_dev = self.backend.asarray(order)
+            total = 0.0
+            bar = _Progress(f"epoch {epoch}/{epochs}", n_batches, enabled=progress)
+            for k in range(n_batches):
+                idx = order_dev[k * batch_size : (k + 1) * batch_size]
+                total += self.train_step(X[idx], y[idx], optimizer) * idx.shape[0]
+                bar.update(k + 1, f"loss {total / min(N, (k + 1) * batch_size):.4f}")
+            history["loss"].append(total / N)
+            history["time"].append(time.perf_counter() - t0)
+            summary = f"loss {total / N:.4f}"
+            if validation_data is not None:
+                ev = self.evaluate(Xv, yv)
+                history.setdefault("val_loss", []).append(float(ev["loss"] or 0.0))
+                if ev["accuracy"] is not None:
+                    history.setdefault("val_accuracy", []).append(float(ev["accuracy"]))
+                    summary += f"  val_loss {ev['loss']:.4f}  val_acc {ev['accuracy']:.4f}"
+                else:
+                    summary += f"  val_loss {ev['loss']:.4f}"
+            bar.close(f"{summary}  {history['time'][-1]:.2f}s")
+        return history
+
+    # --- parameters -------------------------------------------------------------------------
+
+    def get_parameters(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """``(weights, biases)`` as NumPy copies; ``weights[l]`` has shape ``(n_{l+1}, n_l)``."""
+        return (
+            [to_numpy(W).copy() for W in self._W],
+            [to_numpy(b).copy() for b in self._b],
+        )
+
+    def set_parameters(self, weights: Sequence[Any], biases: Sequence[Any]) -> None:
+        """Replace all parameters; every array is checked before any is replaced."""
+        L = self.n_layers
+        if not isinstance(weights, Sequence) or len(weights) != L:
+            raise ValueError(f"weights must be a list of {L} arrays, one per layer")
+        if not isinstance(biases, Sequence) or len(biases) != L:
+            raise ValueError(f"biases must be a list of {L} arrays, one per layer")
+        new_W, new_b = [], []
+        for i in range(L):
+            n_in, n_out = self.layer_sizes[i], self.layer_sizes[i + 1]
+            for kind, value, shape, out in (
+                ("weights", weights[i], (n_out, n_in), new_W),
+                ("biases", biases[i], (n_out,), new_b),
+            ):
+                arr = self._array(value, f"{kind}[{i}]")
+                if tuple(arr.shape) != shape:
+                    raise ValueError(
+                        f"{kind}[{i}] has shape {tuple(arr.shape)}; expected {shape} for layer_sizes "
+                        f"{list(self.layer_sizes)}"
+                    )
+                if not self._all_finite(arr):
+                    raise ValueError(f"{kind}[{i}] contains NaN or infinity")
+                out.append(self.backend.asarray(arr, self.dtype).copy())
+        self._W, self._b = new_W, new_b
+
+    # --- files ------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the configuration and parameters to ``path`` (a NumPy ``.npz``, no pickle).
+
+        The file is written beside its destination and renamed into place, so an interrupted
+        save never leaves a half-written file under ``path``.
+        """
+        weights, biases = self.get_parameters()
+        arrays = {f"W{i}": w for i, w in enumerate(weights)}
+        arrays.update({f"b{i}": b for i, b in enumerate(biases)})
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": self.config()}
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        write_npz_atomic(path, arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], backend: str | Backend = "auto") -> MLP:
+        """Read a model written by :meth:`save`. Never unpickles; a malformed file raises
+        :class:`~gpubp.errors.ModelFileError` saying what is wrong."""
+        arrays = read_npz(path)
+        meta = parse_meta(arrays, path, FORMAT)
+        cfg = meta.get("config")
+        try:
+            model = cls(backend=backend, **cfg)
+        except (TypeError, ValueError) as exc:
+            raise ModelFileError(f"{path}: the saved configuration is invalid: {exc}") from None
+        L = model.n_layers
+        try:
+            weights = [arrays[f"W{i}"] for i in range(L)]
+            biases = [arrays[f"b{i}"] for i in range(L)]
+        except KeyError as exc:
+            raise ModelFileError(f"{path}: missing the parameter array {exc.args[0]!r}") from None
+        try:
+            model.set_parameters(weights, biases)
+        except (TypeError, ValueError) as exc:
+            raise ModelFileError(f"{path}: {exc}") from None
+        return model
+
+
+def write_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` as an uncompressed ``.npz`` atomically (temp file, fsync, rename)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` file, loaded without pickle; clear errors for bad files."""
+    try:
+        with np.load(os.fspath(path), allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ModelFileError(f"{path}: not a gpubp model file (expected an .npz archive)")
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: no such file") from None
+    except ModelFileError:
+        raise
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise ModelFileError(
+            f"{path}: not a readable gpubp model file ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def parse_meta(arrays: dict[str, np.ndarray], path: Any, expected: str) -> dict[str, Any]:
+    """The JSON metadata stored in ``arrays["meta"]``, checked for format and version."""
+    raw = arrays.get("meta")
+    if raw is None or raw.dtype != np.uint8 or raw.ndim != 1:
+        raise ModelFileError(f"{path}: no gpubp metadata; was it written by MLP.save?")
+    try:
+        meta = json.loads(raw.tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path}: the metadata is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != expected:
+        raise ModelFileError(f"{path}: not a {expected} file")
+    if meta.get("version") != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: format version {meta.get('version')!r}; this gpubp reads version {FORMAT_VERSION}"
+        )
+    if not isinstance(meta.get("config"), dict):
+        raise ModelFileError(f"{path}: the metadata has no configuration")
+    return meta
+
+
+class _Progress:
+    """A one-line progress bar on stderr, redrawn at most ten times a second."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True, width: int = 30) -> None:
+        self.label, self.total, self.enabled, self.width = label, max(total, 1), enabled, width
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+
+    def update(self, done: int, info: str = "") -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < 0.1 and done < self.total):
+            return
+        self.last = now
+        filled = int(self.width * done / self.total)
+        bar = "#" * filled + "-" * (self.width - filled)
+        sys.stderr.write(f"\r{self.label} [{bar}] {done}/{self.total} {info} {now - self.t0:.1f}s")
+        sys.stderr.flush()
+
+    def close(self, summary: str) -> None:
+        if self.enabled:
+            sys.stderr.write(f"\r\033[K{self.label}: {summary}\n")
+            sys.stderr.flush()

@@ -1,0 +1,194 @@
+"""Optimizers: hyper-parameters and state. The update maths lives in the backends.
+
+Parameters are always visited in the order ``W^1..W^L, b^1..b^L``. Weight decay applies to
+every parameter, biases included, exactly as it does in ``torch.optim`` when a model's
+``parameters()`` are passed in.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+__all__ = ["SGD", "Adam", "AdamW", "Optimizer"]
+
+
+def _check_number(name: str, value: object, *, low: float, high: float | None = None,
+                  low_open: bool = False, high_open: bool = True) -> float:  # fmt: skip
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    bad_low = v <= low if low_open else v < low
+    bad_high = high is not None and (v >= high if high_open else v > high)
+    if not math.isfinite(v) or bad_low or bad_high:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        rng = f"{lo}{low}, {high if high is not None else 'inf'}{hi}"
+        raise ValueError(f"{name} must be in {rng}, got {value!r}")
+    return v
+
+
+class Optimizer:
+    """Base class: hyper-parameters, the per-parameter state, and which model owns it.
+
+    ``state`` is ``None`` until the first step, then a dict with ``"step"`` (steps taken) and
+    one list of backend arrays per slot (see :attr:`slots`), each list in parameter order.
+    """
+
+    kind: str = ""
+    lr: float
+    weight_decay: float
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] | None = None
+        self._owner: int | None = None
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        """Names of the per-parameter state arrays this optimizer keeps."""
+        raise NotImplementedError
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The settings, as plain Python values (saved in checkpoints)."""
+        raise NotImplementedError
+
+    def bind(self, owner: object, backend: Any, shapes: list[tuple[int, ...]], dtype: Any) -> dict[str, Any]:
+        """Return the state for ``owner``'s parameters, creating zeroed slots on first use.
+
+        One optimizer serves one model: using it with a second model is an error, because its
+        momentum and moment estimates belong to the first.
+        """
+        if self._owner is None or self.state is None:
+            self._owner = id(owner)
+            self.state = {"step": 0}
+            for slot in self.slots:
+                self.state[slot] = [backend.zeros(s, dtype) for s in shapes]
+        elif self._owner != id(owner):
+            raise ValueError(
+                "optimizer already holds state for another model; create one optimizer per "
+                "model (or call optimizer.reset() to start afresh)"
+            )
+        return self.state
+
+    def reset(self) -> None:
+        """Forget all state (step count and slots); the next step starts afresh."""
+        self.state = None
+        self._owner = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """State as NumPy copies: ``{"step": int, slot: [arrays]}`` (empty before the first step)."""
+        if self.state is None:
+            return {"step": 0}
+        out: dict[str, Any] = {"step": int(self.state["step"])}
+        for slot in self.slots:
+            out[slot] = [_to_numpy(a) for a in self.state[slot]]
+        return out
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"
+
+
+def _to_numpy(a: Any) -> np.ndarray:
+    from .backends import to_numpy
+
+    return to_numpy(a).copy()
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional (Nesterov) momentum and weight decay.
+
+    Matches ``torch.optim.SGD(lr, momentum, dampening=0, weight_decay, nesterov)``::
+
+        g = dC/dp + weight_decay * p
+        buf = momentum * buf + g           (buf starts at zero)
+        g = g + momentum * buf  if nesterov else  buf      (when momentum > 0)
+        p = p - lr * g
+    """
+
+    kind = "sgd"
+
+    def __init__(self, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0) -> None:  # fmt: skip
+        super().__init__()
+        self.lr = _check_number("lr", lr, low=0.0, low_open=True)
+        self.momentum = _check_number("momentum", momentum, low=0.0, high=1.0)
+        if not isinstance(nesterov, (bool, np.bool_)):
+            raise TypeError(f"nesterov must be True or False, got {nesterov!r}")
+        if nesterov and self.momentum == 0.0:
+            raise ValueError("nesterov=True needs momentum > 0; pass momentum=0.9, say")
+        self.nesterov = bool(nesterov)
+        self.weight_decay = _check_number("weight_decay", weight_decay, low=0.0)
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        return ("momentum_buffer",) if self.momentum else ()
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov,
+                "weight_decay": self.weight_decay}  # fmt: skip
+
+
+class Adam(Optimizer):
+    """Adam, or AdamW with ``decoupled=True``; matches ``torch.optim.Adam`` / ``AdamW``.
+
+    With ``t`` the step number (1 first)::
+
+        Adam:  g = dC/dp + weight_decay * p         AdamW: p = p * (1 - lr * weight_decay)
+        m = beta1 m + (1 - beta1) g                  v = beta2 v + (1 - beta2) g^2
+        p = p - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
+    """
+
+    kind = "adam"
+
+    def __init__(self, lr: float = 0.001, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, decoupled: bool = False) -> None:  # fmt: skip
+        super().__init__()
+        self.lr = _check_number("lr", lr, low=0.0, low_open=True)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        b1 = _check_number("betas[0]", betas[0], low=0.0, high=1.0)
+        b2 = _check_number("betas[1]", betas[1], low=0.0, high=1.0)
+        self.betas = (b1, b2)
+        self.eps = _check_number("eps", eps, low=0.0, low_open=True)
+        self.weight_decay = _check_number("weight_decay", weight_decay, low=0.0)
+        if not isinstance(decoupled, (bool, np.bool_)):
+            raise TypeError(f"decoupled must be True or False, got {decoupled!r}")
+        self.decoupled = bool(decoupled)
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps,
+                "weight_decay": self.weight_decay, "decoupled": self.decoupled}  # fmt: skip
+
+
+class AdamW(Adam):
+    """AdamW: :class:`Adam` with decoupled weight decay (default 0.01, as in PyTorch)."""
+
+    def __init__(self, lr: float = 0.001, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01) -> None:  # fmt: skip
+        super().__init__(lr, betas, eps, weight_decay, decoupled=True)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        h = super().hyperparameters()
+        del h["decoupled"]
+        return h
+
+
+def make_optimizer(name: str, **kwargs: Any) -> Optimizer:
+    """Optimizer from its name: ``sgd``, ``momentum`` (SGD with 0.9), ``adam`` or ``adamw``."""
+    if name == "sgd":
+        return SGD(**kwargs)
+    if name == "momentum":
+        kwargs.setdefault("momentum", 0.9)
+        return SGD(**kwargs)
+    if name == "adam":
+        return Adam(**kwargs)
+    if name == "adamw":
+        return AdamW(**kwargs)
+    raise ValueError(f"optimizer={name!r} is not supported; expected one of sgd, momentum, adam, adamw")
