@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from . import reference as ref
+from .activations import HIDDEN_ACTIVATIONS
 from .backends import get_backend, to_numpy
 from .losses import LOSSES
-from .activations import HIDDEN_ACTIVATIONS
 from .optim import SGD, Adam, Optimizer
 
 #: Largest relative error accepted, per dtype, for one train step's worth of results.
@@ -44,11 +44,18 @@ def rel_error(value: Any, expected: Any, floor: float = 0.0) -> float:
 
 
 def random_problem(
-    sizes: tuple[int, ...], batch: int, loss: str, output: str, rng: np.random.Generator,
+    sizes: tuple[int, ...],
+    batch: int,
+    loss: str,
+    output: str,
+    rng: np.random.Generator,
     scale: float = 1.0,
-) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:  # fmt: skip
+) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
     """Fresh float64 weights, biases, inputs ``(B, n_0)`` and targets for ``loss``."""
-    weights = [rng.normal(0, 1 / np.sqrt(sizes[i]), (sizes[i + 1], sizes[i])) for i in range(len(sizes) - 1)]
+    weights = [
+        rng.normal(0, 1 / np.sqrt(sizes[i]), (sizes[i + 1], sizes[i]))
+        for i in range(len(sizes) - 1)
+    ]
     biases = [rng.normal(0, 0.1, sizes[i + 1]) for i in range(len(sizes) - 1)]
     x = rng.normal(0, scale, (batch, sizes[0]))
     n = sizes[-1]
@@ -86,9 +93,17 @@ class CheckResult:
 
 
 def check_configuration(
-    backend: str, dtype: str, sizes: tuple[int, ...], batch: int, activation: str, output: str,
-    loss: str, seed: int = 0, scale: float = 1.0, optimizers: Iterable[str] = tuple(CHECK_OPTIMIZERS),
-) -> CheckResult:  # fmt: skip
+    backend: str,
+    dtype: str,
+    sizes: tuple[int, ...],
+    batch: int,
+    activation: str,
+    output: str,
+    loss: str,
+    seed: int = 0,
+    scale: float = 1.0,
+    optimizers: Iterable[str] = tuple(CHECK_OPTIMIZERS),
+) -> CheckResult:
     """Run every op of ``backend`` on one fresh random problem and compare with the reference.
 
     Checks: the forward output, the loss value, every ``dW`` and ``db``, and the parameters after
@@ -109,7 +124,8 @@ def check_configuration(
     res = CheckResult(be.name, dtype, tuple(sizes), batch, activation, output, loss)
 
     res.errors["forward"] = rel_error(
-        be.forward(cast[0], cast[1], xb, activation, output), ref.forward(Wr, br, xr, activation, output)
+        be.forward(cast[0], cast[1], xb, activation, output),
+        ref.forward(Wr, br, xr, activation, output),
     )
     value, dWs, dbs = be.gradients(cast[0], cast[1], xb, yb, activation, output, loss)
     rvalue, rdWs, rdbs = ref.gradients(Wr, br, xr, y, activation, output, loss)
@@ -124,9 +140,19 @@ def check_configuration(
     return res
 
 
-def _check_steps(be: Any, opt: Optimizer, dtype: str, Wr: list[np.ndarray], br: list[np.ndarray],
-                 x: np.ndarray, y: np.ndarray, activation: str, output: str, loss: str,
-                 steps: int = 2) -> float:  # fmt: skip
+def _check_steps(
+    be: Any,
+    opt: Optimizer,
+    dtype: str,
+    Wr: list[np.ndarray],
+    br: list[np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    activation: str,
+    output: str,
+    loss: str,
+    steps: int = 2,
+) -> float:
     """Worst error of the parameter change made by each of ``steps`` train steps of ``be``.
 
     Each step's expected result is the reference update applied to the backend's own gradients
@@ -178,14 +204,20 @@ def combinations() -> list[tuple[str, str, str]]:
     return out
 
 
-def run_checks(backends: Iterable[str], dtypes: Iterable[str] = ("float32", "float64"),
-               shapes: Iterable[tuple[tuple[int, ...], int]] = DEFAULT_SHAPES,
-               seed: int = 0) -> list[CheckResult]:  # fmt: skip
+def run_checks(
+    backends: Iterable[str],
+    dtypes: Iterable[str] = ("float32", "float64"),
+    shapes: Iterable[tuple[tuple[int, ...], int]] = DEFAULT_SHAPES,
+    seed: int = 0,
+) -> list[CheckResult]:
     """:func:`check_configuration` over backends x dtypes x shapes x every valid combination."""
     results = []
     for k, (backend, dtype, (sizes, batch), (activation, output, loss)) in enumerate(
         itertools.product(list(backends), list(dtypes), list(shapes), combinations())
     ):
-        results.append(check_configuration(backend, dtype, sizes, batch, activation, output, loss,
-                                           seed=seed + k))  # fmt: skip
+        results.append(
+            check_configuration(
+                backend, dtype, sizes, batch, activation, output, loss, seed=seed + k
+            )
+        )
     return results

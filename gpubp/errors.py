@@ -1,4 +1,4 @@
-"""Exceptions raised by gpubp. Each message says what was wrong, what was expected, and what to do."""
+"""Exceptions raised by gpubp; each message says what was wrong, what was expected, what to do."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import numpy as np
 from . import activations as act
 from .backends import Backend, get_backend, to_numpy
 from .errors import ModelFileError
-from .losses import LOSSES, check_combination, is_classifier
+from .losses import check_combination, is_classifier
 from .optim import Adam, Optimizer
 
 __all__ = ["MLP"]
@@ -80,7 +80,9 @@ class MLP:
         self.activation = act.check_activation(
             activation, argument="activation", allowed=act.HIDDEN_ACTIVATIONS
         )
-        self.output = act.check_activation(output, argument="output", allowed=act.OUTPUT_ACTIVATIONS)
+        self.output = act.check_activation(
+            output, argument="output", allowed=act.OUTPUT_ACTIVATIONS
+        )
         self.loss = check_combination(loss, self.output)
         self.dtype = _check_dtype(dtype)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
@@ -107,12 +109,16 @@ class MLP:
                 raise ValueError(f"{msg}; layer_sizes[{i}] is {n!r}")
         return tuple(int(n) for n in sizes)
 
-    def _initial_parameters(self, rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def _initial_parameters(
+        self, rng: np.random.Generator
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         weights, biases = [], []
         L = self.n_layers
         for i in range(L):
             n_in, n_out = self.layer_sizes[i], self.layer_sizes[i + 1]
-            rule, scale = act.initial_std(self.activation if i < L - 1 else self.output, n_in, n_out)
+            rule, scale = act.initial_std(
+                self.activation if i < L - 1 else self.output, n_in, n_out
+            )
             if rule == "normal":
                 w = rng.normal(0.0, scale, size=(n_out, n_in))
             else:
@@ -152,7 +158,8 @@ class MLP:
 
     def __repr__(self) -> str:
         return (
-            f"MLP({list(self.layer_sizes)}, activation={self.activation!r}, output={self.output!r}, "
+            f"MLP({list(self.layer_sizes)}, activation={self.activation!r}, "
+            f"output={self.output!r}, "
             f"loss={self.loss!r}, backend={self.backend.name!r}, dtype={self.dtype.name!r})"
         )
 
@@ -195,7 +202,8 @@ class MLP:
         arr = self._array(x, argument)
         if arr.ndim == 1 and self.n_inputs > 1 and arr.shape[0] == self.n_inputs:
             raise ValueError(
-                f"{argument} has shape {tuple(arr.shape)}, one sample without a batch axis; expected "
+                f"{argument} has shape {tuple(arr.shape)}, one sample without a batch axis; "
+                f"expected "
                 f"(batch, {self.n_inputs}). Use {argument}[None, :] for a batch of one"
             )
         if arr.ndim != 2 or arr.shape[1] != self.n_inputs:
@@ -204,9 +212,13 @@ class MLP:
                 f"for a model with layer_sizes {list(self.layer_sizes)}"
             )
         if arr.shape[0] == 0:
-            raise ValueError(f"{argument} is an empty batch (shape {tuple(arr.shape)}); pass at least one row")
+            raise ValueError(
+                f"{argument} is an empty batch (shape {tuple(arr.shape)}); pass at least one row"
+            )
         if not self._all_finite(arr):
-            raise ValueError(f"{argument} contains NaN or infinity; clean or impute the inputs first")
+            raise ValueError(
+                f"{argument} contains NaN or infinity; clean or impute the inputs first"
+            )
         if arr.dtype != self.dtype:
             arr = arr.astype(self.dtype)
         return arr
@@ -439,7 +451,8 @@ class MLP:
             raise ValueError(f"weights must be a list of {L} arrays, one per layer")
         if not isinstance(biases, Sequence) or len(biases) != L:
             raise ValueError(f"biases must be a list of {L} arrays, one per layer")
-        new_W, new_b = [], []
+        new_W: list[Any] = []
+        new_b: list[Any] = []
         for i in range(L):
             n_in, n_out = self.layer_sizes[i], self.layer_sizes[i + 1]
             for kind, value, shape, out in (
@@ -449,7 +462,8 @@ class MLP:
                 arr = self._array(value, f"{kind}[{i}]")
                 if tuple(arr.shape) != shape:
                     raise ValueError(
-                        f"{kind}[{i}] has shape {tuple(arr.shape)}; expected {shape} for layer_sizes "
+                        f"{kind}[{i}] has shape {tuple(arr.shape)}; expected {shape} for "
+                        f"layer_sizes "
                         f"{list(self.layer_sizes)}"
                     )
                 if not self._all_finite(arr):
@@ -478,7 +492,7 @@ class MLP:
         :class:`~gpubp.errors.ModelFileError` saying what is wrong."""
         arrays = read_npz(path)
         meta = parse_meta(arrays, path, FORMAT)
-        cfg = meta.get("config")
+        cfg: dict[str, Any] = meta["config"]
         try:
             model = cls(backend=backend, **cfg)
         except (TypeError, ValueError) as exc:
@@ -542,7 +556,8 @@ def parse_meta(arrays: dict[str, np.ndarray], path: Any, expected: str) -> dict[
         raise ModelFileError(f"{path}: not a {expected} file")
     if meta.get("version") != FORMAT_VERSION:
         raise ModelFileError(
-            f"{path}: format version {meta.get('version')!r}; this gpubp reads version {FORMAT_VERSION}"
+            f"{path}: format version {meta.get('version')!r}; this gpubp reads version "
+            f"{FORMAT_VERSION}"
         )
     if not isinstance(meta.get("config"), dict):
         raise ModelFileError(f"{path}: the metadata has no configuration")

@@ -15,8 +15,15 @@ import numpy as np
 __all__ = ["SGD", "Adam", "AdamW", "Optimizer"]
 
 
-def _check_number(name: str, value: object, *, low: float, high: float | None = None,
-                  low_open: bool = False, high_open: bool = True) -> float:  # fmt: skip
+def _check_number(
+    name: str,
+    value: object,
+    *,
+    low: float,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = True,
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     v = float(value)
@@ -54,7 +61,9 @@ class Optimizer:
         """The settings, as plain Python values (saved in checkpoints)."""
         raise NotImplementedError
 
-    def bind(self, owner: object, backend: Any, shapes: list[tuple[int, ...]], dtype: Any) -> dict[str, Any]:
+    def bind(
+        self, owner: object, backend: Any, shapes: list[tuple[int, ...]], dtype: Any
+    ) -> dict[str, Any]:
         """Return the state for ``owner``'s parameters, creating zeroed slots on first use.
 
         One optimizer serves one model: using it with a second model is an error, because its
@@ -78,7 +87,7 @@ class Optimizer:
         self._owner = None
 
     def state_dict(self) -> dict[str, Any]:
-        """State as NumPy copies: ``{"step": int, slot: [arrays]}`` (empty before the first step)."""
+        """State as NumPy copies, ``{"step": int, slot: [arrays]}`` (no slots before a step)."""
         if self.state is None:
             return {"step": 0}
         out: dict[str, Any] = {"step": int(self.state["step"])}
@@ -110,8 +119,13 @@ class SGD(Optimizer):
 
     kind = "sgd"
 
-    def __init__(self, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        lr: float = 0.01,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__()
         self.lr = _check_number("lr", lr, low=0.0, low_open=True)
         self.momentum = _check_number("momentum", momentum, low=0.0, high=1.0)
@@ -127,8 +141,12 @@ class SGD(Optimizer):
         return ("momentum_buffer",) if self.momentum else ()
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov,
-                "weight_decay": self.weight_decay}  # fmt: skip
+        return {
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "nesterov": self.nesterov,
+            "weight_decay": self.weight_decay,
+        }
 
 
 class Adam(Optimizer):
@@ -143,8 +161,14 @@ class Adam(Optimizer):
 
     kind = "adam"
 
-    def __init__(self, lr: float = 0.001, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, decoupled: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        lr: float = 0.001,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled: bool = False,
+    ) -> None:
         super().__init__()
         self.lr = _check_number("lr", lr, low=0.0, low_open=True)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -163,15 +187,25 @@ class Adam(Optimizer):
         return ("exp_avg", "exp_avg_sq")
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps,
-                "weight_decay": self.weight_decay, "decoupled": self.decoupled}  # fmt: skip
+        return {
+            "lr": self.lr,
+            "betas": list(self.betas),
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+            "decoupled": self.decoupled,
+        }
 
 
 class AdamW(Adam):
     """AdamW: :class:`Adam` with decoupled weight decay (default 0.01, as in PyTorch)."""
 
-    def __init__(self, lr: float = 0.001, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01) -> None:  # fmt: skip
+    def __init__(
+        self,
+        lr: float = 0.001,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+    ) -> None:
         super().__init__(lr, betas, eps, weight_decay, decoupled=True)
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -191,4 +225,6 @@ def make_optimizer(name: str, **kwargs: Any) -> Optimizer:
         return Adam(**kwargs)
     if name == "adamw":
         return AdamW(**kwargs)
-    raise ValueError(f"optimizer={name!r} is not supported; expected one of sgd, momentum, adam, adamw")
+    raise ValueError(
+        f"optimizer={name!r} is not supported; expected one of sgd, momentum, adam, adamw"
+    )

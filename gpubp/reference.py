@@ -60,7 +60,7 @@ def derivative_from_output(a: Array, activation: str) -> Array:
 
 
 def as_targets(y: Any, n_out: int) -> Array:
-    """Targets as a float64 ``(B, n_out)`` array; integer labels of shape ``(B,)`` become one-hot."""
+    """Targets as a float64 ``(B, n_out)`` array; integer labels ``(B,)`` become one-hot rows."""
     y = np.asarray(y)
     if y.ndim == 1 and n_out > 1:
         onehot = np.zeros((y.shape[0], n_out))
@@ -128,7 +128,7 @@ def hidden_delta(delta_next: Array, W_next: Array, a: Array, activation: str) ->
 
 
 def parameter_gradients(delta: Array, a_prev: Array) -> tuple[Array, Array]:
-    """``dW = delta.T @ a_prev`` ``(n_out, B) @ (B, n_in) -> (n_out, n_in)``; ``db = sum_B delta``."""
+    """``dW = delta.T @ a_prev``: ``(n_out, B) @ (B, n_in)``; ``db = sum over B of delta``."""
     delta = _f64(delta)
     return delta.T @ _f64(a_prev), delta.sum(axis=0)
 
@@ -170,7 +170,7 @@ def adam_update(
     weight_decay: float,
     decoupled: bool,
 ) -> tuple[Array, Array, Array]:
-    """One step of Adam (``decoupled=False``) or AdamW (``decoupled=True``), as PyTorch defines them.
+    """One step of Adam (``decoupled=False``) or AdamW (``decoupled=True``), as in PyTorch.
 
     Adam adds ``wd * p`` to the gradient; AdamW instead scales ``p *= 1 - lr * wd``. Then
     ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``,
@@ -192,7 +192,9 @@ def adam_update(
 # --- compositions ---------------------------------------------------------------------------
 
 
-def forward(weights: list[Array], biases: list[Array], x: Array, activation: str, output: str) -> Array:
+def forward(
+    weights: list[Array], biases: list[Array], x: Array, activation: str, output: str
+) -> Array:
     """Network output ``a^L`` for input ``x`` ``(B, n_0)``: hidden layers use ``activation``."""
     a = _f64(x)
     for W, b in zip(weights[:-1], biases[:-1]):
@@ -248,9 +250,14 @@ def update_parameters(
         new_bufs = []
         for p, g, buf in zip(params, grads, bufs):
             p, buf = sgd_update(
-                p, g, buf, optimizer.lr, optimizer.momentum, optimizer.nesterov,
+                p,
+                g,
+                buf,
+                optimizer.lr,
+                optimizer.momentum,
+                optimizer.nesterov,
                 optimizer.weight_decay,
-            )  # fmt: skip
+            )
             new_params.append(p)
             new_bufs.append(buf)
         if "momentum_buffer" in state:
@@ -260,9 +267,18 @@ def update_parameters(
         beta1, beta2 = optimizer.betas
         for p, g, m, v in zip(params, grads, state["exp_avg"], state["exp_avg_sq"]):
             p, m, v = adam_update(
-                p, g, m, v, step, optimizer.lr, beta1, beta2, optimizer.eps,
-                optimizer.weight_decay, optimizer.decoupled,
-            )  # fmt: skip
+                p,
+                g,
+                m,
+                v,
+                step,
+                optimizer.lr,
+                beta1,
+                beta2,
+                optimizer.eps,
+                optimizer.weight_decay,
+                optimizer.decoupled,
+            )
             new_params.append(p)
             new_state["exp_avg"].append(m)
             new_state["exp_avg_sq"].append(v)
@@ -280,7 +296,7 @@ def train_step(
     optimizer: Any,
     state: dict[str, Any],
 ) -> tuple[float, list[Array], list[Array], dict[str, Any]]:
-    """:func:`gradients`, then :func:`update_parameters`; returns ``(loss, weights, biases, state)``."""
+    """:func:`gradients` then :func:`update_parameters`; ``(loss, weights, biases, state)``."""
     value, dWs, dbs = gradients(weights, biases, x, y, activation, output, loss)
     L = len(weights)
     params, state = update_parameters(list(weights) + list(biases), dWs + dbs, optimizer, state)

@@ -48,7 +48,9 @@ def _cupy_status() -> str | None:
         import cupy
 
         if not cupy.cuda.is_available():
-            return "CuPy is installed but no CUDA GPU is visible (cupy.cuda.is_available() is False)"
+            return (
+                "CuPy is installed but no CUDA GPU is visible (cupy.cuda.is_available() is False)"
+            )
     except Exception as exc:  # a broken driver or toolkit: report it, never crash the registry
         return f"CuPy could not reach a GPU: {type(exc).__name__}: {exc}"
     return "the cupy backend is not part of this release yet (it is being built; see issue 7)"

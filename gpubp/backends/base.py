@@ -127,8 +127,9 @@ class Backend:
 
     # --- the ops ----------------------------------------------------------------------------
 
-    def forward_layer(self, a_prev: Any, W: Any, b: Any, activation: str, *, out: Any = None,
-                      scratch: Any = None) -> Any:  # fmt: skip
+    def forward_layer(
+        self, a_prev: Any, W: Any, b: Any, activation: str, *, out: Any = None, scratch: Any = None
+    ) -> Any:
         """``a = f(a_prev @ W.T + b)``: ``(B, n_in) @ (n_out, n_in).T + (n_out,) -> (B, n_out)``.
 
         Bias and activation are applied in place on the GEMM output ``out``.
@@ -138,8 +139,17 @@ class Backend:
         z += b
         return act.apply_inplace(xp, z, activation, scratch)
 
-    def output_delta(self, z: Any, y: Any, output: str, loss: str, *, out: Any = None,
-                     scratch: Any = None, rowbuf: Any = None) -> tuple[Any, Any]:  # fmt: skip
+    def output_delta(
+        self,
+        z: Any,
+        y: Any,
+        output: str,
+        loss: str,
+        *,
+        out: Any = None,
+        scratch: Any = None,
+        rowbuf: Any = None,
+    ) -> tuple[Any, Any]:
         """``(delta^L, C)`` from the output pre-activation ``z`` ``(B, n)`` and targets ``y``.
 
         ``y`` is ``(B, n)`` targets or, for classification, ``(B,)`` integer labels. Formulas as
@@ -216,7 +226,9 @@ class Backend:
         else:  # pragma: no cover - validated at construction
             raise ValueError(f"output {output!r} is not supported")
 
-    def _targets(self, y: Any, n: int, dtype: Any, out: Any = None, ws: Workspace | None = None) -> Any:
+    def _targets(
+        self, y: Any, n: int, dtype: Any, out: Any = None, ws: Workspace | None = None
+    ) -> Any:
         """``(B, n)`` targets of ``dtype``; ``(B,)`` integer labels become one-hot rows."""
         xp = self.xp
         if y.ndim == 1 and y.dtype.kind in "iu" and n > 1:
@@ -237,8 +249,16 @@ class Backend:
         out[...] = y
         return out
 
-    def hidden_delta(self, delta_next: Any, W_next: Any, a: Any, activation: str, *,
-                     out: Any = None, scratch: Any = None) -> Any:  # fmt: skip
+    def hidden_delta(
+        self,
+        delta_next: Any,
+        W_next: Any,
+        a: Any,
+        activation: str,
+        *,
+        out: Any = None,
+        scratch: Any = None,
+    ) -> Any:
         """``delta = (delta_next @ W_next) * f'(a)``: ``(B, n_next) @ (n_next, n) -> (B, n)``.
 
         The Hadamard product is applied in place on the GEMM output ``out``.
@@ -246,15 +266,26 @@ class Backend:
         g = self.xp.matmul(delta_next, W_next, out=out)
         return act.derivative_mul_inplace(self.xp, g, a, activation, scratch)
 
-    def parameter_gradients(self, delta: Any, a_prev: Any, *, dW: Any = None,
-                            db: Any = None) -> tuple[Any, Any]:  # fmt: skip
+    def parameter_gradients(
+        self, delta: Any, a_prev: Any, *, dW: Any = None, db: Any = None
+    ) -> tuple[Any, Any]:
         """``dW = delta.T @ a_prev`` ``(n_out, B) @ (B, n_in)``; ``db = sum over B of delta``."""
         xp = self.xp
         return xp.matmul(delta.T, a_prev, out=dW), xp.sum(delta, axis=0, out=db)
 
-    def sgd_update(self, param: Any, grad: Any, buf: Any, lr: float, momentum: float,
-                   nesterov: bool, weight_decay: float, *, scratch: Any = None) -> tuple[Any, Any]:  # fmt: skip
-        """SGD step in place on ``param`` and ``buf``; formulas in :func:`gpubp.reference.sgd_update`.
+    def sgd_update(
+        self,
+        param: Any,
+        grad: Any,
+        buf: Any,
+        lr: float,
+        momentum: float,
+        nesterov: bool,
+        weight_decay: float,
+        *,
+        scratch: Any = None,
+    ) -> tuple[Any, Any]:
+        """SGD step in place on ``param`` and ``buf``; see :func:`gpubp.reference.sgd_update`.
 
         ``scratch`` is an optional flat buffer of at least ``param.size`` elements.
         """
@@ -279,10 +310,23 @@ class Backend:
         param -= s
         return param, buf
 
-    def adam_update(self, param: Any, grad: Any, m: Any, v: Any, step: int, lr: float,
-                    beta1: float, beta2: float, eps: float, weight_decay: float,
-                    decoupled: bool, *, scratch: Any = None) -> tuple[Any, Any, Any]:  # fmt: skip
-        """Adam / AdamW step in place on ``param``, ``m``, ``v``; see :func:`gpubp.reference.adam_update`.
+    def adam_update(
+        self,
+        param: Any,
+        grad: Any,
+        m: Any,
+        v: Any,
+        step: int,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        decoupled: bool,
+        *,
+        scratch: Any = None,
+    ) -> tuple[Any, Any, Any]:
+        """Adam / AdamW step in place on ``param``, ``m``, ``v``; see ``reference.adam_update``.
 
         ``scratch`` is an optional flat buffer of at least ``2 * param.size`` elements.
         """
@@ -321,17 +365,26 @@ class Backend:
 
     # --- compositions -----------------------------------------------------------------------
 
-    def forward(self, weights: list[Any], biases: list[Any], x: Any, activation: str,
-                output: str) -> Any:  # fmt: skip
-        """Network output ``a^L`` ``(B, n_L)`` for input ``x`` ``(B, n_0)`` (allocates; for inference)."""
+    def forward(
+        self, weights: list[Any], biases: list[Any], x: Any, activation: str, output: str
+    ) -> Any:
+        """Network output ``a^L`` ``(B, n_L)`` for ``x`` ``(B, n_0)`` (allocates; for inference)."""
         a = x
         L = len(weights)
         for i in range(L):
             a = self.forward_layer(a, weights[i], biases[i], activation if i < L - 1 else output)
         return a
 
-    def gradients(self, weights: list[Any], biases: list[Any], x: Any, y: Any, activation: str,
-                  output: str, loss: str) -> tuple[Any, list[Any], list[Any]]:  # fmt: skip
+    def gradients(
+        self,
+        weights: list[Any],
+        biases: list[Any],
+        x: Any,
+        y: Any,
+        activation: str,
+        output: str,
+        loss: str,
+    ) -> tuple[Any, list[Any], list[Any]]:
         """``(C, dWs, dbs)`` by backpropagation into this batch shape's workspace buffers.
 
         The returned gradient arrays belong to the workspace: the next call overwrites them.
@@ -344,28 +397,49 @@ class Backend:
         Y = self._targets(y, sizes[-1], weights[0].dtype, out=ws.y, ws=ws)
         acts = [a0]
         for i in range(L - 1):
-            acts.append(self.forward_layer(acts[i], weights[i], biases[i], activation,
-                                           out=ws.a[i + 1],
-                                           scratch=ws.scratch_like((B, sizes[i + 1]))))  # fmt: skip
+            acts.append(
+                self.forward_layer(
+                    acts[i],
+                    weights[i],
+                    biases[i],
+                    activation,
+                    out=ws.a[i + 1],
+                    scratch=ws.scratch_like((B, sizes[i + 1])),
+                )
+            )
         z = self.forward_layer(acts[L - 1], weights[L - 1], biases[L - 1], "identity", out=ws.z_out)
-        delta, value = self.output_delta(z, Y, output, loss, out=z,
-                                         scratch=ws.scratch_like(z.shape), rowbuf=ws.rowbuf)  # fmt: skip
+        delta, value = self.output_delta(
+            z, Y, output, loss, out=z, scratch=ws.scratch_like(z.shape), rowbuf=ws.rowbuf
+        )
         for i in range(L - 1, -1, -1):
             self.parameter_gradients(delta, acts[i], dW=ws.dW[i], db=ws.db[i])
             if i > 0:
-                delta = self.hidden_delta(delta, weights[i], acts[i], activation, out=ws.d[i],
-                                          scratch=ws.scratch_like((B, sizes[i])))  # fmt: skip
+                delta = self.hidden_delta(
+                    delta,
+                    weights[i],
+                    acts[i],
+                    activation,
+                    out=ws.d[i],
+                    scratch=ws.scratch_like((B, sizes[i])),
+                )
         return value, ws.dW, ws.db
 
     def _stage(self, x: Any, buf: Any) -> Any:
-        """``x`` itself when it is already a C-contiguous array of the right dtype, else a copy in ``buf``."""
+        """``x`` itself if it is a C-contiguous array of the right dtype, else a copy in ``buf``."""
         if self.owns(x) and x.dtype == buf.dtype and x.flags.c_contiguous:
             return x
         buf[...] = x
         return buf
 
-    def update_parameters(self, params: list[Any], grads: list[Any], optimizer: Any,
-                          state: dict[str, Any], *, scratch: Any = None) -> tuple[list[Any], dict[str, Any]]:  # fmt: skip
+    def update_parameters(
+        self,
+        params: list[Any],
+        grads: list[Any],
+        optimizer: Any,
+        state: dict[str, Any],
+        *,
+        scratch: Any = None,
+    ) -> tuple[list[Any], dict[str, Any]]:
         """Apply ``optimizer`` to every parameter in place (order ``W^1..W^L, b^1..b^L``).
 
         ``state["step"]`` is incremented, and each slot list updated in place.
@@ -374,19 +448,48 @@ class Backend:
         if optimizer.kind == "sgd":
             bufs = state.get("momentum_buffer", [None] * len(params))
             for p, g, buf in zip(params, grads, bufs):
-                self.sgd_update(p, g, buf, optimizer.lr, optimizer.momentum, optimizer.nesterov,
-                                optimizer.weight_decay, scratch=scratch)  # fmt: skip
+                self.sgd_update(
+                    p,
+                    g,
+                    buf,
+                    optimizer.lr,
+                    optimizer.momentum,
+                    optimizer.nesterov,
+                    optimizer.weight_decay,
+                    scratch=scratch,
+                )
         else:
             beta1, beta2 = optimizer.betas
             for p, g, m, v in zip(params, grads, state["exp_avg"], state["exp_avg_sq"]):
-                self.adam_update(p, g, m, v, step, optimizer.lr, beta1, beta2, optimizer.eps,
-                                 optimizer.weight_decay, optimizer.decoupled, scratch=scratch)  # fmt: skip
+                self.adam_update(
+                    p,
+                    g,
+                    m,
+                    v,
+                    step,
+                    optimizer.lr,
+                    beta1,
+                    beta2,
+                    optimizer.eps,
+                    optimizer.weight_decay,
+                    optimizer.decoupled,
+                    scratch=scratch,
+                )
         state["step"] = step
         return params, state
 
-    def train_step(self, weights: list[Any], biases: list[Any], x: Any, y: Any, activation: str,
-                   output: str, loss: str, optimizer: Any,
-                   state: dict[str, Any]) -> tuple[Any, list[Any], list[Any], dict[str, Any]]:  # fmt: skip
+    def train_step(
+        self,
+        weights: list[Any],
+        biases: list[Any],
+        x: Any,
+        y: Any,
+        activation: str,
+        output: str,
+        loss: str,
+        optimizer: Any,
+        state: dict[str, Any],
+    ) -> tuple[Any, list[Any], list[Any], dict[str, Any]]:
         """Forward, loss, backward and update; ``(C, weights, biases, state)``, updated in place.
 
         All gradients are computed before anything is updated; if the loss or any gradient is
@@ -395,10 +498,12 @@ class Backend:
         """
         value, dWs, dbs = self.gradients(weights, biases, x, y, activation, output, loss)
         self.check_finite(value, dWs, dbs)
-        ws = self.workspace((weights[0].shape[1], *(W.shape[0] for W in weights)),
-                            x.shape[0], weights[0].dtype)  # fmt: skip
-        self.update_parameters([*weights, *biases], [*dWs, *dbs], optimizer, state,
-                               scratch=ws.pscratch)  # fmt: skip
+        ws = self.workspace(
+            (weights[0].shape[1], *(W.shape[0] for W in weights)), x.shape[0], weights[0].dtype
+        )
+        self.update_parameters(
+            [*weights, *biases], [*dWs, *dbs], optimizer, state, scratch=ws.pscratch
+        )
         return value, weights, biases, state
 
     def check_finite(self, value: Any, dWs: list[Any], dbs: list[Any]) -> None:

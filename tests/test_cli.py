@@ -1,0 +1,101 @@
+"""``gpubp check`` and ``gpubp info``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpubp import cli
+from gpubp.backends.numpy_backend import NumpyBackend
+
+
+def test_check_passes_and_prints_a_table(capsys):
+    assert cli.main(["check", "--backends", "numpy"]) == 0
+    out = capsys.readouterr().out
+    assert "softmax+cross_entropy" in out and "binary_cross_entropy" in out
+    assert "within tolerance" in out
+
+
+def test_check_fails_on_a_wrong_backend(monkeypatch, capsys):
+    # a backend whose hidden delta forgets f'(a): the check must notice and exit 1
+    def wrong_hidden_delta(self, delta_next, W_next, a, activation, *, out=None, scratch=None):
+        return np.matmul(delta_next, W_next, out=out)
+
+    monkeypatch.setattr(NumpyBackend, "hidden_delta", wrong_hidden_delta)
+    assert cli.main(["check", "--backends", "numpy", "--dtypes", "float64"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "sigmoid" in out
+
+
+def test_check_fails_on_a_wrong_update(monkeypatch, capsys):
+    original = NumpyBackend.adam_update
+
+    def off_by_eps(
+        self,
+        param,
+        grad,
+        m,
+        v,
+        step,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        decoupled,
+        *,
+        scratch=None,
+    ):
+        return original(
+            self,
+            param,
+            grad,
+            m,
+            v,
+            step,
+            lr,
+            beta1,
+            beta2,
+            10 * eps + 1e-3,
+            weight_decay,
+            decoupled,
+            scratch=scratch,
+        )
+
+    monkeypatch.setattr(NumpyBackend, "adam_update", off_by_eps)
+    assert cli.main(["check", "--backends", "numpy", "--dtypes", "float64"]) == 1
+    assert "step:adam" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["check", "--backends", "tpu"], "unknown backend 'tpu'"),
+        (["check", "--dtypes", "float16"], "'float16' is not supported"),
+    ],
+)
+def test_check_rejects_bad_arguments(argv, message, capsys):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_check_unavailable_backend_says_why(capsys):
+    import gpubp
+
+    missing = [n for n, why in gpubp.backend_status().items() if why is not None]
+    if not missing:
+        pytest.skip("every backend is available here")
+    assert cli.main(["check", "--backends", missing[0]]) == 2
+    assert "cannot run here" in capsys.readouterr().err
+
+
+def test_info_lists_backends(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in ("numpy", "numba", "cupy"):
+        assert name in out
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "check" in capsys.readouterr().out
