@@ -69,11 +69,13 @@ def apply_inplace(xp: Any, z: Any, activation: str, scratch: Any = None) -> Any:
     elif activation == "tanh":
         xp.tanh(z, out=z)
     elif activation == "sigmoid":
-        # sigmoid(z) = (1 + tanh(z / 2)) / 2: no overflow for any finite z, no temporary.
-        z *= 0.5
-        xp.tanh(z, out=z)
-        z += 1.0
-        z *= 0.5
+        # 1 / (1 + exp(-z)) keeps relative accuracy for z << 0 (the tanh form does not);
+        # exp(-z) overflowing to inf gives exactly the limit 0, so the warning is silenced.
+        with np.errstate(over="ignore"):
+            xp.negative(z, out=z)
+            xp.exp(z, out=z)
+            z += 1.0
+            xp.reciprocal(z, out=z)
     elif activation == "softmax":
         softmax_inplace(xp, z, None if scratch is None else scratch[:, :1])
     else:  # pragma: no cover - names are validated at the API boundary

@@ -215,6 +215,8 @@ def run_checks(
     for k, (backend, dtype, (sizes, batch), (activation, output, loss)) in enumerate(
         itertools.product(list(backends), list(dtypes), list(shapes), combinations())
     ):
+        if loss == "cross_entropy" and sizes[-1] < 2:
+            continue  # refused by MLP: a softmax over one output is constant
         results.append(
             check_configuration(
                 backend, dtype, sizes, batch, activation, output, loss, seed=seed + k

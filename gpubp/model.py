@@ -29,6 +29,11 @@ FORMAT = "gpubp-mlp"
 FORMAT_VERSION = 1
 
 
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def _check_dtype(dtype: object) -> np.dtype[Any]:
     try:
         dt = np.dtype(dtype)  # type: ignore[call-overload]
@@ -84,6 +89,12 @@ class MLP:
             output, argument="output", allowed=act.OUTPUT_ACTIVATIONS
         )
         self.loss = check_combination(loss, self.output)
+        if self.loss == "cross_entropy" and self.layer_sizes[-1] < 2:
+            raise ValueError(
+                "loss='cross_entropy' needs at least 2 outputs (a softmax over one output is "
+                "always 1); for a yes/no label use output='sigmoid', "
+                "loss='binary_cross_entropy'"
+            )
         self.dtype = _check_dtype(dtype)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
@@ -215,12 +226,15 @@ class MLP:
             raise ValueError(
                 f"{argument} is an empty batch (shape {tuple(arr.shape)}); pass at least one row"
             )
+        if arr.dtype != self.dtype:
+            # cast first: a float64 value beyond the float32 range becomes inf here
+            with np.errstate(over="ignore"):
+                arr = arr.astype(self.dtype)
         if not self._all_finite(arr):
             raise ValueError(
-                f"{argument} contains NaN or infinity; clean or impute the inputs first"
+                f"{argument} contains NaN or infinity (or values beyond the range of "
+                f"{self.dtype.name}); clean or rescale the inputs first"
             )
-        if arr.dtype != self.dtype:
-            arr = arr.astype(self.dtype)
         return arr
 
     def _check_y(self, y: Any, batch: int, argument: str = "y") -> Any:
@@ -252,9 +266,14 @@ class MLP:
                 f"{argument} has shape {tuple(arr.shape)} and dtype {arr.dtype}; expected "
                 f"{self._y_expectation()}"
             )
+        if arr.dtype != self.dtype:
+            with np.errstate(over="ignore"):
+                arr = arr.astype(self.dtype)
         if not self._all_finite(arr):
-            raise ValueError(f"{argument} contains NaN or infinity; targets must be finite")
-        arr = arr.astype(self.dtype) if arr.dtype != self.dtype else arr
+            raise ValueError(
+                f"{argument} contains NaN or infinity (or values beyond the range of "
+                f"{self.dtype.name}); targets must be finite"
+            )
         if self.loss == "binary_cross_entropy":
             if float(xp.min(arr)) < 0 or float(xp.max(arr)) > 1:
                 raise ValueError(
@@ -295,7 +314,11 @@ class MLP:
             yield start, x[start : start + batch_size]
 
     def forward(self, x: Any, batch_size: int = 4096) -> np.ndarray:
-        """Network output ``a^L = f(...)`` for ``x`` ``(B, n_0)``, as a NumPy ``(B, n_L)`` array."""
+        """Network output ``a^L = f(...)`` for ``x`` ``(B, n_0)``, as a NumPy ``(B, n_L)`` array.
+
+        ``batch_size`` rows are pushed through at a time, bounding the memory used.
+        """
+        _check_positive_int("batch_size", batch_size)
         x = self._check_x(x)
         out = np.empty((x.shape[0], self.n_outputs), dtype=self.dtype)
         for start, xb in self._chunks(x, batch_size):
@@ -326,6 +349,7 @@ class MLP:
         threshold per output for sigmoid with binary cross-entropy); ``None`` for a single-output
         regression.
         """
+        _check_positive_int("batch_size", batch_size)
         x = self._check_x(x)
         y = self._check_y(y, x.shape[0])
         be, xp = self.backend, self.backend.xp
@@ -397,9 +421,8 @@ class MLP:
         and, with ``validation_data``, ``val_loss`` and ``val_accuracy``. The default optimizer
         is ``Adam(lr=1e-3)``. ``progress`` draws a bar on stderr.
         """
-        for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        _check_positive_int("epochs", epochs)
+        _check_positive_int("batch_size", batch_size)
         optimizer = Adam(lr=1e-3) if optimizer is None else optimizer
         X = self._check_x(X, "X")
         y = self._check_y(y, X.shape[0])
@@ -466,9 +489,14 @@ class MLP:
                         f"layer_sizes "
                         f"{list(self.layer_sizes)}"
                     )
+                with np.errstate(over="ignore"):
+                    arr = self.backend.asarray(arr, self.dtype).copy()
                 if not self._all_finite(arr):
-                    raise ValueError(f"{kind}[{i}] contains NaN or infinity")
-                out.append(self.backend.asarray(arr, self.dtype).copy())
+                    raise ValueError(
+                        f"{kind}[{i}] contains NaN or infinity (or values beyond the range of "
+                        f"{self.dtype.name})"
+                    )
+                out.append(arr)
         self._W, self._b = new_W, new_b
 
     # --- files ------------------------------------------------------------------------------
@@ -498,6 +526,13 @@ class MLP:
         except (TypeError, ValueError) as exc:
             raise ModelFileError(f"{path}: the saved configuration is invalid: {exc}") from None
         L = model.n_layers
+        expected = {"meta", *(f"W{i}" for i in range(L)), *(f"b{i}" for i in range(L))}
+        extra = sorted(set(arrays) - expected)
+        if extra:
+            raise ModelFileError(
+                f"{path}: holds arrays {extra} that its configuration (layer_sizes "
+                f"{list(model.layer_sizes)}) does not describe; the file is inconsistent"
+            )
         try:
             weights = [arrays[f"W{i}"] for i in range(L)]
             biases = [arrays[f"b{i}"] for i in range(L)]
@@ -529,9 +564,10 @@ def write_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]
 def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """All arrays of an ``.npz`` file, loaded without pickle; clear errors for bad files."""
     try:
-        with np.load(os.fspath(path), allow_pickle=False) as data:
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise ModelFileError(f"{path}: not a gpubp model file (expected an .npz archive)")
+        data = np.load(os.fspath(path), allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ModelFileError(f"{path}: not a gpubp model file (expected an .npz archive)")
+        with data:
             return {k: data[k] for k in data.files}
     except FileNotFoundError:
         raise ModelFileError(f"{path}: no such file") from None

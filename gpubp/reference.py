@@ -30,7 +30,8 @@ def activate(z: Array, activation: str) -> Array:
     if activation == "identity":
         return z.copy()
     if activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-z))
+        with np.errstate(over="ignore"):  # exp(-z) = inf gives the exact limit 0
+            return 1.0 / (1.0 + np.exp(-z))
     if activation == "tanh":
         return np.tanh(z)
     if activation == "relu":
@@ -109,6 +110,8 @@ def output_delta(z: Array, y: Array, output: str, loss: str) -> tuple[Array, flo
             delta = g * derivative_from_output(a, output)
         return delta, value
     if loss == "cross_entropy" and output == "softmax":
+        if n < 2:
+            raise ValueError("cross_entropy needs at least 2 outputs; use binary_cross_entropy")
         m = z.max(axis=1, keepdims=True)
         log_a = z - m - np.log(np.sum(np.exp(z - m), axis=1, keepdims=True))
         return (a - Y) / B, float(-np.sum(Y * log_a) / B)

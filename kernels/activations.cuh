@@ -27,8 +27,8 @@ __device__ __forceinline__ T activate(T z) {
     if constexpr (ACT == ACT_IDENTITY) {
         return z;
     } else if constexpr (ACT == ACT_SIGMOID) {
-        // (1 + tanh(z/2)) / 2: finite for every finite z, and matches the CPU backends.
-        return T(0.5) * (T(1) + tanh(T(0.5) * z));
+        // 1 / (1 + exp(-z)): relatively accurate for z << 0, and exactly 0 once exp overflows.
+        return T(1) / (T(1) + exp(-z));
     } else if constexpr (ACT == ACT_TANH) {
         return tanh(z);
     } else if constexpr (ACT == ACT_RELU) {

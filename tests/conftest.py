@@ -1,0 +1,64 @@
+"""Shared fixtures: one test body per backend and dtype, reproducible per-test random data.
+
+A backend that cannot run here (no GPU, not installed, not built yet) is skipped with the reason
+:func:`gpubp.backend_status` gives, never failed, so the same suite runs on a laptop and on a GPU
+machine and covers every backend that the machine can run.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import numpy as np
+import pytest
+
+import gpubp
+from gpubp.backends import BACKEND_NAMES
+
+DTYPES: tuple[str, ...] = ("float32", "float64")
+
+
+@functools.cache
+def _status() -> dict[str, str | None]:
+    # asked once per session: finding out whether a GPU is there can cost an import of CuPy
+    return gpubp.backend_status()
+
+
+def skip_unless_available(name: str) -> None:
+    """``pytest.skip`` with the registry's own reason when backend ``name`` cannot run here."""
+    why = _status()[name]
+    if why is not None:
+        pytest.skip(f"backend {name!r} is not available here: {why}")
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """Every backend name gpubp knows; those that cannot run here are skipped, not failed."""
+    skip_unless_available(request.param)
+    return request.param
+
+
+@pytest.fixture
+def backend(backend_name: str) -> gpubp.backends.Backend:
+    """The backend object for :func:`backend_name`."""
+    return gpubp.get_backend(backend_name)
+
+
+@pytest.fixture(params=DTYPES)
+def dtype(request: pytest.FixtureRequest) -> str:
+    """``"float32"`` or ``"float64"`` (names, as gpubp.check and MLP take them)."""
+    return request.param
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    """A generator seeded from the test's node id: the same data on every run, other data in
+    every test (``zlib.crc32`` rather than ``hash``, which Python salts per process)."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """An int derived from the node id, for APIs that take a seed instead of a generator."""
+    return zlib.crc32(request.node.nodeid.encode())
