@@ -13,3 +13,11 @@ class NonFiniteLossError(FloatingPointError):
 
 class ModelFileError(ValueError):
     """A saved model or checkpoint file is missing parts, malformed, or does not match."""
+
+
+class DatasetError(ValueError):
+    """A dataset file is corrupt, truncated, or not what its checksum says."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset is nowhere it was looked for; the message lists where and how to get it."""

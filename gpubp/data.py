@@ -1,0 +1,506 @@
+"""Datasets: MNIST and Fashion-MNIST from IDX files, scikit-learn's digits, and batching.
+
+Where the files are looked for, in order (the first folder holding all four files wins):
+
+1. the ``data_dir`` argument (``--data-dir`` on the command line);
+2. ``$GPUBP_DATA/<name>`` and ``$GPUBP_DATA`` itself;
+3. the cache, ``~/.cache/gpubp/<name>`` (``$XDG_CACHE_HOME`` respected), where ``--download``
+   writes;
+4. for Fashion-MNIST, ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``).
+
+Each folder holds the four standard files, gzipped (``train-images-idx3-ubyte.gz``) or not
+(``train-images-idx3-ubyte``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DatasetError, DatasetNotFoundError
+
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "batches",
+    "download",
+    "find_dataset",
+    "load_dataset",
+    "local_datasets",
+    "read_idx",
+    "train_val_split",
+]
+
+IDX_NAMES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+@dataclass(frozen=True)
+class IdxSource:
+    """Where a dataset's official files come from and how each is verified.
+
+    ``sha256`` holds the SHA-256 of each downloaded (gzipped) file where the publisher's files
+    are pinned by it. Fashion-MNIST's publisher lists only MD5 sums of its archives; for it
+    ``content_sha256`` pins the SHA-256 of each *decompressed* file (the same bytes whoever
+    compressed them, so Debian's re-packed copy verifies too), checked beside the MD5.
+    """
+
+    name: str
+    title: str
+    urls: tuple[str, ...]
+    classes: tuple[str, ...]
+    sha256: dict[str, str] = field(default_factory=dict)
+    md5: dict[str, str] = field(default_factory=dict)
+    content_sha256: dict[str, str] = field(default_factory=dict)
+    system_dirs: tuple[str, ...] = ()
+
+
+DATASETS: dict[str, IdxSource] = {
+    "mnist": IdxSource(
+        "mnist",
+        "MNIST handwritten digits",
+        (
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",
+        ),
+        tuple(str(d) for d in range(10)),
+        sha256={
+            "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",  # noqa: E501
+            "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",  # noqa: E501
+            "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",  # noqa: E501
+            "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",  # noqa: E501
+        },
+    ),
+    "fashion-mnist": IdxSource(
+        "fashion-mnist",
+        "Fashion-MNIST (Zalando Research, MIT licence)",
+        (
+            "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        ),
+        (
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
+        md5={
+            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
+        content_sha256={
+            # SHA-256 of the decompressed files, computed from Debian's dataset-fashion-mnist
+            # (whose archives were re-compressed, so their MD5s differ from the official ones)
+            "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",  # noqa: E501
+            "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",  # noqa: E501
+            "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",  # noqa: E501
+            "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",  # noqa: E501
+        },
+        system_dirs=("/usr/share/datasets/fashion-mnist",),
+    ),
+}
+#: Every name ``--dataset`` accepts besides ``auto``, largest first.
+DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "mnist", "digits")
+
+
+@dataclass
+class Dataset:
+    """A train/test split as float32 features ``(N, d)`` and int64 labels ``(N,)``."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: tuple[str, ...]
+    source: str
+    normalization: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def describe(self) -> str:
+        return (
+            f"{self.name}: {len(self.x_train)} training and {len(self.x_test)} test samples, "
+            f"{self.n_features} features, {self.n_classes} classes (from {self.source})"
+        )
+
+
+# --- IDX files -------------------------------------------------------------------------------
+
+_IDX_TYPES: dict[int, Any] = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
+
+
+def _read_bytes(path: Path) -> bytes:
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise DatasetError(
+                f"{path}: the gzip stream is damaged ({exc}); delete the file and fetch it again"
+            ) from None
+    return raw
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an IDX file (gzipped or not) into an array, checking its header against its size.
+
+    The format: two zero bytes, a type code, the number of dimensions ``k``, ``k`` big-endian
+    uint32 sizes, then the data, row-major. Anything else raises
+    :class:`~gpubp.errors.DatasetError` saying what is wrong.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DatasetError(
+            f"{path}: not an IDX file (bad magic number {data[:4].hex() or 'empty'})"
+        )
+    code, ndim = data[2], data[3]
+    if code not in _IDX_TYPES:
+        raise DatasetError(f"{path}: unknown IDX element type 0x{code:02x}")
+    if ndim < 1:
+        raise DatasetError(f"{path}: an IDX file with {ndim} dimensions")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DatasetError(f"{path}: truncated in its header ({len(data)} bytes)")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_TYPES[code])
+    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected:
+        what = "truncated" if len(data) < expected else "longer than its header says"
+        raise DatasetError(
+            f"{path}: {what}: the header declares shape {shape} ({expected} bytes in all) but the "
+            f"file holds {len(data)} bytes; delete it and fetch it again"
+        )
+    return (
+        np.frombuffer(data, dtype=dtype, offset=header)
+        .reshape(shape)
+        .astype(dtype.newbyteorder("="))
+    )
+
+
+def _file_in(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def search_dirs(name: str, data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The folders searched for ``name``'s files, in order."""
+    dirs: list[Path] = []
+    if data_dir is not None:
+        dirs += [Path(data_dir) / name, Path(data_dir)]
+    env = os.environ.get("GPUBP_DATA")
+    if env:
+        dirs += [Path(env) / name, Path(env)]
+    dirs.append(cache_dir() / name)
+    dirs += [Path(d) for d in DATASETS[name].system_dirs]
+    return dirs
+
+
+def cache_dir() -> Path:
+    """Where downloads go: ``$XDG_CACHE_HOME/gpubp`` or ``~/.cache/gpubp``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gpubp"
+
+
+def find_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """The first searched folder holding all four IDX files of ``name``, or None."""
+    for folder in search_dirs(name, data_dir):
+        if all(_file_in(folder, stem) for stem in IDX_NAMES):
+            return folder
+    return None
+
+
+def _how_to_get(name: str) -> str:
+    steps = [f"run with --download to fetch the official files into {cache_dir() / name}"]
+    if name == "fashion-mnist":
+        steps.append("or, on Debian/Ubuntu, apt-get install dataset-fashion-mnist")
+    steps.append("or put the four IDX files in a folder and pass --data-dir (or set GPUBP_DATA)")
+    return "; ".join(steps)
+
+
+def load_idx_dataset(
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    download_missing: bool = False,
+    progress: bool = True,
+) -> Dataset:
+    """MNIST or Fashion-MNIST as a :class:`Dataset`, pixels scaled to ``[0, 1]`` as float32."""
+    folder = find_dataset(name, data_dir)
+    if folder is None and download_missing:
+        folder = download(name, progress=progress)
+    if folder is None:
+        looked = "\n  ".join(str(d) for d in search_dirs(name, data_dir))
+        raise DatasetNotFoundError(
+            f"{DATASETS[name].title} was not found. Looked in:\n  {looked}\nTo get it: "
+            f"{_how_to_get(name)}"
+        )
+    arrays = []
+    for stem in IDX_NAMES:
+        path = _file_in(folder, stem)
+        assert path is not None
+        arrays.append(read_idx(path))
+    xtr, ytr, xte, yte = arrays
+    for x, y, split in ((xtr, ytr, "train"), (xte, yte, "t10k")):
+        if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+            raise DatasetError(
+                f"{folder}: {split} images {x.shape} and labels {y.shape} do not match (expected "
+                "images (N, rows, cols) and labels (N,))"
+            )
+        if y.size and int(y.max()) >= len(DATASETS[name].classes):
+            raise DatasetError(f"{folder}: {split} labels go up to {int(y.max())}; expected 0-9")
+
+    def flat(x: np.ndarray) -> np.ndarray:
+        return (x.reshape(x.shape[0], -1).astype(np.float32)) / np.float32(255.0)
+
+    return Dataset(
+        name,
+        flat(xtr),
+        ytr.astype(np.int64),
+        flat(xte),
+        yte.astype(np.int64),
+        DATASETS[name].classes,
+        str(folder),
+    )
+
+
+def load_digits_dataset(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1,797 images), split by a seeded stratified shuffle."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DatasetNotFoundError(
+            "the digits dataset comes with scikit-learn, which is not installed; "
+            "pip install 'gpubp[data]' (or pip install scikit-learn)"
+        ) from None
+    bunch = load_digits()
+    x = (bunch.data / 16.0).astype(np.float32)
+    y = bunch.target.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        test[idx[: round(len(idx) * test_fraction)]] = True
+    return Dataset(
+        "digits",
+        x[~test],
+        y[~test],
+        x[test],
+        y[test],
+        tuple(str(d) for d in range(10)),
+        "sklearn.datasets.load_digits",
+    )
+
+
+def local_datasets(data_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """Datasets that can be loaded here without a network, largest first."""
+    found = [name for name in ("fashion-mnist", "mnist") if find_dataset(name, data_dir)]
+    try:
+        import sklearn  # noqa: F401
+
+        found.append("digits")
+    except ImportError:
+        pass
+    return found
+
+
+def load_dataset(
+    name: str = "auto",
+    data_dir: str | os.PathLike[str] | None = None,
+    download_missing: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> Dataset:
+    """Load ``name`` (``auto``, ``mnist``, ``fashion-mnist`` or ``digits``), standardised.
+
+    Features are scaled to ``[0, 1]`` and then standardised with the training set's global mean
+    and standard deviation (recorded in ``Dataset.normalization``). ``auto`` takes the largest
+    dataset present locally: Fashion-MNIST, then MNIST, then digits.
+    """
+    if name == "auto":
+        found = local_datasets(data_dir)
+        if not found:
+            raise DatasetNotFoundError(
+                "no dataset was found locally: neither Fashion-MNIST nor MNIST IDX files, nor "
+                "scikit-learn's digits. "
+                + _how_to_get("fashion-mnist")
+                + "; or pip install scikit-learn for the small digits set"
+            )
+        name = found[0]
+    if name in DATASETS:
+        ds = load_idx_dataset(name, data_dir, download_missing, progress)
+    elif name == "digits":
+        ds = load_digits_dataset(seed)
+    else:
+        raise ValueError(
+            f"dataset={name!r} is not known; expected one of auto, {', '.join(DATASET_NAMES)}"
+        )
+    mean = float(ds.x_train.mean())
+    std = float(ds.x_train.std()) or 1.0
+    for attr in ("x_train", "x_test"):
+        x = getattr(ds, attr)
+        x -= np.float32(mean)
+        x /= np.float32(std)
+    ds.normalization = {"mean": mean, "std": std}
+    return ds
+
+
+# --- download --------------------------------------------------------------------------------
+
+
+def _digest(data: bytes, algo: str) -> str:
+    return hashlib.new(algo, data).hexdigest()
+
+
+def verify(name: str, filename: str, data: bytes) -> None:
+    """Check downloaded ``data`` of ``filename`` against the pinned digests; raise if wrong."""
+    src = DATASETS[name]
+    checks: list[tuple[str, str, bytes]] = []
+    if filename in src.sha256:
+        checks.append(("sha256", src.sha256[filename], data))
+    if filename in src.md5:
+        checks.append(("md5", src.md5[filename], data))
+    stem = filename.removesuffix(".gz")
+    if stem in src.content_sha256:
+        content = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+        checks.append(("sha256", src.content_sha256[stem], content))
+    if not checks:
+        raise DatasetError(f"no checksum is pinned for {name}/{filename}; refusing to trust it")
+    for algo, expected, blob in checks:
+        got = _digest(blob, algo)
+        if got != expected:
+            raise DatasetError(
+                f"{filename}: {algo} is {got}, expected {expected}; the download is damaged or "
+                "not the official file, and was discarded"
+            )
+
+
+def _fetch(url: str, progress: bool) -> bytes:
+    with urllib.request.urlopen(url, timeout=60) as resp:
+        total = int(resp.headers.get("Content-Length") or 0)
+        chunks, done = [], 0
+        while True:
+            chunk = resp.read(1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            done += len(chunk)
+            if progress and total:
+                sys.stderr.write(f"\r  {url.rsplit('/', 1)[-1]}: {done * 100 // total}%")
+        if progress and total:
+            sys.stderr.write("\n")
+        return b"".join(chunks)
+
+
+def download(name: str, dest: str | os.PathLike[str] | None = None, progress: bool = True) -> Path:
+    """Fetch ``name``'s four official files into ``dest`` (default: the cache), verified.
+
+    Each file is checked against its pinned digests before it is written, then written to a
+    temporary name, flushed, fsynced and renamed, so the cache never holds a half-written or
+    unverified file. Mirrors are tried in turn. Returns the folder.
+    """
+    src = DATASETS[name]
+    folder = Path(dest) if dest is not None else cache_dir() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem in IDX_NAMES:
+        if _file_in(folder, stem):
+            continue
+        filename = f"{stem}.gz"
+        errors = []
+        for base in src.urls:
+            try:
+                data = _fetch(base + filename, progress)
+                verify(name, filename, data)
+            except (OSError, DatasetError) as exc:  # URLError is an OSError
+                errors.append(f"{base}{filename}: {exc}")
+                continue
+            write_atomic(folder / filename, data)
+            break
+        else:
+            raise DatasetNotFoundError(
+                f"could not download {filename} of {src.title}:\n  " + "\n  ".join(errors)
+            )
+    return folder
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# --- splitting and batching ------------------------------------------------------------------
+
+
+def train_val_split(
+    x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(x_train, y_train, x_val, y_val)``: a seeded random ``val_fraction`` held out."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_val = round(len(x) * val_fraction)
+    val, train = order[:n_val], order[n_val:]
+    return x[train], y[train], x[val], y[val]
+
+
+def batches(
+    n: int, batch_size: int, rng: np.random.Generator | None = None
+) -> Iterator[np.ndarray]:
+    """Index arrays covering ``range(n)`` in batches of ``batch_size`` (the last may be smaller),
+    shuffled by ``rng`` when given."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def to_device(backend: Any, *arrays: np.ndarray) -> list[Any]:
+    """Put arrays on the backend's device once, so batches are sliced there."""
+    return [backend.asarray(a) for a in arrays]
