@@ -226,14 +226,18 @@ class MLP:
             raise ValueError(
                 f"{argument} is an empty batch (shape {tuple(arr.shape)}); pass at least one row"
             )
+        return self._cast_finite(arr, argument, "clean or rescale the inputs first")
+
+    def _cast_finite(self, arr: Any, argument: str, advice: str) -> Any:
+        """``arr`` in the model's dtype, refused if it holds NaN or infinity *after* the cast
+        (a float64 value beyond the float32 range becomes inf there)."""
         if arr.dtype != self.dtype:
-            # cast first: a float64 value beyond the float32 range becomes inf here
             with np.errstate(over="ignore"):
                 arr = arr.astype(self.dtype)
         if not self._all_finite(arr):
             raise ValueError(
                 f"{argument} contains NaN or infinity (or values beyond the range of "
-                f"{self.dtype.name}); clean or rescale the inputs first"
+                f"{self.dtype.name}); {advice}"
             )
         return arr
 
@@ -266,14 +270,7 @@ class MLP:
                 f"{argument} has shape {tuple(arr.shape)} and dtype {arr.dtype}; expected "
                 f"{self._y_expectation()}"
             )
-        if arr.dtype != self.dtype:
-            with np.errstate(over="ignore"):
-                arr = arr.astype(self.dtype)
-        if not self._all_finite(arr):
-            raise ValueError(
-                f"{argument} contains NaN or infinity (or values beyond the range of "
-                f"{self.dtype.name}); targets must be finite"
-            )
+        arr = self._cast_finite(arr, argument, "targets must be finite")
         if self.loss == "binary_cross_entropy":
             if float(xp.min(arr)) < 0 or float(xp.max(arr)) > 1:
                 raise ValueError(
@@ -489,14 +486,8 @@ class MLP:
                         f"layer_sizes "
                         f"{list(self.layer_sizes)}"
                     )
-                with np.errstate(over="ignore"):
-                    arr = self.backend.asarray(arr, self.dtype).copy()
-                if not self._all_finite(arr):
-                    raise ValueError(
-                        f"{kind}[{i}] contains NaN or infinity (or values beyond the range of "
-                        f"{self.dtype.name})"
-                    )
-                out.append(arr)
+                arr = self._cast_finite(arr, f"{kind}[{i}]", "pass finite parameters")
+                out.append(self.backend.asarray(arr).copy())
         self._W, self._b = new_W, new_b
 
     # --- files ------------------------------------------------------------------------------
