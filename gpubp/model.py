@@ -36,7 +36,8 @@ def _check_positive_int(name: str, value: object) -> None:
 
 def _check_dtype(dtype: object) -> np.dtype[Any]:
     try:
-        dt = np.dtype(dtype)  # type: ignore[call-overload]
+        # None would mean float64 to NumPy; here it is a mistake, not a choice
+        dt = None if dtype is None else np.dtype(dtype)  # type: ignore[call-overload]
     except TypeError:
         dt = None
     if dt is None or dt.name not in ("float32", "float64"):
@@ -110,6 +111,8 @@ class MLP:
     @staticmethod
     def _check_sizes(layer_sizes: object) -> tuple[int, ...]:
         msg = "layer_sizes must be a sequence of at least two positive ints, e.g. [784, 128, 10]"
+        if isinstance(layer_sizes, np.ndarray) and layer_sizes.ndim == 1:
+            layer_sizes = layer_sizes.tolist()
         if isinstance(layer_sizes, (str, bytes)) or not isinstance(layer_sizes, Sequence):
             raise TypeError(f"{msg}; got {layer_sizes!r}")
         sizes = tuple(layer_sizes)
@@ -512,6 +515,7 @@ class MLP:
         arrays = read_npz(path)
         meta = parse_meta(arrays, path, FORMAT)
         cfg: dict[str, Any] = meta["config"]
+        _check_saved_shapes(arrays, cfg, path)
         try:
             model = cls(backend=backend, **cfg)
         except (TypeError, ValueError) as exc:
@@ -534,6 +538,24 @@ class MLP:
         except (TypeError, ValueError) as exc:
             raise ModelFileError(f"{path}: {exc}") from None
         return model
+
+
+def _check_saved_shapes(arrays: dict[str, np.ndarray], cfg: dict[str, Any], path: Any) -> None:
+    """Compare the stored arrays with ``layer_sizes`` before any model is built, so a file whose
+    metadata claims enormous layers cannot make ``load`` allocate them."""
+    sizes = cfg.get("layer_sizes")
+    if not isinstance(sizes, list) or len(sizes) < 2:
+        raise ModelFileError(f"{path}: the saved configuration has no valid layer_sizes")
+    for i in range(len(sizes) - 1):
+        W, b = arrays.get(f"W{i}"), arrays.get(f"b{i}")
+        if W is None or b is None:
+            raise ModelFileError(f"{path}: missing the parameter arrays of layer {i} (W{i}, b{i})")
+        if W.shape != (sizes[i + 1], sizes[i]) or b.shape != (sizes[i + 1],):
+            raise ModelFileError(
+                f"{path}: layer {i} holds W{i} of shape {W.shape} and b{i} of shape {b.shape}; "
+                f"layer_sizes "
+                f"{sizes} says ({sizes[i + 1]}, {sizes[i]}) and ({sizes[i + 1]},)"
+            )
 
 
 def write_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:

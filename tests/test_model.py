@@ -1056,3 +1056,13 @@ def test_set_parameters_refuses_values_that_overflow_the_model_dtype():
     with pytest.raises(ValueError, match=r"weights\[1\]"):
         m.set_parameters(W, before[1])
     assert_params_equal(m.get_parameters(), before)
+
+
+def test_layer_sizes_may_be_a_numpy_array():
+    model = gpubp.MLP(np.array([4, 8, 3]))
+    assert model.layer_sizes == (4, 8, 3)
+
+
+def test_dtype_none_is_refused():
+    with pytest.raises(ValueError, match="dtype=None"):
+        gpubp.MLP([4, 3], dtype=None)
