@@ -8,6 +8,8 @@ every parameter, biases included, exactly as it does in ``torch.optim`` when a m
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -50,7 +52,8 @@ class Optimizer:
 
     def __init__(self) -> None:
         self.state: dict[str, Any] | None = None
-        self._owner: int | None = None
+        self._owner: Callable[[], object] | None = None
+        self._shapes: list[tuple[int, ...]] = []
 
     @property
     def slots(self) -> tuple[str, ...]:
@@ -70,14 +73,19 @@ class Optimizer:
         momentum and moment estimates belong to the first.
         """
         if self._owner is None or self.state is None:
-            self._owner = id(owner)
+            try:  # a weak reference: the optimizer must not keep a discarded model alive
+                self._owner = weakref.ref(owner)
+            except TypeError:  # objects without weakref support are held strongly
+                self._owner = lambda: owner
+            self._shapes = [tuple(s) for s in shapes]
             self.state = {"step": 0}
             for slot in self.slots:
                 self.state[slot] = [backend.zeros(s, dtype) for s in shapes]
-        elif self._owner != id(owner):
+        elif self._owner() is not owner or self._shapes != [tuple(s) for s in shapes]:
             raise ValueError(
-                "optimizer already holds state for another model; create one optimizer per "
-                "model (or call optimizer.reset() to start afresh)"
+                "optimizer already holds state for another model (or for a model that no "
+                "longer exists); create one optimizer per model, or call optimizer.reset() to "
+                "start afresh"
             )
         return self.state
 
@@ -85,6 +93,7 @@ class Optimizer:
         """Forget all state (step count and slots); the next step starts afresh."""
         self.state = None
         self._owner = None
+        self._shapes = []
 
     def state_dict(self) -> dict[str, Any]:
         """State as NumPy copies, ``{"step": int, slot: [arrays]}`` (no slots before a step)."""

@@ -118,7 +118,7 @@ def _known_issues(result, scale: float) -> list[str] | None:
     failing = _failing(result)
     explained: set[str] = set()
     reasons = []
-    if result.dtype == "float32" and "step:adam" in failing:
+    if scale > 1 and result.dtype == "float32" and "step:adam" in failing:
         explained.add("step:adam")
         reasons.append(ADAM_L2_FLOAT32)
     if scale > 1:

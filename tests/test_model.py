@@ -1066,3 +1066,27 @@ def test_layer_sizes_may_be_a_numpy_array():
 def test_dtype_none_is_refused():
     with pytest.raises(ValueError, match="dtype=None"):
         gpubp.MLP([4, 3], dtype=None)
+
+
+def test_optimizer_refuses_a_new_model_after_its_owner_is_freed():
+    """CPython reuses ids: the binding must not mistake a new model for the freed one."""
+    import gc
+
+    x = np.ones((4, 3), np.float32)
+    y = np.array([0, 1, 0, 1])
+    opt = optim.SGD(lr=0.1, momentum=0.9)
+    first = gpubp.MLP([3, 4, 2])
+    first.train_step(x, y, opt)
+    del first
+    gc.collect()
+    for sizes in ([3, 4, 2], [3, 7, 2]):
+        model = gpubp.MLP(sizes)
+        before = opt.state_dict()
+        with pytest.raises(ValueError, match="another model"):
+            model.train_step(x, y, opt)
+        after = opt.state_dict()
+        assert after["step"] == before["step"] == 1
+        for a, b in zip(after["momentum_buffer"], before["momentum_buffer"]):
+            np.testing.assert_array_equal(a, b)
+    opt.reset()
+    assert np.isfinite(model.train_step(x, y, opt))
