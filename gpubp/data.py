@@ -499,8 +499,3 @@ def batches(
     order = rng.permutation(n) if rng is not None else np.arange(n)
     for start in range(0, n, batch_size):
         yield order[start : start + batch_size]
-
-
-def to_device(backend: Any, *arrays: np.ndarray) -> list[Any]:
-    """Put arrays on the backend's device once, so batches are sliced there."""
-    return [backend.asarray(a) for a in arrays]

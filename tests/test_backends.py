@@ -144,7 +144,12 @@ def test_backend_matches_reference(
         return
     result = _check(backend_name, dtype, sizes, batch, activation, output, loss, seed)
     assert set(result.errors) >= {"forward", "loss", "dW", "db", "step:sgd", "step:adam"}
-    if not result.ok and (reasons := _known_issues(result, 1.0)):
+    _assert_ok_or_known(result, 1.0)
+
+
+def _assert_ok_or_known(result, scale: float) -> None:
+    """Pass, xfail with the reported explanation that covers every failing error, or fail."""
+    if not result.ok and (reasons := _known_issues(result, scale)):
         pytest.xfail(f"{'; '.join(reasons)} -- {_report(result)}")
     assert result.ok, _report(result)
 
@@ -160,9 +165,7 @@ def test_backend_matches_reference_large_inputs(
     result = _check(backend_name, dtype, sizes, batch, activation, output, loss, seed, LARGE_SCALE)
     # nothing may come out NaN or infinite, whatever the dtype
     assert all(np.isfinite(v) for v in result.errors.values()), _report(result)
-    if not result.ok and (reasons := _known_issues(result, LARGE_SCALE)):
-        pytest.xfail(f"{'; '.join(reasons)} -- {_report(result)}")
-    assert result.ok, _report(result)
+    _assert_ok_or_known(result, LARGE_SCALE)
 
 
 def _uses_base_activations(backend) -> bool:

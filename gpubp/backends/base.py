@@ -45,7 +45,8 @@ class Workspace:
 
     ``a[l]``: ``(B, n_l)`` activations for ``l = 0..L-1`` (``a[0]`` holds the staged input);
     ``z_out``: ``(B, n_L)``, the output pre-activation, then ``delta^L`` in place;
-    ``d[l]``: ``(B, n_l)`` deltas of the hidden layers; ``dW[l]``, ``db[l]``: gradients;
+    ``d[l]``: ``(B, n_l)`` deltas of the hidden layers ``l = 1..L-1`` (``d[0]`` is None: the
+    input needs no delta); ``dW[l]``, ``db[l]``: gradients;
     ``y``: ``(B, n_L)`` targets; scratch buffers for activations and the optimizer.
     """
 
@@ -55,7 +56,7 @@ class Workspace:
         self.batch = batch
         self.a = [xp.empty((batch, n), dtype=dtype) for n in sizes[:-1]]
         self.z_out = xp.empty((batch, sizes[-1]), dtype=dtype)
-        self.d = [xp.empty((batch, n), dtype=dtype) for n in sizes[:-1]]
+        self.d: list[Any] = [None] + [xp.empty((batch, n), dtype=dtype) for n in sizes[1:-1]]
         self.dW = [xp.empty((sizes[i + 1], sizes[i]), dtype=dtype) for i in range(L)]
         self.db = [xp.empty((sizes[i + 1],), dtype=dtype) for i in range(L)]
         self.y = xp.empty((batch, sizes[-1]), dtype=dtype)
@@ -111,6 +112,11 @@ class Backend:
 
     def synchronize(self) -> None:
         """Wait until queued work is done (a no-op on the CPU)."""
+
+    def _workspace_for(self, weights: list[Any], x: Any) -> Workspace:
+        """The workspace for this network and ``x``'s batch size."""
+        sizes = (weights[0].shape[1], *(W.shape[0] for W in weights))
+        return self.workspace(sizes, x.shape[0], weights[0].dtype)
 
     def workspace(self, sizes: tuple[int, ...], batch: int, dtype: Any) -> Workspace:
         """The buffers for one batch shape, made once and reused (least recently used kept)."""
@@ -390,9 +396,9 @@ class Backend:
         The returned gradient arrays belong to the workspace: the next call overwrites them.
         """
         L = len(weights)
+        ws = self._workspace_for(weights, x)
+        B = ws.batch
         sizes = (weights[0].shape[1], *(W.shape[0] for W in weights))
-        B = x.shape[0]
-        ws = self.workspace(sizes, B, weights[0].dtype)
         a0 = self._stage(x, ws.a[0])
         Y = self._targets(y, sizes[-1], weights[0].dtype, out=ws.y, ws=ws)
         acts = [a0]
@@ -498,9 +504,7 @@ class Backend:
         """
         value, dWs, dbs = self.gradients(weights, biases, x, y, activation, output, loss)
         self.check_finite(value, dWs, dbs)
-        ws = self.workspace(
-            (weights[0].shape[1], *(W.shape[0] for W in weights)), x.shape[0], weights[0].dtype
-        )
+        ws = self._workspace_for(weights, x)
         self.update_parameters(
             [*weights, *biases], [*dWs, *dbs], optimizer, state, scratch=ws.pscratch
         )
