@@ -34,6 +34,15 @@ def _check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def _check_optimizer(optimizer: object) -> Optimizer:
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"optimizer must be a gpubp.optim optimizer such as gpubp.optim.SGD(lr=0.1), got "
+            f"{type(optimizer).__name__}"
+        )
+    return optimizer
+
+
 def _check_dtype(dtype: object) -> np.dtype[Any]:
     try:
         # None would mean float64 to NumPy; here it is a mistake, not a choice
@@ -390,15 +399,19 @@ class MLP:
         Raises :class:`~gpubp.errors.NonFiniteLossError` (parameters and optimizer state kept)
         when the loss or a gradient comes out NaN or infinite.
         """
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                f"optimizer must be a gpubp.optim optimizer such as gpubp.optim.SGD(lr=0.1), got "
-                f"{type(optimizer).__name__}"
-            )
+        _check_optimizer(optimizer)
         x = self._check_x(x)
         y = self._check_y(y, x.shape[0])
-        shapes = [tuple(W.shape) for W in self._W] + [tuple(b.shape) for b in self._b]
-        state = optimizer.bind(self, self.backend, shapes, self.dtype)
+        return self._step(x, y, optimizer)
+
+    @property
+    def parameter_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of ``[W^1, ..., W^L, b^1, ..., b^L]``: the order optimizer state is kept in."""
+        return [tuple(W.shape) for W in self._W] + [tuple(b.shape) for b in self._b]
+
+    def _step(self, x: Any, y: Any, optimizer: Optimizer) -> float:
+        """:meth:`train_step` on a batch already checked and cast (by ``_check_x``/``_check_y``)."""
+        state = optimizer.bind(self, self.backend, self.parameter_shapes, self.dtype)
         value, _, _, _ = self.backend.train_step(
             self._W, self._b, x, y, self.activation, self.output, self.loss, optimizer, state
         )
@@ -423,7 +436,7 @@ class MLP:
         """
         _check_positive_int("epochs", epochs)
         _check_positive_int("batch_size", batch_size)
-        optimizer = Adam(lr=1e-3) if optimizer is None else optimizer
+        optimizer = Adam(lr=1e-3) if optimizer is None else _check_optimizer(optimizer)
         X = self._check_x(X, "X")
         y = self._check_y(y, X.shape[0])
         if validation_data is not None:
@@ -442,7 +455,7 @@ class MLP:
             bar = _Progress(f"epoch {epoch}/{epochs}", n_batches, enabled=progress)
             for k in range(n_batches):
                 idx = order_dev[k * batch_size : (k + 1) * batch_size]
-                total += self.train_step(X[idx], y[idx], optimizer) * idx.shape[0]
+                total += self._step(X[idx], y[idx], optimizer) * idx.shape[0]
                 bar.update(k + 1, f"loss {total / min(N, (k + 1) * batch_size):.4f}")
             history["loss"].append(total / N)
             history["time"].append(time.perf_counter() - t0)

@@ -95,6 +95,46 @@ class Optimizer:
         self._owner = None
         self._shapes = []
 
+    def load_state_dict(
+        self,
+        saved: dict[str, Any],
+        owner: object,
+        backend: Any,
+        shapes: list[tuple[int, ...]],
+        dtype: Any,
+    ) -> None:
+        """Restore state written by :meth:`state_dict` for ``owner``'s parameters.
+
+        Everything is checked (step count, every slot and every shape) before anything is
+        replaced, so a bad ``saved`` leaves this optimizer as it was.
+        """
+        step = saved.get("step")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"saved optimizer state: step must be an int >= 0, got {step!r}")
+        arrays: dict[str, list[np.ndarray]] = {}
+        if step > 0:
+            for slot in self.slots:
+                got = saved.get(slot)
+                if not isinstance(got, (list, tuple)) or len(got) != len(shapes):
+                    raise ValueError(
+                        f"saved optimizer state: slot {slot!r} must hold {len(shapes)} arrays "
+                        f"(one per parameter) for {type(self).__name__}"
+                    )
+                for i, (arr, shape) in enumerate(zip(got, shapes)):
+                    if tuple(np.shape(arr)) != tuple(shape):
+                        raise ValueError(
+                            f"saved optimizer state: {slot}[{i}] has shape {np.shape(arr)}; "
+                            f"expected {tuple(shape)}"
+                        )
+                arrays[slot] = [np.asarray(a) for a in got]
+        self.reset()
+        if step == 0:
+            return
+        state = self.bind(owner, backend, shapes, dtype)
+        state["step"] = int(step)
+        for slot, values in arrays.items():
+            state[slot] = [backend.asarray(a, dtype).copy() for a in values]
+
     def state_dict(self) -> dict[str, Any]:
         """State as NumPy copies, ``{"step": int, slot: [arrays]}`` (no slots before a step)."""
         if self.state is None:

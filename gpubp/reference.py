@@ -205,6 +205,33 @@ def forward(
     return forward_layer(a, weights[-1], biases[-1], output)
 
 
+def backprop(
+    weights: list[Array],
+    biases: list[Array],
+    x: Array,
+    y: Array,
+    activation: str,
+    output: str,
+    loss: str,
+) -> tuple[float, list[Array], list[Array]]:
+    """Loss, the layer inputs ``[a^0, ..., a^{L-1}]`` and the errors ``[delta^1, ..., delta^L]``.
+
+    Forward keeping every ``a^l`` (``a^0 = x``), ``delta^L`` from :func:`output_delta` on the
+    output pre-activation, then ``delta^l = hidden_delta(delta^{l+1}, W^{l+1}, a^l)`` down to
+    ``l = 1``. ``delta^l`` has shape ``(B, n_l)``.
+    """
+    acts = [_f64(x)]
+    for W, b in zip(weights[:-1], biases[:-1]):
+        acts.append(forward_layer(acts[-1], W, b, activation))
+    z_out = forward_layer(acts[-1], weights[-1], biases[-1], "identity")
+    delta, value = output_delta(z_out, y, output, loss)
+    deltas = [delta]
+    for layer in range(len(weights) - 1, 0, -1):
+        delta = hidden_delta(delta, weights[layer], acts[layer], activation)
+        deltas.insert(0, delta)
+    return value, acts, deltas
+
+
 def gradients(
     weights: list[Array],
     biases: list[Array],
@@ -214,26 +241,12 @@ def gradients(
     output: str,
     loss: str,
 ) -> tuple[float, list[Array], list[Array]]:
-    """Loss and its gradients with respect to every ``W^l`` and ``b^l``, by backpropagation.
-
-    Forward keeping every ``a^l`` (``a^0 = x``), ``delta^L`` from :func:`output_delta` on the
-    output pre-activation, then ``delta^l = hidden_delta(delta^{l+1}, W^{l+1}, a^l)`` down to
-    ``l = 1``; ``dW^l, db^l = parameter_gradients(delta^l, a^{l-1})``.
+    """Loss and its gradients with respect to every ``W^l`` and ``b^l``, by backpropagation:
+    ``dW^l, db^l = parameter_gradients(delta^l, a^{l-1})`` with the errors of :func:`backprop`.
     """
-    acts = [_f64(x)]
-    for W, b in zip(weights[:-1], biases[:-1]):
-        acts.append(forward_layer(acts[-1], W, b, activation))
-    z_out = forward_layer(acts[-1], weights[-1], biases[-1], "identity")
-    delta, value = output_delta(z_out, y, output, loss)
-    dWs: list[Array] = []
-    dbs: list[Array] = []
-    for layer in range(len(weights) - 1, -1, -1):
-        dW, db = parameter_gradients(delta, acts[layer])
-        dWs.insert(0, dW)
-        dbs.insert(0, db)
-        if layer > 0:
-            delta = hidden_delta(delta, weights[layer], acts[layer], activation)
-    return value, dWs, dbs
+    value, acts, deltas = backprop(weights, biases, x, y, activation, output, loss)
+    grads = [parameter_gradients(d, a) for d, a in zip(deltas, acts)]
+    return value, [g[0] for g in grads], [g[1] for g in grads]
 
 
 def update_parameters(
