@@ -15,6 +15,10 @@ class ModelFileError(ValueError):
     """A saved model or checkpoint file is missing parts, malformed, or does not match."""
 
 
+class CheckpointMismatchError(ModelFileError):
+    """A checkpoint was written by a run with other settings than the one resuming it."""
+
+
 class DatasetError(ValueError):
     """A dataset file is corrupt, truncated, or not what its checksum says."""
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import struct
 
 import numpy as np
 import pytest
@@ -12,13 +11,7 @@ import pytest
 from gpubp import data
 from gpubp.errors import DatasetError, DatasetNotFoundError
 
-
-def idx_bytes(arr: np.ndarray) -> bytes:
-    code = {np.uint8: 0x08, np.int32: 0x0C}[arr.dtype.type]
-    header = struct.pack(">BBBB", 0, 0, code, arr.ndim) + b"".join(
-        struct.pack(">I", n) for n in arr.shape
-    )
-    return header + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
+from .idx_files import idx_bytes, write_fake_idx_dataset
 
 
 @pytest.mark.parametrize("compress", [True, False])
@@ -63,19 +56,6 @@ def test_read_idx_rejects_a_damaged_gzip(tmp_path, rng):
     path.write_bytes(packed[: len(packed) // 2])
     with pytest.raises(DatasetError, match="gzip stream is damaged"):
         data.read_idx(path)
-
-
-def write_fake_idx_dataset(folder, rng, n_train=30, n_test=10):
-    folder.mkdir(parents=True, exist_ok=True)
-    parts = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train).astype(np.uint8),
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test).astype(np.uint8),
-    }
-    for stem, arr in parts.items():
-        (folder / f"{stem}.gz").write_bytes(gzip.compress(idx_bytes(arr)))
-    return parts
 
 
 def test_load_from_data_dir_normalises(tmp_path, rng):

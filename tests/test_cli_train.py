@@ -1,0 +1,160 @@
+"""``gpubp train`` and ``gpubp gradflow`` from the command line: output, files, error paths."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gpubp import cli, data
+from gpubp.train import load_checkpoint
+
+from .idx_files import write_fake_idx_dataset
+
+SMALL = ["--layers", "13,7", "--batch-size", "16", "--quiet"]
+
+
+@pytest.fixture
+def data_dir(tmp_path, rng):
+    write_fake_idx_dataset(tmp_path / "data" / "mnist", rng, n_train=120, n_test=40)
+    return tmp_path / "data"
+
+
+def test_train_prints_accuracy_time_speed_and_backend(data_dir, tmp_path, capsys):
+    argv = ["train", "--dataset", "mnist", "--data-dir", str(data_dir), "--epochs", "2", *SMALL]
+    js = tmp_path / "run.json"
+    assert cli.main([*argv, "--json", str(js), "--save", str(tmp_path / "m.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "dataset: mnist: 120 training and 40 test samples" in out
+    for piece in ("test accuracy", "wall time", "samples/s", "backend numpy float32"):
+        assert piece in out
+    assert json.loads(js.read_text())["epochs_done"] == 2
+    from gpubp import MLP
+
+    assert MLP.load(tmp_path / "m.npz").layer_sizes == (784, 13, 7, 10)
+
+
+def test_train_auto_says_which_dataset(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GPUBP_DATA", str(data_dir))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # hide a system-wide Fashion-MNIST, so MNIST is the largest dataset here
+    fashion = dataclasses.replace(data.DATASETS["fashion-mnist"], system_dirs=())
+    monkeypatch.setitem(data.DATASETS, "fashion-mnist", fashion)
+    assert cli.main(["train", "--epochs", "1", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "dataset: mnist" in out and "auto: the largest dataset found here" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--layers", "512,abc"], "argument --layers: expected comma-separated positive widths"),
+        (["--layers", "0"], "argument --layers"),
+        (["--batch-size", "0"], "argument --batch-size: expected a positive integer"),
+        (["--epochs", "two"], "argument --epochs: expected a positive integer"),
+        (["--lr", "-1"], "argument --lr: expected a positive number"),
+        (["--lr", "nan"], "argument --lr: expected a positive number"),
+        (["--val-fraction", "1.5"], "argument --val-fraction: expected a number in [0, 1)"),
+        (["--optimizer", "rmsprop"], "argument --optimizer: invalid choice"),
+        (["--dataset", "cifar"], "argument --dataset: invalid choice"),
+        (["--backend", "tpu"], "argument --backend: invalid choice"),
+    ],
+)
+def test_train_rejects_bad_options(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", *argv])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_missing_dataset_says_where_it_looked(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("GPUBP_DATA", raising=False)
+    empty = tmp_path / "empty"
+    assert cli.main(["train", "--dataset", "mnist", "--data-dir", str(empty), *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert str(empty) in err and "--download" in err
+
+
+def test_train_unavailable_backend_says_why(data_dir, capsys):
+    import gpubp
+
+    missing = [n for n, why in gpubp.backend_status().items() if why is not None]
+    if not missing:
+        pytest.skip("every backend is available here")
+    argv = ["train", "--dataset", "mnist", "--data-dir", str(data_dir), "--backend", missing[0]]
+    assert cli.main([*argv, *SMALL]) == 1
+    assert "cannot run here" in capsys.readouterr().err
+
+
+def test_train_bad_resume_file(data_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_text("not a checkpoint")
+    argv = ["train", "--dataset", "mnist", "--data-dir", str(data_dir), "--resume", str(bad)]
+    assert cli.main([*argv, *SMALL]) == 1
+    assert "bad.ckpt" in capsys.readouterr().err
+
+
+def test_train_mismatched_resume(data_dir, tmp_path, capsys):
+    ckpt = str(tmp_path / "run.ckpt")
+    base = ["train", "--dataset", "mnist", "--data-dir", str(data_dir), "--epochs", "1"]
+    assert cli.main([*base, *SMALL, "--checkpoint", ckpt]) == 0
+    argv = [*base, "--layers", "13,8", "--batch-size", "16", "--quiet", "--resume", ckpt]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "layers: checkpoint [13, 7], this run [13, 8]" in err
+
+
+def test_ctrl_c_in_a_real_process_checkpoints_and_resumes(data_dir, tmp_path):
+    """SIGINT to a running ``gpubp train``: exit status 130, a checkpoint, and a resume that
+    finishes the run."""
+    ckpt = tmp_path / "run.ckpt"
+    argv = [sys.executable, "-m", "gpubp", "train", "--dataset", "mnist"]
+    argv += ["--data-dir", str(data_dir), "--layers", "13,7", "--batch-size", "16"]
+    argv += ["--epochs", "300", "--checkpoint", str(ckpt)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, bufsize=1
+    )
+    assert proc.stderr is not None
+    seen = ""
+    while "epoch 2/300:" not in seen:  # wait until training is under way
+        chunk = proc.stderr.read(1)
+        assert chunk, f"gpubp train ended early: {seen[-2000:]}"
+        seen += chunk
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in out and ckpt.exists()
+    done = load_checkpoint(ckpt).meta["position"]["epoch"]
+    assert 2 <= done < 300
+    resumed = subprocess.run(
+        [*argv, "--resume", str(ckpt), "--quiet"], capture_output=True, text=True, env=env
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout and "300 epoch(s)" in resumed.stdout
+
+
+def test_gradflow_command(data_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png, js = tmp_path / "gf.png", tmp_path / "gf.json"
+    argv = ["gradflow", "--dataset", "mnist", "--data-dir", str(data_dir), "--depth", "3"]
+    argv += ["--width", "9", "--steps", "2", "--plot", str(png), "--json", str(js), "--quiet"]
+    assert cli.main(argv) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    runs = json.loads(js.read_text())["runs"]
+    assert set(runs) == {"sigmoid", "tanh", "relu"}
+    assert np.all(np.isfinite(runs["relu"]["dW"]))
+    assert "layer" in capsys.readouterr().out
+
+
+def test_gradflow_rejects_unknown_activation(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["gradflow", "--activations", "sigmoid,swish"])
+    assert "argument --activations" in capsys.readouterr().err
