@@ -60,3 +60,24 @@ def test_python_dash_m_gpubp():
         [sys.executable, "-m", "gpubp", "--version"], capture_output=True, text=True, check=True
     )
     assert gpubp.__version__ in out.stdout
+
+
+def test_ci_runs_the_readme_quickstart_command():
+    readme = (ROOT / "README.md").read_text()
+    first = re.findall(r"```bash\n(.*?)\n```", readme, re.S)[0].strip()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert first in [line.strip() for line in ci]
+
+
+def test_readme_train_options_exist():
+    """Every option the README documents for ``gpubp train`` is one the parser knows."""
+    from gpubp import cli
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Training on real data") : readme.index("### Datasets")]
+    documented = set(re.findall(r"`(--[a-z-]+)", section))
+    sub = next(
+        a for a in cli.build_parser()._actions if a.__class__.__name__ == "_SubParsersAction"
+    )
+    known = set(sub.choices["train"]._option_string_actions)  # type: ignore[attr-defined]
+    assert documented and documented <= known, documented - known
