@@ -14,6 +14,7 @@ from . import __version__
 from .activations import HIDDEN_ACTIVATIONS
 from .backends import BACKEND_NAMES, available_backends, backend_status
 from .check import DEFAULT_SHAPES, TOLERANCE, CheckResult, run_checks
+from .distributed import DistributedError
 from .errors import (
     BackendUnavailableError,
     DatasetError,
@@ -213,6 +214,7 @@ _RUN_ERRORS = (
     BackendUnavailableError,
     DatasetError,
     DatasetNotFoundError,
+    DistributedError,
     ModelFileError,
     PlotUnavailableError,
 )
@@ -221,6 +223,7 @@ _RUN_ERRORS = (
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
+    comm = None
     try:
         config = TrainConfig(
             dataset=args.dataset,
@@ -239,8 +242,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             download=args.download,
         )
+        if args.distributed:
+            from .distributed import init
+
+            comm = init()
         result = train(
             config,
+            comm=comm,
             checkpoint=args.checkpoint,
             resume=args.resume,
             json_path=args.json,
@@ -249,12 +257,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
             track_gradients=args.track_gradients,
             progress=not args.quiet,
         )
-    except _RUN_ERRORS as exc:
-        print(f"gpubp train: {exc}", file=sys.stderr)
-        return 1
-    except NonFiniteLossError as exc:
-        print(f"gpubp train: {exc}; try a smaller --lr", file=sys.stderr)
-        return 1
+    except BaseException as exc:
+        if isinstance(exc, NonFiniteLossError):
+            message = f"{exc}; try a smaller --lr"
+        elif isinstance(exc, _RUN_ERRORS):
+            message = str(exc)
+        elif comm is None or isinstance(exc, SystemExit):
+            raise
+        else:  # an unexpected error on one rank: say which, with the traceback, then end all
+            import traceback
+
+            message = "".join(traceback.format_exception(exc)).rstrip()
+        if comm is None:
+            print(f"gpubp train: {message}", file=sys.stderr)
+            return 1
+        # under MPI every rank must end, or the others wait forever in the next Allreduce
+        print(f"gpubp train (rank {comm.rank} of {comm.size}): {message}", file=sys.stderr)
+        comm.abort(1)
+        return 1  # not reached: Abort ends this process too
     return 130 if result.interrupted else 0
 
 
@@ -356,6 +376,11 @@ def _add_train_parser(sub: Any) -> None:
         "--track-gradients",
         action="store_true",
         help="record per-layer norms of delta and dW after every epoch",
+    )
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data-parallel over MPI ranks: mpirun -n N gpubp train --distributed ...",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)

@@ -84,6 +84,10 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _silent(msg: str) -> None:
+    pass
+
+
 @dataclass
 class TrainConfig:
     """Everything that decides what a training run computes.
@@ -407,10 +411,11 @@ class _StopRequest:
     """Turns the first Ctrl-C into a request to stop after the current step (a second one
     interrupts at once). Only in the main thread, where Python delivers signals."""
 
-    def __init__(self) -> None:
+    def __init__(self, also_sigterm: bool = False) -> None:
         self.requested = False
-        self._previous: Any = None
-        self._installed = False
+        # mpirun turns Ctrl-C into SIGTERM for its ranks: under MPI that is a stop request too
+        self._signals = [signal.SIGINT, *([signal.SIGTERM] if also_sigterm else [])]
+        self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
@@ -423,13 +428,13 @@ class _StopRequest:
 
     def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-            self._installed = True
+            for sig in self._signals:
+                self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -446,6 +451,7 @@ def train(
     track_gradients: bool = False,
     progress: bool = True,
     log: Log = _print,
+    comm: Any = None,
 ) -> TrainResult:
     """Train an MLP classifier on a real dataset and evaluate it on the test set.
 
@@ -468,12 +474,18 @@ def train(
         Draw a progress bar per epoch on stderr.
     log : callable
         Receives the run's report lines (default: print to stdout).
+    comm : gpubp.distributed.MPICommunicator, optional
+        Train data-parallel over its ranks (see :mod:`gpubp.distributed`): every rank calls
+        ``train`` with the same arguments; rank 0 alone logs and writes files.
     """
     t_start = time.perf_counter()
+    if comm is not None and comm.rank != 0:  # one voice and one writer: rank 0
+        log, progress = _silent, False
+        checkpoint = json_path = plot_path = save_path = None
     if plot_path is not None:
         plots.require_matplotlib()  # fail before training, not after
     ckpt = load_checkpoint(resume) if resume is not None else None
-    if ckpt is not None and checkpoint is None:
+    if ckpt is not None and checkpoint is None and (comm is None or comm.rank == 0):
         checkpoint = resume
     requested = config.dataset
     if ckpt is not None and requested == "auto":
@@ -518,6 +530,12 @@ def train(
         history = {k: list(saved_history.get(k, [])) for k in history}
         counters.update({k: float(v) for k, v in ckpt.meta["counters"].items()})
         log(f"resuming from {resume}: epoch {epoch + 1}, batch {batch}")
+    dp = None
+    if comm is not None:
+        from .distributed import DataParallel
+
+        dp = DataParallel(comm, model)
+        log(f"data parallel over {comm.size} MPI rank(s); {dp.note or 'BLAS threads as set'}")
     log(
         f"model: {list(model.layer_sizes)} {config.activation}, {model.n_parameters:,} "
         f"parameters | {config.optimizer} lr {config.peak_lr:g} ({config.schedule}) | batch "
@@ -550,16 +568,24 @@ def train(
                 counters,
             )
 
-    with _StopRequest() as stop:
+    def step(idx: Any) -> float:
+        if dp is None:
+            return model._step(X[idx], Y[idx], optimizer)
+        return dp.step(X, Y, idx, optimizer, stop=stop.requested)
+
+    def stopping() -> bool:  # under MPI, every rank stops after the same step
+        return dp.stop_agreed if dp is not None else stop.requested
+
+    with _StopRequest(also_sigterm=comm is not None) as stop:
         while epoch < config.epochs:
             epoch_rng_state = rng.bit_generator.state  # this epoch's order is drawn from here
             order = be.asarray(rng.permutation(n))
             bar = _Progress(f"epoch {epoch + 1}/{config.epochs}", n_batches, enabled=progress)
             t0, seen_before = time.perf_counter(), seen
-            while batch < n_batches and not stop.requested:
+            while batch < n_batches and not stopping():
                 optimizer.lr = config.learning_rate(epoch * n_batches + batch, total_steps)
                 idx = order[batch * bs : (batch + 1) * bs]
-                loss_sum += model._step(X[idx], Y[idx], optimizer) * idx.shape[0]
+                loss_sum += step(idx) * idx.shape[0]
                 seen += int(idx.shape[0])
                 batch += 1
                 bar.update(batch, f"loss {loss_sum / seen:.4f}")
@@ -585,9 +611,11 @@ def train(
                 history["delta_norm"].append(norms["delta"])
                 history["dW_norm"].append(norms["dW"])
             epoch, batch, loss_sum, seen = epoch + 1, 0, 0.0, 0
+            if dp is not None:
+                dp.check_in_sync(f"epoch {epoch}")
             bar.close(_epoch_summary(history))
             write_checkpoint(rng.bit_generator.state)
-            if stop.requested:
+            if stopping():
                 interrupted = epoch < config.epochs
                 break
 
@@ -615,8 +643,10 @@ def train(
         f"{len(ds.x_test)} {ds.name} test samples | {epoch} epoch(s), wall time "
         f"{result.wall_seconds:.1f} s (training {result.train_seconds:.1f} s, "
         f"{result.samples_per_second:,.0f} samples/s) | backend {model.backend.name} "
-        f"{model.dtype.name}"
+        f"{model.dtype.name}" + (f" x {comm.size} MPI ranks" if comm is not None else "")
     )
+    if comm is not None:
+        result.extra["mpi_ranks"] = comm.size
     if save_path is not None:
         model.save(save_path)
         log(f"model saved to {save_path} (load it with gpubp.MLP.load)")

@@ -1,0 +1,234 @@
+"""Data-parallel training over MPI (NumPy and Numba backends) and NCCL (CuPy backend).
+
+Every rank holds the whole model and the whole dataset, draws the same shuffled order, and takes
+a disjoint contiguous shard of every global batch of ``G`` samples. Rank ``r`` computes the
+gradient of the mean loss over its ``g_r`` samples and scales it by ``g_r / G``; the sum over
+ranks is then the gradient of the mean loss over the global batch::
+
+    dC/dW = sum_r (g_r / G) * dC_r/dW          C = sum_r (g_r / G) * C_r
+
+so ``N`` ranks with global batch ``G`` follow the same trajectory as one process with batch
+``G`` (up to the order of floating-point additions). All gradients travel in one flat buffer
+(split into buckets of at most :data:`BUCKET_ELEMENTS` values), together with the batch loss and
+a stop flag, in one Allreduce per step: one message per bucket, not one per tensor. Each rank
+then applies the identical update, so parameters stay identical; :meth:`DataParallel.check_in_sync`
+compares a checksum across ranks and raises if they ever differ.
+
+Run it with ``mpirun -n N gpubp train --distributed ...``. MPI comes from the system (Open MPI:
+``apt-get install openmpi-bin``), mpi4py from PyPI (``pip install 'gpubp[mpi]'``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "BUCKET_ELEMENTS",
+    "DataParallel",
+    "DistributedError",
+    "MPICommunicator",
+    "init",
+    "shard_bounds",
+]
+
+#: Largest number of values one Allreduce carries (64 MiB of float32).
+BUCKET_ELEMENTS = 1 << 24
+
+
+class DistributedError(RuntimeError):
+    """MPI is missing, or the ranks disagree (parameters out of sync)."""
+
+
+def _import_mpi() -> Any:
+    try:
+        from mpi4py import MPI
+    except Exception as exc:  # not installed (ImportError), or no MPI library to load
+        raise DistributedError(
+            "distributed training needs mpi4py and an MPI runtime: pip install 'gpubp[mpi]' "
+            "(or pip install mpi4py) and apt-get install openmpi-bin (or your cluster's MPI "
+            f"module); then launch with mpirun -n N gpubp train --distributed ({exc})"
+        ) from None
+    return MPI
+
+
+class MPICommunicator:
+    """The few collective operations training needs, over an mpi4py communicator."""
+
+    def __init__(self, comm: Any = None) -> None:
+        self.MPI = _import_mpi()
+        self.comm = self.MPI.COMM_WORLD if comm is None else comm
+        self.rank: int = self.comm.Get_rank()
+        self.size: int = self.comm.Get_size()
+
+    def allreduce_sum(self, buf: np.ndarray) -> None:
+        """Sum ``buf`` (a contiguous NumPy array) over all ranks, in place."""
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+
+    def allgather(self, value: Any) -> list[Any]:
+        return list(self.comm.allgather(value))
+
+    def bcast(self, value: Any, root: int = 0) -> Any:
+        return self.comm.bcast(value, root=root)
+
+    def abort(self, code: int = 1) -> None:
+        """End every rank of the job now (no rank is left waiting in a collective)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+
+class _NCCLReducer:
+    """Sum a CuPy buffer over ranks with NCCL; the unique id travels over MPI.
+
+    Not yet run on a GPU in this project's CI (no GPU there); the code follows CuPy's
+    ``cupy.cuda.nccl`` API.
+    """
+
+    def __init__(self, comm: MPICommunicator) -> None:
+        import cupy
+        from cupy.cuda import nccl
+
+        self.cupy, self.nccl = cupy, nccl
+        uid = nccl.get_unique_id() if comm.rank == 0 else None
+        uid = comm.bcast(uid)
+        self.comm = nccl.NcclCommunicator(comm.size, uid, comm.rank)
+
+    def allreduce_sum(self, buf: Any) -> None:
+        nccl = self.nccl
+        dtype = nccl.NCCL_FLOAT32 if buf.dtype == np.float32 else nccl.NCCL_FLOAT64
+        stream = self.cupy.cuda.get_current_stream().ptr
+        self.comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, dtype, nccl.NCCL_SUM, stream)
+
+
+def init(comm: Any = None) -> MPICommunicator:
+    """The MPI communicator of this job (rank, size and collectives); raises
+    :class:`DistributedError` saying what to install when mpi4py or MPI is missing."""
+    return MPICommunicator(comm)
+
+
+def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
+    """``[lo, hi)`` of rank ``rank``'s contiguous share of ``n`` items; the first ``n % size``
+    ranks take one more, so shares differ by at most one and some may be empty."""
+    base, extra = divmod(n, size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+def _limit_blas_threads(size: int) -> str | None:
+    """Give each of the ``size`` ranks on this node its share of the cores (BLAS threads), so
+    ranks do not oversubscribe the machine; returns a note for the log, or None."""
+    local = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", size))
+    threads = max(1, (os.cpu_count() or 1) // max(local, 1))
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    threadpool_limits(limits=threads, user_api="blas")
+    return f"BLAS threads per rank: {threads} ({local} ranks on this node)"
+
+
+class DataParallel:
+    """One model replica per rank; :meth:`step` is a data-parallel train step.
+
+    Parameters
+    ----------
+    comm : MPICommunicator
+        From :func:`init`.
+    model : MLP
+        This rank's replica; every rank must build it identically (same seed).
+    limit_threads : bool
+        Cap BLAS threads per rank at cores / ranks-on-this-node (CPU backends).
+    """
+
+    def __init__(self, comm: MPICommunicator, model: Any, limit_threads: bool = True) -> None:
+        self.comm, self.model = comm, model
+        self.rank, self.size = comm.rank, comm.size
+        be = model.backend
+        self.shapes: list[tuple[int, ...]] = model.parameter_shapes
+        sizes = [int(np.prod(s)) for s in self.shapes]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
+        n = self.offsets[-1]
+        # the flat buffer: every gradient, then the loss share and the stop flag
+        self.flat = be.zeros((n + 2,), model.dtype)
+        self.grads = [
+            self.flat[self.offsets[i] : self.offsets[i + 1]].reshape(s)
+            for i, s in enumerate(self.shapes)
+        ]
+        self._reducer: Any = comm
+        self._host: np.ndarray | None = None
+        if be.name == "cupy":
+            self._reducer = _NCCLReducer(comm)
+        elif not isinstance(self.flat, np.ndarray):
+            self._host = np.empty(self.flat.shape, self.flat.dtype)
+        self.note = _limit_blas_threads(self.size) if limit_threads and be.name != "cupy" else None
+        self.stop_agreed = False
+        self.check_in_sync("the initial parameters")
+
+    def _allreduce(self) -> None:
+        buf = self.flat
+        if self._host is not None:  # a device array on a backend without a device collective
+            self._host[...] = self.model.backend.to_numpy(buf)
+            buf = self._host
+        for start in range(0, buf.size, BUCKET_ELEMENTS):
+            self._reducer.allreduce_sum(buf[start : start + BUCKET_ELEMENTS])
+        if self._host is not None:
+            self.flat[...] = self.model.backend.asarray(self._host)
+
+    def step(self, X: Any, Y: Any, idx: Any, optimizer: Any, stop: bool = False) -> float:
+        """One step on the global batch ``X[idx], Y[idx]``: this rank's shard, gradients summed
+        over ranks, the same update everywhere. Returns the global batch's mean loss.
+
+        ``stop`` is this rank's wish to stop; afterwards :attr:`stop_agreed` is True on every
+        rank if any rank wished it, so all ranks stop after the same step.
+        """
+        model, be = self.model, self.model.backend
+        G = int(idx.shape[0])
+        lo, hi = shard_bounds(G, self.rank, self.size)
+        n = self.offsets[-1]
+        ws_scratch = None
+        if hi > lo:
+            shard = idx[lo:hi]
+            x = X[shard]
+            value, dWs, dbs = be.gradients(
+                model._W, model._b, x, Y[shard], model.activation, model.output, model.loss
+            )
+            share = (hi - lo) / G
+            for dst, g in zip(self.grads, [*dWs, *dbs]):
+                be.xp.multiply(g, share, out=dst)
+            self.flat[n] = float(value) * share
+            ws_scratch = be._workspace_for(model._W, x).pscratch
+        else:  # fewer samples than ranks in this batch: this rank contributes nothing
+            self.flat[...] = 0
+        self.flat[n + 1] = 1.0 if stop else 0.0
+        self._allreduce()
+        value = float(self.flat[n])
+        self.stop_agreed = float(self.flat[n + 1]) > 0
+        L = model.n_layers
+        be.check_finite(value, self.grads[:L], self.grads[L:])  # the same verdict on every rank
+        state = optimizer.bind(model, be, self.shapes, model.dtype)
+        be.update_parameters(
+            [*model._W, *model._b], list(self.grads), optimizer, state, scratch=ws_scratch
+        )
+        return value
+
+    def checksum(self) -> int:
+        """CRC-32 of this rank's parameters, bit for bit."""
+        crc = 0
+        for p in [*self.model._W, *self.model._b]:
+            crc = zlib.crc32(np.ascontiguousarray(self.model.backend.to_numpy(p)).data, crc)
+        return crc
+
+    def check_in_sync(self, when: str) -> None:
+        """Raise :class:`DistributedError` on every rank if the ranks' parameters differ."""
+        sums = self.comm.allgather(self.checksum())
+        if len(set(sums)) > 1:
+            raise DistributedError(
+                f"the ranks' parameters differ after {when} (checksums "
+                f"{', '.join(f'{s:08x}' for s in sums)}): every rank must build the model with "
+                "the same seed and options, and run the same backend and dtype"
+            )

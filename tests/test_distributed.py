@@ -1,0 +1,280 @@
+"""Data-parallel training: sharding, equivalence with one process, sync checks, faults.
+
+The ``mpirun`` tests run real MPI jobs of two ranks (``.ci/run`` installs Open MPI); they are
+skipped where ``mpirun`` or mpi4py is missing. The hang guard on each job is a timeout, not a
+speed check: a job that stops making progress would otherwise wait forever.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from gpubp import MLP, optim
+from gpubp.distributed import DataParallel, DistributedError, shard_bounds
+from gpubp.train import TrainConfig, train
+
+from .idx_files import write_fake_idx_dataset
+
+HANG_GUARD_S = 300
+
+
+def flat(model):
+    weights, biases = model.get_parameters()
+    return [*weights, *biases]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7])
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 64, 101])
+def test_shards_are_disjoint_and_cover_the_batch(n, size):
+    bounds = [shard_bounds(n, r, size) for r in range(size)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    for (lo, hi), (lo2, _) in itertools.pairwise(bounds):
+        assert lo <= hi == lo2
+    lengths = [hi - lo for lo, hi in bounds]
+    assert max(lengths) - min(lengths) <= 1
+
+
+class LoopbackComm:
+    """``size`` ranks simulated in one process: rank ``r``'s shard and, as the "sum", the
+    contributions of the other ranks computed on twin models (so a step is checkable without
+    MPI)."""
+
+    def __init__(self, rank, size, others=None):
+        self.rank, self.size = rank, size
+        self.others = others or []  # callables that fill a buffer with another rank's share
+        self.checksums = None
+
+    def allreduce_sum(self, buf):
+        total = buf.copy()
+        for other in self.others:
+            total += other()
+        buf[...] = total
+
+    def allgather(self, value):
+        return self.checksums or [value] * self.size
+
+
+def test_one_rank_step_equals_a_plain_step(rng):
+    x = rng.normal(size=(37, 9))
+    y = rng.integers(0, 4, 37)
+    a = MLP([9, 19, 4], dtype="float64", seed=1)
+    b = MLP([9, 19, 4], dtype="float64", seed=1)
+    opt_a, opt_b = optim.Adam(lr=0.01), optim.Adam(lr=0.01)
+    dp = DataParallel(LoopbackComm(0, 1), b, limit_threads=False)
+    idx = np.arange(37)
+    for _ in range(3):
+        la = a.train_step(x, y, opt_a)
+        lb = dp.step(x, y, idx, opt_b)
+        assert la == pytest.approx(lb, rel=1e-13)
+    for p, q in zip(a.get_parameters()[0], b.get_parameters()[0]):
+        np.testing.assert_allclose(p, q, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 37])  # 1: one rank gets an empty shard
+def test_two_simulated_ranks_equal_one_process(rng, batch):
+    """Rank 0's step with rank 1's weighted gradient added (computed on a twin) is the
+    single-process step on the whole batch."""
+    x = rng.normal(size=(batch, 9)) * 10  # large values
+    y = rng.integers(0, 4, batch)
+    idx = np.arange(batch)
+    ref = MLP([9, 19, 4], activation="tanh", dtype="float64", seed=2)
+    ref.train_step(x, y, optim.SGD(lr=0.1, momentum=0.9))
+
+    twin = MLP([9, 19, 4], activation="tanh", dtype="float64", seed=2)
+    twin_dp = DataParallel(LoopbackComm(1, 2), twin, limit_threads=False)
+
+    def rank1_share():
+        lo, hi = shard_bounds(batch, 1, 2)
+        if hi == lo:
+            return np.zeros_like(twin_dp.flat)
+        value, dWs, dbs = twin.backend.gradients(
+            twin._W, twin._b, x[lo:hi], y[lo:hi], "tanh", "softmax", "cross_entropy"
+        )
+        share = (hi - lo) / batch
+        return np.concatenate([g.ravel() * share for g in [*dWs, *dbs]] + [[value * share, 0]])
+
+    model = MLP([9, 19, 4], activation="tanh", dtype="float64", seed=2)
+    dp = DataParallel(LoopbackComm(0, 2, [rank1_share]), model, limit_threads=False)
+    dp.step(x, y, idx, optim.SGD(lr=0.1, momentum=0.9))
+    for p, q in zip(ref.get_parameters()[0], model.get_parameters()[0]):
+        np.testing.assert_allclose(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_parameters_out_of_sync_is_an_error():
+    comm = LoopbackComm(0, 2)
+    comm.checksums = [1, 2]
+    with pytest.raises(DistributedError, match="parameters differ"):
+        DataParallel(comm, MLP([3, 4, 2]), limit_threads=False)
+
+
+def test_missing_mpi4py_says_what_to_install(monkeypatch):
+    import builtins
+
+    from gpubp import distributed
+
+    real_import = builtins.__import__
+
+    def no_mpi(name, *args, **kwargs):
+        if name.startswith("mpi4py"):
+            raise ImportError("No module named 'mpi4py'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpi)
+    with pytest.raises(DistributedError, match=r"pip install 'gpubp\[mpi\]'.*openmpi-bin"):
+        distributed.init()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_nonfinite_step_keeps_parameters_on_every_rank(rng):
+    from gpubp.errors import NonFiniteLossError
+
+    model = MLP([5, 7, 3], dtype="float32", seed=0)
+    dp = DataParallel(LoopbackComm(0, 1), model, limit_threads=False)
+    before = model.get_parameters()
+    x = np.full((4, 5), 3e38, dtype=np.float32)  # finite inputs whose products overflow
+    with pytest.raises(NonFiniteLossError):
+        dp.step(x, np.zeros(4, dtype=np.int64), np.arange(4), optim.SGD(lr=0.1))
+    for p, q in zip(before[0] + before[1], flat(model)):
+        np.testing.assert_array_equal(p, q)
+
+
+# --- real MPI jobs ---------------------------------------------------------------------------
+
+
+def _mpi_ready() -> str | None:
+    if shutil.which("mpirun") is None:
+        return "mpirun not found (apt-get install openmpi-bin)"
+    try:
+        from mpi4py import MPI  # noqa: F401  (loads the MPI library too)
+    except Exception as exc:  # not installed, or no MPI library for it to load
+        return f"mpi4py cannot be used here ({exc}); pip install 'gpubp[mpi]' and an MPI"
+    return None
+
+
+needs_mpi = pytest.mark.skipif(_mpi_ready() is not None, reason=str(_mpi_ready()))
+
+
+def _env():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.update(
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        OMPI_MCA_rmaps_base_oversubscribe="1",
+    )
+    return env
+
+
+def _mpirun(n, args, cwd):
+    cmd = ["mpirun", "-n", str(n), sys.executable, *args]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env=_env(), cwd=cwd, timeout=HANG_GUARD_S
+    )
+
+
+@pytest.fixture
+def job(tmp_path, rng):
+    write_fake_idx_dataset(tmp_path / "data" / "mnist", rng, n_train=300, n_test=50)
+    return tmp_path
+
+
+TRAIN = ["-m", "gpubp", "train", "--dataset", "mnist", "--data-dir", "data", "--quiet"]
+TRAIN += ["--layers", "24,11", "--batch-size", "50", "--dtype", "float64", "--seed", "3"]
+
+
+@needs_mpi
+def test_two_ranks_reproduce_one_process(job):
+    one = subprocess.run(
+        [sys.executable, *TRAIN, "--epochs", "3", "--save", "one.npz", "--json", "one.json"],
+        capture_output=True, text=True, env=_env(), cwd=job, timeout=HANG_GUARD_S,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    two = _mpirun(2, [*TRAIN, "--epochs", "3", "--distributed", "--save", "two.npz",
+                      "--json", "two.json"], job)  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    assert "data parallel over 2 MPI rank(s)" in two.stdout
+    assert two.stdout.count("test accuracy") == 1  # rank 0 alone reports
+    a, b = MLP.load(job / "one.npz"), MLP.load(job / "two.npz")
+    for p, q in zip(flat(a), flat(b)):
+        np.testing.assert_allclose(p, q, rtol=1e-9, atol=1e-12)
+    la = json.loads((job / "one.json").read_text())["history"]["loss"]
+    lb = json.loads((job / "two.json").read_text())["history"]["loss"]
+    np.testing.assert_allclose(la, lb, rtol=1e-10)
+
+
+@needs_mpi
+def test_two_ranks_resume_exactly(job):
+    args = [*TRAIN, "--schedule", "constant", "--distributed"]
+    whole = _mpirun(2, [*args, "--epochs", "4", "--save", "whole.npz"], job)
+    assert whole.returncode == 0, whole.stderr
+    part = _mpirun(2, [*args, "--epochs", "2", "--checkpoint", "c.ckpt"], job)
+    assert part.returncode == 0, part.stderr
+    rest = _mpirun(2, [*args, "--epochs", "4", "--resume", "c.ckpt", "--save", "rest.npz"], job)
+    assert rest.returncode == 0, rest.stderr
+    a, b = MLP.load(job / "whole.npz"), MLP.load(job / "rest.npz")
+    for p, q in zip(flat(a), flat(b)):
+        np.testing.assert_array_equal(p, q)
+
+
+FAULTY = textwrap.dedent(
+    """
+    import os, signal, sys
+    from mpi4py import MPI
+    from gpubp import cli, distributed
+
+    mode = sys.argv[1]
+    original = distributed.DataParallel.step
+    calls = [0]
+
+    def step(self, *args, **kwargs):
+        calls[0] += 1
+        if MPI.COMM_WORLD.Get_rank() == 1 and calls[0] == 5:
+            if mode == "raise":
+                raise RuntimeError("injected failure")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, *args, **kwargs)
+
+    distributed.DataParallel.step = step
+    sys.exit(cli.main(sys.argv[2:]))
+    """
+)
+
+
+@needs_mpi
+@pytest.mark.parametrize("mode", ["raise", "kill"])
+def test_a_failing_rank_ends_the_whole_job(job, mode):
+    (job / "faulty.py").write_text(FAULTY)
+    result = _mpirun(2, ["faulty.py", mode, *TRAIN[2:], "--epochs", "50", "--distributed"], job)
+    assert result.returncode != 0
+    if mode == "raise":
+        assert "gpubp train (rank 1 of 2)" in result.stderr
+        assert "RuntimeError: injected failure" in result.stderr
+
+
+def test_one_rank_comm_world_matches_plain_training(tmp_path, rng, monkeypatch):
+    """In-process with MPI's COMM_SELF (one rank): the same run as without MPI."""
+    try:
+        from mpi4py import MPI
+    except Exception as exc:
+        pytest.skip(f"mpi4py cannot be used here: {exc}")
+
+    from gpubp.distributed import init
+
+    write_fake_idx_dataset(tmp_path / "mnist", rng, n_train=90, n_test=20)
+    monkeypatch.setenv("GPUBP_DATA", str(tmp_path))
+    cfg = TrainConfig(dataset="mnist", layers=(8,), batch_size=16, epochs=2, dtype="float64")
+    quiet = dict(progress=False, log=lambda _: None)
+    plain = train(cfg, **quiet)
+    mpi = train(cfg, comm=init(MPI.COMM_SELF), **quiet)
+    assert mpi.extra["mpi_ranks"] == 1
+    for p, q in zip(flat(plain.model), flat(mpi.model)):
+        np.testing.assert_allclose(p, q, rtol=1e-12, atol=1e-15)
