@@ -232,3 +232,38 @@ class DataParallel:
                 f"{', '.join(f'{s:08x}' for s in sums)}): every rank must build the model with "
                 "the same seed and options, and run the same backend and dtype"
             )
+
+
+def predict_step_seconds(
+    n_params: int,
+    global_batch: int,
+    ranks: int,
+    flops_per_second: float,
+    bandwidth: float,
+    latency: float,
+    bytes_per_value: int = 4,
+) -> dict[str, float]:
+    """The cost model of one data-parallel step (no overlap of compute and communication).
+
+    compute = 6 P G / (N F)        three GEMMs per layer (forward, delta, dW), 2 flops per MAC
+    allreduce = 2 (N-1)/N * P b / W + 2 (N-1) alpha     ring Allreduce of the P-value bucket
+
+    ``P`` parameters, global batch ``G``, ``N`` ranks of ``F`` flop/s each, link bandwidth
+    ``W`` bytes/s per rank, per-message latency ``alpha`` seconds, ``b`` bytes per value.
+    Returns the two terms, their sum, the speed-up over one rank, and samples/s.
+    """
+    compute = 6.0 * n_params * global_batch / (ranks * flops_per_second)
+    comm = 0.0
+    if ranks > 1:
+        comm = 2.0 * (ranks - 1) / ranks * n_params * bytes_per_value / bandwidth
+        comm += 2.0 * (ranks - 1) * latency
+    one = 6.0 * n_params * global_batch / flops_per_second
+    total = compute + comm
+    return {
+        "compute": compute,
+        "allreduce": comm,
+        "step": total,
+        "speedup": one / total,
+        "efficiency": one / total / ranks,
+        "samples_per_second": global_batch / total,
+    }

@@ -278,3 +278,15 @@ def test_one_rank_comm_world_matches_plain_training(tmp_path, rng, monkeypatch):
     assert mpi.extra["mpi_ranks"] == 1
     for p, q in zip(flat(plain.model), flat(mpi.model)):
         np.testing.assert_allclose(p, q, rtol=1e-12, atol=1e-15)
+
+
+def test_cost_model():
+    from gpubp.distributed import predict_step_seconds
+
+    one = predict_step_seconds(1000, 64, 1, 1e9, 1e9, 1e-6)
+    assert one["allreduce"] == 0 and one["speedup"] == pytest.approx(1.0)
+    assert one["compute"] == pytest.approx(6 * 1000 * 64 / 1e9)
+    four = predict_step_seconds(1000, 64, 4, 1e9, 1e9, 1e-6)
+    assert four["compute"] == pytest.approx(one["compute"] / 4)
+    assert four["allreduce"] == pytest.approx(2 * 3 / 4 * 1000 * 4 / 1e9 + 2 * 3 * 1e-6)
+    assert four["speedup"] == pytest.approx(one["step"] / four["step"])
