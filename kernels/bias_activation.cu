@@ -3,9 +3,10 @@
 //   z = a_prev @ W.T          (cuBLAS, written into z)          (B, n)
 //   z[r, c] = f(z[r, c] + b[c])                                   this file
 //
-// A pre-activation that is NaN or infinite sets STATUS_BAD, so the train step's update is
-// skipped (an infinite z can turn into a finite activation, e.g. sigmoid(inf) = 1, and would
-// otherwise reach the weight gradient as inf * 0).
+// An activation that comes out NaN or infinite sets STATUS_BAD, so the train step's update is
+// skipped: it would reach the weight gradient delta.T @ a as inf or inf * 0. (A pre-activation
+// of +-inf that the activation maps to a finite value, sigmoid(inf) = 1, is not an error, as it
+// is not one for the reference either.)
 #include "common.cuh"
 
 namespace gpubp {
@@ -27,17 +28,16 @@ __global__ void bias_activation(T* __restrict__ z, const T* __restrict__ b, i64 
             const Pack<T> bias = load16(b + column_of(e, n));
 #pragma unroll
             for (int k = 0; k < V; ++k) {
-                const T v = x.v[k] + bias.v[k];
-                bad |= !finite(v);
-                x.v[k] = activate<ACT>(v);
+                x.v[k] = activate<ACT>(x.v[k] + bias.v[k]);
+                bad |= !finite(x.v[k]);
             }
             store16(z + e, x);
         }
     } else {
         for (i64 i = global_thread(); i < total; i += stride) {
-            const T v = z[i] + b[column_of(i, n)];
-            bad |= !finite(v);
-            z[i] = activate<ACT>(v);
+            const T a = activate<ACT>(z[i] + b[column_of(i, n)]);
+            bad |= !finite(a);
+            z[i] = a;
         }
     }
     if (bad) flag_bad(status);

@@ -316,4 +316,4 @@ def hyperparameters(optimizer: object, step: int, dtype: object) -> np.ndarray:
         hp[HP["EPS"]] = float(getattr(optimizer, "eps"))  # noqa: B009
         hp[HP["STEP_SIZE"]] = lr / (1.0 - b1**step)
         hp[HP["INV_SQRT_BC2"]] = 1.0 / math.sqrt(1.0 - b2**step)
-    return hp.astype(dtype)
+    return np.asarray(hp, dtype=np.dtype(dtype))  # type: ignore[call-overload]

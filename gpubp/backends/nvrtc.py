@@ -33,7 +33,7 @@ def find_nvrtc() -> str | None:
     spec = importlib.util.find_spec("nvidia")
     for root in list(spec.submodule_search_locations or []) if spec else []:
         # nvidia-cuda-nvrtc 13.x: nvidia/cu13/lib; the 12.x wheels: nvidia/cuda_nvrtc/lib
-        dirs += sorted(Path(root).glob("cu*/lib")) + [Path(root) / "cuda_nvrtc" / "lib"]
+        dirs += [*sorted(Path(root).glob("cu*/lib")), Path(root) / "cuda_nvrtc" / "lib"]
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
             dirs += [Path(os.environ[var]) / "lib64", Path(os.environ[var]) / "lib"]
