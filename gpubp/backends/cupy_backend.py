@@ -625,6 +625,56 @@ class CupyBackend(Backend):
             rows.append((p.data.ptr, g.data.ptr, s1, s2, int(p.size)))
         return rows
 
+    # --- evaluation -------------------------------------------------------------------------------
+
+    def argmax_correct(self, a: Any, y: Any = None) -> tuple[Any, Any]:
+        """``(pred, correct)``: the argmax of each row of ``a`` ``(B, n)`` (NumPy's rule: first
+        maximum, NaN counts as the maximum) and, with targets ``y`` (``(B,)`` labels or
+        ``(B, n)`` rows, compared by their argmax), the number of rows predicted right, as a
+        device integer (``None`` without ``y``).
+        """
+        cp = self._cp
+        a = cp.ascontiguousarray(a)
+        rows, n = a.shape
+        pred = cp.empty(rows, dtype=np.int64)
+        correct = cp.zeros(1, dtype=np.uint64)
+        null = np.uint64(0)
+        Y, labels, target = None, None, ck.TARGET_NONE
+        if y is not None:
+            y = cp.asarray(y)
+            if y.ndim == 1:
+                labels, target = cp.ascontiguousarray(y, dtype=np.int64), ck.TARGET_LABELS
+            else:
+                Y, target = cp.ascontiguousarray(y, dtype=a.dtype), ck.TARGET_DENSE
+        self._launch(
+            ck.argmax_accuracy(a.dtype, target),
+            ck.row_blocks(rows),
+            (
+                a,
+                null if Y is None else Y,
+                null if labels is None else labels,
+                np.int64(rows),
+                np.int32(n),
+                pred,
+                correct,
+                self._scratch_status(),
+            ),
+        )
+        return pred, (None if y is None else correct[0])
+
+    def threshold_correct(self, a: Any, y: Any) -> Any:
+        """Number of elements with ``(a > 0.5) == (y > 0.5)`` (sigmoid + BCE), on the device."""
+        cp = self._cp
+        a = cp.ascontiguousarray(a)
+        y = cp.ascontiguousarray(cp.asarray(y), dtype=a.dtype).reshape(a.shape)
+        correct = cp.zeros(1, dtype=np.uint64)
+        self._launch(
+            ck.threshold_accuracy(a.dtype),
+            ck.blocks_for(a.size),
+            (a, y, np.int64(a.size), correct),
+        )
+        return correct[0]
+
     # --- compositions -----------------------------------------------------------------------------
 
     def gradients(
