@@ -7,7 +7,8 @@ TF32) it first checks one gpubp step against the float64 reference, then times, 
 (A, B, C, A, B, C, ...) with CUDA events and reports medians:
 
 - ``gpubp_graph``: gpubp's train step (CUDA graph), ``gpubp_eager``: the same kernels launched
-  one by one (``GPUBP_CUDA_GRAPHS=0``);
+  one by one (``graphs=False``), ``gpubp_fold``: the graph step with plain SGD folded into the
+  gradient GEMM (``fold_sgd=True``);
 - ``torch_eager`` (``SGD(foreach=True)``), ``torch_graph`` (the same step captured with
   ``torch.cuda.graph``), ``torch_compile`` (``torch.compile`` of the step), where PyTorch with
   CUDA is installed;
@@ -79,11 +80,13 @@ def timer(cp: Any) -> Callable[[Callable[[], None], int], float]:
     return run
 
 
-def gpubp_step(cp: Any, sizes: list[int], batch: int, graphs: bool) -> Callable[[], None]:
+def gpubp_step(
+    cp: Any, sizes: list[int], batch: int, graphs: bool, fold: bool = False
+) -> Callable[[], None]:
     from gpubp.backends.cupy_backend import CupyBackend
     from gpubp.optim import SGD
 
-    be = CupyBackend(graphs=graphs)
+    be = CupyBackend(graphs=graphs, fold_sgd=fold)
     rng = np.random.default_rng(0)
     W = [
         cp.asarray(rng.normal(0, (2 / a) ** 0.5, (b, a)), "float32")
@@ -241,6 +244,7 @@ def main() -> int:
         fns: dict[str, Callable[[], None]] = {
             "gpubp_graph": gpubp_step(cp, sizes, batch, True),
             "gpubp_eager": gpubp_step(cp, sizes, batch, False),
+            "gpubp_fold": gpubp_step(cp, sizes, batch, True, fold=True),
         }
         fns.update(torch_steps(sizes, batch))
         floor, flops = gemm_floor(cp, sizes, batch)

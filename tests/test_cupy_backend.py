@@ -45,10 +45,11 @@ def _problem(cp, sizes, batch, dtype, loss="cross_entropy", output="softmax", se
     "make_opt", [lambda: SGD(lr=0.1), lambda: SGD(lr=0.05, momentum=0.9), lambda: Adam(lr=0.01)]
 )
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_graph_replay_equals_eager(cp, make_opt, dtype):
+@pytest.mark.parametrize("fold", [False, True])
+def test_graph_replay_equals_eager(cp, make_opt, dtype, fold):
     results = []
     for graphs in (True, False):
-        be = _backend(graphs=graphs)
+        be = _backend(graphs=graphs, fold_sgd=fold)
         W, b, x, y = _problem(cp, (33, 65, 10), 37, dtype)
         opt = make_opt()
         state = opt.bind(object(), be, [w.shape for w in W] + [v.shape for v in b], dtype)
@@ -69,8 +70,9 @@ def test_graph_replay_equals_eager(cp, make_opt, dtype):
 
 
 @pytest.mark.parametrize("make_opt", [lambda: SGD(lr=0.1), lambda: Adam(lr=0.01)])
-def test_graph_train_steps_match_the_reference(cp, make_opt):
-    be = _backend()
+@pytest.mark.parametrize("fold", [False, True])
+def test_graph_train_steps_match_the_reference(cp, make_opt, fold):
+    be = _backend(fold_sgd=fold)
     sizes, B = (20, 33, 3), 9
     W, b, x, y = _problem(cp, sizes, B, "float64", loss="mse", output="identity")
     opt = make_opt()
@@ -115,7 +117,7 @@ def test_non_finite_step_raises_at_the_next_sync_with_the_last_good_parameters(c
 
 
 def test_non_finite_folded_sgd_keeps_the_weights(cp):
-    be = _backend()
+    be = _backend(fold_sgd=True)
     W, b, x, y = _problem(cp, (8, 16, 4), 5, "float32")
     opt = SGD(lr=0.1)  # plain SGD: the update is folded into the gradient GEMM
     state = opt.bind(object(), be, [w.shape for w in W] + [v.shape for v in b], "float32")

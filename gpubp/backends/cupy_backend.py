@@ -12,10 +12,13 @@ One train step, for ``L`` layers (every buffer preallocated per batch shape):
 2. output: bias, output activation, per-row loss and ``delta^L`` in one kernel, in place; one
    block sums the row losses in a fixed order (``finalize_loss``);
 3. backward: ``g = delta^{l+1} @ W^{l+1}`` (cuBLAS), then ``g *= f'(a^l)`` in place;
-4. update: plain SGD (no momentum, no weight decay) folds the weight update into the gradient
-   GEMM, ``W = -lr * delta.T @ a + 1 * W`` (``dW`` never exists), and fuses the bias update into
-   the bias-gradient column sum; every other optimizer computes ``dW`` and ``db``, checks them,
-   and updates all parameters in one launch from a table of pointers.
+4. update: ``dW`` and ``db`` are computed, checked for NaN/inf, and every parameter is updated in
+   one launch from a table of pointers. With ``fold_sgd=True``, plain SGD (no momentum, no
+   weight decay) instead folds the weight update into the gradient GEMM,
+   ``W = -lr * delta.T @ a + 1 * W`` (``dW`` never exists), and fuses the bias update into the
+   bias-gradient column sum. It is off by default: the guard then checks the loss, activations
+   and deltas but cannot see a gradient that overflows inside the GEMM itself (finite factors
+   whose product exceeds the float range), which would reach ``W`` as inf.
 
 The step is captured once per batch shape (and parameter buffers) as a CUDA graph and replayed;
 each batch is copied into the captured input buffers, and the learning rate and the other
@@ -230,11 +233,18 @@ class CupyBackend(Backend):
     graphs : bool
         Capture the train step as a CUDA graph (default; the environment variable
         ``GPUBP_CUDA_GRAPHS=0`` turns it off). Without, the same kernels run eagerly.
+    fold_sgd : bool
+        Fold plain SGD's weight update into the gradient GEMM (``dW`` never materialised; saves
+        one write and two reads of the weights' size per step). Off by default because an
+        overflow inside that GEMM is not caught before it reaches the weights (see the module
+        docstring).
     """
 
     name: ClassVar[str] = "cupy"
 
-    def __init__(self, tf32: bool = False, graphs: bool | None = None) -> None:
+    def __init__(
+        self, tf32: bool = False, graphs: bool | None = None, fold_sgd: bool = False
+    ) -> None:
         super().__init__()
         import cupy
 
@@ -244,6 +254,7 @@ class CupyBackend(Backend):
         if graphs is None:
             graphs = os.environ.get("GPUBP_CUDA_GRAPHS", "1") != "0"
         self.graphs = bool(graphs)
+        self.fold_sgd = bool(fold_sgd)
         self._per_device: dict[int, dict[str, Any]] = {}
         self._steps: OrderedDict[tuple[Any, ...], _TrainStep] = OrderedDict()
         self._pending: list[dict[str, Any]] = []
@@ -313,8 +324,9 @@ class CupyBackend(Backend):
             later = f" and the {skipped - 1} queued after it" if skipped > 1 else ""
             raise NonFiniteLossError(
                 "a train step produced a NaN or infinite loss, activation, delta or gradient; "
-                f"that step{later} skipped the update, so the parameters and optimizer state are "
-                "those of the last good step. Lower the learning rate, or scale the inputs"
+                f"that step{later} was skipped and the parameters kept, so they and the optimizer "
+                "state are those of the last good step. Lower the learning rate, or scale the "
+                "inputs"
             )
         self._pending.clear()
 
@@ -763,7 +775,7 @@ class CupyBackend(Backend):
                 getattr(optimizer, "momentum", 0) != 0,
                 getattr(optimizer, "nesterov", False),
                 getattr(optimizer, "decoupled", False),
-                _folds(optimizer),
+                self.fold_sgd and _folds(optimizer),
             )
         key = (
             sizes,
@@ -858,7 +870,7 @@ class _TrainStep:
         self.W, self.b = list(weights), list(biases)
         self.activation, self.output, self.loss, self.labels = activation, output, loss, labels
         self.optimizer = optimizer
-        self.fold = _folds(optimizer)
+        self.fold = be.fold_sgd and _folds(optimizer)
         self.dtype = weights[0].dtype
         self.graph: Any = None
         self.runs = 0
