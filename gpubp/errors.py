@@ -25,3 +25,8 @@ class DatasetError(ValueError):
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset is nowhere it was looked for; the message lists where and how to get it."""
+
+
+class DeviceOutOfMemoryError(MemoryError):
+    """The GPU has too little free memory for a step; the message gives the bytes asked for and a
+    batch size that would fit."""

@@ -14,15 +14,16 @@ from pathlib import Path
 def kernel_root() -> Traversable:
     """The folder holding the CUDA sources.
 
-    Normally the installed ``gpubp.kernels`` package; when ``gpubp`` is imported straight from a
-    source checkout that shadows the installed copy, the checkout's own ``kernels/`` folder.
+    When ``gpubp`` is imported straight from a source checkout, the checkout's own ``kernels/``
+    folder (which an editable install of another checkout must not shadow); otherwise the
+    installed ``gpubp.kernels`` package.
     """
+    checkout = Path(__file__).resolve().parent.parent / "kernels"
+    if (checkout / "activations.cuh").is_file() and (checkout / "__init__.py").is_file():
+        return checkout
     try:
         return resources.files("gpubp.kernels")
     except ModuleNotFoundError:
-        checkout = Path(__file__).resolve().parent.parent / "kernels"
-        if checkout.is_dir():
-            return checkout
         raise FileNotFoundError(
             "gpubp's CUDA sources are missing: neither the gpubp.kernels package nor a kernels/ "
             "folder beside the source tree exists. Reinstall gpubp (pip install gpubp)"

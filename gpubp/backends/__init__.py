@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import BackendUnavailableError
 from .base import OPS, Backend
+from .cupy_backend import CupyBackend
 from .numpy_backend import NumpyBackend
 
 __all__ = [
@@ -53,11 +54,20 @@ def _cupy_status() -> str | None:
             )
     except Exception as exc:  # a broken driver or toolkit: report it, never crash the registry
         return f"CuPy could not reach a GPU: {type(exc).__name__}: {exc}"
-    return "the cupy backend is not part of this release yet (it is being built; see issue 7)"
+    try:  # the backend needs cuBLAS and NVRTC, which CuPy loads on demand
+        from cupy_backends.cuda.libs import cublas  # noqa: F401
+
+        cupy.cuda.nvrtc.getVersion()
+    except Exception as exc:
+        return (
+            f"CuPy sees a GPU but cannot load cuBLAS or NVRTC ({type(exc).__name__}: {exc}); "
+            "install the CUDA libraries with pip install 'cupy-cuda13x[ctk]' (or cupy-cuda12x)"
+        )
+    return None
 
 
 _STATUS = {"numpy": _numpy_status, "numba": _numba_status, "cupy": _cupy_status}
-_CLASSES: dict[str, type[Backend]] = {"numpy": NumpyBackend}
+_CLASSES: dict[str, type[Backend]] = {"numpy": NumpyBackend, "cupy": CupyBackend}
 
 
 def backend_status() -> dict[str, str | None]:
@@ -118,10 +128,16 @@ def use_backend(name: str) -> Iterator[Backend]:
 
 
 def to_numpy(array: Any) -> np.ndarray:
-    """A NumPy array with the values of ``array`` (a NumPy array, a list, or a GPU array)."""
+    """A NumPy array with the values of ``array`` (a NumPy array, a list, or a GPU array).
+
+    For a CuPy array this is a synchronisation point of the cupy backend: a NaN met by a queued
+    train step raises :class:`~gpubp.errors.NonFiniteLossError` here.
+    """
     if isinstance(array, np.ndarray):
         return array
     get = getattr(array, "get", None)  # cupy.ndarray.get() copies device -> host
     if callable(get) and type(array).__module__.startswith("cupy"):
+        if "cupy" in _instances:  # a synchronisation point: deferred train-step errors surface
+            return _instances["cupy"].to_numpy(array)
         return np.asarray(get())
     return np.asarray(array)

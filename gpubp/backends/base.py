@@ -500,7 +500,8 @@ class Backend:
 
         All gradients are computed before anything is updated; if the loss or any gradient is
         not finite, :class:`~gpubp.errors.NonFiniteLossError` is raised and the parameters and
-        optimizer state are left exactly as they were.
+        optimizer state are left exactly as they were. (A GPU backend may raise it at its next
+        synchronisation point instead: :meth:`synchronize`, ``float(C)``, ``to_numpy``.)
         """
         value, dWs, dbs = self.gradients(weights, biases, x, y, activation, output, loss)
         self.check_finite(value, dWs, dbs)

@@ -1,0 +1,167 @@
+// Shared helpers of every gpubp kernel family: index types, 16-byte vector access, warp
+// reductions, the non-finite status word and the optimizer's hyper-parameter block.
+//
+// Every kernel uses grid-stride loops, so the launch shape tunes speed and never decides
+// correctness; 16-byte vector access is taken only when the pointers and row lengths allow it,
+// with a scalar path otherwise. The numbers below are mirrored in gpubp/backends/cuda_kernels.py
+// (a test keeps the two in step).
+#pragma once
+
+#include "activations.cuh"
+
+namespace gpubp {
+
+typedef long long i64;
+
+// --- the status word: int32 slots in device memory, read by the host only at sync points ------
+enum StatusSlot : int {
+    STATUS_BAD = 0,      // sticky: a loss, pre-activation, delta or gradient was NaN or infinite
+    STATUS_SKIPPED = 1,  // train steps whose update was skipped since the host last looked
+    STATUS_LAUNCH = 2,   // a kernel was launched with a block size it cannot use (internal error)
+    STATUS_SLOTS = 4,
+};
+
+// --- the hyper-parameter block: T values in device memory, written by the host before a step ---
+// (device memory, not kernel arguments, so a captured CUDA graph sees a changed learning rate)
+enum HyperSlot : int {
+    HP_LR = 0,
+    HP_MOMENTUM = 1,
+    HP_WEIGHT_DECAY = 2,
+    HP_BETA1 = 3,
+    HP_BETA2 = 4,
+    HP_EPS = 5,
+    HP_STEP_SIZE = 6,     // lr / (1 - beta1^t)
+    HP_INV_SQRT_BC2 = 7,  // 1 / sqrt(1 - beta2^t)
+    HP_DECAY = 8,         // 1 - lr * weight_decay (AdamW)
+    HP_LR_MOMENTUM = 9,   // lr * momentum (Nesterov)
+    HP_NEG_LR = 10,       // -lr: the alpha of the folded SGD weight-update GEMM
+    HP_ONE = 11,          // 1: GEMM alpha / beta
+    HP_ZERO = 12,         // 0: GEMM beta
+    HP_ONE_MINUS_BETA1 = 13,
+    HP_ONE_MINUS_BETA2 = 14,
+    HP_SLOTS = 16,
+};
+
+// --- target kinds of the output-layer kernels --------------------------------------------------
+enum TargetKind : int {
+    TARGET_DENSE = 0,   // y is a (B, n) array of T
+    TARGET_LABELS = 1,  // labels is a (B,) array of int64 class indices (one-hot rows)
+    TARGET_NONE = 2,    // no targets (metrics only: argmax without accuracy)
+};
+
+// --- optimizer table: one row of TABLE_COLS int64 per tensor ------------------------------------
+enum TableColumn : int {
+    TAB_PARAM = 0,   // T* parameter (or the buffer zeroed/checked by the guard kernels)
+    TAB_GRAD = 1,    // const T* gradient
+    TAB_STATE1 = 2,  // T* momentum buffer / Adam m (0 when unused)
+    TAB_STATE2 = 3,  // T* Adam v (0 when unused)
+    TAB_SIZE = 4,    // number of elements
+    TAB_CHUNK0 = 5,  // index of the tensor's first chunk in the launch-wide chunk numbering
+    TABLE_COLS = 6,
+};
+
+__device__ __forceinline__ void flag_bad(int* status) {
+    // every writer stores the same value, so the race is benign and no atomic is needed
+    status[STATUS_BAD] = 1;
+}
+
+template <typename T>
+__device__ __forceinline__ bool finite(T v) {
+    return isfinite(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T neg_inf();
+template <>
+__device__ __forceinline__ float neg_inf<float>() {
+    return __int_as_float(0xff800000);
+}
+template <>
+__device__ __forceinline__ double neg_inf<double>() {
+    return __longlong_as_double(static_cast<long long>(0xfff0000000000000ULL));
+}
+
+// --- 16-byte vectors ---------------------------------------------------------------------------
+template <typename T>
+struct Pack {
+    static constexpr int N = 16 / sizeof(T);
+    T v[N];
+};
+
+__device__ __forceinline__ Pack<float> load16(const float* p) {
+    const float4 q = *reinterpret_cast<const float4*>(p);
+    return Pack<float>{{q.x, q.y, q.z, q.w}};
+}
+__device__ __forceinline__ Pack<double> load16(const double* p) {
+    const double2 q = *reinterpret_cast<const double2*>(p);
+    return Pack<double>{{q.x, q.y}};
+}
+__device__ __forceinline__ void store16(float* p, const Pack<float>& x) {
+    *reinterpret_cast<float4*>(p) = make_float4(x.v[0], x.v[1], x.v[2], x.v[3]);
+}
+__device__ __forceinline__ void store16(double* p, const Pack<double>& x) {
+    *reinterpret_cast<double2*>(p) = make_double2(x.v[0], x.v[1]);
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return (reinterpret_cast<unsigned long long>(p) & 15ULL) == 0ULL;
+}
+
+// --- grid-stride indices -------------------------------------------------------------------------
+__device__ __forceinline__ i64 global_thread() {
+    return static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ i64 grid_threads() {
+    return static_cast<i64>(gridDim.x) * blockDim.x;
+}
+
+// Column of the flat row-major index e in rows of n; 32-bit division where the index allows.
+__device__ __forceinline__ int column_of(i64 e, int n) {
+    if (e < 0x7fffffffLL) {
+        return static_cast<int>(static_cast<unsigned>(e) % static_cast<unsigned>(n));
+    }
+    return static_cast<int>(e % n);
+}
+
+// --- warps ---------------------------------------------------------------------------------------
+// The row kernels give one warp to a row; they need whole warps. A block size that is not a
+// multiple of 32 is refused loudly (STATUS_LAUNCH) rather than giving wrong numbers.
+__device__ __forceinline__ bool whole_warps(int* status) {
+    if ((blockDim.x & 31u) != 0u) {
+        if (threadIdx.x == 0) status[STATUS_LAUNCH] = 1;
+        return false;
+    }
+    return true;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Fixed-order sum of one value per thread of the block (any block size up to 1024), in double.
+// The result is valid in thread 0. Used where a deterministic total matters (the loss).
+__device__ __forceinline__ double block_sum(double v, double* shared) {
+    shared[threadIdx.x] = v;
+    __syncthreads();
+    for (unsigned w = 1; w < blockDim.x; w <<= 1) {
+        if ((threadIdx.x % (2 * w)) == 0 && threadIdx.x + w < blockDim.x) {
+            shared[threadIdx.x] += shared[threadIdx.x + w];
+        }
+        __syncthreads();
+    }
+    const double total = shared[0];
+    __syncthreads();  // every thread has read it before the buffer can be reused
+    return total;
+}
+
+}  // namespace gpubp

@@ -1,0 +1,131 @@
+// Optimizer updates for every parameter of the network in one launch, from a table of pointers
+// and sizes (one row of TABLE_COLS int64 per tensor, see common.cuh). The maths is that of
+// gpubp/reference.py (torch.optim's SGD, Adam and AdamW), weight decay included on biases:
+//
+//   SGD:   g = grad + wd p;  momentum: buf = mu buf + g;  p -= lr (g + mu buf)  (Nesterov)
+//                                                         p -= lr buf          (plain momentum)
+//          without momentum: p -= lr g
+//   Adam:  g = grad + wd p (L2)  or  p *= 1 - lr wd (AdamW, decoupled)
+//          m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+//          p -= (lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+//
+// Hyper-parameters are read from the device block hp (HP_* slots), so a captured CUDA graph
+// follows a changing learning rate. Every kernel returns at once when STATUS_BAD is set: the
+// step that produced a NaN keeps the parameters and state of the last good step.
+#include "common.cuh"
+
+namespace gpubp {
+
+// The tensor holding launch-wide chunk ch: the last row whose TAB_CHUNK0 <= ch.
+__device__ __forceinline__ int tensor_of_chunk(const i64* __restrict__ table, int n_tensors,
+                                               i64 ch) {
+    int lo = 0, hi = n_tensors - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (table[mid * TABLE_COLS + TAB_CHUNK0] <= ch) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+template <typename T, int MOMENTUM, int NESTEROV>
+struct SgdRule {
+    T lr, mu, wd, lr_mu;
+    __device__ explicit SgdRule(const T* hp)
+        : lr(hp[HP_LR]), mu(hp[HP_MOMENTUM]), wd(hp[HP_WEIGHT_DECAY]),
+          lr_mu(hp[HP_LR_MOMENTUM]) {}
+    __device__ __forceinline__ void operator()(T& p, T grad, T& buf, T&) const {
+        const T g = wd != T(0) ? grad + p * wd : grad;
+        if constexpr (MOMENTUM) {
+            buf = buf * mu + g;
+            if constexpr (NESTEROV) {
+                p = p - g * lr;
+                p = p - buf * lr_mu;
+            } else {
+                p = p - buf * lr;
+            }
+        } else {
+            p = p - g * lr;
+        }
+    }
+};
+
+template <typename T, int DECOUPLED>
+struct AdamRule {
+    T wd, decay, b1, b2, omb1, omb2, eps, step_size, inv_sqrt_bc2;
+    __device__ explicit AdamRule(const T* hp)
+        : wd(hp[HP_WEIGHT_DECAY]), decay(hp[HP_DECAY]), b1(hp[HP_BETA1]), b2(hp[HP_BETA2]),
+          omb1(hp[HP_ONE_MINUS_BETA1]), omb2(hp[HP_ONE_MINUS_BETA2]), eps(hp[HP_EPS]),
+          step_size(hp[HP_STEP_SIZE]), inv_sqrt_bc2(hp[HP_INV_SQRT_BC2]) {}
+    __device__ __forceinline__ void operator()(T& p, T grad, T& m, T& v) const {
+        T g = grad;
+        if constexpr (DECOUPLED) {
+            if (wd != T(0)) p = p * decay;
+        } else {
+            if (wd != T(0)) g = grad + p * wd;
+        }
+        m = m * b1 + g * omb1;
+        v = v * b2 + (g * g) * omb2;
+        const T denom = sqrt(v) * inv_sqrt_bc2 + eps;
+        p = p - (m / denom) * step_size;
+    }
+};
+
+// Apply Rule to every element of every tensor of the table; chunk elements per launch-wide chunk.
+template <typename T, typename Rule>
+__device__ __forceinline__ void apply_table(const Rule& rule, const i64* __restrict__ table,
+                                            int n_tensors, i64 total_chunks, i64 chunk) {
+    constexpr int V = Pack<T>::N;
+    for (i64 ch = blockIdx.x; ch < total_chunks; ch += gridDim.x) {  // uniform in the block
+        const i64* row = table + tensor_of_chunk(table, n_tensors, ch) * TABLE_COLS;
+        T* p = reinterpret_cast<T*>(row[TAB_PARAM]);
+        const T* g = reinterpret_cast<const T*>(row[TAB_GRAD]);
+        T* s1 = reinterpret_cast<T*>(row[TAB_STATE1]);
+        T* s2 = reinterpret_cast<T*>(row[TAB_STATE2]);
+        const i64 size = row[TAB_SIZE];
+        const i64 begin = (ch - row[TAB_CHUNK0]) * chunk;
+        const i64 end = begin + chunk < size ? begin + chunk : size;
+        T dummy1 = T(0), dummy2 = T(0);
+        i64 start = begin;
+        const bool vec = chunk % V == 0 && aligned16(p) && aligned16(g) &&
+                         (s1 == nullptr || aligned16(s1)) && (s2 == nullptr || aligned16(s2));
+        if (vec) {
+            const i64 nvec = (end - begin) / V;
+            for (i64 k = threadIdx.x; k < nvec; k += blockDim.x) {
+                const i64 e = begin + k * V;
+                Pack<T> pp = load16(p + e);
+                const Pack<T> gg = load16(g + e);
+                Pack<T> a1 = s1 != nullptr ? load16(s1 + e) : Pack<T>{};
+                Pack<T> a2 = s2 != nullptr ? load16(s2 + e) : Pack<T>{};
+#pragma unroll
+                for (int q = 0; q < V; ++q) rule(pp.v[q], gg.v[q], a1.v[q], a2.v[q]);
+                store16(p + e, pp);
+                if (s1 != nullptr) store16(s1 + e, a1);
+                if (s2 != nullptr) store16(s2 + e, a2);
+            }
+            start = begin + nvec * V;
+        }
+        for (i64 i = start + threadIdx.x; i < end; i += blockDim.x) {
+            T& r1 = s1 != nullptr ? s1[i] : dummy1;
+            T& r2 = s2 != nullptr ? s2[i] : dummy2;
+            rule(p[i], g[i], r1, r2);
+        }
+    }
+}
+
+template <typename T, int MOMENTUM, int NESTEROV>
+__global__ void sgd_update_table(const i64* __restrict__ table, int n_tensors, i64 total_chunks,
+                                 i64 chunk, const T* __restrict__ hp,
+                                 const int* __restrict__ status) {
+    if (status[STATUS_BAD] != 0) return;
+    apply_table<T>(SgdRule<T, MOMENTUM, NESTEROV>(hp), table, n_tensors, total_chunks, chunk);
+}
+
+template <typename T, int DECOUPLED>
+__global__ void adam_update_table(const i64* __restrict__ table, int n_tensors, i64 total_chunks,
+                                  i64 chunk, const T* __restrict__ hp,
+                                  const int* __restrict__ status) {
+    if (status[STATUS_BAD] != 0) return;
+    apply_table<T>(AdamRule<T, DECOUPLED>(hp), table, n_tensors, total_chunks, chunk);
+}
+
+}  // namespace gpubp

@@ -1,0 +1,172 @@
+// Output layer: bias, output activation, loss per row and delta^L in one kernel, written in place
+// over the last forward GEMM's output; then a one-block, fixed-order sum of the row losses.
+//
+// With v = z + b (B, n), a = f(v), Y the targets (dense rows or one-hot rows from int64 labels):
+//   softmax + cross-entropy: loss_r = sum_j Y_j (m - v_j) + (sum_j Y_j) log s,
+//                            m = max_j v_j, s = sum_j exp(v_j - m);   delta = (a - Y) / B
+//   MSE, elementwise f:      loss_r = sum_j (a_j - Y_j)^2;            delta = (a - Y) f'(a) / B
+//   MSE, softmax:            g = (a - Y) / B;                          delta = a (g - sum_j g_j a_j)
+//   sigmoid + BCE:           loss_r = sum_j (1 - Y_j) max(v_j, 0) - Y_j min(v_j, 0)
+//                                     + log1p(exp(-|v_j|));            delta = (a - Y) / B
+// C = scale * sum_r loss_r, with scale 1/B (log-losses) or 1/(2B) (MSE), by finalize_loss.
+// Every row is handled by one warp; row losses go to row_loss[r], so the total does not depend
+// on the order in which warps finish. A non-finite delta or loss sets STATUS_BAD.
+#include "common.cuh"
+
+namespace gpubp {
+
+template <typename T, int TGT>
+__device__ __forceinline__ T target(const T* __restrict__ yr, i64 label, int j) {
+    if constexpr (TGT == TARGET_LABELS) {
+        return static_cast<i64>(j) == label ? T(1) : T(0);  // out-of-range labels match nothing
+    } else {
+        return yr[j];
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ T biased(const T* __restrict__ zr, const T* __restrict__ b, int j) {
+    return b == nullptr ? zr[j] : zr[j] + b[j];
+}
+
+// z: (rows, n), in: last GEMM output, out: delta^L. b: (n,) or null (z already holds z + b).
+// y: (rows, n) dense targets (TGT == TARGET_DENSE); labels: (rows,) int64 (TARGET_LABELS).
+template <typename T, int TGT>
+__global__ void softmax_cross_entropy(T* __restrict__ z, const T* __restrict__ b,
+                                      const T* __restrict__ y, const i64* __restrict__ labels,
+                                      i64 rows, int n, T inv_batch, T* __restrict__ row_loss,
+                                      int* __restrict__ status) {
+    if (!whole_warps(status)) return;
+    const int lane = threadIdx.x & 31;
+    const i64 warps = grid_threads() >> 5;
+    bool bad = false;
+    for (i64 r = global_thread() >> 5; r < rows; r += warps) {
+        T* zr = z + r * n;
+        const T* yr = TGT == TARGET_DENSE ? y + r * n : nullptr;
+        const i64 label = TGT == TARGET_LABELS ? labels[r] : -1;
+        T m = neg_inf<T>();
+        for (int j = lane; j < n; j += 32) m = fmax(m, biased(zr, b, j));
+        m = warp_max(m);
+        T s = T(0), yv = T(0), ysum = T(0);
+        for (int j = lane; j < n; j += 32) {
+            const T v = biased(zr, b, j);
+            const T t = target<T, TGT>(yr, label, j);
+            s += exp(v - m);
+            yv += t * (m - v);  // m - v >= 0: no cancellation of a large m
+            ysum += t;
+        }
+        s = warp_sum(s);
+        yv = warp_sum(yv);
+        ysum = warp_sum(ysum);
+        const T inv_s = T(1) / s;
+        for (int j = lane; j < n; j += 32) {
+            const T v = biased(zr, b, j);
+            const T d = (exp(v - m) * inv_s - target<T, TGT>(yr, label, j)) * inv_batch;
+            bad |= !finite(d);
+            zr[j] = d;
+        }
+        if (lane == 0) row_loss[r] = yv + ysum * log(s);
+    }
+    if (bad) flag_bad(status);
+}
+
+// MSE for every output activation; ACT is the output activation (ACT_SOFTMAX: row-wise Jacobian).
+template <typename T, int ACT, int TGT>
+__global__ void mse_loss(T* __restrict__ z, const T* __restrict__ b, const T* __restrict__ y,
+                         const i64* __restrict__ labels, i64 rows, int n, T inv_batch,
+                         T* __restrict__ row_loss, int* __restrict__ status) {
+    if (!whole_warps(status)) return;
+    const int lane = threadIdx.x & 31;
+    const i64 warps = grid_threads() >> 5;
+    bool bad = false;
+    for (i64 r = global_thread() >> 5; r < rows; r += warps) {
+        T* zr = z + r * n;
+        const T* yr = TGT == TARGET_DENSE ? y + r * n : nullptr;
+        const i64 label = TGT == TARGET_LABELS ? labels[r] : -1;
+        T sq = T(0);
+        if constexpr (ACT == ACT_SOFTMAX) {
+            T m = neg_inf<T>();
+            for (int j = lane; j < n; j += 32) m = fmax(m, biased(zr, b, j));
+            m = warp_max(m);
+            T s = T(0);
+            for (int j = lane; j < n; j += 32) s += exp(biased(zr, b, j) - m);
+            s = warp_sum(s);
+            const T inv_s = T(1) / s;
+            T ga = T(0);  // sum_j g_j a_j
+            for (int j = lane; j < n; j += 32) {
+                const T a = exp(biased(zr, b, j) - m) * inv_s;
+                const T res = a - target<T, TGT>(yr, label, j);
+                sq += res * res;
+                ga += (res * inv_batch) * a;
+            }
+            ga = warp_sum(ga);
+            for (int j = lane; j < n; j += 32) {
+                const T a = exp(biased(zr, b, j) - m) * inv_s;
+                const T g = (a - target<T, TGT>(yr, label, j)) * inv_batch;
+                const T d = a * (g - ga);
+                bad |= !finite(d);
+                zr[j] = d;
+            }
+        } else {
+            for (int j = lane; j < n; j += 32) {
+                const T a = activate<ACT>(biased(zr, b, j));
+                const T res = a - target<T, TGT>(yr, label, j);
+                sq += res * res;
+                const T d = (res * inv_batch) * derivative_from_output<ACT>(a);
+                bad |= !finite(d);
+                zr[j] = d;
+            }
+        }
+        sq = warp_sum(sq);
+        if (lane == 0) row_loss[r] = sq;
+    }
+    if (bad) flag_bad(status);
+}
+
+// Sigmoid + binary cross-entropy, per element in the stable form (no softplus(v) - y v
+// cancellation): (1 - y) max(v, 0) - y min(v, 0) + log1p(exp(-|v|)).
+template <typename T, int TGT>
+__global__ void bce_loss(T* __restrict__ z, const T* __restrict__ b, const T* __restrict__ y,
+                         const i64* __restrict__ labels, i64 rows, int n, T inv_batch,
+                         T* __restrict__ row_loss, int* __restrict__ status) {
+    if (!whole_warps(status)) return;
+    const int lane = threadIdx.x & 31;
+    const i64 warps = grid_threads() >> 5;
+    bool bad = false;
+    for (i64 r = global_thread() >> 5; r < rows; r += warps) {
+        T* zr = z + r * n;
+        const T* yr = TGT == TARGET_DENSE ? y + r * n : nullptr;
+        const i64 label = TGT == TARGET_LABELS ? labels[r] : -1;
+        T l = T(0);
+        for (int j = lane; j < n; j += 32) {
+            const T v = biased(zr, b, j);
+            const T t = target<T, TGT>(yr, label, j);
+            l += (T(1) - t) * fmax(v, T(0)) - t * fmin(v, T(0)) + log1p(exp(-fabs(v)));
+            const T d = (activate<ACT_SIGMOID>(v) - t) * inv_batch;
+            bad |= !finite(d);
+            zr[j] = d;
+        }
+        l = warp_sum(l);
+        if (lane == 0) row_loss[r] = l;
+    }
+    if (bad) flag_bad(status);
+}
+
+// loss[0] = scale * sum_r row_loss[r], summed in double in a fixed order by block 0 alone (any
+// grid, any block size up to 1024), so the value does not depend on scheduling.
+template <typename T>
+__global__ void finalize_loss(const T* __restrict__ row_loss, i64 rows, double scale,
+                              T* __restrict__ loss, int* __restrict__ status) {
+    __shared__ double part[1024];
+    if (blockIdx.x != 0) return;
+    double s = 0.0;
+    for (i64 i = threadIdx.x; i < rows; i += blockDim.x) s += static_cast<double>(row_loss[i]);
+    s = block_sum(s, part);
+    if (threadIdx.x == 0) {
+        const T value = static_cast<T>(s * scale);
+        loss[0] = value;
+        if (!finite(value)) flag_bad(status);
+    }
+}
+
+}  // namespace gpubp

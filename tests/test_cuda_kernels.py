@@ -1,0 +1,356 @@
+"""The CUDA kernels without a GPU: every instantiation compiles (NVRTC from PyPI), none spills
+registers (where nvcc exists), the backend asks for exactly the compiled instantiations, and the
+host-side pieces (constants, launch plans, pointer tables, GEMM layout, hyper-parameters) are right.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from gpubp import activations as act
+from gpubp import reference as ref
+from gpubp.backends import cuda_kernels as ck
+from gpubp.backends import cupy_backend as cb
+from gpubp.backends.nvrtc import Nvrtc, find_nvrtc
+from gpubp.kernel_sources import read_kernel
+from gpubp.losses import LOSSES
+from gpubp.optim import SGD, Adam
+
+ARCHS = ("sm_80", "sm_90")
+
+
+# --- the catalogue and the sources ----------------------------------------------------------------
+
+
+def _enum(src: str, prefix: str) -> dict[str, int]:
+    return {m[0]: int(m[1]) for m in re.findall(rf"\b{prefix}([A-Z0-9_]+)\s*=\s*(\d+)", src)}
+
+
+def test_header_constants_match_the_host():
+    src = read_kernel("common.cuh")
+    assert _enum(src, "STATUS_") == {
+        "BAD": ck.STATUS_BAD,
+        "SKIPPED": ck.STATUS_SKIPPED,
+        "LAUNCH": ck.STATUS_LAUNCH,
+        "SLOTS": ck.STATUS_SLOTS,
+    }
+    assert _enum(src, "HP_") == {**ck.HP, "SLOTS": ck.HP_SLOTS}
+    assert _enum(src, "TARGET_") == {
+        "DENSE": ck.TARGET_DENSE,
+        "LABELS": ck.TARGET_LABELS,
+        "NONE": ck.TARGET_NONE,
+    }
+    tab = _enum(src, "TAB_")
+    assert tab == {
+        "PARAM": ck.TAB_PARAM,
+        "GRAD": ck.TAB_GRAD,
+        "STATE1": ck.TAB_STATE1,
+        "STATE2": ck.TAB_STATE2,
+        "SIZE": ck.TAB_SIZE,
+        "CHUNK0": ck.TAB_CHUNK0,
+    }
+    assert _enum(src, "TABLE_") == {"COLS": ck.TABLE_COLS}
+    assert _enum(read_kernel("bias_grad.cu"), "MODE_") == {
+        "WRITE": ck.MODE_WRITE,
+        "SGD": ck.MODE_SGD,
+    }
+    assert ck.THREADS % 32 == 0 and ck.CHUNK % 4 == 0
+
+
+@pytest.mark.parametrize("family", ck.FAMILIES)
+def test_every_kernel_template_is_instantiated(family):
+    templates = set(ck.kernel_templates(family))
+    names = ck.name_expressions(family)
+    assert len(names) == len(set(names)), "an instantiation is listed twice"
+    used = {re.match(r"gpubp::(\w+)", n)[1] for n in names}
+    assert used == templates, f"{family}: templates {templates} vs instantiated {used}"
+
+
+def _names_for_every_configuration() -> set[str]:
+    """Every kernel name the backend's builders give for every configuration a model can have."""
+    names: set[str] = set()
+    flags = (False, True)
+    for dt in ck.CUDA_TYPES:
+        for a in act.HIDDEN_ACTIVATIONS:
+            names |= {ck.bias_activation(dt, a), ck.hidden_delta(dt, a)}
+        for o in act.OUTPUT_ACTIVATIONS:  # inference through every output activation
+            names.add(ck.bias_softmax(dt) if o == "softmax" else ck.bias_activation(dt, o))
+        for loss, outputs in LOSSES.items():
+            for o, labels in itertools.product(outputs, flags):
+                names.add(ck.output_kernel(dt, o, loss, labels))
+        names |= {ck.finalize_loss(dt), ck.bias_grad_partial(dt)}
+        names |= {ck.bias_grad_finish(dt, s) for s in flags}
+        for momentum, nesterov in ((0.0, False), (0.9, False), (0.9, True)):
+            names.add(ck.sgd_update_table(dt, momentum != 0, nesterov))
+        names |= {ck.adam_update_table(dt, d) for d in flags}
+        names |= {ck.check_finite_table(dt), ck.zero_if_bad_table(dt)}
+        names |= {ck.argmax_accuracy(dt, t) for t in (0, 1, 2)} | {ck.threshold_accuracy(dt)}
+    names.add(ck.finish_step())
+    return names
+
+
+def test_backend_names_are_exactly_the_compiled_catalogue():
+    catalogue = {n for f in ck.FAMILIES for n in ck.name_expressions(f)}
+    assert _names_for_every_configuration() == catalogue
+
+
+def test_builders_refuse_what_is_not_compiled():
+    with pytest.raises(ValueError, match="float16"):
+        ck.bias_activation("float16", "relu")
+    with pytest.raises(ValueError, match="softmax"):
+        ck.bias_activation("float32", "softmax")
+    with pytest.raises(ValueError, match="not defined"):
+        ck.output_kernel("float32", "tanh", "cross_entropy", True)
+    with pytest.raises(KeyError):
+        ck.family_of("gpubp::bias_activation<float, 9>")
+
+
+def test_the_backend_compiles_each_family_with_exactly_its_catalogue():
+    made: list[dict] = []
+
+    class FakeModule:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+        def get_function(self, name):
+            assert name in made[-1]["name_expressions"]
+            return name
+
+    kernels = cb._Kernels(SimpleNamespace(RawModule=FakeModule))
+    for family in ck.FAMILIES:
+        first = ck.name_expressions(family)[0]
+        assert kernels(first) == first
+        assert kernels(first) == first  # cached: compiled once per device and family
+        assert made[-1]["name_expressions"] == ck.name_expressions(family)
+        assert made[-1]["code"] == ck.source(family)
+        assert made[-1]["options"] == ck.COMPILE_OPTIONS
+    assert len(made) == len(ck.FAMILIES)
+
+
+def test_sources_are_self_contained():
+    for family in ck.FAMILIES:
+        src = ck.source(family)
+        assert '#include "' not in src
+        assert src.count("namespace gpubp {") >= 3  # activations, common, the family
+        assert src.count("enum Activation") == 1  # each header inlined once
+
+
+def test_importing_gpubp_needs_no_cupy():
+    code = "import gpubp, gpubp.backends.cupy_backend, sys; print('cupy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# --- compiling: NVRTC from PyPI, and nvcc where it exists ---------------------------------------
+
+nvrtc_missing = pytest.mark.skipif(
+    find_nvrtc() is None, reason="NVRTC is not installed (pip install nvidia-cuda-nvrtc)"
+)
+
+
+@pytest.fixture(scope="module")
+def nvrtc():
+    return Nvrtc()
+
+
+@nvrtc_missing
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("family", ck.FAMILIES)
+def test_every_instantiation_compiles_without_warnings(nvrtc, family, arch):
+    names = ck.name_expressions(family)
+    result = nvrtc.compile(ck.source(family), f"{family}.cu", names, arch, ck.COMPILE_OPTIONS)
+    assert not result.warnings, result.log
+    assert "error" not in result.log.lower(), result.log
+    assert set(result.lowered) == set(names)
+    assert all(low.startswith("_Z") for low in result.lowered.values()), result.lowered
+    assert len(result.cubin) > 1000
+
+
+@nvrtc_missing
+def test_the_compile_check_catches_warnings_and_errors(nvrtc):
+    warn = nvrtc.compile("__global__ void k(float* p) { int x; p[0] = 1; }", "w.cu", [], "sm_90")
+    assert warn.warnings
+    from gpubp.backends.nvrtc import NvrtcError
+
+    with pytest.raises(NvrtcError, match="undefined"):
+        nvrtc.compile("__global__ void k(float* p) { p[0] = nope; }", "e.cu", [], "sm_90")
+
+
+def _nvcc_source(family: str) -> str:
+    # taking each instantiation's address in host code makes nvcc instantiate it
+    refs = ",\n".join(f"    (void*)&{n}" for n in ck.name_expressions(family))
+    return f"{ck.source(family)}\nvoid* gpubp_instances[] = {{\n{refs}\n}};\n"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("family", ck.FAMILIES)
+def test_no_kernel_spills_registers(tmp_path, family, arch):
+    src = tmp_path / f"{family}.cu"
+    src.write_text(_nvcc_source(family))
+    cmd = ["nvcc", "-cubin", f"-arch={arch}", "--std=c++17", "-Xptxas", "-v"]
+    cmd += ["-Werror", "all-warnings", "-o", str(tmp_path / "k.cubin"), str(src)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    report = out.stdout + out.stderr
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    functions = re.findall(r"Compiling entry function '(\w+)'", report)
+    assert len(functions) == len(ck.name_expressions(family)), report
+    assert len(spills) >= len(functions), report
+    assert all(s == ("0", "0") for s in spills), report
+
+
+# --- host-side plans ------------------------------------------------------------------------------
+
+
+def _emulate_cublas(ta, tb, m, n, k, A, lda, B, ldb, C, ldc, alpha, beta):
+    """Column-major cuBLAS gemm on flat buffers: C = alpha op(A) op(B) + beta C."""
+
+    def view(buf, rows, cols, ld):  # column-major (rows, cols) with leading dimension ld
+        return np.lib.stride_tricks.as_strided(buf, (rows, cols), (8, 8 * ld))
+
+    a = view(A, k, m, lda).T if ta else view(A, m, k, lda)
+    b = view(B, n, k, ldb).T if tb else view(B, k, n, ldb)
+    c = view(C, m, n, ldc)
+    c[...] = alpha * (a @ b) + beta * c
+
+
+@pytest.mark.parametrize("trans_a,trans_b", list(itertools.product((False, True), repeat=2)))
+def test_rowmajor_gemm_layout(trans_a, trans_b, rng):
+    M, N, K = 5, 3, 7
+    A = rng.normal(size=(K, M) if trans_a else (M, K))
+    B = rng.normal(size=(N, K) if trans_b else (K, N))
+    C = rng.normal(size=(M, N))
+    expected = -0.5 * ((A.T if trans_a else A) @ (B.T if trans_b else B)) + C
+    ta, tb, m, n, k, first, ldf, second, lds, ldc = cb.rowmajor_gemm(
+        trans_a, trans_b, M, N, K, A.shape[1], B.shape[1], C.shape[1]
+    )
+    ops = {"A": A, "B": B}
+    flat = C.reshape(-1).copy()
+    _emulate_cublas(
+        ta, tb, m, n, k, ops[first].reshape(-1), ldf, ops[second].reshape(-1), lds, flat,
+        ldc, -0.5, 1.0,
+    )  # fmt: skip
+    np.testing.assert_allclose(flat.reshape(M, N), expected, rtol=1e-12)
+
+
+def _tensor_of_chunk(table: np.ndarray, ch: int) -> int:
+    lo, hi = 0, len(table) - 1  # the kernel's binary search, transcribed
+    while lo < hi:
+        mid = (lo + hi + 1) >> 1
+        if table[mid, ck.TAB_CHUNK0] <= ch:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@pytest.mark.parametrize("chunk", [4, 8, ck.CHUNK])
+def test_update_table_chunks_cover_every_element_once(chunk):
+    sizes = [1, 3, 4, 5, 4097, 8192, 10, 1]
+    entries = [(1000 * (i + 1), 0, 0, 0, s) for i, s in enumerate(sizes)]
+    table, total = ck.build_table(entries, chunk)
+    seen = [np.zeros(s, dtype=int) for s in sizes]
+    for ch in range(total):
+        t = _tensor_of_chunk(table, ch)
+        begin = (ch - table[t, ck.TAB_CHUNK0]) * chunk
+        end = min(begin + chunk, table[t, ck.TAB_SIZE])
+        assert begin < end and begin % 4 == 0
+        seen[t][begin:end] += 1
+    assert all((s == 1).all() for s in seen)
+    with pytest.raises(ValueError, match="empty"):
+        ck.build_table([(1, 1, 0, 0, 0)])
+
+
+@pytest.mark.parametrize(
+    "rows,n", [(1, 1), (7, 3), (64, 128), (1024, 10), (262144, 64), (8192, 4096)]
+)
+def test_bias_grad_plan_covers_every_row_once(rows, n):
+    splits, per = ck.bias_grad_plan(rows, n)
+    assert per >= 32 or splits == 1
+    assert (splits - 1) * per < rows <= splits * per
+    assert ck.blocks_for(splits * n) >= 1
+
+
+def _apply_rule(opt, hp, p, g, s1, s2, dtype):
+    """The update kernels' per-element rule (optimizers.cu), transcribed, in ``dtype``."""
+    T = np.dtype(dtype).type
+    h = {k: T(hp[i]) for k, i in ck.HP.items()}
+    p, g, s1, s2 = (np.asarray(v, dtype) for v in (p, g, s1, s2))
+    if opt.kind == "sgd":
+        gg = g + p * h["WEIGHT_DECAY"] if h["WEIGHT_DECAY"] != 0 else g
+        if opt.momentum:
+            s1 = s1 * h["MOMENTUM"] + gg
+            if opt.nesterov:
+                p = p - gg * h["LR"]
+                p = p - s1 * h["LR_MOMENTUM"]
+            else:
+                p = p - s1 * h["LR"]
+        else:
+            p = p - gg * h["LR"]
+        return p, s1, s2
+    gg = g
+    if opt.decoupled and h["WEIGHT_DECAY"] != 0:
+        p = p * h["DECAY"]
+    elif h["WEIGHT_DECAY"] != 0:
+        gg = g + p * h["WEIGHT_DECAY"]
+    s1 = s1 * h["BETA1"] + gg * h["ONE_MINUS_BETA1"]
+    s2 = s2 * h["BETA2"] + (gg * gg) * h["ONE_MINUS_BETA2"]
+    denom = np.sqrt(s2) * h["INV_SQRT_BC2"] + h["EPS"]
+    return p - (s1 / denom) * h["STEP_SIZE"], s1, s2
+
+
+@pytest.mark.parametrize(
+    "opt",
+    [
+        SGD(lr=0.1),
+        SGD(lr=0.05, momentum=0.9, weight_decay=0.01),
+        SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+        Adam(lr=0.01, eps=1e-3, weight_decay=0.01),
+        Adam(lr=0.01, weight_decay=0.1, decoupled=True),
+    ],
+    ids=["sgd", "momentum_wd", "nesterov_wd", "adam_l2", "adamw"],
+)
+def test_hyperparameter_block_and_update_rule_match_the_reference(opt, rng):
+    p, g = rng.normal(size=50), rng.normal(size=50)
+    m, v = rng.normal(size=50), rng.random(50)
+    for step in (1, 2, 7):
+        hp = ck.hyperparameters(opt, step, np.float64)
+        got_p, got_1, got_2 = _apply_rule(opt, hp, p, g, m, v, np.float64)
+        if opt.kind == "sgd":
+            buf = m if opt.momentum else None
+            want_p, want_1 = ref.sgd_update(
+                p, g, buf, opt.lr, opt.momentum, opt.nesterov, opt.weight_decay
+            )
+            np.testing.assert_allclose(got_p, want_p, rtol=1e-12)
+            if opt.momentum:
+                np.testing.assert_allclose(got_1, want_1, rtol=1e-12)
+        else:
+            b1, b2 = opt.betas
+            want = ref.adam_update(p, g, m, v, step, opt.lr, b1, b2, opt.eps, opt.weight_decay,
+                                   opt.decoupled)  # fmt: skip
+            for got, w in zip((got_p, got_1, got_2), want):
+                np.testing.assert_allclose(got, w, rtol=1e-12)
+    hp32 = ck.hyperparameters(opt, 3, np.float32)
+    assert hp32.dtype == np.float32 and hp32[ck.HP["ONE"]] == 1 and hp32[ck.HP["ZERO"]] == 0
+    assert hp32[ck.HP["NEG_LR"]] == np.float32(-opt.lr)
+
+
+@pytest.mark.parametrize("sizes", [(784, 128, 10), (4096, 4096, 4096, 4096), (64, 64, 16)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_out_of_memory_estimate_gives_a_batch_that_fits(sizes, dtype):
+    fixed, per_sample = cb.workspace_bytes(sizes, 1, dtype)
+    assert fixed > 0 and per_sample > 0
+    free = 8 * 2**30
+    batch = cb.fitting_batch(free, sizes, dtype)
+    assert batch > 0
+    assert fixed + per_sample * batch <= 0.9 * free < fixed + per_sample * (batch + 1)
+    assert cb.fitting_batch(fixed // 2, sizes, dtype) == 0

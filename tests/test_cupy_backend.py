@@ -1,0 +1,208 @@
+"""CuPy-specific behaviour on a GPU: graph replay equals eager launches, the deferred non-finite
+error, the out-of-memory message, the TF32 switch, alignment and launch-shape independence, and
+the evaluation kernels. (The backend-vs-reference matrix runs for cupy through ``backend_name``
+in tests/test_backends.py.) Everything here is skipped without a GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpubp
+from gpubp import reference as ref
+from gpubp.backends import cuda_kernels as ck
+from gpubp.check import random_problem
+from gpubp.errors import DeviceOutOfMemoryError, NonFiniteLossError
+from gpubp.optim import SGD, Adam
+
+from .conftest import skip_unless_available
+
+
+@pytest.fixture(scope="module")
+def cp():
+    skip_unless_available("cupy")
+    import cupy
+
+    return cupy
+
+
+def _backend(**kwargs):
+    from gpubp.backends.cupy_backend import CupyBackend
+
+    return CupyBackend(**kwargs)
+
+
+def _problem(cp, sizes, batch, dtype, loss="cross_entropy", output="softmax", seed=0):
+    W, b, x, y = random_problem(sizes, batch, loss, output, np.random.default_rng(seed))
+    Wd = [cp.asarray(w, dtype) for w in W]
+    bd = [cp.asarray(v, dtype) for v in b]
+    yd = cp.asarray(y) if y.dtype.kind in "iu" else cp.asarray(y, dtype)
+    return Wd, bd, cp.asarray(x, dtype), yd
+
+
+@pytest.mark.parametrize(
+    "make_opt", [lambda: SGD(lr=0.1), lambda: SGD(lr=0.05, momentum=0.9), lambda: Adam(lr=0.01)]
+)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("fold", [False, True])
+def test_graph_replay_equals_eager(cp, make_opt, dtype, fold):
+    results = []
+    for graphs in (True, False):
+        be = _backend(graphs=graphs, fold_sgd=fold)
+        W, b, x, y = _problem(cp, (33, 65, 10), 37, dtype)
+        opt = make_opt()
+        state = opt.bind(object(), be, [w.shape for w in W] + [v.shape for v in b], dtype)
+        losses = []
+        for k in range(5):
+            lr = 0.1 / (k + 1)  # a schedule: the graph must read the new rate
+            opt.lr = lr
+            value, *_ = be.train_step(W, b, x, y, "tanh", "softmax", "cross_entropy", opt, state)
+            losses.append(float(value))
+        assert state["step"] == 5
+        results.append(([cp.asnumpy(p) for p in [*W, *b]], losses))
+        if graphs:
+            assert any(s.graph not in (None, False) for s in be._steps.values())
+    (p1, l1), (p2, l2) = results
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    for a, c in zip(p1, p2):
+        np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("make_opt", [lambda: SGD(lr=0.1), lambda: Adam(lr=0.01)])
+@pytest.mark.parametrize("fold", [False, True])
+def test_graph_train_steps_match_the_reference(cp, make_opt, fold):
+    be = _backend(fold_sgd=fold)
+    sizes, B = (20, 33, 3), 9
+    W, b, x, y = _problem(cp, sizes, B, "float64", loss="mse", output="identity")
+    opt = make_opt()
+    shapes = [w.shape for w in W] + [v.shape for v in b]
+    state = opt.bind(object(), be, shapes, "float64")
+    params = [cp.asnumpy(p) for p in [*W, *b]]
+    rstate = {"step": 0, **{s: [np.zeros(sh) for sh in shapes] for s in opt.slots}}
+    xr, yr = cp.asnumpy(x), cp.asnumpy(y)
+    for _ in range(4):
+        value, *_ = be.train_step(W, b, x, y, "relu", "identity", "mse", opt, state)
+        rvalue, params_w, params_b, rstate = ref.train_step(
+            params[:2], params[2:], xr, yr, "relu", "identity", "mse", opt, rstate
+        )
+        np.testing.assert_allclose(float(value), rvalue, rtol=1e-10)
+        params = [*params_w, *params_b]
+    for p, r in zip([*W, *b], params):
+        np.testing.assert_allclose(cp.asnumpy(p), r, rtol=1e-9, atol=1e-12)
+
+
+def test_non_finite_step_raises_at_the_next_sync_with_the_last_good_parameters(cp):
+    be = _backend()
+    W, b, x, y = _problem(cp, (8, 16, 4), 5, "float32")
+    opt = Adam(lr=0.01)
+    state = opt.bind(object(), be, [w.shape for w in W] + [v.shape for v in b], "float32")
+    be.train_step(W, b, x, y, "relu", "softmax", "cross_entropy", opt, state)
+    be.synchronize()
+    good = [cp.asnumpy(p) for p in [*W, *b, *state["exp_avg"], *state["exp_avg_sq"]]]
+    bad_x = x.copy()
+    bad_x[2, 3] = np.nan
+    # queued without a host sync: no error yet
+    value, *_ = be.train_step(W, b, bad_x, y, "relu", "softmax", "cross_entropy", opt, state)
+    be.train_step(W, b, x, y, "relu", "softmax", "cross_entropy", opt, state)  # also skipped
+    with pytest.raises(NonFiniteLossError, match="last good step"):
+        be.synchronize()
+    assert state["step"] == 1
+    now = [cp.asnumpy(p) for p in [*W, *b, *state["exp_avg"], *state["exp_avg_sq"]]]
+    for g, n in zip(good, now):
+        np.testing.assert_array_equal(g, n)
+    be.synchronize()  # reported once; training goes on
+    value, *_ = be.train_step(W, b, x, y, "relu", "softmax", "cross_entropy", opt, state)
+    assert np.isfinite(float(value)) and state["step"] == 2
+
+
+def test_non_finite_folded_sgd_keeps_the_weights(cp):
+    be = _backend(fold_sgd=True)
+    W, b, x, y = _problem(cp, (8, 16, 4), 5, "float32")
+    opt = SGD(lr=0.1)  # plain SGD: the update is folded into the gradient GEMM
+    state = opt.bind(object(), be, [w.shape for w in W] + [v.shape for v in b], "float32")
+    before = [cp.asnumpy(p) for p in [*W, *b]]
+    bad = x.copy()
+    bad[1, 2] = np.inf  # inf * w in the first GEMM: infinite and NaN activations
+    value, *_ = be.train_step(W, b, bad, y, "identity", "softmax", "cross_entropy", opt, state)
+    with pytest.raises(NonFiniteLossError):
+        float(value)
+    for p, q in zip(before, [*W, *b]):
+        np.testing.assert_array_equal(p, cp.asnumpy(q))
+
+
+def test_model_train_step_raises_at_once(cp):
+    model = gpubp.MLP([4, 8, 3], backend="cupy", dtype="float32")
+    # finite parameters and inputs whose products overflow float32 in the first GEMM
+    model.set_parameters([np.full((8, 4), 1e30), np.full((3, 8), 1e30)], [np.zeros(8), np.zeros(3)])
+    before = model.get_parameters()
+    x = np.full((6, 4), 1e30, dtype=np.float32)
+    with pytest.raises(NonFiniteLossError):
+        model.train_step(x, np.arange(6) % 3, SGD(lr=1.0, momentum=0.9))
+    after = model.get_parameters()
+    for p, q in zip(before[0] + before[1], after[0] + after[1]):
+        np.testing.assert_array_equal(p, q)
+
+
+def test_out_of_memory_error_gives_bytes_and_a_batch_that_fits(cp):
+    be = _backend()
+    free = cp.cuda.runtime.memGetInfo()[0]
+    sizes = (4096, 4096, 10)
+    batch = int(2 * free // (4 * 4096 * 2)) + 1  # activations alone need twice what is free
+    with pytest.raises(DeviceOutOfMemoryError) as info:
+        be._allocate(sizes, batch, np.dtype("float32"))
+    msg = str(info.value)
+    assert "bytes" in msg and f"batch size {batch}" in msg
+    fits = int(msg.split("batch_size=")[1].split()[0])
+    assert 0 < fits < batch
+    be._allocate(sizes, fits, np.dtype("float32"))  # the advice is right
+
+
+def test_tf32_is_off_unless_asked(cp):
+    rng = np.random.default_rng(0)
+    a, W = rng.normal(size=(256, 1024)), rng.normal(size=(512, 1024))
+    b = np.zeros(512)
+    exact = a @ W.T
+    outs = {}
+    for tf32 in (False, True):
+        be = _backend(tf32=tf32)
+        z = be.forward_layer(cp.asarray(a, "float32"), cp.asarray(W, "float32"),
+                             cp.asarray(b, "float32"), "identity")  # fmt: skip
+        outs[tf32] = cp.asnumpy(z).astype(np.float64)
+    scale = np.abs(exact).max()
+    assert np.abs(outs[False] - exact).max() / scale < 1e-5  # true float32
+    if int(cp.cuda.Device().compute_capability) >= 80:
+        assert np.abs(outs[True] - exact).max() / scale > 1e-5  # tensor cores, ~10-bit mantissa
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "leaky_relu", "identity"])
+def test_kernels_ignore_alignment_and_launch_shape(cp, activation):
+    be = _backend()
+    rng = np.random.default_rng(1)
+    rows, n = 13, 7  # n not a multiple of 4: the scalar path; offset 1: unaligned pointers
+    z0, bias = rng.normal(size=(rows, n)), rng.normal(size=n)
+    expected = ref.activate(z0 + bias, activation)
+    for offset, blocks, threads in ((0, 1, 32), (1, 3, 64), (1, 1000, 256)):
+        flat = cp.zeros(rows * n + offset, dtype="float32")
+        z = flat[offset:].reshape(rows, n)
+        z[...] = cp.asarray(z0, "float32")
+        bd = cp.asarray(bias, "float32")
+        kernel = be._kernel(ck.bias_activation("float32", activation))
+        kernel((blocks,), (threads,), (z, bd, np.int64(rows), np.int32(n), be._scratch_status()))
+        np.testing.assert_allclose(cp.asnumpy(z), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_argmax_and_accuracy_kernels_follow_numpy(cp):
+    be = _backend()
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 3, size=(70, 45)).astype(np.float32)  # many ties
+    a[5, 7] = np.nan
+    labels = rng.integers(0, 45, 70)
+    pred, correct = be.argmax_correct(cp.asarray(a), cp.asarray(labels))
+    np.testing.assert_array_equal(cp.asnumpy(pred), np.argmax(a, axis=1))
+    assert int(correct) == int((np.argmax(a, axis=1) == labels).sum())
+    onehot = np.eye(45, dtype=np.float32)[labels]
+    _, correct_dense = be.argmax_correct(cp.asarray(a), cp.asarray(onehot))
+    assert int(correct_dense) == int(correct)
+    s, t = rng.random((9, 3)), (rng.random((9, 3)) < 0.5).astype(np.float64)
+    assert int(be.threshold_correct(cp.asarray(s), cp.asarray(t))) == int(((s > 0.5) == t).sum())
