@@ -49,6 +49,7 @@ class NumbaWorkspace(Workspace):
         self.labels = np.empty(batch, dtype=np.int64)
         self.no_db = np.empty(0, dtype=dtype)
         self.no_y = np.empty((0, 0), dtype=dtype)
+        self.cm = np.empty(max(sizes), dtype=dtype)  # per-column maxima
 
 
 class NumbaBackend(Backend):
@@ -99,7 +100,9 @@ class NumbaBackend(Backend):
         """Whether ``ops`` are this class's own: the fused compositions call kernels directly,
         so a subclass that overrides an op gets the generic composition, which calls its op."""
         cls = type(self)
-        return cls is NumbaBackend or all(getattr(cls, op) is getattr(NumbaBackend, op) for op in ops)
+        return cls is NumbaBackend or all(
+            getattr(cls, op) is getattr(NumbaBackend, op) for op in ops
+        )
 
     @staticmethod
     def _fits(dtype: Any, *arrays: Any) -> bool:
@@ -132,11 +135,14 @@ class NumbaBackend(Backend):
         if not self._fits(dt, a_prev, W, b, out) or activation not in act.ACTIVATION_IDS:
             return super().forward_layer(a_prev, W, b, activation, out=out, scratch=scratch)
         aid = act.ACTIVATION_IDS[activation]
+        no_max = np.empty(0, dtype=dt)
         if self.blas_in_kernels:
             with self._threads():
-                return numba_blas.forward_layer(a_prev, W, b, aid, out)
+                numba_blas.forward_layer(a_prev, W, b, aid, out, no_max)
+                return out
         np.matmul(a_prev, W.T, out=out)
-        return K.bias_act(out, b, aid)
+        K.bias_act(out, b, aid, no_max)
+        return out
 
     def output_delta(
         self,
@@ -154,14 +160,12 @@ class NumbaBackend(Backend):
         ``y`` is ``(B, n)`` targets or ``(B,)`` integer labels (one-hot rows, never built).
         Formulas as in :func:`gpubp.reference.output_delta`; ``out`` may be ``z`` (in place).
         """
-        B, n = z.shape
+        n = z.shape[1]
         out = self._out(out, z.shape, z.dtype)
         if not self._fits(z.dtype, z, out) or loss not in K.LOSS_IDS:
-            return super().output_delta(
-                z, y, output, loss, out=out, scratch=scratch, rowbuf=rowbuf
-            )
+            return super().output_delta(z, y, output, loss, out=out, scratch=scratch, rowbuf=rowbuf)
         labels, Y = self._split_targets(y, n, z.dtype)
-        value = K.output_delta(
+        value, _ = K.output_delta(
             z,
             Y,
             labels,
@@ -207,16 +211,16 @@ class NumbaBackend(Backend):
         dt = W_next.dtype
         out = self._out(out, a.shape, dt)
         if activation not in _HIDDEN or not self._fits(dt, delta_next, W_next, a, out):
-            return super().hidden_delta(
-                delta_next, W_next, a, activation, out=out, scratch=scratch
-            )
+            return super().hidden_delta(delta_next, W_next, a, activation, out=out, scratch=scratch)
         aid = _HIDDEN[activation]
         no_db = np.empty(0, dtype=dt)
         if self.blas_in_kernels:
             with self._threads():
-                return numba_blas.hidden_delta(delta_next, W_next, a, aid, out, no_db)
+                numba_blas.hidden_delta(delta_next, W_next, a, aid, out, no_db, no_db)
+                return out
         np.matmul(delta_next, W_next, out=out)
-        return K.dact_mul(out, a, aid, no_db)
+        K.dact_mul(out, a, aid, no_db, no_db)
+        return out
 
     def parameter_gradients(
         self, delta: Any, a_prev: Any, *, dW: Any = None, db: Any = None
@@ -344,6 +348,27 @@ class NumbaBackend(Backend):
         output: str,
         loss: str,
     ) -> tuple[Any, list[Any], list[Any]]:
+        ws, _, value, _ = self._backprop(weights, biases, x, y, activation, output, loss, False)
+        return value, ws.dW, ws.db
+
+    def _backprop(
+        self,
+        weights: list[Any],
+        biases: list[Any],
+        x: Any,
+        y: Any,
+        activation: str,
+        output: str,
+        loss: str,
+        fold: bool,
+    ) -> tuple[NumbaWorkspace, Any, float, list[float]]:
+        """Forward, output delta and every delta (with ``db``) into the workspace.
+
+        Without ``fold`` the weight gradients ``dW`` are computed too, each as soon as its
+        delta exists. With ``fold`` they are not (the SGD step folds them into the weights
+        later), and the returned list holds, per layer ``i``, the bound
+        ``B max|delta^{i+1}| max|a^i|`` on ``|dW^i|``.
+        """
         L = len(weights)
         ws = self._workspace_for(weights, x)
         assert isinstance(ws, NumbaWorkspace)
@@ -351,40 +376,116 @@ class NumbaBackend(Backend):
         labels, Y = self._split_targets(y, weights[-1].shape[0], weights[0].dtype, ws)
         aid = _HIDDEN[activation]
         acts = ws.a
+        cm = ws.cm if fold else ws.no_db
         in_kernels = self.blas_in_kernels
+        amax = [K.absmax(a0, ws.cm) if fold else 0.0]
         prev = a0
         for i in range(L - 1):
             if in_kernels:
-                numba_blas.forward_layer(prev, weights[i], biases[i], aid, acts[i + 1])
+                m = numba_blas.forward_layer(prev, weights[i], biases[i], aid, acts[i + 1], cm)
             else:
                 np.matmul(prev, weights[i].T, out=acts[i + 1])
-                K.bias_act(acts[i + 1], biases[i], aid)
+                m = K.bias_act(acts[i + 1], biases[i], aid, cm)
+            amax.append(m)
             prev = acts[i + 1]
         z = ws.z_out
-        identity = act.ACTIVATION_IDS["identity"]
         if in_kernels:
-            numba_blas.forward_layer(prev, weights[L - 1], biases[L - 1], identity, z)
+            numba_blas.forward_layer(prev, weights[L - 1], biases[L - 1], 0, z, ws.no_db)
         else:
             np.matmul(prev, weights[L - 1].T, out=z)
-            K.bias_act(z, biases[L - 1], identity)
+            K.bias_act(z, biases[L - 1], 0, ws.no_db)
         oid = act.ACTIVATION_IDS[output]
-        value = K.output_delta(z, Y, labels, oid, K.LOSS_IDS[loss], z, ws.db[L - 1])
+        value, dmax = K.output_delta(z, Y, labels, oid, K.LOSS_IDS[loss], z, ws.db[L - 1])
+        bounds = [0.0] * L
+        B = float(ws.batch)
         delta = z
         for i in range(L - 1, -1, -1):
             a_prev = a0 if i == 0 else acts[i]
-            if in_kernels:
-                numba_blas.weight_gradient(delta, a_prev, ws.dW[i], 1.0, 0.0)
-            else:
-                np.matmul(delta.T, a_prev, out=ws.dW[i])
+            bounds[i] = B * dmax * amax[i]
+            if not fold:
+                if in_kernels:
+                    numba_blas.weight_gradient(delta, a_prev, ws.dW[i], 1.0, 0.0)
+                else:
+                    np.matmul(delta.T, a_prev, out=ws.dW[i])
             if i > 0:
                 # db[i - 1] is summed in the same pass that makes delta^i
+                d = ws.d[i]
                 if in_kernels:
-                    numba_blas.hidden_delta(delta, weights[i], a_prev, aid, ws.d[i], ws.db[i - 1])
+                    dmax = numba_blas.hidden_delta(
+                        delta, weights[i], a_prev, aid, d, ws.db[i - 1], cm
+                    )
                 else:
-                    np.matmul(delta, weights[i], out=ws.d[i])
-                    K.dact_mul(ws.d[i], a_prev, aid, ws.db[i - 1])
-                delta = ws.d[i]
-        return value, ws.dW, ws.db
+                    np.matmul(delta, weights[i], out=d)
+                    dmax = K.dact_mul(d, a_prev, aid, ws.db[i - 1], cm)
+                delta = d
+        return ws, a0, value, bounds
+
+    def train_step(
+        self,
+        weights: list[Any],
+        biases: list[Any],
+        x: Any,
+        y: Any,
+        activation: str,
+        output: str,
+        loss: str,
+        optimizer: Any,
+        state: dict[str, Any],
+    ) -> tuple[Any, list[Any], list[Any], dict[str, Any]]:
+        """Forward, loss, backward and update; ``(C, weights, biases, state)``, updated in place.
+
+        Plain SGD (no momentum; weight decay allowed) folds the update into the gradient GEMM,
+        ``W = -lr delta.T @ a_prev + (1 - lr wd) W``, so ``dW`` is never written nor read
+        back. That is done only when it provably cannot produce NaN or infinity: the loss and
+        every ``db`` are finite (so every delta is), and ``lr B max|delta| max|a|`` is far
+        below the dtype's largest number for every layer. Otherwise (and for the other
+        optimizers) all gradients are computed, checked, then applied, as in the base class.
+        Either way, if the loss or a gradient is not finite,
+        :class:`~gpubp.errors.NonFiniteLossError` is raised with nothing changed.
+        """
+        fold = (
+            self.blas_in_kernels
+            and optimizer.kind == "sgd"
+            and not optimizer.momentum
+            and optimizer.lr * optimizer.weight_decay <= 1.0
+            and self._own_ops(_GRADIENT_OPS + _UPDATE_OPS)
+            and activation in _HIDDEN
+            and loss in K.LOSS_IDS
+            and self._fits(weights[0].dtype, *weights, *biases)
+        )
+        if not fold:
+            return super().train_step(
+                weights, biases, x, y, activation, output, loss, optimizer, state
+            )
+        with self._threads():
+            ws, a0, value, bounds = self._backprop(
+                weights, biases, x, y, activation, output, loss, True
+            )
+            L = len(weights)
+            lr, wd = float(optimizer.lr), float(optimizer.weight_decay)
+            limit = float(np.finfo(weights[0].dtype).max) * 2.0**-60
+            safe = np.isfinite(value) and all((bd <= limit and lr * bd <= limit) for bd in bounds)
+            if safe:
+                for db in ws.db:
+                    if K.has_nonfinite(db):
+                        safe = False
+                        break
+            if not safe:  # compute dW the plain way; check_finite raises if anything is off
+                for i in range(L):
+                    delta = ws.z_out if i == L - 1 else ws.d[i + 1]
+                    numba_blas.weight_gradient(delta, a0 if i == 0 else ws.a[i], ws.dW[i], 1.0, 0.0)
+                self.check_finite(value, ws.dW, ws.db)
+                self.update_parameters([*weights, *biases], [*ws.dW, *ws.db], optimizer, state)
+                return value, weights, biases, state
+            shrink = 1.0 - lr * wd
+            for i in range(L):
+                delta = ws.z_out if i == L - 1 else ws.d[i + 1]
+                numba_blas.weight_gradient(
+                    delta, a0 if i == 0 else ws.a[i], weights[i], -lr, shrink
+                )
+                K.sgd_update(biases[i], ws.db[i], biases[i], lr, 0.0, False, wd)
+            state["step"] = int(state["step"]) + 1
+        return value, weights, biases, state
 
     def update_parameters(
         self,
@@ -400,7 +501,11 @@ class NumbaBackend(Backend):
         if not self._own_ops(_UPDATE_OPS) or not self._fits(params[0].dtype, *params, *grads):
             return super().update_parameters(params, grads, optimizer, state, scratch=scratch)
         if optimizer.kind == "sgd":
-            lr, mu, wd = float(optimizer.lr), float(optimizer.momentum), float(optimizer.weight_decay)
+            lr, mu, wd = (
+                float(optimizer.lr),
+                float(optimizer.momentum),
+                float(optimizer.weight_decay),
+            )
             nesterov = bool(optimizer.nesterov)
             bufs = state.get("momentum_buffer", params)
             for p, g, buf in zip(params, grads, bufs):

@@ -36,7 +36,12 @@ _CANDIDATES = (
         "scipy_openblas_set_num_threads64_",
         "scipy_openblas_get_num_threads64_",
     ),
-    ("cblas_sgemm64_", "cblas_dgemm64_", "openblas_set_num_threads64_", "openblas_get_num_threads64_"),
+    (
+        "cblas_sgemm64_",
+        "cblas_dgemm64_",
+        "openblas_set_num_threads64_",
+        "openblas_get_num_threads64_",
+    ),
 )
 
 
@@ -143,25 +148,25 @@ _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
 
 
 @njit(**_JIT)
-def forward_layer(a_prev, W, b, act, out):  # type: ignore[no-untyped-def]
+def forward_layer(a_prev, W, b, act, out, cm):  # type: ignore[no-untyped-def]
     """``out = f(a_prev @ W.T + b)``: GEMM ``(B, n_in) @ (n_out, n_in).T``, then bias and
-    activation in one pass over ``out`` ``(B, n_out)`` while it is in cache."""
+    activation in one pass over ``out`` ``(B, n_out)`` while it is in cache. Returns
+    ``max |out|`` if ``cm`` has ``n_out`` entries (see :func:`bias_act`), else 0."""
     B, n_in = a_prev.shape
     n_out = W.shape[0]
     gemm(False, True, B, n_out, n_in, 1.0, a_prev, n_in, W, n_in, 0.0, out, n_out)
-    K.bias_act(out, b, act)
-    return out
+    return K.bias_act(out, b, act, cm)
 
 
 @njit(**_JIT)
-def hidden_delta(delta_next, W_next, a, act, out, db):  # type: ignore[no-untyped-def]
+def hidden_delta(delta_next, W_next, a, act, out, db, cm):  # type: ignore[no-untyped-def]
     """``out = (delta_next @ W_next) * f'(a)``: GEMM ``(B, n_next) @ (n_next, n)``, then the
-    Hadamard product in place, and ``db = sum over B of out`` when ``db`` has ``n`` entries."""
+    Hadamard product in place, and ``db = sum over B of out`` when ``db`` has ``n`` entries.
+    Returns ``max |out|`` if ``cm`` has ``n`` entries, else 0."""
     B, n_next = delta_next.shape
     n = W_next.shape[1]
     gemm(False, False, B, n, n_next, 1.0, delta_next, n_next, W_next, n, 0.0, out, n)
-    K.dact_mul(out, a, act, db)
-    return out
+    return K.dact_mul(out, a, act, db, cm)
 
 
 @njit(**_JIT)

@@ -46,7 +46,7 @@ _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
 def act_value(v, act):  # type: ignore[no-untyped-def]
     """``f(v)`` for an elementwise activation id (softmax is handled per row by the callers)."""
     if act == RELU:
-        return v if not v < 0 else v * 0  # NaN passes through, as np.maximum does
+        return 0.0 if v < 0 else v  # NaN passes through, as np.maximum does
     if act == LEAKY_RELU:
         return v if v > 0 else v * LEAKY_SLOPE
     if act == SIGMOID:
@@ -71,16 +71,49 @@ def act_prime(a, act):  # type: ignore[no-untyped-def]
 
 
 @njit(**_JIT)
-def bias_act(z, b, act):  # type: ignore[no-untyped-def]
-    """``z = f(z + b)`` in place: ``(B, n) + (n,)``; softmax normalises each row."""
+def bias_act(z, b, act, cm):  # type: ignore[no-untyped-def]
+    """``z = f(z + b)`` in place: ``(B, n) + (n,)``; softmax normalises each row.
+
+    If ``cm`` has ``n`` entries, returns ``max |f(z + b)|`` (kept per column in ``cm`` so the
+    loop still vectorises), else 0.
+    """
     B, n = z.shape
+    with_max = cm.shape[0] == n and act != SOFTMAX
+    if with_max:
+        cm[:] = 0
     for i in range(B):
         row = z[i]
         for j in range(n):
             row[j] = act_value(row[j] + b[j], act)
         if act == SOFTMAX:
             _softmax_row(row)
-    return z
+        if with_max:
+            for j in range(n):
+                cm[j] = max(cm[j], abs(row[j]))
+    return _max(cm) if with_max else 0.0
+
+
+@njit(**_JIT)
+def absmax(x, cm):  # type: ignore[no-untyped-def]
+    """``max |x|`` over ``(B, n)``, with ``cm`` ``(n,)`` as per-column scratch; inf if ``x``
+    holds NaN or infinity."""
+    B, n = x.shape
+    cm[:n] = 0
+    bad = 0.0
+    for i in range(B):
+        row = x[i]
+        for j in range(n):
+            cm[j] = max(cm[j], abs(row[j]))
+            bad += float(row[j] - row[j])
+    return _max(cm[:n]) if bad == 0 else np.inf
+
+
+@njit(inline="always", **_JIT)
+def _max(cm):  # type: ignore[no-untyped-def]
+    m = 0.0
+    for j in range(cm.shape[0]):
+        m = max(m, float(cm[j]))
+    return m
 
 
 @njit(inline="always", **_JIT)
@@ -101,24 +134,31 @@ def _softmax_row(row):  # type: ignore[no-untyped-def]
 
 
 @njit(**_JIT)
-def dact_mul(g, a, act, db):  # type: ignore[no-untyped-def]
-    """``g *= f'(a)`` in place ``(B, n)``; if ``db`` has ``n`` entries, ``db = sum_B g`` too."""
+def dact_mul(g, a, act, db, cm):  # type: ignore[no-untyped-def]
+    """``g *= f'(a)`` in place ``(B, n)``; if ``db`` has ``n`` entries, ``db = sum_B g`` too.
+
+    If ``cm`` has ``n`` entries, returns ``max |g|`` after the product (else 0).
+    """
     B, n = g.shape
     with_db = db.shape[0] == n
+    with_max = cm.shape[0] == n
     if with_db:
         db[:] = 0
+    if with_max:
+        cm[:] = 0
     for i in range(B):
         grow = g[i]
         arow = a[i]
-        if act == IDENTITY:
-            pass
-        else:
+        if act != IDENTITY:
             for j in range(n):
                 grow[j] *= act_prime(arow[j], act)
         if with_db:
             for j in range(n):
                 db[j] += grow[j]
-    return g
+        if with_max:
+            for j in range(n):
+                cm[j] = max(cm[j], abs(grow[j]))
+    return _max(cm) if with_max else 0.0
 
 
 @njit(**_JIT)
@@ -147,7 +187,8 @@ def output_delta(z, Y, labels, out_act, loss, out, db):  # type: ignore[no-untyp
       written that way no large terms cancel when ``z`` is confidently right;
     - mse: ``(a - Y)^2 / 2`` and ``delta = J_f^T (a - Y) / B``.
 
-    Returns ``C`` (the batch mean) as float64. Raises ValueError for a label outside ``[0, n)``.
+    Returns ``(C, max |delta^L|)`` as float64 (``C`` the batch mean). Raises ValueError for a
+    label outside ``[0, n)``.
     """
     B, n = z.shape
     use_labels = labels.shape[0] == B and B > 0
@@ -156,6 +197,7 @@ def output_delta(z, Y, labels, out_act, loss, out, db):  # type: ignore[no-untyp
         db[:] = 0
     inv_b = 1.0 / B
     total = 0.0
+    dmax = 0.0
     for i in range(B):
         zr = z[i]
         orow = out[i]
@@ -215,10 +257,11 @@ def output_delta(z, Y, labels, out_act, loss, out, db):  # type: ignore[no-untyp
                     r = float(aj) - yj
                     total += 0.5 * r * r
                     orow[j] = r * inv_b * act_prime(aj, out_act)
-        if with_db:
-            for j in range(n):
+        for j in range(n):
+            dmax = max(dmax, abs(float(orow[j])))
+            if with_db:
                 db[j] += orow[j]
-    return total * inv_b
+    return total * inv_b, dmax
 
 
 @njit(**_JIT)
