@@ -22,9 +22,9 @@ from gpubp.check import TOLERANCE, check_configuration, rel_error
 
 pytest.importorskip("numba")
 
-from gpubp.backends import numba_blas  # noqa: E402
-from gpubp.backends import numba_kernels as K  # noqa: E402
-from gpubp.backends.numba_backend import NumbaBackend  # noqa: E402
+from gpubp.backends import numba_blas
+from gpubp.backends import numba_kernels as K
+from gpubp.backends.numba_backend import NumbaBackend
 
 ACT = gpubp.activations.ACTIVATION_IDS
 HIDDEN = ("identity", "sigmoid", "tanh", "relu", "leaky_relu")
@@ -347,9 +347,9 @@ def test_kernels_are_cached_on_disk():
         K.has_nonfinite,
         K.sgd_update,
         K.adam_update,
-        numba_blas.forward_layer,
-        numba_blas.hidden_delta,
-        numba_blas.weight_gradient,
+        K.forward_layer,
+        K.hidden_delta,
+        K.weight_gradient,
     ]
     for k in kernels:
         assert type(k._cache).__name__ != "NullCache", k

@@ -49,7 +49,7 @@ class NumbaWorkspace(Workspace):
         self.labels = np.empty(batch, dtype=np.int64)
         self.no_db = np.empty(0, dtype=dtype)
         self.no_y = np.empty((0, 0), dtype=dtype)
-        self.cm = np.empty(max(sizes), dtype=dtype)  # per-column maxima
+        self.cm = np.empty(2 * max(sizes), dtype=dtype)  # per-column maxima (absmax: 2 n)
 
 
 class NumbaBackend(Backend):
@@ -138,7 +138,7 @@ class NumbaBackend(Backend):
         no_max = np.empty(0, dtype=dt)
         if self.blas_in_kernels:
             with self._threads():
-                numba_blas.forward_layer(a_prev, W, b, aid, out, no_max)
+                K.forward_layer(a_prev, W, b, aid, out, no_max)
                 return out
         np.matmul(a_prev, W.T, out=out)
         K.bias_act(out, b, aid, no_max)
@@ -216,7 +216,7 @@ class NumbaBackend(Backend):
         no_db = np.empty(0, dtype=dt)
         if self.blas_in_kernels:
             with self._threads():
-                numba_blas.hidden_delta(delta_next, W_next, a, aid, out, no_db, no_db)
+                K.hidden_delta(delta_next, W_next, a, aid, out, no_db, no_db)
                 return out
         np.matmul(delta_next, W_next, out=out)
         K.dact_mul(out, a, aid, no_db, no_db)
@@ -233,7 +233,7 @@ class NumbaBackend(Backend):
             return super().parameter_gradients(delta, a_prev, dW=dW, db=db)
         if self.blas_in_kernels:
             with self._threads():
-                numba_blas.weight_gradient(delta, a_prev, dW, 1.0, 0.0)
+                K.weight_gradient(delta, a_prev, dW, 1.0, 0.0)
         else:
             np.matmul(delta.T, a_prev, out=dW)
         K.colsum(delta, db)
@@ -382,7 +382,7 @@ class NumbaBackend(Backend):
         prev = a0
         for i in range(L - 1):
             if in_kernels:
-                m = numba_blas.forward_layer(prev, weights[i], biases[i], aid, acts[i + 1], cm)
+                m = K.forward_layer(prev, weights[i], biases[i], aid, acts[i + 1], cm)
             else:
                 np.matmul(prev, weights[i].T, out=acts[i + 1])
                 m = K.bias_act(acts[i + 1], biases[i], aid, cm)
@@ -390,7 +390,7 @@ class NumbaBackend(Backend):
             prev = acts[i + 1]
         z = ws.z_out
         if in_kernels:
-            numba_blas.forward_layer(prev, weights[L - 1], biases[L - 1], 0, z, ws.no_db)
+            K.forward_layer(prev, weights[L - 1], biases[L - 1], 0, z, ws.no_db)
         else:
             np.matmul(prev, weights[L - 1].T, out=z)
             K.bias_act(z, biases[L - 1], 0, ws.no_db)
@@ -404,16 +404,14 @@ class NumbaBackend(Backend):
             bounds[i] = B * dmax * amax[i]
             if not fold:
                 if in_kernels:
-                    numba_blas.weight_gradient(delta, a_prev, ws.dW[i], 1.0, 0.0)
+                    K.weight_gradient(delta, a_prev, ws.dW[i], 1.0, 0.0)
                 else:
                     np.matmul(delta.T, a_prev, out=ws.dW[i])
             if i > 0:
                 # db[i - 1] is summed in the same pass that makes delta^i
                 d = ws.d[i]
                 if in_kernels:
-                    dmax = numba_blas.hidden_delta(
-                        delta, weights[i], a_prev, aid, d, ws.db[i - 1], cm
-                    )
+                    dmax = K.hidden_delta(delta, weights[i], a_prev, aid, d, ws.db[i - 1], cm)
                 else:
                     np.matmul(delta, weights[i], out=d)
                     dmax = K.dact_mul(d, a_prev, aid, ws.db[i - 1], cm)
@@ -473,16 +471,14 @@ class NumbaBackend(Backend):
             if not safe:  # compute dW the plain way; check_finite raises if anything is off
                 for i in range(L):
                     delta = ws.z_out if i == L - 1 else ws.d[i + 1]
-                    numba_blas.weight_gradient(delta, a0 if i == 0 else ws.a[i], ws.dW[i], 1.0, 0.0)
+                    K.weight_gradient(delta, a0 if i == 0 else ws.a[i], ws.dW[i], 1.0, 0.0)
                 self.check_finite(value, ws.dW, ws.db)
                 self.update_parameters([*weights, *biases], [*ws.dW, *ws.db], optimizer, state)
                 return value, weights, biases, state
             shrink = 1.0 - lr * wd
             for i in range(L):
                 delta = ws.z_out if i == L - 1 else ws.d[i + 1]
-                numba_blas.weight_gradient(
-                    delta, a0 if i == 0 else ws.a[i], weights[i], -lr, shrink
-                )
+                K.weight_gradient(delta, a0 if i == 0 else ws.a[i], weights[i], -lr, shrink)
                 K.sgd_update(biases[i], ws.db[i], biases[i], lr, 0.0, False, wd)
             state["step"] = int(state["step"]) + 1
         return value, weights, biases, state

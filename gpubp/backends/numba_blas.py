@@ -1,5 +1,4 @@
-"""NumPy's own BLAS, called from inside ``@njit`` kernels, and the kernels that fuse a GEMM with
-the elementwise pass that follows it.
+"""NumPy's own BLAS, callable from inside ``@njit`` kernels as :func:`gemm`.
 
 NumPy's wheels ship OpenBLAS with 64-bit integers under the names ``scipy_cblas_sgemm64_`` /
 ``scipy_cblas_dgemm64_``. We look those symbols up through NumPy's own extension module (so we
@@ -21,10 +20,8 @@ import importlib
 from typing import Any
 
 import numpy as np
-from numba import njit, types
+from numba import types
 from numba.extending import overload
-
-from . import numba_kernels as K
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
@@ -142,40 +139,3 @@ def _gemm_impl(ta, tb, M, N, K_, alpha, A, lda, B, ldb, beta, C, ldc):  # type: 
         )
 
     return impl
-
-
-_JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
-
-
-@njit(**_JIT)
-def forward_layer(a_prev, W, b, act, out, cm):  # type: ignore[no-untyped-def]
-    """``out = f(a_prev @ W.T + b)``: GEMM ``(B, n_in) @ (n_out, n_in).T``, then bias and
-    activation in one pass over ``out`` ``(B, n_out)`` while it is in cache. Returns
-    ``max |out|`` if ``cm`` has ``n_out`` entries (see :func:`bias_act`), else 0."""
-    B, n_in = a_prev.shape
-    n_out = W.shape[0]
-    gemm(False, True, B, n_out, n_in, 1.0, a_prev, n_in, W, n_in, 0.0, out, n_out)
-    return K.bias_act(out, b, act, cm)
-
-
-@njit(**_JIT)
-def hidden_delta(delta_next, W_next, a, act, out, db, cm):  # type: ignore[no-untyped-def]
-    """``out = (delta_next @ W_next) * f'(a)``: GEMM ``(B, n_next) @ (n_next, n)``, then the
-    Hadamard product in place, and ``db = sum over B of out`` when ``db`` has ``n`` entries.
-    Returns ``max |out|`` if ``cm`` has ``n`` entries, else 0."""
-    B, n_next = delta_next.shape
-    n = W_next.shape[1]
-    gemm(False, False, B, n, n_next, 1.0, delta_next, n_next, W_next, n, 0.0, out, n)
-    return K.dact_mul(out, a, act, db, cm)
-
-
-@njit(**_JIT)
-def weight_gradient(delta, a_prev, dW, alpha, beta):  # type: ignore[no-untyped-def]
-    """``dW = alpha delta.T @ a_prev + beta dW``: ``(n_out, B) @ (B, n_in)``.
-
-    With ``alpha = -lr`` and ``beta = 1`` and ``dW`` the weights, this is the SGD step folded
-    into the GEMM."""
-    B, n_out = delta.shape
-    n_in = a_prev.shape[1]
-    gemm(True, False, n_out, n_in, B, alpha, delta, n_out, a_prev, n_in, beta, dW, n_in)
-    return dW

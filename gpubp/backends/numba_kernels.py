@@ -7,7 +7,12 @@ Each kernel is one pass over its arrays, run while the data is hot after the GEM
   gradient ``db = sum over B of g`` in the same pass;
 - :func:`output_delta`: loss value and ``delta^L`` in one pass per row, from ``z`` ``(B, n)``;
 - :func:`sgd_update`, :func:`adam_update`: one pass over each parameter;
-- :func:`colsum`, :func:`has_nonfinite`: the remaining reductions.
+- :func:`colsum`, :func:`has_nonfinite`: the remaining reductions;
+- :func:`forward_layer`, :func:`hidden_delta`, :func:`weight_gradient`: a GEMM in NumPy's BLAS
+  (see :mod:`.numba_blas`) and the pass that follows it, one call from Python per layer. They
+  live in this module, next to the kernels they inline, because Numba's on-disk cache checks
+  only the source file of the function it caches: a kernel inlined from another module could
+  change without invalidating the cached caller.
 
 The activation rules are written once, as scalar functions (:func:`act_value`,
 :func:`act_prime`), and inlined into every loop that needs them; the activation id is a runtime
@@ -27,6 +32,7 @@ import numpy as np
 from numba import njit
 
 from ..activations import ACTIVATION_IDS, LEAKY_SLOPE
+from .numba_blas import gemm
 
 IDENTITY = ACTIVATION_IDS["identity"]
 SIGMOID = ACTIVATION_IDS["sigmoid"]
@@ -74,38 +80,58 @@ def act_prime(a, act):  # type: ignore[no-untyped-def]
 def bias_act(z, b, act, cm):  # type: ignore[no-untyped-def]
     """``z = f(z + b)`` in place: ``(B, n) + (n,)``; softmax normalises each row.
 
-    If ``cm`` has ``n`` entries, returns ``max |f(z + b)|`` (kept per column in ``cm`` so the
-    loop still vectorises), else 0.
+    If ``cm`` has at least ``n`` entries, returns ``max |f(z + b)|`` (kept per column in
+    ``cm`` so the loop still vectorises), else 0. One loop per activation: a branch or a math
+    call inside the inner loop would stop LLVM from vectorising it.
     """
     B, n = z.shape
-    with_max = cm.shape[0] == n and act != SOFTMAX
+    with_max = cm.shape[0] >= n and n > 0 and act != SOFTMAX
     if with_max:
-        cm[:] = 0
+        cm[:n] = 0
     for i in range(B):
         row = z[i]
-        for j in range(n):
-            row[j] = act_value(row[j] + b[j], act)
-        if act == SOFTMAX:
-            _softmax_row(row)
+        if act == RELU:
+            for j in range(n):
+                row[j] = act_value(row[j] + b[j], RELU)
+        elif act == LEAKY_RELU:
+            for j in range(n):
+                row[j] = act_value(row[j] + b[j], LEAKY_RELU)
+        elif act == SIGMOID:
+            for j in range(n):
+                row[j] = act_value(row[j] + b[j], SIGMOID)
+        elif act == TANH:
+            for j in range(n):
+                row[j] = act_value(row[j] + b[j], TANH)
+        else:
+            for j in range(n):
+                row[j] += b[j]
+            if act == SOFTMAX:
+                _softmax_row(row)
         if with_max:
             for j in range(n):
                 cm[j] = max(cm[j], abs(row[j]))
-    return _max(cm) if with_max else 0.0
+    return _max(cm[:n]) if with_max else 0.0
 
 
 @njit(**_JIT)
 def absmax(x, cm):  # type: ignore[no-untyped-def]
-    """``max |x|`` over ``(B, n)``, with ``cm`` ``(n,)`` as per-column scratch; inf if ``x``
-    holds NaN or infinity."""
+    """``max |x|`` over ``(B, n)``, with ``cm`` (``2 n`` entries or more) as per-column scratch;
+    inf if ``x`` holds NaN or infinity (``x - x`` is NaN exactly there)."""
     B, n = x.shape
-    cm[:n] = 0
-    bad = 0.0
+    cmax = cm[:n]
+    bad = cm[n : 2 * n]
+    cmax[:] = 0
+    bad[:] = 0
     for i in range(B):
         row = x[i]
         for j in range(n):
-            cm[j] = max(cm[j], abs(row[j]))
-            bad += float(row[j] - row[j])
-    return _max(cm[:n]) if bad == 0 else np.inf
+            cmax[j] = max(cmax[j], abs(row[j]))
+        for j in range(n):
+            bad[j] += row[j] - row[j]
+    for j in range(n):
+        if not bad[j] == 0:
+            return np.inf
+    return _max(cmax)
 
 
 @njit(inline="always", **_JIT)
@@ -137,15 +163,15 @@ def _softmax_row(row):  # type: ignore[no-untyped-def]
 def dact_mul(g, a, act, db, cm):  # type: ignore[no-untyped-def]
     """``g *= f'(a)`` in place ``(B, n)``; if ``db`` has ``n`` entries, ``db = sum_B g`` too.
 
-    If ``cm`` has ``n`` entries, returns ``max |g|`` after the product (else 0).
+    If ``cm`` has at least ``n`` entries, returns ``max |g|`` after the product (else 0).
     """
     B, n = g.shape
     with_db = db.shape[0] == n
-    with_max = cm.shape[0] == n
+    with_max = cm.shape[0] >= n and n > 0
     if with_db:
         db[:] = 0
     if with_max:
-        cm[:] = 0
+        cm[:n] = 0
     for i in range(B):
         grow = g[i]
         arow = a[i]
@@ -158,7 +184,7 @@ def dact_mul(g, a, act, db, cm):  # type: ignore[no-untyped-def]
         if with_max:
             for j in range(n):
                 cm[j] = max(cm[j], abs(grow[j]))
-    return _max(cm) if with_max else 0.0
+    return _max(cm[:n]) if with_max else 0.0
 
 
 @njit(**_JIT)
@@ -268,12 +294,10 @@ def output_delta(z, Y, labels, out_act, loss, out, db):  # type: ignore[no-untyp
 def has_nonfinite(x):  # type: ignore[no-untyped-def]
     """Whether ``x`` holds NaN or infinity: ``x - x`` is NaN exactly there (branch-free loop)."""
     flat = x.reshape(x.size)
-    if flat.shape[0] == 0:
-        return False
-    acc = flat[0] - flat[0]
-    for k in range(1, flat.shape[0]):
-        acc += flat[k] - flat[k]
-    return not acc == 0
+    count = 0  # an integer sum vectorises; a float one would not (no reassociation allowed)
+    for k in range(flat.shape[0]):
+        count += (flat[k] - flat[k]) != 0
+    return count > 0
 
 
 @njit(**_JIT)
@@ -330,3 +354,37 @@ def adam_update(  # type: ignore[no-untyped-def]
         V[k] = vk
         P[k] = pk * shrink - step_size * mk / (math.sqrt(vk) * inv_sqrt_bc2 + eps)
     return p
+
+
+@njit(**_JIT)
+def forward_layer(a_prev, W, b, act, out, cm):  # type: ignore[no-untyped-def]
+    """``out = f(a_prev @ W.T + b)``: GEMM ``(B, n_in) @ (n_out, n_in).T``, then bias and
+    activation in one pass over ``out`` ``(B, n_out)`` while it is in cache. Returns
+    ``max |out|`` if ``cm`` has ``n_out`` entries (see :func:`bias_act`), else 0."""
+    B, n_in = a_prev.shape
+    n_out = W.shape[0]
+    gemm(False, True, B, n_out, n_in, 1.0, a_prev, n_in, W, n_in, 0.0, out, n_out)
+    return bias_act(out, b, act, cm)
+
+
+@njit(**_JIT)
+def hidden_delta(delta_next, W_next, a, act, out, db, cm):  # type: ignore[no-untyped-def]
+    """``out = (delta_next @ W_next) * f'(a)``: GEMM ``(B, n_next) @ (n_next, n)``, then the
+    Hadamard product in place, and ``db = sum over B of out`` when ``db`` has ``n`` entries.
+    Returns ``max |out|`` if ``cm`` has ``n`` entries, else 0."""
+    B, n_next = delta_next.shape
+    n = W_next.shape[1]
+    gemm(False, False, B, n, n_next, 1.0, delta_next, n_next, W_next, n, 0.0, out, n)
+    return dact_mul(out, a, act, db, cm)
+
+
+@njit(**_JIT)
+def weight_gradient(delta, a_prev, dW, alpha, beta):  # type: ignore[no-untyped-def]
+    """``dW = alpha delta.T @ a_prev + beta dW``: ``(n_out, B) @ (B, n_in)``.
+
+    With ``alpha = -lr`` and ``beta = 1`` and ``dW`` the weights, this is the SGD step folded
+    into the GEMM."""
+    B, n_out = delta.shape
+    n_in = a_prev.shape[1]
+    gemm(True, False, n_out, n_in, B, alpha, delta, n_out, a_prev, n_in, beta, dW, n_in)
+    return dW
