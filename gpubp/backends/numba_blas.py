@@ -115,9 +115,9 @@ def gemm(ta, tb, M, N, K_, alpha, A, lda, B, ldb, beta, C, ldc):  # type: ignore
     raise NotImplementedError("gemm is only callable from @njit code")
 
 
-@overload(gemm, jit_options={"cache": True})
+@overload(gemm)
 def _gemm_impl(ta, tb, M, N, K_, alpha, A, lda, B, ldb, beta, C, ldc):  # type: ignore[no-untyped-def]
-    fn = _sgemm if C.dtype == types.float32 else _dgemm
+    fn: Any = _sgemm if C.dtype == types.float32 else _dgemm
     real = np.float32 if C.dtype == types.float32 else np.float64
 
     def impl(ta, tb, M, N, K_, alpha, A, lda, B, ldb, beta, C, ldc):  # type: ignore[no-untyped-def]

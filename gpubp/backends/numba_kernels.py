@@ -45,10 +45,12 @@ SOFTMAX = ACTIVATION_IDS["softmax"]
 LOSS_IDS: dict[str, int] = {"mse": 0, "cross_entropy": 1, "binary_cross_entropy": 2}
 MSE, CROSS_ENTROPY, BCE = 0, 1, 2
 
-_JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
+# every kernel: cached on disk, releases the GIL, no ZeroDivisionError checks (IEEE results)
+_jit = njit(cache=True, nogil=True, error_model="numpy")
+_inline = njit(inline="always", cache=True, nogil=True, error_model="numpy")
 
 
-@njit(inline="always", **_JIT)
+@_inline
 def act_value(v, act):  # type: ignore[no-untyped-def]
     """``f(v)`` for an elementwise activation id (softmax is handled per row by the callers)."""
     if act == RELU:
@@ -62,7 +64,7 @@ def act_value(v, act):  # type: ignore[no-untyped-def]
     return v
 
 
-@njit(inline="always", **_JIT)
+@_inline
 def act_prime(a, act):  # type: ignore[no-untyped-def]
     """``f'(z)`` written with the output ``a = f(z)`` (see :mod:`gpubp.activations`)."""
     if act == RELU:
@@ -76,7 +78,7 @@ def act_prime(a, act):  # type: ignore[no-untyped-def]
     return 1.0
 
 
-@njit(**_JIT)
+@_jit
 def bias_act(z, b, act, cm):  # type: ignore[no-untyped-def]
     """``z = f(z + b)`` in place: ``(B, n) + (n,)``; softmax normalises each row.
 
@@ -113,7 +115,7 @@ def bias_act(z, b, act, cm):  # type: ignore[no-untyped-def]
     return _max(cm[:n]) if with_max else 0.0
 
 
-@njit(**_JIT)
+@_jit
 def absmax(x, cm):  # type: ignore[no-untyped-def]
     """``max |x|`` over ``(B, n)``, with ``cm`` (``2 n`` entries or more) as per-column scratch;
     inf if ``x`` holds NaN or infinity (``x - x`` is NaN exactly there)."""
@@ -134,7 +136,7 @@ def absmax(x, cm):  # type: ignore[no-untyped-def]
     return _max(cmax)
 
 
-@njit(inline="always", **_JIT)
+@_inline
 def _max(cm):  # type: ignore[no-untyped-def]
     m = 0.0
     for j in range(cm.shape[0]):
@@ -142,7 +144,7 @@ def _max(cm):  # type: ignore[no-untyped-def]
     return m
 
 
-@njit(inline="always", **_JIT)
+@_inline
 def _softmax_row(row):  # type: ignore[no-untyped-def]
     n = row.shape[0]
     m = row[0]
@@ -159,7 +161,7 @@ def _softmax_row(row):  # type: ignore[no-untyped-def]
     return s
 
 
-@njit(**_JIT)
+@_jit
 def dact_mul(g, a, act, db, cm):  # type: ignore[no-untyped-def]
     """``g *= f'(a)`` in place ``(B, n)``; if ``db`` has ``n`` entries, ``db = sum_B g`` too.
 
@@ -187,7 +189,7 @@ def dact_mul(g, a, act, db, cm):  # type: ignore[no-untyped-def]
     return _max(cm[:n]) if with_max else 0.0
 
 
-@njit(**_JIT)
+@_jit
 def colsum(d, db):  # type: ignore[no-untyped-def]
     """``db = sum over B of d``: ``(B, n) -> (n,)``, row by row so the reads stay contiguous."""
     B, n = d.shape
@@ -199,7 +201,7 @@ def colsum(d, db):  # type: ignore[no-untyped-def]
     return db
 
 
-@njit(**_JIT)
+@_jit
 def output_delta(z, Y, labels, out_act, loss, out, db):  # type: ignore[no-untyped-def]
     """Loss value ``C`` and ``delta^L`` (into ``out``, which may be ``z``), one pass per row.
 
@@ -290,7 +292,7 @@ def output_delta(z, Y, labels, out_act, loss, out, db):  # type: ignore[no-untyp
     return total * inv_b, dmax
 
 
-@njit(**_JIT)
+@_jit
 def has_nonfinite(x):  # type: ignore[no-untyped-def]
     """Whether ``x`` holds NaN or infinity: ``x - x`` is NaN exactly there (branch-free loop)."""
     flat = x.reshape(x.size)
@@ -300,7 +302,7 @@ def has_nonfinite(x):  # type: ignore[no-untyped-def]
     return count > 0
 
 
-@njit(**_JIT)
+@_jit
 def sgd_update(p, g, buf, lr, momentum, nesterov, weight_decay):  # type: ignore[no-untyped-def]
     """One pass: ``g' = g + wd p``; ``buf = mu buf + g'``; ``p -= lr (g' + mu buf or buf)``.
 
@@ -328,7 +330,7 @@ def sgd_update(p, g, buf, lr, momentum, nesterov, weight_decay):  # type: ignore
     return p
 
 
-@njit(**_JIT)
+@_jit
 def adam_update(  # type: ignore[no-untyped-def]
     p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled
 ):
@@ -356,7 +358,7 @@ def adam_update(  # type: ignore[no-untyped-def]
     return p
 
 
-@njit(**_JIT)
+@_jit
 def forward_layer(a_prev, W, b, act, out, cm):  # type: ignore[no-untyped-def]
     """``out = f(a_prev @ W.T + b)``: GEMM ``(B, n_in) @ (n_out, n_in).T``, then bias and
     activation in one pass over ``out`` ``(B, n_out)`` while it is in cache. Returns
@@ -367,7 +369,7 @@ def forward_layer(a_prev, W, b, act, out, cm):  # type: ignore[no-untyped-def]
     return bias_act(out, b, act, cm)
 
 
-@njit(**_JIT)
+@_jit
 def hidden_delta(delta_next, W_next, a, act, out, db, cm):  # type: ignore[no-untyped-def]
     """``out = (delta_next @ W_next) * f'(a)``: GEMM ``(B, n_next) @ (n_next, n)``, then the
     Hadamard product in place, and ``db = sum over B of out`` when ``db`` has ``n`` entries.
@@ -378,7 +380,7 @@ def hidden_delta(delta_next, W_next, a, act, out, db, cm):  # type: ignore[no-un
     return dact_mul(out, a, act, db, cm)
 
 
-@njit(**_JIT)
+@_jit
 def weight_gradient(delta, a_prev, dW, alpha, beta):  # type: ignore[no-untyped-def]
     """``dW = alpha delta.T @ a_prev + beta dW``: ``(n_out, B) @ (B, n_in)``.
 
