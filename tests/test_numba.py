@@ -197,20 +197,30 @@ def test_folded_sgd_step_matches_reference(dtype, rng, wd):
         _close(p - p0, rp - p0, dtype, factor=10)  # the change, not the (larger) weights
 
 
-def test_fold_falls_back_when_the_bound_is_not_met(rng):
+def test_fold_falls_back_when_the_bound_is_not_met(rng, monkeypatch):
     """With lr = 1e30 the bound ``lr B max|delta| max|a|`` fails: dW is computed and applied by
-    the update kernel, exactly as the unfolded path does (bit for bit)."""
+    the update kernel, exactly as the unfolded path does (bit for bit). At a normal lr the
+    update kernel only sees the biases: the weights were updated inside the GEMM."""
     W, b, x, y = _problem("float32", rng)
     be = NumbaBackend()
+    updated_ndims = []
+    kernel = K.sgd_update
+
+    def spy(p, *args):
+        updated_ndims.append(p.ndim)
+        return kernel(p, *args)
+
+    monkeypatch.setattr(K, "sgd_update", spy)
     got = _step(be, be.train_step, W, b, x, y, optim.SGD(lr=1e30))
+    assert updated_ndims.count(2) == len(W)
     plain = _step(be, lambda *a: Backend.train_step(be, *a), W, b, x, y, optim.SGD(lr=1e30))
     for p, q in zip(got[1] + got[2], plain[1] + plain[2]):
         np.testing.assert_array_equal(p, q)
+    updated_ndims.clear()
     folded = _step(be, be.train_step, W, b, x, y, optim.SGD(lr=1e-3))
+    assert updated_ndims == [1] * len(b)  # biases only: the fold was taken
     unfolded = _step(be, lambda *a: Backend.train_step(be, *a), W, b, x, y, optim.SGD(lr=1e-3))
-    # the fold is really taken at a normal lr: rounding differs, values agree
-    assert any(not np.array_equal(p, q) for p, q in zip(folded[1], unfolded[1]))
-    for p, q in zip(folded[1], unfolded[1]):
+    for p, q in zip(folded[1] + folded[2], unfolded[1] + unfolded[2]):
         np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-7)
 
 

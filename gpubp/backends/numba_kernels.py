@@ -234,7 +234,29 @@ def output_delta(z, Y, labels, out_act, loss, out, db):  # type: ignore[no-untyp
             lab = labels[i]
             if lab < 0 or lab >= n:
                 raise ValueError("a label is outside [0, n_outputs)")
-        if loss == CROSS_ENTROPY:
+        if loss == CROSS_ENTROPY and use_labels:
+            # one-hot row: C_i = lse(z) - z_lab, delta = softmax / B minus 1/B at the label
+            zl = float(zr[lab])  # read before the row is overwritten (out may be z)
+            m = zr[0]
+            for j in range(1, n):
+                m = max(m, zr[j])
+            s = zr[0] * 0
+            for j in range(n):
+                e = np.exp(zr[j] - m)
+                orow[j] = e
+                s += e
+            total += math.log(float(s)) + float(m) - zl
+            scale = 1 / s * inv_b
+            for j in range(n):
+                orow[j] *= scale
+            orow[lab] -= inv_b
+            # |softmax - onehot| / B <= 1 / B: the bound on |delta| needs no pass
+            dmax = inv_b
+            if with_db:
+                for j in range(n):
+                    db[j] += orow[j]
+            continue
+        elif loss == CROSS_ENTROPY:
             m = zr[0]
             for j in range(1, n):
                 m = max(m, zr[j])
