@@ -13,13 +13,15 @@ The GEMMs call NumPy's own BLAS from inside the kernels (see :mod:`.numba_blas`)
 is one call from Python. Everything is written into a per-batch-shape workspace, so a
 steady-state step allocates no arrays.
 
-Threads. The kernels are serial (``parallel=False``): they are memory-bound passes that take a
-few per cent of a step, and parallel Numba kernels running between multi-threaded OpenBLAS
-calls make the two thread pools fight (OpenMP workers spin-waiting while OpenBLAS wants the
-same cores was measured 3-8x slower on 2 cores). So the only threads are OpenBLAS's, inside the
-GEMMs, and Numba's threading layer is never started. ``threads=n`` sets how many OpenBLAS uses
-during this backend's calls and puts the previous setting back afterwards; by default BLAS keeps
-whatever the process has (one per core unless ``OPENBLAS_NUM_THREADS`` says otherwise).
+Threads. The kernels are serial (``parallel=False``): they are memory-bound passes, and
+parallel Numba kernels running between multi-threaded OpenBLAS calls make the two thread pools
+fight (a prototype with OpenMP spin-waiting workers was measured 3-8x slower on 2 cores). So the
+only threads are OpenBLAS's, inside the GEMMs, and Numba's threading layer is never started.
+``threads=n`` sets how many OpenBLAS uses during this backend's calls and puts the previous
+setting back afterwards (the count is process-wide while a call runs, as with threadpoolctl); by
+default BLAS keeps whatever the process has (one per core unless ``OPENBLAS_NUM_THREADS`` says
+otherwise). The cost of staying serial: on large batches of narrow layers the passes run on one
+core while the GEMMs use all of them (see the README's Performance section).
 """
 
 from __future__ import annotations
