@@ -39,7 +39,19 @@ def _numpy_status() -> str | None:
 def _numba_status() -> str | None:
     if importlib.util.find_spec("numba") is None:
         return "Numba is not installed (pip install 'gpubp[numba]')"
-    return "the numba backend is not part of this release yet (it is being built; see issue 6)"
+    try:
+        _numba_class()
+    except Exception as exc:  # a broken Numba/llvmlite install: report it, never crash
+        return f"Numba is installed but could not be imported: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _numba_class() -> type[Backend]:
+    # imported on first use: importing Numba costs a few hundred milliseconds
+    from .numba_backend import NumbaBackend
+
+    _CLASSES["numba"] = NumbaBackend
+    return NumbaBackend
 
 
 def _cupy_status() -> str | None:

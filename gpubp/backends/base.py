@@ -86,6 +86,8 @@ class Backend:
     name: ClassVar[str] = "base"
     xp: Any = np
     max_workspaces: ClassVar[int] = 4
+    #: The buffers one batch shape needs; a backend may add its own in a subclass.
+    workspace_class: ClassVar[type[Workspace]] = Workspace
 
     def __init__(self) -> None:
         self._workspaces: OrderedDict[tuple[Any, ...], Workspace] = OrderedDict()
@@ -123,7 +125,7 @@ class Backend:
         key = (tuple(sizes), int(batch), np.dtype(dtype).str)
         ws = self._workspaces.get(key)
         if ws is None:
-            ws = Workspace(self.xp, tuple(sizes), batch, dtype)
+            ws = self.workspace_class(self.xp, tuple(sizes), batch, dtype)
             self._workspaces[key] = ws
             while len(self._workspaces) > self.max_workspaces:
                 self._workspaces.popitem(last=False)

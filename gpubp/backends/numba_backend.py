@@ -1,0 +1,534 @@
+"""The Numba backend: BLAS GEMMs with fused ``@njit`` kernels between them (float32, float64).
+
+Per layer the train step is three GEMMs (forward, backward, weight gradient) and, between them,
+one pass over each GEMM output while it is still in cache:
+
+- forward: ``z = a_prev @ W.T`` (GEMM), then ``a = f(z + b)`` in place (:func:`bias_act`);
+- output: loss value and ``delta^L`` in one pass per row, with ``db^L`` summed in that pass;
+- backward: ``g = delta_next @ W_next`` (GEMM), then ``delta = g * f'(a)`` in place with
+  ``db = sum over B of delta`` in the same pass;
+- ``dW = delta.T @ a_prev`` (GEMM); the update is one pass per parameter.
+
+The GEMMs call NumPy's own BLAS from inside the kernels (see :mod:`.numba_blas`), so one layer
+is one call from Python. Everything is written into a per-batch-shape workspace, so a
+steady-state step allocates no arrays.
+
+Threads. The kernels are serial (``parallel=False``): they are memory-bound passes, and
+parallel Numba kernels running between multi-threaded OpenBLAS calls make the two thread pools
+fight (a prototype with OpenMP spin-waiting workers was measured 3-8x slower on 2 cores). So the
+only threads are OpenBLAS's, inside the GEMMs, and Numba's threading layer is never started.
+``threads=n`` sets how many OpenBLAS uses during this backend's calls and puts the previous
+setting back afterwards (the count is process-wide while a call runs, as with threadpoolctl); by
+default BLAS keeps whatever the process has (one per core unless ``OPENBLAS_NUM_THREADS`` says
+otherwise). The cost of staying serial: on large batches of narrow layers the passes run on one
+core while the GEMMs use all of them (see the README's Performance section).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .. import activations as act
+from . import numba_blas
+from . import numba_kernels as K
+from .base import Backend, Workspace
+
+_HIDDEN = {name: act.ACTIVATION_IDS[name] for name in act.HIDDEN_ACTIVATIONS}
+_EMPTY_I64 = np.empty(0, dtype=np.int64)
+_GRADIENT_OPS = ("forward_layer", "output_delta", "hidden_delta", "parameter_gradients")
+_UPDATE_OPS = ("sgd_update", "adam_update")
+
+
+class NumbaWorkspace(Workspace):
+    """The base workspace plus an int64 label buffer and empty "not wanted" markers."""
+
+    def __init__(self, xp: Any, sizes: tuple[int, ...], batch: int, dtype: Any) -> None:
+        super().__init__(xp, sizes, batch, dtype)
+        self.labels = np.empty(batch, dtype=np.int64)
+        self.no_db = np.empty(0, dtype=dtype)
+        self.no_y = np.empty((0, 0), dtype=dtype)
+        self.cm = np.empty(2 * max(sizes), dtype=dtype)  # per-column maxima (absmax: 2 n)
+
+
+class NumbaBackend(Backend):
+    """NumPy arrays, GEMMs in NumPy's BLAS, everything else in fused Numba kernels.
+
+    Parameters
+    ----------
+    threads : int or None
+        OpenBLAS threads during this backend's calls (restored after each call); ``None``
+        (default) leaves the process's setting alone.
+    """
+
+    name: ClassVar[str] = "numba"
+    xp = np
+    workspace_class: ClassVar[type[Workspace]] = NumbaWorkspace
+
+    def __init__(self, threads: int | None = None) -> None:
+        super().__init__()
+        if threads is not None and (
+            isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1
+        ):
+            raise ValueError(
+                f"threads must be a positive int (BLAS threads) or None to leave BLAS as it is, "
+                f"got {threads!r}"
+            )
+        self.threads = None if threads is None else int(threads)
+        #: Whether GEMMs run inside the kernels (NumPy's BLAS found) or through numpy.matmul.
+        self.blas_in_kernels = numba_blas.AVAILABLE
+
+    def __repr__(self) -> str:
+        return f"<gpubp backend {self.name!r}>"
+
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        before = numba_blas.blas_threads() if self.threads is not None else None
+        if before is None or before == self.threads:
+            yield
+            return
+        numba_blas.set_blas_threads(self.threads)  # type: ignore[arg-type]
+        try:
+            yield
+        finally:
+            numba_blas.set_blas_threads(before)
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _own_ops(self, ops: tuple[str, ...]) -> bool:
+        """Whether ``ops`` are this class's own: the fused compositions call kernels directly,
+        so a subclass that overrides an op gets the generic composition, which calls its op."""
+        cls = type(self)
+        return cls is NumbaBackend or all(
+            getattr(cls, op) is getattr(NumbaBackend, op) for op in ops
+        )
+
+    @staticmethod
+    def _fits(dtype: Any, *arrays: Any) -> bool:
+        """Whether every array is a C-contiguous NumPy array of ``dtype`` (a float dtype)."""
+        if np.dtype(dtype) not in (np.float32, np.float64):
+            return False
+        return all(
+            isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous for a in arrays
+        )
+
+    def _out(self, out: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+        if out is None:
+            return np.empty(shape, dtype=dtype)
+        return out
+
+    def _gemm(self, A: Any, B: Any, out: Any) -> Any:
+        return np.matmul(A, B, out=out)
+
+    # --- the ops ----------------------------------------------------------------------------
+
+    def forward_layer(
+        self, a_prev: Any, W: Any, b: Any, activation: str, *, out: Any = None, scratch: Any = None
+    ) -> Any:
+        """``a = f(a_prev @ W.T + b)``: ``(B, n_in) @ (n_out, n_in).T + (n_out,) -> (B, n_out)``.
+
+        One GEMM into ``out``, then bias and activation in one pass over it.
+        """
+        dt = W.dtype
+        out = self._out(out, (a_prev.shape[0], W.shape[0]), dt)
+        if not self._fits(dt, a_prev, W, b, out) or activation not in act.ACTIVATION_IDS:
+            return super().forward_layer(a_prev, W, b, activation, out=out, scratch=scratch)
+        aid = act.ACTIVATION_IDS[activation]
+        no_max = np.empty(0, dtype=dt)
+        if self.blas_in_kernels:
+            with self._threads():
+                K.forward_layer(a_prev, W, b, aid, out, no_max)
+                return out
+        np.matmul(a_prev, W.T, out=out)
+        K.bias_act(out, b, aid, no_max)
+        return out
+
+    def output_delta(
+        self,
+        z: Any,
+        y: Any,
+        output: str,
+        loss: str,
+        *,
+        out: Any = None,
+        scratch: Any = None,
+        rowbuf: Any = None,
+    ) -> tuple[Any, Any]:
+        """``(delta^L, C)`` from ``z`` ``(B, n)`` and targets ``y`` in one pass per row.
+
+        ``y`` is ``(B, n)`` targets or ``(B,)`` integer labels (one-hot rows, never built).
+        Formulas as in :func:`gpubp.reference.output_delta`; ``out`` may be ``z`` (in place).
+        """
+        n = z.shape[1]
+        out = self._out(out, z.shape, z.dtype)
+        if not self._fits(z.dtype, z, out) or loss not in K.LOSS_IDS:
+            return super().output_delta(z, y, output, loss, out=out, scratch=scratch, rowbuf=rowbuf)
+        labels, Y = self._split_targets(y, n, z.dtype)
+        value, _ = K.output_delta(
+            z,
+            Y,
+            labels,
+            act.ACTIVATION_IDS[output],
+            K.LOSS_IDS[loss],
+            out,
+            np.empty(0, dtype=z.dtype),
+        )
+        return out, value
+
+    def _split_targets(
+        self, y: Any, n: int, dtype: Any, ws: NumbaWorkspace | None = None
+    ) -> tuple[Any, Any]:
+        """``(labels, Y)``: int64 labels and an empty Y, or empty labels and ``(B, n)`` Y."""
+        no_y = np.empty((0, 0), dtype=dtype) if ws is None else ws.no_y
+        if y.ndim == 1 and y.dtype.kind in "iu" and n > 1:
+            if y.dtype == np.int64 and y.flags.c_contiguous:
+                return y, no_y
+            if ws is None:
+                return y.astype(np.int64), no_y
+            ws.labels[...] = y
+            return ws.labels, no_y
+        y = y.reshape(y.shape[0], n)
+        if y.dtype != dtype or not y.flags.c_contiguous:
+            y = self._targets(y, n, dtype, out=None if ws is None else ws.y)
+            y = np.ascontiguousarray(y)
+        return _EMPTY_I64, y
+
+    def hidden_delta(
+        self,
+        delta_next: Any,
+        W_next: Any,
+        a: Any,
+        activation: str,
+        *,
+        out: Any = None,
+        scratch: Any = None,
+    ) -> Any:
+        """``delta = (delta_next @ W_next) * f'(a)``: ``(B, n_next) @ (n_next, n) -> (B, n)``.
+
+        One GEMM into ``out``, then the Hadamard product with ``f'`` (from ``a``) in place.
+        """
+        dt = W_next.dtype
+        out = self._out(out, a.shape, dt)
+        if activation not in _HIDDEN or not self._fits(dt, delta_next, W_next, a, out):
+            return super().hidden_delta(delta_next, W_next, a, activation, out=out, scratch=scratch)
+        aid = _HIDDEN[activation]
+        no_db = np.empty(0, dtype=dt)
+        if self.blas_in_kernels:
+            with self._threads():
+                K.hidden_delta(delta_next, W_next, a, aid, out, no_db, no_db)
+                return out
+        np.matmul(delta_next, W_next, out=out)
+        K.dact_mul(out, a, aid, no_db, no_db)
+        return out
+
+    def parameter_gradients(
+        self, delta: Any, a_prev: Any, *, dW: Any = None, db: Any = None
+    ) -> tuple[Any, Any]:
+        """``dW = delta.T @ a_prev`` ``(n_out, B) @ (B, n_in)``; ``db = sum over B of delta``."""
+        dt = delta.dtype
+        dW = self._out(dW, (delta.shape[1], a_prev.shape[1]), dt)
+        db = self._out(db, (delta.shape[1],), dt)
+        if not self._fits(dt, delta, a_prev, dW, db):
+            return super().parameter_gradients(delta, a_prev, dW=dW, db=db)
+        if self.blas_in_kernels:
+            with self._threads():
+                K.weight_gradient(delta, a_prev, dW, 1.0, 0.0)
+        else:
+            np.matmul(delta.T, a_prev, out=dW)
+        K.colsum(delta, db)
+        return dW, db
+
+    def sgd_update(
+        self,
+        param: Any,
+        grad: Any,
+        buf: Any,
+        lr: float,
+        momentum: float,
+        nesterov: bool,
+        weight_decay: float,
+        *,
+        scratch: Any = None,
+    ) -> tuple[Any, Any]:
+        """SGD step in place on ``param`` and ``buf``, one pass; see ``reference.sgd_update``."""
+        mbuf = param if buf is None else buf
+        if not self._fits(param.dtype, param, grad, mbuf):
+            return super().sgd_update(
+                param, grad, buf, lr, momentum, nesterov, weight_decay, scratch=scratch
+            )
+        K.sgd_update(
+            param, grad, mbuf, float(lr), float(momentum), bool(nesterov), float(weight_decay)
+        )
+        return param, buf
+
+    def adam_update(
+        self,
+        param: Any,
+        grad: Any,
+        m: Any,
+        v: Any,
+        step: int,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        decoupled: bool,
+        *,
+        scratch: Any = None,
+    ) -> tuple[Any, Any, Any]:
+        """Adam / AdamW step in place on ``param``, ``m``, ``v``, one pass per parameter."""
+        if not self._fits(param.dtype, param, grad, m, v):
+            return super().adam_update(
+                param,
+                grad,
+                m,
+                v,
+                step,
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                decoupled,
+                scratch=scratch,
+            )
+        K.adam_update(
+            param,
+            grad,
+            m,
+            v,
+            int(step),
+            float(lr),
+            float(beta1),
+            float(beta2),
+            float(eps),
+            float(weight_decay),
+            bool(decoupled),
+        )
+        return param, m, v
+
+    # --- compositions -----------------------------------------------------------------------
+
+    def gradients(
+        self,
+        weights: list[Any],
+        biases: list[Any],
+        x: Any,
+        y: Any,
+        activation: str,
+        output: str,
+        loss: str,
+    ) -> tuple[Any, list[Any], list[Any]]:
+        """``(C, dWs, dbs)`` by backpropagation into this batch shape's workspace buffers.
+
+        One kernel call per GEMM-and-pass; ``db`` is summed inside the passes that make each
+        delta. The returned gradient arrays belong to the workspace: the next call overwrites
+        them.
+        """
+        dt = weights[0].dtype
+        if (
+            not self._own_ops(_GRADIENT_OPS)
+            or not self._fits(dt, *weights, *biases)
+            or activation not in _HIDDEN
+            or loss not in K.LOSS_IDS
+        ):
+            return super().gradients(weights, biases, x, y, activation, output, loss)
+        with self._threads():
+            return self._gradients(weights, biases, x, y, activation, output, loss)
+
+    def _gradients(
+        self,
+        weights: list[Any],
+        biases: list[Any],
+        x: Any,
+        y: Any,
+        activation: str,
+        output: str,
+        loss: str,
+    ) -> tuple[Any, list[Any], list[Any]]:
+        ws, _, value, _ = self._backprop(weights, biases, x, y, activation, output, loss, False)
+        return value, ws.dW, ws.db
+
+    def _backprop(
+        self,
+        weights: list[Any],
+        biases: list[Any],
+        x: Any,
+        y: Any,
+        activation: str,
+        output: str,
+        loss: str,
+        fold: bool,
+    ) -> tuple[NumbaWorkspace, Any, float, list[float]]:
+        """Forward, output delta and every delta (with ``db``) into the workspace.
+
+        Without ``fold`` the weight gradients ``dW`` are computed too, each as soon as its
+        delta exists. With ``fold`` they are not (the SGD step folds them into the weights
+        later), and the returned list holds, per layer ``i``, the bound
+        ``B max|delta^{i+1}| max|a^i|`` on ``|dW^i|``.
+        """
+        L = len(weights)
+        ws = self._workspace_for(weights, x)
+        assert isinstance(ws, NumbaWorkspace)
+        a0 = self._stage(x, ws.a[0])
+        labels, Y = self._split_targets(y, weights[-1].shape[0], weights[0].dtype, ws)
+        aid = _HIDDEN[activation]
+        acts = ws.a
+        cm = ws.cm if fold else ws.no_db
+        in_kernels = self.blas_in_kernels
+        amax = [K.absmax(a0, ws.cm) if fold else 0.0]
+        prev = a0
+        for i in range(L - 1):
+            if in_kernels:
+                m = K.forward_layer(prev, weights[i], biases[i], aid, acts[i + 1], cm)
+            else:
+                np.matmul(prev, weights[i].T, out=acts[i + 1])
+                m = K.bias_act(acts[i + 1], biases[i], aid, cm)
+            amax.append(m)
+            prev = acts[i + 1]
+        z = ws.z_out
+        if in_kernels:
+            K.forward_layer(prev, weights[L - 1], biases[L - 1], 0, z, ws.no_db)
+        else:
+            np.matmul(prev, weights[L - 1].T, out=z)
+            K.bias_act(z, biases[L - 1], 0, ws.no_db)
+        oid = act.ACTIVATION_IDS[output]
+        value, dmax = K.output_delta(z, Y, labels, oid, K.LOSS_IDS[loss], z, ws.db[L - 1])
+        bounds = [0.0] * L
+        B = float(ws.batch)
+        delta = z
+        for i in range(L - 1, -1, -1):
+            a_prev = a0 if i == 0 else acts[i]
+            bounds[i] = B * dmax * amax[i]
+            if not fold:
+                if in_kernels:
+                    K.weight_gradient(delta, a_prev, ws.dW[i], 1.0, 0.0)
+                else:
+                    np.matmul(delta.T, a_prev, out=ws.dW[i])
+            if i > 0:
+                # db[i - 1] is summed in the same pass that makes delta^i
+                d = ws.d[i]
+                if in_kernels:
+                    dmax = K.hidden_delta(delta, weights[i], a_prev, aid, d, ws.db[i - 1], cm)
+                else:
+                    np.matmul(delta, weights[i], out=d)
+                    dmax = K.dact_mul(d, a_prev, aid, ws.db[i - 1], cm)
+                delta = d
+        return ws, a0, value, bounds
+
+    def train_step(
+        self,
+        weights: list[Any],
+        biases: list[Any],
+        x: Any,
+        y: Any,
+        activation: str,
+        output: str,
+        loss: str,
+        optimizer: Any,
+        state: dict[str, Any],
+    ) -> tuple[Any, list[Any], list[Any], dict[str, Any]]:
+        """Forward, loss, backward and update; ``(C, weights, biases, state)``, updated in place.
+
+        Plain SGD (no momentum; weight decay allowed) folds the update into the gradient GEMM,
+        ``W = -lr delta.T @ a_prev + (1 - lr wd) W``, so ``dW`` is never written nor read
+        back. That is done only when it provably cannot produce NaN or infinity: the loss and
+        every ``db`` are finite (so every delta is), and ``lr B max|delta| max|a|`` is far
+        below the dtype's largest number for every layer. Otherwise (and for the other
+        optimizers) all gradients are computed, checked, then applied, as in the base class.
+        Either way, if the loss or a gradient is not finite,
+        :class:`~gpubp.errors.NonFiniteLossError` is raised with nothing changed.
+        """
+        fold = (
+            self.blas_in_kernels
+            and optimizer.kind == "sgd"
+            and not optimizer.momentum
+            and optimizer.lr * optimizer.weight_decay <= 1.0
+            and self._own_ops(_GRADIENT_OPS + _UPDATE_OPS)
+            and activation in _HIDDEN
+            and loss in K.LOSS_IDS
+            and self._fits(weights[0].dtype, *weights, *biases)
+        )
+        if not fold:
+            return super().train_step(
+                weights, biases, x, y, activation, output, loss, optimizer, state
+            )
+        with self._threads():
+            ws, a0, value, bounds = self._backprop(
+                weights, biases, x, y, activation, output, loss, True
+            )
+            L = len(weights)
+            lr, wd = float(optimizer.lr), float(optimizer.weight_decay)
+            limit = float(np.finfo(weights[0].dtype).max) * 2.0**-60
+            safe = np.isfinite(value) and all((bd <= limit and lr * bd <= limit) for bd in bounds)
+            if safe:
+                for db in ws.db:
+                    if K.has_nonfinite(db):
+                        safe = False
+                        break
+            if not safe:  # compute dW the plain way; check_finite raises if anything is off
+                for i in range(L):
+                    delta = ws.z_out if i == L - 1 else ws.d[i + 1]
+                    K.weight_gradient(delta, a0 if i == 0 else ws.a[i], ws.dW[i], 1.0, 0.0)
+                self.check_finite(value, ws.dW, ws.db)
+                self.update_parameters([*weights, *biases], [*ws.dW, *ws.db], optimizer, state)
+                return value, weights, biases, state
+            shrink = 1.0 - lr * wd
+            for i in range(L):
+                delta = ws.z_out if i == L - 1 else ws.d[i + 1]
+                K.weight_gradient(delta, a0 if i == 0 else ws.a[i], weights[i], -lr, shrink)
+                K.sgd_update(biases[i], ws.db[i], biases[i], lr, 0.0, False, wd)
+            state["step"] = int(state["step"]) + 1
+        return value, weights, biases, state
+
+    def update_parameters(
+        self,
+        params: list[Any],
+        grads: list[Any],
+        optimizer: Any,
+        state: dict[str, Any],
+        *,
+        scratch: Any = None,
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """Apply ``optimizer`` to every parameter in place, one kernel pass per parameter."""
+        step = int(state["step"]) + 1
+        if not self._own_ops(_UPDATE_OPS) or not self._fits(params[0].dtype, *params, *grads):
+            return super().update_parameters(params, grads, optimizer, state, scratch=scratch)
+        if optimizer.kind == "sgd":
+            lr, mu, wd = (
+                float(optimizer.lr),
+                float(optimizer.momentum),
+                float(optimizer.weight_decay),
+            )
+            nesterov = bool(optimizer.nesterov)
+            bufs = state.get("momentum_buffer", params)
+            for p, g, buf in zip(params, grads, bufs):
+                K.sgd_update(p, g, buf, lr, mu, nesterov, wd)
+        else:
+            beta1, beta2 = (float(b) for b in optimizer.betas)
+            lr, eps = float(optimizer.lr), float(optimizer.eps)
+            wd, decoupled = float(optimizer.weight_decay), bool(optimizer.decoupled)
+            for p, g, m, v in zip(params, grads, state["exp_avg"], state["exp_avg_sq"]):
+                K.adam_update(p, g, m, v, step, lr, beta1, beta2, eps, wd, decoupled)
+        state["step"] = step
+        return params, state
+
+    def check_finite(self, value: Any, dWs: list[Any], dbs: list[Any]) -> None:
+        """Raise :class:`NonFiniteLossError` if the loss or a gradient holds NaN or infinity."""
+        finite = np.isfinite(float(value))
+        if finite:
+            for grads in (dWs, dbs):
+                for g in grads:
+                    if isinstance(g, np.ndarray) and g.dtype.kind == "f" and g.flags.c_contiguous:
+                        if K.has_nonfinite(g):
+                            finite = False
+                            break
+                    elif not np.isfinite(g).all():
+                        finite = False
+                        break
+        if not finite:
+            super().check_finite(value, dWs, dbs)  # raises, with the message naming the tensor

@@ -1,0 +1,414 @@
+"""The Numba backend's fused elementwise kernels (``@njit``, serial, cached on disk).
+
+Each kernel is one pass over its arrays, run while the data is hot after the GEMM that made it:
+
+- :func:`bias_act`: ``z = f(z + b)`` in place on the forward GEMM's output ``(B, n)``;
+- :func:`dact_mul`: ``g *= f'(a)`` in place on the backward GEMM's output, with the bias
+  gradient ``db = sum over B of g`` in the same pass;
+- :func:`output_delta`: loss value and ``delta^L`` in one pass per row, from ``z`` ``(B, n)``;
+- :func:`sgd_update`, :func:`adam_update`: one pass over each parameter;
+- :func:`colsum`, :func:`has_nonfinite`: the remaining reductions;
+- :func:`forward_layer`, :func:`hidden_delta`, :func:`weight_gradient`: a GEMM in NumPy's BLAS
+  (see :mod:`.numba_blas`) and the pass that follows it, one call from Python per layer. They
+  live in this module, next to the kernels they inline, because Numba's on-disk cache checks
+  only the source file of the function it caches: a kernel inlined from another module could
+  change without invalidating the cached caller.
+
+The activation rules are written once, as scalar functions (:func:`act_value`,
+:func:`act_prime`), and inlined into every loop that needs them; the activation id is a runtime
+argument that is constant over each loop, so LLVM hoists the branch out of it (one compiled
+specialisation per dtype, not per activation). Ids are those of :mod:`gpubp.activations`.
+
+Loss values are accumulated in float64 whatever the dtype. No kernel uses ``fastmath``: the
+reordering it allows would move results away from the reference by more than rounding in the
+log-sum-exp and softplus terms, and the elementwise passes are memory-bound anyway.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from ..activations import ACTIVATION_IDS, LEAKY_SLOPE
+from .numba_blas import gemm
+
+IDENTITY = ACTIVATION_IDS["identity"]
+SIGMOID = ACTIVATION_IDS["sigmoid"]
+TANH = ACTIVATION_IDS["tanh"]
+RELU = ACTIVATION_IDS["relu"]
+LEAKY_RELU = ACTIVATION_IDS["leaky_relu"]
+SOFTMAX = ACTIVATION_IDS["softmax"]
+
+#: Loss name -> id used by :func:`output_delta`.
+LOSS_IDS: dict[str, int] = {"mse": 0, "cross_entropy": 1, "binary_cross_entropy": 2}
+MSE, CROSS_ENTROPY, BCE = 0, 1, 2
+
+# every kernel: cached on disk, releases the GIL, no ZeroDivisionError checks (IEEE results)
+_jit = njit(cache=True, nogil=True, error_model="numpy")
+_inline = njit(inline="always", cache=True, nogil=True, error_model="numpy")
+
+
+@_inline
+def act_value(v, act):  # type: ignore[no-untyped-def]
+    """``f(v)`` for an elementwise activation id (softmax is handled per row by the callers)."""
+    if act == RELU:
+        return 0.0 if v < 0 else v  # NaN passes through, as np.maximum does
+    if act == LEAKY_RELU:
+        return v if v > 0 else v * LEAKY_SLOPE
+    if act == SIGMOID:
+        return 1 / (1 + np.exp(-v))  # exp overflow gives the exact limit 0
+    if act == TANH:
+        return np.tanh(v)
+    return v
+
+
+@_inline
+def act_prime(a, act):  # type: ignore[no-untyped-def]
+    """``f'(z)`` written with the output ``a = f(z)`` (see :mod:`gpubp.activations`)."""
+    if act == RELU:
+        return 1.0 if a > 0 else 0.0
+    if act == LEAKY_RELU:
+        return 1.0 if a > 0 else LEAKY_SLOPE
+    if act == SIGMOID:
+        return a * (1 - a)
+    if act == TANH:
+        return 1 - a * a
+    return 1.0
+
+
+@_jit
+def bias_act(z, b, act, cm):  # type: ignore[no-untyped-def]
+    """``z = f(z + b)`` in place: ``(B, n) + (n,)``; softmax normalises each row.
+
+    If ``cm`` has at least ``n`` entries, returns ``max |f(z + b)|`` (kept per column in
+    ``cm`` so the loop still vectorises), else 0. One loop per activation: a branch or a math
+    call inside the inner loop would stop LLVM from vectorising it.
+    """
+    B, n = z.shape
+    with_max = cm.shape[0] >= n and n > 0 and act != SOFTMAX
+    if with_max:
+        cm[:n] = 0
+    for i in range(B):
+        row = z[i]
+        if act == RELU:
+            for j in range(n):
+                row[j] = act_value(row[j] + b[j], RELU)
+        elif act == LEAKY_RELU:
+            for j in range(n):
+                row[j] = act_value(row[j] + b[j], LEAKY_RELU)
+        elif act == SIGMOID:
+            for j in range(n):
+                row[j] = act_value(row[j] + b[j], SIGMOID)
+        elif act == TANH:
+            for j in range(n):
+                row[j] = act_value(row[j] + b[j], TANH)
+        else:
+            for j in range(n):
+                row[j] += b[j]
+            if act == SOFTMAX:
+                _softmax_row(row)
+        if with_max:
+            for j in range(n):
+                cm[j] = max(cm[j], abs(row[j]))
+    return _max(cm[:n]) if with_max else 0.0
+
+
+@_jit
+def absmax(x, cm):  # type: ignore[no-untyped-def]
+    """``max |x|`` over ``(B, n)``, with ``cm`` (``2 n`` entries or more) as per-column scratch;
+    inf if ``x`` holds NaN or infinity (``x - x`` is NaN exactly there)."""
+    B, n = x.shape
+    cmax = cm[:n]
+    bad = cm[n : 2 * n]
+    cmax[:] = 0
+    bad[:] = 0
+    for i in range(B):
+        row = x[i]
+        for j in range(n):
+            cmax[j] = max(cmax[j], abs(row[j]))
+        for j in range(n):
+            bad[j] += row[j] - row[j]
+    for j in range(n):
+        if not bad[j] == 0:
+            return np.inf
+    return _max(cmax)
+
+
+@_inline
+def _max(cm):  # type: ignore[no-untyped-def]
+    m = 0.0
+    for j in range(cm.shape[0]):
+        m = max(m, float(cm[j]))
+    return m
+
+
+@_inline
+def _softmax_row(row):  # type: ignore[no-untyped-def]
+    n = row.shape[0]
+    m = row[0]
+    for j in range(1, n):
+        m = max(m, row[j])
+    s = row[0] * 0
+    for j in range(n):
+        e = np.exp(row[j] - m)
+        row[j] = e
+        s += e
+    inv = 1 / s
+    for j in range(n):
+        row[j] *= inv
+    return s
+
+
+@_jit
+def dact_mul(g, a, act, db, cm):  # type: ignore[no-untyped-def]
+    """``g *= f'(a)`` in place ``(B, n)``; if ``db`` has ``n`` entries, ``db = sum_B g`` too.
+
+    If ``cm`` has at least ``n`` entries, returns ``max |g|`` after the product (else 0).
+    """
+    B, n = g.shape
+    with_db = db.shape[0] == n
+    with_max = cm.shape[0] >= n and n > 0
+    if with_db:
+        db[:] = 0
+    if with_max:
+        cm[:n] = 0
+    for i in range(B):
+        grow = g[i]
+        arow = a[i]
+        if act != IDENTITY:
+            for j in range(n):
+                grow[j] *= act_prime(arow[j], act)
+        if with_db:
+            for j in range(n):
+                db[j] += grow[j]
+        if with_max:
+            for j in range(n):
+                cm[j] = max(cm[j], abs(grow[j]))
+    return _max(cm[:n]) if with_max else 0.0
+
+
+@_jit
+def colsum(d, db):  # type: ignore[no-untyped-def]
+    """``db = sum over B of d``: ``(B, n) -> (n,)``, row by row so the reads stay contiguous."""
+    B, n = d.shape
+    db[:] = 0
+    for i in range(B):
+        row = d[i]
+        for j in range(n):
+            db[j] += row[j]
+    return db
+
+
+@_jit
+def output_delta(z, Y, labels, out_act, loss, out, db):  # type: ignore[no-untyped-def]
+    """Loss value ``C`` and ``delta^L`` (into ``out``, which may be ``z``), one pass per row.
+
+    ``z``: ``(B, n)`` output pre-activation. Targets: ``labels`` ``(B,)`` int64 class indices
+    when it has ``B`` entries (one-hot rows, never built), else the dense ``Y`` ``(B, n)``.
+    If ``db`` has ``n`` entries it receives ``sum over B of delta^L`` in the same pass.
+
+    - cross-entropy (softmax): per row ``lse(z) sum_j Y_j - Y.z``, ``delta = (softmax - Y)/B``;
+    - binary cross-entropy (sigmoid): per element
+      ``(1 - y) max(z, 0) - y min(z, 0) + log1p(exp(-|z|))``, ``delta = (sigmoid - y)/B``;
+      written that way no large terms cancel when ``z`` is confidently right;
+    - mse: ``(a - Y)^2 / 2`` and ``delta = J_f^T (a - Y) / B``.
+
+    Returns ``(C, max |delta^L|)`` as float64 (``C`` the batch mean). Raises ValueError for a
+    label outside ``[0, n)``.
+    """
+    B, n = z.shape
+    use_labels = labels.shape[0] == B and B > 0
+    with_db = db.shape[0] == n
+    if with_db:
+        db[:] = 0
+    inv_b = 1.0 / B
+    total = 0.0
+    dmax = 0.0
+    for i in range(B):
+        zr = z[i]
+        orow = out[i]
+        lab = -1
+        if use_labels:
+            lab = labels[i]
+            if lab < 0 or lab >= n:
+                raise ValueError("a label is outside [0, n_outputs)")
+        if loss == CROSS_ENTROPY and use_labels:
+            # one-hot row: C_i = lse(z) - z_lab, delta = softmax / B minus 1/B at the label
+            zl = float(zr[lab])  # read before the row is overwritten (out may be z)
+            m = zr[0]
+            for j in range(1, n):
+                m = max(m, zr[j])
+            s = zr[0] * 0
+            for j in range(n):
+                e = np.exp(zr[j] - m)
+                orow[j] = e
+                s += e
+            total += math.log(float(s)) + float(m) - zl
+            scale = 1 / s * inv_b
+            for j in range(n):
+                orow[j] *= scale
+            orow[lab] -= inv_b
+            # |softmax - onehot| / B <= 1 / B: the bound on |delta| needs no pass
+            dmax = inv_b
+            if with_db:
+                for j in range(n):
+                    db[j] += orow[j]
+            continue
+        elif loss == CROSS_ENTROPY:
+            m = zr[0]
+            for j in range(1, n):
+                m = max(m, zr[j])
+            s = 0.0
+            ysum = 0.0
+            yz = 0.0
+            for j in range(n):
+                zj = zr[j]
+                yj = (1.0 if j == lab else 0.0) if use_labels else float(Y[i, j])
+                ysum += yj
+                yz += yj * (float(zj) - float(m))
+                e = np.exp(zj - m)
+                orow[j] = e
+                s += float(e)
+            total += math.log(s) * ysum - yz
+            scale = 1.0 / s
+            for j in range(n):
+                yj = (1.0 if j == lab else 0.0) if use_labels else float(Y[i, j])
+                orow[j] = (orow[j] * scale - yj) * inv_b
+        elif loss == BCE:
+            for j in range(n):
+                zj = zr[j]
+                yj = (1.0 if j == lab else 0.0) if use_labels else float(Y[i, j])
+                zf = float(zj)
+                total += (
+                    (1.0 - yj) * max(zf, 0.0) - yj * min(zf, 0.0) + math.log1p(math.exp(-abs(zf)))
+                )
+                orow[j] = (act_value(zj, SIGMOID) - yj) * inv_b
+        else:  # mse
+            for j in range(n):
+                orow[j] = act_value(zr[j], out_act)
+            if out_act == SOFTMAX:
+                _softmax_row(orow)
+                ga = 0.0
+                for j in range(n):
+                    yj = (1.0 if j == lab else 0.0) if use_labels else float(Y[i, j])
+                    r = float(orow[j]) - yj
+                    total += 0.5 * r * r
+                    ga += r * inv_b * float(orow[j])
+                for j in range(n):
+                    yj = (1.0 if j == lab else 0.0) if use_labels else float(Y[i, j])
+                    aj = float(orow[j])
+                    orow[j] = aj * ((aj - yj) * inv_b - ga)
+            else:
+                for j in range(n):
+                    yj = (1.0 if j == lab else 0.0) if use_labels else float(Y[i, j])
+                    aj = orow[j]
+                    r = float(aj) - yj
+                    total += 0.5 * r * r
+                    orow[j] = r * inv_b * act_prime(aj, out_act)
+        for j in range(n):
+            dmax = max(dmax, abs(float(orow[j])))
+            if with_db:
+                db[j] += orow[j]
+    return total * inv_b, dmax
+
+
+@_jit
+def has_nonfinite(x):  # type: ignore[no-untyped-def]
+    """Whether ``x`` holds NaN or infinity: ``x - x`` is NaN exactly there (branch-free loop)."""
+    flat = x.reshape(x.size)
+    count = 0  # an integer sum vectorises; a float one would not (no reassociation allowed)
+    for k in range(flat.shape[0]):
+        count += (flat[k] - flat[k]) != 0
+    return count > 0
+
+
+@_jit
+def sgd_update(p, g, buf, lr, momentum, nesterov, weight_decay):  # type: ignore[no-untyped-def]
+    """One pass: ``g' = g + wd p``; ``buf = mu buf + g'``; ``p -= lr (g' + mu buf or buf)``.
+
+    ``buf`` is ignored when ``momentum`` is 0 (pass any array of ``p``'s size).
+    """
+    P = p.reshape(p.size)
+    G = g.reshape(g.size)
+    if momentum == 0.0:
+        if weight_decay == 0.0:
+            for k in range(P.shape[0]):
+                P[k] -= lr * G[k]
+        else:
+            for k in range(P.shape[0]):
+                P[k] -= lr * (G[k] + weight_decay * P[k])
+        return p
+    M = buf.reshape(buf.size)
+    for k in range(P.shape[0]):
+        gk = G[k] + weight_decay * P[k]
+        m = momentum * M[k] + gk
+        M[k] = m
+        if nesterov:
+            P[k] -= lr * (gk + momentum * m)
+        else:
+            P[k] -= lr * m
+    return p
+
+
+@_jit
+def adam_update(  # type: ignore[no-untyped-def]
+    p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled
+):
+    """One pass of Adam (``decoupled=False``, L2 added to ``g``) or AdamW (decoupled decay).
+
+    ``m = b1 m + (1 - b1) g``; ``v = b2 v + (1 - b2) g^2``;
+    ``p -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)``.
+    """
+    P = p.reshape(p.size)
+    G = g.reshape(g.size)
+    Mv = m.reshape(m.size)
+    V = v.reshape(v.size)
+    step_size = lr / (1.0 - beta1**step)
+    inv_sqrt_bc2 = 1.0 / math.sqrt(1.0 - beta2**step)
+    shrink = 1.0 - lr * weight_decay if decoupled else 1.0
+    l2 = 0.0 if decoupled else weight_decay
+    for k in range(P.shape[0]):
+        pk = P[k]
+        gk = G[k] + l2 * pk
+        mk = beta1 * Mv[k] + (1.0 - beta1) * gk
+        vk = beta2 * V[k] + (1.0 - beta2) * gk * gk
+        Mv[k] = mk
+        V[k] = vk
+        P[k] = pk * shrink - step_size * mk / (math.sqrt(vk) * inv_sqrt_bc2 + eps)
+    return p
+
+
+@_jit
+def forward_layer(a_prev, W, b, act, out, cm):  # type: ignore[no-untyped-def]
+    """``out = f(a_prev @ W.T + b)``: GEMM ``(B, n_in) @ (n_out, n_in).T``, then bias and
+    activation in one pass over ``out`` ``(B, n_out)`` while it is in cache. Returns
+    ``max |out|`` if ``cm`` has ``n_out`` entries (see :func:`bias_act`), else 0."""
+    B, n_in = a_prev.shape
+    n_out = W.shape[0]
+    gemm(False, True, B, n_out, n_in, 1.0, a_prev, n_in, W, n_in, 0.0, out, n_out)
+    return bias_act(out, b, act, cm)
+
+
+@_jit
+def hidden_delta(delta_next, W_next, a, act, out, db, cm):  # type: ignore[no-untyped-def]
+    """``out = (delta_next @ W_next) * f'(a)``: GEMM ``(B, n_next) @ (n_next, n)``, then the
+    Hadamard product in place, and ``db = sum over B of out`` when ``db`` has ``n`` entries.
+    Returns ``max |out|`` if ``cm`` has ``n`` entries, else 0."""
+    B, n_next = delta_next.shape
+    n = W_next.shape[1]
+    gemm(False, False, B, n, n_next, 1.0, delta_next, n_next, W_next, n, 0.0, out, n)
+    return dact_mul(out, a, act, db, cm)
+
+
+@_jit
+def weight_gradient(delta, a_prev, dW, alpha, beta):  # type: ignore[no-untyped-def]
+    """``dW = alpha delta.T @ a_prev + beta dW``: ``(n_out, B) @ (B, n_in)``.
+
+    With ``alpha = -lr`` and ``beta = 1`` and ``dW`` the weights, this is the SGD step folded
+    into the GEMM."""
+    B, n_out = delta.shape
+    n_in = a_prev.shape[1]
+    gemm(True, False, n_out, n_in, B, alpha, delta, n_out, a_prev, n_in, beta, dW, n_in)
+    return dW
