@@ -44,7 +44,7 @@ def _close(got, expected, dtype, factor=1.0):
 
 @pytest.mark.parametrize("op", OPS)
 def test_signatures_match_reference(op):
-    from test_backends import test_backend_signatures_match_reference
+    from .test_backends import test_backend_signatures_match_reference
 
     test_backend_signatures_match_reference(NumbaBackend, op)
 
@@ -315,7 +315,7 @@ def test_steady_state_allocates_nothing(opt_name):
     the kernels themselves make no arrays: they only take views of their arguments.)"""
     from numba.core.runtime import _nrt_python as _nrt
     from numba.core.runtime import rtsys
-    from test_memory import OPTIMIZERS, measure
+    from .test_memory import OPTIMIZERS, measure
 
     be = NumbaBackend()
     model = gpubp.MLP([64, 128, 128, 10], backend=be, dtype="float32", seed=0)
