@@ -1,4 +1,4 @@
-"""The ``gpubp`` command line: ``gpubp check`` and ``gpubp info``."""
+"""The ``gpubp`` command line: ``gpubp check``, ``gpubp info`` and ``gpubp bench``."""
 
 from __future__ import annotations
 
@@ -133,6 +133,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from .bench import add_arguments
+
+    add_arguments(parser)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpubp",
@@ -155,6 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_check)
     info = sub.add_parser("info", help="list backends, devices and library versions")
     info.set_defaults(func=_cmd_info)
+    bench = sub.add_parser(
+        "bench",
+        help="time every backend against PyTorch and the GEMM floor",
+        description="Time one train step of every available backend side by side with PyTorch "
+        "(where installed) and the GEMM-only floor on the standard shapes, each checked against "
+        "the float64 reference first. Exit status 1 if a backend fails its check.",
+    )
+    _add_bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 
