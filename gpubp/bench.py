@@ -393,6 +393,10 @@ class TorchCandidate(Candidate):
         self.x = t.as_tensor(problem.x, device=dev)
         self.y = t.as_tensor(problem.y, device=dev)
         self.opt = t.optim.SGD(model.parameters(), lr=LR)
+        if self.mode == "compile":
+            # forget earlier compilations: after a different batch size, torch.compile would
+            # otherwise recompile for dynamic shapes, which is not what a fixed-shape loop gets
+            t.compiler.reset()
         fn = t.compile(model) if self.mode == "compile" else model
         F = t.nn.functional
 
@@ -413,7 +417,7 @@ class TorchCandidate(Candidate):
             t.cuda.current_stream().wait_stream(side)
             graph = t.cuda.CUDAGraph()
             self.opt.zero_grad(set_to_none=True)
-            with t.cuda.graph(graph):
+            with t.cuda.graph(graph, stream=side):  # the stream the warm-up ran on
                 static_loss = F.cross_entropy(model(self.x), self.y)
                 static_loss.backward()
                 self.opt.step()

@@ -120,6 +120,21 @@ def test_round_robin_interleaves_and_synchronises():
     assert rounds == [["a", "a", "b", "b"], ["b", "b", "a", "a"]] * 2
 
 
+def test_floor_copy_moves_the_elementwise_bytes():
+    # counted by hand for [13, 7, 5], batch 3, float32: bias + activation 2*3*(7+5), softmax
+    # 2*3*5, hidden Hadamard 3*3*7, bias gradients 3*(7+5), SGD 3*(13*7+7 + 7*5+5) elements,
+    # and 3 int64 labels
+    assert bench.elementwise_bytes((13, 7, 5), 3, 4) == (72 + 30 + 63 + 36 + 414) * 4 + 24
+    # the GPU floor's copy term, exercised here with NumPy standing in for CuPy
+    problem = bench.make_problem((13, 7, 5), 3, "float32", with_reference=False)
+    floor = bench.FloorCandidate(np, "cpu", copy=True)
+    floor.setup(problem)
+    assert floor.label == "floor: GEMM+copy" and floor.src.nbytes == 2484 // 2
+    floor.dst[...] = 0
+    assert floor.validate(problem) <= TOLERANCE["float32"]
+    assert (floor.dst == 1).all()
+
+
 def test_stats_and_flop_count():
     st = bench.Stats.of([4.0, 1.0, 2.0, 3.0, 100.0])
     assert (st.median, st.min, st.max) == (3.0, 1.0, 100.0)
