@@ -606,7 +606,7 @@ def time_round_robin(
     steps: dict[str, int] = {}
     for c in cands:
         _run(c, 2)  # warm-up: first-call costs (allocation, compilation, capture)
-        once = min(_run(c, 1) for _ in range(3))
+        once = sorted(_run(c, 1) for _ in range(3))[1]  # the median: robust to a stall
         steps[c.label] = max(1, math.ceil(min_time / max(once, 1e-9)))
     samples: dict[str, list[float]] = {c.label: [] for c in cands}
     for r in range(repeats):
