@@ -321,7 +321,8 @@ class BackendCandidate(Candidate):
 
     def peak_bytes(self, problem: Problem) -> tuple[int | None, str]:
         if self.device == CPU:
-            return _traced_peak(self, problem), "tracemalloc"
+            peak, self.step_bytes = _traced_peak(self, problem)
+            return peak, "tracemalloc"
         cp = _cupy()
         pool = cp.get_default_memory_pool()
         cp.cuda.Device().synchronize()
@@ -335,8 +336,9 @@ class BackendCandidate(Candidate):
         return int(pool.total_bytes() - base), "CuPy memory pool"
 
 
-def _traced_peak(c: Candidate, problem: Problem) -> int:
-    """Peak bytes traced by tracemalloc over a fresh setup and two steps of ``c``."""
+def _traced_peak(c: Candidate, problem: Problem) -> tuple[int, int]:
+    """Bytes traced by tracemalloc: the peak over a fresh setup and two steps of ``c``, and the
+    peak of a third step above what was held before it (what a steady-state step allocates)."""
     gc.collect()
     tracemalloc.start()
     try:
@@ -344,7 +346,11 @@ def _traced_peak(c: Candidate, problem: Problem) -> int:
         c.setup(problem)
         for _ in range(2):
             c.step()
-        return int(tracemalloc.get_traced_memory()[1] - base)
+        peak = tracemalloc.get_traced_memory()[1] - base
+        tracemalloc.reset_peak()
+        held = tracemalloc.get_traced_memory()[0]
+        c.step()
+        return int(peak), int(tracemalloc.get_traced_memory()[1] - held)
     finally:
         tracemalloc.stop()
 
@@ -642,6 +648,7 @@ class Row:
     x_torch: float | None = None
     peak_bytes: int | None = None
     peak_how: str = ""
+    step_alloc_bytes: int | None = None  # CPU: what one steady-state step allocates at its peak
     error: str | None = None
 
 
@@ -846,7 +853,7 @@ def _group(
                 f"{where}: {row.error}; not timed"
             )
     stats = time_round_robin(cands, repeats, min_time, progress)
-    del cands, c
+    cands.clear()  # free their buffers before the memory pass
     gc.collect()
     flops = step_flops(shape.sizes, batch)
     floors = {r.candidate: r for r in rows if r.kind == "floor" and r.error is None}
@@ -874,7 +881,10 @@ def _group(
                 continue
             progress.update(f"{m.label}: peak memory")
             try:
-                row.peak_bytes, row.peak_how = m.make().peak_bytes(problem)
+                fresh = m.make()
+                row.peak_bytes, row.peak_how = fresh.peak_bytes(problem)
+                row.step_alloc_bytes = getattr(fresh, "step_bytes", None)
+                del fresh
             except Exception as exc:
                 row.peak_how = f"failed: {type(exc).__name__}: {exc}"
             gc.collect()
