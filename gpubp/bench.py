@@ -18,7 +18,10 @@ anything is timed, every candidate's first step is compared with the float64 ref
 compared with float64 products. A candidate that disagrees is reported and not timed.
 
 Each timed sample runs a candidate for at least ``min_time`` seconds (``n`` steps, the device
-synchronised inside the timed region) after one untimed step that re-warms its caches; the
+synchronised inside the timed region) after a pause of ``settle`` seconds and one untimed step
+that re-warms its caches. The pause matters on a small machine: after a call, OpenBLAS keeps a
+worker thread spinning for about 0.1 s, which would take a core from whichever candidate runs
+next (PyTorch's OpenMP threads, measured here, barely spin). The
 table gives the median, min and max over the samples, and the spread
 ``(q75 - q25) / median``. Peak memory is measured in a separate, untimed pass.
 """
@@ -56,6 +59,8 @@ LR = 0.01
 
 DEFAULT_REPEATS, QUICK_REPEATS = 21, 7
 DEFAULT_MIN_TIME, QUICK_MIN_TIME = 0.05, 0.01
+#: Seconds to wait before each sample, for the previous candidate's spinning threads to sleep.
+DEFAULT_SETTLE = 0.15
 #: A spread ``(q75 - q25) / median`` above this is flagged as too wide to trust.
 SPREAD_WARN = 0.10
 
@@ -602,12 +607,14 @@ def time_round_robin(
     repeats: int,
     min_time: float,
     progress: Progress | None = None,
+    settle: float = 0.0,
 ) -> dict[str, Stats]:
     """Per candidate, :class:`Stats` of seconds per step over ``repeats`` samples.
 
     Each candidate is warmed up and calibrated to ``n`` steps per sample (at least ``min_time``
     seconds); then sample ``r`` of every candidate is taken before sample ``r + 1`` of any, the
-    order reversed every other round, each sample after one untimed re-warming step.
+    order reversed every other round, each sample after a pause of ``settle`` seconds and one
+    untimed re-warming step.
     """
     steps: dict[str, int] = {}
     for c in cands:
@@ -620,6 +627,8 @@ def time_round_robin(
         for c in order:
             if progress is not None:
                 progress.update(f"{c.label}: sample {r + 1}/{repeats}")
+            if settle:
+                time.sleep(settle)
             _run(c, 1)
             n = steps[c.label]
             samples[c.label].append(_run(c, n) / n)
@@ -661,6 +670,7 @@ class BenchConfig:
     dtypes: list[str] = field(default_factory=lambda: ["float32"])
     repeats: int = DEFAULT_REPEATS
     min_time: float = DEFAULT_MIN_TIME
+    settle: float = DEFAULT_SETTLE
     torch: bool = True
     memory: bool = True
     sweep_shape: BenchShape | None = None
@@ -819,6 +829,7 @@ def _group(
     *,
     repeats: int,
     min_time: float,
+    settle: float,
     memory: bool,
     seed: int,
 ) -> list[Row]:
@@ -852,7 +863,7 @@ def _group(
             (report.absent if m.kind == "torch" else report.failures).append(
                 f"{where}: {row.error}; not timed"
             )
-    stats = time_round_robin(cands, repeats, min_time, progress)
+    stats = time_round_robin(cands, repeats, min_time, progress, settle)
     cands.clear()  # free their buffers before the memory pass
     gc.collect()
     flops = step_flops(shape.sizes, batch)
@@ -895,7 +906,10 @@ def run_bench(config: BenchConfig, progress_stream: TextIO | None = sys.stderr) 
     """Run the benchmark described by ``config``; see the module docstring."""
     report = BenchReport(meta=environment())
     report.meta.update(
-        repeats=config.repeats, min_time_s=config.min_time, command=command_line(config)
+        repeats=config.repeats,
+        min_time_s=config.min_time,
+        settle_s=config.settle,
+        command=command_line(config),
     )
     makers = _makers(config, report, gpu_status())
     progress = Progress(progress_stream)
@@ -924,6 +938,7 @@ def run_bench(config: BenchConfig, progress_stream: TextIO | None = sys.stderr) 
                     progress,
                     repeats=config.repeats,
                     min_time=config.min_time,
+                    settle=config.settle,
                     memory=config.memory,
                     seed=config.seed,
                 )
@@ -976,6 +991,7 @@ def _sweep(
                 progress,
                 repeats=max(3, config.repeats // 3),
                 min_time=config.min_time,
+                settle=config.settle,
                 memory=False,
                 seed=config.seed,
             )
@@ -1145,6 +1161,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-time", type=float, help="seconds each sample runs at least (overrides --quick)"
     )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=DEFAULT_SETTLE,
+        help=f"seconds to pause before each sample so the previous candidate's spinning BLAS "
+        f"threads go to sleep (default {DEFAULT_SETTLE:g})",
+    )
     parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--json", metavar="PATH", help="also write every measurement as JSON")
@@ -1197,6 +1220,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
     if not min_time >= 0:
         raise ValueError(f"--min-time: {min_time} must be a number of seconds >= 0")
+    if not args.settle >= 0:
+        raise ValueError(f"--settle: {args.settle} must be a number of seconds >= 0")
     sweep = None
     if args.plot:
         if importlib.util.find_spec("matplotlib") is None:
@@ -1211,6 +1236,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         dtypes=dtypes,
         repeats=repeats,
         min_time=min_time,
+        settle=args.settle,
         torch=not args.no_torch,
         memory=not args.no_memory,
         sweep_shape=sweep,
@@ -1226,6 +1252,7 @@ def command_line(config: BenchConfig) -> str:
         parts += ["--backends", ",".join(config.backends)]
     parts += ["--dtypes", ",".join(config.dtypes)]
     parts += ["--repeats", str(config.repeats), "--min-time", f"{config.min_time:g}"]
+    parts += ["--settle", f"{config.settle:g}"]
     parts += [] if config.torch else ["--no-torch"]
     parts += [] if config.memory else ["--no-memory"]
     parts += [] if config.seed == 0 else ["--seed", str(config.seed)]

@@ -17,7 +17,8 @@ from gpubp.backends.numpy_backend import NumpyBackend
 from gpubp.check import TOLERANCE
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--shapes", "13-7-5@3,9-6-4-3@17", "--repeats", "3", "--min-time", "0", "--no-progress"]
+TINY = ["--shapes", "13-7-5@3,9-6-4-3@17", "--repeats", "3", "--min-time", "0", "--settle", "0"]
+TINY += ["--no-progress"]
 
 
 def _has(module: str) -> bool:
@@ -48,7 +49,7 @@ def test_bench_runs_checks_and_writes_json(tmp_path, capsys):
         # parameters alone are this many bytes; the footprint of a step holds at least them
         params = sum(a * b + b for a, b in zip(r["sizes"][:-1], r["sizes"][1:]))
         assert r["peak_bytes"] >= params * np.dtype(r["dtype"]).itemsize
-        assert r["peak_how"] == "tracemalloc"
+        assert r["peak_how"] == "tracemalloc" and r["step_alloc_bytes"] >= 0
     assert data["meta"]["command"].startswith("gpubp bench --shapes 13-7-5@3,9-6-4-3@17")
     # every GPU-only part says why it is absent
     absent = " ".join(data["absent"])
