@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,8 +101,14 @@ def assert_close(value: Any, expected: Any, tol: float, what: str, floor: float 
     assert err <= tol, f"{what}: relative error {err:.2e} against the reference > {tol:g}"
 
 
-def run_and_record(benchmark: Any, case: Case, fn: Any, flops: float, nbytes: float) -> None:
-    """Time ``fn`` with the device synchronised inside the timed region; record GFLOP/s, GB/s."""
+def run_and_record(
+    benchmark: Any, case: Case, fn: Any, flops: float, nbytes: float, setup: Any = None
+) -> None:
+    """Time ``fn`` with the device synchronised inside the timed region; record GFLOP/s, GB/s.
+
+    With ``setup``, every round is one call of ``fn`` after an untimed ``setup()`` (rounds enough
+    for about a second), through ``benchmark.pedantic``.
+    """
     be = case.be
 
     def timed() -> None:
@@ -112,7 +119,15 @@ def run_and_record(benchmark: Any, case: Case, fn: Any, flops: float, nbytes: fl
     benchmark.extra_info.update(
         shape=case.shape, sizes=list(case.sizes), batch=case.batch, flops=flops, bytes=nbytes
     )
-    benchmark(timed)
+    if setup is None:
+        benchmark(timed)
+    else:
+        setup()
+        t0 = time.perf_counter()
+        timed()
+        once = time.perf_counter() - t0
+        rounds = max(5, min(500, int(1.0 / max(once, 1e-6))))
+        benchmark.pedantic(timed, setup=setup, rounds=rounds, warmup_rounds=1)
     stats = getattr(benchmark, "stats", None)
     if stats is not None:  # None under --benchmark-disable
         median = stats.stats.median

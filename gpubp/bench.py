@@ -272,6 +272,14 @@ class Candidate:
     def sync(self) -> None:
         """Wait for queued device work (no-op on the CPU)."""
 
+    def reset(self) -> None:
+        """Put the parameters back to the problem's initial values, in place.
+
+        Done (untimed) before every sample: hundreds of steps on one batch would otherwise
+        memorise it, and ever larger logits end in float underflow, which is slow on CPUs and
+        would make later samples measure something else than earlier ones.
+        """
+
     def validate(self, problem: Problem) -> float:
         """Worst relative error of one step from the problem's initial state (see subclasses)."""
         raise NotImplementedError
@@ -302,6 +310,7 @@ class BackendCandidate(Candidate):
         be = self.be = self._cls()
         self.W = [be.asarray(w).copy() for w in problem.W]
         self.b = [be.asarray(v).copy() for v in problem.b]
+        self._initial = [*problem.W, *problem.b]  # on the host: no second copy on a device
         self.x = be.asarray(problem.x)
         self.y = be.asarray(problem.y)
         self.opt = SGD(lr=LR)
@@ -317,9 +326,12 @@ class BackendCandidate(Candidate):
     def sync(self) -> None:
         self.be.synchronize()
 
-    def validate(self, problem: Problem) -> float:
-        for p, p0 in zip([*self.W, *self.b], [*problem.W, *problem.b]):
+    def reset(self) -> None:
+        for p, p0 in zip([*self.W, *self.b], self._initial):
             p[...] = self.be.asarray(p0)
+
+    def validate(self, problem: Problem) -> float:
+        self.reset()
         self.step()
         self.sync()
         return validation_error(problem, float(self.value), [*self.W, *self.b])
@@ -400,6 +412,7 @@ class TorchCandidate(Candidate):
             if i < L - 1:
                 layers.append(t.nn.ReLU())
         model = t.nn.Sequential(*layers)
+        self.problem = problem
         self._load(problem)
         self.x = t.as_tensor(problem.x, device=dev)
         self.y = t.as_tensor(problem.y, device=dev)
@@ -444,6 +457,9 @@ class TorchCandidate(Candidate):
 
     def step(self) -> None:
         self._step()
+
+    def reset(self) -> None:
+        self._load(self.problem)
 
     def sync(self) -> None:
         if self.device == GPU:
@@ -613,8 +629,8 @@ def time_round_robin(
 
     Each candidate is warmed up and calibrated to ``n`` steps per sample (at least ``min_time``
     seconds); then sample ``r`` of every candidate is taken before sample ``r + 1`` of any, the
-    order reversed every other round, each sample after a pause of ``settle`` seconds and one
-    untimed re-warming step.
+    order reversed every other round, each sample after a reset of the parameters
+    (:meth:`Candidate.reset`), a pause of ``settle`` seconds and one untimed re-warming step.
     """
     steps: dict[str, int] = {}
     for c in cands:
@@ -627,6 +643,7 @@ def time_round_robin(
         for c in order:
             if progress is not None:
                 progress.update(f"{c.label}: sample {r + 1}/{repeats}")
+            c.reset()
             if settle:
                 time.sleep(settle)
             _run(c, 1)

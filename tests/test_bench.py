@@ -136,6 +136,19 @@ def test_floor_copy_moves_the_elementwise_bytes():
     assert (floor.dst == 1).all()
 
 
+def test_reset_puts_the_initial_parameters_back():
+    problem = bench.make_problem((13, 7, 5), 3, "float64")
+    c = bench.BackendCandidate("numpy")
+    c.setup(problem)
+    for _ in range(3):
+        c.step()
+    assert not np.array_equal(c.W[0], problem.W[0])
+    c.reset()
+    for p, p0 in zip([*c.W, *c.b], [*problem.W, *problem.b]):
+        np.testing.assert_array_equal(p, p0)
+    assert c.validate(problem) <= TOLERANCE["float64"]
+
+
 def test_stats_and_flop_count():
     st = bench.Stats.of([4.0, 1.0, 2.0, 3.0, 100.0])
     assert (st.median, st.min, st.max) == (3.0, 1.0, 100.0)
