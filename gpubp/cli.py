@@ -1,4 +1,4 @@
-"""The ``gpubp`` command line: ``train``, ``gradflow``, ``check`` and ``info``."""
+"""The ``gpubp`` command line: ``train``, ``gradflow``, ``bench``, ``check`` and ``info``."""
 
 from __future__ import annotations
 
@@ -419,6 +419,18 @@ def _add_gradflow_parser(sub: Any) -> None:
     p.set_defaults(func=_cmd_gradflow)
 
 
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from .bench import add_arguments
+
+    add_arguments(parser)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpubp",
@@ -443,6 +455,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_check)
     info = sub.add_parser("info", help="list backends, devices and library versions")
     info.set_defaults(func=_cmd_info)
+    bench = sub.add_parser(
+        "bench",
+        help="time every backend against PyTorch and the GEMM floor",
+        description="Time one train step of every available backend side by side with PyTorch "
+        "(where installed) and the GEMM-only floor on the standard shapes, each checked against "
+        "the float64 reference first. Exit status 1 if a backend fails its check.",
+    )
+    _add_bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 
