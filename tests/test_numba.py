@@ -315,6 +315,7 @@ def test_steady_state_allocates_nothing(opt_name):
     the kernels themselves make no arrays: they only take views of their arguments.)"""
     from numba.core.runtime import _nrt_python as _nrt
     from numba.core.runtime import rtsys
+
     from .test_memory import OPTIMIZERS, measure
 
     be = NumbaBackend()
