@@ -202,12 +202,15 @@ def colsum(d, db):  # type: ignore[no-untyped-def]
 
 
 @_jit
-def output_delta(z, Y, labels, out_act, loss, out, db):  # type: ignore[no-untyped-def]
+def output_delta(z, Y, labels, out_act, loss, out, db, batch):  # type: ignore[no-untyped-def]
     """Loss value ``C`` and ``delta^L`` (into ``out``, which may be ``z``), one pass per row.
 
     ``z``: ``(B, n)`` output pre-activation. Targets: ``labels`` ``(B,)`` int64 class indices
     when it has ``B`` entries (one-hot rows, never built), else the dense ``Y`` ``(B, n)``.
     If ``db`` has ``n`` entries it receives ``sum over B of delta^L`` in the same pass.
+    ``batch``: the size of the batch the mean is taken over, ``B`` itself or more when ``z``
+    is one part of a batch split over threads (the parts' values then add up to the whole
+    batch's, and each ``delta`` row is the whole batch's).
 
     - cross-entropy (softmax): per row ``lse(z) sum_j Y_j - Y.z``, ``delta = (softmax - Y)/B``;
     - binary cross-entropy (sigmoid): per element
@@ -215,15 +218,15 @@ def output_delta(z, Y, labels, out_act, loss, out, db):  # type: ignore[no-untyp
       written that way no large terms cancel when ``z`` is confidently right;
     - mse: ``(a - Y)^2 / 2`` and ``delta = J_f^T (a - Y) / B``.
 
-    Returns ``(C, max |delta^L|)`` as float64 (``C`` the batch mean). Raises ValueError for a
-    label outside ``[0, n)``.
+    Returns ``(C, max |delta^L|)`` as float64 (``C``: these rows' loss sum over ``batch``).
+    Raises ValueError for a label outside ``[0, n)``.
     """
     B, n = z.shape
     use_labels = labels.shape[0] == B and B > 0
     with_db = db.shape[0] == n
     if with_db:
         db[:] = 0
-    inv_b = 1.0 / B
+    inv_b = 1.0 / batch
     total = 0.0
     dmax = 0.0
     for i in range(B):
