@@ -12,7 +12,16 @@ C, ...) and the median time per step is reported with its ratio to the floor:
   if PyTorch is installed. It runs in a worker process that takes its turn in the same rounds:
   PyTorch's OpenMP threads spin-wait after each op, and in the same process they take the
   cores from the next variant's OpenBLAS threads (measured: the floor 5-40x slower right after
-  a PyTorch step). A short pause after each PyTorch round lets them go to sleep.
+  a PyTorch step).
+
+Every round of every variant is followed by a pause of :data:`SETTLE` seconds, so that each
+variant starts with the previous one's threads asleep: OpenBLAS's pool threads spin for 2^28
+TSC cycles (about 0.1 s here) after a multi-threaded call, and PyTorch's OpenMP threads spin
+too. Without it, the numba backend's split step (its own two threads, BLAS at one thread; see
+``gpubp.backends.numba_backend``) measured 1.9x instead of 0.9x the floor at narrow-deep,
+because it started while the floor's idle BLAS thread still spun on the second core. (A
+program that calls multi-threaded BLAS between steps pays that too; setting
+``OPENBLAS_THREAD_TIMEOUT=4`` before NumPy is imported makes the pool sleep at once.)
 
 Before timing, each variant's first-step loss is checked against the float64 reference.
 
@@ -52,6 +61,8 @@ SHAPES: dict[str, tuple[list[int], int]] = {
     "narrow-deep": ([64, 64, 64, 64, 64, 64, 16], 16384),
 }
 LR = 1e-3
+#: Seconds of pause after each timed round (see the module docstring).
+SETTLE = 0.15
 
 
 class _Owner:
@@ -157,9 +168,7 @@ class TorchWorker:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(f"{n}\n")
         self.proc.stdin.flush()
-        seconds = float(self.proc.stdout.readline())
-        time.sleep(0.05)  # let PyTorch's spinning OpenMP threads go to sleep
-        return seconds
+        return float(self.proc.stdout.readline())
 
     def close(self) -> None:
         assert self.proc.stdin is not None
@@ -206,10 +215,12 @@ def measure(variants: dict[str, Callable[[int], float]], rounds: int) -> dict[st
     for name, run in variants.items():  # warm up: workspaces, caches, BLAS/PyTorch threads
         run(3)
         reps[name] = max(1, min(500, int(0.05 / max(run(1), 1e-7))))
+        time.sleep(SETTLE)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, run in variants.items():
             times[name].append(run(reps[name]) / reps[name])
+            time.sleep(SETTLE)  # every variant starts with the others' threads asleep
     return {name: float(np.median(t)) for name, t in times.items()}
 
 

@@ -117,9 +117,55 @@ def test_output_delta_matches_reference(output, loss, labels, dtype, rng):
     db = np.empty(n, dtype=dtype)
     Ld, Y = be._split_targets(y, n, np.dtype(dtype))
     zz = z.copy()
-    K.output_delta(zz, Y, Ld, ACT[output], K.LOSS_IDS[loss], zz, db)
+    K.output_delta(zz, Y, Ld, ACT[output], K.LOSS_IDS[loss], zz, db, zz.shape[0])
     _close(zz, rdelta, dtype)
     _close(db, rdelta.sum(axis=0), dtype)
+
+
+def _exp_loop():
+    from numba import njit
+
+    @njit
+    def exp_all(x, out):
+        for i in range(x.shape[0]):
+            out[i] = K.fast_exp(x[i])
+
+    return exp_all
+
+
+def test_float32_exp_is_within_an_ulp_over_the_whole_range():
+    """``exp32`` (the float32 ``fast_exp``) against exp in float64, every 1e-4 over
+    [-110, 90]: results within an ulp where normal, within the smallest subnormal below, 0 and
+    inf and NaN exactly where float32 ``np.exp`` has them; float64 is libm's exp."""
+    special = [np.inf, -np.inf, np.nan, 0.0, -0.0, 88.72, 88.73, -87.3, -103.9, -104.0, -1e30]
+    x = np.concatenate([np.linspace(-110, 90, 2_000_001), special]).astype(np.float32)
+    got = np.empty_like(x)
+    _exp_loop()(x, got)
+    exact = np.exp(x.astype(np.float64))
+    with np.errstate(over="ignore"):
+        f32 = np.exp(x)
+    normal = np.isfinite(f32) & (f32 >= np.finfo(np.float32).tiny)
+    ulps = np.abs(got[normal] - exact[normal]) / np.spacing(f32[normal]).astype(np.float64)
+    assert ulps.max() <= 1.0
+    sub = (f32 > 0) & (f32 < np.finfo(np.float32).tiny)
+    assert sub.any() and np.abs(got[sub] - exact[sub]).max() <= 2.0**-149
+    rest = ~normal & ~sub
+    np.testing.assert_array_equal(got[rest], f32[rest])  # 0, inf and NaN
+    x64 = np.linspace(-800, 800, 10001)
+    got64 = np.empty_like(x64)
+    with np.errstate(over="ignore"):
+        _exp_loop()(x64, got64)
+        np.testing.assert_allclose(got64, np.exp(x64), rtol=3e-16)  # libm's exp
+
+
+def test_float32_exp_loop_vectorises():
+    """A loop over ``fast_exp`` compiles to vector instructions (no libm call per element)."""
+    import re
+
+    fn = _exp_loop()
+    fn(np.zeros(4, np.float32), np.zeros(4, np.float32))
+    llvm = fn.inspect_llvm(fn.signatures[0])
+    assert re.search(r"<\d+ x float>", llvm), "the float32 exp loop was not vectorised"
 
 
 def test_bce_loss_keeps_relative_accuracy_for_confident_predictions():
@@ -224,11 +270,12 @@ def test_fold_falls_back_when_the_bound_is_not_met(rng, monkeypatch):
         np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["serial", "split"])
 @pytest.mark.parametrize("where", ["x-nan", "x-inf", "x-huge", "y-inf"])
 @pytest.mark.parametrize(
     "opt", [optim.SGD(lr=0.1), optim.SGD(lr=0.1, momentum=0.9)], ids=["sgd", "momentum"]
 )
-def test_non_finite_step_changes_nothing(rng, where, opt):
+def test_non_finite_step_changes_nothing(rng, where, opt, split):
     W, b, x, y = _problem("float32", rng)
     loss, output = "cross_entropy", "softmax"
     if where == "x-nan":
@@ -241,7 +288,7 @@ def test_non_finite_step_changes_nothing(rng, where, opt):
         loss, output = "mse", "identity"
         y = rng.standard_normal((x.shape[0], 5)).astype(np.float32)
         y[1, 2] = np.inf
-    be = NumbaBackend()
+    be = _splitting(2) if split else NumbaBackend()
     opt.reset()
     state = opt.bind(_Owner(), be, [a.shape for a in W + b], np.float32)
     before = [a.copy() for a in W + b]
@@ -250,6 +297,83 @@ def test_non_finite_step_changes_nothing(rng, where, opt):
     for p, q in zip(W + b, before):
         np.testing.assert_array_equal(p, q)
     assert state["step"] == 0
+
+
+# --- a batch split over threads ---------------------------------------------------------------
+
+
+def _splitting(threads, min_rows=2):
+    """A backend that splits batches of ``2 min_rows`` rows or more over ``threads`` threads."""
+    if not numba_blas.AVAILABLE or numba_blas.blas_threads() is None:
+        pytest.skip("NumPy's BLAS is not callable from the kernels or its threads cannot be set")
+    be = NumbaBackend(threads=threads)
+    be.split_min_rows = min_rows
+    return be
+
+
+def test_split_needs_enough_rows_and_threads():
+    if not numba_blas.AVAILABLE or numba_blas.blas_threads() is None:
+        pytest.skip("NumPy's BLAS is not callable from the kernels or its threads cannot be set")
+    rows = NumbaBackend.split_min_rows
+    assert NumbaBackend(threads=2)._parts(2 * rows) == 2
+    assert NumbaBackend(threads=2)._parts(2 * rows - 1) == 1
+    assert NumbaBackend(threads=3)._parts(2 * rows) == 2  # every part keeps its rows
+    assert NumbaBackend(threads=1)._parts(100 * rows) == 1  # one thread: serial
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize(
+    ("activation", "output", "loss"),
+    [
+        ("relu", "softmax", "cross_entropy"),
+        ("tanh", "sigmoid", "binary_cross_entropy"),
+        ("leaky_relu", "identity", "mse"),
+        ("sigmoid", "softmax", "mse"),
+    ],
+)
+def test_split_batch_matches_reference(dtype, seed, threads, activation, output, loss):
+    """Forward, loss, every dW and db, and each optimizer's step, with the batch (11 rows)
+    split in parts of 5 and 6 or 3, 4 and 4 rows."""
+    be = _splitting(threads)
+    assert be._parts(11) == threads
+    result = check_configuration(be, dtype, (5, 33, 1, 3), 11, activation, output, loss, seed=seed)
+    assert result.ok, result.errors
+    assert be._pool is not None  # the split was taken
+
+
+def test_split_batch_with_labels_matches_reference(dtype, rng):
+    W, b, x, y = _problem(dtype, rng, batch=11, scale=3.0)
+    be = _splitting(3)
+    value, dWs, dbs = be.gradients(W, b, x, y, "relu", "softmax", "cross_entropy")
+    f64 = [w.astype(np.float64) for w in W], [v.astype(np.float64) for v in b]
+    rvalue, rdW, rdb = ref.gradients(
+        *f64, x.astype(np.float64), y, "relu", "softmax", "cross_entropy"
+    )
+    assert rel_error(np.float64(value), np.float64(rvalue)) <= TOLERANCE[dtype]
+    for got, expected in zip(dWs + dbs, rdW + rdb):
+        _close(got, expected, dtype)
+    assert be._pool is not None  # the other parts ran in the pool
+
+
+def test_split_runs_blas_on_one_thread_and_restores_it(rng, monkeypatch):
+    be = _splitting(2)
+    before = numba_blas.blas_threads()
+    seen = []
+    orig = K.output_delta
+
+    def spy(*args):
+        seen.append(numba_blas.blas_threads())
+        return orig(*args)
+
+    monkeypatch.setattr(K, "output_delta", spy)
+    W, b, x, y = _problem("float32", rng)
+    _step(be, be.train_step, W, b, x, y, optim.SGD(lr=0.1))
+    assert seen == [1, 1]  # two parts, each with BLAS at one thread
+    assert numba_blas.blas_threads() == before
+    y[7] = 99  # an error in one part: raised once all parts are done, BLAS still restored
+    with pytest.raises(ValueError, match="label"):
+        _step(be, be.train_step, W, b, x, y, optim.SGD(lr=0.1))
+    assert numba_blas.blas_threads() == before
 
 
 # --- threads and the no-BLAS path --------------------------------------------------------------
@@ -305,8 +429,9 @@ def test_numpy_matmul_fallback_matches_reference(dtype, seed, activation, output
 # --- allocations and the JIT cache -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["serial", "split"])
 @pytest.mark.parametrize("opt_name", ["sgd", "momentum", "adamw"])
-def test_steady_state_allocates_nothing(opt_name):
+def test_steady_state_allocates_nothing(opt_name, split):
     """No growth in traced (NumPy/Python) memory, and nothing held in Numba's runtime.
 
     Numba's allocator is not traced by tracemalloc, so its own statistics are read: every
@@ -318,7 +443,7 @@ def test_steady_state_allocates_nothing(opt_name):
 
     from .test_memory import OPTIMIZERS, measure
 
-    be = NumbaBackend()
+    be = _splitting(2, min_rows=64) if split else NumbaBackend()
     model = gpubp.MLP([64, 128, 128, 10], backend=be, dtype="float32", seed=0)
     W, b = (list(p) for p in model.get_parameters())
     W = [w.astype(np.float32) for w in W]

@@ -13,21 +13,31 @@ The GEMMs call NumPy's own BLAS from inside the kernels (see :mod:`.numba_blas`)
 is one call from Python. Everything is written into a per-batch-shape workspace, so a
 steady-state step allocates no arrays.
 
-Threads. The kernels are serial (``parallel=False``): they are memory-bound passes, and
-parallel Numba kernels running between multi-threaded OpenBLAS calls make the two thread pools
-fight (a prototype with OpenMP spin-waiting workers was measured 3-8x slower on 2 cores). So the
-only threads are OpenBLAS's, inside the GEMMs, and Numba's threading layer is never started.
-``threads=n`` sets how many OpenBLAS uses during this backend's calls and puts the previous
-setting back afterwards (the count is process-wide while a call runs, as with threadpoolctl); by
-default BLAS keeps whatever the process has (one per core unless ``OPENBLAS_NUM_THREADS`` says
-otherwise). The cost of staying serial: on large batches of narrow layers the passes run on one
-core while the GEMMs use all of them (see the README's Performance section).
+Threads. The kernels are serial (``parallel=False``): parallel Numba kernels running between
+multi-threaded OpenBLAS calls make the two thread pools fight (a prototype with OpenMP
+spin-waiting workers was measured 3-8x slower on 2 cores), so Numba's threading layer is never
+started. Small batches run one kernel after another in the calling thread, with BLAS using its
+threads inside the GEMMs. A large batch (at least :attr:`NumbaBackend.split_min_rows` rows per
+thread) is instead split by rows over the threads (see :meth:`NumbaBackend._split_gradients`):
+each part runs the whole forward and backward pass on its rows, with BLAS at one thread, in a
+persistent Python thread pool whose idle threads sleep on a queue, and the parts' ``dW``,
+``db`` and loss are added at the end. So the elementwise passes, which otherwise run on one
+core while the GEMMs use all of them, run on every core too (measured on 2 cores: a 16384-row
+batch of 64-wide layers from 1.4x to 0.9x the GEMM-only time; splitting pays from about 2048
+rows per thread). ``threads=n`` sets how many threads (BLAS's, or the split's) this backend's
+calls use and puts the previous BLAS setting back afterwards (the count is process-wide while a
+call runs, as with threadpoolctl); by default BLAS keeps whatever the process has (one per core
+unless ``OPENBLAS_NUM_THREADS`` says otherwise) and a split uses that many threads. A split
+step that starts within about 0.1 s of a multi-threaded BLAS call elsewhere in the process
+shares a core with OpenBLAS's idle threads, which spin that long before they sleep (up to 2x
+slower); ``OPENBLAS_THREAD_TIMEOUT=4`` in the environment before NumPy is imported avoids it.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, ClassVar
 
 import numpy as np
@@ -52,6 +62,25 @@ class NumbaWorkspace(Workspace):
         self.no_db = np.empty(0, dtype=dtype)
         self.no_y = np.empty((0, 0), dtype=dtype)
         self.cm = np.empty(2 * max(sizes), dtype=dtype)  # per-column maxima (absmax: 2 n)
+        self.sizes = sizes
+        self.dtype = np.dtype(dtype)
+        #: parts -> per extra part (1 .. parts-1) its own ``(dW, db)`` (part 0 uses dW, db)
+        self.partials: dict[int, list[tuple[list[Any], list[Any]]]] = {}
+
+    def partial_buffers(self, parts: int) -> list[tuple[list[Any], list[Any]]]:
+        """``(dW, db)`` gradient buffers for parts ``1 .. parts - 1`` of a split batch."""
+        bufs = self.partials.get(parts)
+        if bufs is None:
+            s, L = self.sizes, len(self.sizes) - 1
+            bufs = [
+                (
+                    [np.empty((s[i + 1], s[i]), dtype=self.dtype) for i in range(L)],
+                    [np.empty(s[i + 1], dtype=self.dtype) for i in range(L)],
+                )
+                for _ in range(parts - 1)
+            ]
+            self.partials[parts] = bufs
+        return bufs
 
 
 class NumbaBackend(Backend):
@@ -60,13 +89,16 @@ class NumbaBackend(Backend):
     Parameters
     ----------
     threads : int or None
-        OpenBLAS threads during this backend's calls (restored after each call); ``None``
-        (default) leaves the process's setting alone.
+        Threads for this backend's calls: OpenBLAS's (restored after each call), and how many
+        share a large batch split by rows (1: never split). ``None`` (default) leaves BLAS's
+        setting alone and splits over as many threads as BLAS has.
     """
 
     name: ClassVar[str] = "numba"
     xp = np
     workspace_class: ClassVar[type[Workspace]] = NumbaWorkspace
+    #: Fewest batch rows per thread for a batch to be split over threads (see :meth:`_parts`).
+    split_min_rows: ClassVar[int] = 2048
 
     def __init__(self, threads: int | None = None) -> None:
         super().__init__()
@@ -80,6 +112,8 @@ class NumbaBackend(Backend):
         self.threads = None if threads is None else int(threads)
         #: Whether GEMMs run inside the kernels (NumPy's BLAS found) or through numpy.matmul.
         self.blas_in_kernels = numba_blas.AVAILABLE
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_workers = 0
 
     def __repr__(self) -> str:
         return f"<gpubp backend {self.name!r}>"
@@ -97,6 +131,30 @@ class NumbaBackend(Backend):
             numba_blas.set_blas_threads(before)
 
     # --- helpers ----------------------------------------------------------------------------
+
+    def _parts(self, batch: int) -> int:
+        """How many threads share the gradients of a batch of ``batch`` rows (1: not split).
+
+        As many as BLAS would use (``threads``, or BLAS's own setting when it is None), as long
+        as each gets at least :attr:`split_min_rows` rows; 1 when BLAS's thread count cannot be
+        set (it must be 1 while the parts run) or the GEMMs go through ``numpy.matmul``.
+        """
+        if not self.blas_in_kernels or batch < 2 * self.split_min_rows:
+            return 1
+        current = numba_blas.blas_threads()
+        if current is None:
+            return 1
+        n = self.threads if self.threads is not None else current
+        return max(1, min(n, batch // self.split_min_rows))
+
+    def _executor(self, workers: int) -> ThreadPoolExecutor:
+        """A persistent pool of ``workers`` threads (idle threads sleep on a queue: no spinning)."""
+        if self._pool is None or self._pool_workers < workers:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="gpubp-numba")
+            self._pool_workers = workers
+        return self._pool
 
     def _own_ops(self, ops: tuple[str, ...]) -> bool:
         """Whether ``ops`` are this class's own: the fused compositions call kernels directly,
@@ -175,6 +233,7 @@ class NumbaBackend(Backend):
             K.LOSS_IDS[loss],
             out,
             np.empty(0, dtype=z.dtype),
+            z.shape[0],
         )
         return out, value
 
@@ -338,6 +397,12 @@ class NumbaBackend(Backend):
         ):
             return super().gradients(weights, biases, x, y, activation, output, loss)
         with self._threads():
+            parts = self._parts(x.shape[0])
+            if parts > 1:
+                ws, value = self._split_gradients(
+                    weights, biases, x, y, activation, output, loss, parts
+                )
+                return value, ws.dW, ws.db
             return self._gradients(weights, biases, x, y, activation, output, loss)
 
     def _gradients(
@@ -352,6 +417,105 @@ class NumbaBackend(Backend):
     ) -> tuple[Any, list[Any], list[Any]]:
         ws, _, value, _ = self._backprop(weights, biases, x, y, activation, output, loss, False)
         return value, ws.dW, ws.db
+
+    def _split_gradients(
+        self,
+        weights: list[Any],
+        biases: list[Any],
+        x: Any,
+        y: Any,
+        activation: str,
+        output: str,
+        loss: str,
+        parts: int,
+    ) -> tuple[NumbaWorkspace, float]:
+        """Gradients with the batch split by rows over ``parts`` threads, BLAS at 1 thread.
+
+        Part ``t`` (rows ``[t B / parts, (t + 1) B / parts)`` of every workspace buffer) runs
+        the whole forward and backward pass on its rows, in the calling thread for ``t = 0``
+        and in the pool for the others; the kernels release the GIL. Each part writes its own
+        ``dW = delta.T @ a_prev`` and ``db`` (part 0 straight into the workspace's), and its
+        loss term is its rows' sum over ``B``; the parts' gradients are then added. Every
+        elementwise pass and GEMM thus runs on all cores, and with narrow layers
+        single-threaded GEMMs on half the rows are faster than a two-threaded GEMM on all
+        of them (the ``delta.T @ a_prev`` reduction over ``B`` scales worst).
+        """
+        ws = self._workspace_for(weights, x)
+        assert isinstance(ws, NumbaWorkspace)
+        a0 = self._stage(x, ws.a[0])
+        labels, Y = self._split_targets(y, weights[-1].shape[0], weights[0].dtype, ws)
+        ids = (_HIDDEN[activation], act.ACTIVATION_IDS[output], K.LOSS_IDS[loss])
+        B = ws.batch
+        rows = [B * t // parts for t in range(parts + 1)]
+        grads = [(ws.dW, ws.db), *ws.partial_buffers(parts)]
+        before = numba_blas.blas_threads()
+        numba_blas.set_blas_threads(1)
+        try:
+            pool = self._executor(parts - 1)
+            futures = [
+                pool.submit(
+                    self._part,
+                    weights,
+                    biases,
+                    ws,
+                    a0,
+                    Y,
+                    labels,
+                    ids,
+                    rows[t],
+                    rows[t + 1],
+                    *grads[t],
+                )
+                for t in range(1, parts)
+            ]
+            try:
+                value = self._part(weights, biases, ws, a0, Y, labels, ids, 0, rows[1], *grads[0])
+            finally:
+                wait(futures)
+            for f in futures:
+                value += f.result()
+        finally:
+            if before is not None:
+                numba_blas.set_blas_threads(before)
+        for dWs, dbs in grads[1:]:
+            for i in range(len(weights)):
+                np.add(ws.dW[i], dWs[i], out=ws.dW[i])
+                np.add(ws.db[i], dbs[i], out=ws.db[i])
+        return ws, value
+
+    @staticmethod
+    def _part(
+        weights: list[Any],
+        biases: list[Any],
+        ws: NumbaWorkspace,
+        a0: Any,
+        Y: Any,
+        labels: Any,
+        ids: tuple[int, int, int],
+        r0: int,
+        r1: int,
+        dW: list[Any],
+        db: list[Any],
+    ) -> float:
+        """Forward, output delta and backward for rows ``[r0, r1)``; ``dW``, ``db`` of these
+        rows; returns their loss sum over the whole batch ``B``."""
+        L = len(weights)
+        aid, oid, lid = ids
+        acts = [a0[r0:r1], *(a[r0:r1] for a in ws.a[1:])]
+        z = ws.z_out[r0:r1]
+        none = ws.no_db
+        for i in range(L - 1):
+            K.forward_layer(acts[i], weights[i], biases[i], aid, acts[i + 1], none)
+        K.forward_layer(acts[L - 1], weights[L - 1], biases[L - 1], 0, z, none)
+        value, _ = K.output_delta(z, Y[r0:r1], labels[r0:r1], oid, lid, z, db[L - 1], ws.batch)
+        delta = z
+        for i in range(L - 1, -1, -1):
+            K.weight_gradient(delta, acts[i], dW[i], 1.0, 0.0)
+            if i > 0:
+                d = ws.d[i][r0:r1]
+                K.hidden_delta(delta, weights[i], acts[i], aid, d, db[i - 1], none)
+                delta = d
+        return float(value)
 
     def _backprop(
         self,
@@ -397,7 +561,7 @@ class NumbaBackend(Backend):
             np.matmul(prev, weights[L - 1].T, out=z)
             K.bias_act(z, biases[L - 1], 0, ws.no_db)
         oid = act.ACTIVATION_IDS[output]
-        value, dmax = K.output_delta(z, Y, labels, oid, K.LOSS_IDS[loss], z, ws.db[L - 1])
+        value, dmax = K.output_delta(z, Y, labels, oid, K.LOSS_IDS[loss], z, ws.db[L - 1], ws.batch)
         bounds = [0.0] * L
         B = float(ws.batch)
         delta = z
@@ -452,8 +616,9 @@ class NumbaBackend(Backend):
             and activation in _HIDDEN
             and loss in K.LOSS_IDS
             and self._fits(weights[0].dtype, *weights, *biases)
+            and self._parts(x.shape[0]) == 1
         )
-        if not fold:
+        if not fold:  # (a batch split over threads computes dW and updates as here)
             return super().train_step(
                 weights, biases, x, y, activation, output, loss, optimizer, state
             )
