@@ -164,6 +164,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -260,7 +270,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except BaseException as exc:
         if isinstance(exc, NonFiniteLossError):
             message = f"{exc}; try a smaller --lr"
-        elif isinstance(exc, _RUN_ERRORS):
+        elif isinstance(exc, (*_RUN_ERRORS, OSError)):  # OSError: an output path not writable
             message = str(exc)
         elif comm is None or isinstance(exc, SystemExit):
             raise
@@ -297,8 +307,11 @@ def _cmd_gradflow(args: argparse.Namespace) -> int:
             json_path=args.json,
             progress=not args.quiet,
         )
-    except _RUN_ERRORS as exc:
+    except (*_RUN_ERRORS, OSError) as exc:
         print(f"gpubp gradflow: {exc}", file=sys.stderr)
+        return 1
+    except NonFiniteLossError as exc:
+        print(f"gpubp gradflow: {exc}; try a smaller --lr", file=sys.stderr)
         return 1
     return 0
 
@@ -362,7 +375,7 @@ def _add_train_parser(sub: Any) -> None:
         help="default: 128, or 32 for datasets under 10,000 training samples",
     )
     g.add_argument("--epochs", type=_positive_int, default=d.epochs)
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=_seed, default=d.seed)
     g = p.add_argument_group("where it runs")
     g.add_argument("--backend", default=d.backend, choices=("auto", *BACKEND_NAMES))
     g.add_argument("--dtype", default=d.dtype, choices=("float32", "float64"))
@@ -412,7 +425,7 @@ def _add_gradflow_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--lr", type=_positive_float, default=0.05)
     p.add_argument("--backend", default="auto", choices=("auto", *BACKEND_NAMES))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--plot", metavar="PATH", default="gradflow.png", help="the PNG to write")
     p.add_argument("--json", metavar="PATH", help="also write the norms as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -451,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backends", default="all", help="comma-separated names, or 'all' (default)"
     )
     check.add_argument("--dtypes", default="float32,float64", help="default: float32,float64")
-    check.add_argument("--seed", type=int, default=0, help="seed of the random problems")
+    check.add_argument("--seed", type=_seed, default=0, help="seed of the random problems")
     check.set_defaults(func=_cmd_check)
     info = sub.add_parser("info", help="list backends, devices and library versions")
     info.set_defaults(func=_cmd_info)

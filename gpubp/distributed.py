@@ -33,6 +33,7 @@ __all__ = [
     "DistributedError",
     "MPICommunicator",
     "init",
+    "local_rank",
     "shard_bounds",
 ]
 
@@ -107,8 +108,35 @@ class _NCCLReducer:
 
 def init(comm: Any = None) -> MPICommunicator:
     """The MPI communicator of this job (rank, size and collectives); raises
-    :class:`DistributedError` saying what to install when mpi4py or MPI is missing."""
-    return MPICommunicator(comm)
+    :class:`DistributedError` saying what to install when mpi4py or MPI is missing.
+
+    Where CuPy sees GPUs, each rank also takes its own: device ``local_rank % n_devices``,
+    ``local_rank`` being the rank among the ranks on this node (NCCL refuses two ranks on one
+    GPU). Call it before any model is built.
+    """
+    c = MPICommunicator(comm)
+    _use_local_gpu(c)
+    return c
+
+
+def local_rank(comm: MPICommunicator) -> int:
+    """This rank's index among the ranks on the same node (shared-memory domain)."""
+    node = comm.comm.Split_type(comm.MPI.COMM_TYPE_SHARED)
+    try:
+        return int(node.Get_rank())
+    finally:
+        node.Free()
+
+
+def _use_local_gpu(comm: MPICommunicator) -> None:
+    try:
+        import cupy
+
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # no CuPy, no driver, no GPU: CPU ranks, nothing to choose
+        return
+    if n > 0:
+        cupy.cuda.Device(local_rank(comm) % n).use()
 
 
 def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:

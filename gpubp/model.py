@@ -582,9 +582,23 @@ def write_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(directory)  # make the rename itself durable
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows, where folders cannot be opened: the rename is what we have
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:

@@ -51,6 +51,8 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "gpubp-checkpoint"
+#: Where Ctrl-C writes its checkpoint when the run was given no ``checkpoint`` path.
+INTERRUPT_CHECKPOINT = "gpubp-interrupted.ckpt"
 OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam", "adamw")
 #: The learning rate each optimizer starts from when ``lr`` is not given.
 DEFAULT_LR: dict[str, float] = {"sgd": 0.1, "momentum": 0.05, "adam": 1e-3, "adamw": 1e-3}
@@ -64,6 +66,7 @@ TRAIN_EVAL_SAMPLES = 10_000
 PROBE_SAMPLES = 512
 #: Settings a checkpoint must share with the run that resumes it (epochs may grow).
 RESUME_KEYS: tuple[str, ...] = (
+    "track_gradients",
     "dataset",
     "layers",
     "activation",
@@ -277,6 +280,19 @@ def gradient_norms(model: MLP, x: Any, y: Any) -> dict[str, list[float]]:
 # --- checkpoints -----------------------------------------------------------------------------
 
 
+def _effective(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with the defaults ``lr=None`` and ``weight_decay=None`` spelled out, so that
+    typing a default explicitly does not count as a different run."""
+    out = dict(settings)
+    opt = out.get("optimizer")
+    if out.get("lr") is None and opt in DEFAULT_LR:
+        out["lr"] = DEFAULT_LR[opt]
+    if out.get("weight_decay") is None:
+        out["weight_decay"] = 0.01 if opt == "adamw" else 0.0
+    out.setdefault("track_gradients", False)
+    return out
+
+
 def _position_meta(
     epoch: int, batch: int, rng_state: dict[str, Any], loss_sum: float, seen: int
 ) -> dict[str, Any]:
@@ -298,6 +314,7 @@ def save_checkpoint(
     position: dict[str, Any],
     history: dict[str, list[Any]],
     counters: dict[str, float],
+    track_gradients: bool = False,
 ) -> None:
     """Write a checkpoint atomically (temp file, flush, fsync, rename); no pickle."""
     weights, biases = model.get_parameters()
@@ -309,6 +326,8 @@ def save_checkpoint(
             arrays[f"opt_{slot}_{i}"] = a
     train_cfg = config.as_dict()
     train_cfg["dataset"] = dataset  # "auto" resolved, so a resume finds the same data
+    train_cfg["track_gradients"] = bool(track_gradients)  # the history's lists depend on it
+    train_cfg["backend"] = model.backend.name  # bit-for-bit resumes need the same backend
     meta = {
         "format": CHECKPOINT_FORMAT,
         "version": 1,
@@ -335,11 +354,14 @@ class Checkpoint:
     def train_config(self) -> dict[str, Any]:
         return dict(self.meta["train"])
 
-    def check_matches(self, config: TrainConfig, dataset: str, model: MLP) -> None:
+    def check_matches(
+        self, config: TrainConfig, dataset: str, model: MLP, track_gradients: bool = False
+    ) -> None:
         """Raise :class:`CheckpointMismatchError` naming every setting that differs."""
-        want = config.as_dict()
+        want = _effective(config.as_dict())
         want["dataset"] = dataset
-        have = self.train_config
+        want["track_gradients"] = bool(track_gradients)
+        have = _effective(self.train_config)
         diffs = [
             f"{key}: checkpoint {have.get(key)!r}, this run {want[key]!r}"
             for key in RESUME_KEYS
@@ -350,6 +372,12 @@ class Checkpoint:
             diffs.append(
                 f"layer_sizes: checkpoint {saved_model.get('layer_sizes')}, this run "
                 f"{list(model.layer_sizes)}"
+            )
+        done = int(self.meta["position"]["epoch"])
+        if config.epochs < done:
+            diffs.append(
+                f"epochs: the checkpoint has finished {done} epoch(s), this run asks for only "
+                f"{config.epochs} (--epochs may grow, not shrink)"
             )
         if diffs:
             raise CheckpointMismatchError(
@@ -411,8 +439,9 @@ class _StopRequest:
     """Turns the first Ctrl-C into a request to stop after the current step (a second one
     interrupts at once). Only in the main thread, where Python delivers signals."""
 
-    def __init__(self, also_sigterm: bool = False) -> None:
+    def __init__(self, also_sigterm: bool = False, announce: bool = True) -> None:
         self.requested = False
+        self.announce = announce
         # mpirun turns Ctrl-C into SIGTERM for its ranks: under MPI that is a stop request too
         self._signals = [signal.SIGINT, *([signal.SIGTERM] if also_sigterm else [])]
         self._previous: dict[int, Any] = {}
@@ -421,10 +450,11 @@ class _StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        sys.stderr.write(
-            "\nCtrl-C: stopping after this step and writing a checkpoint "
-            "(press Ctrl-C again to abort at once)\n"
-        )
+        if self.announce:
+            sys.stderr.write(
+                "\nCtrl-C: stopping after this step and writing a checkpoint "
+                "(press Ctrl-C again to abort at once)\n"
+            )
 
     def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -482,6 +512,20 @@ def train(
     if comm is not None and comm.rank != 0:  # one voice and one writer: rank 0
         log, progress = _silent, False
         checkpoint = json_path = plot_path = save_path = None
+    for what, path in (
+        ("checkpoint", checkpoint),
+        ("json_path", json_path),
+        ("plot_path", plot_path),
+        ("save_path", save_path),
+    ):  # fail now, not after the training it would have saved
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"{what}={os.fspath(path)!r}: the folder {folder} does not exist; create it or "
+                "choose another path"
+            )
     if plot_path is not None:
         plots.require_matplotlib()  # fail before training, not after
     ckpt = load_checkpoint(resume) if resume is not None else None
@@ -518,7 +562,7 @@ def train(
     epoch, batch, loss_sum, seen = 0, 0, 0.0, 0
     counters = {"train_seconds": 0.0, "samples": 0.0}
     if ckpt is not None:
-        ckpt.check_matches(config, ds.name, model)
+        ckpt.check_matches(config, ds.name, model, track_gradients)
         ckpt.restore(model, optimizer)
         pos = ckpt.meta["position"]
         epoch, batch, loss_sum, seen = pos["epoch"], pos["batch"], pos["loss_sum"], pos["seen"]
@@ -530,6 +574,13 @@ def train(
         history = {k: list(saved_history.get(k, [])) for k in history}
         counters.update({k: float(v) for k, v in ckpt.meta["counters"].items()})
         log(f"resuming from {resume}: epoch {epoch + 1}, batch {batch}")
+        saved_backend = ckpt.train_config.get("backend")
+        if saved_backend not in (None, model.backend.name):
+            log(
+                f"note: the checkpoint was written by the {saved_backend} backend and this run "
+                f"uses {model.backend.name}; the result will agree within float tolerance, "
+                "not bit for bit"
+            )
     dp = None
     if comm is not None:
         from .distributed import DataParallel
@@ -555,7 +606,10 @@ def train(
     total_steps = config.epochs * n_batches
     interrupted = False
 
-    def write_checkpoint(rng_state: Mapping[str, Any]) -> None:
+    def write_checkpoint(rng_state: Mapping[str, Any], interrupted: bool = False) -> None:
+        nonlocal checkpoint
+        if checkpoint is None and interrupted and not quiet_rank:
+            checkpoint = INTERRUPT_CHECKPOINT  # Ctrl-C always leaves something to resume from
         if checkpoint is not None:
             save_checkpoint(
                 checkpoint,
@@ -566,6 +620,7 @@ def train(
                 _position_meta(epoch, batch, dict(rng_state), loss_sum, seen),
                 history,
                 counters,
+                track_gradients,
             )
 
     def step(idx: Any) -> float:
@@ -576,7 +631,8 @@ def train(
     def stopping() -> bool:  # under MPI, every rank stops after the same step
         return dp.stop_agreed if dp is not None else stop.requested
 
-    with _StopRequest(also_sigterm=comm is not None) as stop:
+    quiet_rank = comm is not None and comm.rank != 0
+    with _StopRequest(also_sigterm=comm is not None, announce=not quiet_rank) as stop:
         while epoch < config.epochs:
             epoch_rng_state = rng.bit_generator.state  # this epoch's order is drawn from here
             order = be.asarray(rng.permutation(n))
@@ -594,7 +650,7 @@ def train(
             counters["samples"] += seen - seen_before
             if batch < n_batches:  # stopped by Ctrl-C inside the epoch
                 bar.close(f"interrupted at batch {batch}/{n_batches}")
-                write_checkpoint(epoch_rng_state)
+                write_checkpoint(epoch_rng_state, interrupted=True)
                 interrupted = True
                 break
             history["epoch"].append(epoch + 1)
@@ -614,9 +670,10 @@ def train(
             if dp is not None:
                 dp.check_in_sync(f"epoch {epoch}")
             bar.close(_epoch_summary(history))
-            write_checkpoint(rng.bit_generator.state)
             if stopping():
                 interrupted = epoch < config.epochs
+            write_checkpoint(rng.bit_generator.state, interrupted=interrupted)
+            if interrupted:
                 break
 
     result = TrainResult(
@@ -630,17 +687,22 @@ def train(
         interrupted=interrupted,
         checkpoint=None if checkpoint is None else os.fspath(checkpoint),
     )
-    if interrupted:
-        where = checkpoint if checkpoint is not None else "nowhere (no --checkpoint given)"
-        log(f"interrupted after {epoch} epoch(s); checkpoint written to {where}")
-        if checkpoint is not None:
-            log(f"continue with the same command plus: --resume {checkpoint}")
-    ev = model.evaluate(ds.x_test, ds.y_test)
-    result.test_loss, result.test_accuracy = ev["loss"], ev["accuracy"]
+    result.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
+    if interrupted:  # no test evaluation: stop promptly (mpirun allows little time after SIGTERM)
+        log(f"interrupted after {epoch} epoch(s); checkpoint written to {checkpoint}")
+        log(f"continue with the same command plus: --resume {checkpoint}")
+    else:
+        ev = model.evaluate(ds.x_test, ds.y_test)
+        result.test_loss, result.test_accuracy = ev["loss"], ev["accuracy"]
     result.wall_seconds = time.perf_counter() - t_start
+    test = (
+        "test evaluation skipped (interrupted)"
+        if interrupted
+        else f"test accuracy {result.test_accuracy:.4f} (loss {result.test_loss:.4f}) on "
+        f"{len(ds.x_test)} {ds.name} test samples"
+    )
     log(
-        f"test accuracy {result.test_accuracy:.4f} (loss {result.test_loss:.4f}) on "
-        f"{len(ds.x_test)} {ds.name} test samples | {epoch} epoch(s), wall time "
+        f"{test} | {epoch} epoch(s), wall time "
         f"{result.wall_seconds:.1f} s (training {result.train_seconds:.1f} s, "
         f"{result.samples_per_second:,.0f} samples/s) | backend {model.backend.name} "
         f"{model.dtype.name}" + (f" x {comm.size} MPI ranks" if comm is not None else "")
@@ -750,7 +812,8 @@ def gradflow(
             "delta_init": init["delta"],
             "dW_init": init["dW"],
         }
-        ratio = after["dW"][0] / after["dW"][-1]
+        last = after["dW"][-1]
+        ratio = after["dW"][0] / last if last > 0 else float("nan")  # a dead ReLU net: 0
         bar.close(
             f"loss {total / steps:.4f}  ||dW^1|| / ||dW^L|| = {ratio:.2e} after {steps} steps"
         )

@@ -160,3 +160,25 @@ def test_gradflow_rejects_unknown_activation(capsys):
     with pytest.raises(SystemExit):
         cli.main(["gradflow", "--activations", "sigmoid,swish"])
     assert "argument --activations" in capsys.readouterr().err
+
+
+def test_train_rejects_negative_seed(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--seed", "-1"])
+    assert "argument --seed: expected an integer >= 0" in capsys.readouterr().err
+
+
+def test_train_unwritable_checkpoint_folder_fails_at_once(data_dir, tmp_path, capsys):
+    bad = str(tmp_path / "missing" / "run.ckpt")
+    argv = ["train", "--dataset", "mnist", "--data-dir", str(data_dir), "--checkpoint", bad]
+    assert cli.main([*argv, *SMALL]) == 1
+    captured = capsys.readouterr()
+    assert "does not exist" in captured.err and "epoch" not in captured.out
+
+
+def test_gradflow_diverging_lr_is_a_message(data_dir, capsys):
+    argv = ["gradflow", "--dataset", "mnist", "--data-dir", str(data_dir), "--depth", "3"]
+    argv += ["--width", "9", "--steps", "20", "--lr", "1e30", "--plot", "", "--quiet"]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 1 and "smaller --lr" in err

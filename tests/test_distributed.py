@@ -75,7 +75,7 @@ def test_one_rank_step_equals_a_plain_step(rng):
         la = a.train_step(x, y, opt_a)
         lb = dp.step(x, y, idx, opt_b)
         assert la == pytest.approx(lb, rel=1e-13)
-    for p, q in zip(a.get_parameters()[0], b.get_parameters()[0]):
+    for p, q in zip(flat(a), flat(b)):
         np.testing.assert_allclose(p, q, rtol=1e-12, atol=1e-15)
 
 
@@ -105,7 +105,7 @@ def test_two_simulated_ranks_equal_one_process(rng, batch):
     model = MLP([9, 19, 4], activation="tanh", dtype="float64", seed=2)
     dp = DataParallel(LoopbackComm(0, 2, [rank1_share]), model, limit_threads=False)
     dp.step(x, y, idx, optim.SGD(lr=0.1, momentum=0.9))
-    for p, q in zip(ref.get_parameters()[0], model.get_parameters()[0]):
+    for p, q in zip(flat(ref), flat(model)):
         np.testing.assert_allclose(p, q, rtol=1e-12, atol=1e-14)
 
 
@@ -290,3 +290,13 @@ def test_cost_model():
     assert four["compute"] == pytest.approx(one["compute"] / 4)
     assert four["allreduce"] == pytest.approx(2 * 3 / 4 * 1000 * 4 / 1e9 + 2 * 3 * 1e-6)
     assert four["speedup"] == pytest.approx(one["step"] / four["step"])
+
+
+def test_local_rank_with_one_process():
+    try:
+        from mpi4py import MPI
+    except Exception as exc:
+        pytest.skip(f"mpi4py cannot be used here: {exc}")
+    from gpubp.distributed import init, local_rank
+
+    assert local_rank(init(MPI.COMM_SELF)) == 0

@@ -341,3 +341,44 @@ def test_gradflow_rejects_bad_arguments():
         gradflow(activations=["softmax"], plot_path=None)
     with pytest.raises(ValueError, match="depth must be a positive int"):
         gradflow(depth=0, plot_path=None)
+
+
+def test_resume_accepts_defaults_spelled_out(fake_mnist, tmp_path):
+    ckpt = tmp_path / "run.ckpt"
+    run(small_config(epochs=1), checkpoint=ckpt)  # lr and weight_decay left at their defaults
+    r = run(small_config(epochs=2, lr=1e-3, weight_decay=0.0), resume=ckpt)
+    assert r.epochs_done == 2
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "message"),
+    [
+        (dict(), dict(track_gradients=True), "track_gradients: checkpoint False"),
+        (dict(), dict(config=dict(epochs=1)), "may grow, not shrink"),
+    ],
+)
+def test_resume_refuses_what_would_corrupt_the_history(fake_mnist, tmp_path, first, then, message):
+    ckpt = tmp_path / "run.ckpt"
+    run(small_config(epochs=2), checkpoint=ckpt)
+    then = dict(then)
+    cfg = small_config(**then.pop("config", {}))
+    with pytest.raises(CheckpointMismatchError, match=message):
+        run(cfg, resume=ckpt, **then)
+
+
+def test_ctrl_c_without_checkpoint_path_still_writes_one(fake_mnist, tmp_path, monkeypatch):
+    from gpubp.train import INTERRUPT_CHECKPOINT
+
+    monkeypatch.chdir(tmp_path)
+    with monkeypatch.context() as m:
+        _InterruptAfter(m, 3)
+        r = run(small_config())
+    assert r.interrupted and r.test_accuracy is None  # no test pass after Ctrl-C
+    assert r.checkpoint == INTERRUPT_CHECKPOINT and (tmp_path / INTERRUPT_CHECKPOINT).exists()
+    resumed = run(small_config(), resume=tmp_path / INTERRUPT_CHECKPOINT)
+    assert_same_parameters(run(small_config()).model, resumed.model)
+
+
+def test_missing_output_folder_fails_before_training(fake_mnist, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(small_config(), json_path=tmp_path / "no" / "such" / "run.json")
