@@ -34,8 +34,17 @@ import numpy as np
 
 from . import data, plots, reference
 from .activations import HIDDEN_ACTIVATIONS
+from .backends import get_backend
 from .errors import CheckpointMismatchError, ModelFileError
-from .model import MLP, _check_saved_shapes, _Progress, parse_meta, read_npz, write_npz_atomic
+from .model import (
+    MLP,
+    _check_positive_int,
+    _check_saved_shapes,
+    _Progress,
+    parse_meta,
+    read_npz,
+    write_npz_atomic,
+)
 from .optim import Optimizer, make_optimizer
 
 __all__ = [
@@ -176,10 +185,8 @@ class TrainConfig:
             )
         for name in ("batch_size", "epochs"):
             value = getattr(self, name)
-            if value is None and name == "batch_size":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if not (value is None and name == "batch_size"):  # None: chosen from the data
+                _check_positive_int(name, value)
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.weight_decay is not None and not (
@@ -273,7 +280,10 @@ def gradient_norms(model: MLP, x: Any, y: Any) -> dict[str, list[float]]:
     )
     return {
         "delta": [float(np.linalg.norm(d)) for d in deltas],
-        "dW": [float(np.linalg.norm(d.T @ a)) for d, a in zip(deltas, acts)],
+        "dW": [
+            float(np.linalg.norm(reference.parameter_gradients(d, a)[0]))
+            for d, a in zip(deltas, acts)
+        ],
     }
 
 
@@ -778,8 +788,7 @@ def gradflow(
     if not activations:
         raise ValueError("activations: give at least one, e.g. sigmoid,tanh,relu")
     for arg, value in (("depth", depth), ("width", width), ("steps", steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        _check_positive_int(arg, value)
     if plot_path is not None:
         plots.require_matplotlib()
     ds = data.load_dataset(dataset, data_dir, False, seed, progress)
@@ -787,18 +796,19 @@ def gradflow(
     rng = np.random.default_rng(seed)
     probe = rng.choice(len(ds.x_train), size=min(PROBE_SAMPLES, len(ds.x_train)), replace=False)
     xp_, yp_ = ds.x_train[probe], ds.y_train[probe]
+    be = get_backend(backend)
+    X, Y = be.asarray(ds.x_train), be.asarray(ds.y_train)  # on the device once, for every run
     runs: dict[str, dict[str, list[float]]] = {}
     for name in activations:
         model = MLP(
             [ds.n_features, *([width] * depth), ds.n_classes],
             activation=name,
-            backend=backend,
+            backend=be,
             seed=seed,
         )
         init = gradient_norms(model, xp_, yp_)
         opt = make_optimizer("sgd", lr=lr)
         order = np.random.default_rng([seed, 2])
-        X, Y = model.backend.asarray(ds.x_train), model.backend.asarray(ds.y_train)
         bar = _Progress(f"{name:10}", steps, enabled=progress)
         total = 0.0
         for k in range(steps):
