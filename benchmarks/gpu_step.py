@@ -83,7 +83,7 @@ def timer(cp: Any) -> Callable[[Callable[[], None], int], float]:
 def gpubp_step(
     cp: Any, sizes: list[int], batch: int, graphs: bool, fold: bool = False
 ) -> Callable[[], None]:
-    from gpubp.backends.cupy_backend import CupyBackend
+    from gpubp.backends.cuda import CupyBackend
     from gpubp.optim import SGD
 
     be = CupyBackend(graphs=graphs, fold_sgd=fold)
@@ -164,10 +164,10 @@ def torch_steps(sizes: list[int], batch: int) -> dict[str, Callable[[], None]]:
 
 def gemm_floor(cp: Any, sizes: list[int], batch: int) -> tuple[Callable[[], None], float]:
     """The step's GEMMs alone (forward, backward data, weight gradient) and their FLOPs."""
-    from gpubp.backends.cupy_backend import CupyBackend
+    from gpubp.backends.cuda import CupyBackend, launch
 
     be = CupyBackend()
-    one = be._consts("float32")
+    one = be.constants("float32")
     acts = [cp.ones((batch, n), "float32") for n in sizes]
     W = [cp.ones((b, a), "float32") for a, b in itertools.pairwise(sizes)]
     dW = [cp.empty_like(w) for w in W]
@@ -177,19 +177,20 @@ def gemm_floor(cp: Any, sizes: list[int], batch: int) -> tuple[Callable[[], None
         flops += 2 * batch * sizes[i] * sizes[i + 1] * (3 if i > 0 else 2)
 
     def run() -> None:
+        blas = be.cublas()  # gpubp's cuBLAS handle, on the current stream
         for i in range(L):
-            be._gemm(False, True, acts[i], W[i], acts[i + 1], "ONE", "ZERO", one)
+            launch.gemm(blas, False, True, acts[i], W[i], acts[i + 1], "ONE", "ZERO", one)
         for i in range(L - 1, -1, -1):
-            be._gemm(True, False, acts[i + 1], acts[i], dW[i], "ONE", "ZERO", one)
+            launch.gemm(blas, True, False, acts[i + 1], acts[i], dW[i], "ONE", "ZERO", one)
             if i > 0:
-                be._gemm(False, False, acts[i + 1], W[i], acts[i], "ONE", "ZERO", one)
+                launch.gemm(blas, False, False, acts[i + 1], W[i], acts[i], "ONE", "ZERO", one)
 
     return run, flops
 
 
 def bandwidth(cp: Any, run: Callable[[Callable[[], None], int], float]) -> dict[str, float]:
     """Copy bandwidth and the fused elementwise kernels' bandwidth, in GB/s."""
-    from gpubp.backends.cupy_backend import CupyBackend
+    from gpubp.backends.cuda import CupyBackend, launch
 
     be = CupyBackend()
     rows, n = 262144, 64
@@ -198,10 +199,10 @@ def bandwidth(cp: Any, run: Callable[[Callable[[], None], int], float]) -> dict[
     b = cp.zeros(n, "float32")
     dst = cp.empty_like(a)
     nbytes = a.nbytes
-    status = be._scratch_status()
+    status = be.scratch_status()
     copy = lambda: dst.__setitem__(Ellipsis, a)  # noqa: E731
-    bias_act = lambda: be._epilogue(a, b, "relu", status)  # noqa: E731
-    hidden = lambda: be._hidden(g, a, "relu", status)  # noqa: E731
+    bias_act = lambda: launch.bias_activation(be.kernel, a, b, "relu", status)  # noqa: E731
+    hidden = lambda: launch.hidden_delta(be.kernel, g, a, "relu", status)  # noqa: E731
     results: dict[str, list[float]] = {"copy": [], "bias_activation": [], "hidden_delta": []}
     for _ in range(7):
         results["copy"].append(2 * nbytes / run(copy, 20) / 1e3)
@@ -216,7 +217,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke test")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    import cupy as cp
+    from gpubp.backends.cuda.backend import import_cupy
+
+    cp = import_cupy()
 
     out = Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,11 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> int:
-    import cupy as cp
-
-    from gpubp.backends.cupy_backend import CupyBackend
+    from gpubp.backends.cuda import CupyBackend
+    from gpubp.backends.cuda.backend import import_cupy
     from gpubp.check import random_problem
     from gpubp.optim import SGD, Adam
+
+    cp = import_cupy()
 
     configs = [
         ("relu", "softmax", "cross_entropy"),

@@ -290,9 +290,9 @@ class Candidate:
 
 
 def _cupy() -> Any:
-    import cupy
+    from .backends.cuda.backend import import_cupy
 
-    return cupy
+    return import_cupy()
 
 
 class BackendCandidate(Candidate):

@@ -131,8 +131,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     except Exception:  # numpy < 1.25 has no dict mode; the BLAS line is a courtesy
         pass
     try:
-        import cupy
+        from .backends.cuda.backend import import_cupy
 
+        cupy = import_cupy()
         n = cupy.cuda.runtime.getDeviceCount()
         for i in range(n):
             props = cupy.cuda.runtime.getDeviceProperties(i)

@@ -20,6 +20,7 @@ Run it with ``mpirun -n N gpubp train --distributed ...``. MPI comes from the sy
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import zlib
@@ -90,10 +91,10 @@ class _NCCLReducer:
     ``cupy.cuda.nccl`` API.
     """
 
-    def __init__(self, comm: MPICommunicator) -> None:
-        import cupy
-        from cupy.cuda import nccl
-
+    def __init__(self, comm: MPICommunicator, cupy: Any) -> None:
+        nccl = getattr(cupy.cuda, "nccl", None)
+        if nccl is None:  # CuPy imports cupy.cuda.nccl only when asked
+            nccl = importlib.import_module(f"{cupy.__name__}.cuda.nccl")
         self.cupy, self.nccl = cupy, nccl
         uid = nccl.get_unique_id() if comm.rank == 0 else None
         uid = comm.bcast(uid)
@@ -130,8 +131,9 @@ def local_rank(comm: MPICommunicator) -> int:
 
 def _use_local_gpu(comm: MPICommunicator) -> None:
     try:
-        import cupy
+        from .backends.cuda.backend import import_cupy
 
+        cupy = import_cupy()
         n = cupy.cuda.runtime.getDeviceCount()
     except Exception:  # no CuPy, no driver, no GPU: CPU ranks, nothing to choose
         return
@@ -190,7 +192,7 @@ class DataParallel:
         self._reducer: Any = comm
         self._host: np.ndarray | None = None
         if be.name == "cupy":
-            self._reducer = _NCCLReducer(comm)
+            self._reducer = _NCCLReducer(comm, be.xp)
         elif not isinstance(self.flat, np.ndarray):
             self._host = np.empty(self.flat.shape, self.flat.dtype)
         self.note = _limit_blas_threads(self.size) if limit_threads and be.name != "cupy" else None

@@ -1,6 +1,8 @@
 """The CUDA kernels without a GPU: every instantiation compiles (NVRTC from PyPI), none spills
-registers (where nvcc exists), the backend asks for exactly the compiled instantiations, and the
-host-side pieces (constants, launch plans, pointer tables, GEMM layout, hyper-parameters) are right.
+registers (where nvcc exists), the backend asks for exactly the compiled instantiations, the launch
+wrappers pass arguments that match the kernels' C++ signatures and refuse wrong arrays, and the
+host-side pieces (constants, launch plans, pointer tables, hyper-parameters) are right. The GEMM
+layout and the cuBLAS binding: tests/test_cublas_binding.py.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import pytest
 
 from gpubp import activations as act
 from gpubp import reference as ref
-from gpubp.backends import cuda_kernels as ck
-from gpubp.backends import cupy_backend as cb
-from gpubp.backends.nvrtc import Nvrtc, find_nvrtc
+from gpubp.backends.cuda import catalogue as ck
+from gpubp.backends.cuda import launch, memory
+from gpubp.backends.cuda.nvrtc import Nvrtc, find_nvrtc
 from gpubp.kernel_sources import read_kernel
 from gpubp.losses import LOSSES
 from gpubp.optim import SGD, Adam
@@ -124,7 +126,7 @@ def test_the_backend_compiles_each_family_with_exactly_its_catalogue():
             assert name in made[-1]["name_expressions"]
             return name
 
-    kernels = cb._Kernels(SimpleNamespace(RawModule=FakeModule))
+    kernels = launch.Kernels(SimpleNamespace(RawModule=FakeModule))
     for family in ck.FAMILIES:
         first = ck.name_expressions(family)[0]
         assert kernels(first) == first
@@ -144,7 +146,7 @@ def test_sources_are_self_contained():
 
 
 def test_importing_gpubp_needs_no_cupy():
-    code = "import gpubp, gpubp.backends.cupy_backend, sys; print('cupy' in sys.modules)"
+    code = "import gpubp, gpubp.backends.cuda, sys; print('cupy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -178,7 +180,7 @@ def test_every_instantiation_compiles_without_warnings(nvrtc, family, arch):
 def test_the_compile_check_catches_warnings_and_errors(nvrtc):
     warn = nvrtc.compile("__global__ void k(float* p) { int x; p[0] = 1; }", "w.cu", [], "sm_90")
     assert warn.warnings
-    from gpubp.backends.nvrtc import NvrtcError
+    from gpubp.backends.cuda.nvrtc import NvrtcError
 
     with pytest.raises(NvrtcError, match="undefined"):
         nvrtc.compile("__global__ void k(float* p) { p[0] = nope; }", "e.cu", [], "sm_90")
@@ -209,37 +211,6 @@ def test_no_kernel_spills_registers(tmp_path, family, arch):
 
 
 # --- host-side plans ------------------------------------------------------------------------------
-
-
-def _emulate_cublas(ta, tb, m, n, k, A, lda, B, ldb, C, ldc, alpha, beta):
-    """Column-major cuBLAS gemm on flat buffers: C = alpha op(A) op(B) + beta C."""
-
-    def view(buf, rows, cols, ld):  # column-major (rows, cols) with leading dimension ld
-        return np.lib.stride_tricks.as_strided(buf, (rows, cols), (8, 8 * ld))
-
-    a = view(A, k, m, lda).T if ta else view(A, m, k, lda)
-    b = view(B, n, k, ldb).T if tb else view(B, k, n, ldb)
-    c = view(C, m, n, ldc)
-    c[...] = alpha * (a @ b) + beta * c
-
-
-@pytest.mark.parametrize("trans_a,trans_b", list(itertools.product((False, True), repeat=2)))
-def test_rowmajor_gemm_layout(trans_a, trans_b, rng):
-    M, N, K = 5, 3, 7
-    A = rng.normal(size=(K, M) if trans_a else (M, K))
-    B = rng.normal(size=(N, K) if trans_b else (K, N))
-    C = rng.normal(size=(M, N))
-    expected = -0.5 * ((A.T if trans_a else A) @ (B.T if trans_b else B)) + C
-    ta, tb, m, n, k, first, ldf, second, lds, ldc = cb.rowmajor_gemm(
-        trans_a, trans_b, M, N, K, A.shape[1], B.shape[1], C.shape[1]
-    )
-    ops = {"A": A, "B": B}
-    flat = C.reshape(-1).copy()
-    _emulate_cublas(
-        ta, tb, m, n, k, ops[first].reshape(-1), ldf, ops[second].reshape(-1), lds, flat,
-        ldc, -0.5, 1.0,
-    )  # fmt: skip
-    np.testing.assert_allclose(flat.reshape(M, N), expected, rtol=1e-12)
 
 
 def _tensor_of_chunk(table: np.ndarray, ch: int) -> int:
@@ -347,10 +318,132 @@ def test_hyperparameter_block_and_update_rule_match_the_reference(opt, rng):
 @pytest.mark.parametrize("sizes", [(784, 128, 10), (4096, 4096, 4096, 4096), (64, 64, 16)])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_out_of_memory_estimate_gives_a_batch_that_fits(sizes, dtype):
-    fixed, per_sample = cb.workspace_bytes(sizes, 1, dtype)
+    fixed, per_sample = memory.workspace_bytes(sizes, 1, dtype)
     assert fixed > 0 and per_sample > 0
     free = 8 * 2**30
-    batch = cb.fitting_batch(free, sizes, dtype)
+    batch = memory.fitting_batch(free, sizes, dtype)
     assert batch > 0
     assert fixed + per_sample * batch <= 0.9 * free < fixed + per_sample * (batch + 1)
-    assert cb.fitting_batch(fixed // 2, sizes, dtype) == 0
+    assert memory.fitting_batch(fixed // 2, sizes, dtype) == 0
+
+
+# --- the launch wrappers: arguments match the C++ signatures; wrong arrays are refused ----------
+
+
+def _signatures() -> dict[str, list[str]]:
+    sigs = {}
+    for fam in ck.FAMILIES:
+        for m in re.finditer(r"__global__\s+void\s+(\w+)\s*\((.*?)\)\s*\{", ck.source(fam), re.S):
+            sigs[m[1]] = [" ".join(p.split()) for p in m[2].split(",")]
+    return sigs
+
+
+_SIGS = _signatures()
+_POINTEE = {"i64": np.int64, "int": np.int32, "double": np.float64, "unsigned long long": np.uint64}
+
+
+class _Recorder:
+    """A ``kernels`` getter whose kernels check every argument against the C++ signature."""
+
+    def __init__(self):
+        self.launched: list[tuple[str, int, int]] = []
+
+    def __call__(self, name):
+        ck.family_of(name)  # a catalogue instantiation
+
+        def fn(grid, block, args):
+            base = re.match(r"gpubp::(\w+)", name)[1]
+            T = {"float": np.float32, "double": np.float64}.get(
+                (re.findall(r"<(\w+)", name) or [""])[0]
+            )
+            params = _SIGS[base]
+            assert len(params) == len(args), (name, params, args)
+            for p, a in zip(params, args):
+                if "*" in p:
+                    elem = p.split("*")[0].replace("const", "").strip()
+                    want = T if elem == "T" else _POINTEE[elem]
+                    if isinstance(a, np.ndarray):
+                        assert a.dtype == want and a.flags.c_contiguous, (name, p, a.dtype)
+                    else:
+                        assert type(a) is np.uint64 and a == 0, (name, p, a)  # null
+                elif p.startswith("i64"):
+                    assert type(a) is np.int64, (name, p, type(a))
+                elif p.startswith("int"):
+                    assert type(a) is np.int32, (name, p, type(a))
+                elif p.startswith("double"):
+                    assert type(a) is np.float64, (name, p, type(a))
+                elif p.startswith("T "):
+                    assert type(a) is T, (name, p, type(a))
+                else:
+                    raise AssertionError((name, p))
+            assert len(grid) == 1 and grid[0] >= 1 and block == (ck.THREADS,)
+            self.launched.append((name, grid[0], block[0]))
+
+        return fn
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_wrapper_launches_what_the_kernel_signature_takes(dtype):
+    k = _Recorder()
+    rows, n = 9, 5
+    z, a = np.zeros((rows, n), dtype), np.zeros((rows, n), dtype)
+    b = np.zeros(n, dtype)
+    status = np.zeros(ck.STATUS_SLOTS, np.int32)
+    hp = ck.hyperparameters(SGD(lr=0.1), 1, dtype)
+    labels = np.zeros(rows, np.int64)
+    row_loss, loss_out = np.zeros(rows, dtype), np.zeros(1, dtype)
+    for activation in act.ACTIVATION_IDS:
+        launch.bias_activation(k, z, b, activation, status)
+    for activation in act.HIDDEN_ACTIVATIONS:
+        launch.hidden_delta(k, z, a, activation, status)
+    for loss, outputs in LOSSES.items():
+        for output in outputs:
+            launch.output_layer(k, z, b, None, labels, output, loss, row_loss, loss_out, status)
+            launch.output_layer(k, z, None, a, None, output, loss, row_loss, loss_out, status)
+    plan = ck.bias_grad_plan(rows, n)
+    partial = np.zeros(plan[0] * n)
+    launch.bias_grad(k, z, b, partial, plan, None, hp, status)
+    launch.bias_grad(k, z, b, partial, plan, b.copy(), hp, status)
+    table, chunks = ck.build_table([(1, 2, 3, 4, 10), (5, 6, 7, 8, 3)])
+    for opt in (SGD(lr=0.1), SGD(lr=0.1, momentum=0.9, nesterov=True), Adam(decoupled=True)):
+        launch.update_table(k, opt, dtype, table, 2, chunks, hp, status)
+    launch.check_finite_table(k, dtype, table, 2, 10, status)
+    launch.zero_if_bad_table(k, dtype, table, 2, 10, status)
+    launch.finish_step(k, status)
+    pred, correct = np.zeros(rows, np.int64), np.zeros(1, np.uint64)
+    for Y, lab in ((None, None), (a, None), (None, labels)):
+        launch.argmax_accuracy(k, z, Y, lab, pred, correct, status)
+    launch.threshold_accuracy(k, z, a, correct)
+    families = {ck.family_of(name) for name, _, _ in k.launched}
+    assert families == set(ck.FAMILIES)
+
+
+def test_wrappers_refuse_wrong_arrays_saying_what_was_expected():
+    k = _Recorder()
+    status = np.zeros(ck.STATUS_SLOTS, np.int32)
+    z = np.zeros((4, 3), np.float32)
+    with pytest.raises(ValueError, match=r"bias_activation: b has shape \(4,\); expected \(3,\)"):
+        launch.bias_activation(k, z, np.zeros(4, np.float32), "relu", status)
+    with pytest.raises(TypeError, match="b is float64; expected float32"):
+        launch.bias_activation(k, z, np.zeros(3), "relu", status)
+    with pytest.raises(TypeError, match="expected a float32 or float64 array"):
+        launch.hidden_delta(k, z.astype(np.float16), z, "relu", status)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        launch.hidden_delta(k, np.zeros((3, 4), np.float32).T, z, "relu", status)
+    with pytest.raises(ValueError, match=r"status has shape \(2,\)"):
+        launch.finish_step(k, np.zeros(2, np.int32))
+    with pytest.raises(ValueError, match="exactly one of y"):
+        launch.output_layer(k, z, None, None, None, "softmax", "cross_entropy",
+                            np.zeros(4, np.float32), np.zeros(1, np.float32), status)  # fmt: skip
+    with pytest.raises(TypeError, match="labels is int32; expected int64"):
+        launch.output_layer(k, z, None, None, np.zeros(4, np.int32), "softmax", "cross_entropy",
+                            np.zeros(4, np.float32), np.zeros(1, np.float32), status)  # fmt: skip
+    with pytest.raises(ValueError, match="does not cover"):
+        launch.bias_grad(k, z, np.zeros(3, np.float32), np.zeros(3), (1, 2), None,
+                         np.zeros(ck.HP_SLOTS, np.float32), status)  # fmt: skip
+    cols = ck.TABLE_COLS
+    with pytest.raises(ValueError, match=rf"table has shape \(1, {cols}\); expected \(2, {cols}\)"):
+        launch.check_finite_table(k, "float32", np.zeros((1, cols), np.int64), 2, 10, status)
+    with pytest.raises(TypeError, match="must be a device array"):
+        launch.finish_step(k, [0, 0, 0, 0])
+    assert k.launched == []  # nothing was launched by a refused call

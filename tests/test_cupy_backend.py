@@ -11,7 +11,7 @@ import pytest
 
 import gpubp
 from gpubp import reference as ref
-from gpubp.backends import cuda_kernels as ck
+from gpubp.backends.cuda import catalogue as ck
 from gpubp.check import random_problem
 from gpubp.errors import DeviceOutOfMemoryError, NonFiniteLossError
 from gpubp.optim import SGD, Adam
@@ -28,7 +28,7 @@ def cp():
 
 
 def _backend(**kwargs):
-    from gpubp.backends.cupy_backend import CupyBackend
+    from gpubp.backends.cuda import CupyBackend
 
     return CupyBackend(**kwargs)
 
@@ -187,8 +187,8 @@ def test_kernels_ignore_alignment_and_launch_shape(cp, activation):
         z = flat[offset:].reshape(rows, n)
         z[...] = cp.asarray(z0, "float32")
         bd = cp.asarray(bias, "float32")
-        kernel = be._kernel(ck.bias_activation("float32", activation))
-        kernel((blocks,), (threads,), (z, bd, np.int64(rows), np.int32(n), be._scratch_status()))
+        kernel = be.kernel(ck.bias_activation("float32", activation))
+        kernel((blocks,), (threads,), (z, bd, np.int64(rows), np.int32(n), be.scratch_status()))
         np.testing.assert_allclose(cp.asnumpy(z), expected, rtol=1e-5, atol=1e-6)
 
 

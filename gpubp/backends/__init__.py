@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 from collections.abc import Iterator
 from typing import Any
@@ -11,7 +12,8 @@ import numpy as np
 
 from ..errors import BackendUnavailableError
 from .base import OPS, Backend
-from .cupy_backend import CupyBackend
+from .cuda import CupyBackend
+from .cuda.backend import emulated
 from .numpy_backend import NumpyBackend
 
 __all__ = [
@@ -55,6 +57,13 @@ def _numba_class() -> type[Backend]:
 
 
 def _cupy_status() -> str | None:
+    if emulated():  # GPUBP_CUDA_EMULATOR=1: CuPy and the GPU emulated on the CPU
+        try:
+            emu: Any = importlib.import_module("gpubp.backends.cuda.emu.kernels")
+        except ImportError as exc:
+            return f"GPUBP_CUDA_EMULATOR=1 but the CUDA emulator cannot be imported ({exc})"
+        why: str | None = emu.compiler_missing()
+        return why
     if importlib.util.find_spec("cupy") is None:
         return "CuPy is not installed (pip install 'gpubp[cuda12]' or 'gpubp[cuda13]')"
     try:
@@ -66,9 +75,10 @@ def _cupy_status() -> str | None:
             )
     except Exception as exc:  # a broken driver or toolkit: report it, never crash the registry
         return f"CuPy could not reach a GPU: {type(exc).__name__}: {exc}"
-    try:  # the backend needs cuBLAS and NVRTC, which CuPy loads on demand
-        from cupy_backends.cuda.libs import cublas  # noqa: F401
+    try:  # the backend needs cuBLAS (its own binding) and NVRTC (which CuPy loads on demand)
+        from .cuda.cublas import load_library
 
+        load_library()
         cupy.cuda.nvrtc.getVersion()
     except Exception as exc:
         return (
@@ -142,14 +152,15 @@ def use_backend(name: str) -> Iterator[Backend]:
 def to_numpy(array: Any) -> np.ndarray:
     """A NumPy array with the values of ``array`` (a NumPy array, a list, or a GPU array).
 
-    For a CuPy array this is a synchronisation point of the cupy backend: a NaN met by a queued
-    train step raises :class:`~gpubp.errors.NonFiniteLossError` here.
+    For an array of the cupy backend this is a synchronisation point of that backend: a NaN met
+    by a queued train step raises :class:`~gpubp.errors.NonFiniteLossError` here.
     """
     if isinstance(array, np.ndarray):
         return array
+    cupy_backend = _instances.get("cupy")
+    if cupy_backend is not None and isinstance(array, cupy_backend.xp.ndarray):
+        return cupy_backend.to_numpy(array)  # deferred train-step errors surface here
     get = getattr(array, "get", None)  # cupy.ndarray.get() copies device -> host
-    if callable(get) and type(array).__module__.startswith("cupy"):
-        if "cupy" in _instances:  # a synchronisation point: deferred train-step errors surface
-            return _instances["cupy"].to_numpy(array)
+    if callable(get) and hasattr(array, "__cuda_array_interface__"):
         return np.asarray(get())
     return np.asarray(array)

@@ -2,7 +2,7 @@
 
 Pure Python and NumPy (no CuPy, no GPU), so the catalogue, the sources and the launch plans are
 checked on any machine: the NVRTC compile test compiles exactly :func:`name_expressions` of every
-family, and :class:`gpubp.backends.cupy_backend.CupyBackend` asks only for names built by the
+family, and :class:`gpubp.backends.cuda.CupyBackend` asks only for names built by the
 functions below, which raise for anything the catalogue does not hold.
 
 The numbers mirrored from ``kernels/common.cuh`` (status slots, hyper-parameter slots, target
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .. import activations as act
-from ..kernel_sources import read_kernel
+from ... import activations as act
+from ...kernel_sources import read_kernel
 
 #: Kernel family -> CUDA source file (one file per family).
 FAMILIES: dict[str, str] = {

@@ -1,0 +1,248 @@
+"""The train step as the device runs it: its buffers, and the step recorded once as a CUDA graph.
+
+One train step, for ``L`` layers (every buffer preallocated per batch shape):
+
+1. forward: ``z = a @ W.T`` (cuBLAS into the next activation buffer), then bias + activation in
+   place (``bias_activation``); the last layer's GEMM output goes to the output kernel;
+2. output: bias, output activation, per-row loss and ``delta^L`` in one kernel, in place; one
+   block sums the row losses in a fixed order (``finalize_loss``);
+3. backward: ``g = delta^{l+1} @ W^{l+1}`` (cuBLAS), then ``g *= f'(a^l)`` in place;
+4. update: ``dW`` and ``db`` are computed, checked for NaN/inf, and every parameter is updated in
+   one launch from a table of pointers. With ``fold_sgd=True``, plain SGD (no momentum, no
+   weight decay) instead folds the weight update into the gradient GEMM,
+   ``W = -lr * delta.T @ a + 1 * W`` (``dW`` never exists), and fuses the bias update into the
+   bias-gradient column sum.
+
+The step is captured once per batch shape (and parameter buffers) as a CUDA graph and replayed;
+each batch is copied into the captured input buffers, and the learning rate and the other
+hyper-parameters live in device memory, so a schedule needs no recapture. The captured step calls
+only kernel launches and gpubp's own cuBLAS handle's ``cublasGemmEx`` (:mod:`.cublas`), whose
+stream is set before the capture begins; CuPy's cuBLAS wrappers would refuse to run while
+capturing. If capture fails nonetheless, the steps run eagerly (said once, as a warning).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..base import Workspace
+from . import catalogue as ck
+from . import launch
+
+if TYPE_CHECKING:
+    from .backend import CupyBackend
+
+
+class _StepBuffers:
+    """Everything one captured train step reads and writes, beyond the base Workspace."""
+
+    def __init__(self, cp: Any, ws: Workspace, sizes: tuple[int, ...], dtype: Any) -> None:
+        B = ws.batch
+        self.ws = ws
+        self.labels = cp.zeros(B, dtype=np.int64)
+        self.row_loss = cp.zeros(B, dtype=dtype)
+        self.loss = cp.zeros(1, dtype=dtype)
+        self.hp = cp.zeros(ck.HP_SLOTS, dtype=dtype)
+        self.hp_host: np.ndarray | None = None
+        plans = [ck.bias_grad_plan(B, n) for n in sizes[1:]]
+        self.partial = cp.zeros(max(s * n for (s, _), n in zip(plans, sizes[1:])), np.float64)
+        self.plans = plans
+
+
+class _HostRing:
+    """Pinned host slots for the per-step hyper-parameter upload (asynchronous, never a sync).
+
+    A slot is reused only after the copy that read it has finished (its event), so the host
+    never overwrites values a queued copy has yet to read.
+    """
+
+    def __init__(self, cp: Any, slots: int = 64, nbytes: int = ck.HP_SLOTS * 8) -> None:
+        self._cp = cp
+        self._mem = cp.cuda.alloc_pinned_memory(slots * nbytes)
+        self._nbytes = nbytes
+        self._events: list[Any] = [None] * slots
+        self._next = 0
+
+    def upload(self, host: np.ndarray, dst: Any) -> None:
+        k = self._next
+        self._next = (k + 1) % len(self._events)
+        if self._events[k] is not None:
+            self._events[k].synchronize()
+        view = np.frombuffer(self._mem, dtype=np.uint8, count=self._nbytes, offset=k * self._nbytes)
+        view[: host.nbytes] = host.view(np.uint8)
+        stream = self._cp.cuda.get_current_stream()
+        dst.data.copy_from_host_async(self._mem.ptr + k * self._nbytes, host.nbytes, stream)
+        ev = self._cp.cuda.Event(block=False, disable_timing=True)
+        ev.record(stream)
+        self._events[k] = ev
+
+
+def folds(optimizer: Any) -> bool:
+    """Whether the weight update folds into the gradient GEMM: plain SGD, no decay, no momentum."""
+    return (
+        optimizer is not None
+        and optimizer.kind == "sgd"
+        and optimizer.momentum == 0
+        and optimizer.weight_decay == 0
+    )
+
+
+class _TrainStep:
+    """One batch shape's train step: its buffers, pointer tables and (once captured) its graph."""
+
+    def __init__(
+        self,
+        be: CupyBackend,
+        buf: _StepBuffers,
+        weights: list[Any],
+        biases: list[Any],
+        activation: str,
+        output: str,
+        loss: str,
+        labels: bool,
+        optimizer: Any,
+        slots: list[list[Any]] | None,
+    ) -> None:
+        cp = be._cp
+        self.be, self.buf = be, buf
+        self.W, self.b = list(weights), list(biases)
+        self.activation, self.output, self.loss, self.labels = activation, output, loss, labels
+        self.optimizer = optimizer
+        self.fold = be.fold_sgd and folds(optimizer)
+        self.dtype = weights[0].dtype
+        self.graph: Any = None
+        self.runs = 0
+        ws = buf.ws
+        L = len(weights)
+        # delta of weights[i]: the output delta for the last layer, ws.d[i + 1] below it
+        self.deltas = [ws.d[i + 1] for i in range(L - 1)] + [ws.z_out]
+        self.status = be._device()["status"]
+        self.update_table: Any = None
+        self.delta_table: Any = None
+        if optimizer is not None and not self.fold:
+            entries = be._entries([*weights, *biases], [*ws.dW, *ws.db], slots or [])
+            table, self.update_chunks = ck.build_table(entries)
+            self.update_table = cp.asarray(table)
+            self.n_update = len(entries)
+        if self.fold:
+            entries = [(d.data.ptr, 0, 0, 0, int(d.size)) for d in self.deltas]
+            table, _ = ck.build_table(entries)
+            self.delta_table = cp.asarray(table)
+
+    def stage(self, x: Any, y: Any) -> None:
+        """Copy the batch into the captured input buffers (converting dtype on the device)."""
+        ws = self.buf.ws
+        ws.a[0][...] = x
+        if self.labels:
+            self.buf.labels[...] = y
+        else:
+            ws.y[...] = y.reshape(ws.y.shape)
+
+    def set_hyperparameters(self, hp: np.ndarray) -> None:
+        """Upload the hyper-parameter block when it changed (asynchronously, from pinned memory)."""
+        if self.buf.hp_host is None or not np.array_equal(self.buf.hp_host, hp):
+            self.be._device()["ring"].upload(hp, self.buf.hp)
+            self.buf.hp_host = hp.copy()
+
+    def run(self) -> None:
+        """Enqueue one step: the graph if there is one, else eagerly (capturing on the 2nd run)."""
+        be, cp = self.be, self.be._cp
+        if self.graph is None and be.graphs and self.runs >= 1:
+            self.graph = self._capture()
+        if self.graph is not None and self.graph is not False:
+            self.graph.launch(stream=cp.cuda.get_current_stream())
+        else:
+            self.record(self.status)
+        self.runs += 1
+
+    def _capture(self) -> Any:
+        """The step as a CUDA graph; ``False`` (and a warning, once) if it cannot be captured.
+
+        The first run is eager: the cuBLAS handle, its workspace and the kernels are then made
+        and compiled, which must not happen during capture. The handle's stream is set to the
+        capture stream before the capture begins (a host-side call), and back afterwards.
+        """
+        cp = self.be._cp
+        stream = cp.cuda.Stream(non_blocking=True)
+        stream.wait_event(cp.cuda.get_current_stream().record())
+        blas = self.be.cublas()
+        graph = None
+        try:
+            blas.set_stream(stream.ptr)
+            with stream:
+                stream.begin_capture()
+                try:
+                    self.record(self.status)
+                finally:
+                    graph = stream.end_capture()
+            graph.upload(stream)
+            stream.synchronize()
+            return graph
+        except Exception as exc:  # any capture failure: eager launches give the same results
+            self.be._say_eager(f"{type(exc).__name__}: {exc}")
+            return False
+        finally:
+            blas.set_stream(cp.cuda.get_current_stream().ptr)
+
+    def record(self, status: Any) -> None:
+        """Enqueue the whole step on the current stream (eagerly, or into a capture)."""
+        be, buf, ws = self.be, self.buf, self.buf.ws
+        kern = be.kernel
+        L = len(self.W)
+        hp = buf.hp if self.optimizer is not None else be._consts(self.dtype)
+        # forward
+        for i in range(L):
+            out = ws.a[i + 1] if i < L - 1 else ws.z_out
+            be._gemm(False, True, ws.a[i], self.W[i], out, "ONE", "ZERO", hp)
+            if i < L - 1:
+                launch.bias_activation(kern, out, self.b[i], self.activation, status)
+        # output layer: bias, activation, loss per row, delta in place; the fixed-order total
+        launch.output_layer(
+            kern,
+            ws.z_out,
+            self.b[L - 1],
+            None if self.labels else ws.y,
+            buf.labels if self.labels else None,
+            self.output,
+            self.loss,
+            buf.row_loss,
+            buf.loss,
+            status,
+        )
+        # backward: every delta before any update (the deltas read the old weights)
+        for i in range(L - 1, 0, -1):
+            g = ws.d[i]
+            be._gemm(False, False, self.deltas[i], self.W[i], g, "ONE", "ZERO", hp)
+            launch.hidden_delta(kern, g, ws.a[i], self.activation, status)
+        if self.optimizer is None:  # gradients only
+            for i in range(L):
+                be._gemm(True, False, self.deltas[i], ws.a[i], ws.dW[i], "ONE", "ZERO", hp)
+                launch.bias_grad(
+                    kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], None, hp, status
+                )
+            return
+        if self.fold:
+            # a skipped step must add exactly 0: zero the deltas when the flag is set
+            biggest = max(int(d.size) for d in self.deltas)
+            launch.zero_if_bad_table(kern, self.dtype, self.delta_table, L, biggest, status)
+            for i in range(L):  # W = -lr * delta.T @ a + 1 * W;  b -= lr * sum(delta)
+                be._gemm(True, False, self.deltas[i], ws.a[i], self.W[i], "NEG_LR", "ONE", hp)
+                launch.bias_grad(
+                    kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], self.b[i], hp, status
+                )
+        else:
+            for i in range(L):
+                be._gemm(True, False, self.deltas[i], ws.a[i], ws.dW[i], "ONE", "ZERO", hp)
+                launch.bias_grad(
+                    kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], None, hp, status
+                )
+            n = self.n_update
+            biggest = max(int(p.size) for p in [*self.W, *self.b])
+            launch.check_finite_table(kern, self.dtype, self.update_table, n, biggest, status)
+            launch.update_table(
+                kern, self.optimizer, self.dtype, self.update_table, n, self.update_chunks, hp,
+                status,
+            )  # fmt: skip
+        launch.finish_step(kern, status)

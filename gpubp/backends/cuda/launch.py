@@ -1,0 +1,463 @@
+"""One public wrapper per kernel family: check the arrays, then launch (as thinc's
+``_custom_kernels.py`` does).
+
+Every wrapper takes ``kernels``, a getter from an instantiation name (built by
+:mod:`.catalogue`) to a launchable ``fn((blocks,), (threads,), args)`` (a ``cupy.RawKernel``, or
+the emulator's stand-in); :class:`Kernels` is the one the backend uses, and
+``CupyBackend.kernel`` is its getter for the current device. The checks (dtype,
+C-contiguity, shapes) raise :class:`TypeError` or :class:`ValueError` saying what was expected;
+they cost no device work and no synchronisation, so the wrappers may be called while a stream is
+capturing. Arrays are device arrays (anything with ``dtype``, ``shape``, ``flags`` that the
+launcher accepts); ``status`` is the int32 status word of ``STATUS_SLOTS`` slots
+(``kernels/common.cuh``), ``hp`` a hyper-parameter block of ``HP_SLOTS`` values of the
+parameters' dtype.
+
+Every launch has ``THREADS`` threads a block; the kernels use grid-stride loops, so the number of
+blocks tunes speed and never decides correctness.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from . import catalogue as ck
+
+#: Instantiation name -> launchable kernel.
+KernelGetter = Callable[[str], Any]
+
+_NULL = np.uint64(0)  # a null pointer argument
+
+
+class Kernels:
+    """The compiled kernel families of one device, compiled lazily, one RawModule per family.
+
+    Calling it with an instantiation name gives that kernel, compiling its family's module on
+    first use (``cupy_module.RawModule`` with the catalogue's name expressions).
+    """
+
+    def __init__(self, cupy_module: Any) -> None:
+        self._cp = cupy_module
+        self._modules: dict[str, Any] = {}
+        self._functions: dict[str, Any] = {}
+
+    def __call__(self, name: str) -> Any:
+        fn = self._functions.get(name)
+        if fn is None:
+            family = ck.family_of(name)  # raises for a name the compile test does not cover
+            mod = self._modules.get(family)
+            if mod is None:
+                mod = self._cp.RawModule(
+                    code=ck.source(family),
+                    options=ck.COMPILE_OPTIONS,
+                    name_expressions=ck.name_expressions(family),
+                )
+                self._modules[family] = mod
+            fn = self._functions[name] = mod.get_function(name)
+        return fn
+
+
+# --- checks ---------------------------------------------------------------------------------------
+
+
+def _shape_text(shape: tuple[int | None, ...]) -> str:
+    parts = ["any" if s is None else str(s) for s in shape]
+    return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
+
+
+def _check(
+    fn: str,
+    what: str,
+    a: Any,
+    dtype: Any,
+    shape: tuple[int | None, ...] | None = None,
+) -> None:
+    """Raise unless ``a`` is a C-contiguous array of ``dtype`` and ``shape`` (None: any)."""
+    if not (hasattr(a, "dtype") and hasattr(a, "flags") and hasattr(a, "shape")):
+        raise TypeError(f"{fn}: {what} must be a device array, got {type(a).__name__}")
+    want = np.dtype(dtype)
+    if a.dtype != want:
+        raise TypeError(f"{fn}: {what} is {a.dtype}; expected {want.name}")
+    if shape is not None:
+        got = tuple(a.shape)
+        if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
+            raise ValueError(f"{fn}: {what} has shape {got}; expected {_shape_text(shape)}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{fn}: {what} must be C-contiguous (use ascontiguousarray)")
+
+
+def _float(fn: str, what: str, a: Any, ndim: int) -> Any:
+    """The dtype of ``a``, checked to be float32 or float64, ``ndim``-D and C-contiguous."""
+    dt = getattr(a, "dtype", None)
+    if dt is None or np.dtype(dt).name not in ck.CUDA_TYPES:
+        raise TypeError(f"{fn}: {what} is {dt}; expected a float32 or float64 array")
+    _check(fn, what, a, dt, (None,) * ndim)
+    return dt
+
+
+def _status(fn: str, status: Any) -> None:
+    _check(fn, "status", status, np.int32, (ck.STATUS_SLOTS,))
+
+
+def _hp(fn: str, hp: Any, dtype: Any) -> None:
+    _check(fn, "hp", hp, dtype, (ck.HP_SLOTS,))
+
+
+def _launch(kernels: KernelGetter, name: str, blocks: int, args: tuple[Any, ...]) -> None:
+    kernels(name)((blocks,), (ck.THREADS,), args)
+
+
+# --- bias_activation.cu ---------------------------------------------------------------------------
+
+
+def bias_activation(kernels: KernelGetter, z: Any, b: Any, activation: str, status: Any) -> None:
+    """``z = f(z + b)`` in place: ``z`` ``(rows, n)``, ``b`` ``(n,)``; softmax by row too.
+
+    A NaN or infinity in the result sets ``status[STATUS_BAD]``.
+    """
+    if activation == "softmax":
+        bias_softmax(kernels, z, b, status)
+        return
+    dt = _float("bias_activation", "z", z, 2)
+    rows, n = z.shape
+    _check("bias_activation", "b", b, dt, (n,))
+    _status("bias_activation", status)
+    _launch(
+        kernels,
+        ck.bias_activation(dt, activation),
+        ck.blocks_for(rows * n // (16 // dt.itemsize) + 1),
+        (z, b, np.int64(rows), np.int32(n), status),
+    )
+
+
+def bias_softmax(kernels: KernelGetter, z: Any, b: Any, status: Any) -> None:
+    """``z = softmax(z + b)`` by row, in place: ``z`` ``(rows, n)``, ``b`` ``(n,)``."""
+    dt = _float("bias_softmax", "z", z, 2)
+    rows, n = z.shape
+    _check("bias_softmax", "b", b, dt, (n,))
+    _status("bias_softmax", status)
+    _launch(
+        kernels,
+        ck.bias_softmax(dt),
+        ck.row_blocks(rows),
+        (z, b, np.int64(rows), np.int32(n), status),
+    )
+
+
+# --- hidden_delta.cu ------------------------------------------------------------------------------
+
+
+def hidden_delta(kernels: KernelGetter, g: Any, a: Any, activation: str, status: Any) -> None:
+    """``g *= f'(a)`` in place, ``f'`` written through the activation's output ``a``.
+
+    ``g`` and ``a`` are ``(rows, n)`` of one dtype (``g = delta_next @ W_next`` beforehand).
+    """
+    dt = _float("hidden_delta", "g", g, 2)
+    _check("hidden_delta", "a", a, dt, tuple(g.shape))
+    _status("hidden_delta", status)
+    _launch(
+        kernels,
+        ck.hidden_delta(dt, activation),
+        ck.blocks_for(g.size // (16 // dt.itemsize) + 1),
+        (g, a, np.int64(g.size), status),
+    )
+
+
+# --- output_layer.cu ------------------------------------------------------------------------------
+
+
+def output_layer(
+    kernels: KernelGetter,
+    z: Any,
+    b: Any,
+    y: Any,
+    labels: Any,
+    output: str,
+    loss: str,
+    row_loss: Any,
+    loss_out: Any,
+    status: Any,
+) -> None:
+    """Output layer and loss in one row kernel, then the fixed-order loss total.
+
+    In place, ``z`` ``(rows, n)``: ``z + b`` (``b`` ``(n,)``, or ``None`` when already added),
+    the output activation, the loss of each row into ``row_loss`` ``(rows,)`` and
+    ``delta^L = dC/dz`` (averaged over rows) back into ``z``. Targets: ``y`` ``(rows, n)``
+    dense (same dtype) or ``labels`` ``(rows,)`` int64, exactly one of them. Then
+    ``loss_out`` ``(1,)`` = the mean loss (:func:`finalize_loss`).
+    """
+    fn = "output_layer"
+    dt = _float(fn, "z", z, 2)
+    rows, n = z.shape
+    if b is not None:
+        _check(fn, "b", b, dt, (n,))
+    if (y is None) == (labels is None):
+        raise ValueError(f"{fn}: give exactly one of y (dense targets) and labels")
+    if y is not None:
+        _check(fn, "y", y, dt, (rows, n))
+    else:
+        _check(fn, "labels", labels, np.int64, (rows,))
+    _check(fn, "row_loss", row_loss, dt, (rows,))
+    _status(fn, status)
+    _launch(
+        kernels,
+        ck.output_kernel(dt, output, loss, labels is not None),
+        ck.row_blocks(rows),
+        (
+            z,
+            _NULL if b is None else b,
+            _NULL if y is None else y,
+            _NULL if labels is None else labels,
+            np.int64(rows),
+            np.int32(n),
+            dt.type(1.0 / rows),
+            row_loss,
+            status,
+        ),
+    )
+    scale = 1.0 / (2 * rows) if loss == "mse" else 1.0 / rows
+    finalize_loss(kernels, row_loss, loss_out, scale, status)
+
+
+def finalize_loss(
+    kernels: KernelGetter, row_loss: Any, loss_out: Any, scale: float, status: Any
+) -> None:
+    """``loss_out[0] = scale * sum(row_loss)`` by one block in a fixed order (float64 sums).
+
+    ``row_loss`` ``(rows,)``, ``loss_out`` ``(1,)`` of the same dtype; a non-finite total sets
+    ``status[STATUS_BAD]``.
+    """
+    dt = _float("finalize_loss", "row_loss", row_loss, 1)
+    _check("finalize_loss", "loss_out", loss_out, dt, (1,))
+    _status("finalize_loss", status)
+    _launch(
+        kernels,
+        ck.finalize_loss(dt),
+        1,
+        (row_loss, np.int64(row_loss.shape[0]), np.float64(scale), loss_out, status),
+    )
+
+
+# --- bias_grad.cu ---------------------------------------------------------------------------------
+
+
+def bias_grad(
+    kernels: KernelGetter,
+    delta: Any,
+    db: Any,
+    partial: Any,
+    plan: tuple[int, int],
+    b: Any,
+    hp: Any,
+    status: Any,
+) -> None:
+    """``db = sum over rows of delta``; with ``b`` given, also ``b -= lr * db`` (plain SGD).
+
+    ``delta`` ``(rows, n)``, ``db`` and ``b`` ``(n,)``; ``plan = (splits, rows_per_split)`` from
+    :func:`.catalogue.bias_grad_plan`; ``partial``: float64 scratch of at least ``splits * n``.
+    Two launches: partial column sums by ``(split, column)``, then their fixed-order total.
+    """
+    fn = "bias_grad"
+    dt = _float(fn, "delta", delta, 2)
+    rows, n = delta.shape
+    splits, per = plan
+    if splits < 1 or per < 1 or splits * per < rows:
+        raise ValueError(f"{fn}: plan {plan} does not cover {rows} rows")
+    _check(fn, "db", db, dt, (n,))
+    if b is not None:
+        _check(fn, "b", b, dt, (n,))
+    _check(fn, "partial", partial, np.float64, (None,))
+    if partial.size < splits * n:
+        raise ValueError(f"{fn}: partial holds {partial.size} values; expected >= {splits * n}")
+    _hp(fn, hp, dt)
+    _status(fn, status)
+    _launch(
+        kernels,
+        ck.bias_grad_partial(dt),
+        ck.blocks_for(splits * n),
+        (delta, np.int64(rows), np.int32(n), np.int64(per), np.int64(splits), partial),
+    )
+    _launch(
+        kernels,
+        ck.bias_grad_finish(dt, b is not None),
+        min(n, 65536),
+        (partial, np.int64(splits), np.int32(n), db, db if b is None else b, hp, status),
+    )
+
+
+# --- optimizers.cu --------------------------------------------------------------------------------
+
+
+def _table(fn: str, table: Any, n: int) -> None:
+    _check(fn, "table", table, np.int64, (n, ck.TABLE_COLS))
+
+
+def update_table(
+    kernels: KernelGetter,
+    optimizer: Any,
+    dtype: Any,
+    table: Any,
+    n: int,
+    chunks: int,
+    hp: Any,
+    status: Any,
+) -> None:
+    """Every tensor of ``table`` updated by ``optimizer``'s rule in one launch.
+
+    ``table``: int64 ``(n, TABLE_COLS)`` of device pointers and sizes, and ``chunks`` chunks, from
+    :func:`.catalogue.build_table`; parameters, gradients and states are ``dtype``, as is ``hp``
+    (:func:`.catalogue.hyperparameters`). Skipped on the device when ``status[STATUS_BAD]`` is set.
+    """
+    fn = "update_table"
+    _table(fn, table, n)
+    _hp(fn, hp, dtype)
+    _status(fn, status)
+    if optimizer.kind == "sgd":
+        name = ck.sgd_update_table(dtype, optimizer.momentum != 0, optimizer.nesterov)
+    else:
+        name = ck.adam_update_table(dtype, optimizer.decoupled)
+    _launch(
+        kernels,
+        name,
+        ck.blocks_for(chunks * ck.THREADS),
+        (table, np.int32(n), np.int64(chunks), np.int64(ck.CHUNK), hp, status),
+    )
+
+
+# --- guard.cu -------------------------------------------------------------------------------------
+
+
+def check_finite_table(
+    kernels: KernelGetter, dtype: Any, table: Any, n: int, biggest: int, status: Any
+) -> None:
+    """Set ``status[STATUS_BAD]`` if a gradient of ``table`` (``(n, TABLE_COLS)``) is not finite.
+
+    ``biggest``: the largest tensor's size (it sizes the grid).
+    """
+    _table("check_finite_table", table, n)
+    _status("check_finite_table", status)
+    _launch(
+        kernels,
+        ck.check_finite_table(dtype),
+        ck.blocks_for(biggest),
+        (table, np.int32(n), status),
+    )
+
+
+def zero_if_bad_table(
+    kernels: KernelGetter, dtype: Any, table: Any, n: int, biggest: int, status: Any
+) -> None:
+    """Zero the ``TAB_PARAM`` buffers of ``table`` (``(n, TABLE_COLS)``) if ``status[STATUS_BAD]``
+    is set: the deltas the folded plain-SGD GEMM reads, so a skipped step adds exactly 0 to ``W``.
+    """
+    _table("zero_if_bad_table", table, n)
+    _status("zero_if_bad_table", status)
+    _launch(
+        kernels,
+        ck.zero_if_bad_table(dtype),
+        ck.blocks_for(biggest),
+        (table, np.int32(n), status),
+    )
+
+
+def finish_step(kernels: KernelGetter, status: Any) -> None:
+    """The last node of a train step: count it as skipped when ``status[STATUS_BAD]`` is set."""
+    _status("finish_step", status)
+    _launch(kernels, ck.finish_step(), 1, (status,))
+
+
+# --- metrics.cu -----------------------------------------------------------------------------------
+
+
+def argmax_accuracy(
+    kernels: KernelGetter, a: Any, Y: Any, labels: Any, pred: Any, correct: Any, status: Any
+) -> None:
+    """``pred`` ``(rows,)`` int64 = argmax of each row of ``a`` ``(rows, n)`` (NumPy's rule);
+    with targets, ``correct`` ``(1,)`` uint64 += rows predicted right.
+
+    Targets: ``Y`` ``(rows, n)`` dense (compared by argmax), or ``labels`` ``(rows,)`` int64, or
+    neither (``correct`` untouched).
+    """
+    fn = "argmax_accuracy"
+    dt = _float(fn, "a", a, 2)
+    rows, n = a.shape
+    if Y is not None and labels is not None:
+        raise ValueError(f"{fn}: give at most one of Y (dense targets) and labels")
+    target = ck.TARGET_NONE
+    if Y is not None:
+        _check(fn, "Y", Y, dt, (rows, n))
+        target = ck.TARGET_DENSE
+    elif labels is not None:
+        _check(fn, "labels", labels, np.int64, (rows,))
+        target = ck.TARGET_LABELS
+    _check(fn, "pred", pred, np.int64, (rows,))
+    _check(fn, "correct", correct, np.uint64, (1,))
+    _status(fn, status)
+    _launch(
+        kernels,
+        ck.argmax_accuracy(dt, target),
+        ck.row_blocks(rows),
+        (
+            a,
+            _NULL if Y is None else Y,
+            _NULL if labels is None else labels,
+            np.int64(rows),
+            np.int32(n),
+            pred,
+            correct,
+            status,
+        ),
+    )
+
+
+def threshold_accuracy(kernels: KernelGetter, a: Any, y: Any, correct: Any) -> None:
+    """``correct`` ``(1,)`` uint64 += number of elements with ``(a > 0.5) == (y > 0.5)``.
+
+    ``a`` and ``y``: same shape and dtype (sigmoid outputs and 0/1 targets).
+    """
+    fn = "threshold_accuracy"
+    dt = _float(fn, "a", a, a.ndim if hasattr(a, "ndim") else 1)
+    _check(fn, "y", y, dt, tuple(a.shape))
+    _check(fn, "correct", correct, np.uint64, (1,))
+    _launch(
+        kernels,
+        ck.threshold_accuracy(dt),
+        ck.blocks_for(a.size),
+        (a, y, np.int64(a.size), correct),
+    )
+
+
+# --- cuBLAS ---------------------------------------------------------------------------------------
+
+
+def gemm(
+    blas: Any,
+    trans_a: bool,
+    trans_b: bool,
+    A: Any,
+    B: Any,
+    C: Any,
+    alpha: str,
+    beta: str,
+    hp: Any,
+    tf32: bool = False,
+) -> Any:
+    """Row-major ``C = alpha * op(A) @ op(B) + beta * C`` on ``blas`` (a :class:`.cublas.Cublas`).
+
+    ``alpha``/``beta`` name hyper-parameter slots (``"ONE"``, ``"ZERO"``, ``"NEG_LR"``, ...) of
+    the device block ``hp``, read by cuBLAS in device pointer mode, so a captured graph reads
+    their current values. Shapes: ``op(A)`` ``(M, K)``, ``op(B)`` ``(K, N)``, ``C`` ``(M, N)``.
+    Runs on ``blas``'s stream. Returns ``C``.
+    """
+    for slot in (alpha, beta):
+        if slot not in ck.HP:
+            raise ValueError(f"gemm: {slot!r} is not a hyper-parameter slot; expected one of "
+                             f"{list(ck.HP)}")  # fmt: skip
+    dt = _float("gemm", "C", C, 2)
+    _hp("gemm", hp, dt)
+    base, item = int(hp.data.ptr), dt.itemsize
+    return blas.gemm(
+        trans_a, trans_b, A, B, C, base + ck.HP[alpha] * item, base + ck.HP[beta] * item, tf32
+    )
