@@ -2,7 +2,7 @@
 # Everything gpubp checks on a GPU, in one command, without network:
 #   benchmarks/gpu_check.sh OUTDIR [--quick]
 # 1. the GPU tests: the backend-vs-reference matrix for cupy and tests/test_cupy_backend.py
-#    (junit XML and log), plus the kernel compile tests;
+#    (junit XML and log), plus the kernel compile tests and the cuBLAS binding checks;
 # 2. compute-sanitizer memcheck and racecheck on benchmarks/sanitize_step.py (where installed);
 # 3. the GPU benchmark benchmarks/gpu_step.py;
 # then OUTDIR/summary.json and OUTDIR/summary.txt (date, device, git hash of kernels/, results).
@@ -27,8 +27,8 @@ PY
 
 echo "== 1. GPU tests"
 python -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml" \
-    tests/test_cupy_backend.py tests/test_cuda_kernels.py \
-    "tests/test_backends.py" "tests/test_model.py" -k "cupy or cuda or kernel" \
+    tests/test_cupy_backend.py tests/test_cuda_kernels.py tests/test_cublas_binding.py \
+    "tests/test_backends.py" "tests/test_model.py" -k "cupy or cuda or kernel or cublas" \
     >"$OUT/tests.log" 2>&1 || status=1
 tail -3 "$OUT/tests.log"
 
