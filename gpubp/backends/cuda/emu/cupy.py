@@ -1033,10 +1033,16 @@ def __getattr__(name: str) -> Any:
     if isinstance(obj, types.ModuleType):
         return _Namespace(obj, name)
     if callable(obj):
-        fn = _function(obj, name)
-        globals()[name] = fn
+        # cached aside, never in globals(): "sum", "any", "max" ... would shadow the builtins
+        # this module itself uses
+        fn = _wrapped.get(name)
+        if fn is None:
+            fn = _wrapped[name] = _function(obj, name)
         return fn
     return obj
+
+
+_wrapped: dict[str, Callable[..., Any]] = {}
 
 
 class _MemoryPool:
