@@ -5,6 +5,8 @@
 //   db[c]         = sum_s partial[s, c]                   (fixed order, one block per column)
 //   MODE_WRITE:  db is stored                            (gradients(); any optimizer)
 //   MODE_SGD:    b[c] -= lr * db[c] as well, unless STATUS_BAD is set (the folded plain-SGD step)
+// A column sum that is not finite (NaN in delta, or a float32 overflow of the rounded double sum)
+// sets STATUS_BAD; in MODE_SGD its own column is then left unchanged as well.
 #include "common.cuh"
 
 namespace gpubp {
@@ -31,15 +33,16 @@ __global__ void bias_grad_partial(const T* __restrict__ delta, i64 rows, int n,
 template <typename T, int MODE>
 __global__ void bias_grad_finish(const double* __restrict__ partial, i64 splits, int n,
                                  T* __restrict__ db, T* __restrict__ b, const T* __restrict__ hp,
-                                 const int* __restrict__ status) {
+                                 int* __restrict__ status) {
     __shared__ double part[1024];
     for (int c = blockIdx.x; c < n; c += gridDim.x) {  // uniform in the block
         double s = 0.0;
         for (i64 k = threadIdx.x; k < splits; k += blockDim.x) s += partial[k * n + c];
         s = block_sum(s, part);
         if (threadIdx.x == 0) {
-            const T g = static_cast<T>(s);
+            const T g = static_cast<T>(s);  // a float32 sum can overflow here
             db[c] = g;
+            if (!finite(g)) flag_bad(status);
             if constexpr (MODE == MODE_SGD) {
                 if (status[STATUS_BAD] == 0) b[c] = b[c] - hp[HP_LR] * g;
             }

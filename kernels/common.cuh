@@ -60,10 +60,12 @@ enum TableColumn : int {
     TABLE_COLS = 6,
 };
 
-__device__ __forceinline__ void flag_bad(int* status) {
-    // every writer stores the same value, so the race is benign and no atomic is needed
-    status[STATUS_BAD] = 1;
-}
+// Many threads may raise a flag in one launch, all storing 1: an atomic (relaxed, as every CUDA
+// atomic is) makes that defined behaviour rather than a benign data race, at no cost when no flag
+// is raised, which is every healthy step.
+__device__ __forceinline__ void raise_flag(int* status, int slot) { atomicExch(status + slot, 1); }
+
+__device__ __forceinline__ void flag_bad(int* status) { raise_flag(status, STATUS_BAD); }
 
 template <typename T>
 __device__ __forceinline__ bool finite(T v) {
@@ -128,7 +130,7 @@ __device__ __forceinline__ int column_of(i64 e, int n) {
 // multiple of 32 is refused loudly (STATUS_LAUNCH) rather than giving wrong numbers.
 __device__ __forceinline__ bool whole_warps(int* status) {
     if ((blockDim.x & 31u) != 0u) {
-        if (threadIdx.x == 0) status[STATUS_LAUNCH] = 1;
+        if (threadIdx.x == 0) raise_flag(status, STATUS_LAUNCH);
         return false;
     }
     return true;
