@@ -158,8 +158,7 @@ def build(code: str, name_expressions: Sequence[str], variant: str = "plain") ->
             res = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if res.returncode != 0:
                 raise EmulatorError(
-                    f"building the emulated kernels failed ({' '.join(cmd)}):\n"
-                    f"{res.stderr[-6000:]}"
+                    f"building the emulated kernels failed ({' '.join(cmd)}):\n{res.stderr[-6000:]}"
                 )
             os.replace(out, lib)  # atomic: a concurrent process sees a whole library or none
     return lib
