@@ -206,8 +206,6 @@ class CupyBackend(Backend):
             consts[key] = self._cp.asarray(hp)
         return consts[key]
 
-    _consts = constants
-
     def scratch_status(self) -> Any:
         """The status word of the ops outside a train step, zeroed (its flags are not read)."""
         s = self._device()["scratch_status"]

@@ -191,7 +191,7 @@ class _TrainStep:
         be, buf, ws = self.be, self.buf, self.buf.ws
         kern = be.kernel
         L = len(self.W)
-        hp = buf.hp if self.optimizer is not None else be._consts(self.dtype)
+        hp = buf.hp if self.optimizer is not None else be.constants(self.dtype)
         # forward
         for i in range(L):
             out = ws.a[i + 1] if i < L - 1 else ws.z_out
