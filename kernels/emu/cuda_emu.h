@@ -45,6 +45,7 @@
 #endif
 #if defined(__SANITIZE_ADDRESS__) && !EMU_THREADS
 #define EMU_ASAN_FIBERS 1
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>  // tells AddressSanitizer which stack is live
 #else
 #define EMU_ASAN_FIBERS 0
@@ -368,14 +369,46 @@ inline void run_block(Block& b, int order, unsigned long long seed, Body body, v
 
 #else  // fibers
 
+// Switching fibers: on x86-64 a few instructions that save the callee-saved registers and swap
+// stacks (tens of nanoseconds); elsewhere ucontext, whose swapcontext also saves and restores the
+// signal mask by a system call (about ten times slower). Kernels never touch the floating-point
+// control registers, so those are not switched.
+#if defined(__x86_64__) && !defined(EMU_UCONTEXT)
+#define EMU_FAST_SWITCH 1
+extern "C" void emu_switch_stack(void** save_sp, void* load_sp);
+__asm__(
+    ".text\n"
+    ".p2align 4\n"
+    ".globl emu_switch_stack\n"
+    ".hidden emu_switch_stack\n"
+    ".type emu_switch_stack,@function\n"
+    "emu_switch_stack:\n"
+    "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n  pushq %r13\n  pushq %r14\n  pushq %r15\n"
+    "  movq %rsp, (%rdi)\n"
+    "  movq %rsi, %rsp\n"
+    "  popq %r15\n  popq %r14\n  popq %r13\n  popq %r12\n  popq %rbx\n  popq %rbp\n"
+    "  ret\n"
+    ".size emu_switch_stack, .-emu_switch_stack\n");
+struct Context {
+    void* sp = nullptr;
+};
+inline void switch_context(Context& from, Context& to) { emu_switch_stack(&from.sp, to.sp); }
+#else
+#define EMU_FAST_SWITCH 0
+struct Context {
+    ucontext_t uc;
+};
+inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
 struct Fiber {
-    ucontext_t ctx;
+    Context ctx;
     std::unique_ptr<char[]> stack;  // uninitialised: a fresh launch touches only what it uses
     Thread thread;
     bool done = false;
 };
 
-inline ucontext_t g_scheduler;
+inline Context g_scheduler;
 inline Fiber* g_fiber = nullptr;
 inline Body g_body = nullptr;
 inline void* g_ctx = nullptr;
@@ -389,7 +422,7 @@ inline void yield_to_scheduler() {
     void* save = nullptr;
     __sanitizer_start_switch_fiber(&save, g_sched_bottom, g_sched_size);
 #endif
-    swapcontext(&g_fiber->ctx, &g_scheduler);
+    switch_context(g_fiber->ctx, g_scheduler);
 #if EMU_ASAN_FIBERS
     __sanitizer_finish_switch_fiber(save, &g_sched_bottom, &g_sched_size);
 #endif
@@ -409,15 +442,45 @@ inline void fiber_main() {
 #if EMU_ASAN_FIBERS
     __sanitizer_start_switch_fiber(nullptr, g_sched_bottom, g_sched_size);  // this stack ends
 #endif
-    // returning resumes uc_link: the scheduler
 }
+
+#if EMU_FAST_SWITCH
+// A fiber's first switch "returns" here; it never returns itself: the scheduler takes over.
+[[noreturn]] inline void fiber_entry() {
+    fiber_main();
+    Context dead;
+    switch_context(dead, g_scheduler);
+    __builtin_unreachable();
+}
+
+inline void prepare(Fiber& f) {
+#if EMU_ASAN_FIBERS
+    // the frames a fiber left on its stack when it last ended are still marked as live
+    __asan_unpoison_memory_region(f.stack.get(), FIBER_STACK);
+#endif
+    const auto top = reinterpret_cast<uintptr_t>(f.stack.get() + FIBER_STACK) & ~uintptr_t{15};
+    void** sp = reinterpret_cast<void**>(top);
+    *--sp = nullptr;                                    // entered as if called: rsp % 16 == 8
+    *--sp = reinterpret_cast<void*>(&fiber_entry);      // where the first switch's ret goes
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;        // rbp rbx r12 r13 r14 r15
+    f.ctx.sp = sp;
+}
+#else
+inline void prepare(Fiber& f) {
+    getcontext(&f.ctx.uc);
+    f.ctx.uc.uc_stack.ss_sp = f.stack.get();
+    f.ctx.uc.uc_stack.ss_size = FIBER_STACK;
+    f.ctx.uc.uc_link = &g_scheduler.uc;  // returning from fiber_main resumes the scheduler
+    makecontext(&f.ctx.uc, fiber_main, 0);
+}
+#endif
 
 inline void enter_fiber(Fiber& f) {
 #if EMU_ASAN_FIBERS
     void* save = nullptr;
     __sanitizer_start_switch_fiber(&save, f.stack.get(), FIBER_STACK);
 #endif
-    swapcontext(&g_scheduler, &f.ctx);
+    switch_context(g_scheduler, f.ctx);
 #if EMU_ASAN_FIBERS
     __sanitizer_finish_switch_fiber(save, nullptr, nullptr);
 #endif
@@ -429,7 +492,7 @@ inline std::vector<Fiber>& fibers(size_t n) {
     return pool;
 }
 
-// Every live thread waits and none can go on (kept out of run_block, which calls swapcontext).
+// Every live thread waits and none can go on (kept out of run_block, which switches stacks).
 __attribute__((noinline)) inline void deadlock(Block& b, int left) {
     b.failed = true;
     b.error = std::string(g_kernel) + ", block " + std::to_string(g_blockIdx.x) + ": deadlock (" +
@@ -446,11 +509,7 @@ inline void run_block(Block& b, int order, unsigned long long seed, Body body, v
         f.done = false;
         f.thread.tid = i;
         f.thread.idx = uint3{static_cast<unsigned>(i), 0, 0};
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = f.stack.get();
-        f.ctx.uc_stack.ss_size = FIBER_STACK;
-        f.ctx.uc_link = &g_scheduler;
-        makecontext(&f.ctx, fiber_main, 0);
+        prepare(f);
     }
     const std::vector<int> sequence = ordering(b.nthreads, order, seed);
     int left = b.nthreads;
