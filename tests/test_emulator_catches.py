@@ -217,15 +217,15 @@ def row_case(name: str, seed: int, rows: int = 9, n: int = 45) -> tuple[Place, l
     v = z.astype(np.float64) + b.astype(np.float64)
     if template == "bias_softmax":
 
-        def place(mem: Memory) -> tuple[tuple[Any, ...], list[np.ndarray]]:
+        def place_softmax(mem: Memory) -> tuple[tuple[Any, ...], list[np.ndarray]]:
             zd, st = mem.put(z), mem.put(status_word())
             return (zd, mem.put(b), i64(rows), i32(n), st), [zd, st]
 
-        return place, [ref.activate(v, "softmax"), status_word()]
+        return place_softmax, [ref.activate(v, "softmax"), status_word()]
     if template == "argmax_accuracy":
         target = params[0]
 
-        def place(mem: Memory) -> tuple[tuple[Any, ...], list[np.ndarray]]:
+        def place_argmax(mem: Memory) -> tuple[tuple[Any, ...], list[np.ndarray]]:
             pred, st = mem.put(np.full(rows, -5, np.int64)), mem.put(status_word())
             correct = mem.put(np.zeros(1, np.uint64))
             yd = mem.put(y) if target == ck.TARGET_DENSE else NULL
@@ -236,7 +236,7 @@ def row_case(name: str, seed: int, rows: int = 9, n: int = 45) -> tuple[Place, l
         want_pred = np.argmax(z, axis=1)
         truth = labels if target == ck.TARGET_LABELS else np.argmax(y, axis=1)
         hits = 0 if target == ck.TARGET_NONE else int(np.sum(want_pred == truth))
-        return place, [want_pred, np.array([hits], np.uint64), status_word()]
+        return place_argmax, [want_pred, np.array([hits], np.uint64), status_word()]
     output, loss, use_labels = _output_of(template, params)
     if use_labels:
         Y = np.zeros((rows, n))
