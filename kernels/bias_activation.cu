@@ -4,9 +4,10 @@
 //   z[r, c] = f(z[r, c] + b[c])                                   this file
 //
 // An activation that comes out NaN or infinite sets STATUS_BAD, so the train step's update is
-// skipped: it would reach the weight gradient delta.T @ a as inf or inf * 0. (A pre-activation
-// of +-inf that the activation maps to a finite value, sigmoid(inf) = 1, is not an error, as it
-// is not one for the reference either.)
+// skipped: it would reach the weight gradient delta.T @ a as inf or inf * 0. So does a NaN
+// pre-activation, which ReLU would otherwise turn into a quiet 0 (NaN > 0 is false) while the
+// reference's maximum(NaN, 0) is NaN. (A pre-activation of +-inf that the activation maps to a
+// finite value, sigmoid(inf) = 1, is not an error, as it is not one for the reference either.)
 #include "common.cuh"
 
 namespace gpubp {
@@ -28,15 +29,17 @@ __global__ void bias_activation(T* __restrict__ z, const T* __restrict__ b, i64 
             const Pack<T> bias = load16(b + column_of(e, n));
 #pragma unroll
             for (int k = 0; k < V; ++k) {
-                x.v[k] = activate<ACT>(x.v[k] + bias.v[k]);
-                bad |= !finite(x.v[k]);
+                const T v = x.v[k] + bias.v[k];
+                x.v[k] = activate<ACT>(v);
+                bad |= !finite(x.v[k]) || v != v;
             }
             store16(z + e, x);
         }
     } else {
         for (i64 i = global_thread(); i < total; i += stride) {
-            const T a = activate<ACT>(z[i] + b[column_of(i, n)]);
-            bad |= !finite(a);
+            const T v = z[i] + b[column_of(i, n)];
+            const T a = activate<ACT>(v);
+            bad |= !finite(a) || v != v;
             z[i] = a;
         }
     }

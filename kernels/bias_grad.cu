@@ -1,17 +1,15 @@
-// Bias gradient: the column sums of delta (B, n), in two deterministic passes, the second one
-// optionally fused with the plain-SGD bias update.
+// Bias gradient: the column sums of delta (B, n), in two deterministic passes.
 //
 //   partial[s, c] = sum_{r in split s} delta[r, c]       (double; splits of rows_per_split rows)
 //   db[c]         = sum_s partial[s, c]                   (fixed order, one block per column)
-//   MODE_WRITE:  db is stored                            (gradients(); any optimizer)
-//   MODE_SGD:    b[c] -= lr * db[c] as well, unless STATUS_BAD is set (the folded plain-SGD step)
-// A column sum that is not finite (NaN in delta, or a float32 overflow of the rounded double sum)
-// sets STATUS_BAD; in MODE_SGD its own column is then left unchanged as well.
+//
+// A column sum that is not finite (NaN in delta, or a float32 overflow of the double sum) sets
+// STATUS_BAD, so the step's update is skipped. (The update itself is never fused here: one
+// block per column cannot know whether another column's sum overflowed, so a fused update could
+// change some biases of a step that must change none.)
 #include "common.cuh"
 
 namespace gpubp {
-
-enum BiasGradMode : int { MODE_WRITE = 0, MODE_SGD = 1 };
 
 // One thread per (split, column): consecutive threads read consecutive columns of a row.
 template <typename T>
@@ -29,23 +27,17 @@ __global__ void bias_grad_partial(const T* __restrict__ delta, i64 rows, int n,
     }
 }
 
-// One block per column (grid-stride over columns); a fixed-order tree over the splits.
-template <typename T, int MODE>
+// One block per column (grid-stride over columns); a fixed-order sum over the splits.
+template <typename T>
 __global__ void bias_grad_finish(const double* __restrict__ partial, i64 splits, int n,
-                                 T* __restrict__ db, T* __restrict__ b, const T* __restrict__ hp,
-                                 int* __restrict__ status) {
-    __shared__ double part[1024];
+                                 T* __restrict__ db, int* __restrict__ status) {
+    __shared__ double part[SUM_SLOTS];
     for (int c = blockIdx.x; c < n; c += gridDim.x) {  // uniform in the block
-        double s = 0.0;
-        for (i64 k = threadIdx.x; k < splits; k += blockDim.x) s += partial[k * n + c];
-        s = block_sum(s, part);
+        const double s = fixed_sum(splits, [&](i64 k) { return partial[k * n + c]; }, part);
         if (threadIdx.x == 0) {
             const T g = static_cast<T>(s);  // a float32 sum can overflow here
             db[c] = g;
             if (!finite(g)) flag_bad(status);
-            if constexpr (MODE == MODE_SGD) {
-                if (status[STATUS_BAD] == 0) b[c] = b[c] - hp[HP_LR] * g;
-            }
         }
     }
 }

@@ -153,15 +153,15 @@ __global__ void bce_loss(T* __restrict__ z, const T* __restrict__ b, const T* __
 }
 
 // loss[0] = scale * sum_r row_loss[r], summed in double in a fixed order by block 0 alone (any
-// grid, any block size up to 1024), so the value does not depend on scheduling.
+// grid, any block size up to 1024: the order depends on neither), so the value does not depend
+// on scheduling or on the launch shape.
 template <typename T>
 __global__ void finalize_loss(const T* __restrict__ row_loss, i64 rows, double scale,
                               T* __restrict__ loss, int* __restrict__ status) {
-    __shared__ double part[1024];
+    __shared__ double part[SUM_SLOTS];
     if (blockIdx.x != 0) return;
-    double s = 0.0;
-    for (i64 i = threadIdx.x; i < rows; i += blockDim.x) s += static_cast<double>(row_loss[i]);
-    s = block_sum(s, part);
+    const double s =
+        fixed_sum(rows, [&](i64 i) { return static_cast<double>(row_loss[i]); }, part);
     if (threadIdx.x == 0) {
         const T value = static_cast<T>(s * scale);
         loss[0] = value;

@@ -48,16 +48,16 @@ def test_every_kernel_is_race_free_under_thread_sanitizer():
 
 
 def test_thread_sanitizer_reports_a_missing_barrier():
-    """The defect the TSan run exists for: block_sum's first barrier removed (finalize_loss)."""
+    """The defect the TSan run exists for: fixed_sum's first barrier removed (finalize_loss)."""
     _need()
     code = ck.source("output_layer")
-    barrier = "    shared[threadIdx.x] = v;\n    __syncthreads();\n"
+    barrier = "        shared[k] = s;\n    }\n    __syncthreads();\n"
     assert barrier in code
-    broken = code.replace(barrier, "    shared[threadIdx.x] = v;\n")
+    broken = code.replace(barrier, "        shared[k] = s;\n    }\n")
     res = sanitize.run_driver("tsan", {"output_layer": broken})
     assert res.returncode == 66, res.stdout + res.stderr[-3000:]
     assert "ThreadSanitizer: data race" in res.stderr
-    assert "block_sum" in res.stderr
+    assert "fixed_sum" in res.stderr
 
 
 def test_emulated_kernel_tests_pass_under_address_and_ub_sanitizers():

@@ -652,6 +652,8 @@ inline void call_body(void* ctx) {
 #define __shfl_xor_sync(mask, value, lane_mask) \
     ::emu::shfl_xor((mask), (value), (lane_mask), 32, __LINE__)
 
+#define EMU_EXPORT __attribute__((visibility("default")))
+
 // The exported C entry points of a library built from one kernel family plus a list of entries:
 //   EMU_EXPORT_ENTRIES(emu::entry(&gpubp::k<float, 1>, "gpubp::k<float, 1>"), ...)
 #define EMU_EXPORT_ENTRIES(...)                                                                   \
@@ -659,12 +661,12 @@ inline void call_body(void* ctx) {
         static const std::vector<::emu::Entry> e{__VA_ARGS__};                                    \
         return e;                                                                                 \
     }                                                                                             \
-    extern "C" int emu_count() { return static_cast<int>(emu_entries_().size()); }                \
-    extern "C" const char* emu_name(int i) { return emu_entries_()[static_cast<size_t>(i)].name; } \
-    extern "C" const char* emu_signature(int i) {                                                 \
+    extern "C" EMU_EXPORT int emu_count() { return static_cast<int>(emu_entries_().size()); }                \
+    extern "C" EMU_EXPORT const char* emu_name(int i) { return emu_entries_()[static_cast<size_t>(i)].name; } \
+    extern "C" EMU_EXPORT const char* emu_signature(int i) {                                                 \
         return emu_entries_()[static_cast<size_t>(i)].signature.c_str();                          \
     }                                                                                             \
-    extern "C" int emu_launch(int i, unsigned grid, unsigned block, int order,                    \
+    extern "C" EMU_EXPORT int emu_launch(int i, unsigned grid, unsigned block, int order,                    \
                               unsigned long long seed, void** args, char* err, size_t errlen) {   \
         const ::emu::Entry& e = emu_entries_()[static_cast<size_t>(i)];                          \
         ::emu::Call call{&e, args};                                                               \

@@ -177,6 +177,9 @@ class CupyBackend(Backend):
                 "kernels": launch.Kernels(cp),
                 "status": cp.zeros(ck.STATUS_SLOTS, dtype=np.int32),  # the train steps' guard
                 "scratch_status": cp.zeros(ck.STATUS_SLOTS, dtype=np.int32),  # everything else
+                # read only, never written: the stand-alone update, which must not skip itself
+                # for a flag some earlier stand-alone op raised
+                "clear_status": cp.zeros(ck.STATUS_SLOTS, dtype=np.int32),
                 "ring": _HostRing(cp),
                 "consts": {},
             }
@@ -207,10 +210,13 @@ class CupyBackend(Backend):
         return consts[key]
 
     def scratch_status(self) -> Any:
-        """The status word of the ops outside a train step, zeroed (its flags are not read)."""
-        s = self._device()["scratch_status"]
-        s.fill(0)
-        return s
+        """The status word of the ops outside a train step.
+
+        Its STATUS_BAD flag is not an error (a stand-alone op returns NaN as NumPy does; only a
+        train step must refuse to update); its STATUS_LAUNCH flag, an internal error, is read at
+        the next synchronisation like the train steps' word.
+        """
+        return self._device()["scratch_status"]
 
     def check_status(self) -> None:
         """Look at the train steps' status word (a synchronisation) and raise what it holds.
@@ -224,6 +230,10 @@ class CupyBackend(Backend):
         for d in self._per_device.values():
             status = d["status"]
             host = status.get()
+            scratch = d["scratch_status"]
+            if scratch.get()[ck.STATUS_LAUNCH]:
+                scratch.fill(0)
+                host[ck.STATUS_LAUNCH] = 1
             if host[ck.STATUS_LAUNCH]:
                 status.fill(0)
                 raise RuntimeError(
@@ -385,7 +395,7 @@ class CupyBackend(Backend):
         self._gemm(True, False, delta, a_prev, dW, "ONE", "ZERO", consts)
         plan = ck.bias_grad_plan(rows, n)
         partial = cp.empty(plan[0] * n, dtype=np.float64)
-        launch.bias_grad(self.kernel, delta, db, partial, plan, None, consts, self.scratch_status())
+        launch.bias_grad(self.kernel, delta, db, partial, plan, self.scratch_status())
         return dW, db
 
     def update_parameters(
@@ -408,7 +418,7 @@ class CupyBackend(Backend):
         hp = cp.asarray(ck.hyperparameters(optimizer, step, dtype))
         launch.update_table(
             self.kernel, optimizer, dtype, cp.asarray(table), len(params), chunks, hp,
-            self.scratch_status(),
+            self._device()["clear_status"],
         )  # fmt: skip
         state["step"] = step
         return params, state

@@ -56,7 +56,6 @@ HP = {
 HP_SLOTS = 16
 TARGET_DENSE, TARGET_LABELS, TARGET_NONE = 0, 1, 2
 TAB_PARAM, TAB_GRAD, TAB_STATE1, TAB_STATE2, TAB_SIZE, TAB_CHUNK0, TABLE_COLS = range(7)
-MODE_WRITE, MODE_SGD = 0, 1
 
 #: Block size of every launch (a multiple of 32: the row kernels give one warp to a row).
 THREADS = 256
@@ -117,8 +116,8 @@ def bias_grad_partial(dtype: object) -> str:
     return f"gpubp::bias_grad_partial<{_ctype(dtype)}>"
 
 
-def bias_grad_finish(dtype: object, sgd_update: bool) -> str:
-    return f"gpubp::bias_grad_finish<{_ctype(dtype)}, {MODE_SGD if sgd_update else MODE_WRITE}>"
+def bias_grad_finish(dtype: object) -> str:
+    return f"gpubp::bias_grad_finish<{_ctype(dtype)}>"
 
 
 def sgd_update_table(dtype: object, momentum: bool, nesterov: bool) -> str:
@@ -173,7 +172,7 @@ def _catalogue() -> dict[str, list[str]]:
             ]
         cat["output_layer"].append(finalize_loss(dt))
         cat["bias_grad"].append(bias_grad_partial(dt))
-        cat["bias_grad"] += [bias_grad_finish(dt, s) for s in flags]
+        cat["bias_grad"].append(bias_grad_finish(dt))
         cat["optimizers"] += [
             sgd_update_table(dt, m, n) for m, n in itertools.product(flags, flags) if m or not n
         ]
@@ -246,6 +245,12 @@ COMPILE_OPTIONS: tuple[str, ...] = ("--std=c++17",)
 def blocks_for(work_items: int, threads: int = THREADS, max_blocks: int = 65536) -> int:
     """Blocks for ``work_items`` grid-stride items (at least 1, at most ``max_blocks``)."""
     return max(1, min(max_blocks, math.ceil(max(work_items, 1) / threads)))
+
+
+def reduction_threads(items: int, threads: int = THREADS) -> int:
+    """Threads a block for a block-wide sum of ``items`` values: a whole number of warps, no
+    more than ``threads`` (a block of idle threads would only add barrier rounds)."""
+    return max(32, min(threads, 32 * math.ceil(max(items, 1) / 32)))
 
 
 def row_blocks(rows: int, threads: int = THREADS, max_blocks: int = 65536) -> int:

@@ -128,8 +128,13 @@ class _TrainStep:
             self.n_update = len(entries)
         if self.fold:
             entries = [(d.data.ptr, 0, 0, 0, int(d.size)) for d in self.deltas]
-            table, _ = ck.build_table(entries)
-            self.delta_table = cp.asarray(table)
+            self.delta_table = cp.asarray(ck.build_table(entries)[0])
+            # the input batch, which the first folded GEMM reads (checked as a "gradient")
+            x = ws.a[0]
+            self.input_table = cp.asarray(ck.build_table([(0, x.data.ptr, 0, 0, int(x.size))])[0])
+            # the biases, updated by the plain-SGD table kernel from db
+            table, self.bias_chunks = ck.build_table(be._entries(biases, ws.db, []))
+            self.bias_table = cp.asarray(table)
 
     def stage(self, x: Any, y: Any) -> None:
         """Copy the batch into the captured input buffers (converting dtype on the device)."""
@@ -219,25 +224,28 @@ class _TrainStep:
         if self.optimizer is None:  # gradients only
             for i in range(L):
                 be._gemm(True, False, self.deltas[i], ws.a[i], ws.dW[i], "ONE", "ZERO", hp)
-                launch.bias_grad(
-                    kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], None, hp, status
-                )
+                launch.bias_grad(kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], status)
             return
         if self.fold:
-            # a skipped step must add exactly 0: zero the deltas when the flag is set
+            # Every flag is up before anything is written: the bias sums (a float32 overflow is
+            # flagged), then the input batch, which the first folded GEMM reads and whose NaN a
+            # ReLU hides from the forward flags. If any flag is up the deltas are zeroed, so the
+            # folded GEMMs add exactly 0 to W, and the bias kernel skips itself.
+            for i in range(L):
+                launch.bias_grad(kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], status)
+            x_size = int(ws.a[0].size)
+            launch.check_finite_table(kern, self.dtype, self.input_table, 1, x_size, status)
             biggest = max(int(d.size) for d in self.deltas)
             launch.zero_if_bad_table(kern, self.dtype, self.delta_table, L, biggest, status)
-            for i in range(L):  # W = -lr * delta.T @ a + 1 * W;  b -= lr * sum(delta)
+            for i in range(L):  # W = -lr * delta.T @ a + 1 * W
                 be._gemm(True, False, self.deltas[i], ws.a[i], self.W[i], "NEG_LR", "ONE", hp)
-                launch.bias_grad(
-                    kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], self.b[i], hp, status
-                )
+            launch.update_table(
+                kern, self.optimizer, self.dtype, self.bias_table, L, self.bias_chunks, hp, status
+            )
         else:
             for i in range(L):
                 be._gemm(True, False, self.deltas[i], ws.a[i], ws.dW[i], "ONE", "ZERO", hp)
-                launch.bias_grad(
-                    kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], None, hp, status
-                )
+                launch.bias_grad(kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], status)
             n = self.n_update
             biggest = max(int(p.size) for p in [*self.W, *self.b])
             launch.check_finite_table(kern, self.dtype, self.update_table, n, biggest, status)

@@ -105,8 +105,14 @@ def _hp(fn: str, hp: Any, dtype: Any) -> None:
     _check(fn, "hp", hp, dtype, (ck.HP_SLOTS,))
 
 
-def _launch(kernels: KernelGetter, name: str, blocks: int, args: tuple[Any, ...]) -> None:
-    kernels(name)((blocks,), (ck.THREADS,), args)
+def _launch(
+    kernels: KernelGetter,
+    name: str,
+    blocks: int,
+    args: tuple[Any, ...],
+    threads: int = ck.THREADS,
+) -> None:
+    kernels(name)((blocks,), (threads,), args)
 
 
 # --- bias_activation.cu ---------------------------------------------------------------------------
@@ -237,6 +243,7 @@ def finalize_loss(
         ck.finalize_loss(dt),
         1,
         (row_loss, np.int64(row_loss.shape[0]), np.float64(scale), loss_out, status),
+        ck.reduction_threads(row_loss.shape[0]),
     )
 
 
@@ -249,15 +256,14 @@ def bias_grad(
     db: Any,
     partial: Any,
     plan: tuple[int, int],
-    b: Any,
-    hp: Any,
     status: Any,
 ) -> None:
-    """``db = sum over rows of delta``; with ``b`` given, also ``b -= lr * db`` (plain SGD).
+    """``db = sum over rows of delta``: ``delta`` ``(rows, n)`` -> ``db`` ``(n,)``.
 
-    ``delta`` ``(rows, n)``, ``db`` and ``b`` ``(n,)``; ``plan = (splits, rows_per_split)`` from
-    :func:`.catalogue.bias_grad_plan`; ``partial``: float64 scratch of at least ``splits * n``.
-    Two launches: partial column sums by ``(split, column)``, then their fixed-order total.
+    ``plan = (splits, rows_per_split)`` from :func:`.catalogue.bias_grad_plan`; ``partial``:
+    float64 scratch of at least ``splits * n``. Two launches: partial column sums by
+    ``(split, column)``, then their fixed-order total (the same bits for any launch shape); a
+    column sum that is not finite sets ``status[STATUS_BAD]``.
     """
     fn = "bias_grad"
     dt = _float(fn, "delta", delta, 2)
@@ -266,12 +272,9 @@ def bias_grad(
     if splits < 1 or per < 1 or splits * per < rows:
         raise ValueError(f"{fn}: plan {plan} does not cover {rows} rows")
     _check(fn, "db", db, dt, (n,))
-    if b is not None:
-        _check(fn, "b", b, dt, (n,))
     _check(fn, "partial", partial, np.float64, (None,))
     if partial.size < splits * n:
         raise ValueError(f"{fn}: partial holds {partial.size} values; expected >= {splits * n}")
-    _hp(fn, hp, dt)
     _status(fn, status)
     _launch(
         kernels,
@@ -281,9 +284,10 @@ def bias_grad(
     )
     _launch(
         kernels,
-        ck.bias_grad_finish(dt, b is not None),
+        ck.bias_grad_finish(dt),
         min(n, 65536),
-        (partial, np.int64(splits), np.int32(n), db, db if b is None else b, hp, status),
+        (partial, np.int64(splits), np.int32(n), db, status),
+        ck.reduction_threads(splits),
     )
 
 

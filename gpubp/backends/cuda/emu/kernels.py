@@ -56,6 +56,10 @@ BASE_FLAGS: tuple[str, ...] = (
     "-Wextra",
     "-Werror",
     "-Wno-unknown-pragmas",  # "#pragma unroll" is a hint; g++ has its own spelling
+    # each library keeps its own statics (the __shared__ arrays, the emulator's state): without
+    # these, g++ makes them process-wide unique symbols shared by every library loaded
+    "-fno-gnu-unique",
+    "-fvisibility=hidden",
 )
 VARIANTS: dict[str, tuple[str, ...]] = {
     "plain": ("-O2",),
