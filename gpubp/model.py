@@ -12,7 +12,7 @@ import os
 import sys
 import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -402,20 +402,24 @@ class MLP:
         _check_optimizer(optimizer)
         x = self._check_x(x)
         y = self._check_y(y, x.shape[0])
-        return self._step(x, y, optimizer)
+        return float(self._step(x, y, optimizer))
 
     @property
     def parameter_shapes(self) -> list[tuple[int, ...]]:
         """Shapes of ``[W^1, ..., W^L, b^1, ..., b^L]``: the order optimizer state is kept in."""
         return [tuple(W.shape) for W in self._W] + [tuple(b.shape) for b in self._b]
 
-    def _step(self, x: Any, y: Any, optimizer: Optimizer) -> float:
-        """:meth:`train_step` on a batch already checked and cast (by ``_check_x``/``_check_y``)."""
+    def _step(self, x: Any, y: Any, optimizer: Optimizer) -> Any:
+        """:meth:`train_step` on a batch already checked and cast (by ``_check_x``/``_check_y``).
+
+        Returns the loss as the backend gives it, unread: on a GPU a device scalar, so a loop of
+        steps never waits for the device (read it with ``float`` or :class:`_LossSum`).
+        """
         state = optimizer.bind(self, self.backend, self.parameter_shapes, self.dtype)
         value, _, _, _ = self.backend.train_step(
             self._W, self._b, x, y, self.activation, self.output, self.loss, optimizer, state
         )
-        return float(value)
+        return value
 
     def fit(
         self,
@@ -451,12 +455,14 @@ class MLP:
             t0 = time.perf_counter()
             order = self._rng.permutation(N) if shuffle else np.arange(N)
             order_dev = self.backend.asarray(order)
-            total = 0.0
+            losses = _LossSum(self.backend)
             bar = _Progress(f"epoch {epoch}/{epochs}", n_batches, enabled=progress)
             for k in range(n_batches):
                 idx = order_dev[k * batch_size : (k + 1) * batch_size]
-                total += self._step(X[idx], y[idx], optimizer) * idx.shape[0]
-                bar.update(k + 1, f"loss {total / min(N, (k + 1) * batch_size):.4f}")
+                losses.add(self._step(X[idx], y[idx], optimizer), int(idx.shape[0]))
+                seen = min(N, (k + 1) * batch_size)
+                bar.update(k + 1, losses.describe(seen))
+            total = losses.read()
             history["loss"].append(total / N)
             history["time"].append(time.perf_counter() - t0)
             summary = f"loss {total / N:.4f}"
@@ -640,19 +646,58 @@ def parse_meta(arrays: dict[str, np.ndarray], path: Any, expected: str) -> dict[
     return meta
 
 
+class _LossSum:
+    """Batch losses weighted by batch size, summed when read.
+
+    The values stay as the backend returned them (device scalars on a GPU) until :meth:`read`,
+    which sums every pending one in a single synchronisation, so a training loop that reads the
+    running loss only when its progress bar is redrawn never waits for the device per step.
+    """
+
+    def __init__(self, backend: Backend, total: float = 0.0) -> None:
+        self.backend = backend
+        self.total = float(total)
+        self.values: list[Any] = []
+        self.weights: list[int] = []
+
+    def add(self, value: Any, weight: int) -> None:
+        self.values.append(value)
+        self.weights.append(weight)
+
+    def describe(self, n: int) -> Callable[[], str]:
+        """For a progress bar: the text of the mean loss over ``n`` samples, read when shown."""
+        return lambda: f"loss {self.read() / max(n, 1):.4f}"
+
+    def read(self) -> float:
+        """The weighted sum so far (a synchronisation point: a deferred error is raised here)."""
+        if self.values:
+            # one value at a time, in order: the same sum whenever it is read (a resumed run
+            # reproduces an uninterrupted one bit for bit)
+            for v, w in zip(self.backend.read_losses(self.values), self.weights):
+                self.total += v * w
+            self.values, self.weights = [], []
+        return self.total
+
+
 class _Progress:
-    """A one-line progress bar on stderr, redrawn at most ten times a second."""
+    """A one-line progress bar on stderr, redrawn at most ten times a second.
+
+    ``info`` may be a callable, called only when the bar is redrawn (reading a loss from a GPU
+    waits for it, which must not happen on every step).
+    """
 
     def __init__(self, label: str, total: int, enabled: bool = True, width: int = 30) -> None:
         self.label, self.total, self.enabled, self.width = label, max(total, 1), enabled, width
         self.t0 = time.perf_counter()
         self.last = 0.0
 
-    def update(self, done: int, info: str = "") -> None:
+    def update(self, done: int, info: str | Callable[[], str] = "") -> None:
         now = time.perf_counter()
         if not self.enabled or (now - self.last < 0.1 and done < self.total):
             return
         self.last = now
+        if callable(info):
+            info = info()
         filled = int(self.width * done / self.total)
         bar = "#" * filled + "-" * (self.width - filled)
         sys.stderr.write(f"\r{self.label} [{bar}] {done}/{self.total} {info} {now - self.t0:.1f}s")

@@ -40,6 +40,7 @@ from .model import (
     MLP,
     _check_positive_int,
     _check_saved_shapes,
+    _LossSum,
     _Progress,
     parse_meta,
     read_npz,
@@ -591,6 +592,7 @@ def train(
                 f"uses {model.backend.name}; the result will agree within float tolerance, "
                 "not bit for bit"
             )
+    losses = _LossSum(model.backend, loss_sum)  # read (a GPU sync) only when shown or saved
     dp = None
     if comm is not None:
         from .distributed import DataParallel
@@ -627,7 +629,7 @@ def train(
                 optimizer,
                 config,
                 ds.name,
-                _position_meta(epoch, batch, dict(rng_state), loss_sum, seen),
+                _position_meta(epoch, batch, dict(rng_state), losses.read(), seen),
                 history,
                 counters,
                 track_gradients,
@@ -651,10 +653,10 @@ def train(
             while batch < n_batches and not stopping():
                 optimizer.lr = config.learning_rate(epoch * n_batches + batch, total_steps)
                 idx = order[batch * bs : (batch + 1) * bs]
-                loss_sum += step(idx) * idx.shape[0]
+                losses.add(step(idx), int(idx.shape[0]))
                 seen += int(idx.shape[0])
                 batch += 1
-                bar.update(batch, f"loss {loss_sum / seen:.4f}")
+                bar.update(batch, losses.describe(seen))
             be.synchronize()
             counters["train_seconds"] += time.perf_counter() - t0
             counters["samples"] += seen - seen_before
@@ -664,7 +666,7 @@ def train(
                 interrupted = True
                 break
             history["epoch"].append(epoch + 1)
-            history["loss"].append(loss_sum / max(seen, 1))
+            history["loss"].append(losses.read() / max(seen, 1))
             history["lr"].append(optimizer.lr)
             history["accuracy"].append(model.evaluate(X_eval, Y_eval)["accuracy"])
             if X_val is not None:
@@ -676,7 +678,8 @@ def train(
                 norms = gradient_norms(model, *probe)
                 history["delta_norm"].append(norms["delta"])
                 history["dW_norm"].append(norms["dW"])
-            epoch, batch, loss_sum, seen = epoch + 1, 0, 0.0, 0
+            epoch, batch, seen = epoch + 1, 0, 0
+            losses = _LossSum(be)
             if dp is not None:
                 dp.check_in_sync(f"epoch {epoch}")
             bar.close(_epoch_summary(history))
@@ -810,11 +813,12 @@ def gradflow(
         opt = make_optimizer("sgd", lr=lr)
         order = np.random.default_rng([seed, 2])
         bar = _Progress(f"{name:10}", steps, enabled=progress)
-        total = 0.0
+        losses = _LossSum(model.backend)
         for k in range(steps):
             idx = model.backend.asarray(order.integers(0, len(ds.x_train), batch_size))
-            total += model._step(X[idx], Y[idx], opt)
-            bar.update(k + 1, f"loss {total / (k + 1):.4f}")
+            losses.add(model._step(X[idx], Y[idx], opt), 1)
+            bar.update(k + 1, losses.describe(k + 1))
+        total = losses.read()
         after = gradient_norms(model, xp_, yp_)
         runs[name] = {
             "delta": after["delta"],

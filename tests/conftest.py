@@ -8,6 +8,8 @@ machine and covers every backend that the machine can run.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 import zlib
 
 import numpy as np
@@ -19,6 +21,25 @@ from gpubp.backends import BACKEND_NAMES
 DTYPES: tuple[str, ...] = ("float32", "float64")
 
 
+def _real_gpu() -> bool:
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    try:
+        import cupy
+
+        return bool(cupy.cuda.is_available())
+    except Exception:  # a broken driver: no GPU for the tests
+        return False
+
+
+# Without a GPU the ``cupy`` backend runs on the emulated device (the kernels compiled for the
+# CPU, CuPy emulated over NumPy): the same test bodies then run it against the reference.
+# GPUBP_CUDA_EMULATOR=0 or =1 in the environment decides instead.
+if "GPUBP_CUDA_EMULATOR" not in os.environ and not _real_gpu():
+    os.environ["GPUBP_CUDA_EMULATOR"] = "1"
+EMULATED_GPU: bool = os.environ.get("GPUBP_CUDA_EMULATOR") == "1"
+
+
 @functools.cache
 def _status() -> dict[str, str | None]:
     # asked once per session: finding out whether a GPU is there can cost an import of CuPy
@@ -26,9 +47,15 @@ def _status() -> dict[str, str | None]:
 
 
 def skip_unless_available(name: str) -> None:
-    """``pytest.skip`` with the registry's own reason when backend ``name`` cannot run here."""
+    """``pytest.skip`` with the registry's own reason when backend ``name`` cannot run here.
+
+    Where CI requires the emulated GPU (``GPUBP_REQUIRE_EMULATOR=1``), a ``cupy`` backend that
+    cannot run fails instead: the GPU code must never go untested unnoticed.
+    """
     why = _status()[name]
     if why is not None:
+        if name == "cupy" and os.environ.get("GPUBP_REQUIRE_EMULATOR") == "1":
+            pytest.fail(f"GPUBP_REQUIRE_EMULATOR=1 but backend 'cupy' cannot run: {why}")
         pytest.skip(f"backend {name!r} is not available here: {why}")
 
 

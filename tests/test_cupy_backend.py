@@ -22,9 +22,9 @@ from .conftest import skip_unless_available
 @pytest.fixture(scope="module")
 def cp():
     skip_unless_available("cupy")
-    import cupy
+    from gpubp.backends.cuda.backend import import_cupy
 
-    return cupy
+    return import_cupy()
 
 
 def _backend(**kwargs):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -114,6 +115,14 @@ class Backend:
 
     def synchronize(self) -> None:
         """Wait until queued work is done (a no-op on the CPU)."""
+
+    def read_losses(self, values: Sequence[Any]) -> list[float]:
+        """The losses returned by :meth:`train_step`, as floats.
+
+        A synchronisation point on a GPU (one transfer, whatever the number of values), where a
+        deferred :class:`~gpubp.errors.NonFiniteLossError` is raised.
+        """
+        return [float(v) for v in values]
 
     def _workspace_for(self, weights: list[Any], x: Any) -> Workspace:
         """The workspace for this network and ``x``'s batch size."""

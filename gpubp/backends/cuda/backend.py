@@ -26,6 +26,7 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -260,6 +261,14 @@ class CupyBackend(Backend):
         """Wait for the queued work; raise what the train steps' status word holds."""
         self._cp.cuda.get_current_stream().synchronize()
         self.check_status()
+
+    def read_losses(self, values: Sequence[Any]) -> list[float]:
+        """The losses of queued train steps, read in one device-to-host transfer."""
+        if not values or not all(isinstance(v, DeviceLoss) for v in values):
+            return super().read_losses(values)
+        self.check_status()  # a deferred NonFiniteLossError surfaces here, as at float()
+        host = self._cp.stack([v._value for v in values]).get()
+        return [float(v) for v in host]
 
     def to_numpy(self, a: Any) -> np.ndarray:
         if isinstance(a, self._cp.ndarray):

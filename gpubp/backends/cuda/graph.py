@@ -127,8 +127,12 @@ class _TrainStep:
             self.update_table = cp.asarray(table)
             self.n_update = len(entries)
         if self.fold:
-            entries = [(d.data.ptr, 0, 0, 0, int(d.size)) for d in self.deltas]
+            # both operands of every folded GEMM: zeroed when a flag is up, so that it adds
+            # exactly 0 to W (zeroing the deltas alone would leave 0 * inf = NaN)
+            operands = [*self.deltas, *ws.a[:L]]
+            entries = [(d.data.ptr, 0, 0, 0, int(d.size)) for d in operands]
             self.delta_table = cp.asarray(ck.build_table(entries)[0])
+            self.n_zeroed = len(entries)
             # the input batch, which the first folded GEMM reads (checked as a "gradient")
             x = ws.a[0]
             self.input_table = cp.asarray(ck.build_table([(0, x.data.ptr, 0, 0, int(x.size))])[0])
@@ -229,14 +233,16 @@ class _TrainStep:
         if self.fold:
             # Every flag is up before anything is written: the bias sums (a float32 overflow is
             # flagged), then the input batch, which the first folded GEMM reads and whose NaN a
-            # ReLU hides from the forward flags. If any flag is up the deltas are zeroed, so the
-            # folded GEMMs add exactly 0 to W, and the bias kernel skips itself.
+            # ReLU hides from the forward flags. If any flag is up the deltas and activations are
+            # zeroed, so the folded GEMMs add exactly 0 to W, and the bias kernel skips itself.
             for i in range(L):
                 launch.bias_grad(kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], status)
             x_size = int(ws.a[0].size)
             launch.check_finite_table(kern, self.dtype, self.input_table, 1, x_size, status)
-            biggest = max(int(d.size) for d in self.deltas)
-            launch.zero_if_bad_table(kern, self.dtype, self.delta_table, L, biggest, status)
+            biggest = max(int(d.size) for d in [*self.deltas, *ws.a[:L]])
+            launch.zero_if_bad_table(
+                kern, self.dtype, self.delta_table, self.n_zeroed, biggest, status
+            )
             for i in range(L):  # W = -lr * delta.T @ a + 1 * W
                 be._gemm(True, False, self.deltas[i], ws.a[i], self.W[i], "NEG_LR", "ONE", hp)
             launch.update_table(

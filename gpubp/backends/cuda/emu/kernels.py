@@ -258,7 +258,7 @@ class Function:
                 f"{where}: expected a numpy.{want.__name__} scalar (its width is the C "
                 f"parameter's), got {type(arg).__module__}.{type(arg).__name__}"
             )
-        return np.ctypeslib.as_ctypes_type(want)(arg)  # type: ignore[no-any-return]
+        return np.ctypeslib.as_ctypes_type(want)(arg)
 
     def __call__(
         self,
