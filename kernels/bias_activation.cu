@@ -5,8 +5,9 @@
 //
 // An activation that comes out NaN or infinite sets STATUS_BAD, so the train step's update is
 // skipped: it would reach the weight gradient delta.T @ a as inf or inf * 0. So does a NaN
-// pre-activation, which ReLU would otherwise turn into a quiet 0 (NaN > 0 is false) while the
-// reference's maximum(NaN, 0) is NaN. (A pre-activation of +-inf that the activation maps to a
+// pre-activation: ReLU turns it into 0 (NaN > 0 is false, as in the reference's where(z > 0)),
+// and the NaN input behind it would then reach W only through delta.T @ x, which the folded
+// SGD GEMM writes straight into W. (A pre-activation of +-inf that the activation maps to a
 // finite value, sigmoid(inf) = 1, is not an error, as it is not one for the reference either.)
 #include "common.cuh"
 

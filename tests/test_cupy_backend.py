@@ -1,7 +1,9 @@
 """CuPy-specific behaviour on a GPU: graph replay equals eager launches, the deferred non-finite
 error, the out-of-memory message, the TF32 switch, alignment and launch-shape independence, and
 the evaluation kernels. (The backend-vs-reference matrix runs for cupy through ``backend_name``
-in tests/test_backends.py.) Everything here is skipped without a GPU.
+in tests/test_backends.py.) Without a GPU all of it runs on the emulated device (the kernels
+compiled for the CPU, CuPy emulated over NumPy, see tests/conftest.py), where a few tests also
+count what the device was asked to do: graph replays, eager launches, host reads.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from gpubp.check import random_problem
 from gpubp.errors import DeviceOutOfMemoryError, NonFiniteLossError
 from gpubp.optim import SGD, Adam
 
-from .conftest import skip_unless_available
+from .conftest import EMULATED_GPU, skip_unless_available
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +208,102 @@ def test_argmax_and_accuracy_kernels_follow_numpy(cp):
     assert int(correct_dense) == int(correct)
     s, t = rng.random((9, 3)), (rng.random((9, 3)) < 0.5).astype(np.float64)
     assert int(be.threshold_correct(cp.asarray(s), cp.asarray(t))) == int(((s > 0.5) == t).sum())
+
+
+# --- the emulated device can see what a GPU run hides: graphs, syncs, the guard ---------------
+
+emulated_only = pytest.mark.skipif(
+    not EMULATED_GPU, reason="counts launches and transfers of the emulated device"
+)
+
+
+@emulated_only
+@pytest.mark.parametrize("fold", [False, True])
+def test_train_step_is_captured_as_a_graph_and_replayed(cp, fold):
+    """From its second run a step is one graph launch (no eager fallback, no warning): the
+    kernels and our own cuBLAS handle's GEMMs are recorded, nothing runs at capture."""
+    import warnings
+
+    be = _backend(fold_sgd=fold)
+    W, b, x, y = _problem(cp, (9, 33, 5), 11, "float32")
+    opt = SGD(lr=0.05)
+    state = opt.bind(object(), be, [w.shape for w in W] + [v.shape for v in b], "float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the eager fallback warns: that would fail here
+        be.train_step(W, b, x, y, "relu", "softmax", "cross_entropy", opt, state)
+        cp.reset_stats()
+        for _ in range(3):
+            be.train_step(W, b, x, y, "relu", "softmax", "cross_entropy", opt, state)
+        be.synchronize()
+    (step,) = be._steps.values()
+    assert step.graph not in (None, False)
+    assert cp.stats["graph_launch"] == 3  # steps 2, 3 and 4 are replays
+    assert cp.stats["eager_launch"] == 0 and cp.stats["eager_gemm"] == 0  # nothing eager...
+    # ...and the capture held every GEMM of the two layers: 2 forward, 1 backward, 2 gradient
+    assert cp.stats["captured_gemm"] == 5
+    # CuPy's own cuBLAS wrappers refuse a capturing stream: the old route could never capture
+    s = cp.cuda.Stream(non_blocking=True)
+    handle = cp.cuda.device.get_cublas_handle()  # made before: creating one is refused too
+    with s:
+        s.begin_capture()
+        try:
+            with pytest.raises(NotImplementedError, match="during stream capture"):
+                cp.cuda.cublas.setStream(handle, s.ptr)
+        finally:
+            s.end_capture()  # CuPy refuses before calling cuBLAS: the capture itself is intact
+
+
+@emulated_only
+def test_fit_reads_the_loss_once_per_epoch_not_per_step(cp):
+    """MLP.fit queues every step of an epoch without a device-to-host read in between."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(256, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 256)
+    model = gpubp.MLP([6, 16, 3], backend="cupy", dtype="float32", seed=0)
+    opt = Adam(lr=1e-3)
+    model.fit(X, y, epochs=1, batch_size=32, optimizer=opt, progress=False)  # compiles, captures
+    cp.reset_stats()
+    model.fit(X, y, epochs=2, batch_size=32, optimizer=opt, progress=False)  # 16 steps
+    # checking X and y once per fit, then per epoch one read of the status word and one of all
+    # the epoch's losses: a handful, where one per step would be 16 or more
+    assert cp.stats["graph_launch"] == 16
+    assert cp.stats["get"] <= 10, cp.stats
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_nan_input_under_relu_raises_and_keeps_the_parameters(cp, fold):
+    """ReLU maps a NaN pre-activation to 0, so the forward flags never saw it; the folded GEMM
+    W -= lr * delta.T @ x would then write NaN into W[0]."""
+    be = _backend(fold_sgd=fold)
+    W, b, x, y = _problem(cp, (8, 16, 4), 5, "float32")
+    opt = SGD(lr=0.1)
+    state = opt.bind(object(), be, [w.shape for w in W] + [v.shape for v in b], "float32")
+    before = [cp.asnumpy(p) for p in [*W, *b]]
+    bad = x.copy()
+    bad[2, 3] = np.nan
+    value, *_ = be.train_step(W, b, bad, y, "relu", "softmax", "cross_entropy", opt, state)
+    with pytest.raises(NonFiniteLossError):
+        float(value)
+    for p, q in zip(before, [*W, *b]):
+        np.testing.assert_array_equal(p, cp.asnumpy(q))
+    assert state["step"] == 0
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_bias_gradient_overflow_raises_and_keeps_the_parameters(cp, fold):
+    """Every hidden delta finite (2e38) but their float32 batch sum is not (8e38): the bias
+    gradient overflows inside the column-sum kernel and must be flagged there."""
+    be = _backend(fold_sgd=fold)
+    B = 4
+    W = [cp.zeros((3, 2), np.float32), cp.full((2, 3), 1e30, np.float32)]
+    b = [cp.zeros(3, np.float32), cp.zeros(2, np.float32)]
+    x = cp.zeros((B, 2), np.float32)  # dW = delta.T @ x stays 0
+    y = cp.full((B, 2), -1e8 * B, np.float32)  # output delta (a - y) / B = 1e8
+    opt = SGD(lr=0.1)
+    state = opt.bind(object(), be, [w.shape for w in W] + [v.shape for v in b], "float32")
+    before = [cp.asnumpy(p) for p in [*W, *b]]
+    value, *_ = be.train_step(W, b, x, y, "identity", "identity", "mse", opt, state)
+    with pytest.raises(NonFiniteLossError):
+        float(value)
+    for p, q in zip(before, [*W, *b]):
+        np.testing.assert_array_equal(p, cp.asnumpy(q))

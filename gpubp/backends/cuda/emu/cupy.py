@@ -25,9 +25,10 @@ Strict where a GPU would fail or a real CuPy would refuse:
   before writing it shows.
 
 Counters for tests: :data:`stats` (``get``: device-to-host reads that synchronise, ``h2d``,
-``alloc``, ``launch``, ``captured_launch``, ``gemm``, ``captured_gemm``, ``memcpy``,
-``graph_launch``, ``sync``, ``allreduce``) and :data:`launches` (per kernel name); both cleared by
-:func:`reset_stats`.
+``alloc``, ``launch``, ``captured_launch``, ``eager_launch``, ``gemm``, ``captured_gemm``,
+``eager_gemm``, ``memcpy``, ``graph_launch``, ``sync``, ``allreduce``; ``launch`` and ``gemm``
+count every execution, replays included, ``eager_*`` those run outside a graph) and
+:data:`launches` (per kernel name); both cleared by :func:`reset_stats`.
 """
 
 from __future__ import annotations
@@ -248,6 +249,7 @@ def _submit(stream: Stream, op: _Op) -> None:
         return
     if _capturing:
         _guard(f"{op.kind} {op.name} on stream {stream.ptr:#x} (not the capturing stream)")
+    stats["eager_" + op.kind] += 1  # (a graph replay runs its ops without coming here)
     op.run()
 
 
