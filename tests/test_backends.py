@@ -38,6 +38,7 @@ LARGE_SCALE = 30.0
 #: ``softmax - onehot``): with inputs ~30 the true output gradient is ~1e-9 of the activations,
 #: below float32's resolution, so float32 returns 0 or rounding noise for it.
 SATURATING_OUTPUTS = ("sigmoid", "tanh", "softmax")
+HIDDEN_SATURATING = ("sigmoid", "tanh")
 
 
 def _report(result) -> str:
@@ -122,7 +123,10 @@ def _known_issues(result, scale: float) -> list[str] | None:
         explained.add("step:adam")
         reasons.append(ADAM_L2_FLOAT32)
     if scale > 1:
-        if result.dtype == "float32" and result.output in SATURATING_OUTPUTS:
+        # f' from a saturated float32 output: the output layer's, or a hidden tanh/sigmoid's
+        # (1 - a^2 of a tanh that rounded to 1 is 0), which every delta below it multiplies
+        saturating = result.output in SATURATING_OUTPUTS or result.activation in HIDDEN_SATURATING
+        if result.dtype == "float32" and saturating:
             if failing & {"dW", "db", "loss"}:
                 explained |= {"dW", "db", "loss"}
                 reasons.append(SATURATED_FLOAT32)
@@ -189,6 +193,11 @@ def test_check_can_fail(backend_name):
     class Broken(type(be)):  # type: ignore[misc]
         def hidden_delta(self, delta_next, W_next, a, activation, *, out=None, scratch=None):
             return self.xp.matmul(delta_next, W_next, out=out)
+
+        def kernel(self, name):  # the cupy backend's fused step launches the kernel itself
+            if "hidden_delta" in name:
+                return lambda grid, block, args: None  # g *= f'(a) never happens
+            return super().kernel(name)
 
     broken = Broken()
     result = check_configuration(
