@@ -195,7 +195,10 @@ class DataParallel:
             self._reducer = _NCCLReducer(comm, be.xp)
         elif not isinstance(self.flat, np.ndarray):
             self._host = np.empty(self.flat.shape, self.flat.dtype)
-        self.note = _limit_blas_threads(self.size) if limit_threads and be.name != "cupy" else None
+        if be.name == "cupy":
+            self.note: str | None = "gradients all-reduced by NCCL, one GPU per rank"
+        else:
+            self.note = _limit_blas_threads(self.size) if limit_threads else None
         self.stop_agreed = False
         self.check_in_sync("the initial parameters")
 

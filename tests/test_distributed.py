@@ -22,6 +22,7 @@ from gpubp import MLP, optim
 from gpubp.distributed import DataParallel, DistributedError, shard_bounds
 from gpubp.train import TrainConfig, train
 
+from .conftest import EMULATED_GPU
 from .idx_files import write_fake_idx_dataset
 
 HANG_GUARD_S = 300
@@ -300,3 +301,27 @@ def test_local_rank_with_one_process():
     from gpubp.distributed import init, local_rank
 
     assert local_rank(init(MPI.COMM_SELF)) == 0
+
+
+@needs_mpi
+def test_two_ranks_on_the_emulated_gpu_reproduce_one_process(job):
+    """The NCCL path: each rank takes its own (emulated) GPU, the all-reduce goes over NCCL
+    (emulated over MPI), and the result is the single-process run's."""
+    if not EMULATED_GPU:
+        pytest.skip("a real GPU is here: the NCCL path runs on it in benchmarks/gpu_check.sh")
+    env = {**_env(), "GPUBP_CUDA_EMULATOR": "1", "GPUBP_EMU_DEVICES": "2"}
+    args = [*TRAIN, "--backend", "cupy", "--epochs", "2"]
+    one = subprocess.run(
+        [sys.executable, *args, "--save", "one.npz"],
+        capture_output=True, text=True, env=env, cwd=job, timeout=HANG_GUARD_S,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    cmd = ["mpirun", "-n", "2", sys.executable, *args, "--distributed", "--save", "two.npz"]
+    two = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, cwd=job, timeout=HANG_GUARD_S
+    )
+    assert two.returncode == 0, two.stderr
+    assert "data parallel over 2 MPI rank(s)" in two.stdout and "nccl" in two.stdout.lower()
+    a, b = MLP.load(job / "one.npz"), MLP.load(job / "two.npz")
+    for p, q in zip(flat(a), flat(b)):
+        np.testing.assert_allclose(p, q, rtol=1e-9, atol=1e-12)
