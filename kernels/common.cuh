@@ -152,7 +152,8 @@ __device__ __forceinline__ T warp_max(T v) {
 
 // Fixed-order sum of value(i) for i < count, in double, by one block of any size up to 1024,
 // the same bit for bit whatever the block size: slot k of SUM_SLOTS accumulates the items
-// k, k + SUM_SLOTS, k + 2 SUM_SLOTS, ... in that order, then a pairwise tree sums the slots.
+// k, k + SUM_SLOTS, k + 2 SUM_SLOTS, ... in that order, then a pairwise tree sums the slots in
+// use (the smallest power of two >= min(count, SUM_SLOTS); the others would add only zeros).
 // Neither step depends on blockDim (threads only share out the slots), so a launch shape tuned
 // for speed never changes a loss or a bias gradient. Called by every thread of the block; the
 // result is valid in every thread. shared: SUM_SLOTS doubles of __shared__ memory.
@@ -160,14 +161,16 @@ enum : int { SUM_SLOTS = 1024 };
 
 template <typename F>
 __device__ __forceinline__ double fixed_sum(i64 count, F value, double* shared) {
-    for (int k = threadIdx.x; k < SUM_SLOTS; k += blockDim.x) {
+    int span = 1;
+    while (span < SUM_SLOTS && span < count) span <<= 1;
+    for (int k = threadIdx.x; k < span; k += blockDim.x) {
         double s = 0.0;
         for (i64 i = k; i < count; i += SUM_SLOTS) s += value(i);
         shared[k] = s;
     }
     __syncthreads();
-    for (int w = 1; w < SUM_SLOTS; w <<= 1) {
-        for (int k = 2 * w * static_cast<int>(threadIdx.x); k < SUM_SLOTS;
+    for (int w = 1; w < span; w <<= 1) {
+        for (int k = 2 * w * static_cast<int>(threadIdx.x); k < span;
              k += 2 * w * static_cast<int>(blockDim.x)) {
             shared[k] += shared[k + w];
         }

@@ -426,15 +426,19 @@ SUM_SLOTS = 1024
 def fixed_sum(values: Any) -> float:
     """The total of ``values`` in the order common.cuh's ``fixed_sum`` promises, which depends
     on no launch shape: slot ``k`` of SUM_SLOTS adds the items ``k, k + SUM_SLOTS, ...`` in that
-    order (from 0.0), then a pairwise tree adds slot ``k + w`` into slot ``k`` for
-    ``w = 1, 2, 4, ...``. NumPy's elementwise float64 additions round as the kernel's do."""
+    order (from 0.0), then a pairwise tree over the slots in use (the smallest power of two
+    ``span >= min(count, SUM_SLOTS)``) adds slot ``k + w`` into slot ``k`` for
+    ``w = 1, 2, 4, ... < span``. NumPy's elementwise float64 additions round as the kernel's do."""
     v = np.asarray(values, dtype=np.float64).ravel()
-    slots = np.zeros(SUM_SLOTS)
+    span = 1
+    while span < SUM_SLOTS and span < v.size:
+        span *= 2
+    slots = np.zeros(span)
     for start in range(0, v.size, SUM_SLOTS):
         chunk = v[start : start + SUM_SLOTS]
         slots[: chunk.size] += chunk
     w = 1
-    while w < SUM_SLOTS:
+    while w < span:
         slots[:: 2 * w] += slots[w :: 2 * w]
         w *= 2
     return float(slots[0])
