@@ -16,6 +16,25 @@ def test_check_passes_and_prints_a_table(capsys):
     assert "within tolerance" in out
 
 
+def test_check_runs_the_cupy_backend_on_the_emulated_gpu(tmp_path):
+    """``GPUBP_CUDA_EMULATOR=1 gpubp check --backends cupy``, as a user without a GPU runs it:
+    a fresh process, the kernels built for the CPU, every configuration within tolerance."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import EMULATED_GPU
+
+    if not EMULATED_GPU:
+        pytest.skip("a real GPU is here: gpubp check --backends cupy runs on it")
+    env = {**os.environ, "GPUBP_CUDA_EMULATOR": "1"}
+    cmd = [sys.executable, "-m", "gpubp", "check", "--backends", "cupy", "--dtypes", "float32"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "cupy     float32  softmax+cross_entropy" in res.stdout
+    assert "within tolerance" in res.stdout
+
+
 def test_check_fails_on_a_wrong_backend(monkeypatch, capsys):
     # a backend whose hidden delta forgets f'(a): the check must notice and exit 1
     def wrong_hidden_delta(self, delta_next, W_next, a, activation, *, out=None, scratch=None):
