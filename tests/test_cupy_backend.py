@@ -270,15 +270,20 @@ def test_fit_reads_the_loss_once_per_epoch_not_per_step(cp):
     assert cp.stats["get"] <= 10, cp.stats
 
 
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
 @pytest.mark.parametrize("fold", [False, True])
-def test_nan_input_under_relu_raises_and_keeps_the_parameters(cp, fold):
+def test_nan_input_under_relu_raises_and_keeps_the_parameters(cp, fold, graph):
     """ReLU maps a NaN pre-activation to 0, so the forward flags never saw it; the folded GEMM
-    W -= lr * delta.T @ x would then write NaN into W[0]."""
+    W -= lr * delta.T @ x would then write NaN into W[0]. Eagerly (the first step of a shape)
+    and as a replayed graph (after two good steps)."""
     be = _backend(fold_sgd=fold)
     W, b, x, y = _problem(cp, (8, 16, 4), 5, "float32")
     opt = SGD(lr=0.1)
     state = opt.bind(object(), be, [w.shape for w in W] + [v.shape for v in b], "float32")
+    for _ in range(2 if graph else 0):
+        be.train_step(W, b, x, y, "relu", "softmax", "cross_entropy", opt, state)
     before = [cp.asnumpy(p) for p in [*W, *b]]
+    steps = state["step"]
     bad = x.copy()
     bad[2, 3] = np.nan
     value, *_ = be.train_step(W, b, bad, y, "relu", "softmax", "cross_entropy", opt, state)
@@ -286,11 +291,14 @@ def test_nan_input_under_relu_raises_and_keeps_the_parameters(cp, fold):
         float(value)
     for p, q in zip(before, [*W, *b]):
         np.testing.assert_array_equal(p, cp.asnumpy(q))
-    assert state["step"] == 0
+    assert state["step"] == steps
+    (step,) = be._steps.values()
+    assert (step.graph not in (None, False)) == graph
 
 
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
 @pytest.mark.parametrize("fold", [False, True])
-def test_bias_gradient_overflow_raises_and_keeps_the_parameters(cp, fold):
+def test_bias_gradient_overflow_raises_and_keeps_the_parameters(cp, fold, graph):
     """Every hidden delta finite (2e38) but their float32 batch sum is not (8e38): the bias
     gradient overflows inside the column-sum kernel and must be flagged there."""
     be = _backend(fold_sgd=fold)
@@ -301,9 +309,15 @@ def test_bias_gradient_overflow_raises_and_keeps_the_parameters(cp, fold):
     y = cp.full((B, 2), -1e8 * B, np.float32)  # output delta (a - y) / B = 1e8
     opt = SGD(lr=0.1)
     state = opt.bind(object(), be, [w.shape for w in W] + [v.shape for v in b], "float32")
+    if graph:  # two good steps (tiny targets) capture the step; the bad one is a replay
+        for _ in range(2):
+            be.train_step(W, b, x, cp.zeros((B, 2), np.float32), "identity", "identity", "mse",
+                          opt, state)  # fmt: skip
     before = [cp.asnumpy(p) for p in [*W, *b]]
     value, *_ = be.train_step(W, b, x, y, "identity", "identity", "mse", opt, state)
     with pytest.raises(NonFiniteLossError):
         float(value)
     for p, q in zip(before, [*W, *b]):
         np.testing.assert_array_equal(p, cp.asnumpy(q))
+    (step,) = be._steps.values()
+    assert (step.graph not in (None, False)) == graph

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -102,12 +103,19 @@ def available_backends() -> list[str]:
     return [name for name, why in backend_status().items() if why is None]
 
 
+def _best() -> str:
+    """What ``auto`` takes: the first available backend, except an emulated GPU (it runs the
+    CUDA kernels on the CPU to test them, far slower than numba or numpy; name it to use it)."""
+    emulated = os.environ.get("GPUBP_CUDA_EMULATOR") == "1"
+    return next(n for n in available_backends() if not (emulated and n == "cupy"))
+
+
 def get_backend(name: str | Backend | None = None) -> Backend:
     """The backend called ``name`` (``numpy``, ``numba``, ``cupy`` or ``auto``).
 
     ``auto`` (and ``None``) is the backend chosen by the innermost :func:`use_backend` block if
     there is one, else the best that can run here: CuPy with a working GPU, else Numba, else
-    NumPy. A backend object is returned
+    NumPy (never the emulated GPU of ``GPUBP_CUDA_EMULATOR=1``). A backend object is returned
     as it is. Raises :class:`~gpubp.errors.BackendUnavailableError` if the backend cannot run
     here, saying why and what to use instead; :class:`ValueError` for an unknown name.
     """
@@ -120,7 +128,7 @@ def get_backend(name: str | Backend | None = None) -> Backend:
             f"backend={name!r} is not known; expected one of auto, {', '.join(BACKEND_NAMES)}"
         )
     if name == "auto":
-        name = _context[-1] if _context else available_backends()[0]
+        name = _context[-1] if _context else _best()
     if name not in _instances:
         why = _STATUS[name]()
         if why is not None:

@@ -41,7 +41,11 @@
 #define EMU_THREADS 0
 #endif
 #if !EMU_THREADS
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
+
+#include <new>
 #endif
 #if defined(__SANITIZE_ADDRESS__) && !EMU_THREADS
 #define EMU_ASAN_FIBERS 1
@@ -401,9 +405,34 @@ struct Context {
 inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
 #endif
 
+// A fiber's stack: mapped memory with an inaccessible guard page below it (stacks grow down),
+// so a frame that overflows faults at once instead of overwriting a neighbour's stack.
+struct Stack {
+    char* base = nullptr;  // the guard page; the usable stack starts one page above
+    size_t page = 0, size = 0;
+    Stack() = default;
+    Stack(const Stack&) = delete;
+    Stack& operator=(const Stack&) = delete;
+    Stack(Stack&& o) noexcept : base(o.base), page(o.page), size(o.size) { o.base = nullptr; }
+    ~Stack() {
+        if (base != nullptr) munmap(base, page + size);
+    }
+    void allocate(size_t bytes) {
+        page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+        size = bytes;
+        void* p = mmap(nullptr, page + size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                       -1, 0);
+        if (p == MAP_FAILED) throw std::bad_alloc();
+        base = static_cast<char*>(p);
+        mprotect(base, page, PROT_NONE);
+    }
+    char* get() const { return base == nullptr ? nullptr : base + page; }
+    explicit operator bool() const { return base != nullptr; }
+};
+
 struct Fiber {
     Context ctx;
-    std::unique_ptr<char[]> stack;  // uninitialised: a fresh launch touches only what it uses
+    Stack stack;  // untouched pages cost nothing: a launch touches only what it uses
     Thread thread;
     bool done = false;
 };
@@ -505,7 +534,7 @@ inline void run_block(Block& b, int order, unsigned long long seed, Body body, v
     g_ctx = ctx;
     for (int i = 0; i < b.nthreads; ++i) {
         Fiber& f = pool[static_cast<size_t>(i)];
-        if (!f.stack) f.stack.reset(new char[FIBER_STACK]);
+        if (!f.stack) f.stack.allocate(FIBER_STACK);
         f.done = false;
         f.thread.tid = i;
         f.thread.idx = uint3{static_cast<unsigned>(i), 0, 0};

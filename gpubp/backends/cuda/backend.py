@@ -111,6 +111,9 @@ class DeviceLoss:
     def __repr__(self) -> str:
         return f"DeviceLoss({float(self)!r})"
 
+    def __format__(self, spec: str) -> str:
+        return format(float(self), spec)
+
     def __add__(self, other: Any) -> float:
         return float(self) + other
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import importlib
 import importlib.util
 import os
 from pathlib import Path
@@ -139,6 +140,10 @@ def find_library() -> str:
         if not Path(explicit).is_file():
             raise FileNotFoundError(f"GPUBP_CUBLAS={explicit!r} is not a file")
         return explicit
+    try:  # CuPy's own cuBLAS module loads the libcublas of its CUDA version: use that copy
+        importlib.import_module("cupy_backends.cuda.libs.cublas")
+    except Exception:  # no CuPy here (the emulated GPU, or a bare install): search on
+        pass
     found = _loaded_in_process() or _in_wheels() or ctypes.util.find_library("cublas")
     if not found:
         raise FileNotFoundError(f"the cuBLAS library (libcublas.so) was not found; {_INSTALL}")

@@ -16,7 +16,8 @@ CUDA thread), ``asan`` (fibers, AddressSanitizer + UndefinedBehaviorSanitizer, n
 ``tsan`` (threads, ThreadSanitizer). ``asan`` loads only into a process that preloaded its
 runtime (``LD_PRELOAD``, see :func:`sanitizer_runtime`); ``tsan`` does not run inside Python at
 all (the interpreter crashes under it), so it is built into a C++ driver instead
-(``kernels/emu/sanitize_driver.cpp``). ``$GPUBP_EMU_VARIANT`` sets the default variant.
+(``kernels/emu/sanitize_driver.h``, see :mod:`.sanitize`). ``$GPUBP_EMU_VARIANT`` sets the
+default variant.
 
 Blocks run one after another in forward, reverse or shuffled order (by default the order rotates
 from launch to launch; :func:`block_order` fixes it), so a kernel whose result depends on the
