@@ -289,6 +289,12 @@ class Candidate:
         return None, "not measured"
 
 
+def emulated() -> bool:
+    from .backends.cuda.backend import emulated as switch
+
+    return switch()
+
+
 def _cupy() -> Any:
     from .backends.cuda.backend import import_cupy
 
@@ -791,6 +797,8 @@ def _makers(
 
     for name in names:
         why = status[name]
+        if why is None and name == "cupy" and emulated():
+            why = "GPUBP_CUDA_EMULATOR=1: the emulated GPU (kernels run on the CPU) is not timed"
         if why is not None:
             report.absent.append(f"backend {name}: {why}")
             continue
