@@ -27,7 +27,7 @@ def test_check_runs_the_cupy_backend_on_the_emulated_gpu(tmp_path):
 
     if not EMULATED_GPU:
         pytest.skip("a real GPU is here: gpubp check --backends cupy runs on it")
-    env = {**os.environ, "GPUBP_CUDA_EMULATOR": "1"}
+    env = {**os.environ, "GPUBP_CUDA_EMULATOR": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     cmd = [sys.executable, "-m", "gpubp", "check", "--backends", "cupy", "--dtypes", "float32"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -621,6 +621,8 @@ def _sanitized_run(
         "LD_PRELOAD": runtime,
         "ASAN_OPTIONS": "detect_leaks=0",
         "UBSAN_OPTIONS": "print_stacktrace=0",
+        # the gpubp under test, not whatever an installed copy left in site-packages
+        "PYTHONPATH": os.pathsep.join(sys.path),
     }
     return subprocess.run(
         [sys.executable, str(script), str(src), name, kind, ";".join(names)],

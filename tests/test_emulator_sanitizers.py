@@ -71,6 +71,7 @@ def test_emulated_kernel_tests_pass_under_address_and_ub_sanitizers():
         # Python's own allocations are not ours to judge; everything else stops the run
         "ASAN_OPTIONS": "detect_leaks=0 halt_on_error=1",
         "UBSAN_OPTIONS": "halt_on_error=1 print_stacktrace=1",
+        "PYTHONPATH": os.pathsep.join(sys.path),  # the gpubp under test
     }
     cmd = [
         sys.executable,

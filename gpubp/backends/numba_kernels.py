@@ -35,6 +35,7 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 
 from ..activations import ACTIVATION_IDS, LEAKY_SLOPE
+from . import numba_cache  # noqa: F401 - before any kernel: the cache goes to the user's folder
 from .numba_blas import gemm
 
 IDENTITY = ACTIVATION_IDS["identity"]
