@@ -234,3 +234,32 @@ def test_pytest_benchmark_suite_runs(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+def _script(name: str):
+    """A script of benchmarks/ imported as a module (without running it)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_scripts_import_and_parse_their_options():
+    gpu_step = _script("gpu_step")  # needs a GPU to run, not to import
+    args = gpu_step.parse_args(["out", "--quick", "--repeats", "3"])
+    assert (args.outdir, args.quick, args.repeats) == ("out", True, 3)
+    assert gpu_step.SHAPES == {n: s.gpu_batch for n, s in bench.STANDARD_SHAPES.items()}
+    assert set(gpu_step.QUICK) <= set(bench.STANDARD_SHAPES)
+    assert issubclass(gpu_step.CublasFloor, bench.FloorCandidate)  # the floor's GEMMs, once
+    cpu = _script("train_step_cpu")
+    args = cpu.parse_args(["--shapes", "mnist-small", "--rounds", "3", "--jit"])
+    assert (args.shapes, args.rounds, args.jit, args.settle) == (
+        ["mnist-small"],
+        3,
+        True,
+        bench.DEFAULT_SETTLE,
+    )
+    assert "wide" not in cpu.SHAPES  # GPU only
+    with pytest.raises(SystemExit):
+        cpu.parse_args(["--shapes", "wide"])
