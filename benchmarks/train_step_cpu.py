@@ -14,16 +14,19 @@ C, ...) and the median time per step is reported with its ratio to the floor:
   cores from the next variant's OpenBLAS threads (measured: the floor 5-40x slower right after
   a PyTorch step).
 
-Every round of every variant is followed by a pause of :data:`SETTLE` seconds, so that each
-variant starts with the previous one's threads asleep: OpenBLAS's pool threads spin for 2^28
-TSC cycles (about 0.1 s here) after a multi-threaded call, and PyTorch's OpenMP threads spin
-too. Without it, the numba backend's split step (its own two threads, BLAS at one thread; see
-``gpubp.backends.numba_backend``) measured 1.9x instead of 0.9x the floor at narrow-deep,
-because it started while the floor's idle BLAS thread still spun on the second core. (A
-program that calls multi-threaded BLAS between steps pays that too; setting
+Every sample of every variant is preceded by a pause of ``--settle`` seconds (``gpubp.bench``'s
+default), so that each variant starts with the previous one's threads asleep: OpenBLAS's pool
+threads spin for 2^28 TSC cycles (about 0.1 s here) after a multi-threaded call, and PyTorch's
+OpenMP threads spin too. Without it, the numba backend's split step (its own two threads, BLAS
+at one thread; see ``gpubp.backends.numba_backend``) measured 1.9x instead of 0.9x the floor at
+narrow-deep, because it started while the floor's idle BLAS thread still spun on the second
+core. (A program that calls multi-threaded BLAS between steps pays that too; setting
 ``OPENBLAS_THREAD_TIMEOUT=4`` before NumPy is imported makes the pool sleep at once.)
 
-Before timing, each variant's first-step loss is checked against the float64 reference.
+Before timing, each variant's first step (loss and parameter changes) is checked against the
+float64 reference. The shapes, the problem, the check, the floor, the flop count and the timing
+loop (round robin with the settle pause) are ``gpubp.bench``'s; this script adds PyTorch in a
+worker process, the ``--jit`` first-call cost and its Markdown table.
 
 Run (others share the machine, so take the lock that serialises benchmarks)::
 
@@ -43,115 +46,47 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 
 import numpy as np
 
 if __package__ in (None, ""):  # run as a script: import this checkout's gpubp
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import gpubp
-from gpubp import optim
-from gpubp import reference as ref
+from gpubp import available_backends
+from gpubp.bench import (
+    CPU,
+    DEFAULT_MIN_TIME,
+    DEFAULT_SETTLE,
+    STANDARD_SHAPES,
+    BackendCandidate,
+    Candidate,
+    FloorCandidate,
+    Problem,
+    TorchCandidate,
+    make_problem,
+    step_flops,
+    time_round_robin,
+    torch_status,
+)
+from gpubp.check import TOLERANCE
 
-SHAPES: dict[str, tuple[list[int], int]] = {
-    "mnist-small": ([784, 128, 10], 64),
-    "mnist-mlp": ([784, 1024, 1024, 10], 256),
-    "narrow-deep": ([64, 64, 64, 64, 64, 64, 16], 16384),
-}
-LR = 1e-3
-#: Seconds of pause after each timed round (see the module docstring).
-SETTLE = 0.15
-
-
-class _Owner:
-    """Stands in for the model that owns the optimizer state."""
-
-
-def problem(sizes: list[int], batch: int, seed: int = 0):
-    model = gpubp.MLP(sizes, "relu", "softmax", "cross_entropy", backend="numpy", seed=seed)
-    W, b = model.get_parameters()
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, sizes[0])).astype(np.float32)
-    y = rng.integers(0, sizes[-1], batch).astype(np.int64)
-    return [w.astype(np.float32) for w in W], [v.astype(np.float32) for v in b], x, y
+#: The standard shapes that have a CPU batch size.
+SHAPES = [name for name, s in STANDARD_SHAPES.items() if s.cpu_batch is not None]
+DTYPE = "float32"
 
 
-def reference_loss(sizes: list[int], batch: int) -> float:
-    W, b, x, y = problem(sizes, batch)
-    f64 = [w.astype(np.float64) for w in W], [v.astype(np.float64) for v in b]
-    value, _, _ = ref.gradients(*f64, x.astype(np.float64), y, "relu", "softmax", "cross_entropy")
-    return float(value)
+def cpu_problem(key: str) -> Problem:
+    shape = STANDARD_SHAPES[key]
+    assert shape.cpu_batch is not None
+    return make_problem(shape.sizes, shape.cpu_batch, DTYPE)
 
 
-def floor_step(sizes: list[int], batch: int) -> Callable[[], object]:
-    W, _, x, _ = problem(sizes, batch)
-    L = len(W)
-    rng = np.random.default_rng(1)
-    a = [x] + [np.empty((batch, n), np.float32) for n in sizes[1:]]
-    d = [None] + [rng.standard_normal((batch, n)).astype(np.float32) for n in sizes[1:]]
-    dW = [np.empty_like(w) for w in W]
+class TorchWorker(Candidate):
+    """PyTorch's step (``gpubp.bench.TorchCandidate``) in a child process, which times itself:
+    PyTorch's OpenMP threads spin-wait after each op and, in this process, would take the cores
+    from the next variant's OpenBLAS threads."""
 
-    def step() -> None:
-        for i in range(L):
-            np.matmul(a[i], W[i].T, out=a[i + 1])
-        for i in range(L - 1, -1, -1):
-            np.matmul(d[i + 1].T, a[i], out=dW[i])
-            if i > 0:
-                np.matmul(d[i + 1], W[i], out=d[i])
-
-    return step
-
-
-def gpubp_step(name: str, sizes: list[int], batch: int) -> tuple[Callable[[], object], float]:
-    be = gpubp.get_backend(name)
-    W, b, x, y = problem(sizes, batch)
-    W, b = [be.asarray(w) for w in W], [be.asarray(v) for v in b]
-    x, y = be.asarray(x), be.asarray(y)
-    opt = optim.SGD(lr=LR)
-    state = opt.bind(_Owner(), be, [w.shape for w in W + b], np.float32)
-
-    def step() -> float:
-        value, _, _, _ = be.train_step(W, b, x, y, "relu", "softmax", "cross_entropy", opt, state)
-        return float(value)
-
-    return step, step()
-
-
-def torch_step(sizes: list[int], batch: int) -> tuple[Callable[[], object], float] | None:
-    try:
-        import torch
-    except ImportError:
-        return None
-    W, b, x, y = problem(sizes, batch)
-    layers: list[torch.nn.Module] = []
-    for i, (w, v) in enumerate(zip(W, b)):
-        lin = torch.nn.Linear(w.shape[1], w.shape[0])
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(w))
-            lin.bias.copy_(torch.from_numpy(v))
-        layers.append(lin)
-        if i < len(W) - 1:
-            layers.append(torch.nn.ReLU())
-    net = torch.nn.Sequential(*layers)
-    opt = torch.optim.SGD(net.parameters(), lr=LR, foreach=True)
-    lossf = torch.nn.CrossEntropyLoss()
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-
-    def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        loss = lossf(net(xt), yt)
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
-
-    return step, step()
-
-
-class TorchWorker:
-    """A PyTorch train step in a child process; ``worker(n)`` runs ``n`` steps there and
-    returns the seconds they took (measured in the child)."""
+    label = kind = "torch"
 
     def __init__(self, key: str) -> None:
         self.proc = subprocess.Popen(
@@ -161,14 +96,23 @@ class TorchWorker:
             text=True,
             bufsize=1,
         )
-        assert self.proc.stdout is not None
-        self.first_loss = float(self.proc.stdout.readline())
+        self.error = float(self._ask(None))
 
-    def __call__(self, n: int) -> float:
+    def _ask(self, command: str | None) -> str:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(f"{n}\n")
-        self.proc.stdin.flush()
-        return float(self.proc.stdout.readline())
+        if command is not None:
+            self.proc.stdin.write(f"{command}\n")
+            self.proc.stdin.flush()
+        return self.proc.stdout.readline()
+
+    def validate(self, problem: Problem) -> float:
+        return self.error  # checked in the child on the same problem
+
+    def timed(self, n: int) -> float:
+        return float(self._ask(str(n)))
+
+    def reset(self) -> None:
+        self._ask("reset")
 
     def close(self) -> None:
         assert self.proc.stdin is not None
@@ -177,57 +121,35 @@ class TorchWorker:
 
 
 def torch_worker(key: str) -> None:
-    """The child side of :class:`TorchWorker`."""
-    sizes, batch = SHAPES[key]
-    made = torch_step(sizes, batch)
-    if made is None:
-        raise SystemExit("PyTorch is not installed")
-    step, first = made
-    print(first, flush=True)
+    """The child side of :class:`TorchWorker`: the check's error, then one answer a command."""
+    torch, why = torch_status()
+    if torch is None:
+        raise SystemExit(why)
+    problem = cpu_problem(key)
+    c = TorchCandidate(torch, CPU)
+    c.setup(problem)
+    print(c.validate(problem), flush=True)
     for line in sys.stdin:
-        n = int(line)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step()
-        print(time.perf_counter() - t0, flush=True)
+        if line.strip() == "reset":
+            c.reset()
+            print("ok", flush=True)
+        else:
+            print(c.timed(int(line)), flush=True)
 
 
-def check(name: str, got: float, expected: float) -> None:
-    rel = abs(got - expected) / max(abs(expected), 1e-30)
-    if not rel <= 1e-4:
-        raise SystemExit(f"{name}: first-step loss {got} differs from the reference {expected}")
-
-
-def timed(fn: Callable[[], object]) -> Callable[[int], float]:
-    """``run(n)``: seconds for ``n`` calls of ``fn``."""
-
-    def run(n: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        return time.perf_counter() - t0
-
-    return run
-
-
-def measure(variants: dict[str, Callable[[int], float]], rounds: int) -> dict[str, float]:
-    reps: dict[str, int] = {}
-    for name, run in variants.items():  # warm up: workspaces, caches, BLAS/PyTorch threads
-        run(3)
-        reps[name] = max(1, min(500, int(0.05 / max(run(1), 1e-7))))
-        time.sleep(SETTLE)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, run in variants.items():
-            times[name].append(run(reps[name]) / reps[name])
-            time.sleep(SETTLE)  # every variant starts with the others' threads asleep
-    return {name: float(np.median(t)) for name, t in times.items()}
-
-
-def flops(sizes: list[int], batch: int) -> float:
-    L = len(sizes) - 1
-    per = [2.0 * batch * sizes[i] * sizes[i + 1] for i in range(L)]
-    return sum(3 * f for f in per) - per[0]  # no backward GEMM for the first layer
+def variants(key: str, problem: Problem, torch: bool) -> list[Candidate]:
+    """The floor, the CPU backends and (in its worker) PyTorch, each checked on ``problem``."""
+    cands: list[Candidate] = [FloorCandidate(np, CPU)]
+    cands += [BackendCandidate(n) for n in ("numpy", "numba") if n in available_backends()]
+    if torch:
+        cands.append(TorchWorker(key))
+    for c in cands:
+        if not isinstance(c, TorchWorker):
+            c.setup(problem)
+        err = c.validate(problem)
+        if not err <= TOLERANCE[DTYPE]:
+            raise SystemExit(f"{c.label}: first step differs from the reference ({err:.2e})")
+    return cands
 
 
 def jit_cost() -> None:
@@ -256,70 +178,58 @@ def jit_cost() -> None:
         shutil.rmtree(cache, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (median)")
-    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="*", default=SHAPES, choices=SHAPES)
+    parser.add_argument("--settle", type=float, default=DEFAULT_SETTLE, help="pause per sample")
     parser.add_argument("--jit", action="store_true", help="also measure the first-call cost")
     parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def torch_info() -> str:
+    """PyTorch's version and threads, asked in a child (PyTorch is only imported there)."""
+    if importlib.util.find_spec("torch") is None:
+        return "torch not installed"
+    code = "import torch; print(f'torch {torch.__version__} ({torch.get_num_threads()} threads)')"
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.torch_worker:
         torch_worker(args.torch_worker)
         return
-
-    # PyTorch is only imported in its worker process; here we only ask whether it is there
-    has_torch = importlib.util.find_spec("torch") is not None
-    torch_info = "torch not installed"
-    if has_torch:
-        torch_info = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "import torch; print(f'torch {torch.__version__} "
-                "({torch.get_num_threads()} threads)')",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+    info = torch_info()
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy "
-        f"{np.__version__}, {torch_info}; float32, ReLU, softmax + CE, SGD; median of "
+        f"{np.__version__}, {info}; float32, ReLU, softmax + CE, SGD; median of "
         f"{args.rounds} interleaved rounds"
     )
-    names = ["floor", "numpy", "numba", "torch"]
-    print(f"| shape | batch | floor (GFLOP/s) | {' | '.join(names[1:])} |")
-    print("|---|---|---|" + "---|" * (len(names) - 1))
+    names = ["numpy", "numba", "torch"]
+    print(f"| shape | batch | floor (GFLOP/s) | {' | '.join(names)} |")
+    print("|---|---|---|" + "---|" * len(names))
     for key in args.shapes:
-        sizes, batch = SHAPES[key]
-        expected = reference_loss(sizes, batch)
-        variants: dict[str, Callable[[int], float]] = {"floor": timed(floor_step(sizes, batch))}
-        for name in ("numpy", "numba"):
-            if name in gpubp.available_backends():
-                fn, first = gpubp_step(name, sizes, batch)
-                check(name, first, expected)
-                variants[name] = timed(fn)
-        worker = TorchWorker(key) if has_torch else None
-        if worker is not None:
-            check("torch", worker.first_loss, expected)
-            variants["torch"] = worker
+        problem = cpu_problem(key)
+        cands = variants(key, problem, info != "torch not installed")
         try:
-            med = measure(variants, args.rounds)
+            stats = time_round_robin(cands, args.rounds, DEFAULT_MIN_TIME, settle=args.settle)
         finally:
-            if worker is not None:
-                worker.close()
+            for c in cands:
+                if isinstance(c, TorchWorker):
+                    c.close()
+        med = {c.kind if c.kind != "backend" else c.label: stats[c.label].median for c in cands}
         floor = med["floor"]
-        cells = []
-        for name in names[1:]:
-            if name in med:
-                cells.append(f"{med[name] * 1e3:.3f} ms ({med[name] / floor:.2f}x)")
-            else:
-                cells.append("n/a")
-        gflops = flops(sizes, batch) / floor / 1e9
+        cells = [
+            f"{med[n] * 1e3:.3f} ms ({med[n] / floor:.2f}x)" if n in med else "n/a" for n in names
+        ]
+        gflops = step_flops(problem.sizes, problem.batch) / floor / 1e9
         print(
-            f"| {key} {sizes} | {batch} | {floor * 1e3:.3f} ms ({gflops:.0f}) | "
-            + " | ".join(cells)
-            + " |"
+            f"| {key} {list(problem.sizes)} | {problem.batch} | {floor * 1e3:.3f} ms "
+            f"({gflops:.0f}) | " + " | ".join(cells) + " |"
         )
     if args.jit:
         jit_cost()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -62,7 +63,9 @@ def test_bench_runs_checks_and_writes_json(tmp_path, capsys):
 
 
 def test_bench_without_torch_says_why(monkeypatch, capsys):
-    monkeypatch.setattr(bench, "torch_status", lambda: (None, "PyTorch is not installed (test)"))
+    monkeypatch.setattr(
+        bench.candidates, "torch_status", lambda: (None, "PyTorch is not installed (test)")
+    )
     assert cli.main(["bench", *TINY, "--no-memory"]) == 0
     text = capsys.readouterr().out
     header = text.splitlines()[0]
@@ -183,10 +186,25 @@ def test_bench_plot_sweeps_batch_sizes(tmp_path, capsys):
     assert {p["candidate"] for p in sweep} >= {"numpy", "floor: BLAS GEMM"}
 
 
+@pytest.mark.skipif(not _has("matplotlib"), reason="matplotlib is not installed")
+def test_quick_plot_sweeps_the_shape_asked_for(tmp_path):
+    """Without --plot-shape, --quick --plot sweeps the network of --shapes, not mnist-mlp."""
+    png, out_json = tmp_path / "sweep.png", tmp_path / "bench.json"
+    args = ["bench", *TINY, "--no-torch", "--no-memory", "--quick", "--plot", str(png)]
+    assert cli.main([*args, "--backends", "numpy", "--json", str(out_json)]) == 0
+    sweep = json.loads(out_json.read_text())["sweep"]
+    assert {(p["shape"], tuple(p["sizes"])) for p in sweep} == {("13-7-5@3", (13, 7, 5))}
+    args = ["--shapes", "all", "--plot", "x.png", "--plot-shape", "9-4@2"]
+    parsed = argparse.ArgumentParser()
+    bench.add_arguments(parsed)
+    assert bench.config_from_args(parsed.parse_args(args)).sweep_shape.name == "9-4@2"
+    assert bench.config_from_args(parsed.parse_args(args[:4])).sweep_shape.name == "mnist-mlp"
+
+
 def test_plot_without_matplotlib_says_what_to_install(monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        bench.importlib.util,
+        importlib.util,
         "find_spec",
         lambda name, *a: None if name == "matplotlib" else real(name, *a),
     )
@@ -216,3 +234,32 @@ def test_pytest_benchmark_suite_runs(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+def _script(name: str):
+    """A script of benchmarks/ imported as a module (without running it)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_scripts_import_and_parse_their_options():
+    gpu_step = _script("gpu_step")  # needs a GPU to run, not to import
+    args = gpu_step.parse_args(["out", "--quick", "--repeats", "3"])
+    assert (args.outdir, args.quick, args.repeats) == ("out", True, 3)
+    assert gpu_step.SHAPES == {n: s.gpu_batch for n, s in bench.STANDARD_SHAPES.items()}
+    assert set(gpu_step.QUICK) <= set(bench.STANDARD_SHAPES)
+    assert issubclass(gpu_step.CublasFloor, bench.FloorCandidate)  # the floor's GEMMs, once
+    cpu = _script("train_step_cpu")
+    args = cpu.parse_args(["--shapes", "mnist-small", "--rounds", "3", "--jit"])
+    assert (args.shapes, args.rounds, args.jit, args.settle) == (
+        ["mnist-small"],
+        3,
+        True,
+        bench.DEFAULT_SETTLE,
+    )
+    assert "wide" not in cpu.SHAPES  # GPU only
+    with pytest.raises(SystemExit):
+        cpu.parse_args(["--shapes", "wide"])

@@ -1,0 +1,428 @@
+"""What is timed: a gpubp backend, PyTorch, and the floor (the step's GEMMs alone)."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import importlib.util
+import math
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..backends import BACKEND_NAMES, backend_status, get_backend, to_numpy
+from ..check import rel_error
+from ..optim import SGD
+from .problem import (
+    ACTIVATION,
+    CPU,
+    GPU,
+    LOSS,
+    LR,
+    OUTPUT,
+    Problem,
+    elementwise_bytes,
+    validation_error,
+)
+from .timing import run_steps
+
+if TYPE_CHECKING:
+    from .report import BenchReport
+    from .run import BenchConfig
+
+# --- candidates -------------------------------------------------------------------------------
+
+
+class Candidate:
+    """One thing to time: :meth:`setup` once, then :meth:`step` many times.
+
+    ``kind`` is ``backend``, ``torch`` or ``floor``; ``device`` is ``cpu`` or ``gpu``.
+    """
+
+    label: str = ""
+    kind: str = ""
+    device: str = CPU
+
+    def setup(self, problem: Problem) -> None:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        """Wait for queued device work (no-op on the CPU)."""
+
+    def timed(self, n: int) -> float:
+        """Seconds for ``n`` steps, the device synchronised inside the timed region."""
+        return run_steps(self, n)
+
+    def reset(self) -> None:
+        """Put the parameters back to the problem's initial values, in place.
+
+        Done (untimed) before every sample: hundreds of steps on one batch would otherwise
+        memorise it, and ever larger logits end in float underflow, which is slow on CPUs and
+        would make later samples measure something else than earlier ones.
+        """
+
+    def validate(self, problem: Problem) -> float:
+        """Worst relative error of one step from the problem's initial state (see subclasses)."""
+        raise NotImplementedError
+
+    def peak_bytes(self, problem: Problem) -> tuple[int | None, str]:
+        """``(bytes, how)``: the memory one fresh setup and two steps hold at their peak."""
+        return None, "not measured"
+
+
+def emulated() -> bool:
+    from ..backends.cuda.backend import emulated as switch
+
+    return switch()
+
+
+def cupy_module() -> Any:
+    from ..backends.cuda.backend import import_cupy
+
+    return import_cupy()
+
+
+class BackendCandidate(Candidate):
+    """A gpubp backend's ``train_step`` on its own fresh backend instance (own workspaces)."""
+
+    kind = "backend"
+
+    def __init__(
+        self, name: str, label: str | None = None, make: Callable[[], Any] | None = None
+    ) -> None:
+        """``make`` builds the backend instance (default: the class of ``get_backend(name)``)."""
+        self.name = name
+        self.label = label or name
+        proto = get_backend(name)
+        self._make = make or type(proto)
+        self.device = CPU if proto.xp is np else GPU
+
+    def setup(self, problem: Problem) -> None:
+        be = self.be = self._make()
+        self.W = [be.asarray(w).copy() for w in problem.W]
+        self.b = [be.asarray(v).copy() for v in problem.b]
+        self._initial = [*problem.W, *problem.b]  # on the host: no second copy on a device
+        self.x = be.asarray(problem.x)
+        self.y = be.asarray(problem.y)
+        self.opt = SGD(lr=LR)
+        shapes = [tuple(p.shape) for p in (*self.W, *self.b)]
+        self.state = self.opt.bind(self, be, shapes, np.dtype(problem.dtype))
+        self.value: Any = None
+
+    def step(self) -> None:
+        self.value, *_ = self.be.train_step(
+            self.W, self.b, self.x, self.y, ACTIVATION, OUTPUT, LOSS, self.opt, self.state
+        )
+
+    def sync(self) -> None:
+        self.be.synchronize()
+
+    def reset(self) -> None:
+        for p, p0 in zip([*self.W, *self.b], self._initial):
+            p[...] = self.be.asarray(p0)
+
+    def validate(self, problem: Problem) -> float:
+        self.reset()
+        self.step()
+        self.sync()
+        return validation_error(problem, float(self.value), [*self.W, *self.b])
+
+    def peak_bytes(self, problem: Problem) -> tuple[int | None, str]:
+        if self.device == CPU:
+            peak, self.step_bytes = _traced_peak(self, problem)
+            return peak, "tracemalloc"
+        cp = cupy_module()
+        pool = cp.get_default_memory_pool()
+        cp.cuda.Device().synchronize()
+        pool.free_all_blocks()
+        base = pool.total_bytes()
+        self.setup(problem)
+        for _ in range(2):
+            self.step()
+        self.sync()
+        # the pool keeps every block it ever needed, so what it holds is its high-water mark
+        return int(pool.total_bytes() - base), "CuPy memory pool"
+
+
+def _traced_peak(c: Candidate, problem: Problem) -> tuple[int, int]:
+    """Bytes traced by tracemalloc: the peak over a fresh setup and two steps of ``c``, and the
+    peak of a third step above what was held before it (what a steady-state step allocates)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        c.setup(problem)
+        for _ in range(2):
+            c.step()
+        peak = tracemalloc.get_traced_memory()[1] - base
+        tracemalloc.reset_peak()
+        held = tracemalloc.get_traced_memory()[0]
+        c.step()
+        return int(peak), int(tracemalloc.get_traced_memory()[1] - held)
+    finally:
+        tracemalloc.stop()
+
+
+def torch_status() -> tuple[Any, str | None]:
+    """``(torch, None)`` if PyTorch imports, else ``(None, reason)``."""
+    if importlib.util.find_spec("torch") is None:
+        return None, "PyTorch is not installed (pip install torch)"
+    try:
+        import torch
+    except Exception as exc:  # a broken install: say so, never crash the benchmark
+        return None, f"PyTorch does not import: {type(exc).__name__}: {exc}"
+    return torch, None
+
+
+class TorchCandidate(Candidate):
+    """The same network and step in PyTorch: ``nn.Linear``/``ReLU``, ``cross_entropy``, SGD.
+
+    ``mode``: ``eager``; ``graph`` (the whole step captured once in a CUDA graph and replayed,
+    as in PyTorch's "whole-network capture" recipe); ``compile`` (``torch.compile`` of the model
+    and loss; backward and the optimizer as PyTorch runs them).
+    """
+
+    kind = "torch"
+
+    def __init__(self, torch: Any, device: str, mode: str = "eager") -> None:
+        self.torch, self.device, self.mode = torch, device, mode
+        self.label = "torch" if device == CPU else f"torch {mode}"
+
+    def setup(self, problem: Problem) -> None:
+        t = self.torch
+        dev = "cuda" if self.device == GPU else "cpu"
+        dt = getattr(t, problem.dtype)
+        layers: list[Any] = []
+        self.linears: list[Any] = []
+        L = len(problem.W)
+        for i in range(L):
+            n_out, n_in = problem.W[i].shape
+            lin = t.nn.Linear(n_in, n_out, dtype=dt, device=dev)
+            self.linears.append(lin)
+            layers.append(lin)
+            if i < L - 1:
+                layers.append(t.nn.ReLU())
+        model = t.nn.Sequential(*layers)
+        self.problem = problem
+        self._load(problem)
+        self.x = t.as_tensor(problem.x, device=dev)
+        self.y = t.as_tensor(problem.y, device=dev)
+        self.opt = t.optim.SGD(model.parameters(), lr=LR)
+        if self.mode == "compile":
+            # forget earlier compilations: after a different batch size, torch.compile would
+            # otherwise recompile for dynamic shapes, which is not what a fixed-shape loop gets
+            t.compiler.reset()
+        fn = t.compile(model) if self.mode == "compile" else model
+        F = t.nn.functional
+
+        def eager_step() -> None:
+            self.opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(fn(self.x), self.y)
+            loss.backward()
+            self.opt.step()
+            self.loss = loss
+
+        self._step: Callable[[], None] = eager_step
+        if self.mode == "graph":
+            side = t.cuda.Stream()
+            side.wait_stream(t.cuda.current_stream())
+            with t.cuda.stream(side):  # warm up on a side stream before capture
+                for _ in range(3):
+                    eager_step()
+            t.cuda.current_stream().wait_stream(side)
+            graph = t.cuda.CUDAGraph()
+            self.opt.zero_grad(set_to_none=True)
+            with t.cuda.graph(graph, stream=side):  # the stream the warm-up ran on
+                static_loss = F.cross_entropy(model(self.x), self.y)
+                static_loss.backward()
+                self.opt.step()
+            self.loss = static_loss
+            self._step = graph.replay
+
+    def _load(self, problem: Problem) -> None:
+        t = self.torch
+        with t.no_grad():
+            for lin, w, v in zip(self.linears, problem.W, problem.b):
+                lin.weight.copy_(t.as_tensor(w))
+                lin.bias.copy_(t.as_tensor(v))
+
+    def step(self) -> None:
+        self._step()
+
+    def reset(self) -> None:
+        self._load(self.problem)
+
+    def sync(self) -> None:
+        if self.device == GPU:
+            self.torch.cuda.synchronize()
+
+    def validate(self, problem: Problem) -> float:
+        self._load(problem)  # in place: a captured graph keeps its addresses
+        self.step()
+        self.sync()
+        params = [lin.weight for lin in self.linears] + [lin.bias for lin in self.linears]
+        return validation_error(
+            problem, float(self.loss.detach()), [p.detach().cpu().numpy() for p in params]
+        )
+
+    def peak_bytes(self, problem: Problem) -> tuple[int | None, str]:
+        if self.device == CPU:
+            return None, "tracemalloc does not see PyTorch's CPU allocator"
+        t = self.torch
+        t.cuda.synchronize()
+        t.cuda.empty_cache()
+        t.cuda.reset_peak_memory_stats()
+        base = t.cuda.memory_allocated()
+        self.setup(problem)
+        for _ in range(2):
+            self.step()
+        self.sync()
+        return int(t.cuda.max_memory_allocated() - base), "torch.cuda.max_memory_allocated"
+
+
+class FloorCandidate(Candidate):
+    """The step's GEMMs alone, through ``xp.matmul(..., out=)`` into preallocated outputs.
+
+    With ``copy=True`` each step also copies :func:`elementwise_bytes` bytes device to device
+    (half read, half written), the time the elementwise work needs at the copy bandwidth.
+    """
+
+    kind = "floor"
+
+    def __init__(self, xp: Any, device: str, copy: bool = False) -> None:
+        self.xp, self.device, self.copy = xp, device, copy
+        blas = "BLAS" if device == CPU else "cuBLAS"
+        self.label = "floor: GEMM+copy" if copy else f"floor: {blas} GEMM"
+
+    def setup(self, problem: Problem) -> None:
+        xp, dt, B, s = self.xp, problem.dtype, problem.batch, problem.sizes
+        rng = np.random.default_rng(1)
+        L = len(s) - 1
+
+        def rand(*shape: int) -> Any:
+            return xp.asarray(rng.normal(0, 1, shape).astype(dt))
+
+        self.A = [rand(B, s[i]) for i in range(L)]  # a^0..a^{L-1}
+        self.W = [rand(s[i + 1], s[i]) for i in range(L)]
+        self.D = [rand(B, s[i + 1]) for i in range(L)]  # delta^1..delta^L
+        self.Z = [xp.empty((B, s[i + 1]), dtype=dt) for i in range(L)]
+        self.G = [xp.empty((B, s[i]), dtype=dt) for i in range(L)]
+        self.dW = [xp.empty((s[i + 1], s[i]), dtype=dt) for i in range(L)]
+        if self.copy:
+            n = max(1, elementwise_bytes(s, B, np.dtype(dt).itemsize) // 2)
+            self.src = xp.ones(n, dtype=np.uint8)
+            self.dst = xp.empty(n, dtype=np.uint8)
+
+    def gemm(self, trans_a: bool, trans_b: bool, a: Any, b: Any, out: Any) -> None:
+        """``out = op(a) @ op(b)``; a subclass may call another GEMM (cuBLAS through gpubp)."""
+        self.xp.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
+
+    def step(self) -> None:
+        L = len(self.W)
+        for i in range(L):
+            self.gemm(False, True, self.A[i], self.W[i], self.Z[i])
+        for i in range(L - 1, -1, -1):
+            self.gemm(True, False, self.D[i], self.A[i], self.dW[i])
+            if i > 0:
+                self.gemm(False, False, self.D[i], self.W[i], self.G[i])
+        if self.copy:
+            self.xp.copyto(self.dst, self.src)
+
+    def sync(self) -> None:
+        if self.device == GPU:
+            cupy_module().cuda.Device().synchronize()
+
+    def validate(self, problem: Problem) -> float:
+        self.step()
+        self.sync()
+
+        def f(a: Any) -> np.ndarray:
+            return to_numpy(a).astype(np.float64)
+
+        worst = 0.0
+        for i in range(len(self.W)):
+            A, W, D = f(self.A[i]), f(self.W[i]), f(self.D[i])
+            worst = max(worst, rel_error(self.Z[i], A @ W.T), rel_error(self.dW[i], D.T @ A))
+            if i > 0:
+                worst = max(worst, rel_error(self.G[i], D @ W))
+        if self.copy and not bool((self.dst == 1).all()):
+            worst = math.inf
+        return worst
+
+
+def gpu_status() -> str | None:
+    """``None`` if CuPy sees a CUDA GPU, else why not."""
+    if importlib.util.find_spec("cupy") is None:
+        return "CuPy is not installed"
+    try:
+        import cupy
+
+        if not cupy.cuda.is_available():
+            return "CuPy sees no CUDA GPU"
+    except Exception as exc:
+        return f"CuPy cannot reach a GPU ({type(exc).__name__}: {exc})"
+    return None
+
+
+@dataclass
+class Maker:
+    """Builds fresh instances of one candidate (timing and the memory pass each get their own)."""
+
+    label: str
+    kind: str
+    make: Callable[[], Candidate]
+    in_sweep: bool = True  # also timed in the --plot batch-size sweep
+
+
+def make_candidates(
+    config: BenchConfig, report: BenchReport, gpu_why: str | None
+) -> dict[str, list[Maker]]:
+    """Per device, the candidates to run; what cannot run goes to ``report.absent``, with why."""
+    status = backend_status()
+    names = config.backends if config.backends is not None else list(BACKEND_NAMES)
+    out: dict[str, list[Maker]] = {CPU: [], GPU: []}
+
+    def add(device: str, make: Callable[[], Candidate], in_sweep: bool = True) -> None:
+        proto = make()
+        out[device].append(Maker(proto.label, proto.kind, make, in_sweep))
+
+    for name in names:
+        why = status[name]
+        if why is None and name == "cupy" and emulated():
+            why = "GPUBP_CUDA_EMULATOR=1: the emulated GPU (kernels run on the CPU) is not timed"
+        if why is not None:
+            report.absent.append(f"backend {name}: {why}")
+            continue
+        add(BackendCandidate(name).device, functools.partial(BackendCandidate, name))
+    torch, torch_why = torch_status() if config.torch else (None, "left out by --no-torch")
+    if torch is None:
+        report.absent.append(f"PyTorch rows and the 'x torch' column: {torch_why}")
+    else:
+        add(CPU, functools.partial(TorchCandidate, torch, CPU))
+        if torch.cuda.is_available():
+            for mode in ("eager", "graph", "compile"):
+                add(GPU, functools.partial(TorchCandidate, torch, GPU, mode), mode == "eager")
+        else:
+            report.absent.append(
+                "PyTorch on a GPU (eager, CUDA graph, torch.compile): "
+                "torch.cuda.is_available() is False"
+            )
+    add(CPU, functools.partial(FloorCandidate, np, CPU))
+    if gpu_why is None:
+        cp = cupy_module()
+        add(GPU, functools.partial(FloorCandidate, cp, GPU))
+        add(GPU, functools.partial(FloorCandidate, cp, GPU, copy=True), False)
+    else:
+        report.absent.append(
+            "GPU floors (cuBLAS GEMM, copy bandwidth), GPU batch sizes and the GPU-only "
+            f"'wide' shape: {gpu_why}"
+        )
+    if all(m.kind == "floor" for m in out[GPU]):
+        out[GPU] = []  # a floor alone compares nothing
+    return out

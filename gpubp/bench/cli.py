@@ -1,0 +1,154 @@
+"""``gpubp bench``'s options and command."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+
+from ..backends import BACKEND_NAMES, backend_status
+from ..check import TOLERANCE
+from .problem import QUICK_SWEEP_BATCHES, STANDARD_SHAPES, SWEEP_BATCHES, BenchShape, parse_shape
+from .report import format_table, plot_sweep
+from .run import BenchConfig, run_bench
+from .timing import DEFAULT_MIN_TIME, DEFAULT_REPEATS, DEFAULT_SETTLE, QUICK_MIN_TIME, QUICK_REPEATS
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``gpubp bench``."""
+    parser.add_argument(
+        "--shapes",
+        default="all",
+        help=f"comma-separated: {', '.join(STANDARD_SHAPES)}, or SIZES@BATCH such as "
+        "784-128-10@64; 'all' (default) runs every standard shape this machine can",
+    )
+    parser.add_argument(
+        "--backends",
+        default="all",
+        help=f"comma-separated from {', '.join(BACKEND_NAMES)}; 'all' (default): every one "
+        "that can run here",
+    )
+    parser.add_argument("--dtypes", default="float32", help="default float32; float32,float64")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_REPEATS} samples of >= {QUICK_MIN_TIME:g} s (default {DEFAULT_REPEATS} of "
+        f">= {DEFAULT_MIN_TIME:g} s): a rough look in a few seconds",
+    )
+    parser.add_argument("--repeats", type=int, help="samples per candidate (overrides --quick)")
+    parser.add_argument(
+        "--min-time", type=float, help="seconds each sample runs at least (overrides --quick)"
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=DEFAULT_SETTLE,
+        help=f"seconds to pause before each sample so the previous candidate's spinning BLAS "
+        f"threads go to sleep (default {DEFAULT_SETTLE:g})",
+    )
+    parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument("--json", metavar="PATH", help="also write every measurement as JSON")
+    parser.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="also sweep the batch size and plot time per sample against it (log-log, one "
+        "line per backend; needs matplotlib)",
+    )
+    parser.add_argument(
+        "--plot-shape",
+        help="the network of the --plot sweep (a --shapes name or SIZES@BATCH; default: the "
+        "first of --shapes, mnist-mlp with 'all')",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random problem")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress line on standard error"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """A :class:`BenchConfig` from parsed options; :class:`ValueError` names a bad option."""
+    status = backend_status()
+    backends = None
+    if args.backends != "all":
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        for name in backends:
+            if name not in status:
+                raise ValueError(
+                    f"--backends: unknown backend {name!r}; expected names from "
+                    f"{', '.join(BACKEND_NAMES)} or 'all'"
+                )
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for dt in dtypes:
+        if dt not in TOLERANCE:
+            raise ValueError(f"--dtypes: {dt!r} is not supported; expected float32,float64")
+    if not dtypes:
+        raise ValueError("--dtypes: give at least one of float32,float64")
+    if args.shapes == "all":
+        shapes = list(STANDARD_SHAPES.values())
+    else:
+        shapes = [parse_shape(s.strip()) for s in args.shapes.split(",") if s.strip()]
+    repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
+    if repeats < 3:
+        raise ValueError(f"--repeats: {repeats} is too few for a median and a spread; use >= 3")
+    min_time = (
+        args.min_time
+        if args.min_time is not None
+        else (QUICK_MIN_TIME if args.quick else DEFAULT_MIN_TIME)
+    )
+    if not min_time >= 0:
+        raise ValueError(f"--min-time: {min_time} must be a number of seconds >= 0")
+    if not args.settle >= 0:
+        raise ValueError(f"--settle: {args.settle} must be a number of seconds >= 0")
+    sweep = None
+    if args.plot:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ValueError(
+                "--plot needs matplotlib, which is not installed; pip install 'gpubp[plot]' "
+                "(or leave --plot out)"
+            )
+        sweep = parse_shape(args.plot_shape) if args.plot_shape else _default_sweep(shapes)
+    return BenchConfig(
+        shapes=shapes,
+        backends=backends,
+        dtypes=dtypes,
+        repeats=repeats,
+        min_time=min_time,
+        settle=args.settle,
+        torch=not args.no_torch,
+        memory=not args.no_memory,
+        sweep_shape=sweep,
+        sweep_batches=QUICK_SWEEP_BATCHES if args.quick else SWEEP_BATCHES,
+        seed=args.seed,
+    )
+
+
+def _default_sweep(shapes: list[BenchShape]) -> BenchShape:
+    """The network ``--plot`` sweeps unless ``--plot-shape`` names one: the one asked for."""
+    return (
+        shapes[0]
+        if shapes and shapes != list(STANDARD_SHAPES.values())
+        else STANDARD_SHAPES["mnist-mlp"]
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """``gpubp bench``: run, print the table, write ``--json`` and ``--plot``; 1 on failures."""
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"gpubp bench: {exc}", file=sys.stderr)
+        return 2
+    report = run_bench(config, None if args.no_progress else sys.stderr)
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report.to_json(), fh, indent=1)
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        plot_sweep(report, args.plot)
+        print(f"wrote {args.plot} ({config.sweep_shape.name if config.sweep_shape else ''})")
+    return 1 if report.failures else 0

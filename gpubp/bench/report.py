@@ -1,0 +1,218 @@
+"""What a run measured (rows, JSON), the machine it ran on, the table and the plot."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from .candidates import torch_status
+from .problem import ACTIVATION, LOSS, LR, OUTPUT
+from .timing import Stats
+
+
+@dataclass
+class Row:
+    """One candidate on one (shape, dtype, device) in the table."""
+
+    shape: str
+    sizes: tuple[int, ...]
+    batch: int
+    dtype: str
+    device: str
+    candidate: str
+    kind: str
+    validation_error: float | None = None
+    stats: Stats | None = None
+    gflops: float | None = None
+    samples_per_s: float | None = None
+    x_floor: float | None = None
+    x_torch: float | None = None
+    peak_bytes: int | None = None
+    peak_how: str = ""
+    step_alloc_bytes: int | None = None  # CPU: what one steady-state step allocates at its peak
+    error: str | None = None
+
+
+@dataclass
+class BenchReport:
+    """Everything one run measured, what was left out and why, and its warnings."""
+
+    meta: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+    sweep: list[dict[str, Any]] = field(default_factory=list)
+    absent: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "meta": self.meta,
+            "rows": [asdict(r) for r in self.rows],
+            "sweep": self.sweep,
+            "absent": self.absent,
+            "warnings": self.warnings,
+            "failures": self.failures,
+        }
+
+
+def _blas_name() -> str:
+    try:
+        cfg: Any = np.show_config(mode="dicts")
+        blas = cfg["Build Dependencies"]["blas"]
+        return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+    except Exception:  # numpy < 1.25: no dict mode
+        return "unknown"
+
+
+def environment() -> dict[str, Any]:
+    """The machine and library versions a table was measured with."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    torch, _ = torch_status()
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "gpubp": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "numpy": np.__version__,
+        "blas": _blas_name(),
+        "torch": None if torch is None else torch.__version__,
+        "torch_threads": None if torch is None else torch.get_num_threads(),
+        "workload": f"{ACTIVATION} hidden, {OUTPUT} + {LOSS}, SGD lr={LR}",
+    }
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
+    return missing if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def format_table(report: BenchReport) -> str:
+    """The report as a plain-text table with its notes, absences and warnings."""
+    has_torch = any(r.kind == "torch" and r.stats is not None for r in report.rows)
+    cols = [
+        ("shape", 12, "<"),
+        ("batch", 6, ">"),
+        ("dtype", 7, "<"),
+        ("dev", 3, "<"),
+        ("candidate", 18, "<"),
+        ("median ms", 9, ">"),
+        ("min ms", 8, ">"),
+        ("max ms", 8, ">"),
+        ("spread", 6, ">"),
+        ("samples/s", 10, ">"),
+        ("GFLOP/s", 7, ">"),
+        ("x floor", 7, ">"),
+    ]
+    if has_torch:
+        cols.append(("x torch", 7, ">"))
+    cols.append(("peak MiB", 8, ">"))
+    header = " ".join(f"{name:{al}{w}}" for name, w, al in cols)
+    lines = [header, "-" * len(header)]
+    previous = None
+    for r in report.rows:
+        key = (r.shape, r.dtype, r.device)
+        if previous is not None and key != previous:
+            lines.append("")
+        previous = key
+        if r.stats is None:
+            cells = [r.shape, str(r.batch), r.dtype, r.device, r.candidate, "FAILED"]
+            lines.append(" ".join(cells) + f": {r.error}")
+            continue
+        st = r.stats
+        vals = [
+            r.shape,
+            str(r.batch),
+            r.dtype,
+            r.device,
+            r.candidate,
+            _fmt(1e3 * st.median, ".3f"),
+            _fmt(1e3 * st.min, ".3f"),
+            _fmt(1e3 * st.max, ".3f"),
+            _fmt(100 * st.spread, ".0f") + "%",
+            _fmt(r.samples_per_s, ".0f"),
+            _fmt(r.gflops, ".1f"),
+            _fmt(r.x_floor, ".2f"),
+        ]
+        if has_torch:
+            vals.append(_fmt(r.x_torch, ".2f"))
+        vals.append(_fmt(None if r.peak_bytes is None else r.peak_bytes / 2**20, ".2f"))
+        lines.append(" ".join(f"{v:{al}{w}}" for v, (_, w, al) in zip(vals, cols)))
+    m = report.meta
+    lines += [
+        "",
+        f"measured {m['date']} on {m['cpu']} ({m['cores']} logical cores"
+        + (f", GPU {m['gpu']}" if "gpu" in m else "")
+        + f"), Python {m['python']}, NumPy {m['numpy']} ({m['blas']})"
+        + (f", PyTorch {m['torch']} ({m['torch_threads']} threads)" if m["torch"] else ""),
+        f"step: {m['workload']}; {m['repeats']} interleaved samples of >= {m['min_time_s']:g} s "
+        "each; ms per step; spread = (q75 - q25) / median",
+        "GFLOP/s counts the step's GEMM flops only; x floor = median / the floor's median "
+        "(GEMM+copy on a GPU, GEMM alone on the CPU); "
+        + ("x torch = median / the fastest PyTorch row of the same device; " if has_torch else "")
+        + "peak MiB = memory of a fresh setup and two steps (tracemalloc on the CPU, the memory "
+        "pool on a GPU; '-' where not measurable)",
+        f"command: {m.get('command', '')}",
+    ]
+    if report.absent:
+        lines += ["", "absent here:"] + [f"  - {a}" for a in report.absent]
+    if report.failures:
+        lines += ["", "FAILED:"] + [f"  - {f}" for f in report.failures]
+    if report.warnings:
+        lines += ["", "warnings:"] + [f"  - {w}" for w in report.warnings]
+    return "\n".join(lines)
+
+
+def plot_sweep(report: BenchReport, path: str) -> None:
+    """Time per sample against batch size, log-log, one line per candidate and device."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    kinds = {}
+    for p in report.sweep:
+        key = (p["candidate"], p["device"])
+        lines.setdefault(key, []).append((p["batch"], p["seconds_per_sample"]))
+        kinds[key] = p["kind"]
+    for (cand, dev), pts in lines.items():
+        pts.sort()
+        style = {"floor": "--", "torch": ":"}.get(kinds[(cand, dev)], "-")
+        ax.plot(
+            [b for b, _ in pts],
+            [1e6 * s for _, s in pts],
+            style,
+            marker="o",
+            label=f"{cand} ({dev})",
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("microseconds per sample (one train step / batch)")
+    shape = report.sweep[0]["shape"] if report.sweep else ""
+    ax.set_title(f"gpubp bench: {shape} train step, {report.meta['date'][:10]}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
