@@ -172,7 +172,7 @@ def _check_steps(
     xb = be.asarray(x, dtype)
     yb = be.asarray(y) if y.dtype.kind in "iu" else be.asarray(y, dtype)
     shapes = [w.shape for w in Wr] + [v.shape for v in br]
-    state = opt.bind(object(), be, shapes, dtype)
+    state = opt.bind(None, be, shapes, dtype)
     rstate: dict[str, Any] = {"step": 0}
     for slot in opt.slots:
         rstate[slot] = [np.zeros(s) for s in shapes]

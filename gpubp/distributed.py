@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import DistributedError
+
 __all__ = [
     "BUCKET_ELEMENTS",
     "DataParallel",
@@ -40,10 +42,6 @@ __all__ = [
 
 #: Largest number of values one Allreduce carries (64 MiB of float32).
 BUCKET_ELEMENTS = 1 << 24
-
-
-class DistributedError(RuntimeError):
-    """MPI is missing, or the ranks disagree (parameters out of sync)."""
 
 
 def _import_mpi() -> Any:
@@ -87,8 +85,8 @@ class MPICommunicator:
 class _NCCLReducer:
     """Sum a CuPy buffer over ranks with NCCL; the unique id travels over MPI.
 
-    Not yet run on a GPU in this project's CI (no GPU there); the code follows CuPy's
-    ``cupy.cuda.nccl`` API.
+    The code follows CuPy's ``cupy.cuda.nccl`` API; the tests run it on the emulated GPU, whose
+    NCCL maps onto MPI.
     """
 
     def __init__(self, comm: MPICommunicator, cupy: Any) -> None:
@@ -220,39 +218,38 @@ class DataParallel:
         rank if any rank wished it, so all ranks stop after the same step.
         """
         model, be = self.model, self.model.backend
+        W, b = model.parameters
         G = int(idx.shape[0])
         lo, hi = shard_bounds(G, self.rank, self.size)
         n = self.offsets[-1]
-        ws_scratch = None
+        scratch = None
         if hi > lo:
             shard = idx[lo:hi]
             x = X[shard]
             value, dWs, dbs = be.gradients(
-                model._W, model._b, x, Y[shard], model.activation, model.output, model.loss
+                W, b, x, Y[shard], model.activation, model.output, model.loss
             )
             share = (hi - lo) / G
             for dst, g in zip(self.grads, [*dWs, *dbs]):
                 be.xp.multiply(g, share, out=dst)
             self.flat[n] = float(value) * share
-            ws_scratch = be._workspace_for(model._W, x).pscratch
+            scratch = be.workspace_for(W, x).pscratch
         else:  # fewer samples than ranks in this batch: this rank contributes nothing
             self.flat[...] = 0
         self.flat[n + 1] = 1.0 if stop else 0.0
         self._allreduce()
         value = float(self.flat[n])
         self.stop_agreed = float(self.flat[n + 1]) > 0
-        L = model.n_layers
-        be.check_finite(value, self.grads[:L], self.grads[L:])  # the same verdict on every rank
         state = optimizer.bind(model, be, self.shapes, model.dtype)
-        be.update_parameters(
-            [*model._W, *model._b], list(self.grads), optimizer, state, scratch=ws_scratch
-        )
+        # the same loss and gradients on every rank, so the same verdict and the same update
+        be.apply_update(value, [*W, *b], list(self.grads), optimizer, state, scratch=scratch)
         return value
 
     def checksum(self) -> int:
         """CRC-32 of this rank's parameters, bit for bit."""
         crc = 0
-        for p in [*self.model._W, *self.model._b]:
+        W, b = self.model.parameters
+        for p in [*W, *b]:
             crc = zlib.crc32(np.ascontiguousarray(self.model.backend.to_numpy(p)).data, crc)
         return crc
 

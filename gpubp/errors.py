@@ -30,3 +30,19 @@ class DatasetNotFoundError(FileNotFoundError):
 class DeviceOutOfMemoryError(MemoryError):
     """The GPU has too little free memory for a step; the message gives the bytes asked for and a
     batch size that would fit."""
+
+
+class DistributedError(RuntimeError):
+    """MPI is missing, or the ranks disagree (parameters out of sync)."""
+
+
+class CublasError(RuntimeError):
+    """A cuBLAS call returned a status other than ``CUBLAS_STATUS_SUCCESS``."""
+
+
+class NvrtcError(RuntimeError):
+    """NVRTC refused a program; the message holds its log."""
+
+
+class PlotUnavailableError(ImportError):
+    """matplotlib is needed for a plot and is not installed."""

@@ -405,6 +405,12 @@ class MLP:
         return float(self._step(x, y, optimizer))
 
     @property
+    def parameters(self) -> tuple[list[Any], list[Any]]:
+        """``(weights, biases)``: the backend arrays themselves (a train step updates them in
+        place); :meth:`get_parameters` gives NumPy copies."""
+        return self._W, self._b
+
+    @property
     def parameter_shapes(self) -> list[tuple[int, ...]]:
         """Shapes of ``[W^1, ..., W^L, b^1, ..., b^L]``: the order optimizer state is kept in."""
         return [tuple(W.shape) for W in self._W] + [tuple(b.shape) for b in self._b]

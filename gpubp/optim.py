@@ -16,6 +16,9 @@ import numpy as np
 
 __all__ = ["SGD", "Adam", "AdamW", "Optimizer"]
 
+#: The owner of state bound with ``owner=None``: parameters the caller keeps itself.
+_UNOWNED = object()
+
 
 def _check_number(
     name: str,
@@ -47,6 +50,10 @@ class Optimizer:
     """
 
     kind: str = ""
+    #: The backend op (of :mod:`gpubp.reference` and every backend) that applies this rule to
+    #: one parameter, and the state slots it takes after ``(param, grad)``, in its order.
+    op: str = ""
+    op_slots: tuple[str, ...] = ()
     lr: float
     weight_decay: float
 
@@ -64,14 +71,48 @@ class Optimizer:
         """The settings, as plain Python values (saved in checkpoints)."""
         raise NotImplementedError
 
+    @property
+    def variant(self) -> tuple[bool, ...]:
+        """The switches that change which update is computed, not only its numbers (a fused
+        update kernel is chosen by them)."""
+        raise NotImplementedError
+
+    def op_arguments(self, step: int) -> tuple[Any, ...]:
+        """The arguments of :attr:`op` after the arrays, for step ``step`` (1 first)."""
+        raise NotImplementedError
+
+    def update(
+        self, ops: Any, params: list[Any], grads: list[Any], state: dict[str, Any], **kw: Any
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """One step of this rule on every parameter: ``ops.<op>(param, grad, *slots, *args)``.
+
+        ``ops`` is a backend (which updates in place) or :mod:`gpubp.reference` (which returns
+        new arrays); ``kw`` goes to every op call (a backend's ``scratch=``). ``params`` and
+        ``grads`` are in the order ``W^1..W^L, b^1..b^L``. Returns the op's parameters and a new
+        state dict (``"step"`` incremented, each slot list rebuilt from the op's results); the
+        given ``state`` is not changed.
+        """
+        step = int(state["step"]) + 1
+        args = self.op_arguments(step)
+        rule = getattr(ops, self.op)
+        columns = [state.get(slot) or [None] * len(params) for slot in self.op_slots]
+        results = [rule(p, g, *s, *args, **kw) for p, g, *s in zip(params, grads, *columns)]
+        new_state: dict[str, Any] = {"step": step}
+        for k, slot in enumerate(self.op_slots):
+            if slot in self.slots:
+                new_state[slot] = [r[k + 1] for r in results]
+        return [r[0] for r in results], new_state
+
     def bind(
         self, owner: object, backend: Any, shapes: list[tuple[int, ...]], dtype: Any
     ) -> dict[str, Any]:
         """Return the state for ``owner``'s parameters, creating zeroed slots on first use.
 
         One optimizer serves one model: using it with a second model is an error, because its
-        momentum and moment estimates belong to the first.
+        momentum and moment estimates belong to the first. ``owner`` is that model, or None
+        where the caller keeps the parameters itself (then only their shapes are checked).
         """
+        owner = _UNOWNED if owner is None else owner
         if self._owner is None or self.state is None:
             try:  # a weak reference: the optimizer must not keep a discarded model alive
                 self._owner = weakref.ref(owner)
@@ -167,6 +208,8 @@ class SGD(Optimizer):
     """
 
     kind = "sgd"
+    op = "sgd_update"
+    op_slots = ("momentum_buffer",)  # None for each parameter without momentum
 
     def __init__(
         self,
@@ -189,6 +232,13 @@ class SGD(Optimizer):
     def slots(self) -> tuple[str, ...]:
         return ("momentum_buffer",) if self.momentum else ()
 
+    @property
+    def variant(self) -> tuple[bool, ...]:
+        return (self.momentum != 0, self.nesterov)
+
+    def op_arguments(self, step: int) -> tuple[Any, ...]:
+        return (self.lr, self.momentum, self.nesterov, self.weight_decay)
+
     def hyperparameters(self) -> dict[str, Any]:
         return {
             "lr": self.lr,
@@ -209,6 +259,8 @@ class Adam(Optimizer):
     """
 
     kind = "adam"
+    op = "adam_update"
+    op_slots = ("exp_avg", "exp_avg_sq")
 
     def __init__(
         self,
@@ -234,6 +286,14 @@ class Adam(Optimizer):
     @property
     def slots(self) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
+
+    @property
+    def variant(self) -> tuple[bool, ...]:
+        return (self.decoupled,)
+
+    def op_arguments(self, step: int) -> tuple[Any, ...]:
+        b1, b2 = self.betas
+        return (step, self.lr, b1, b2, self.eps, self.weight_decay, self.decoupled)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {

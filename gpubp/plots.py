@@ -6,9 +6,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-
-class PlotUnavailableError(ImportError):
-    """matplotlib is needed for a plot and is not installed."""
+from .errors import PlotUnavailableError
 
 
 def require_matplotlib() -> Any:

@@ -4,14 +4,15 @@ This module is the judge of every backend, so it is kept small and obvious: floa
 buffers, no fusion, no cleverness, every function pure (it returns new arrays and never writes
 into its arguments). It is itself checked against central finite differences in the tests.
 
-Conventions (see DESIGN.md): a batch is a row-major array of shape ``(B, n)``; layer ``l`` has
-weights ``W`` of shape ``(n_out, n_in)`` and bias ``b`` of shape ``(n_out,)``; losses are
-averaged over the batch. The op names and argument order are the backend protocol's
+Conventions: a batch is a row-major array of shape ``(B, n)``; layer ``l`` has weights ``W``
+of shape ``(n_out, n_in)`` and bias ``b`` of shape ``(n_out,)``; losses are averaged over the
+batch. The op names and argument order are the backend protocol's
 (:class:`gpubp.backends.base.Backend`).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -256,49 +257,10 @@ def update_parameters(
 
     ``params`` and ``grads`` are in the order ``W^1..W^L, b^1..b^L``; ``state`` holds
     ``"step"`` (steps taken so far) and one list per slot (``momentum_buffer``, ``exp_avg``,
-    ``exp_avg_sq``). Returns new parameters and a new state.
+    ``exp_avg_sq``). The optimizer calls this module's :func:`sgd_update` or
+    :func:`adam_update` on each parameter. Returns new parameters and a new state.
     """
-    step = int(state["step"]) + 1
-    new_state: dict[str, Any] = {"step": step}
-    new_params = []
-    if optimizer.kind == "sgd":
-        bufs = state.get("momentum_buffer", [None] * len(params))
-        new_bufs = []
-        for p, g, buf in zip(params, grads, bufs):
-            p, buf = sgd_update(
-                p,
-                g,
-                buf,
-                optimizer.lr,
-                optimizer.momentum,
-                optimizer.nesterov,
-                optimizer.weight_decay,
-            )
-            new_params.append(p)
-            new_bufs.append(buf)
-        if "momentum_buffer" in state:
-            new_state["momentum_buffer"] = new_bufs
-    else:
-        new_state["exp_avg"], new_state["exp_avg_sq"] = [], []
-        beta1, beta2 = optimizer.betas
-        for p, g, m, v in zip(params, grads, state["exp_avg"], state["exp_avg_sq"]):
-            p, m, v = adam_update(
-                p,
-                g,
-                m,
-                v,
-                step,
-                optimizer.lr,
-                beta1,
-                beta2,
-                optimizer.eps,
-                optimizer.weight_decay,
-                optimizer.decoupled,
-            )
-            new_params.append(p)
-            new_state["exp_avg"].append(m)
-            new_state["exp_avg_sq"].append(v)
-    return new_params, new_state
+    return optimizer.update(sys.modules[__name__], params, grads, state)
 
 
 def train_step(

@@ -558,7 +558,7 @@ def test_train_step_updates_in_place(backend, dtype, rng):
     x = backend.asarray(rng.normal(size=(B, 4)), dtype)
     y = backend.asarray(rng.integers(0, 2, B))
     opt = gpubp.optim.SGD(lr=0.1, momentum=0.9)
-    state = opt.bind(object(), backend, [w.shape for w in W] + [v.shape for v in b], dtype)
+    state = opt.bind(None, backend, [w.shape for w in W] + [v.shape for v in b], dtype)
     ids = [id(a) for a in (*W, *b)]
     before = _frozen_copies([*W, *b])
     value, W2, b2, state2 = backend.train_step(
@@ -590,7 +590,7 @@ def test_train_step_rejects_non_finite_and_keeps_parameters(backend, dtype, rng)
     x = backend.asarray(np.array([[np.inf, 0.0, 1.0]]), dtype)
     y = backend.asarray(rng.random((1, 2)), dtype)
     opt = gpubp.optim.Adam(lr=0.1)
-    state = opt.bind(object(), backend, [(2, 3), (2,)], dtype)
+    state = opt.bind(None, backend, [(2, 3), (2,)], dtype)
     before = _frozen_copies([*W, *b, *state["exp_avg"], *state["exp_avg_sq"]])
     with (
         pytest.raises(gpubp.NonFiniteLossError, match=re.escape("parameters kept")),

@@ -54,7 +54,7 @@ def test_graph_replay_equals_eager(cp, make_opt, dtype, fold):
         be = _backend(graphs=graphs, fold_sgd=fold)
         W, b, x, y = _problem(cp, (33, 65, 10), 37, dtype)
         opt = make_opt()
-        state = opt.bind(object(), be, [w.shape for w in W] + [v.shape for v in b], dtype)
+        state = opt.bind(None, be, [w.shape for w in W] + [v.shape for v in b], dtype)
         losses = []
         for k in range(5):
             lr = 0.1 / (k + 1)  # a schedule: the graph must read the new rate
@@ -79,7 +79,7 @@ def test_graph_train_steps_match_the_reference(cp, make_opt, fold):
     W, b, x, y = _problem(cp, sizes, B, "float64", loss="mse", output="identity")
     opt = make_opt()
     shapes = [w.shape for w in W] + [v.shape for v in b]
-    state = opt.bind(object(), be, shapes, "float64")
+    state = opt.bind(None, be, shapes, "float64")
     params = [cp.asnumpy(p) for p in [*W, *b]]
     rstate = {"step": 0, **{s: [np.zeros(sh) for sh in shapes] for s in opt.slots}}
     xr, yr = cp.asnumpy(x), cp.asnumpy(y)
@@ -98,7 +98,7 @@ def test_non_finite_step_raises_at_the_next_sync_with_the_last_good_parameters(c
     be = _backend()
     W, b, x, y = _problem(cp, (8, 16, 4), 5, "float32")
     opt = Adam(lr=0.01)
-    state = opt.bind(object(), be, [w.shape for w in W] + [v.shape for v in b], "float32")
+    state = opt.bind(None, be, [w.shape for w in W] + [v.shape for v in b], "float32")
     be.train_step(W, b, x, y, "relu", "softmax", "cross_entropy", opt, state)
     be.synchronize()
     good = [cp.asnumpy(p) for p in [*W, *b, *state["exp_avg"], *state["exp_avg_sq"]]]
@@ -122,7 +122,7 @@ def test_non_finite_folded_sgd_keeps_the_weights(cp):
     be = _backend(fold_sgd=True)
     W, b, x, y = _problem(cp, (8, 16, 4), 5, "float32")
     opt = SGD(lr=0.1)  # plain SGD: the update is folded into the gradient GEMM
-    state = opt.bind(object(), be, [w.shape for w in W] + [v.shape for v in b], "float32")
+    state = opt.bind(None, be, [w.shape for w in W] + [v.shape for v in b], "float32")
     before = [cp.asnumpy(p) for p in [*W, *b]]
     bad = x.copy()
     bad[1, 2] = np.inf  # inf * w in the first GEMM: infinite and NaN activations
@@ -227,7 +227,7 @@ def test_train_step_is_captured_as_a_graph_and_replayed(cp, fold):
     be = _backend(fold_sgd=fold)
     W, b, x, y = _problem(cp, (9, 33, 5), 11, "float32")
     opt = SGD(lr=0.05)
-    state = opt.bind(object(), be, [w.shape for w in W] + [v.shape for v in b], "float32")
+    state = opt.bind(None, be, [w.shape for w in W] + [v.shape for v in b], "float32")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the eager fallback warns: that would fail here
         be.train_step(W, b, x, y, "relu", "softmax", "cross_entropy", opt, state)
@@ -279,7 +279,7 @@ def test_nan_input_under_relu_raises_and_keeps_the_parameters(cp, fold, graph):
     be = _backend(fold_sgd=fold)
     W, b, x, y = _problem(cp, (8, 16, 4), 5, "float32")
     opt = SGD(lr=0.1)
-    state = opt.bind(object(), be, [w.shape for w in W] + [v.shape for v in b], "float32")
+    state = opt.bind(None, be, [w.shape for w in W] + [v.shape for v in b], "float32")
     for _ in range(2 if graph else 0):
         be.train_step(W, b, x, y, "relu", "softmax", "cross_entropy", opt, state)
     before = [cp.asnumpy(p) for p in [*W, *b]]
@@ -308,7 +308,7 @@ def test_bias_gradient_overflow_raises_and_keeps_the_parameters(cp, fold, graph)
     x = cp.zeros((B, 2), np.float32)  # dW = delta.T @ x stays 0
     y = cp.full((B, 2), -1e8 * B, np.float32)  # output delta (a - y) / B = 1e8
     opt = SGD(lr=0.1)
-    state = opt.bind(object(), be, [w.shape for w in W] + [v.shape for v in b], "float32")
+    state = opt.bind(None, be, [w.shape for w in W] + [v.shape for v in b], "float32")
     if graph:  # two good steps (tiny targets) capture the step; the bad one is a replay
         for _ in range(2):
             be.train_step(W, b, x, cp.zeros((B, 2), np.float32), "identity", "identity", "mse",

@@ -173,7 +173,7 @@ def test_the_base_backend_runs_unchanged_and_never_syncs_for_gradients(dtype):
         for make in (lambda: SGD(lr=0.1, momentum=0.9, nesterov=True), lambda: Adam(lr=0.01)):
             o1, o2 = make(), make()
             shapes = [w.shape for w in W] + [v.shape for v in b]
-            s1, s2 = o1.bind(be, be, shapes, dtype), o2.bind(ref, ref, shapes, dtype)
+            s1, s2 = o1.bind(None, be, shapes, dtype), o2.bind(None, ref, shapes, dtype)
             W2, b2 = [w.get() for w in Wd], [v.get() for v in bd]
             be.train_step(Wd, bd, xd, yd, "relu", output, loss, o1, s1)
             ref.train_step(W2, b2, x, y, "relu", output, loss, o2, s2)

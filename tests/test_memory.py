@@ -54,10 +54,6 @@ COMBOS = [
 REFILL_STEPS = 100
 
 
-class _Owner:
-    """Stands in for the model that owns the optimizer state."""
-
-
 def make_step(opt_name: str, batch: int, combo=COMBOS[0], labels: bool = True):
     """A no-argument callable doing one ``backend.train_step`` on pre-converted float32 arrays."""
     activation, output, loss = combo
@@ -77,7 +73,7 @@ def make_step(opt_name: str, batch: int, combo=COMBOS[0], labels: bool = True):
         y = be.asarray(rng.standard_normal((batch, n_out)), np.float32)
     opt = OPTIMIZERS[opt_name]()
     shapes = [tuple(a.shape) for a in W + b]
-    state = opt.bind(_Owner(), be, shapes, np.float32)
+    state = opt.bind(None, be, shapes, np.float32)
 
     def step():
         return be.train_step(W, b, x, y, activation, output, loss, opt, state)

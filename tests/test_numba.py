@@ -30,10 +30,6 @@ ACT = gpubp.activations.ACTIVATION_IDS
 HIDDEN = ("identity", "sigmoid", "tanh", "relu", "leaky_relu")
 
 
-class _Owner:
-    pass
-
-
 def _close(got, expected, dtype, factor=1.0):
     err = rel_error(np.asarray(got, dtype=np.float64), expected)
     assert err <= factor * TOLERANCE[dtype], f"relative error {err:.3g}"
@@ -221,7 +217,7 @@ def _problem(dtype, rng, sizes=(13, 33, 7, 5), batch=9, scale=1.0):
 def _step(be, step_fn, W, b, x, y, opt, activation="tanh"):
     W = [w.copy() for w in W]
     b = [v.copy() for v in b]
-    state = opt.bind(_Owner(), be, [a.shape for a in W + b], W[0].dtype)
+    state = opt.bind(None, be, [a.shape for a in W + b], W[0].dtype)
     value, _, _, _ = step_fn(W, b, x, y, activation, "softmax", "cross_entropy", opt, state)
     return float(value), W, b, state
 
@@ -290,7 +286,7 @@ def test_non_finite_step_changes_nothing(rng, where, opt, split):
         y[1, 2] = np.inf
     be = _splitting(2) if split else NumbaBackend()
     opt.reset()
-    state = opt.bind(_Owner(), be, [a.shape for a in W + b], np.float32)
+    state = opt.bind(None, be, [a.shape for a in W + b], np.float32)
     before = [a.copy() for a in W + b]
     with pytest.raises(gpubp.NonFiniteLossError):
         be.train_step(W, b, x, y, "relu", output, loss, opt, state)
@@ -452,7 +448,7 @@ def test_steady_state_allocates_nothing(opt_name, split):
     x = rng.standard_normal((256, 64)).astype(np.float32)
     y = rng.integers(0, 10, 256).astype(np.int64)
     opt = OPTIMIZERS[opt_name]()
-    state = opt.bind(_Owner(), be, [a.shape for a in W + b], np.float32)
+    state = opt.bind(None, be, [a.shape for a in W + b], np.float32)
 
     def step():
         return be.train_step(W, b, x, y, "relu", "softmax", "cross_entropy", opt, state)

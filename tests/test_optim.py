@@ -261,7 +261,7 @@ def test_backend_update_parameters_matches_torch_rules(backend, dtype, rng, labe
     params0 = initial_params(rng, dtype)
     traj, torch_like = expected_trajectory(label, params0, grad_seq)
     opt = CONFIGS[label][0]()
-    state = opt.bind(object(), backend, SHAPES, dtype)
+    state = opt.bind(None, backend, SHAPES, dtype)
     params = [backend.asarray(p, dtype).copy() for p in params0]
     ids = [id(p) for p in params]
     biggest = max(int(np.prod(s)) for s in SHAPES)

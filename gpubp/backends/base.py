@@ -124,7 +124,7 @@ class Backend:
         """
         return [float(v) for v in values]
 
-    def _workspace_for(self, weights: list[Any], x: Any) -> Workspace:
+    def workspace_for(self, weights: list[Any], x: Any) -> Workspace:
         """The workspace for this network and ``x``'s batch size."""
         sizes = (weights[0].shape[1], *(W.shape[0] for W in weights))
         return self.workspace(sizes, x.shape[0], weights[0].dtype)
@@ -407,7 +407,7 @@ class Backend:
         The returned gradient arrays belong to the workspace: the next call overwrites them.
         """
         L = len(weights)
-        ws = self._workspace_for(weights, x)
+        ws = self.workspace_for(weights, x)
         B = ws.batch
         sizes = (weights[0].shape[1], *(W.shape[0] for W in weights))
         a0 = self._stage(x, ws.a[0])
@@ -459,41 +459,32 @@ class Backend:
     ) -> tuple[list[Any], dict[str, Any]]:
         """Apply ``optimizer`` to every parameter in place (order ``W^1..W^L, b^1..b^L``).
 
-        ``state["step"]`` is incremented, and each slot list updated in place.
+        The optimizer calls this backend's own op (``sgd_update``, ``adam_update``) on each
+        parameter. ``state["step"]`` is incremented, and each slot array updated in place.
         """
-        step = int(state["step"]) + 1
-        if optimizer.kind == "sgd":
-            bufs = state.get("momentum_buffer", [None] * len(params))
-            for p, g, buf in zip(params, grads, bufs):
-                self.sgd_update(
-                    p,
-                    g,
-                    buf,
-                    optimizer.lr,
-                    optimizer.momentum,
-                    optimizer.nesterov,
-                    optimizer.weight_decay,
-                    scratch=scratch,
-                )
-        else:
-            beta1, beta2 = optimizer.betas
-            for p, g, m, v in zip(params, grads, state["exp_avg"], state["exp_avg_sq"]):
-                self.adam_update(
-                    p,
-                    g,
-                    m,
-                    v,
-                    step,
-                    optimizer.lr,
-                    beta1,
-                    beta2,
-                    optimizer.eps,
-                    optimizer.weight_decay,
-                    optimizer.decoupled,
-                    scratch=scratch,
-                )
-        state["step"] = step
+        _, new_state = optimizer.update(self, params, grads, state, scratch=scratch)
+        state["step"] = new_state["step"]
         return params, state
+
+    def apply_update(
+        self,
+        value: Any,
+        params: list[Any],
+        grads: list[Any],
+        optimizer: Any,
+        state: dict[str, Any],
+        *,
+        scratch: Any = None,
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """The step after the gradients: :meth:`check_finite` on the loss ``value`` and
+        ``grads``, then :meth:`update_parameters`; ``(params, state)``, updated in place.
+
+        ``params`` and ``grads`` are in the order ``W^1..W^L, b^1..b^L``. If anything is not
+        finite, :class:`~gpubp.errors.NonFiniteLossError` is raised and nothing is changed.
+        """
+        L = len(grads) // 2
+        self.check_finite(value, grads[:L], grads[L:])
+        return self.update_parameters(params, grads, optimizer, state, scratch=scratch)
 
     def train_step(
         self,
@@ -507,18 +498,19 @@ class Backend:
         optimizer: Any,
         state: dict[str, Any],
     ) -> tuple[Any, list[Any], list[Any], dict[str, Any]]:
-        """Forward, loss, backward and update; ``(C, weights, biases, state)``, updated in place.
+        """:meth:`gradients` then :meth:`apply_update`; ``(C, weights, biases, state)``, updated
+        in place.
 
         All gradients are computed before anything is updated; if the loss or any gradient is
         not finite, :class:`~gpubp.errors.NonFiniteLossError` is raised and the parameters and
         optimizer state are left exactly as they were. (A GPU backend may raise it at its next
-        synchronisation point instead: :meth:`synchronize`, ``float(C)``, ``to_numpy``.)
+        synchronisation point instead: :meth:`synchronize`, ``float(C)``, ``to_numpy``.) A
+        backend that fuses the step overrides this method as a whole.
         """
         value, dWs, dbs = self.gradients(weights, biases, x, y, activation, output, loss)
-        self.check_finite(value, dWs, dbs)
-        ws = self._workspace_for(weights, x)
-        self.update_parameters(
-            [*weights, *biases], [*dWs, *dbs], optimizer, state, scratch=ws.pscratch
+        scratch = self.workspace_for(weights, x).pscratch
+        self.apply_update(
+            value, [*weights, *biases], [*dWs, *dbs], optimizer, state, scratch=scratch
         )
         return value, weights, biases, state
 

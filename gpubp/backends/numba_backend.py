@@ -123,9 +123,6 @@ class NumbaBackend(Backend):
         self._pool: ThreadPoolExecutor | None = None
         self._pool_workers = 0
 
-    def __repr__(self) -> str:
-        return f"<gpubp backend {self.name!r}>"
-
     @contextlib.contextmanager
     def _threads(self) -> Iterator[None]:
         before = numba_blas.blas_threads() if self.threads is not None else None
@@ -448,7 +445,7 @@ class NumbaBackend(Backend):
         single-threaded GEMMs on half the rows are faster than a two-threaded GEMM on all
         of them (the ``delta.T @ a_prev`` reduction over ``B`` scales worst).
         """
-        ws = self._workspace_for(weights, x)
+        ws = self.workspace_for(weights, x)
         assert isinstance(ws, NumbaWorkspace)
         a0 = self._stage(x, ws.a[0])
         labels, Y = self._split_targets(y, weights[-1].shape[0], weights[0].dtype, ws)
@@ -544,7 +541,7 @@ class NumbaBackend(Backend):
         ``B max|delta^{i+1}| max|a^i|`` on ``|dW^i|``.
         """
         L = len(weights)
-        ws = self._workspace_for(weights, x)
+        ws = self.workspace_for(weights, x)
         assert isinstance(ws, NumbaWorkspace)
         a0 = self._stage(x, ws.a[0])
         labels, Y = self._split_targets(y, weights[-1].shape[0], weights[0].dtype, ws)
@@ -611,8 +608,8 @@ class NumbaBackend(Backend):
         back. That is done only when it provably cannot produce NaN or infinity: the loss and
         every ``db`` are finite (so every delta is), and ``lr B max|delta| max|a|`` is far
         below the dtype's largest number for every layer. Otherwise (and for the other
-        optimizers) all gradients are computed, checked, then applied, as in the base class.
-        Either way, if the loss or a gradient is not finite,
+        optimizers) all gradients are computed, then :meth:`apply_update` checks and applies
+        them, as in the base class. Either way, if the loss or a gradient is not finite,
         :class:`~gpubp.errors.NonFiniteLossError` is raised with nothing changed.
         """
         fold = (
@@ -644,12 +641,11 @@ class NumbaBackend(Backend):
                     if K.has_nonfinite(db):
                         safe = False
                         break
-            if not safe:  # compute dW the plain way; check_finite raises if anything is off
+            if not safe:  # compute dW the plain way; apply_update raises if anything is off
                 for i in range(L):
                     delta = ws.z_out if i == L - 1 else ws.d[i + 1]
                     K.weight_gradient(delta, a0 if i == 0 else ws.a[i], ws.dW[i], 1.0, 0.0)
-                self.check_finite(value, ws.dW, ws.db)
-                self.update_parameters([*weights, *biases], [*ws.dW, *ws.db], optimizer, state)
+                self.apply_update(value, [*weights, *biases], [*ws.dW, *ws.db], optimizer, state)
                 return value, weights, biases, state
             shrink = 1.0 - lr * wd
             for i in range(L):
@@ -658,38 +654,6 @@ class NumbaBackend(Backend):
                 K.sgd_update(biases[i], ws.db[i], biases[i], lr, 0.0, False, wd)
             state["step"] = int(state["step"]) + 1
         return value, weights, biases, state
-
-    def update_parameters(
-        self,
-        params: list[Any],
-        grads: list[Any],
-        optimizer: Any,
-        state: dict[str, Any],
-        *,
-        scratch: Any = None,
-    ) -> tuple[list[Any], dict[str, Any]]:
-        """Apply ``optimizer`` to every parameter in place, one kernel pass per parameter."""
-        step = int(state["step"]) + 1
-        if not self._own_ops(_UPDATE_OPS) or not self._fits(params[0].dtype, *params, *grads):
-            return super().update_parameters(params, grads, optimizer, state, scratch=scratch)
-        if optimizer.kind == "sgd":
-            lr, mu, wd = (
-                float(optimizer.lr),
-                float(optimizer.momentum),
-                float(optimizer.weight_decay),
-            )
-            nesterov = bool(optimizer.nesterov)
-            bufs = state.get("momentum_buffer", params)
-            for p, g, buf in zip(params, grads, bufs):
-                K.sgd_update(p, g, buf, lr, mu, nesterov, wd)
-        else:
-            beta1, beta2 = (float(b) for b in optimizer.betas)
-            lr, eps = float(optimizer.lr), float(optimizer.eps)
-            wd, decoupled = float(optimizer.weight_decay), bool(optimizer.decoupled)
-            for p, g, m, v in zip(params, grads, state["exp_avg"], state["exp_avg_sq"]):
-                K.adam_update(p, g, m, v, step, lr, beta1, beta2, eps, wd, decoupled)
-        state["step"] = step
-        return params, state
 
     def check_finite(self, value: Any, dWs: list[Any], dbs: list[Any]) -> None:
         """Raise :class:`NonFiniteLossError` if the loss or a gradient holds NaN or infinity."""

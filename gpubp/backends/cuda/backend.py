@@ -561,13 +561,7 @@ class CupyBackend(Backend):
         labels = y.ndim == 1 and y.dtype.kind in "iu" and sizes[-1] > 1
         structure: tuple[Any, ...] = ()
         if optimizer is not None:
-            structure = (
-                optimizer.kind,
-                getattr(optimizer, "momentum", 0) != 0,
-                getattr(optimizer, "nesterov", False),
-                getattr(optimizer, "decoupled", False),
-                self.fold_sgd and folds(optimizer),
-            )
+            structure = (optimizer.op, *optimizer.variant, self.fold_sgd and folds(optimizer))
         key = (
             sizes,
             int(x.shape[0]),

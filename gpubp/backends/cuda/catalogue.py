@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -128,6 +128,15 @@ def sgd_update_table(dtype: object, momentum: bool, nesterov: bool) -> str:
 
 def adam_update_table(dtype: object, decoupled: bool) -> str:
     return f"gpubp::adam_update_table<{_ctype(dtype)}, {int(decoupled)}>"
+
+
+def update_table(op: str, dtype: object, variant: tuple[bool, ...]) -> str:
+    """The table kernel of the optimizer op ``op`` (``optim.Optimizer.op``) in its ``variant``."""
+    tables: dict[str, Callable[..., str]] = {
+        "sgd_update": sgd_update_table,
+        "adam_update": adam_update_table,
+    }
+    return tables[op](dtype, *variant)
 
 
 def check_finite_table(dtype: object) -> str:

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from ...errors import CublasError
+
 # --- constants (cublas_api.h, library_types.h); fixed by the CUDA ABI -----------------------------
 CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
 CUBLAS_POINTER_MODE_HOST, CUBLAS_POINTER_MODE_DEVICE = 0, 1
@@ -91,10 +93,6 @@ _INSTALL = (
     "install it with pip install 'cupy-cuda12x[ctk]' (or 'cupy-cuda13x[ctk]'), or set "
     "GPUBP_CUBLAS to libcublas.so's path"
 )
-
-
-class CublasError(RuntimeError):
-    """A cuBLAS call returned a status other than ``CUBLAS_STATUS_SUCCESS``."""
 
 
 def _is_cublas(name: str) -> bool:

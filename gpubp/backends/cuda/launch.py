@@ -318,10 +318,7 @@ def update_table(
     _table(fn, table, n)
     _hp(fn, hp, dtype)
     _status(fn, status)
-    if optimizer.kind == "sgd":
-        name = ck.sgd_update_table(dtype, optimizer.momentum != 0, optimizer.nesterov)
-    else:
-        name = ck.adam_update_table(dtype, optimizer.decoupled)
+    name = ck.update_table(optimizer.op, dtype, optimizer.variant)
     _launch(
         kernels,
         name,

@@ -2,8 +2,8 @@
 
 NVRTC ships on PyPI (``pip install nvidia-cuda-nvrtc``, or ``nvidia-cuda-nvrtc-cu12``); this
 module finds its shared library in the wheel and compiles to a cubin for a named architecture.
-It is what the CI test uses to compile every kernel instantiation on machines without a GPU
-(DESIGN.md section 4); the CuPy backend itself compiles through ``cupy.RawModule``.
+It is what the CI test uses to compile every kernel instantiation on machines without a GPU;
+the CuPy backend itself compiles through ``cupy.RawModule``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class NvrtcError(RuntimeError):
-    """NVRTC refused a program; the message holds its log."""
+from ...errors import NvrtcError
 
 
 def find_nvrtc() -> str | None:
