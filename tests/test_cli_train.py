@@ -124,12 +124,12 @@ def test_ctrl_c_in_a_real_process_checkpoints_and_resumes(data_dir, tmp_path):
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, bufsize=1
     )
-    assert proc.stderr is not None
+    assert proc.stdout is not None
     seen = ""
-    while "epoch 2/300:" not in seen:  # wait until training is under way
-        chunk = proc.stderr.read(1)
-        assert chunk, f"gpubp train ended early: {seen[-2000:]}"
-        seen += chunk
+    while "epoch 2/300:" not in seen:  # wait until training is under way (epoch lines: stdout)
+        line = proc.stdout.readline()
+        assert line, f"gpubp train ended early: {seen[-2000:]}"
+        seen += line
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]

@@ -148,7 +148,7 @@ class _InterruptAfter:
 
     def __init__(self, monkeypatch, n):
         self.count, self.n = 0, n
-        original = MLP._step
+        original = MLP.step
 
         def step(model, x, y, optimizer):
             self.count += 1
@@ -156,7 +156,7 @@ class _InterruptAfter:
                 os.kill(os.getpid(), signal.SIGINT)
             return original(model, x, y, optimizer)
 
-        monkeypatch.setattr(MLP, "_step", step)
+        monkeypatch.setattr(MLP, "step", step)
 
 
 @pytest.mark.parametrize("stop_at", [4, 7, 15])  # mid-epoch; end of epoch 1 (7 batches); later
