@@ -7,10 +7,8 @@ one epoch loop, :class:`gpubp.loop.EpochLoop`) and measures them before and afte
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +17,7 @@ from . import data, plots, reference
 from ._checks import check_positive_int
 from .activations import HIDDEN_ACTIVATIONS
 from .backends import get_backend
-from .io import check_output_folders
+from .io import check_output_folders, write_json
 from .loop import EpochEnd, EpochLoop
 from .model import MLP
 from .optim import make_optimizer
@@ -124,7 +122,7 @@ def gradflow(
         plots.gradient_flow(runs, plot_path, title=title)
         log(f"gradient-flow picture written to {plot_path}")
     if json_path is not None:
-        _write_json(
+        write_json(
             json_path,
             {
                 "dataset": ds.name,
@@ -188,8 +186,3 @@ def _gradflow_table(runs: dict[str, dict[str, list[float]]]) -> str:
         cells = " ".join(f"{runs[n]['dW'][layer]:11.3e}" for n in names)
         lines.append(f"{layer + 1:>6} {cells}")
     return "\n".join(lines)
-
-
-def _write_json(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
-    """Write ``record`` as JSON atomically (temp file and rename)."""
-    data.write_atomic(Path(path), (json.dumps(record, indent=2) + "\n").encode())

@@ -13,10 +13,12 @@ import os
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .data import write_atomic
 from .errors import ModelFileError
 from .optim import Optimizer
 
@@ -36,6 +38,7 @@ __all__ = [
     "read_npz",
     "save_checkpoint",
     "save_model",
+    "write_json",
     "write_npz_atomic",
 ]
 
@@ -57,6 +60,11 @@ def check_output_folders(**paths: str | os.PathLike[str] | None) -> None:
                 f"{what}={os.fspath(path)!r}: the folder {folder} does not exist; create it or "
                 "choose another path"
             )
+
+
+def write_json(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Write ``record`` as indented JSON atomically (temp file, fsync, rename)."""
+    write_atomic(Path(path), (json.dumps(record, indent=2) + "\n").encode())
 
 
 def parameter_arrays(weights: Sequence[np.ndarray], biases: Sequence[np.ndarray]) -> dict[str, Any]:

@@ -164,9 +164,10 @@ class EpochEnd:
 class EpochLoop:
     """``epochs`` passes over ``n`` samples in batches of ``batch_size``.
 
-    Counters (over this loop's life): ``train_seconds`` and ``samples`` for every step,
-    ``first_step_seconds`` and ``first_step_samples`` for the first one alone, which also
-    compiles kernels or captures graphs and so is kept out of the speed (see :attr:`speed`).
+    Counters (over this loop's life): ``train_seconds`` and ``samples`` for every step, and with
+    ``time_first_step``, ``first_step_seconds`` and ``first_step_samples`` for the first one
+    alone, which also compiles kernels or captures graphs and so is kept out of the speed (see
+    :attr:`speed`).
     """
 
     def __init__(
@@ -181,6 +182,7 @@ class EpochLoop:
         label: Callable[[int], str] | None = None,
         position: Position | None = None,
         loss_sum: float = 0.0,
+        time_first_step: bool = False,
     ) -> None:
         self.backend, self.n, self.batch_size, self.epochs = backend, n, batch_size, epochs
         self.n_batches = math.ceil(n / batch_size)
@@ -191,6 +193,7 @@ class EpochLoop:
         self.train_seconds = self.first_step_seconds = 0.0
         self.samples = self.first_step_samples = 0
         self._first = True
+        self._time_first = time_first_step
 
     @property
     def step_index(self) -> int:
@@ -214,9 +217,11 @@ class EpochLoop:
         if name in _COMPILING and name not in _announced and self.echo is not None:
             _announced.add(name)
             self.echo(_COMPILING[name])
+        if not self._time_first:
+            return step(idx)
         t0 = time.perf_counter()
         value = step(idx)
-        self.backend.synchronize()
+        self.backend.synchronize()  # on a GPU one wait per run, not per step
         self.first_step_seconds = time.perf_counter() - t0
         self.first_step_samples = int(idx.shape[0])
         return value
@@ -250,15 +255,20 @@ class EpochLoop:
                 pos.seen += int(idx.shape[0])
                 pos.batch += 1
                 bar.update(pos.batch, self.losses.describe(pos.seen))
-            be.synchronize()
+            complete = pos.batch == self.n_batches
+            # wait for the queued steps: reading the epoch's losses does (one transfer on a GPU)
+            if complete:
+                total = self.losses.read()
+            else:
+                be.synchronize()
             self.train_seconds += time.perf_counter() - t0
             self.samples += pos.seen - seen_before
-            if pos.batch < self.n_batches:  # stopped inside the epoch
+            if not complete:  # stopped inside the epoch
                 bar.close(f"interrupted at batch {pos.batch}/{self.n_batches}")
                 if save is not None:
                     save(True, True)
                 return True
-            end = EpochEnd(pos.epoch + 1, self.losses.read() / max(pos.seen, 1), 0.0, t0)
+            end = EpochEnd(pos.epoch + 1, total / max(pos.seen, 1), 0.0, t0)
             end.seconds = time.perf_counter() - t0
             pos.epoch, pos.batch, pos.seen = pos.epoch + 1, 0, 0
             self.losses = LossSum(be)

@@ -17,13 +17,11 @@ interrupted (same backend, same BLAS threads).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,7 +38,13 @@ from ._checks import (
 from .activations import HIDDEN_ACTIVATIONS
 from .errors import CheckpointMismatchError, ModelFileError
 from .gradflow import PROBE_SAMPLES, gradflow, gradient_norms
-from .io import Checkpoint, check_output_folders, load_checkpoint, save_checkpoint
+from .io import (
+    Checkpoint,
+    check_output_folders,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
 from .loop import EpochEnd, EpochLoop, Position, StopRequest
 from .model import MLP
 from .optim import Optimizer, make_optimizer
@@ -424,7 +428,7 @@ class _Run:
         self.loop = loop = EpochLoop(
             model.backend, self.n, int(config.batch_size or DEFAULT_BATCH), config.epochs,
             progress=progress, echo=self.log, position=dataclasses.replace(self.start),
-            loss_sum=self.loss_sum,
+            loss_sum=self.loss_sum, time_first_step=True,
         )  # fmt: skip
         total_steps = config.epochs * loop.n_batches
         quiet_rank = self.comm is not None and self.comm.rank != 0
@@ -665,7 +669,7 @@ def _write_outputs(
         model.save(save_path)
         log(f"model saved to {save_path} (load it with gpubp.MLP.load)")
     if json_path is not None:
-        _write_json(json_path, result.summary())
+        write_json(json_path, result.summary())
         log(f"run record written to {json_path}")
     if plot_path is not None and history["epoch"]:
         plots.training_curves(
@@ -676,8 +680,3 @@ def _write_outputs(
             test_accuracy=result.test_accuracy,
         )
         log(f"loss and accuracy curves written to {plot_path}")
-
-
-def _write_json(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
-    """Write ``record`` as JSON atomically (temp file and rename)."""
-    data.write_atomic(Path(path), (json.dumps(record, indent=2) + "\n").encode())
