@@ -6,6 +6,9 @@ checked against the float64 reference in :mod:`gpubp.reference`.
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from . import optim, reference
 from .backends import available_backends, backend_status, get_backend, to_numpy, use_backend
 from .errors import BackendUnavailableError, ModelFileError, NonFiniteLossError
@@ -27,3 +30,13 @@ __all__ = [
     "to_numpy",
     "use_backend",
 ]
+
+#: Submodules loaded on first use, so ``import gpubp; gpubp.train.train(...)`` works without
+#: making every ``import gpubp`` pay for the training and plotting code.
+_LAZY = ("train", "gradflow", "loop", "io", "data", "plots", "cli")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

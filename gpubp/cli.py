@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib.metadata
+import os
 import platform
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
+from ._checks import fraction, non_negative_int, non_negative_number, positive_int, positive_number
 from .activations import HIDDEN_ACTIVATIONS
 from .backends import BACKEND_NAMES, available_backends, backend_status
 from .check import DEFAULT_SHAPES, TOLERANCE, CheckResult, run_checks
@@ -120,8 +122,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for dist in ("numpy", "numba", "cupy-cuda12x", "cupy-cuda13x", "scikit-learn", "matplotlib"):
         print(f"  {dist:14} {_version(dist)}")
     print("\ndevices:")
-    import os
-
     print(f"  CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores")
     try:
         import numpy as np
@@ -162,12 +162,21 @@ def _checked(
     return parse
 
 
-_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
-_seed = _checked(int, lambda v: v >= 0, "an integer >= 0")
-# the comparisons are False for NaN, so NaN is refused too
-_positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a positive number")
-_non_negative_float = _checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
-_fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+# the same rules as the Python API's (gpubp._checks): NaN and infinity are refused too
+_positive_int = _checked(int, positive_int, "a positive integer")
+_seed = _checked(int, non_negative_int, "an integer >= 0")
+_positive_float = _checked(float, positive_number, "a positive number")
+_non_negative_float = _checked(float, non_negative_number, "a number >= 0")
+_fraction = _checked(float, fraction, "a number in [0, 1)")
+
+
+def _png_path(text: str) -> str:
+    """A file name ending in .png (the figures are PNG); empty means no picture."""
+    if text and not text.lower().endswith(".png"):
+        raise argparse.ArgumentTypeError(
+            f"expected a file name ending in .png (the figure is written as PNG), got {text!r}"
+        )
+    return text
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -175,7 +184,7 @@ def _int_list(text: str) -> tuple[int, ...]:
         values = tuple(int(part) for part in text.split(","))
     except ValueError:
         values = ()
-    if not values or min(values) < 1:
+    if not values or not all(positive_int(v) for v in values):
         raise argparse.ArgumentTypeError(
             f"expected comma-separated positive widths such as 512,256, got {text!r}"
         )
@@ -206,28 +215,37 @@ _RUN_ERRORS = (
 )
 
 
+def _message(exc: BaseException) -> str:
+    """The error's text in the command line's words (options, not Python arguments)."""
+    return str(exc).replace("pass backend='auto'", "pass --backend auto")
+
+
+def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings: the options given, and with --resume the checkpoint's for the rest
+    (its backend only where that can run here)."""
+    import dataclasses
+
+    from .train import TrainConfig, load_checkpoint, resume_settings
+
+    names = [f.name for f in dataclasses.fields(TrainConfig)] + ["track_gradients"]
+    settings = {name: getattr(args, name) for name in names}
+    if args.resume is not None:
+        status = backend_status()
+        for key, value in resume_settings(load_checkpoint(args.resume)).items():
+            if key in args.given or (key == "backend" and status.get(value, "") is not None):
+                continue
+            settings[key] = value
+    return settings
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
     comm = None
     try:
-        config = TrainConfig(
-            dataset=args.dataset,
-            layers=args.layers,
-            activation=args.activation,
-            optimizer=args.optimizer,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            schedule=args.schedule,
-            batch_size=args.batch_size,
-            epochs=args.epochs,
-            val_fraction=args.val_fraction,
-            backend=args.backend,
-            dtype=args.dtype,
-            seed=args.seed,
-            data_dir=args.data_dir,
-            download=args.download,
-        )
+        settings = _train_settings(args)
+        track_gradients = settings.pop("track_gradients")
+        config = TrainConfig(**settings)
         if args.distributed:
             from .distributed import init
 
@@ -240,14 +258,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             json_path=args.json,
             plot_path=args.plot,
             save_path=args.save,
-            track_gradients=args.track_gradients,
+            track_gradients=track_gradients,
             progress=not args.quiet,
         )
     except BaseException as exc:
         if isinstance(exc, NonFiniteLossError):
             message = f"{exc}; try a smaller --lr"
         elif isinstance(exc, (*_RUN_ERRORS, OSError)):  # OSError: an output path not writable
-            message = str(exc)
+            message = _message(exc)
         elif comm is None or isinstance(exc, SystemExit):
             raise
         else:  # an unexpected error on one rank: say which, with the traceback, then end all
@@ -265,7 +283,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_gradflow(args: argparse.Namespace) -> int:
-    from .train import gradflow
+    from .gradflow import gradflow
 
     try:
         gradflow(
@@ -279,17 +297,38 @@ def _cmd_gradflow(args: argparse.Namespace) -> int:
             backend=args.backend,
             seed=args.seed,
             data_dir=args.data_dir,
-            plot_path=args.plot,
+            plot_path=args.plot or None,
             json_path=args.json,
             progress=not args.quiet,
         )
     except (*_RUN_ERRORS, OSError) as exc:
-        print(f"gpubp gradflow: {exc}", file=sys.stderr)
+        print(f"gpubp gradflow: {_message(exc)}", file=sys.stderr)
         return 1
     except NonFiniteLossError as exc:
         print(f"gpubp gradflow: {exc}; try a smaller --lr", file=sys.stderr)
         return 1
     return 0
+
+
+_QUIET = "no live progress bar (the epoch lines and the summary stay)"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value).replace("%", "%%")
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append "(default: X)" to the help of every option that has a default and does not say
+    it already; options without one (None, or off for a flag) show none."""
+    for action in parser._actions:
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS:
+            continue
+        text = action.help or ""
+        if "default" not in text:
+            action.help = f"{text} (default: {_shown(default)})".lstrip()
 
 
 def _add_train_parser(sub: Any) -> None:
@@ -303,8 +342,8 @@ def _add_train_parser(sub: Any) -> None:
         description="Train a classifier on a real dataset with progress shown, then print the "
         "test accuracy, the wall time, samples per second and the backend. The same seed "
         "gives the same numbers on the same backend. Exit status 130 when stopped by Ctrl-C "
-        "(a checkpoint is written first).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "(a checkpoint is written first). With --resume, every option not given is the "
+        "checkpoint's.",
     )
     g = p.add_argument_group("data")
     g.add_argument(
@@ -342,13 +381,13 @@ def _add_train_parser(sub: Any) -> None:
     g.add_argument(
         "--weight-decay",
         type=_non_negative_float,
-        help="default: 0.01 for adamw, else 0",
+        help="decoupled (adamw) or L2 weight decay (default: 0.01 for adamw, else 0)",
     )
     g.add_argument("--schedule", default=d.schedule, choices=SCHEDULES)
     g.add_argument(
         "--batch-size",
         type=_positive_int,
-        help="default: 128, or 32 for datasets under 10,000 training samples",
+        help="(default: 128, or 32 for datasets under 10,000 training samples)",
     )
     g.add_argument("--epochs", type=_positive_int, default=d.epochs)
     g.add_argument("--seed", type=_seed, default=d.seed)
@@ -357,9 +396,15 @@ def _add_train_parser(sub: Any) -> None:
     g.add_argument("--dtype", default=d.dtype, choices=("float32", "float64"))
     g = p.add_argument_group("files")
     g.add_argument("--checkpoint", metavar="PATH", help="write a checkpoint here every epoch")
-    g.add_argument("--resume", metavar="PATH", help="continue from this checkpoint")
+    g.add_argument(
+        "--resume",
+        metavar="PATH",
+        help="continue from this checkpoint (options not given: the checkpoint's)",
+    )
     g.add_argument("--json", metavar="PATH", help="write the run's record (config, history)")
-    g.add_argument("--plot", metavar="PATH", help="write loss/accuracy curves as a PNG")
+    g.add_argument(
+        "--plot", metavar="PATH", type=_png_path, help="write loss/accuracy curves (a .png)"
+    )
     g.add_argument("--save", metavar="PATH", help="write the trained model (.npz)")
     g.add_argument(
         "--track-gradients",
@@ -371,8 +416,9 @@ def _add_train_parser(sub: Any) -> None:
         action="store_true",
         help="data-parallel over MPI ranks: mpirun -n N gpubp train --distributed ...",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_train)
+    p.add_argument("--quiet", action="store_true", help=_QUIET)
+    _show_defaults(p)
+    p.set_defaults(func=_cmd_train, subparser=p)
 
 
 def _add_gradflow_parser(sub: Any) -> None:
@@ -385,7 +431,6 @@ def _add_gradflow_parser(sub: Any) -> None:
         "plot the per-layer norms of delta and dW (log scale), at initialisation and after "
         "training: deep sigmoid networks starve their first layers of gradient, ReLU networks "
         "do not.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--activations",
@@ -402,9 +447,16 @@ def _add_gradflow_parser(sub: Any) -> None:
     p.add_argument("--lr", type=_positive_float, default=0.05)
     p.add_argument("--backend", default="auto", choices=("auto", *BACKEND_NAMES))
     p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--plot", metavar="PATH", default="gradflow.png", help="the PNG to write")
+    p.add_argument(
+        "--plot",
+        metavar="PATH",
+        type=_png_path,
+        default="gradflow.png",
+        help="the .png to write; '' for none",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the norms as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help=_QUIET)
+    _show_defaults(p)
     p.set_defaults(func=_cmd_gradflow)
 
 
@@ -441,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--dtypes", default="float32,float64", help="default: float32,float64")
     check.add_argument("--seed", type=_seed, default=0, help="seed of the random problems")
+    _show_defaults(check)
     check.set_defaults(func=_cmd_check)
     info = sub.add_parser("info", help="list backends, devices and library versions")
     info.set_defaults(func=_cmd_info)
@@ -456,13 +509,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_UNSET = object()
+
+
+def _given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options ``argv`` gives explicitly (argparse fills a namespace's
+    missing attributes only, so the ones still unset were not given)."""
+    namespace = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions})
+    parser.parse_args(argv, namespace=namespace)
+    return {k for k, v in vars(namespace).items() if v is not _UNSET}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args.func(args))
+    if getattr(args, "subparser", None) is not None:
+        args.given = _given(args.subparser, argv[argv.index(args.command) + 1 :])
+    try:
+        code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, inside the try, not at exit
+    except BrokenPipeError:  # e.g. gpubp info | head -3: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit does not complain
+        return 1
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

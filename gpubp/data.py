@@ -19,7 +19,6 @@ import hashlib
 import os
 import sys
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from .errors import DatasetError, DatasetNotFoundError
 __all__ = [
     "DATASETS",
     "Dataset",
-    "batches",
     "download",
     "find_dataset",
     "load_dataset",
@@ -487,15 +485,3 @@ def train_val_split(
     n_val = round(len(x) * val_fraction)
     val, train = order[:n_val], order[n_val:]
     return x[train], y[train], x[val], y[val]
-
-
-def batches(
-    n: int, batch_size: int, rng: np.random.Generator | None = None
-) -> Iterator[np.ndarray]:
-    """Index arrays covering ``range(n)`` in batches of ``batch_size`` (the last may be smaller),
-    shuffled by ``rng`` when given."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    order = rng.permutation(n) if rng is not None else np.arange(n)
-    for start in range(0, n, batch_size):
-        yield order[start : start + batch_size]

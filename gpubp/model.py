@@ -6,32 +6,23 @@ parameters and optimizer state exactly as they were.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import sys
-import time
-import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from . import activations as act
+from . import io
+from ._checks import check_int, check_positive_int
 from .backends import Backend, get_backend, to_numpy
 from .errors import ModelFileError
+from .loop import EpochEnd, EpochLoop
 from .losses import check_combination, is_classifier
 from .optim import Adam, Optimizer
 
 __all__ = ["MLP"]
-
-FORMAT = "gpubp-mlp"
-FORMAT_VERSION = 1
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _check_optimizer(optimizer: object) -> Optimizer:
@@ -106,9 +97,7 @@ class MLP:
                 "loss='binary_cross_entropy'"
             )
         self.dtype = _check_dtype(dtype)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
-        self.seed = seed
+        self.seed = check_int("seed", seed, allow_none=True)
         self.backend = get_backend(backend)
         self._rng = np.random.default_rng(seed)
         weights, biases = self._initial_parameters(np.random.default_rng(seed))
@@ -221,7 +210,9 @@ class MLP:
         # pays for the elementwise test
         return math.isfinite(float(xp.sum(arr))) or bool(xp.isfinite(arr).all())
 
-    def _check_x(self, x: Any, argument: str = "x") -> Any:
+    def check_x(self, x: Any, argument: str = "x") -> Any:
+        """``x`` checked as a batch ``(B, n_0)`` of finite numbers, cast to the model's dtype and
+        on its backend: what :meth:`step` expects."""
         arr = self._array(x, argument)
         if arr.ndim == 1 and self.n_inputs > 1 and arr.shape[0] == self.n_inputs:
             raise ValueError(
@@ -253,8 +244,9 @@ class MLP:
             )
         return arr
 
-    def _check_y(self, y: Any, batch: int, argument: str = "y") -> Any:
-        """Validated targets: integer labels ``(B,)`` or float targets ``(B, n_out)``."""
+    def check_y(self, y: Any, batch: int, argument: str = "y") -> Any:
+        """Validated targets for a batch of ``batch`` rows: integer labels ``(B,)`` or float
+        targets ``(B, n_out)`` in the model's dtype, on its backend."""
         arr = self._array(y, argument)
         n = self.n_outputs
         xp = self.backend.xp
@@ -263,9 +255,9 @@ class MLP:
                 f"{argument} has shape {tuple(arr.shape)} but x has {batch} rows; expected "
                 f"{self._y_expectation()} with the same number of rows as x"
             )
-        if arr.dtype.kind == "b":
-            arr = arr.astype(self.dtype)
         labels_ok = self.loss == "cross_entropy" or (self.loss == "mse" and n > 1)
+        if arr.dtype.kind == "b":  # True/False: class labels 1/0, or targets 1.0/0.0
+            arr = arr.astype(np.int64 if arr.ndim == 1 and labels_ok else self.dtype)
         if arr.ndim == 1 and arr.dtype.kind in "iu" and labels_ok:
             lo, hi = int(xp.min(arr)), int(xp.max(arr))
             if lo < 0 or hi >= n:
@@ -327,8 +319,8 @@ class MLP:
 
         ``batch_size`` rows are pushed through at a time, bounding the memory used.
         """
-        _check_positive_int("batch_size", batch_size)
-        x = self._check_x(x)
+        check_positive_int("batch_size", batch_size)
+        x = self.check_x(x)
         out = np.empty((x.shape[0], self.n_outputs), dtype=self.dtype)
         for start, xb in self._chunks(x, batch_size):
             z = self._logits(xb)
@@ -358,9 +350,9 @@ class MLP:
         threshold per output for sigmoid with binary cross-entropy); ``None`` for a single-output
         regression.
         """
-        _check_positive_int("batch_size", batch_size)
-        x = self._check_x(x)
-        y = self._check_y(y, x.shape[0])
+        check_positive_int("batch_size", batch_size)
+        x = self.check_x(x)
+        y = self.check_y(y, x.shape[0])
         be, xp = self.backend, self.backend.xp
         total, correct, count = 0.0, 0.0, 0
         for start, xb in self._chunks(x, batch_size):
@@ -382,8 +374,8 @@ class MLP:
 
     def gradients(self, x: Any, y: Any) -> tuple[float, list[np.ndarray], list[np.ndarray]]:
         """``(C, dWs, dbs)`` for the batch, as NumPy copies, without updating anything."""
-        x = self._check_x(x)
-        y = self._check_y(y, x.shape[0])
+        x = self.check_x(x)
+        y = self.check_y(y, x.shape[0])
         value, dWs, dbs = self.backend.gradients(
             self._W, self._b, x, y, self.activation, self.output, self.loss
         )
@@ -400,9 +392,9 @@ class MLP:
         when the loss or a gradient comes out NaN or infinite.
         """
         _check_optimizer(optimizer)
-        x = self._check_x(x)
-        y = self._check_y(y, x.shape[0])
-        return float(self._step(x, y, optimizer))
+        x = self.check_x(x)
+        y = self.check_y(y, x.shape[0])
+        return float(self.step(x, y, optimizer))
 
     @property
     def parameters(self) -> tuple[list[Any], list[Any]]:
@@ -415,11 +407,12 @@ class MLP:
         """Shapes of ``[W^1, ..., W^L, b^1, ..., b^L]``: the order optimizer state is kept in."""
         return [tuple(W.shape) for W in self._W] + [tuple(b.shape) for b in self._b]
 
-    def _step(self, x: Any, y: Any, optimizer: Optimizer) -> Any:
-        """:meth:`train_step` on a batch already checked and cast (by ``_check_x``/``_check_y``).
+    def step(self, x: Any, y: Any, optimizer: Optimizer) -> Any:
+        """:meth:`train_step` on a batch already checked and cast by :meth:`check_x` and
+        :meth:`check_y` (and an optimizer known to be one): what a training loop calls.
 
         Returns the loss as the backend gives it, unread: on a GPU a device scalar, so a loop of
-        steps never waits for the device (read it with ``float`` or :class:`_LossSum`).
+        steps never waits for the device (read it with ``float`` or :class:`gpubp.loop.LossSum`).
         """
         state = optimizer.bind(self, self.backend, self.parameter_shapes, self.dtype)
         value, _, _, _ = self.backend.train_step(
@@ -442,45 +435,48 @@ class MLP:
 
         Returns a history: ``loss`` (mean training loss per epoch), ``time`` (seconds per epoch)
         and, with ``validation_data``, ``val_loss`` and ``val_accuracy``. The default optimizer
-        is ``Adam(lr=1e-3)``. ``progress`` draws a bar on stderr.
+        is ``Adam(lr=1e-3)``. ``progress`` prints a line per epoch on stdout, with a live bar on
+        stderr when that is a terminal.
         """
-        _check_positive_int("epochs", epochs)
-        _check_positive_int("batch_size", batch_size)
+        check_positive_int("epochs", epochs)
+        check_positive_int("batch_size", batch_size)
         optimizer = Adam(lr=1e-3) if optimizer is None else _check_optimizer(optimizer)
-        X = self._check_x(X, "X")
-        y = self._check_y(y, X.shape[0])
+        X = self.check_x(X, "X")
+        y = self.check_y(y, X.shape[0])
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ValueError("validation_data must be a pair (X_val, y_val)")
-            Xv = self._check_x(validation_data[0], "validation_data[0]")
-            yv = self._check_y(validation_data[1], Xv.shape[0], "validation_data[1]")
-        N = X.shape[0]
+            Xv = self.check_x(validation_data[0], "validation_data[0]")
+            yv = self.check_y(validation_data[1], Xv.shape[0], "validation_data[1]")
         history: dict[str, list[float]] = {"loss": [], "time": []}
-        n_batches = math.ceil(N / batch_size)
-        for epoch in range(1, int(epochs) + 1):
-            t0 = time.perf_counter()
-            order = self._rng.permutation(N) if shuffle else np.arange(N)
-            order_dev = self.backend.asarray(order)
-            losses = _LossSum(self.backend)
-            bar = _Progress(f"epoch {epoch}/{epochs}", n_batches, enabled=progress)
-            for k in range(n_batches):
-                idx = order_dev[k * batch_size : (k + 1) * batch_size]
-                losses.add(self._step(X[idx], y[idx], optimizer), int(idx.shape[0]))
-                seen = min(N, (k + 1) * batch_size)
-                bar.update(k + 1, losses.describe(seen))
-            total = losses.read()
-            history["loss"].append(total / N)
-            history["time"].append(time.perf_counter() - t0)
-            summary = f"loss {total / N:.4f}"
+
+        def end_epoch(end: EpochEnd) -> str:
+            history["loss"].append(end.loss)
+            history["time"].append(end.seconds)
+            summary = f"loss {end.loss:.4f}"
             if validation_data is not None:
                 ev = self.evaluate(Xv, yv)
                 history.setdefault("val_loss", []).append(float(ev["loss"] or 0.0))
+                summary += f"  val_loss {ev['loss']:.4f}"
                 if ev["accuracy"] is not None:
                     history.setdefault("val_accuracy", []).append(float(ev["accuracy"]))
-                    summary += f"  val_loss {ev['loss']:.4f}  val_acc {ev['accuracy']:.4f}"
-                else:
-                    summary += f"  val_loss {ev['loss']:.4f}"
-            bar.close(f"{summary}  {history['time'][-1]:.2f}s")
+                    summary += f"  val_acc {ev['accuracy']:.4f}"
+            return f"{summary}  {end.seconds:.2f}s"
+
+        N = X.shape[0]
+        loop = EpochLoop(
+            self.backend,
+            N,
+            batch_size,
+            epochs,
+            progress=progress,
+            echo=_print if progress else None,
+        )
+        loop.run(
+            lambda idx: self.step(X[idx], y[idx], optimizer),
+            lambda: self._rng.permutation(N) if shuffle else np.arange(N),
+            end_epoch,
+        )
         return history
 
     # --- parameters -------------------------------------------------------------------------
@@ -526,21 +522,15 @@ class MLP:
         The file is written beside its destination and renamed into place, so an interrupted
         save never leaves a half-written file under ``path``.
         """
-        weights, biases = self.get_parameters()
-        arrays = {f"W{i}": w for i, w in enumerate(weights)}
-        arrays.update({f"b{i}": b for i, b in enumerate(biases)})
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": self.config()}
-        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        write_npz_atomic(path, arrays)
+        io.save_model(path, self.config(), *self.get_parameters())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], backend: str | Backend = "auto") -> MLP:
         """Read a model written by :meth:`save`. Never unpickles; a malformed file raises
         :class:`~gpubp.errors.ModelFileError` saying what is wrong."""
-        arrays = read_npz(path)
-        meta = parse_meta(arrays, path, FORMAT)
-        cfg: dict[str, Any] = meta["config"]
-        _check_saved_shapes(arrays, cfg, path)
+        arrays = io.read_npz(path)
+        cfg: dict[str, Any] = io.parse_meta(arrays, path, io.FORMAT)["config"]
+        io.check_saved_shapes(arrays, cfg, path)
         try:
             model = cls(backend=backend, **cfg)
         except (TypeError, ValueError) as exc:
@@ -565,151 +555,5 @@ class MLP:
         return model
 
 
-def _check_saved_shapes(arrays: dict[str, np.ndarray], cfg: dict[str, Any], path: Any) -> None:
-    """Compare the stored arrays with ``layer_sizes`` before any model is built, so a file whose
-    metadata claims enormous layers cannot make ``load`` allocate them."""
-    sizes = cfg.get("layer_sizes")
-    if not isinstance(sizes, list) or len(sizes) < 2:
-        raise ModelFileError(f"{path}: the saved configuration has no valid layer_sizes")
-    for i in range(len(sizes) - 1):
-        W, b = arrays.get(f"W{i}"), arrays.get(f"b{i}")
-        if W is None or b is None:
-            raise ModelFileError(f"{path}: missing the parameter arrays of layer {i} (W{i}, b{i})")
-        if W.shape != (sizes[i + 1], sizes[i]) or b.shape != (sizes[i + 1],):
-            raise ModelFileError(
-                f"{path}: layer {i} holds W{i} of shape {W.shape} and b{i} of shape {b.shape}; "
-                f"layer_sizes "
-                f"{sizes} says ({sizes[i + 1]}, {sizes[i]}) and ({sizes[i + 1]},)"
-            )
-
-
-def write_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` as an uncompressed ``.npz`` atomically (temp file, fsync, rename)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(directory)  # make the rename itself durable
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows, where folders cannot be opened: the rename is what we have
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """All arrays of an ``.npz`` file, loaded without pickle; clear errors for bad files."""
-    try:
-        data = np.load(os.fspath(path), allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ModelFileError(f"{path}: not a gpubp model file (expected an .npz archive)")
-        with data:
-            return {k: data[k] for k in data.files}
-    except FileNotFoundError:
-        raise ModelFileError(f"{path}: no such file") from None
-    except ModelFileError:
-        raise
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise ModelFileError(
-            f"{path}: not a readable gpubp model file ({type(exc).__name__}: {exc})"
-        ) from None
-
-
-def parse_meta(arrays: dict[str, np.ndarray], path: Any, expected: str) -> dict[str, Any]:
-    """The JSON metadata stored in ``arrays["meta"]``, checked for format and version."""
-    raw = arrays.get("meta")
-    if raw is None or raw.dtype != np.uint8 or raw.ndim != 1:
-        raise ModelFileError(f"{path}: no gpubp metadata; was it written by MLP.save?")
-    try:
-        meta = json.loads(raw.tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{path}: the metadata is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != expected:
-        raise ModelFileError(f"{path}: not a {expected} file")
-    if meta.get("version") != FORMAT_VERSION:
-        raise ModelFileError(
-            f"{path}: format version {meta.get('version')!r}; this gpubp reads version "
-            f"{FORMAT_VERSION}"
-        )
-    if not isinstance(meta.get("config"), dict):
-        raise ModelFileError(f"{path}: the metadata has no configuration")
-    return meta
-
-
-class _LossSum:
-    """Batch losses weighted by batch size, summed when read.
-
-    The values stay as the backend returned them (device scalars on a GPU) until :meth:`read`,
-    which sums every pending one in a single synchronisation, so a training loop that reads the
-    running loss only when its progress bar is redrawn never waits for the device per step.
-    """
-
-    def __init__(self, backend: Backend, total: float = 0.0) -> None:
-        self.backend = backend
-        self.total = float(total)
-        self.values: list[Any] = []
-        self.weights: list[int] = []
-
-    def add(self, value: Any, weight: int) -> None:
-        self.values.append(value)
-        self.weights.append(weight)
-
-    def describe(self, n: int) -> Callable[[], str]:
-        """For a progress bar: the text of the mean loss over ``n`` samples, read when shown."""
-        return lambda: f"loss {self.read() / max(n, 1):.4f}"
-
-    def read(self) -> float:
-        """The weighted sum so far (a synchronisation point: a deferred error is raised here)."""
-        if self.values:
-            # one value at a time, in order: the same sum whenever it is read (a resumed run
-            # reproduces an uninterrupted one bit for bit)
-            for v, w in zip(self.backend.read_losses(self.values), self.weights):
-                self.total += v * w
-            self.values, self.weights = [], []
-        return self.total
-
-
-class _Progress:
-    """A one-line progress bar on stderr, redrawn at most ten times a second.
-
-    ``info`` may be a callable, called only when the bar is redrawn (reading a loss from a GPU
-    waits for it, which must not happen on every step).
-    """
-
-    def __init__(self, label: str, total: int, enabled: bool = True, width: int = 30) -> None:
-        self.label, self.total, self.enabled, self.width = label, max(total, 1), enabled, width
-        self.t0 = time.perf_counter()
-        self.last = 0.0
-
-    def update(self, done: int, info: str | Callable[[], str] = "") -> None:
-        now = time.perf_counter()
-        if not self.enabled or (now - self.last < 0.1 and done < self.total):
-            return
-        self.last = now
-        if callable(info):
-            info = info()
-        filled = int(self.width * done / self.total)
-        bar = "#" * filled + "-" * (self.width - filled)
-        sys.stderr.write(f"\r{self.label} [{bar}] {done}/{self.total} {info} {now - self.t0:.1f}s")
-        sys.stderr.flush()
-
-    def close(self, summary: str) -> None:
-        if self.enabled:
-            sys.stderr.write(f"\r\033[K{self.label}: {summary}\n")
-            sys.stderr.flush()
+def _print(line: str) -> None:
+    print(line, flush=True)

@@ -9,8 +9,18 @@ from typing import Any
 from .errors import PlotUnavailableError
 
 
-def require_matplotlib() -> Any:
-    """``matplotlib.pyplot`` on the file-only Agg backend, or a clear error saying what to do."""
+def check_png(path: str | os.PathLike[str]) -> None:
+    """Refuse a file name that does not end in ``.png``: the figures are written as PNG only,
+    and PNG bytes under another name would mislead whatever opens the file."""
+    if not os.fspath(path).lower().endswith(".png"):
+        raise ValueError(
+            f"plot path {os.fspath(path)!r}: figures are written as PNG; name the file .png"
+        )
+
+
+def require_matplotlib(skip: str = "leave out --plot") -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend, or a clear error saying what to do
+    (``skip`` says how to do without the plot)."""
     try:
         import matplotlib
 
@@ -18,8 +28,8 @@ def require_matplotlib() -> Any:
         import matplotlib.pyplot as plt
     except ImportError:
         raise PlotUnavailableError(
-            "plots need matplotlib, which is not installed: pip install 'gpubp[plot]' (or "
-            "pip install matplotlib), or leave out --plot"
+            f"plots need matplotlib, which is not installed: pip install 'gpubp[plot]' (or "
+            f"pip install matplotlib), or {skip}"
         ) from None
     return plt
 

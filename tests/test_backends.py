@@ -61,10 +61,6 @@ ADAM_L2_FLOAT32 = (
     "normalised step by per cents (the update maths is checked on well-conditioned gradients "
     "in test_optim.py)"
 )
-SIGMOID_TANH = (
-    "sigmoid computed as (1 + tanh(z/2))/2 loses relative accuracy for z << 0 (see "
-    "test_sigmoid_relative_accuracy_for_negative_inputs)"
-)
 SATURATED_FLOAT32 = (
     "float32 gradient of a saturated output: f' taken from a float32 output a(1-a), 1-a^2 or "
     "softmax - onehot is below float32 resolution (true values ~1e-9 of the activations)"

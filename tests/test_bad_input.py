@@ -519,3 +519,16 @@ def test_non_finite_first_step_leaves_a_fresh_optimizer_fresh(opt_name):
     for slot, arrays in state.items():
         if slot != "step":
             assert all(not a.any() for a in arrays), f"{slot} should still be zero"
+
+
+def test_boolean_labels_are_class_labels():
+    """``y`` of dtype bool: 0/1 class labels for a classifier, 0.0/1.0 targets otherwise."""
+    x = np.random.default_rng(0).normal(size=(6, N_IN)).astype(np.float32)
+    labels = np.array([True, False, True, True, False, False])
+    m = gpubp.MLP([N_IN, 4, 2], seed=0)
+    twin = gpubp.MLP([N_IN, 4, 2], seed=0)
+    assert m.train_step(x, labels, optim.SGD(lr=0.1)) == twin.train_step(
+        x, labels.astype(np.int64), optim.SGD(lr=0.1)
+    )
+    bce = gpubp.MLP([N_IN, 4, 1], output="sigmoid", loss="binary_cross_entropy", seed=0)
+    assert np.isfinite(bce.train_step(x, labels, optim.SGD(lr=0.1)))

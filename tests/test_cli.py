@@ -92,3 +92,23 @@ def test_info_lists_backends(capsys):
 def test_no_command_prints_help(capsys):
     assert cli.main([]) == 2
     assert "check" in capsys.readouterr().out
+
+
+def test_info_into_a_closed_pipe_is_no_traceback():
+    """``gpubp info | head -3``: the reader goes away, gpubp ends quietly."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpubp", "info"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # as head does once it has its lines
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -124,12 +124,12 @@ def test_ctrl_c_in_a_real_process_checkpoints_and_resumes(data_dir, tmp_path):
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, bufsize=1
     )
-    assert proc.stderr is not None
+    assert proc.stdout is not None
     seen = ""
-    while "epoch 2/300:" not in seen:  # wait until training is under way
-        chunk = proc.stderr.read(1)
-        assert chunk, f"gpubp train ended early: {seen[-2000:]}"
-        seen += chunk
+    while "epoch 2/300:" not in seen:  # wait until training is under way (epoch lines: stdout)
+        line = proc.stdout.readline()
+        assert line, f"gpubp train ended early: {seen[-2000:]}"
+        seen += line
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
@@ -182,3 +182,140 @@ def test_gradflow_diverging_lr_is_a_message(data_dir, capsys):
     code = cli.main(argv)
     err = capsys.readouterr().err
     assert code == 1 and "smaller --lr" in err
+
+
+# --- the first hour ----------------------------------------------------------------------------
+
+
+def test_quiet_keeps_the_epoch_lines_and_the_summary_on_stdout(data_dir, capsys):
+    argv = ["train", "--dataset", "mnist", "--data-dir", str(data_dir), "--epochs", "2", *SMALL]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "epoch 1/2: loss" in captured.out and "epoch 2/2: loss" in captured.out
+    assert "test accuracy" in captured.out
+    assert "\r" not in captured.out + captured.err
+
+
+def test_progress_off_a_terminal_writes_no_bar(data_dir, capsys):
+    argv = ["train", "--dataset", "mnist", "--data-dir", str(data_dir), "--epochs", "1"]
+    assert cli.main([*argv, "--layers", "13,7", "--batch-size", "16"]) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "\x1b[K" not in captured.err
+    assert "epoch 1/1: loss" in captured.out
+
+
+def test_resume_takes_the_checkpoints_options(data_dir, tmp_path, capsys):
+    ckpt = str(tmp_path / "run.ckpt")
+    base = ["train", "--dataset", "mnist", "--data-dir", str(data_dir), "--epochs", "1"]
+    assert cli.main([*base, *SMALL, "--checkpoint", ckpt]) == 0
+    capsys.readouterr()
+    # no --layers, --batch-size, --dataset, --data-dir: all from the checkpoint
+    assert cli.main(["train", "--resume", ckpt, "--epochs", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "[784, 13, 7, 10]" in out and "batch 16" in out
+    assert load_checkpoint(ckpt).meta["position"]["epoch"] == 2
+
+
+def test_resume_of_a_finished_run_says_so(data_dir, tmp_path, capsys):
+    ckpt = str(tmp_path / "run.ckpt")
+    base = ["train", "--dataset", "mnist", "--data-dir", str(data_dir), "--epochs", "1"]
+    assert cli.main([*base, *SMALL, "--checkpoint", ckpt]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", ckpt, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "the checkpoint has finished all 1 epochs; pass --epochs M > 1" in out
+    assert "resuming from" not in out and "(training" not in out and "samples/s" not in out
+    assert "test accuracy" in out
+
+
+def test_plot_must_be_a_png(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--plot", "curves.jpg"])
+    assert "argument --plot: expected a file name ending in .png" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["gradflow", "--plot", "gf.jpg"])
+    assert "argument --plot" in capsys.readouterr().err
+
+
+def test_unavailable_numba_is_said_in_the_command_lines_words(data_dir, monkeypatch, capsys):
+    from gpubp import backends
+
+    monkeypatch.setitem(backends._STATUS, "numba", lambda: "Numba is not installed")
+    monkeypatch.delitem(backends._instances, "numba", raising=False)
+    argv = ["train", "--dataset", "mnist", "--data-dir", str(data_dir), "--backend", "numba"]
+    assert cli.main([*argv, *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert "Numba is not installed" in err and "--backend auto" in err
+    assert "backend='auto'" not in err
+
+
+def test_gradflow_checks_its_output_folder_before_training(data_dir, tmp_path, capsys):
+    bad = str(tmp_path / "missing" / "gf.json")
+    argv = ["gradflow", "--dataset", "mnist", "--data-dir", str(data_dir), "--depth", "2"]
+    assert cli.main([*argv, "--steps", "2", "--plot", "", "--json", bad, "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "does not exist" in captured.err and "dataset:" not in captured.out
+
+
+def test_gradflow_without_matplotlib_says_how_to_skip_the_plot(data_dir, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    argv = ["gradflow", "--dataset", "mnist", "--data-dir", str(data_dir), "--quiet"]
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "--plot ''" in captured.err and "leave out --plot" not in captured.err
+    assert "dataset:" not in captured.out
+
+
+def test_gradflow_quiet_keeps_one_line_per_activation(data_dir, capsys):
+    argv = ["gradflow", "--dataset", "mnist", "--data-dir", str(data_dir), "--depth", "2"]
+    argv += ["--width", "5", "--steps", "2", "--plot", "", "--quiet"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    for name in ("sigmoid", "tanh", "relu"):
+        assert f"{name:10}: loss" in out
+
+
+@pytest.mark.parametrize("command", ["train", "gradflow", "check"])
+def test_help_shows_every_default_once(command):
+    sub = next(
+        a for a in cli.build_parser()._actions if a.__class__.__name__ == "_SubParsersAction"
+    )
+    parser = sub.choices[command]  # type: ignore[attr-defined]
+    text = parser.format_help()
+    assert "None" not in text and "default: default" not in text
+    for action in parser._actions:
+        if action.default in (None, False) or action.dest == "help":
+            continue
+        assert action.help.count("default") == 1, (action.dest, action.help)
+
+
+def test_first_step_is_announced_and_kept_out_of_the_speed(data_dir, monkeypatch):
+    from gpubp import loop
+    from gpubp.train import TrainConfig, train
+
+    if "numba" not in gpubp.available_backends():
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(loop, "_announced", set())
+    lines: list[str] = []
+    cfg = TrainConfig(
+        dataset="mnist", data_dir=str(data_dir), layers=(13, 7), batch_size=16, epochs=2,
+        backend="numba",
+    )  # fmt: skip
+    r = train(cfg, progress=False, log=lines.append)
+    assert sum("compiling the numba kernels (first run only" in line for line in lines) == 1
+    assert 0 < r.first_step_seconds < r.train_seconds and r.first_step_samples == 16
+    expected = (r.samples_trained - 16) / (r.train_seconds - r.first_step_seconds)
+    assert r.samples_per_second == pytest.approx(expected)
+    assert "after the first step" in lines[-1]
+    lines.clear()
+    train(cfg, progress=False, log=lines.append)  # said once per process
+    assert not any("compiling" in line for line in lines)

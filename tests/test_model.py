@@ -7,9 +7,11 @@ Tests that are about backends run once per backend that can run here.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -919,14 +921,31 @@ def test_fit_epoch_loss_is_mean_of_batch_losses():
     assert_params_equal(m.get_parameters(), twin.get_parameters())
 
 
-def test_fit_progress_goes_to_stderr(capsys):
+def test_fit_progress_off_a_terminal_is_epoch_lines_on_stdout(capsys):
+    """Not a terminal (a log file, a pipe): one plain line per epoch on stdout, no bar."""
     x, y = blobs(5)
     xv, yv = blobs(3, seed=1)
     gpubp.MLP([2, 4, 3]).fit(x, y, epochs=2, batch_size=4, validation_data=(xv, yv), progress=True)
     captured = capsys.readouterr()
-    assert captured.out == ""
-    assert "epoch 1/2" in captured.err and "epoch 2/2" in captured.err
-    assert "loss" in captured.err and "val" in captured.err
+    assert captured.err == ""
+    lines = [line for line in captured.out.splitlines() if line.startswith("epoch")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all("loss" in line and "val" in line for line in lines)
+    assert "\r" not in captured.out
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_fit_progress_on_a_terminal_adds_a_live_bar(monkeypatch, capsys):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    x, y = blobs(5)
+    gpubp.MLP([2, 4, 3]).fit(x, y, epochs=2, batch_size=4, progress=True)
+    assert "\r" in terminal.getvalue() and "[" in terminal.getvalue()  # the bar, redrawn
+    assert "epoch 2/2: loss" in capsys.readouterr().out  # the epoch lines stay on stdout
 
 
 def test_fit_progress_false_writes_nothing(capsys):

@@ -81,3 +81,10 @@ def test_readme_train_options_exist():
     )
     known = set(sub.choices["train"]._option_string_actions)  # type: ignore[attr-defined]
     assert documented and documented <= known, documented - known
+
+
+def test_import_gpubp_then_gpubp_train_works():
+    """The README writes ``gpubp.train.train(...)`` after a plain ``import gpubp``."""
+    code = "import gpubp; print(gpubp.train.train.__name__, gpubp.train.TrainConfig.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["train", "TrainConfig"]

@@ -148,7 +148,7 @@ class _InterruptAfter:
 
     def __init__(self, monkeypatch, n):
         self.count, self.n = 0, n
-        original = MLP._step
+        original = MLP.step
 
         def step(model, x, y, optimizer):
             self.count += 1
@@ -156,7 +156,7 @@ class _InterruptAfter:
                 os.kill(os.getpid(), signal.SIGINT)
             return original(model, x, y, optimizer)
 
-        monkeypatch.setattr(MLP, "_step", step)
+        monkeypatch.setattr(MLP, "step", step)
 
 
 @pytest.mark.parametrize("stop_at", [4, 7, 15])  # mid-epoch; end of epoch 1 (7 batches); later
@@ -382,3 +382,9 @@ def test_ctrl_c_without_checkpoint_path_still_writes_one(fake_mnist, tmp_path, m
 def test_missing_output_folder_fails_before_training(fake_mnist, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run(small_config(), json_path=tmp_path / "no" / "such" / "run.json")
+
+
+def test_a_plot_path_that_is_not_png_is_refused_before_training(fake_mnist, tmp_path):
+    with pytest.raises(ValueError, match=r"name the file \.png"):
+        run(small_config(), plot_path=tmp_path / "x.jpg", checkpoint=tmp_path / "c.ckpt")
+    assert not (tmp_path / "c.ckpt").exists()

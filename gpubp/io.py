@@ -1,0 +1,264 @@
+"""Model files and checkpoints: NumPy ``.npz`` archives with JSON metadata, written atomically,
+read without pickle.
+
+A model file (:meth:`gpubp.MLP.save`) holds ``W0.. b0..`` and ``meta`` (format, version, the
+model's configuration). A checkpoint (:func:`gpubp.train.train`) adds the optimizer's slots
+(``opt_<slot>_<i>``) and, in ``meta``, the run's settings, its position and its history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .data import write_atomic
+from .errors import ModelFileError
+from .optim import Optimizer
+
+if TYPE_CHECKING:
+    from .model import MLP
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "Checkpoint",
+    "check_output_folders",
+    "check_saved_shapes",
+    "load_checkpoint",
+    "parameter_arrays",
+    "parse_meta",
+    "read_npz",
+    "save_checkpoint",
+    "save_model",
+    "write_json",
+    "write_npz_atomic",
+]
+
+FORMAT = "gpubp-mlp"
+FORMAT_VERSION = 1
+CHECKPOINT_FORMAT = "gpubp-checkpoint"
+
+
+def check_output_folders(**paths: str | os.PathLike[str] | None) -> None:
+    """Raise :class:`FileNotFoundError` for a path whose folder does not exist, naming the
+    argument: called before a run, so it fails now rather than after the training it would have
+    saved."""
+    for what, path in paths.items():
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"{what}={os.fspath(path)!r}: the folder {folder} does not exist; create it or "
+                "choose another path"
+            )
+
+
+def write_json(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Write ``record`` as indented JSON atomically (temp file, fsync, rename)."""
+    write_atomic(Path(path), (json.dumps(record, indent=2) + "\n").encode())
+
+
+def parameter_arrays(weights: Sequence[np.ndarray], biases: Sequence[np.ndarray]) -> dict[str, Any]:
+    """``{"W0": ..., "b0": ...}``: how parameters are named in every file."""
+    arrays: dict[str, np.ndarray] = {f"W{i}": w for i, w in enumerate(weights)}
+    arrays.update({f"b{i}": b for i, b in enumerate(biases)})
+    return arrays
+
+
+def save_model(
+    path: str | os.PathLike[str],
+    config: dict[str, Any],
+    weights: Sequence[np.ndarray],
+    biases: Sequence[np.ndarray],
+) -> None:
+    """Write a model file: its configuration and parameters."""
+    arrays = parameter_arrays(weights, biases)
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": config}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    write_npz_atomic(path, arrays)
+
+
+def write_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` as an uncompressed ``.npz`` atomically (temp file, fsync, rename)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(directory)  # make the rename itself durable
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows, where folders cannot be opened: the rename is what we have
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` file, loaded without pickle; clear errors for bad files."""
+    try:
+        data = np.load(os.fspath(path), allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ModelFileError(f"{path}: not a gpubp model file (expected an .npz archive)")
+        with data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: no such file") from None
+    except ModelFileError:
+        raise
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise ModelFileError(
+            f"{path}: not a readable gpubp model file ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def parse_meta(arrays: dict[str, np.ndarray], path: Any, expected: str) -> dict[str, Any]:
+    """The JSON metadata stored in ``arrays["meta"]``, checked for format and version."""
+    raw = arrays.get("meta")
+    if raw is None or raw.dtype != np.uint8 or raw.ndim != 1:
+        raise ModelFileError(f"{path}: no gpubp metadata; was it written by MLP.save?")
+    try:
+        meta = json.loads(raw.tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path}: the metadata is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != expected:
+        raise ModelFileError(f"{path}: not a {expected} file")
+    if meta.get("version") != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: format version {meta.get('version')!r}; this gpubp reads version "
+            f"{FORMAT_VERSION}"
+        )
+    if not isinstance(meta.get("config"), dict):
+        raise ModelFileError(f"{path}: the metadata has no configuration")
+    return meta
+
+
+def check_saved_shapes(arrays: dict[str, np.ndarray], cfg: dict[str, Any], path: Any) -> None:
+    """Compare the stored arrays with ``layer_sizes`` before any model is built, so a file whose
+    metadata claims enormous layers cannot make ``load`` allocate them."""
+    sizes = cfg.get("layer_sizes")
+    if not isinstance(sizes, list) or len(sizes) < 2:
+        raise ModelFileError(f"{path}: the saved configuration has no valid layer_sizes")
+    for i in range(len(sizes) - 1):
+        W, b = arrays.get(f"W{i}"), arrays.get(f"b{i}")
+        if W is None or b is None:
+            raise ModelFileError(f"{path}: missing the parameter arrays of layer {i} (W{i}, b{i})")
+        if W.shape != (sizes[i + 1], sizes[i]) or b.shape != (sizes[i + 1],):
+            raise ModelFileError(
+                f"{path}: layer {i} holds W{i} of shape {W.shape} and b{i} of shape {b.shape}; "
+                f"layer_sizes "
+                f"{sizes} says ({sizes[i + 1]}, {sizes[i]}) and ({sizes[i + 1]},)"
+            )
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: MLP,
+    optimizer: Optimizer,
+    train: dict[str, Any],
+    position: dict[str, Any],
+    history: dict[str, list[Any]],
+    counters: dict[str, float],
+) -> None:
+    """Write a checkpoint atomically (temp file, flush, fsync, rename); no pickle.
+
+    ``train`` holds the run's settings (``optimizer`` names the optimizer's kind); ``position``
+    where in the run it stands (epoch, batch, the shuffling RNG's state, the loss so far).
+    """
+    arrays = parameter_arrays(*model.get_parameters())
+    state = optimizer.state_dict()
+    for slot in optimizer.slots:
+        for i, a in enumerate(state.get(slot, [])):
+            arrays[f"opt_{slot}_{i}"] = a
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "version": FORMAT_VERSION,
+        "config": model.config(),
+        "train": train,
+        "optimizer": {"kind": train["optimizer"], "step": state["step"]},
+        "position": position,
+        "history": history,
+        "counters": counters,
+    }
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    write_npz_atomic(path, arrays)
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read back: its metadata and arrays, checked for internal consistency."""
+
+    path: str
+    meta: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def train_config(self) -> dict[str, Any]:
+        return dict(self.meta["train"])
+
+    def restore(self, model: MLP, optimizer: Optimizer) -> None:
+        """Load parameters and optimizer state (everything checked before anything changes)."""
+        L = model.n_layers
+        weights = [self.arrays[f"W{i}"] for i in range(L)]
+        biases = [self.arrays[f"b{i}"] for i in range(L)]
+        opt = self.meta["optimizer"]
+        shapes = model.parameter_shapes
+        saved: dict[str, Any] = {"step": opt["step"]}
+        for slot in optimizer.slots:
+            saved[slot] = [self.arrays.get(f"opt_{slot}_{i}") for i in range(len(shapes))]
+        try:
+            probe = type(optimizer)()  # validate the optimizer state on a throwaway first
+            probe.load_state_dict(saved, model, model.backend, shapes, model.dtype)
+            model.set_parameters(weights, biases)
+        except (TypeError, ValueError) as exc:
+            raise ModelFileError(f"{self.path}: {exc}") from None
+        optimizer.load_state_dict(saved, model, model.backend, shapes, model.dtype)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read and check a checkpoint written by :func:`gpubp.train.train`; never unpickles.
+
+    Raises :class:`~gpubp.errors.ModelFileError` for a missing, malformed or inconsistent file.
+    """
+    arrays = read_npz(path)
+    meta = parse_meta(arrays, path, CHECKPOINT_FORMAT)
+    for key, kind in (
+        ("train", dict),
+        ("optimizer", dict),
+        ("position", dict),
+        ("history", dict),
+        ("counters", dict),
+    ):
+        if not isinstance(meta.get(key), kind):
+            raise ModelFileError(f"{path}: the checkpoint has no valid {key!r} section")
+    pos = meta["position"]
+    for key in ("epoch", "batch", "seen"):
+        if not isinstance(pos.get(key), int) or pos[key] < 0:
+            raise ModelFileError(f"{path}: position.{key} must be an int >= 0")
+    if not isinstance(pos.get("rng_state"), dict):
+        raise ModelFileError(f"{path}: the checkpoint has no shuffling RNG state")
+    check_saved_shapes(arrays, meta["config"], path)
+    return Checkpoint(os.fspath(path), meta, arrays)
