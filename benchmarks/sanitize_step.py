@@ -50,7 +50,7 @@ def main() -> int:
                     xd = cp.asarray(x, dtype)
                     opt = make()
                     shapes = [w.shape for w in Wd] + [v.shape for v in bd]
-                    state = opt.bind(object(), be, shapes, dtype)
+                    state = opt.bind(None, be, shapes, dtype)
                     for _ in range(3):
                         value, *_ = be.train_step(
                             Wd, bd, xd, yd, activation, output, loss, opt, state

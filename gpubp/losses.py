@@ -1,6 +1,6 @@
 """Loss names, which output each one pairs with, and what counts as a classifier.
 
-The formulas (see DESIGN.md; ``B`` is the batch size, ``a = f(z)`` the output, ``Y`` the
+The formulas (see docs/DESIGN.md; ``B`` is the batch size, ``a = f(z)`` the output, ``Y`` the
 ``(B, n)`` targets, integer labels meaning one-hot rows):
 
 =====================  ==========  ===================================  =======================

@@ -368,7 +368,7 @@ def test_bad_fit_counts(argument, value):
 @pytest.mark.parametrize("value", [0, -1, 1.5, None])
 def test_bad_inference_batch_size(method, value):
     """forward/evaluate take batch_size too; a bad one must be refused by name, never give
-    garbage (with batch_size=-1, forward used to return an uninitialised array)."""
+    garbage (batch_size=-1 would slice the batch into an uninitialised array)."""
     m = gpubp.MLP([N_IN, 6, N_OUT], seed=0)
     x, y = good_batch("cross_entropy")
     with pytest.raises((ValueError, TypeError)) as info:

@@ -98,7 +98,7 @@ def test_two_simulated_ranks_equal_one_process(rng, batch):
         if hi == lo:
             return np.zeros_like(twin_dp.flat)
         value, dWs, dbs = twin.backend.gradients(
-            twin._W, twin._b, x[lo:hi], y[lo:hi], "tanh", "softmax", "cross_entropy"
+            *twin.parameters, x[lo:hi], y[lo:hi], "tanh", "softmax", "cross_entropy"
         )
         share = (hi - lo) / batch
         return np.concatenate([g.ravel() * share for g in [*dWs, *dbs]] + [[value * share, 0]])
