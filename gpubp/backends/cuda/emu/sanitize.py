@@ -22,18 +22,12 @@ from pathlib import Path
 
 from ....kernel_sources import read_kernel
 from .. import catalogue as ck
-from .kernels import BASE_FLAGS, EmulatorError, compiler, compiler_missing
+from .kernels import BASE_FLAGS, VARIANTS, EmulatorError, compiler, compiler_missing
 
+#: The driver's builds: the libraries' sanitizer variants, with one OS thread per CUDA thread.
 SANITIZERS: dict[str, tuple[str, ...]] = {
-    "tsan": ("-O1", "-g", "-fsanitize=thread", "-DEMU_THREADS=1"),
-    "asan": (
-        "-O1",
-        "-g",
-        "-fno-omit-frame-pointer",
-        "-fsanitize=address,undefined",
-        "-fno-sanitize-recover=all",
-        "-DEMU_THREADS=1",
-    ),
+    "tsan": VARIANTS["tsan"],
+    "asan": (*VARIANTS["asan"], "-DEMU_THREADS=1"),
 }
 #: Environment of a driver run: any report fails the run.
 RUN_ENV: dict[str, str] = {
