@@ -34,25 +34,64 @@ def test_activation_ids_match_the_cuda_header():
     assert ids == ACTIVATION_IDS
 
 
-def _python_blocks(text: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", text, re.S)
+def _section(text: str, heading: str) -> str:
+    """The README's text from ``heading`` to the next heading of the same level."""
+    level = heading.split(" ")[0]
+    start = text.index(heading)
+    end = text.find(f"\n{level} ", start + len(heading))
+    return text[start : end if end != -1 else len(text)]
+
+
+def _python_example() -> str:
+    """The Python block of "Your own training loop" (.ci/run runs the same one)."""
+    section = _section((ROOT / "README.md").read_text(), "## Your own training loop")
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert blocks, "the README lost its training-loop example"
+    return blocks[0]
+
+
+def _quickstart_commands() -> list[str]:
+    section = _section((ROOT / "README.md").read_text(), "## Quickstart")
+    return [c.strip() for c in re.findall(r"```bash\n(.*?)\n```", section, re.S)]
 
 
 def test_readme_training_loop_runs_as_written(tmp_path, monkeypatch):
-    blocks = _python_blocks((ROOT / "README.md").read_text())
-    assert blocks, "the README lost its training-loop example"
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    exec(compile(_python_example(), "README.md", "exec"), namespace)
     assert (tmp_path / "model.npz").exists()
 
 
-def test_ci_runs_the_readme_test_command():
-    readme = (ROOT / "README.md").read_text()
-    commands = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
-    test_cmd = next(c for c in commands if "pytest" in c)
-    ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    assert test_cmd.strip() in [line.strip() for line in ci]
+def test_ci_runs_the_readme_quickstart_commands_verbatim_and_in_order():
+    """.ci/run runs the README's two Quickstart commands exactly as written, one line each
+    (a trailing ``|| fail ...`` allowed, since ``set -e`` ignores failures inside ``&&``)."""
+    commands = _quickstart_commands()
+    assert len(commands) == 2, commands
+    install, test = commands
+    assert "\n" not in install and "\n" not in test, "each Quickstart command is one line"
+    assert "-m venv" in install and ". .venv/bin/activate" in install, install
+    assert "gpubp train" in install and "pytest" in test, commands
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    runs = [re.sub(r"\s+\|\|\s+fail\b.*$", "", line) for line in ci]
+    where = []
+    for cmd in commands:
+        assert cmd in runs, f".ci/run does not run the README's Quickstart command {cmd!r}"
+        where.append(runs.index(cmd))
+    assert where == sorted(where), "the Quickstart commands run out of order in .ci/run"
+
+
+def test_ci_tries_the_first_hour_outside_the_checkout():
+    """After the Quickstart, .ci/run runs ``gpubp info``, ``gpubp train --help`` and the README's
+    Python example from a temporary folder, failing if any fails."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    start = ci.find(_quickstart_commands()[1])
+    assert start != -1, ".ci/run does not run the README's second Quickstart command"
+    after = ci[start:]
+    outside = after[after.index('cd "$outside"') : after.index('cd "$checkout"')]
+    assert 'outside="$(mktemp -d)"' in after
+    for step in ("gpubp info ||", "gpubp train --help", "## Your own training loop"):
+        assert step in outside, step
+    assert "python readme_example.py || fail" in outside
 
 
 def test_python_dash_m_gpubp():
@@ -60,13 +99,6 @@ def test_python_dash_m_gpubp():
         [sys.executable, "-m", "gpubp", "--version"], capture_output=True, text=True, check=True
     )
     assert gpubp.__version__ in out.stdout
-
-
-def test_ci_runs_the_readme_quickstart_command():
-    readme = (ROOT / "README.md").read_text()
-    first = re.findall(r"```bash\n(.*?)\n```", readme, re.S)[0].strip()
-    ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    assert first in [line.strip() for line in ci]
 
 
 def test_readme_train_options_exist():
