@@ -3,7 +3,7 @@
 //
 // Every kernel uses grid-stride loops, so the launch shape tunes speed and never decides
 // correctness; 16-byte vector access is taken only when the pointers and row lengths allow it,
-// with a scalar path otherwise. The numbers below are mirrored in gpubp/backends/cuda_kernels.py
+// with a scalar path otherwise. The numbers below are mirrored in gpubp/backends/cuda/catalogue.py
 // (a test keeps the two in step).
 #pragma once
 
