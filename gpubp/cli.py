@@ -225,7 +225,8 @@ def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
     (its backend only where that can run here)."""
     import dataclasses
 
-    from .train import TrainConfig, load_checkpoint, resume_settings
+    from .config import TrainConfig, resume_settings
+    from .io import load_checkpoint
 
     names = [f.name for f in dataclasses.fields(TrainConfig)] + ["track_gradients"]
     settings = {name: getattr(args, name) for name in names}
@@ -239,7 +240,8 @@ def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from .config import TrainConfig
+    from .train import train
 
     comm = None
     try:
@@ -332,8 +334,8 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_train_parser(sub: Any) -> None:
+    from .config import OPTIMIZERS, SCHEDULES, TrainConfig
     from .data import DATASET_NAMES
-    from .train import OPTIMIZERS, SCHEDULES, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser(

@@ -17,7 +17,6 @@ interrupted (same backend, same BLAS threads).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from collections.abc import Callable
@@ -27,16 +26,18 @@ from typing import Any
 import numpy as np
 
 from . import data, plots
-from ._checks import (
-    check_fraction,
-    check_int,
-    check_non_negative_number,
-    check_positive_int,
-    check_positive_number,
-    positive_int,
+from .config import (
+    DEFAULT_BATCH,
+    DEFAULT_LR,
+    OPTIMIZERS,
+    SCHEDULES,
+    SMALL_DATA,
+    SMALL_DATA_BATCH,
+    TrainConfig,
+    check_resume,
+    resume_settings,
 )
-from .activations import HIDDEN_ACTIVATIONS
-from .errors import CheckpointMismatchError, ModelFileError
+from .errors import ModelFileError
 from .gradflow import PROBE_SAMPLES, gradflow, gradient_norms
 from .io import (
     Checkpoint,
@@ -47,8 +48,8 @@ from .io import (
 )
 from .loop import EpochEnd, EpochLoop, Position, StopRequest
 from .model import MLP
-from .optim import Optimizer, make_optimizer
 
+# TrainConfig and its names are re-exported: the README writes gpubp.train.TrainConfig
 __all__ = [
     "DEFAULT_LR",
     "OPTIMIZERS",
@@ -64,30 +65,8 @@ __all__ = [
 
 #: Where Ctrl-C writes its checkpoint when the run was given no ``checkpoint`` path.
 INTERRUPT_CHECKPOINT = "gpubp-interrupted.ckpt"
-OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam", "adamw")
-#: The learning rate each optimizer starts from when ``lr`` is not given.
-DEFAULT_LR: dict[str, float] = {"sgd": 0.1, "momentum": 0.05, "adam": 1e-3, "adamw": 1e-3}
-SCHEDULES: tuple[str, ...] = ("cosine", "constant")
-DEFAULT_BATCH = 128
-SMALL_DATA_BATCH = 32
-SMALL_DATA = 10_000
 #: Training samples whose accuracy is measured after each epoch (the "training" curve).
 TRAIN_EVAL_SAMPLES = 10_000
-#: Settings a checkpoint must share with the run that resumes it (epochs may grow).
-RESUME_KEYS: tuple[str, ...] = (
-    "track_gradients",
-    "dataset",
-    "layers",
-    "activation",
-    "optimizer",
-    "lr",
-    "weight_decay",
-    "schedule",
-    "batch_size",
-    "val_fraction",
-    "dtype",
-    "seed",
-)
 
 Log = Callable[[str], None]
 
@@ -98,118 +77,6 @@ def _print(msg: str) -> None:
 
 def _silent(msg: str) -> None:
     pass
-
-
-@dataclass
-class TrainConfig:
-    """Everything that decides what a training run computes.
-
-    Parameters
-    ----------
-    dataset : str
-        ``auto`` (the largest dataset found locally), ``fashion-mnist``, ``mnist`` or ``digits``.
-    layers : sequence of int
-        Hidden widths; input and output widths come from the dataset.
-    activation : str
-        Hidden activation: ``relu``, ``leaky_relu``, ``tanh``, ``sigmoid`` or ``identity``.
-    optimizer : str
-        ``sgd``, ``momentum`` (SGD, momentum 0.9), ``adam`` or ``adamw``.
-    lr : float or None
-        Peak learning rate; ``None`` takes :data:`DEFAULT_LR` for the optimizer.
-    weight_decay : float or None
-        ``None`` takes the optimizer's default (0.01 for AdamW, else 0).
-    schedule : str
-        ``cosine``: ``lr_t = lr (1 + cos(pi t / T)) / 2`` over all ``T`` steps; or ``constant``.
-    batch_size : int or None
-        ``None`` picks :data:`SMALL_DATA_BATCH` for datasets under :data:`SMALL_DATA` training
-        samples (so they still get enough steps), else :data:`DEFAULT_BATCH`.
-    epochs : int
-    val_fraction : float
-        Fraction of the training set held out for validation, in ``[0, 1)``.
-    backend, dtype : str
-        As for :class:`~gpubp.MLP`.
-    seed : int
-        Seeds the initialisation, the validation split and the shuffling.
-    data_dir : str or None
-        Where to look for IDX files first (then ``$GPUBP_DATA``, the cache, system folders).
-    download : bool
-        Fetch a missing MNIST / Fashion-MNIST (checksums verified) into the cache.
-    """
-
-    dataset: str = "auto"
-    layers: tuple[int, ...] = (512, 256)
-    activation: str = "relu"
-    optimizer: str = "adam"
-    lr: float | None = None
-    weight_decay: float | None = None
-    schedule: str = "cosine"
-    batch_size: int | None = None
-    epochs: int = 15
-    val_fraction: float = 0.1
-    backend: str = "auto"
-    dtype: str = "float32"
-    seed: int = 0
-    data_dir: str | None = None
-    download: bool = False
-
-    def __post_init__(self) -> None:
-        self.layers = tuple(self.layers)
-        if self.dataset not in ("auto", *data.DATASET_NAMES):
-            raise ValueError(
-                f"dataset={self.dataset!r} is not known; expected one of auto, "
-                f"{', '.join(data.DATASET_NAMES)}"
-            )
-        if not self.layers or not all(positive_int(n) for n in self.layers):
-            raise ValueError(
-                f"layers={list(self.layers)!r}: expected one or more positive hidden widths, "
-                "e.g. 512,256"
-            )
-        self.layers = tuple(int(n) for n in self.layers)
-        if self.activation not in HIDDEN_ACTIVATIONS:
-            raise ValueError(
-                f"activation={self.activation!r} is not supported; expected one of "
-                f"{', '.join(HIDDEN_ACTIVATIONS)}"
-            )
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"optimizer={self.optimizer!r} is not supported; expected one of "
-                f"{', '.join(OPTIMIZERS)}"
-            )
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"schedule={self.schedule!r} is not supported; expected one of "
-                f"{', '.join(SCHEDULES)}"
-            )
-        if self.batch_size is not None:  # None: chosen from the data
-            check_positive_int("batch_size", self.batch_size)
-        check_positive_int("epochs", self.epochs)
-        if self.lr is not None:
-            check_positive_number("lr", self.lr)
-        if self.weight_decay is not None:
-            check_non_negative_number("weight_decay", self.weight_decay)
-        check_fraction("val_fraction", self.val_fraction)
-        check_int("seed", self.seed)
-
-    @property
-    def peak_lr(self) -> float:
-        return DEFAULT_LR[self.optimizer] if self.lr is None else float(self.lr)
-
-    def make_optimizer(self) -> Optimizer:
-        kwargs: dict[str, Any] = {"lr": self.peak_lr}
-        if self.weight_decay is not None:
-            kwargs["weight_decay"] = self.weight_decay
-        return make_optimizer(self.optimizer, **kwargs)
-
-    def learning_rate(self, step: int, total_steps: int) -> float:
-        """The learning rate for global step ``step`` (0-based) of ``total_steps``."""
-        if self.schedule == "constant":
-            return self.peak_lr
-        return self.peak_lr * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
-
-    def as_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["layers"] = list(self.layers)
-        return d
 
 
 @dataclass
@@ -264,67 +131,6 @@ class TrainResult:
             "history": self.history,
             **self.extra,
         }
-
-
-# --- resuming --------------------------------------------------------------------------------
-
-
-def _effective(settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` with the defaults ``lr=None`` and ``weight_decay=None`` spelled out, so that
-    typing a default explicitly does not count as a different run."""
-    out = dict(settings)
-    opt = out.get("optimizer")
-    if out.get("lr") is None and opt in DEFAULT_LR:
-        out["lr"] = DEFAULT_LR[opt]
-    if out.get("weight_decay") is None:
-        out["weight_decay"] = 0.01 if opt == "adamw" else 0.0
-    out.setdefault("track_gradients", False)
-    return out
-
-
-def resume_settings(ckpt: Checkpoint) -> dict[str, Any]:
-    """The :class:`TrainConfig` fields and ``track_gradients`` a checkpoint was written with:
-    what ``gpubp train --resume`` takes for every option not given."""
-    saved = ckpt.train_config
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} | {"track_gradients"}
-    out = {k: v for k, v in saved.items() if k in fields}
-    if "layers" in out:
-        out["layers"] = tuple(out["layers"])
-    return out
-
-
-def _check_resume(
-    ckpt: Checkpoint, config: TrainConfig, dataset: str, model: MLP, track_gradients: bool
-) -> None:
-    """Raise :class:`CheckpointMismatchError` naming every setting that differs."""
-    want = _effective(config.as_dict())
-    want["dataset"] = dataset
-    want["track_gradients"] = bool(track_gradients)
-    have = _effective(ckpt.train_config)
-    diffs = [
-        f"{key}: checkpoint {have.get(key)!r}, this run {want[key]!r}"
-        for key in RESUME_KEYS
-        if have.get(key) != want[key]
-    ]
-    saved_model = ckpt.meta["config"]
-    if list(saved_model.get("layer_sizes", [])) != list(model.layer_sizes):
-        diffs.append(
-            f"layer_sizes: checkpoint {saved_model.get('layer_sizes')}, this run "
-            f"{list(model.layer_sizes)}"
-        )
-    done = int(ckpt.meta["position"]["epoch"])
-    if config.epochs < done:
-        diffs.append(
-            f"epochs: the checkpoint has finished {done} epoch(s), this run asks for only "
-            f"{config.epochs} (--epochs may grow, not shrink)"
-        )
-    if diffs:
-        raise CheckpointMismatchError(
-            f"{ckpt.path} does not match the requested run ("
-            + "; ".join(diffs)
-            + "). Resume with the options the checkpoint was written with, or start "
-            "afresh without --resume"
-        )
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -383,7 +189,7 @@ class _Run:
 
     def resume_from(self, ckpt: Checkpoint) -> None:
         """Continue where ``ckpt`` stopped (checked against this run first)."""
-        _check_resume(ckpt, self.config, self.ds.name, self.model, self.track_gradients)
+        check_resume(ckpt, self.config, self.ds.name, self.model, self.track_gradients)
         ckpt.restore(self.model, self.optimizer)
         pos = ckpt.meta["position"]
         self.start = Position(pos["epoch"], pos["batch"], pos["seen"])

@@ -18,26 +18,18 @@ multi-threaded OpenBLAS calls make the two thread pools fight (a prototype with 
 spin-waiting workers was measured 3-8x slower on 2 cores), so Numba's threading layer is never
 started. Small batches run one kernel after another in the calling thread, with BLAS using its
 threads inside the GEMMs. A large batch (at least :attr:`NumbaBackend.split_min_rows` rows per
-thread) is instead split by rows over the threads (see :meth:`NumbaBackend._split_gradients`):
-each part runs the whole forward and backward pass on its rows, with BLAS at one thread, in a
-persistent Python thread pool whose idle threads sleep on a queue, and the parts' ``dW``,
-``db`` and loss are added at the end. So the elementwise passes, which otherwise run on one
-core while the GEMMs use all of them, run on every core too (measured on 2 cores: a 16384-row
-batch of 64-wide layers from 1.4x to 0.9x the GEMM-only time; splitting pays from about 2048
-rows per thread). ``threads=n`` sets how many threads (BLAS's, or the split's) this backend's
-calls use and puts the previous BLAS setting back afterwards (the count is process-wide while a
-call runs, as with threadpoolctl); by default BLAS keeps whatever the process has (one per core
-unless ``OPENBLAS_NUM_THREADS`` says otherwise) and a split uses that many threads. A split
-step that starts within about 0.1 s of a multi-threaded BLAS call elsewhere in the process
-shares a core with OpenBLAS's idle threads, which spin that long before they sleep (up to 2x
-slower); ``OPENBLAS_THREAD_TIMEOUT=4`` in the environment before NumPy is imported avoids it.
+thread) is instead split by rows over the threads, each part running the whole pass on its rows
+(see :mod:`.numba_split`). ``threads=n`` sets how many threads (BLAS's, or the split's) this
+backend's calls use and puts the previous BLAS setting back afterwards (the count is
+process-wide while a call runs, as with threadpoolctl); by default BLAS keeps whatever the
+process has (one per core unless ``OPENBLAS_NUM_THREADS`` says otherwise) and a split uses that
+many threads.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, ClassVar
 
 import numpy as np
@@ -46,6 +38,7 @@ from .. import activations as act
 from . import numba_blas
 from . import numba_kernels as K
 from .base import Backend, Workspace
+from .numba_split import RowSplit
 
 _HIDDEN = {name: act.ACTIVATION_IDS[name] for name in act.HIDDEN_ACTIVATIONS}
 _EMPTY_I64 = np.empty(0, dtype=np.int64)
@@ -91,7 +84,7 @@ class NumbaWorkspace(Workspace):
         return bufs
 
 
-class NumbaBackend(Backend):
+class NumbaBackend(RowSplit, Backend):
     """NumPy arrays, GEMMs in NumPy's BLAS, everything else in fused Numba kernels.
 
     Parameters
@@ -105,8 +98,6 @@ class NumbaBackend(Backend):
     name: ClassVar[str] = "numba"
     xp = np
     workspace_class: ClassVar[type[Workspace]] = NumbaWorkspace
-    #: Fewest batch rows per thread for a batch to be split over threads (see :meth:`_parts`).
-    split_min_rows: ClassVar[int] = 2048
 
     def __init__(self, threads: int | None = None) -> None:
         super().__init__()
@@ -120,8 +111,6 @@ class NumbaBackend(Backend):
         self.threads = None if threads is None else int(threads)
         #: Whether GEMMs run inside the kernels (NumPy's BLAS found) or through numpy.matmul.
         self.blas_in_kernels = numba_blas.AVAILABLE
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_workers = 0
 
     @contextlib.contextmanager
     def _threads(self) -> Iterator[None]:
@@ -136,30 +125,6 @@ class NumbaBackend(Backend):
             numba_blas.set_blas_threads(before)
 
     # --- helpers ----------------------------------------------------------------------------
-
-    def _parts(self, batch: int) -> int:
-        """How many threads share the gradients of a batch of ``batch`` rows (1: not split).
-
-        As many as BLAS would use (``threads``, or BLAS's own setting when it is None), as long
-        as each gets at least :attr:`split_min_rows` rows; 1 when BLAS's thread count cannot be
-        set (it must be 1 while the parts run) or the GEMMs go through ``numpy.matmul``.
-        """
-        if not self.blas_in_kernels or batch < 2 * self.split_min_rows:
-            return 1
-        current = numba_blas.blas_threads()
-        if current is None:
-            return 1
-        n = self.threads if self.threads is not None else current
-        return max(1, min(n, batch // self.split_min_rows))
-
-    def _executor(self, workers: int) -> ThreadPoolExecutor:
-        """A persistent pool of ``workers`` threads (idle threads sleep on a queue: no spinning)."""
-        if self._pool is None or self._pool_workers < workers:
-            if self._pool is not None:
-                self._pool.shutdown(wait=False)
-            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="gpubp-numba")
-            self._pool_workers = workers
-        return self._pool
 
     def _own_ops(self, ops: tuple[str, ...]) -> bool:
         """Whether ``ops`` are this class's own: the fused compositions call kernels directly,
@@ -404,9 +369,10 @@ class NumbaBackend(Backend):
         with self._threads():
             parts = self._parts(x.shape[0])
             if parts > 1:
-                ws, value = self._split_gradients(
-                    weights, biases, x, y, activation, output, loss, parts
-                )
+                staged = self._staged(weights, x, y)
+                ids = (_HIDDEN[activation], act.ACTIVATION_IDS[output], K.LOSS_IDS[loss])
+                value = self._split_gradients(weights, biases, staged, ids, parts)
+                ws = staged[0]
                 return value, ws.dW, ws.db
             return self._gradients(weights, biases, x, y, activation, output, loss)
 
@@ -423,104 +389,14 @@ class NumbaBackend(Backend):
         ws, _, value, _ = self._backprop(weights, biases, x, y, activation, output, loss, False)
         return value, ws.dW, ws.db
 
-    def _split_gradients(
-        self,
-        weights: list[Any],
-        biases: list[Any],
-        x: Any,
-        y: Any,
-        activation: str,
-        output: str,
-        loss: str,
-        parts: int,
-    ) -> tuple[NumbaWorkspace, float]:
-        """Gradients with the batch split by rows over ``parts`` threads, BLAS at 1 thread.
-
-        Part ``t`` (rows ``[t B / parts, (t + 1) B / parts)`` of every workspace buffer) runs
-        the whole forward and backward pass on its rows, in the calling thread for ``t = 0``
-        and in the pool for the others; the kernels release the GIL. Each part writes its own
-        ``dW = delta.T @ a_prev`` and ``db`` (part 0 straight into the workspace's), and its
-        loss term is its rows' sum over ``B``; the parts' gradients are then added. Every
-        elementwise pass and GEMM thus runs on all cores, and with narrow layers
-        single-threaded GEMMs on half the rows are faster than a two-threaded GEMM on all
-        of them (the ``delta.T @ a_prev`` reduction over ``B`` scales worst).
-        """
+    def _staged(self, weights: list[Any], x: Any, y: Any) -> tuple[NumbaWorkspace, Any, Any, Any]:
+        """``(ws, a0, labels, Y)``: this batch shape's workspace, ``x`` staged into it and the
+        targets as :meth:`_split_targets` gives them."""
         ws = self.workspace_for(weights, x)
         assert isinstance(ws, NumbaWorkspace)
         a0 = self._stage(x, ws.a[0])
         labels, Y = self._split_targets(y, weights[-1].shape[0], weights[0].dtype, ws)
-        ids = (_HIDDEN[activation], act.ACTIVATION_IDS[output], K.LOSS_IDS[loss])
-        B = ws.batch
-        rows = [B * t // parts for t in range(parts + 1)]
-        grads = [(ws.dW, ws.db), *ws.partial_buffers(parts)]
-        before = numba_blas.blas_threads()
-        numba_blas.set_blas_threads(1)
-        try:
-            pool = self._executor(parts - 1)
-            futures = [
-                pool.submit(
-                    self._part,
-                    weights,
-                    biases,
-                    ws,
-                    a0,
-                    Y,
-                    labels,
-                    ids,
-                    rows[t],
-                    rows[t + 1],
-                    *grads[t],
-                )
-                for t in range(1, parts)
-            ]
-            try:
-                value = self._part(weights, biases, ws, a0, Y, labels, ids, 0, rows[1], *grads[0])
-            finally:
-                wait(futures)
-            for f in futures:
-                value += f.result()
-        finally:
-            if before is not None:
-                numba_blas.set_blas_threads(before)
-        for dWs, dbs in grads[1:]:
-            for i in range(len(weights)):
-                np.add(ws.dW[i], dWs[i], out=ws.dW[i])
-                np.add(ws.db[i], dbs[i], out=ws.db[i])
-        return ws, value
-
-    @staticmethod
-    def _part(
-        weights: list[Any],
-        biases: list[Any],
-        ws: NumbaWorkspace,
-        a0: Any,
-        Y: Any,
-        labels: Any,
-        ids: tuple[int, int, int],
-        r0: int,
-        r1: int,
-        dW: list[Any],
-        db: list[Any],
-    ) -> float:
-        """Forward, output delta and backward for rows ``[r0, r1)``; ``dW``, ``db`` of these
-        rows; returns their loss sum over the whole batch ``B``."""
-        L = len(weights)
-        aid, oid, lid = ids
-        acts = [a0[r0:r1], *(a[r0:r1] for a in ws.a[1:])]
-        z = ws.z_out[r0:r1]
-        none = ws.no_db
-        for i in range(L - 1):
-            K.forward_layer(acts[i], weights[i], biases[i], aid, acts[i + 1], none)
-        K.forward_layer(acts[L - 1], weights[L - 1], biases[L - 1], 0, z, none)
-        value, _ = K.output_delta(z, Y[r0:r1], labels[r0:r1], oid, lid, z, db[L - 1], ws.batch)
-        delta = z
-        for i in range(L - 1, -1, -1):
-            K.weight_gradient(delta, acts[i], dW[i], 1.0, 0.0)
-            if i > 0:
-                d = ws.d[i][r0:r1]
-                K.hidden_delta(delta, weights[i], acts[i], aid, d, db[i - 1], none)
-                delta = d
-        return float(value)
+        return ws, a0, labels, Y
 
     def _backprop(
         self,
@@ -541,10 +417,7 @@ class NumbaBackend(Backend):
         ``B max|delta^{i+1}| max|a^i|`` on ``|dW^i|``.
         """
         L = len(weights)
-        ws = self.workspace_for(weights, x)
-        assert isinstance(ws, NumbaWorkspace)
-        a0 = self._stage(x, ws.a[0])
-        labels, Y = self._split_targets(y, weights[-1].shape[0], weights[0].dtype, ws)
+        ws, a0, labels, Y = self._staged(weights, x, y)
         aid = _HIDDEN[activation]
         acts = ws.a
         cm = ws.cm if fold else ws.no_db
