@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from gpubp.backends.base import Backend
+from gpubp.backends.cuda.emu import _nccl
 from gpubp.backends.cuda.emu import cupy as cp
 from gpubp.check import random_problem
 from gpubp.optim import SGD, Adam
@@ -496,7 +497,7 @@ _FAKE_MPI = types.SimpleNamespace(
 
 
 def test_nccl_allreduce_maps_onto_mpi(monkeypatch):
-    monkeypatch.setattr(cp, "_mpi", lambda: _FAKE_MPI)
+    monkeypatch.setattr(_nccl, "_mpi", lambda: _FAKE_MPI)  # where NcclCommunicator finds it
     nccl = cp.cuda.nccl
     uid = nccl.get_unique_id()
     assert len(uid) == 128
