@@ -33,6 +33,15 @@ _COMPILING = {"numba": "compiling the numba kernels (first run only; later runs 
 _announced: set[str] = set()
 
 
+def _kernels_cached(name: str) -> bool:
+    """Whether the backend's compiled kernels are on disk already (then nothing is said)."""
+    if name != "numba":
+        return False
+    from .backends.numba_cache import cache_dir
+
+    return any(cache_dir().rglob("numba_kernels.*.nbi"))
+
+
 class LossSum:
     """Batch losses weighted by batch size, summed when read.
 
@@ -216,7 +225,8 @@ class EpochLoop:
         name = self.backend.name
         if name in _COMPILING and name not in _announced and self.echo is not None:
             _announced.add(name)
-            self.echo(_COMPILING[name])
+            if not _kernels_cached(name):
+                self.echo(_COMPILING[name])
         if not self._time_first:
             return step(idx)
         t0 = time.perf_counter()

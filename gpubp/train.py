@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import data, plots
+from .backends import backend_status
 from .config import (
     DEFAULT_BATCH,
     DEFAULT_LR,
@@ -416,7 +417,13 @@ def train(
     run = _Run(config, ds, split, track_gradients, checkpoint, log, comm)
     if ckpt is not None:
         run.resume_from(ckpt)
+        result_note = "in all sessions of this run"
+    else:
+        result_note = ""
     log(run.describe())
+    why_numba = backend_status()["numba"]
+    if config.backend in (None, "auto") and run.model.backend.name == "numpy" and why_numba:
+        log(f"note: auto took the numpy backend: {why_numba}; numba trains several times faster")
     interrupted, finished = False, run.finished
     if finished:
         n = config.epochs
@@ -434,6 +441,8 @@ def train(
     result.wall_seconds = time.perf_counter() - t_start
     if comm is not None:
         result.extra["mpi_ranks"] = comm.size
+    if result_note:  # the training time and samples/s count every session since epoch 1
+        result.extra["sessions"] = result_note
     log(_final_line(result, len(ds.x_test), trained=not finished))
     _write_outputs(result, save_path, json_path, plot_path, log)
     return result
@@ -450,6 +459,8 @@ def _final_line(result: TrainResult, n_test: int, trained: bool) -> str:
     timing = f"wall time {result.wall_seconds:.1f} s"
     if trained:
         timing += f" (training {result.train_seconds:.1f} s"
+        if "sessions" in result.extra:
+            timing += f" {result.extra['sessions']}"
         if result.first_step_seconds > 0:
             timing += f" of which the first step {result.first_step_seconds:.1f} s"
         timing += f", {result.samples_per_second:,.0f} samples/s"

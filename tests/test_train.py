@@ -388,3 +388,28 @@ def test_a_plot_path_that_is_not_png_is_refused_before_training(fake_mnist, tmp_
     with pytest.raises(ValueError, match=r"name the file \.png"):
         run(small_config(), plot_path=tmp_path / "x.jpg", checkpoint=tmp_path / "c.ckpt")
     assert not (tmp_path / "c.ckpt").exists()
+
+
+def test_auto_on_numpy_says_numba_is_missing(monkeypatch):
+    """A plain ``pip install .`` has no Numba: the run says why it is on the slower backend."""
+    pytest.importorskip("sklearn")
+    from gpubp import backends
+
+    monkeypatch.setitem(backends._STATUS, "numba", lambda: "Numba is not installed (pip install)")
+    monkeypatch.setattr(backends, "_instances", {})
+    lines: list[str] = []
+    r = train(TrainConfig(dataset="digits", layers=(8,), epochs=1, seed=1), log=lines.append)
+    assert r.model.backend.name == "numpy"
+    assert any("auto took the numpy backend" in s and "Numba" in s for s in lines), lines
+
+
+def test_compile_notice_only_when_the_numba_cache_is_cold(monkeypatch, tmp_path):
+    pytest.importorskip("numba")
+    from gpubp import loop
+    from gpubp.backends import numba_cache
+
+    monkeypatch.setattr(numba_cache, "cache_dir", lambda: tmp_path)
+    assert not loop._kernels_cached("numba")  # empty folder: the first run compiles
+    (tmp_path / "gpubp" / "x").mkdir(parents=True)
+    (tmp_path / "gpubp" / "x" / "numba_kernels.output_delta-1.py311.nbi").write_bytes(b"")
+    assert loop._kernels_cached("numba")
