@@ -354,21 +354,27 @@ class MLP:
         x = self.check_x(x)
         y = self.check_y(y, x.shape[0])
         be, xp = self.backend, self.backend.xp
-        total, correct, count = 0.0, 0.0, 0
+        classifier = is_classifier(self.loss, self.n_outputs)
+        # per batch a loss and a count of correct predictions, kept on the device and read
+        # together at the end (on a GPU the counts come from gpubp's metrics kernels)
+        losses, rows, hits = [], [], []
         for start, xb in self._chunks(x, batch_size):
             yb = y[start : start + xb.shape[0]]
             z = self._logits(xb)
             _, value = be.output_delta(z, yb, self.output, self.loss, out=xp.empty_like(z))
-            total += float(value) * xb.shape[0]
+            losses.append(value)
+            rows.append(int(xb.shape[0]))
             act.apply_inplace(xp, z, self.output)
             if self.loss == "binary_cross_entropy":
-                correct += float(xp.sum((z > 0.5) == (yb > 0.5))) / self.n_outputs
-            elif is_classifier(self.loss, self.n_outputs):
-                truth = yb if yb.ndim == 1 else xp.argmax(yb, axis=1)
-                correct += float(xp.sum(xp.argmax(z, axis=1) == truth))
-            count += xb.shape[0]
-        accuracy = correct / count if is_classifier(self.loss, self.n_outputs) else None
-        return {"loss": total / count, "accuracy": accuracy}
+                hits.append(be.threshold_correct(z, yb))
+            elif classifier:
+                hits.append(be.argmax_correct(z, yb)[1])
+        total = sum(float(v) * n for v, n in zip(losses, rows))
+        count = sum(rows)
+        correct = sum(float(h) for h in hits)
+        if self.loss == "binary_cross_entropy":
+            correct /= self.n_outputs
+        return {"loss": total / count, "accuracy": correct / count if classifier else None}
 
     # --- training ---------------------------------------------------------------------------
 

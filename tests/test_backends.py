@@ -596,3 +596,26 @@ def test_train_step_rejects_non_finite_and_keeps_parameters(backend, dtype, rng)
         backend.synchronize()  # a GPU backend may raise at its next synchronisation
     _unchanged(before, [*W, *b, *state["exp_avg"], *state["exp_avg_sq"]])
     assert state["step"] == 0
+
+
+def test_accuracy_counts_follow_numpy(backend, dtype, rng):
+    """The counts evaluate() uses (on a GPU, gpubp's metrics kernels): NumPy's argmax rule
+    (first maximum, NaN counts as the maximum), labels or one-hot rows, a 0.5 threshold."""
+    a = rng.normal(size=(37, 5)).round(1)  # ties
+    a[3, 2] = np.nan
+    a[4] = -np.inf
+    labels = rng.integers(0, 5, 37)
+    onehot = np.eye(5)[rng.integers(0, 5, 37)]
+    A = backend.asarray(a, dtype)
+    pred, none = backend.argmax_correct(A)
+    np.testing.assert_array_equal(to_numpy(pred), np.argmax(a, axis=1))
+    assert none is None
+    want = int(np.sum(np.argmax(a, axis=1) == labels))
+    assert int(to_numpy(backend.argmax_correct(A, backend.asarray(labels))[1])) == want
+    want = int(np.sum(np.argmax(a, axis=1) == np.argmax(onehot, axis=1)))
+    assert int(to_numpy(backend.argmax_correct(A, backend.asarray(onehot, dtype))[1])) == want
+    p, t = rng.uniform(size=(37, 3)), rng.integers(0, 2, (37, 3)).astype(float)
+    p[0, 0] = 0.5
+    want = int(np.sum((p > 0.5) == (t > 0.5)))
+    got = backend.threshold_correct(backend.asarray(p, dtype), backend.asarray(t, dtype))
+    assert int(to_numpy(got)) == want

@@ -116,6 +116,22 @@ class Backend:
     def synchronize(self) -> None:
         """Wait until queued work is done (a no-op on the CPU)."""
 
+    def argmax_correct(self, a: Any, y: Any = None) -> tuple[Any, Any]:
+        """``(pred, correct)``: the argmax of each row of ``a`` ``(B, n)`` (NumPy's rule: the
+        first maximum, a NaN counts as the maximum) and, with targets ``y`` (``(B,)`` labels or
+        ``(B, n)`` rows, compared by their argmax), the number of rows predicted right as a
+        backend scalar (``None`` without ``y``)."""
+        xp = self.xp
+        pred = xp.argmax(a, axis=1)
+        if y is None:
+            return pred, None
+        truth = y if y.ndim == 1 else xp.argmax(y, axis=1)
+        return pred, xp.sum(pred == truth)
+
+    def threshold_correct(self, a: Any, y: Any) -> Any:
+        """Number of elements with ``(a > 0.5) == (y > 0.5)`` (sigmoid + BCE), a backend scalar."""
+        return self.xp.sum((a > 0.5) == (y.reshape(a.shape) > 0.5))
+
     def read_losses(self, values: Sequence[Any]) -> list[float]:
         """The losses returned by :meth:`train_step`, as floats.
 
