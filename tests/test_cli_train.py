@@ -305,6 +305,7 @@ def test_first_step_is_announced_and_kept_out_of_the_speed(data_dir, monkeypatch
     if "numba" not in gpubp.available_backends():
         pytest.skip("numba is not installed")
     monkeypatch.setattr(loop, "_announced", set())
+    monkeypatch.setattr(loop, "_kernels_cached", lambda name: False)  # as on a fresh machine
     lines: list[str] = []
     cfg = TrainConfig(
         dataset="mnist", data_dir=str(data_dir), layers=(13, 7), batch_size=16, epochs=2,
