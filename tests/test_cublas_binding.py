@@ -2,8 +2,9 @@
 argument count, C types, return type), the row-major -> column-major GEMM mapping through
 :class:`Cublas` on a NumPy stand-in of the library, and the library search.
 
-The header comes from ``GPUBP_CUBLAS_HEADER`` or an installed ``nvidia-cublas-cu12`` wheel
-(``benchmarks/fetch_cublas_header.py`` fetches it for CI); without one the header tests skip,
+The headers of CUDA 12 and 13 (every check runs against both) come from
+``GPUBP_CUBLAS_HEADER`` or the installed ``nvidia-cublas-cu12`` / ``nvidia-cublas`` wheels
+(``benchmarks/fetch_cublas_header.py`` fetches them for CI); without one the header tests skip,
 unless ``GPUBP_REQUIRE_EMULATOR=1``, which makes a missing header a failure.
 """
 
@@ -26,25 +27,33 @@ from gpubp.backends.cuda.catalogue import HP, HP_SLOTS
 # --- the header -----------------------------------------------------------------------------------
 
 
-def _find_header() -> Path | None:
+#: Where each CUDA version's wheel puts the header, below the ``nvidia`` namespace package.
+HEADER_PLACES = {"cuda12": "cublas/include/cublas_api.h", "cuda13": "cu13/include/cublas_api.h"}
+
+
+def _find_header(version: str) -> Path | None:
+    """``version``'s header: from ``GPUBP_CUBLAS_HEADER`` (paths joined by os.pathsep), else an
+    installed wheel."""
+    place = HEADER_PLACES[version]
     explicit = os.environ.get("GPUBP_CUBLAS_HEADER")
     if explicit:
-        return Path(explicit)
+        paths = [Path(p) for p in explicit.split(os.pathsep) if p]
+        return next((p for p in paths if p.as_posix().endswith(place)), None)
     spec = importlib.util.find_spec("nvidia")
     for root in list(spec.submodule_search_locations or []) if spec else []:
-        path = Path(root) / "cublas" / "include" / "cublas_api.h"
+        path = Path(root) / place
         if path.is_file():
             return path
     return None
 
 
-@pytest.fixture(scope="module")
-def header() -> str:
-    path = _find_header()
+@pytest.fixture(scope="module", params=sorted(HEADER_PLACES))
+def header(request: pytest.FixtureRequest) -> str:
+    path = _find_header(request.param)
     if path is None or not path.is_file():
         why = (
-            f"cublas_api.h not found (GPUBP_CUBLAS_HEADER={os.environ.get('GPUBP_CUBLAS_HEADER')!r}"
-            ", no nvidia-cublas-cu12 wheel installed); fetch it with "
+            f"the {request.param} cublas_api.h was not found (GPUBP_CUBLAS_HEADER="
+            f"{os.environ.get('GPUBP_CUBLAS_HEADER')!r}, no wheel installed); fetch both with "
             "python benchmarks/fetch_cublas_header.py DIR"
         )
         if os.environ.get("GPUBP_REQUIRE_EMULATOR") == "1":
@@ -61,7 +70,8 @@ def _strip_comments(src: str) -> str:
 def declarations(src: str) -> dict[str, tuple[str, list[str]]]:
     """Exported functions of the header: name -> (return type, [parameter types])."""
     decls = {}
-    pattern = r"CUBLASAPI\s+([\w\s\*]+?)\s+CUBLASWINAPI\s+(\w+)\s*\(([^)]*)\)\s*;"
+    # CUDA 12 writes "CUBLASAPI cublasStatus_t CUBLASWINAPI f(...)"; CUDA 13 drops CUBLASAPI
+    pattern = r"(?:CUBLASAPI\s+)?\b(\w[\w\s\*]*?)\s+CUBLASWINAPI\s+(\w+)\s*\(([^)]*)\)\s*;"
     for ret, name, params in re.findall(pattern, _strip_comments(src)):
         types_ = []
         for p in params.split(","):
