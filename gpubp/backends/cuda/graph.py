@@ -89,6 +89,22 @@ def folds(optimizer: Any) -> bool:
     )
 
 
+def _buffer_entry(a: Any) -> tuple[int, int, int, int, int]:
+    """A table row naming the buffer ``a`` in the parameter column (what the guard zeroes)."""
+    return (a.data.ptr, 0, 0, 0, int(a.size))
+
+
+class _Table:
+    """A pointer table on the device with what its launches take, derived once per step:
+    the rows ``n``, the chunk count of the update kernels, the largest tensor (grid size)."""
+
+    def __init__(self, cp: Any, entries: list[tuple[int, int, int, int, int]]) -> None:
+        table, self.chunks = ck.build_table(entries)
+        self.dev = cp.asarray(table)
+        self.n = len(entries)
+        self.biggest = max(e[4] for e in entries)
+
+
 class _TrainStep:
     """One batch shape's train step: its buffers, pointer tables and (once captured) its graph."""
 
@@ -119,26 +135,18 @@ class _TrainStep:
         # delta of weights[i]: the output delta for the last layer, ws.d[i + 1] below it
         self.deltas = [ws.d[i + 1] for i in range(L - 1)] + [ws.z_out]
         self.status = be._device()["status"]
-        self.update_table: Any = None
-        self.delta_table: Any = None
+        self.update: _Table | None = None
         if optimizer is not None and not self.fold:
             entries = be._entries([*weights, *biases], [*ws.dW, *ws.db], slots or [])
-            table, self.update_chunks = ck.build_table(entries)
-            self.update_table = cp.asarray(table)
-            self.n_update = len(entries)
+            self.update = _Table(cp, entries)
         if self.fold:
             # both operands of every folded GEMM: zeroed when a flag is up, so that it adds
             # exactly 0 to W (zeroing the deltas alone would leave 0 * inf = NaN)
-            operands = [*self.deltas, *ws.a[:L]]
-            entries = [(d.data.ptr, 0, 0, 0, int(d.size)) for d in operands]
-            self.delta_table = cp.asarray(ck.build_table(entries)[0])
-            self.n_zeroed = len(entries)
+            self.zeroed = _Table(cp, [_buffer_entry(d) for d in [*self.deltas, *ws.a[:L]]])
             # the input batch, which the first folded GEMM reads (checked as a "gradient")
-            x = ws.a[0]
-            self.input_table = cp.asarray(ck.build_table([(0, x.data.ptr, 0, 0, int(x.size))])[0])
+            self.inputs = _Table(cp, [(0, ws.a[0].data.ptr, 0, 0, int(ws.a[0].size))])
             # the biases, updated by the plain-SGD table kernel from db
-            table, self.bias_chunks = ck.build_table(be._entries(biases, ws.db, []))
-            self.bias_table = cp.asarray(table)
+            self.bias_update = _Table(cp, be._entries(biases, ws.db, []))
 
     def stage(self, x: Any, y: Any) -> None:
         """Copy the batch into the captured input buffers (converting dtype on the device)."""
@@ -237,26 +245,20 @@ class _TrainStep:
             # zeroed, so the folded GEMMs add exactly 0 to W, and the bias kernel skips itself.
             for i in range(L):
                 launch.bias_grad(kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], status)
-            x_size = int(ws.a[0].size)
-            launch.check_finite_table(kern, self.dtype, self.input_table, 1, x_size, status)
-            biggest = max(int(d.size) for d in [*self.deltas, *ws.a[:L]])
-            launch.zero_if_bad_table(
-                kern, self.dtype, self.delta_table, self.n_zeroed, biggest, status
-            )
+            t = self.inputs
+            launch.check_finite_table(kern, self.dtype, t.dev, t.n, t.biggest, status)
+            t = self.zeroed
+            launch.zero_if_bad_table(kern, self.dtype, t.dev, t.n, t.biggest, status)
             for i in range(L):  # W = -lr * delta.T @ a + 1 * W
                 be._gemm(True, False, self.deltas[i], ws.a[i], self.W[i], "NEG_LR", "ONE", hp)
-            launch.update_table(
-                kern, self.optimizer, self.dtype, self.bias_table, L, self.bias_chunks, hp, status
-            )
+            t = self.bias_update
+            launch.update_table(kern, self.optimizer, self.dtype, t.dev, t.n, t.chunks, hp, status)
         else:
             for i in range(L):
                 be._gemm(True, False, self.deltas[i], ws.a[i], ws.dW[i], "ONE", "ZERO", hp)
                 launch.bias_grad(kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], status)
-            n = self.n_update
-            biggest = max(int(p.size) for p in [*self.W, *self.b])
-            launch.check_finite_table(kern, self.dtype, self.update_table, n, biggest, status)
-            launch.update_table(
-                kern, self.optimizer, self.dtype, self.update_table, n, self.update_chunks, hp,
-                status,
-            )  # fmt: skip
+            u = self.update
+            assert u is not None  # made in __init__ whenever there is an optimizer and no fold
+            launch.check_finite_table(kern, self.dtype, u.dev, u.n, u.biggest, status)
+            launch.update_table(kern, self.optimizer, self.dtype, u.dev, u.n, u.chunks, hp, status)
         launch.finish_step(kern, status)
