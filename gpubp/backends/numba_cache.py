@@ -17,13 +17,14 @@ from pathlib import Path
 
 from numba.core import config
 
+from ..data import cache_dir as user_cache_dir
+
 
 def cache_dir() -> Path:
     """The folder gpubp's Numba kernels are cached in."""
     if os.environ.get("NUMBA_CACHE_DIR"):
         return Path(os.environ["NUMBA_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gpubp" / "numba"
+    return user_cache_dir() / "numba"
 
 
 if not os.environ.get("NUMBA_CACHE_DIR"):

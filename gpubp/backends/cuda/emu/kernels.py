@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from ....data import cache_dir as user_cache_dir
 from ....kernel_sources import read_kernel
 
 HEADER = "emu/cuda_emu.h"
@@ -111,8 +112,7 @@ def cache_dir() -> Path:
     env = os.environ.get("GPUBP_EMU_CACHE")
     if env:
         return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gpubp" / "emu"
+    return user_cache_dir() / "emu"
 
 
 def translation_unit(code: str, name_expressions: Sequence[str]) -> str:
