@@ -106,8 +106,7 @@ def available_backends() -> list[str]:
 def _best() -> str:
     """What ``auto`` takes: the first available backend, except an emulated GPU (it runs the
     CUDA kernels on the CPU to test them, far slower than numba or numpy; name it to use it)."""
-    emulated = os.environ.get("GPUBP_CUDA_EMULATOR") == "1"
-    return next(n for n in available_backends() if not (emulated and n == "cupy"))
+    return next(n for n in available_backends() if not (n == "cupy" and emulated()))
 
 
 def get_backend(name: str | Backend | None = None) -> Backend:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..backends import BACKEND_NAMES, backend_status, get_backend, to_numpy
+from ..backends.cuda.backend import emulated
 from ..check import rel_error
 from ..optim import SGD
 from .problem import (
@@ -74,12 +75,6 @@ class Candidate:
     def peak_bytes(self, problem: Problem) -> tuple[int | None, str]:
         """``(bytes, how)``: the memory one fresh setup and two steps hold at their peak."""
         return None, "not measured"
-
-
-def emulated() -> bool:
-    from ..backends.cuda.backend import emulated as switch
-
-    return switch()
 
 
 def cupy_module() -> Any:
