@@ -89,3 +89,22 @@ def rng(request: pytest.FixtureRequest) -> np.random.Generator:
 def seed(request: pytest.FixtureRequest) -> int:
     """An int derived from the node id, for APIs that take a seed instead of a generator."""
     return zlib.crc32(request.node.nodeid.encode())
+
+
+@pytest.fixture
+def hide_module(monkeypatch: pytest.MonkeyPatch):
+    """``hide_module("matplotlib")``: importing that package (or a submodule) raises
+    ImportError for the rest of the test, as if it were not installed."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def hide(prefix: str) -> None:
+        def blocked(name: str, *args: object, **kwargs: object) -> object:
+            if name.startswith(prefix):
+                raise ImportError(f"No module named {name!r}")
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "__import__", blocked)
+
+    return hide

@@ -257,17 +257,8 @@ def test_gradflow_checks_its_output_folder_before_training(data_dir, tmp_path, c
     assert "does not exist" in captured.err and "dataset:" not in captured.out
 
 
-def test_gradflow_without_matplotlib_says_how_to_skip_the_plot(data_dir, monkeypatch, capsys):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+def test_gradflow_without_matplotlib_says_how_to_skip_the_plot(data_dir, hide_module, capsys):
+    hide_module("matplotlib")
     argv = ["gradflow", "--dataset", "mnist", "--data-dir", str(data_dir), "--quiet"]
     assert cli.main(argv) == 1
     captured = capsys.readouterr()

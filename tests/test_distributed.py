@@ -117,19 +117,10 @@ def test_parameters_out_of_sync_is_an_error():
         DataParallel(comm, MLP([3, 4, 2]), limit_threads=False)
 
 
-def test_missing_mpi4py_says_what_to_install(monkeypatch):
-    import builtins
-
+def test_missing_mpi4py_says_what_to_install(hide_module):
     from gpubp import distributed
 
-    real_import = builtins.__import__
-
-    def no_mpi(name, *args, **kwargs):
-        if name.startswith("mpi4py"):
-            raise ImportError("No module named 'mpi4py'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_mpi)
+    hide_module("mpi4py")
     with pytest.raises(DistributedError, match=r"pip install 'gpubp\[mpi\]'.*openmpi-bin"):
         distributed.init()
 

@@ -293,19 +293,10 @@ def test_plot_is_written(fake_mnist, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plot_without_matplotlib_fails_before_training(fake_mnist, tmp_path, monkeypatch):
-    import builtins
-
+def test_plot_without_matplotlib_fails_before_training(fake_mnist, tmp_path, hide_module):
     from gpubp.plots import PlotUnavailableError
 
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    hide_module("matplotlib")
     with pytest.raises(PlotUnavailableError, match=r"pip install 'gpubp\[plot\]'"):
         run(small_config(), plot_path=tmp_path / "x.png", checkpoint=tmp_path / "c.ckpt")
     assert not (tmp_path / "c.ckpt").exists()
