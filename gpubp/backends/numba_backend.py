@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .. import activations as act
+from .._checks import positive_int
 from . import numba_blas
 from . import numba_kernels as K
 from .base import Backend, Workspace
@@ -101,9 +102,7 @@ class NumbaBackend(RowSplit, Backend):
 
     def __init__(self, threads: int | None = None) -> None:
         super().__init__()
-        if threads is not None and (
-            isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1
-        ):
+        if threads is not None and not positive_int(threads):
             raise ValueError(
                 f"threads must be a positive int (BLAS threads) or None to leave BLAS as it is, "
                 f"got {threads!r}"
