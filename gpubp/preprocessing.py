@@ -5,6 +5,11 @@ A model with a :class:`Preprocessing` takes *raw* inputs everywhere (``forward``
 the forward pass, in the model's dtype on the backend's device. It is saved in the model file
 (two float64 arrays, no pickle), so a loaded model gives the same answers on raw data as the
 model that was saved.
+
+The arithmetic is the model's (float32 or float64), as for the rest of the network: a float32
+model reads raw features to about 7 significant digits, so a feature whose offset dwarfs its
+spread by many orders of magnitude (timestamps in seconds, spread over minutes) should be
+centred before it reaches a float32 model, or the model made float64.
 """
 
 from __future__ import annotations
@@ -118,9 +123,11 @@ class Preprocessing:
         return cls(shift, np.full(n_features, 1.0 / std), kind, description)
 
     def apply(self, x: Any, xp: Any = np, dtype: Any = None) -> Any:
-        """``(x - shift) * scale`` as a new array of ``xp`` in ``dtype`` (``x``'s by default);
-        ``x`` ``(B, n)`` is not modified."""
-        dtype = x.dtype if dtype is None else dtype
+        """``(x - shift) * scale`` as a new array of ``xp`` in ``dtype`` (by default ``x``'s if
+        it is a float array, else float64); ``x`` ``(B, n)`` is not modified."""
+        if dtype is None:
+            kind = getattr(getattr(x, "dtype", None), "kind", "")
+            dtype = x.dtype if kind == "f" else np.float64
         shift = xp.asarray(self.shift, dtype=dtype)
         scale = xp.asarray(self.scale, dtype=dtype)
         out = xp.subtract(xp.asarray(x, dtype=dtype), shift)
