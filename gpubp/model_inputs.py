@@ -70,7 +70,8 @@ class InputChecks:
     # --- input checks -----------------------------------------------------------------------
 
     def _array(self, value: Any, argument: str) -> Any:
-        """``value`` as an array of this backend (NumPy arrays, lists, or backend arrays)."""
+        """``value`` as an array of this backend (NumPy arrays, lists, backend arrays, or any
+        DLPack array: a view where it lives on the backend's device, see :mod:`gpubp.interop`)."""
         be = self.backend
         if be.owns(value):
             arr = value
@@ -106,7 +107,7 @@ class InputChecks:
 
     def check_x(self, x: Any, argument: str = "x") -> Any:
         """``x`` checked as a batch ``(B, n_0)`` of finite numbers, cast to the model's dtype and
-        on its backend: what :meth:`step` expects."""
+        on its backend; still raw (:meth:`prepare_x` also preprocesses it)."""
         arr = self._array(x, argument)
         if arr.ndim == 1 and self.n_inputs > 1 and arr.shape[0] == self.n_inputs:
             raise ValueError(

@@ -414,3 +414,11 @@ def test_evaluate_warns_once_about_an_old_file(mnist_model, capsys):
 def test_evaluate_reports_a_missing_model_file(tmp_path, capsys):
     assert cli.main(["evaluate", str(tmp_path / "none.npz"), "--dataset", "digits"]) == 1
     assert "none.npz: no such file" in capsys.readouterr().err
+
+
+def test_evaluate_help_says_what_raw_means(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["evaluate", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "pixel values 0..255" in out and "0..16 for digits" in out and "--dataset" in out
