@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from . import data
 from ._checks import (
     check_fraction,
@@ -147,6 +149,7 @@ class TrainConfig:
         check_positive_int("epochs", self.epochs)
         if self.lr is not None:
             check_positive_number("lr", self.lr)
+            check_finite_in_dtype("lr", self.lr, self.dtype)
         if self.weight_decay is not None:
             check_non_negative_number("weight_decay", self.weight_decay)
         check_fraction("val_fraction", self.val_fraction)
@@ -172,6 +175,21 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers)
         return d
+
+
+def check_finite_in_dtype(name: str, value: float, dtype: str) -> None:
+    """Raise :class:`ValueError` when ``value`` overflows to infinity in ``dtype`` (the
+    arithmetic the run does), e.g. ``lr=1e39`` with float32."""
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype={dtype!r} is not supported; expected float32 or float64")
+    with np.errstate(over="ignore"):
+        in_dtype = np.dtype(dtype).type(value)
+    if not np.isfinite(in_dtype):
+        largest = float(np.finfo(dtype).max)
+        raise ValueError(
+            f"{name}={value!r} is infinite in {dtype} (the largest {dtype} is {largest:.4g}); "
+            f"choose a smaller {name}"
+        )
 
 
 # --- resuming --------------------------------------------------------------------------------

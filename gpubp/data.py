@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from . import files
 from .errors import DatasetError, DatasetNotFoundError
 
 __all__ = [
@@ -459,17 +460,8 @@ def download(name: str, dest: str | os.PathLike[str] | None = None, progress: bo
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write ``data`` to ``path`` atomically (:func:`gpubp.files.write_atomic`)."""
+    files.write_atomic(path, data)
 
 
 # --- splitting and batching ------------------------------------------------------------------
