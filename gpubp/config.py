@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from .optim import Optimizer, make_optimizer
 __all__ = [
     "DEFAULT_LR",
     "OPTIMIZERS",
+    "OVERRIDABLE",
     "RESUME_KEYS",
     "SCHEDULES",
     "TrainConfig",
@@ -62,6 +64,9 @@ RESUME_KEYS: tuple[str, ...] = (
     "dtype",
     "seed",
 )
+#: Settings a resume may change from its checkpoint's when asked (``--override lr``): a run
+#: that diverged can continue with a smaller learning rate.
+OVERRIDABLE: tuple[str, ...] = ("lr",)
 
 
 @dataclass
@@ -220,9 +225,15 @@ def resume_settings(ckpt: Checkpoint) -> dict[str, Any]:
 
 
 def check_resume(
-    ckpt: Checkpoint, config: TrainConfig, dataset: str, model: MLP, track_gradients: bool
+    ckpt: Checkpoint,
+    config: TrainConfig,
+    dataset: str,
+    model: MLP,
+    track_gradients: bool,
+    override: Collection[str] = (),
 ) -> None:
-    """Raise :class:`CheckpointMismatchError` naming every setting that differs."""
+    """Raise :class:`CheckpointMismatchError` naming every setting that differs, except those
+    named in ``override`` (from :data:`OVERRIDABLE`)."""
     want = _effective(config.as_dict())
     want["dataset"] = dataset
     want["track_gradients"] = bool(track_gradients)
@@ -230,7 +241,7 @@ def check_resume(
     diffs = [
         f"{key}: checkpoint {have.get(key)!r}, this run {want[key]!r}"
         for key in RESUME_KEYS
-        if have.get(key) != want[key]
+        if have.get(key) != want[key] and key not in override
     ]
     saved_model = ckpt.meta["config"]
     if list(saved_model.get("layer_sizes", [])) != list(model.layer_sizes):
@@ -244,10 +255,12 @@ def check_resume(
             f"epochs: the checkpoint has finished {done} epoch(s), this run asks for only "
             f"{config.epochs} (--epochs may grow, not shrink)"
         )
+    lr_differs = have.get("lr") != want["lr"]
     if diffs:
         raise CheckpointMismatchError(
             f"{ckpt.path} does not match the requested run ("
             + "; ".join(diffs)
             + "). Resume with the options the checkpoint was written with, or start "
             "afresh without --resume"
+            + ("; to change the learning rate, add --override lr" if lr_differs else "")
         )

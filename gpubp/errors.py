@@ -34,6 +34,11 @@ class OutputWriteError(OSError):
     underlying error's."""
 
 
+class OutputPathError(ValueError):
+    """Output paths that cannot work: one file given for two outputs, a folder where a file is
+    to be written. Raised before a run starts."""
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset is nowhere it was looked for; the message lists where and how to get it."""
 

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import OutputWriteError
+from .errors import OutputPathError, OutputWriteError
 
-__all__ = ["TMP_SUFFIX", "open_regular", "remove_stale_temps", "write_atomic"]
+__all__ = ["TMP_SUFFIX", "check_outputs", "open_regular", "remove_stale_temps", "write_atomic"]
 
 #: How the names of gpubp's temporary files end: ``.<target>.<pid>.<random>.gpubp-tmp``.
 TMP_SUFFIX = ".gpubp-tmp"
@@ -161,3 +161,45 @@ def open_regular(path: str | os.PathLike[str], error: type[Exception]) -> Binary
         kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
         raise error(f"{os.fspath(path)}: {kind} (a FIFO, device or folder cannot be read)")
     return os.fdopen(fd, "rb")
+
+
+def check_outputs(paths: dict[str, str | os.PathLike[str] | None]) -> None:
+    """Check, before a run, that every output in ``paths`` (argument name -> path) can be
+    written: its folder exists and takes a new file (a temporary one is created and removed),
+    the path is not a folder, and no two outputs share a file.
+
+    Raises :class:`FileNotFoundError` (no folder), :class:`~gpubp.errors.OutputPathError`
+    (a folder given, a file given twice) or :class:`~gpubp.errors.OutputWriteError` (the folder
+    is read-only or full), naming the argument.
+    """
+    seen: dict[str, str] = {}
+    for what, path in paths.items():
+        if path is None:
+            continue
+        target = os.path.realpath(path)
+        folder = os.path.dirname(target)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"{what}={os.fspath(path)!r}: the folder {folder} does not exist; create it or "
+                "choose another path"
+            )
+        if os.path.isdir(target):
+            raise OutputPathError(
+                f"{what}={os.fspath(path)!r} is a folder; give a file name inside it"
+            )
+        if target in seen:
+            raise OutputPathError(
+                f"{what}={os.fspath(path)!r} is the same file as {seen[target]}; one would "
+                "overwrite the other: give each output its own path"
+            )
+        seen[target] = what
+        try:
+            fd, probe = tempfile.mkstemp(
+                prefix=f".{Path(target).name}.", suffix=TMP_SUFFIX, dir=folder
+            )
+        except OSError as exc:
+            raise write_error(
+                path, exc, f"{what} cannot be written there: choose another folder"
+            ) from None
+        os.close(fd)
+        os.unlink(probe)
