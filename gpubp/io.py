@@ -131,18 +131,23 @@ def parse_meta(
     return meta
 
 
-def check_saved_shapes(arrays: dict[str, np.ndarray], cfg: dict[str, Any], path: Any) -> None:
+def check_saved_shapes(
+    arrays: dict[str, np.ndarray],
+    cfg: dict[str, Any],
+    path: Any,
+    error: type[ModelFileError] = ModelFileError,
+) -> None:
     """Compare the stored arrays with ``layer_sizes`` before any model is built, so a file whose
     metadata claims enormous layers cannot make ``load`` allocate them."""
     sizes = cfg.get("layer_sizes")
     if not isinstance(sizes, list) or len(sizes) < 2:
-        raise ModelFileError(f"{path}: the saved configuration has no valid layer_sizes")
+        raise error(f"{path}: the saved configuration has no valid layer_sizes")
     for i in range(len(sizes) - 1):
         W, b = arrays.get(f"W{i}"), arrays.get(f"b{i}")
         if W is None or b is None:
-            raise ModelFileError(f"{path}: missing the parameter arrays of layer {i} (W{i}, b{i})")
+            raise error(f"{path}: missing the parameter arrays of layer {i} (W{i}, b{i})")
         if W.shape != (sizes[i + 1], sizes[i]) or b.shape != (sizes[i + 1],):
-            raise ModelFileError(
+            raise error(
                 f"{path}: layer {i} holds W{i} of shape {W.shape} and b{i} of shape {b.shape}; "
                 f"layer_sizes "
                 f"{sizes} says ({sizes[i + 1]}, {sizes[i]}) and ({sizes[i + 1]},)"
@@ -226,7 +231,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         if not isinstance(meta.get(key), dict):
             raise CheckpointError(f"{path}: the checkpoint has no valid {key!r} section")
     check_checkpoint_meta(meta, path)
-    check_saved_shapes(arrays, meta["config"], path)
+    check_saved_shapes(arrays, meta["config"], path, CheckpointError)
     return Checkpoint(os.fspath(path), meta, arrays)
 
 
