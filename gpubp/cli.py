@@ -252,7 +252,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         settings = _train_settings(args)
         track_gradients = settings.pop("track_gradients")
-        config = TrainConfig(**settings)
+        try:
+            config = TrainConfig(**settings)
+        except ValueError as exc:  # e.g. --lr beyond the range of --dtype
+            print(f"gpubp train: {_message(exc)}", file=sys.stderr)
+            return 2
         if args.distributed:
             from .distributed import init
 
