@@ -498,16 +498,18 @@ def test_idx_byte_flips(tmp_path, gz):
         (2**32 - 1, 2**32 - 1),
         (0, 28, 28),  # no samples
         (60000, 28, 28),  # declared, not there
+        (1,) * 65,  # more dimensions than numpy allows
     ],
 )
+@pytest.mark.parametrize("body", [b"", b"\0", b"\0" * 16])
 @pytest.mark.parametrize("gz", [False, True])
-def test_idx_declared_sizes(tmp_path, dims, gz):
+def test_idx_declared_sizes(tmp_path, dims, body, gz):
     header = struct.pack(">BBBB", 0, 0, 0x08, len(dims)) + b"".join(
         struct.pack(">I", n) for n in dims
     )
     tracemalloc.start()
     try:
-        read_refused(idx_file(tmp_path, header + b"\0" * 16, gz))
+        read_refused(idx_file(tmp_path, header + body, gz))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -544,12 +546,17 @@ def test_idx_gzip_bomb_is_read_no_further_than_declared(tmp_path):
     assert "longer than its header says" in message and peak < 16 << 20
 
 
-def test_idx_damaged_gzip(tmp_path):
+@pytest.mark.parametrize("where", ["block type", "middle", "crc"])
+def test_idx_damaged_gzip(tmp_path, where):
     blob = bytearray(gzip.compress(GOOD_IDX))
-    blob[len(blob) // 2] ^= 0x55
+    if where == "block type":  # zlib.error: invalid block type
+        blob[10:] = b"\xff" * 20
+    else:
+        blob[len(blob) // 2 if where == "middle" else -6] ^= 0x55
     path = tmp_path / "damaged.gz"
     path.write_bytes(bytes(blob))
-    read_refused(path)
+    message = read_refused(path)
+    assert where == "middle" or "gzip stream is damaged" in message
 
 
 @FUZZ
