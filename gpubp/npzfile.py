@@ -225,6 +225,10 @@ def read_checked_npz(path: str | os.PathLike[str], error: type[Exception]) -> di
                 return arrays
         except error:
             raise
+        except zipfile.BadZipFile as exc:
+            raise error(
+                f"{path}: not a gpubp model file or checkpoint (expected an .npz archive: {exc})"
+            ) from None
         except _READ_ERRORS as exc:
             raise error(
                 f"{path}: not a readable gpubp model file ({type(exc).__name__}: {str(exc)[:200]})"
