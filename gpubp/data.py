@@ -462,18 +462,26 @@ def verify(name: str, filename: str, data: bytes) -> None:
     if filename in src.md5:
         checks.append(("md5", src.md5[filename], data))
     stem = filename.removesuffix(".gz")
-    if stem in src.content_sha256:
-        content = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-        checks.append(("sha256", src.content_sha256[stem], content))
-    if not checks:
+    if not checks and stem not in src.content_sha256:
         raise DatasetError(f"no checksum is pinned for {name}/{filename}; refusing to trust it")
-    for algo, expected, blob in checks:
+    for algo, expected, blob in _content_checks(checks, src, stem, data):
         got = _digest(blob, algo)
         if got != expected:
             raise DatasetError(
                 f"{filename}: {algo} is {got}, expected {expected}; the download is damaged or "
                 "not the official file, and was discarded"
             )
+
+
+def _content_checks(
+    checks: list[tuple[str, str, bytes]], src: IdxSource, stem: str, data: bytes
+) -> Any:
+    """``checks`` (of the downloaded bytes) first, then the pinned digest of the decompressed
+    content: a download is decompressed only after its own digests matched."""
+    yield from checks
+    if stem in src.content_sha256:
+        content = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+        yield ("sha256", src.content_sha256[stem], content)
 
 
 def _fetch(url: str, progress: bool) -> bytes:

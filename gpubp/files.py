@@ -114,6 +114,7 @@ def write_atomic(path: str | os.PathLike[str], content: bytes | Callable[[Binary
     except OSError as exc:
         raise write_error(path, exc) from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make every output private
         with os.fdopen(fd, "wb") as fh:
             if callable(content):
                 content(fh)
@@ -131,6 +132,12 @@ def write_atomic(path: str | os.PathLike[str], content: bytes | Callable[[Binary
             raise write_error(path, exc) from None
         raise
     _fsync_dir(target.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -163,10 +170,14 @@ def open_regular(path: str | os.PathLike[str], error: type[Exception]) -> Binary
     return os.fdopen(fd, "rb")
 
 
-def check_outputs(paths: dict[str, str | os.PathLike[str] | None]) -> None:
+def check_outputs(
+    paths: dict[str, str | os.PathLike[str] | None],
+    inputs: dict[str, str | os.PathLike[str] | None] | None = None,
+) -> None:
     """Check, before a run, that every output in ``paths`` (argument name -> path) can be
     written: its folder exists and takes a new file (a temporary one is created and removed),
-    the path is not a folder, and no two outputs share a file.
+    the path is not a folder, no two outputs share a file, and no output but ``checkpoint``
+    is one of ``inputs`` (argument name -> path; e.g. the checkpoint resumed from).
 
     Raises :class:`FileNotFoundError` (no folder), :class:`~gpubp.errors.OutputPathError`
     (a folder given, a file given twice) or :class:`~gpubp.errors.OutputWriteError` (the folder
@@ -193,6 +204,12 @@ def check_outputs(paths: dict[str, str | os.PathLike[str] | None]) -> None:
                 "overwrite the other: give each output its own path"
             )
         seen[target] = what
+        for name, source in (inputs or {}).items():
+            if what != "checkpoint" and source is not None and os.path.realpath(source) == target:
+                raise OutputPathError(
+                    f"{what}={os.fspath(path)!r} is the {name} file it reads; writing it would "
+                    "destroy it: give the output another path"
+                )
         try:
             fd, probe = tempfile.mkstemp(
                 prefix=f".{Path(target).name}.", suffix=TMP_SUFFIX, dir=folder

@@ -449,7 +449,8 @@ def train(
             "save_path": save_path,
             "json_path": json_path,
             "plot_path": plot_path,
-        }
+        },
+        {"resume": resume},
     )
     ds, config, split = _load_data(config, ckpt, progress, log)
     run = _Run(config, ds, split, track_gradients, checkpoint, log, comm)

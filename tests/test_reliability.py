@@ -142,6 +142,8 @@ def test_links_planted_at_temporary_names_are_not_followed(tmp_path, monkeypatch
     victims keep their bytes, the output is a regular file, the links stay links."""
     victim = tmp_path / "victim.txt"
     victim.write_bytes(b"precious")
+    umask = os.umask(0o022)
+    os.umask(umask)
     out = tmp_path / "out.file"
     pid = os.getpid()
     planted = [tmp_path / f".out.file.{pid}.tmp", tmp_path / f".out.file.{pid}.part"]
@@ -152,6 +154,7 @@ def test_links_planted_at_temporary_names_are_not_followed(tmp_path, monkeypatch
     WRITERS[writer](out)
     assert victim.read_bytes() == b"precious"
     assert out.is_file() and not out.is_symlink() and out.stat().st_size > 0
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     assert all(link.is_symlink() for link in planted)
     assert listing(tmp_path) == sorted(["victim.txt", "out.file", *(p.name for p in planted)])
 
@@ -239,7 +242,9 @@ def test_save_onto_the_checkpoint_resumed_from_is_refused(fake_mnist, tmp_path, 
     monkeypatch.setattr(MLP, "step", lambda *a: pytest.fail("trained"))
     with pytest.raises(OutputPathError, match="save_path"):
         run(small(epochs=2), [], resume=ckpt, save_path=ckpt)
-    assert ckpt.read_bytes() == before
+    with pytest.raises(OutputPathError, match="the resume file it reads"):
+        run(small(epochs=2), [], resume=ckpt, checkpoint=tmp_path / "new", json_path=ckpt)
+    assert ckpt.read_bytes() == before and not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("output", ["save_path", "json_path", "checkpoint"])
