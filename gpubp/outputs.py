@@ -28,7 +28,7 @@ def fallback_paths(
 ) -> list[Path]:
     """Where an output that could not be written at ``path`` is written instead, in order: next
     to the checkpoint, in the current folder, in the temporary folder (each under ``path``'s
-    file name, never ``path`` or the checkpoint themselves)."""
+    file name, or ``<stem>.rescued-<pid><suffix>`` where that exists: no file is overwritten)."""
     name = Path(path).name
     folders = [Path(checkpoint).parent] if checkpoint is not None else []
     folders += [Path.cwd(), Path(tempfile.gettempdir())]
@@ -38,8 +38,10 @@ def fallback_paths(
     out: list[Path] = []
     for folder in folders:
         candidate = folder / name
+        if os.path.lexists(candidate):  # never overwrite a file there: a name of its own
+            candidate = folder / f"{Path(name).stem}.rescued-{os.getpid()}{Path(name).suffix}"
         real = os.path.realpath(candidate)
-        if real not in avoid:
+        if real not in avoid and not os.path.lexists(candidate):
             avoid.add(real)
             out.append(candidate)
     return out

@@ -358,15 +358,18 @@ def test_without_a_checkpoint_the_model_goes_to_the_current_folder(
 ):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
+    (cwd / "r.json").write_text("someone else's")  # not overwritten: a name of its own
     monkeypatch.chdir(cwd)
     with full_disk(tmp_path / "full", "simulated", monkeypatch) as full:
         with pytest.raises(OutputWriteError) as info:
             run(small(), [], save_path=full / "m.npz", json_path=full / "r.json")
     message = str(info.value)
     assert f"written to {cwd / 'm.npz'} instead" in message and "no checkpoint" in message
-    assert listing(cwd) == ["m.npz", "r.json"]
+    rescued_json = f"r.rescued-{os.getpid()}.json"
+    assert listing(cwd) == sorted(["m.npz", "r.json", rescued_json])
     assert MLP.load(cwd / "m.npz").layer_sizes == (784, 32, 10)
-    assert json.loads((cwd / "r.json").read_text())["epochs_done"] == 1
+    assert json.loads((cwd / rescued_json).read_text())["epochs_done"] == 1
+    assert (cwd / "r.json").read_text() == "someone else's"
 
 
 def test_cli_full_disk_exits_1_naming_the_rescued_model(fake_mnist, tmp_path, monkeypatch, capsys):
