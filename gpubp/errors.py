@@ -33,6 +33,9 @@ class OutputWriteError(OSError):
     file, says what was written where instead and what is still intact. ``errno`` is the
     underlying error's."""
 
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()  # the message, without "[Errno N]"
+
 
 class OutputPathError(ValueError):
     """Output paths that cannot work: one file given for two outputs, a folder where a file is

@@ -38,7 +38,7 @@ from .config import (
     check_resume,
     resume_settings,
 )
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputWriteError
 from .files import check_outputs
 from .gradflow import PROBE_SAMPLES, gradflow, gradient_norms
 from .io import (
@@ -331,15 +331,23 @@ class _Run:
             "loss_sum": loop.losses.read(),
             "seen": pos.seen,
         }
-        save_checkpoint(
-            self.checkpoint,
-            self.model,
-            self.optimizer,
-            train_cfg,
-            position,
-            self.history,
-            self.all_counters(),
-        )
+        try:
+            save_checkpoint(
+                self.checkpoint,
+                self.model,
+                self.optimizer,
+                train_cfg,
+                position,
+                self.history,
+                self.all_counters(),
+            )
+        except OutputWriteError as exc:  # say where the run stands and how to go on
+            raise OutputWriteError(
+                exc.errno,
+                f"{exc}; training stopped after {pos.epoch} epoch(s) and {pos.batch} batch(es) of "
+                f"the next: make room and continue with --resume {self.checkpoint} (from the "
+                "last checkpoint written), or pass another --checkpoint",
+            ) from None
 
     def result(self, interrupted: bool) -> TrainResult:
         c = self.all_counters()

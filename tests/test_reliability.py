@@ -353,6 +353,22 @@ def test_a_full_disk_at_save_keeps_the_trained_model(fake_mnist, tmp_path, monke
         np.testing.assert_array_equal(w, load_checkpoint(ckpt).arrays[f"W{i}"])
 
 
+def test_a_full_disk_at_a_checkpoint_keeps_the_last_one(fake_mnist, tmp_path, monkeypatch):
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    ckpt = folder / "run.ckpt"
+    run(small(), [], checkpoint=ckpt)
+    before = ckpt.read_bytes()
+    with full_disk(folder, "simulated", monkeypatch):
+        with pytest.raises(OutputWriteError) as info:
+            run(small(epochs=3), [], resume=ckpt)
+    message = str(info.value)
+    assert not message.startswith("[Errno") and info.value.errno == errno.ENOSPC
+    assert f"could not write {ckpt}" in message and f"{ckpt} was not changed" in message
+    assert "stopped after 2 epoch(s)" in message and f"--resume {ckpt}" in message
+    assert ckpt.read_bytes() == before and listing(folder) == ["run.ckpt"]
+
+
 def test_without_a_checkpoint_the_model_goes_to_the_current_folder(
     fake_mnist, tmp_path, monkeypatch
 ):
