@@ -189,8 +189,22 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     uint32 sizes, then the data, row-major. The header is read and checked first; then exactly
     the bytes it declares are read (a gzip stream decompressed no further than the declared size
     plus one byte), so a file declaring more than it holds costs no more memory than it holds.
-    Anything else (not a regular file, a damaged gzip stream, a bad header, no samples, the
-    wrong size) raises :class:`~gpubp.errors.DatasetError` naming the file.
+
+    Parameters
+    ----------
+    path : path-like
+        The file; a regular file, gzipped (``1f 8b``) or not.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape ``(d_1, ..., d_k)`` as declared (``d_1 >= 1``), in native byte order.
+
+    Raises
+    ------
+    DatasetError
+        Naming the file: not a regular file, a damaged gzip stream, a bad header (magic, type,
+        ``k`` outside 1..16), no samples, or a size other than the header declares.
     """
     path = Path(path)
     with files.open_regular(path, DatasetError) as raw:

@@ -94,12 +94,26 @@ def write_error(path: str | os.PathLike[str], exc: OSError, what: str = "") -> O
 
 
 def write_atomic(path: str | os.PathLike[str], content: bytes | Callable[[BinaryIO], None]) -> None:
-    """Write ``content`` (bytes, or a function writing to a binary file) to ``path`` atomically.
+    """Write ``content`` to ``path`` atomically.
 
-    A temporary file beside ``path`` (``O_CREAT | O_EXCL | O_NOFOLLOW``, a random name) is
-    written, flushed, fsynced and renamed over ``path``; the folder is then fsynced so the
-    rename is durable. On any failure the temporary file is removed, ``path`` is unchanged, and
-    an OS error is raised as :class:`~gpubp.errors.OutputWriteError` naming ``path``.
+    A temporary file beside ``path`` (``O_CREAT | O_EXCL | O_NOFOLLOW``, a random name, the
+    user's umask) is written, flushed, fsynced and renamed over ``path``; the folder is then
+    fsynced so the rename is durable. Temporary files of ``path`` left by killed processes are
+    removed first (:func:`remove_stale_temps`).
+
+    Parameters
+    ----------
+    path : path-like
+        The file to write; a link at ``path`` is replaced, not followed.
+    content : bytes or callable
+        The bytes, or a function that writes them to the binary file it is given.
+
+    Raises
+    ------
+    OutputWriteError
+        ``path`` is a folder, or an OS error (a full disk, a read-only folder) occurred; the
+        message names ``path`` and says it was not changed. The temporary file is removed on
+        every failure, an interrupt included.
     """
     target = Path(os.path.abspath(path))
     if target.is_dir():
@@ -174,14 +188,26 @@ def check_outputs(
     paths: dict[str, str | os.PathLike[str] | None],
     inputs: dict[str, str | os.PathLike[str] | None] | None = None,
 ) -> None:
-    """Check, before a run, that every output in ``paths`` (argument name -> path) can be
-    written: its folder exists and takes a new file (a temporary one is created and removed),
-    the path is not a folder, no two outputs share a file, and no output but ``checkpoint``
-    is one of ``inputs`` (argument name -> path; e.g. the checkpoint resumed from).
+    """Check, before a run, that every output can be written.
 
-    Raises :class:`FileNotFoundError` (no folder), :class:`~gpubp.errors.OutputPathError`
-    (a folder given, a file given twice) or :class:`~gpubp.errors.OutputWriteError` (the folder
-    is read-only or full), naming the argument.
+    Parameters
+    ----------
+    paths : dict
+        Argument name -> output path (None: not written). Each folder must exist and take a
+        new file (a temporary one is created and removed), no path may be a folder, and no two
+        outputs may share a file.
+    inputs : dict, optional
+        Argument name -> a file the run reads (the checkpoint resumed from): no output but
+        ``checkpoint`` may be one of them.
+
+    Raises
+    ------
+    FileNotFoundError
+        An output's folder does not exist.
+    OutputPathError
+        A folder given as an output, one file given twice, an input given as an output.
+    OutputWriteError
+        An output's folder is read-only or full.
     """
     seen: dict[str, str] = {}
     for what, path in paths.items():

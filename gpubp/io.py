@@ -98,12 +98,31 @@ def write_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]
 def read_npz(
     path: str | os.PathLike[str], error: type[ModelFileError] = ModelFileError
 ) -> dict[str, np.ndarray]:
-    """All arrays of a gpubp ``.npz`` file, loaded without pickle, each member's name, dtype
-    (float32/float64; ``meta`` uint8), shape and size checked against the metadata before its
-    data is read, and the values checked finite (:func:`gpubp.npzfile.read_checked_npz`).
+    """All arrays of a gpubp ``.npz`` file, loaded without pickle.
 
-    Raises ``error`` (a :class:`~gpubp.errors.ModelFileError`) naming ``path`` for anything
-    missing, malformed, oversized or not a regular file.
+    Each member's name, dtype (float32/float64; ``meta`` uint8), shape and size are checked
+    against the metadata before its data is read, and the values are checked finite
+    (:func:`gpubp.npzfile.read_checked_npz`).
+
+    Parameters
+    ----------
+    path : path-like
+        A model file or checkpoint; it must be a regular file.
+    error : type, optional
+        The :class:`~gpubp.errors.ModelFileError` subclass to raise (``CheckpointError`` for a
+        checkpoint).
+
+    Returns
+    -------
+    dict
+        ``meta`` (uint8 JSON), ``W<i>`` ``(n_{i+1}, n_i)``, ``b<i>`` ``(n_{i+1},)``, and where
+        present ``input_shift`` / ``input_scale`` ``(n_0,)`` and ``opt_<slot>_<j>``.
+
+    Raises
+    ------
+    ModelFileError
+        (``error``) naming ``path``, for anything missing, malformed, oversized, non-finite or
+        not a regular file.
     """
     return read_checked_npz(path, error)
 
