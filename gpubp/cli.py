@@ -24,6 +24,7 @@ from .errors import (
     DatasetNotFoundError,
     ModelFileError,
     NonFiniteLossError,
+    OutputPathError,
 )
 from .plots import PlotUnavailableError
 
@@ -212,6 +213,7 @@ _RUN_ERRORS = (
     DatasetNotFoundError,
     DistributedError,
     ModelFileError,
+    OutputPathError,
     PlotUnavailableError,
 )
 
@@ -244,11 +246,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .config import TrainConfig
     from .train import train
 
+    if args.override and args.resume is None:
+        print("gpubp train: --override only applies with --resume PATH", file=sys.stderr)
+        return 2
     comm = None
     try:
         settings = _train_settings(args)
         track_gradients = settings.pop("track_gradients")
-        config = TrainConfig(**settings)
+        try:
+            config = TrainConfig(**settings)
+        except ValueError as exc:  # e.g. --lr beyond the range of --dtype
+            print(f"gpubp train: {_message(exc)}", file=sys.stderr)
+            return 2
         if args.distributed:
             from .distributed import init
 
@@ -263,10 +272,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             save_path=args.save,
             track_gradients=track_gradients,
             progress=not args.quiet,
+            override=args.override or (),
         )
     except BaseException as exc:
         if isinstance(exc, NonFiniteLossError):
             message = f"{exc}; try a smaller --lr"
+            if args.resume is not None and "lr" not in (args.override or ()):
+                message += " with --override lr (a resume keeps the checkpoint's lr otherwise)"
         elif isinstance(exc, (*_RUN_ERRORS, OSError)):  # OSError: an output path not writable
             message = _message(exc)
         elif comm is None or isinstance(exc, SystemExit):
@@ -403,7 +415,7 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_train_parser(sub: Any) -> None:
-    from .config import OPTIMIZERS, SCHEDULES, TrainConfig
+    from .config import OPTIMIZERS, OVERRIDABLE, SCHEDULES, TrainConfig
     from .data import DATASET_NAMES
 
     d = TrainConfig()
@@ -471,6 +483,13 @@ def _add_train_parser(sub: Any) -> None:
         "--resume",
         metavar="PATH",
         help="continue from this checkpoint (options not given: the checkpoint's)",
+    )
+    g.add_argument(
+        "--override",
+        type=_name_list(OVERRIDABLE),
+        metavar="NAMES",
+        help="with --resume: settings that may differ from the checkpoint's (lr: continue a "
+        "diverged run with a smaller --lr)",
     )
     g.add_argument("--json", metavar="PATH", help="write the run's record (config, history)")
     g.add_argument(

@@ -20,12 +20,31 @@ class NoPreprocessingWarning(UserWarning):
     given, so they must be preprocessed as they were in training."""
 
 
-class CheckpointMismatchError(ModelFileError):
+class CheckpointError(ModelFileError):
+    """A checkpoint file is missing parts, malformed, or holds values a run cannot resume from
+    (a :class:`ModelFileError`, so ``except ModelFileError`` still catches it)."""
+
+
+class CheckpointMismatchError(CheckpointError):
     """A checkpoint was written by a run with other settings than the one resuming it."""
 
 
 class DatasetError(ValueError):
     """A dataset file is corrupt, truncated, or not what its checksum says."""
+
+
+class OutputWriteError(OSError):
+    """A result could not be written (a full disk, a read-only folder); the message names the
+    file, says what was written where instead and what is still intact. ``errno`` is the
+    underlying error's."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()  # the message, without "[Errno N]"
+
+
+class OutputPathError(ValueError):
+    """Output paths that cannot work: one file given for two outputs, a folder where a file is
+    to be written. Raised before a run starts."""
 
 
 class DatasetNotFoundError(FileNotFoundError):

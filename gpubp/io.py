@@ -11,9 +11,9 @@ input preprocessing adds ``input_shift`` and ``input_scale`` (float64, one value
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .data import write_atomic
-from .errors import ModelFileError, NoPreprocessingWarning
+from .errors import CheckpointError, ModelFileError, NoPreprocessingWarning
+from .files import write_atomic
+from .npzfile import parse_json, read_checked_npz
 from .optim import Optimizer
 from .preprocessing import Preprocessing
 
@@ -204,86 +205,84 @@ def read_model_info(
 
 
 def write_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` as an uncompressed ``.npz`` atomically (temp file, fsync, rename)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(directory)  # make the rename itself durable
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``arrays`` as an uncompressed ``.npz`` atomically (see
+    :func:`gpubp.files.write_atomic`: an unpredictable temporary name that follows no link,
+    fsync, rename)."""
+    write_atomic(path, lambda fh: np.savez(fh, **arrays))  # type: ignore[arg-type]
 
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows, where folders cannot be opened: the rename is what we have
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def read_npz(
+    path: str | os.PathLike[str], error: type[ModelFileError] = ModelFileError
+) -> dict[str, np.ndarray]:
+    """All arrays of a gpubp ``.npz`` file, loaded without pickle.
+
+    Each member's name, dtype (float32/float64; ``meta`` uint8), shape and size are checked
+    against the metadata before its data is read, and the values are checked finite
+    (:func:`gpubp.npzfile.read_checked_npz`).
+
+    Parameters
+    ----------
+    path : path-like
+        A model file or checkpoint; it must be a regular file.
+    error : type, optional
+        The :class:`~gpubp.errors.ModelFileError` subclass to raise (``CheckpointError`` for a
+        checkpoint).
+
+    Returns
+    -------
+    dict
+        ``meta`` (uint8 JSON), ``W<i>`` ``(n_{i+1}, n_i)``, ``b<i>`` ``(n_{i+1},)``, and where
+        present ``input_shift`` / ``input_scale`` ``(n_0,)`` and ``opt_<slot>_<j>``.
+
+    Raises
+    ------
+    ModelFileError
+        (``error``) naming ``path``, for anything missing, malformed, oversized, non-finite or
+        not a regular file.
+    """
+    return read_checked_npz(path, error)
 
 
-def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """All arrays of an ``.npz`` file, loaded without pickle; clear errors for bad files."""
-    try:
-        data = np.load(os.fspath(path), allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ModelFileError(f"{path}: not a gpubp model file (expected an .npz archive)")
-        with data:
-            return {k: data[k] for k in data.files}
-    except FileNotFoundError:
-        raise ModelFileError(f"{path}: no such file") from None
-    except ModelFileError:
-        raise
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise ModelFileError(
-            f"{path}: not a readable gpubp model file ({type(exc).__name__}: {exc})"
-        ) from None
-
-
-def parse_meta(arrays: dict[str, np.ndarray], path: Any, expected: str) -> dict[str, Any]:
+def parse_meta(
+    arrays: dict[str, np.ndarray],
+    path: Any,
+    expected: str,
+    error: type[ModelFileError] = ModelFileError,
+) -> dict[str, Any]:
     """The JSON metadata stored in ``arrays["meta"]``, checked for format and version."""
     raw = arrays.get("meta")
     if raw is None or raw.dtype != np.uint8 or raw.ndim != 1:
-        raise ModelFileError(f"{path}: no gpubp metadata; was it written by MLP.save?")
-    try:
-        meta = json.loads(raw.tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{path}: the metadata is not valid JSON ({exc})") from None
+        raise error(f"{path}: no gpubp metadata; was it written by MLP.save?")
+    meta = parse_json(raw.tobytes(), path, error)
     if not isinstance(meta, dict) or meta.get("format") != expected:
-        raise ModelFileError(f"{path}: not a {expected} file")
+        raise error(f"{path}: not a {expected} file")
     if meta.get("version") != FORMAT_VERSION:
-        raise ModelFileError(
+        raise error(
             f"{path}: format version {meta.get('version')!r}; this gpubp reads version "
             f"{FORMAT_VERSION}"
         )
     if not isinstance(meta.get("config"), dict):
-        raise ModelFileError(f"{path}: the metadata has no configuration")
+        raise error(f"{path}: the metadata has no configuration")
     return meta
 
 
-def check_saved_shapes(arrays: dict[str, np.ndarray], cfg: dict[str, Any], path: Any) -> None:
+def check_saved_shapes(
+    arrays: dict[str, np.ndarray],
+    cfg: dict[str, Any],
+    path: Any,
+    error: type[ModelFileError] = ModelFileError,
+) -> None:
     """Compare the stored arrays with ``layer_sizes`` before any model is built, so a file whose
     metadata claims enormous layers cannot make ``load`` allocate them."""
     sizes = cfg.get("layer_sizes")
     if not isinstance(sizes, list) or len(sizes) < 2:
-        raise ModelFileError(f"{path}: the saved configuration has no valid layer_sizes")
+        raise error(f"{path}: the saved configuration has no valid layer_sizes")
     for i in range(len(sizes) - 1):
         W, b = arrays.get(f"W{i}"), arrays.get(f"b{i}")
         if W is None or b is None:
-            raise ModelFileError(f"{path}: missing the parameter arrays of layer {i} (W{i}, b{i})")
+            raise error(f"{path}: missing the parameter arrays of layer {i} (W{i}, b{i})")
         if W.shape != (sizes[i + 1], sizes[i]) or b.shape != (sizes[i + 1],):
-            raise ModelFileError(
+            raise error(
                 f"{path}: layer {i} holds W{i} of shape {W.shape} and b{i} of shape {b.shape}; "
                 f"layer_sizes "
                 f"{sizes} says ({sizes[i + 1]}, {sizes[i]}) and ({sizes[i + 1]},)"
@@ -360,33 +359,66 @@ class Checkpoint:
             probe.load_state_dict(saved, model, model.backend, shapes, model.dtype)
             model.set_parameters(weights, biases)
         except (TypeError, ValueError) as exc:
-            raise ModelFileError(f"{self.path}: {exc}") from None
+            raise CheckpointError(f"{self.path}: {exc}") from None
         optimizer.load_state_dict(saved, model, model.backend, shapes, model.dtype)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Read and check a checkpoint written by :func:`gpubp.train.train`; never unpickles.
 
-    Raises :class:`~gpubp.errors.ModelFileError` for a missing, malformed or inconsistent file.
+    Raises :class:`~gpubp.errors.CheckpointError` (a :class:`~gpubp.errors.ModelFileError`)
+    naming ``path`` for a missing, malformed or inconsistent file: a member or metadata field of
+    the wrong type or out of range, non-float or non-finite parameters or optimizer state.
     """
-    arrays = read_npz(path)
-    meta = parse_meta(arrays, path, CHECKPOINT_FORMAT)
-    for key, kind in (
-        ("train", dict),
-        ("optimizer", dict),
-        ("position", dict),
-        ("history", dict),
-        ("counters", dict),
-    ):
-        if not isinstance(meta.get(key), kind):
-            raise ModelFileError(f"{path}: the checkpoint has no valid {key!r} section")
-    pos = meta["position"]
-    for key in ("epoch", "batch", "seen"):
-        if not isinstance(pos.get(key), int) or pos[key] < 0:
-            raise ModelFileError(f"{path}: position.{key} must be an int >= 0")
-    if not isinstance(pos.get("rng_state"), dict):
-        raise ModelFileError(f"{path}: the checkpoint has no shuffling RNG state")
-    check_saved_shapes(arrays, meta["config"], path)
+    arrays = read_npz(path, CheckpointError)
+    meta = parse_meta(arrays, path, CHECKPOINT_FORMAT, CheckpointError)
+    for key in ("train", "optimizer", "position", "history", "counters"):
+        if not isinstance(meta.get(key), dict):
+            raise CheckpointError(f"{path}: the checkpoint has no valid {key!r} section")
+    check_checkpoint_meta(meta, path)
+    check_saved_shapes(arrays, meta["config"], path, CheckpointError)
     ckpt = Checkpoint(os.fspath(path), meta, arrays)
     _ = ckpt.preprocessing  # checked now: a bad block fails the load, not the end of the run
     return ckpt
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_checkpoint_meta(meta: dict[str, Any], path: Any) -> None:
+    """Raise :class:`~gpubp.errors.CheckpointError` for a field of the checkpoint's metadata
+    of the wrong type or out of range (what a resume reads from it, checked before it starts)."""
+    from .config import TrainConfig, resume_settings  # config imports this module
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {what}; the checkpoint is damaged or not gpubp's")
+
+    pos, opt = meta["position"], meta["optimizer"]
+    for key in ("epoch", "batch", "seen"):
+        if not _count(pos.get(key)):
+            raise bad(f"position.{key} must be an int >= 0, got {pos.get(key)!r:.80}")
+    if not _finite(pos.get("loss_sum")):
+        raise bad(f"position.loss_sum must be a finite number, got {pos.get('loss_sum')!r:.80}")
+    if not isinstance(pos.get("rng_state"), dict):
+        raise bad("the checkpoint has no shuffling RNG state")
+    if not _count(opt.get("step")):
+        raise bad(f"optimizer.step must be an int >= 0, got {opt.get('step')!r:.80}")
+    if opt.get("kind") != meta["train"].get("optimizer"):
+        raise bad(f"optimizer.kind {opt.get('kind')!r:.80} is not the run's optimizer")
+    for key, value in meta["counters"].items():
+        if not _finite(value) or value < 0:
+            raise bad(f"counters.{key} must be a finite number >= 0, got {value!r:.80}")
+    for key, value in meta["history"].items():
+        if not isinstance(value, list):
+            raise bad(f"history.{key} must be a list")
+    settings = resume_settings(Checkpoint(os.fspath(path), meta, {}))
+    settings.pop("track_gradients", None)
+    try:
+        TrainConfig(**settings)
+    except (TypeError, ValueError) as exc:
+        raise bad(f"its training settings are invalid ({str(exc)[:200]})") from None
