@@ -33,7 +33,7 @@ __all__ = [
 
 #: Submodules loaded on first use, so ``import gpubp; gpubp.train.train(...)`` works without
 #: making every ``import gpubp`` pay for the training and plotting code.
-_LAZY = ("train", "gradflow", "loop", "io", "data", "plots", "cli")
+_LAZY = ("train", "gradflow", "loop", "io", "data", "plots", "cli", "sklearn")
 
 
 def __getattr__(name: str) -> Any:
