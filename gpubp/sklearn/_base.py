@@ -451,4 +451,8 @@ def _check_sample_weight(sample_weight: Any, X: np.ndarray) -> np.ndarray:
         )
     if not np.isfinite(sw).all():
         raise ValueError("sample_weight contains NaN or infinity; pass finite weights")
+    if n and not sw.any():
+        raise ValueError(
+            "Sample weights must contain at least one non-zero number; every sample_weight is 0"
+        )
     return sw
