@@ -349,7 +349,13 @@ class MLPRegressor(RegressorMixin, BaseMLP):
                 "use loss='squared_error', or sklearn.neural_network.MLPRegressor for Poisson"
             )
         if self.loss != "squared_error":
-            raise ValueError(f"loss must be 'squared_error'; got {self.loss!r}")
+            hint = (
+                "; the first positional argument of MLPRegressor is loss (as in scikit-learn), "
+                "so pass the widths as hidden_layer_sizes=..."
+                if not isinstance(self.loss, str)
+                else ""
+            )
+            raise ValueError(f"loss must be 'squared_error'; got {self.loss!r}{hint}")
 
     def _validate_input(
         self, X: Any, y: Any, incremental: bool, reset: bool
