@@ -1,9 +1,10 @@
 """scikit-learn's stochastic solver, step for step, on a gpubp backend.
 
 The gradients come from the backend's fused forward/backward (:meth:`Backend.gradients`), or,
-with sample weights, from its per-layer ops with the output error rows weighted. What
-scikit-learn adds on top is written here in the backend's array module ``xp``: its L2 penalty
-and its SGD and Adam rules, in the order scikit-learn applies them.
+with sample weights, from its per-layer ops with the output error rows weighted. scikit-learn's
+L2 penalty and its SGD and Adam rules run as the backend's fused ``sgd_update`` /
+``adam_update`` ops (PyTorch's forms), with the hyper-parameters mapped so that each step is
+scikit-learn's (see :class:`SGDRule` and :class:`AdamRule`).
 
 With ``B`` the batch, ``w`` the sample weights (all ones without them), ``S = sum_i w_i``, ``a``
 the output and ``Y`` the ``(B, n_out)`` targets (identity output with squared error, softmax
@@ -54,7 +55,12 @@ class SGDRule:
     """scikit-learn's ``SGDOptimizer``: ``v = momentum v - lr g``; the step adds ``v``, or
     ``momentum v - lr g`` again with Nesterov's momentum. ``lr`` follows ``schedule``:
     ``invscaling`` sets ``lr_init / (t + 1) ** power_t`` at the end of each epoch (``t`` the
-    samples seen), ``adaptive`` divides it by 5 when progress stalls."""
+    samples seen), ``adaptive`` divides it by 5 when progress stalls.
+
+    Run as the backend's fused ``sgd_update`` (PyTorch's form, ``buf = momentum buf + g``,
+    ``p -= lr buf`` or ``p -= lr (g + momentum buf)``): the same steps with ``v = -lr buf``,
+    so ``buf`` is rescaled by ``lr_old / lr_new`` whenever the rate changes.
+    """
 
     def __init__(
         self,
@@ -72,20 +78,21 @@ class SGDRule:
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
         self.power_t = float(power_t)
-        self.velocities = [xp.zeros_like(p) for p in params]
+        self.buffers = [xp.zeros_like(p) for p in params]
+        self._buffer_lr = self.learning_rate  # the rate the buffers hold -v / lr for
 
-    def update(self, xp: Any, params: list[Any], grads: list[Any], scratch: list[Any]) -> None:
-        lr, mu = self.learning_rate, self.momentum
-        for p, g, v, (s1, s2) in zip(params, grads, self.velocities, scratch):
-            xp.multiply(g, lr, out=s1)  # lr g
-            v *= mu
-            v -= s1  # v = mu v - lr g
-            if self.nesterov:
-                xp.multiply(v, mu, out=s2)
-                s2 -= s1
-                p += s2
-            else:
-                p += v
+    def update(
+        self, be: Backend, params: list[Any], grads: list[Any], decay: list[float], scratch: Any
+    ) -> None:
+        """One step on every parameter; ``decay[i]`` is added times ``params[i]`` to its
+        gradient (scikit-learn's L2 term)."""
+        lr = self.learning_rate
+        if self.momentum and lr != self._buffer_lr:
+            for buf in self.buffers:
+                buf *= self._buffer_lr / lr
+        self._buffer_lr = lr
+        for p, g, buf, wd, s in zip(params, grads, self.buffers, decay, scratch):
+            be.sgd_update(p, g, buf, lr, self.momentum, self.nesterov, wd, scratch=s)
 
     def iteration_ends(self, time_step: int) -> None:
         if self.schedule == "invscaling":
@@ -110,7 +117,12 @@ class SGDRule:
 class AdamRule:
     """scikit-learn's ``AdamOptimizer``: ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``,
     the step adds ``-lr_t m / (sqrt(v) + eps)`` with ``lr_t = lr sqrt(1 - b2^t) / (1 - b1^t)``
-    (epsilon outside the bias correction, unlike PyTorch's Adam)."""
+    (epsilon outside the bias correction, unlike PyTorch's Adam).
+
+    Run as the backend's fused ``adam_update`` (PyTorch's form,
+    ``p -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps')``), which is the same step with
+    ``eps' = eps / sqrt(1 - b2^t)``.
+    """
 
     def __init__(
         self, xp: Any, params: list[Any], lr: float, beta_1: float, beta_2: float, epsilon: float
@@ -122,23 +134,19 @@ class AdamRule:
         self.ms = [xp.zeros_like(p) for p in params]
         self.vs = [xp.zeros_like(p) for p in params]
 
-    def update(self, xp: Any, params: list[Any], grads: list[Any], scratch: list[Any]) -> None:
+    def update(
+        self, be: Backend, params: list[Any], grads: list[Any], decay: list[float], scratch: Any
+    ) -> None:
+        """One step on every parameter; ``decay[i]`` is added times ``params[i]`` to its
+        gradient (scikit-learn's L2 term)."""
         self.t += 1
-        b1, b2 = self.beta_1, self.beta_2
-        self.learning_rate = self.learning_rate_init * math.sqrt(1 - b2**self.t) / (1 - b1**self.t)
-        for p, g, m, v, (s1, s2) in zip(params, grads, self.ms, self.vs, scratch):
-            m *= b1
-            xp.multiply(g, 1 - b1, out=s1)
-            m += s1
-            v *= b2
-            xp.multiply(g, g, out=s1)
-            s1 *= 1 - b2
-            v += s1
-            xp.sqrt(v, out=s1)
-            s1 += self.epsilon
-            xp.multiply(m, -self.learning_rate, out=s2)
-            s2 /= s1
-            p += s2
+        b1, b2, t = self.beta_1, self.beta_2, self.t
+        root = math.sqrt(1 - b2**t)
+        self.learning_rate = self.learning_rate_init * root / (1 - b1**t)
+        eps = self.epsilon / root
+        lr = self.learning_rate_init
+        for p, g, m, v, wd, s in zip(params, grads, self.ms, self.vs, decay, scratch):
+            be.adam_update(p, g, m, v, t, lr, b1, b2, eps, wd, False, scratch=s)
 
     def iteration_ends(self, time_step: int) -> None:
         pass
@@ -190,11 +198,9 @@ class Network:
         self.alpha = float(alpha)
         self.W = [backend.asarray(np.ascontiguousarray(c.T), dtype) for c in coefs]
         self.b = [backend.asarray(np.ascontiguousarray(c), dtype) for c in intercepts]
-        # two buffers per parameter for the L2 term and the optimizer's temporaries
+        # the optimizer ops' temporaries: a flat buffer of twice the parameter's size each
         self.scratch = (
-            [(self.xp.empty_like(p), self.xp.empty_like(p)) for p in (*self.W, *self.b)]
-            if train
-            else []
+            [self.xp.empty(2 * p.size, dtype=dtype) for p in (*self.W, *self.b)] if train else []
         )
 
     @property
@@ -232,15 +238,14 @@ class Network:
                 value = value / y.shape[1]
         else:
             value, dWs, dbs, denom = self._weighted_gradients(x, y, sw)
+        L = len(self.W)
+        decay = [0.0] * (2 * L)
         if self.alpha:
-            c = self.alpha / denom
-            sq = 0.0
-            for W, dW, (s1, _) in zip(self.W, dWs, self.scratch):
-                sq = sq + xp.vdot(W, W)
-                xp.multiply(W, c, out=s1)
-                dW += s1
+            denom = float(denom)
+            decay[:L] = [self.alpha / denom] * L  # weights only
+            sq = sum(xp.vdot(W, W) for W in self.W)
             value = value + 0.5 * self.alpha * sq / denom
-        optimizer.update(xp, self.params, [*dWs, *dbs], self.scratch)
+        optimizer.update(self.backend, self.params, [*dWs, *dbs], decay, self.scratch)
         return value
 
     def _weighted_gradients(self, x: Any, y: Any, sw: Any) -> tuple[Any, list[Any], list[Any], Any]:
