@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-pytest.importorskip("sklearn")
+pytest.importorskip("sklearn", minversion="1.6")
 
 import sklearn
 from sklearn import neural_network as sk

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("sklearn")
+pytest.importorskip("sklearn", minversion="1.6")
 
 from sklearn.utils.estimator_checks import parametrize_with_checks
 

@@ -9,12 +9,21 @@ the backend of your choice (``backend=``). Needs scikit-learn (``pip install 'gp
 from __future__ import annotations
 
 try:
-    import sklearn  # noqa: F401
+    import sklearn
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "gpubp.sklearn needs scikit-learn; install it with pip install 'gpubp[sklearn]'"
     ) from exc
 
-from ._estimators import MLPClassifier, MLPRegressor
+#: The oldest scikit-learn with the estimator tags and validation API used here.
+MIN_SKLEARN = (1, 6)
+
+if tuple(int(p) for p in sklearn.__version__.split(".")[:2] if p.isdigit()) < MIN_SKLEARN:
+    raise ImportError(
+        f"gpubp.sklearn needs scikit-learn >= 1.6 (its estimator tags), found "
+        f"{sklearn.__version__}; upgrade with pip install 'gpubp[sklearn]'"
+    )
+
+from ._estimators import MLPClassifier, MLPRegressor  # noqa: E402 (after the version check)
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
