@@ -321,6 +321,11 @@ class BaseMLP(BaseEstimator):
         labels = be.asarray(np.argmax(y, axis=1)) if net.output == "softmax" else None
         sw_dev = None if sw is None else be.asarray(sw, dtype)
         sample_idx = np.arange(n_samples, dtype=int)
+        # the shuffled batches are gathered into one buffer: a fresh array per batch would be
+        # a fresh mapping (page faults) per step
+        # (NumPy buffers take's output unless mode is not 'raise'; the indices are in range)
+        gathered = be.xp.empty((batch_size, X.shape[1]), dtype=dtype)
+        take_mode = {"mode": "clip"} if be.xp is np else {}
         try:
             self.n_iter_ = 0
             for _ in range(self.max_iter):
@@ -328,9 +333,13 @@ class BaseMLP(BaseEstimator):
                     sample_idx = shuffle(sample_idx, random_state=self._random_state)
                 accumulated: Any = 0.0
                 for batch in gen_batches(n_samples, batch_size):
-                    idx = be.asarray(sample_idx[batch]) if self.shuffle else batch
+                    if self.shuffle:
+                        idx = be.asarray(sample_idx[batch])
+                        xb = be.xp.take(x_dev, idx, axis=0, out=gathered[: len(idx)], **take_mode)
+                    else:
+                        idx, xb = batch, x_dev[batch]
                     value = net.step(
-                        x_dev[idx],
+                        xb,
                         y_dev[idx],
                         None if labels is None else labels[idx],
                         None if sw_dev is None else sw_dev[idx],
