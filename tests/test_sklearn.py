@@ -197,6 +197,20 @@ def test_float32_stays_float32_and_agrees_to_float_tolerance(backend):
     assert forced.predict_proba(X).dtype == np.float32
 
 
+@pytest.mark.skipif("cupy" not in available_backends(), reason="the cupy backend cannot run here")
+@pytest.mark.parametrize("solver", ["adam", "sgd"])
+def test_same_coefficients_on_the_cupy_backend(solver):
+    """The CUDA kernels (on the emulated GPU where there is none) give scikit-learn's numbers."""
+    X, y = _data("multiclass", seed=9, n=23)
+    sw = np.random.default_rng(9).uniform(0.5, 2.0, X.shape[0])
+    for fit_params in ({}, {"sample_weight": sw}) if SK_VERSION >= (1, 7) else ({},):
+        theirs, ours = _pair("multiclass", "cupy", solver=solver, alpha=0.01, max_iter=2)
+        theirs.fit(X, y, **fit_params)
+        ours.fit(X, y, **fit_params)
+        _assert_same(theirs, ours)
+        np.testing.assert_allclose(ours.predict_proba(X), theirs.predict_proba(X), rtol=1e-7)
+
+
 def test_works_in_pipeline_grid_search_cross_val_and_clone():
     X, y = _data("binary", seed=8, n=90)
     pipe = make_pipeline(StandardScaler(), MLPClassifier((8,), max_iter=20, random_state=0))
