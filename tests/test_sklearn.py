@@ -119,6 +119,9 @@ def test_same_coefficients_for_every_target_kind_and_activation(backend, kind, a
     if kind in ("binary", "multiclass", "multilabel"):
         np.testing.assert_array_equal(ours.classes_, theirs.classes_)
         np.testing.assert_allclose(ours.predict_proba(X), theirs.predict_proba(X), rtol=1e-7)
+        np.testing.assert_allclose(
+            ours.predict_log_proba(X), theirs.predict_log_proba(X), rtol=1e-7, atol=1e-12
+        )
         np.testing.assert_array_equal(ours.predict(X), theirs.predict(X))
     else:
         np.testing.assert_allclose(ours.predict(X), theirs.predict(X), rtol=1e-7, atol=1e-10)
