@@ -242,8 +242,9 @@ def test_clear_errors_and_a_rejected_call_changes_nothing():
         MLPClassifier(hidden_layer_sizes=(3, 0)).fit(X, y)
     with pytest.raises(ValueError, match="momentum"):
         MLPClassifier(momentum=1.5).fit(X, y)
-    with pytest.raises(ValueError, match="dtype"):
-        MLPClassifier(dtype="int32").fit(X, y)
+    for dtype in ("int32", "floaty"):
+        with pytest.raises(ValueError, match="dtype"):
+            MLPClassifier(dtype=dtype).fit(X, y)
     with pytest.raises(NotFittedError):
         MLPClassifier().predict(X)
     est = MLPClassifier((6,), max_iter=3, random_state=0, backend="numpy").fit(X, y)

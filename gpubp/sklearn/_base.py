@@ -40,6 +40,13 @@ def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not _is_bool(value)
 
 
+def _dtype_name(value: Any) -> str | None:
+    try:
+        return np.dtype(value).name
+    except TypeError:
+        return None
+
+
 def _fail(name: str, value: object, expected: str) -> ValueError:
     return ValueError(f"{name} must be {expected}; got {value!r}")
 
@@ -157,7 +164,7 @@ class BaseMLP(BaseEstimator):
                 raise _fail(name, getattr(self, name), "True or False")
         if not (_is_bool(self.verbose) or _is_int(self.verbose)):
             raise _fail("verbose", self.verbose, "a bool or an int")
-        if self.dtype is not None and str(np.dtype(self.dtype)) not in ("float32", "float64"):
+        if self.dtype is not None and _dtype_name(self.dtype) not in ("float32", "float64"):
             raise _fail(
                 "dtype",
                 self.dtype,
