@@ -1,4 +1,5 @@
-"""The ``gpubp`` command line: ``train``, ``gradflow``, ``bench``, ``check`` and ``info``."""
+"""The ``gpubp`` command line: ``train``, ``evaluate``, ``gradflow``, ``bench``, ``check`` and
+``info``."""
 
 from __future__ import annotations
 
@@ -312,6 +313,74 @@ def _cmd_gradflow(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .evaluate import evaluate_model
+    from .io import write_json
+    from .model import MLP
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = MLP.load(args.model, backend=args.backend)
+            record = evaluate_model(model, args.dataset, args.data_dir, where=args.model)
+        _print_warnings(caught)
+        record["model"] = args.model
+        if args.json is not None:
+            write_json(args.json, record)
+    except (*_RUN_ERRORS, OSError) as exc:
+        print(f"gpubp evaluate: {_message(exc)}", file=sys.stderr)
+        return 1
+    accuracy = "n/a" if record["accuracy"] is None else f"{record['accuracy']:.4f}"
+    trained = record["trained_on"] or "an unrecorded dataset"
+    print(
+        f"test accuracy {accuracy} (loss {record['loss']:.4f}) on {record['test_samples']} "
+        f"{record['dataset']} test samples | {args.model}: {record['layer_sizes']}, trained on "
+        f"{trained} | backend {record['backend']} {record['dtype']}"
+    )
+    return 0
+
+
+def _print_warnings(caught: list[Any]) -> None:
+    """The warnings of ``gpubp evaluate`` on stderr; of the two a model without preprocessing
+    can raise (the old file on load, the raw images at scoring), the first alone."""
+    from .errors import NoPreprocessingWarning
+
+    said_no_preprocessing = False
+    for w in caught:
+        if issubclass(w.category, NoPreprocessingWarning):
+            if said_no_preprocessing:
+                continue
+            said_no_preprocessing = True
+        print(f"gpubp evaluate: warning: {w.message}", file=sys.stderr)
+
+
+def _add_evaluate_parser(sub: Any) -> None:
+    from .data import DATASET_NAMES
+
+    p = sub.add_parser(
+        "evaluate",
+        help="score a saved model on a dataset's test split",
+        description="Load a model saved by gpubp train --save (or MLP.save) and print its "
+        "accuracy and loss on the raw test images of a dataset (pixel values 0..255 for "
+        "MNIST and Fashion-MNIST, 0..16 for digits), through the preprocessing saved in the "
+        "model. Warns when the model carries none (a file from an older gpubp) or was trained "
+        "on another dataset.",
+    )
+    p.add_argument("model", metavar="MODEL", help="the model file (.npz)")
+    p.add_argument(
+        "--dataset",
+        choices=DATASET_NAMES,
+        help="the dataset to score on (default: the one the model was trained on)",
+    )
+    p.add_argument("--data-dir", help="folder with the IDX files (also $GPUBP_DATA)")
+    p.add_argument("--backend", default="auto", choices=("auto", *BACKEND_NAMES))
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    _show_defaults(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+
 _QUIET = "no live progress bar (the epoch lines and the summary stay)"
 
 
@@ -482,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gpubp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train_parser(sub)
+    _add_evaluate_parser(sub)
     _add_gradflow_parser(sub)
     check = sub.add_parser(
         "check",

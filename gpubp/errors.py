@@ -15,6 +15,11 @@ class ModelFileError(ValueError):
     """A saved model or checkpoint file is missing parts, malformed, or does not match."""
 
 
+class NoPreprocessingWarning(UserWarning):
+    """A model file written before models carried their preprocessing: its inputs are used as
+    given, so they must be preprocessed as they were in training."""
+
+
 class CheckpointMismatchError(ModelFileError):
     """A checkpoint was written by a run with other settings than the one resuming it."""
 

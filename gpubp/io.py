@@ -2,7 +2,9 @@
 read without pickle.
 
 A model file (:meth:`gpubp.MLP.save`) holds ``W0.. b0..`` and ``meta`` (format, version, the
-model's configuration). A checkpoint (:func:`gpubp.train.train`) adds the optimizer's slots
+model's configuration, and ``preprocessing``, ``dataset``, ``labels``). A model that carries
+input preprocessing adds ``input_shift`` and ``input_scale`` (float64, one value per input;
+:mod:`gpubp.preprocessing`). A checkpoint (:func:`gpubp.train.train`) adds the optimizer's slots
 (``opt_<slot>_<i>``) and, in ``meta``, the run's settings, its position and its history.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .data import write_atomic
-from .errors import ModelFileError
+from .errors import ModelFileError, NoPreprocessingWarning
 from .optim import Optimizer
+from .preprocessing import Preprocessing
 
 if TYPE_CHECKING:
     from .model import MLP
@@ -29,13 +33,17 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "FORMAT",
     "FORMAT_VERSION",
+    "PREPROCESSING_MEMBERS",
     "Checkpoint",
     "check_output_folders",
     "check_saved_shapes",
     "load_checkpoint",
     "parameter_arrays",
     "parse_meta",
+    "preprocessing_entries",
+    "read_model_info",
     "read_npz",
+    "read_preprocessing",
     "save_checkpoint",
     "save_model",
     "write_json",
@@ -45,6 +53,9 @@ __all__ = [
 FORMAT = "gpubp-mlp"
 FORMAT_VERSION = 1
 CHECKPOINT_FORMAT = "gpubp-checkpoint"
+#: The arrays that hold a model's input preprocessing, ``x' = (x - input_shift) * input_scale``.
+PREPROCESSING_MEMBERS = ("input_shift", "input_scale")
+_ABSENT = object()  # a metadata key that is not there (None is JSON's null)
 
 
 def check_output_folders(**paths: str | os.PathLike[str] | None) -> None:
@@ -79,12 +90,117 @@ def save_model(
     config: dict[str, Any],
     weights: Sequence[np.ndarray],
     biases: Sequence[np.ndarray],
+    preprocessing: Preprocessing | None = None,
+    dataset: str | None = None,
+    labels: Sequence[str] | None = None,
 ) -> None:
-    """Write a model file: its configuration and parameters."""
+    """Write a model file: its configuration, parameters, input preprocessing (``None``: the
+    model has none, recorded as such), and the dataset and label names it was trained on."""
     arrays = parameter_arrays(weights, biases)
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": config}
+    meta.update(preprocessing_entries(arrays, preprocessing))
+    meta["dataset"] = dataset
+    meta["labels"] = None if labels is None else list(labels)
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     write_npz_atomic(path, arrays)
+
+
+def preprocessing_entries(
+    arrays: dict[str, np.ndarray], preprocessing: Preprocessing | None
+) -> dict[str, Any]:
+    """Add ``input_shift``/``input_scale`` to ``arrays`` (when there is a preprocessing) and
+    return the metadata entry that goes with them: ``{"preprocessing": {...} or None}``."""
+    if preprocessing is None:
+        return {"preprocessing": None}
+    arrays["input_shift"] = np.array(preprocessing.shift, dtype=np.float64)
+    arrays["input_scale"] = np.array(preprocessing.scale, dtype=np.float64)
+    return {"preprocessing": preprocessing.meta()}
+
+
+def read_preprocessing(
+    arrays: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    n_inputs: int,
+    path: Any,
+    warn_if_absent: bool = True,
+) -> Preprocessing | None:
+    """The input preprocessing stored in a model file or checkpoint, checked; ``None`` if it
+    has none.
+
+    ``meta["preprocessing"]`` says whether there is one: a dict (then both ``input_shift`` and
+    ``input_scale`` must be there, float 1-D of length ``n_inputs``, finite) or ``None`` (then
+    neither may be). A file without the key was written before models carried their
+    preprocessing: it loads, with a :class:`~gpubp.errors.NoPreprocessingWarning` when
+    ``warn_if_absent``, unless it holds the two arrays. Anything else is a
+    :class:`~gpubp.errors.ModelFileError` naming the file and what is wrong.
+    """
+    present = [name for name in PREPROCESSING_MEMBERS if name in arrays]
+    declared = meta.get("preprocessing", _ABSENT)
+    if declared is not None and declared is not _ABSENT and not isinstance(declared, dict):
+        raise ModelFileError(
+            f"{path}: the metadata's 'preprocessing' entry is {type(declared).__name__}; "
+            "expected an object or null"
+        )
+    if not present:
+        if isinstance(declared, dict):
+            raise ModelFileError(
+                f"{path}: the metadata declares an input preprocessing but the file holds "
+                "neither input_shift nor input_scale; the file is incomplete, save the model "
+                "again"
+            )
+        if declared is _ABSENT and warn_if_absent:
+            warnings.warn(
+                f"{path} carries no input preprocessing (it was written before gpubp saved it "
+                "with the model): inputs go to the network as given, so standardise them as "
+                "they were in training, or save the model again with this version",
+                NoPreprocessingWarning,
+                stacklevel=3,
+            )
+        return None
+    if len(present) == 1:
+        missing = next(n for n in PREPROCESSING_MEMBERS if n not in arrays)
+        raise ModelFileError(
+            f"{path}: holds {present[0]} but not {missing}; an input preprocessing needs both "
+            "(the file is damaged or was assembled by hand)"
+        )
+    if declared is None:
+        raise ModelFileError(
+            f"{path}: holds input_shift and input_scale but its metadata says the model has "
+            "no preprocessing; the file is inconsistent"
+        )
+    for name in PREPROCESSING_MEMBERS:
+        arr = arrays[name]
+        if arr.dtype.kind != "f" or arr.shape != (n_inputs,):
+            raise ModelFileError(
+                f"{path}: {name} is {arr.dtype} of shape {arr.shape}; expected float of shape "
+                f"({n_inputs},), one value per input of the model"
+            )
+        if not np.isfinite(arr).all():
+            raise ModelFileError(f"{path}: {name} contains NaN or infinity")
+    info = declared if isinstance(declared, dict) else {}
+    kind, description = info.get("kind", "custom"), info.get("description", "")
+    if not isinstance(kind, str) or not isinstance(description, str):
+        raise ModelFileError(f"{path}: the preprocessing's kind and description must be text")
+    return Preprocessing(arrays["input_shift"], arrays["input_scale"], kind, description)
+
+
+def read_model_info(
+    meta: dict[str, Any], n_outputs: int, path: Any
+) -> tuple[str | None, tuple[str, ...] | None]:
+    """``(dataset, labels)`` recorded in a model file's metadata (``None`` where absent),
+    checked: a name, and one label name per output."""
+    dataset, labels = meta.get("dataset"), meta.get("labels")
+    if dataset is not None and not isinstance(dataset, str):
+        raise ModelFileError(f"{path}: the metadata's 'dataset' must be a name or null")
+    if labels is None:
+        return dataset, None
+    if not isinstance(labels, list) or not all(isinstance(v, str) for v in labels):
+        raise ModelFileError(f"{path}: the metadata's 'labels' must be a list of names or null")
+    if len(labels) != n_outputs:
+        raise ModelFileError(
+            f"{path}: the metadata names {len(labels)} labels for a model with {n_outputs} outputs"
+        )
+    return dataset, tuple(labels)
 
 
 def write_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
@@ -182,11 +298,13 @@ def save_checkpoint(
     position: dict[str, Any],
     history: dict[str, list[Any]],
     counters: dict[str, float],
+    preprocessing: Preprocessing | None = None,
 ) -> None:
     """Write a checkpoint atomically (temp file, flush, fsync, rename); no pickle.
 
     ``train`` holds the run's settings (``optimizer`` names the optimizer's kind); ``position``
-    where in the run it stands (epoch, batch, the shuffling RNG's state, the loss so far).
+    where in the run it stands (epoch, batch, the shuffling RNG's state, the loss so far);
+    ``preprocessing`` the input preprocessing the run's model carries (as in a model file).
     """
     arrays = parameter_arrays(*model.get_parameters())
     state = optimizer.state_dict()
@@ -203,6 +321,7 @@ def save_checkpoint(
         "history": history,
         "counters": counters,
     }
+    meta.update(preprocessing_entries(arrays, preprocessing))
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     write_npz_atomic(path, arrays)
 
@@ -218,6 +337,13 @@ class Checkpoint:
     @property
     def train_config(self) -> dict[str, Any]:
         return dict(self.meta["train"])
+
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        """The input preprocessing the run's model carries (``None``: none, or a checkpoint
+        written before checkpoints recorded it)."""
+        n_inputs = int(self.meta["config"]["layer_sizes"][0])
+        return read_preprocessing(self.arrays, self.meta, n_inputs, self.path, False)
 
     def restore(self, model: MLP, optimizer: Optimizer) -> None:
         """Load parameters and optimizer state (everything checked before anything changes)."""
@@ -261,4 +387,6 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if not isinstance(pos.get("rng_state"), dict):
         raise ModelFileError(f"{path}: the checkpoint has no shuffling RNG state")
     check_saved_shapes(arrays, meta["config"], path)
-    return Checkpoint(os.fspath(path), meta, arrays)
+    ckpt = Checkpoint(os.fspath(path), meta, arrays)
+    _ = ckpt.preprocessing  # checked now: a bad block fails the load, not the end of the run
+    return ckpt

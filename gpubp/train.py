@@ -8,7 +8,11 @@ This is ``gpubp train`` and ``gpubp gradflow`` as a Python API::
 
 A run loads the dataset once, standardises it, holds out a seeded validation split, puts the data
 on the backend's device once, and trains in shuffled mini-batches with a learning rate that
-follows the chosen schedule step by step. A checkpoint written each epoch (and on Ctrl-C) holds
+follows the chosen schedule step by step. The network trains on the standardised data; at the end
+the model takes on the standardisation as its :attr:`~gpubp.MLP.preprocessing`, written for raw
+inputs (:func:`gpubp.evaluate.dataset_preprocessing`), with the dataset's and labels' names, and
+the test accuracy is measured on the raw test images through it: the number a saved model gives
+on raw data. A checkpoint written each epoch (and on Ctrl-C) holds
 everything the run depends on: parameters, optimizer state, the position in the epoch, the
 shuffling RNG and the history, so ``resume`` ends with the same parameters as a run that was never
 interrupted (same backend, same BLAS threads).
@@ -38,7 +42,8 @@ from .config import (
     check_resume,
     resume_settings,
 )
-from .errors import ModelFileError
+from .errors import CheckpointMismatchError, ModelFileError
+from .evaluate import dataset_preprocessing, raw_test_split
 from .gradflow import PROBE_SAMPLES, gradflow, gradient_norms
 from .io import (
     Checkpoint,
@@ -187,10 +192,21 @@ class _Run:
             log(f"data parallel over {comm.size} MPI rank(s); {note}")
         self.start = Position()
         self.loss_sum = 0.0
+        #: the standardisation of ``ds`` on raw inputs: the model takes it on at the end of the
+        #: run (it trains on data standardised beforehand, with no per-step cost)
+        self.preprocessing = dataset_preprocessing(ds)
 
     def resume_from(self, ckpt: Checkpoint) -> None:
         """Continue where ``ckpt`` stopped (checked against this run first)."""
         check_resume(ckpt, self.config, self.ds.name, self.model, self.track_gradients)
+        saved = ckpt.preprocessing
+        if saved is not None and not saved.equals(self.preprocessing, rtol=1e-6):
+            raise CheckpointMismatchError(
+                f"{ckpt.path} was trained on data standardised with other statistics than "
+                f"{self.ds.name}'s here ({saved.description} against "
+                f"{self.preprocessing.description}); the dataset's files have changed. Resume "
+                "with the data it was trained on, or start afresh without --resume"
+            )
         ckpt.restore(self.model, self.optimizer)
         pos = ckpt.meta["position"]
         self.start = Position(pos["epoch"], pos["batch"], pos["seen"])
@@ -320,7 +336,7 @@ class _Run:
         }
         save_checkpoint(
             self.checkpoint, self.model, self.optimizer, train_cfg, position, self.history,
-            self.all_counters(),
+            self.all_counters(), self.preprocessing,
         )  # fmt: skip
 
     def result(self, interrupted: bool) -> TrainResult:
@@ -431,12 +447,16 @@ def train(
     else:
         interrupted = run.train(progress)
     result = run.result(interrupted)
+    model = run.model  # from here on a model of raw inputs, as it is saved
+    model.preprocessing = run.preprocessing
+    model.dataset, model.labels = ds.name, tuple(ds.classes)
     if interrupted:  # no test evaluation: stop promptly (mpirun allows little time after SIGTERM)
         where = result.checkpoint
         log(f"interrupted after {result.epochs_done} epoch(s); checkpoint written to {where}")
         log(f"continue with the same command plus: --resume {where}")
     else:
-        ev = run.model.evaluate(ds.x_test, ds.y_test)
+        raw = raw_test_split(ds.name, ds.source if ds.name in data.DATASETS else None)
+        ev = model.evaluate(raw.x, raw.y)
         result.test_loss, result.test_accuracy = ev["loss"], ev["accuracy"]
     result.wall_seconds = time.perf_counter() - t_start
     if comm is not None:
