@@ -225,6 +225,10 @@ def test_works_in_pipeline_grid_search_cross_val_and_clone():
         MLPRegressor(hidden_layer_sizes=(5,), max_iter=10), *_data("single", n=60), cv=3
     )
     assert scores.shape == (3,)
+    for ours, theirs in ((MLPClassifier, sk.MLPClassifier), (MLPRegressor, sk.MLPRegressor)):
+        # scikit-learn's parameters, and theirs only plus backend and dtype
+        assert set(ours().get_params()) == set(theirs().get_params()) | {"backend", "dtype"}
+        assert ours(**theirs(alpha=0.5).get_params()).get_params()["alpha"] == 0.5
     est = MLPClassifier((4, 3), solver="sgd", backend="numpy", dtype="float64")
     copy = clone(est)
     assert copy.get_params() == est.get_params() and copy is not est

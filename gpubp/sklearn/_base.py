@@ -81,6 +81,7 @@ class BaseMLP(BaseEstimator):
         beta_2: float = 0.999,
         epsilon: float = 1e-8,
         n_iter_no_change: int | float = 10,
+        max_fun: int = 15000,
         backend: str | Backend = "auto",
         dtype: str | None = None,
     ) -> None:
@@ -106,6 +107,7 @@ class BaseMLP(BaseEstimator):
         self.beta_2 = beta_2
         self.epsilon = epsilon
         self.n_iter_no_change = n_iter_no_change
+        self.max_fun = max_fun
         self.backend = backend
         self.dtype = dtype
 
@@ -139,6 +141,7 @@ class BaseMLP(BaseEstimator):
             ("learning_rate_init", lambda v: _is_real(v) and 0 < v < math.inf, "a number > 0"),
             ("power_t", lambda v: _is_real(v) and 0 <= v < math.inf, "a number >= 0"),
             ("max_iter", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+            ("max_fun", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
             ("tol", lambda v: _is_real(v) and 0 <= v < math.inf, "a number >= 0"),
             ("momentum", lambda v: _is_real(v) and 0 <= v <= 1, "a number in [0, 1]"),
             ("validation_fraction", lambda v: _is_real(v) and 0 <= v < 1, "a number in [0, 1)"),

@@ -58,6 +58,9 @@ _DOC_PARAMETERS = """
         Adam: ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``, the step adds
         ``-lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + epsilon)``.
     n_iter_no_change : int, default=10
+    max_fun : int, default=15000
+        Only used by scikit-learn's 'lbfgs' solver, which gpubp refuses; accepted so that a
+        parameter set from scikit-learn's estimator (``get_params()``) carries over.
     backend : str or Backend, default='auto'
         gpubp's backend: 'numpy', 'numba', 'cupy' or 'auto' (the best that runs here).
     dtype : {None, 'float32', 'float64'}, default=None
@@ -133,6 +136,7 @@ class MLPClassifier(ClassifierMixin, BaseMLP):
         beta_2: float = 0.999,
         epsilon: float = 1e-8,
         n_iter_no_change: int | float = 10,
+        max_fun: int = 15000,
         backend: str | Backend = "auto",
         dtype: str | None = None,
     ) -> None:
@@ -159,6 +163,7 @@ class MLPClassifier(ClassifierMixin, BaseMLP):
             beta_2=beta_2,
             epsilon=epsilon,
             n_iter_no_change=n_iter_no_change,
+            max_fun=max_fun,
             backend=backend,
             dtype=dtype,
         )
@@ -311,6 +316,7 @@ class MLPRegressor(RegressorMixin, BaseMLP):
         beta_2: float = 0.999,
         epsilon: float = 1e-8,
         n_iter_no_change: int | float = 10,
+        max_fun: int = 15000,
         backend: str | Backend = "auto",
         dtype: str | None = None,
     ) -> None:
@@ -338,6 +344,7 @@ class MLPRegressor(RegressorMixin, BaseMLP):
             beta_2=beta_2,
             epsilon=epsilon,
             n_iter_no_change=n_iter_no_change,
+            max_fun=max_fun,
             backend=backend,
             dtype=dtype,
         )
