@@ -41,7 +41,18 @@ __all__ = [
 
 #: Submodules loaded on first use, so ``import gpubp; gpubp.train.train(...)`` works without
 #: making every ``import gpubp`` pay for the training and plotting code.
-_LAZY = ("train", "evaluate", "gradflow", "loop", "io", "data", "plots", "cli", "interop")
+_LAZY = (
+    "train",
+    "evaluate",
+    "gradflow",
+    "loop",
+    "io",
+    "data",
+    "plots",
+    "cli",
+    "interop",
+    "sklearn",
+)
 
 
 def __getattr__(name: str) -> Any:
