@@ -1,0 +1,239 @@
+"""The optimizer step of :class:`~gpubp.backends.base.Backend`, written against ``xp``.
+
+Two layers:
+
+- the ops :meth:`UpdateOps.sgd_update` and :meth:`UpdateOps.adam_update` apply one rule to one
+  parameter, in place, or into given ``out=`` arrays (the inputs are then left as they were);
+- :meth:`UpdateOps.checked_update` applies the optimizer to every parameter only if every new
+  parameter and every new state value is finite. It computes them all into staging arrays
+  first (kept per model, so a steady-state step allocates nothing), checks them (one reduction
+  per array), and only then copies them over the parameters and state. A rejected step raises
+  :class:`~gpubp.errors.NonFiniteLossError` and leaves everything as it was. A NaN or infinite
+  gradient makes its new parameter non-finite, so the gradients are covered by the same check.
+
+The arithmetic stays in the arrays' dtype: the scalars are Python floats, which NumPy (2.x)
+and CuPy cast to the array's dtype instead of promoting the array.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any
+
+from ..errors import NonFiniteLossError
+
+
+class UpdateOps:
+    """The update ops and the checked step; a mixin of :class:`~gpubp.backends.base.Backend`,
+    which provides ``xp`` and :meth:`check_finite`."""
+
+    xp: Any
+    _stagings: OrderedDict[Any, list[tuple[Any, ...]]]
+    #: Staging arrays kept for this many models (parameter shapes, dtype, state slots).
+    max_stagings = 2
+
+    def check_finite(self, value: Any, dWs: list[Any], dbs: list[Any]) -> None:
+        raise NotImplementedError  # pragma: no cover - Backend's
+
+    def sgd_update(
+        self,
+        param: Any,
+        grad: Any,
+        buf: Any,
+        lr: float,
+        momentum: float,
+        nesterov: bool,
+        weight_decay: float,
+        *,
+        scratch: Any = None,
+        out: tuple[Any, Any] | None = None,
+    ) -> tuple[Any, Any]:
+        """SGD step on one parameter ``(n, ...)``; see :func:`gpubp.reference.sgd_update`.
+
+        ``g' = grad + wd p``; with momentum ``buf' = mu buf + g'`` and
+        ``p' = p - lr (g' + mu buf')`` (Nesterov) or ``p' = p - lr buf'``; else
+        ``p' = p - lr g'``. Written in place into ``param`` and ``buf``, or into
+        ``out = (p', buf')`` (arrays of their shapes; ``buf'`` None without momentum), leaving
+        the inputs unchanged. ``scratch``: an optional flat buffer of at least
+        ``2 * param.size`` elements. Returns ``(p', buf')``.
+        """
+        xp = self.xp
+        p_out, b_out = (param, buf) if out is None else out
+        s = self._pscratch(param, scratch, 0)
+        g = grad
+        if weight_decay:
+            xp.multiply(param, weight_decay, out=s)
+            s += grad
+            g = s
+        if momentum:
+            xp.multiply(buf, momentum, out=b_out)
+            b_out += g
+            if nesterov:  # p' = p - lr g' - lr mu buf'
+                xp.multiply(g, lr, out=s)
+                xp.subtract(param, s, out=p_out)
+                xp.multiply(b_out, lr * momentum, out=s)
+                p_out -= s
+                return p_out, b_out
+            xp.multiply(b_out, lr, out=s)
+        else:
+            xp.multiply(g, lr, out=s)
+        xp.subtract(param, s, out=p_out)
+        return p_out, b_out
+
+    def adam_update(
+        self,
+        param: Any,
+        grad: Any,
+        m: Any,
+        v: Any,
+        step: int,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        decoupled: bool,
+        *,
+        scratch: Any = None,
+        out: tuple[Any, Any, Any] | None = None,
+    ) -> tuple[Any, Any, Any]:
+        """Adam / AdamW step on one parameter; see :func:`gpubp.reference.adam_update`.
+
+        ``m' = b1 m + (1 - b1) g``, ``v' = b2 v + (1 - b2) g^2`` and, with ``t = step``,
+        ``p' = p shrink - lr / (1 - b1^t) m' / (sqrt(v' / (1 - b2^t)) + eps)``, computed as
+        ``p shrink - [lr sqrt(1 - b2^t) / (1 - b1^t)] m' / (sqrt(v') + eps sqrt(1 - b2^t))``
+        (one pass fewer). Adam: ``g = grad + wd p``, ``shrink = 1``; AdamW (``decoupled``):
+        ``g = grad``, ``shrink = 1 - lr wd``. In place into ``param``, ``m``, ``v``, or into
+        ``out = (p', m', v')``, leaving the inputs unchanged. ``scratch``: an optional flat
+        buffer of at least ``2 * param.size`` elements. Returns ``(p', m', v')``.
+        """
+        xp = self.xp
+        p_out, m_out, v_out = (param, m, v) if out is None else out
+        s1 = self._pscratch(param, scratch, 0)
+        s2 = self._pscratch(param, scratch, 1)
+        g = grad
+        if weight_decay and not decoupled:
+            xp.multiply(param, weight_decay, out=s1)
+            s1 += grad
+            g = s1
+        xp.multiply(m, beta1, out=m_out)
+        xp.multiply(g, 1.0 - beta1, out=s2)
+        m_out += s2
+        xp.multiply(g, g, out=s2)
+        s2 *= 1.0 - beta2
+        xp.multiply(v, beta2, out=v_out)
+        v_out += s2
+        root_bc2 = math.sqrt(1.0 - beta2**step)
+        xp.sqrt(v_out, out=s2)
+        s2 += eps * root_bc2
+        xp.divide(m_out, s2, out=s2)
+        s2 *= lr * root_bc2 / (1.0 - beta1**step)
+        if weight_decay and decoupled:
+            xp.multiply(param, 1.0 - lr * weight_decay, out=p_out)
+            p_out -= s2
+        else:
+            xp.subtract(param, s2, out=p_out)
+        return p_out, m_out, v_out
+
+    def _pscratch(self, param: Any, scratch: Any, k: int) -> Any:
+        if scratch is None:
+            return self.xp.empty_like(param)
+        n = param.size
+        return scratch[k * n : (k + 1) * n].reshape(param.shape)
+
+    def update_parameters(
+        self,
+        params: list[Any],
+        grads: list[Any],
+        optimizer: Any,
+        state: dict[str, Any],
+        *,
+        scratch: Any = None,
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """Apply ``optimizer`` to every parameter in place (order ``W^1..W^L, b^1..b^L``),
+        unchecked: what the rule gives is written, NaN included.
+
+        The optimizer calls this backend's own op (``sgd_update``, ``adam_update``) on each
+        parameter. ``state["step"]`` is incremented, and each slot array updated in place.
+        """
+        _, new_state = optimizer.update(self, params, grads, state, scratch=scratch)
+        state["step"] = new_state["step"]
+        return params, state
+
+    def checked_update(
+        self,
+        value: Any,
+        params: list[Any],
+        grads: list[Any],
+        optimizer: Any,
+        state: dict[str, Any],
+        *,
+        scratch: Any = None,
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """:meth:`update_parameters`, but only if every new parameter and state value is finite.
+
+        The new values are computed into staging arrays, checked, then copied over the
+        parameters and state. Otherwise :class:`~gpubp.errors.NonFiniteLossError` is raised
+        (naming the gradient if one is not finite, else the parameter) and nothing is changed.
+        ``value`` is the loss, for the message.
+        """
+        xp = self.xp
+        outs = self._staging(params, optimizer)
+        optimizer.update(self, params, grads, state, scratch=scratch, outs=outs)
+        for i, row in enumerate(outs):
+            if not all(a is None or _all_finite(xp, a) for a in row):
+                raise self._rejected(value, params, grads, optimizer, i)
+        slots = [state.get(s) for s in optimizer.op_slots]
+        for i, (p, row) in enumerate(zip(params, outs)):
+            xp.copyto(p, row[0])
+            for k, col in enumerate(slots):
+                if col is not None and row[k + 1] is not None:
+                    xp.copyto(col[i], row[k + 1])
+        state["step"] = int(state["step"]) + 1
+        return params, state
+
+    def _staging(self, params: list[Any], optimizer: Any) -> list[tuple[Any, ...]]:
+        """Per parameter ``(p', slot'...)`` arrays (None for an absent slot), kept per model."""
+        have = set(optimizer.slots)
+        key = (
+            tuple(tuple(p.shape) for p in params),
+            str(params[0].dtype),
+            tuple(s in have for s in optimizer.op_slots),
+        )
+        cache = self._stagings
+        outs = cache.get(key)
+        if outs is None:
+            empty = self.xp.empty_like
+            outs = [
+                (empty(p), *(empty(p) if s in have else None for s in optimizer.op_slots))
+                for p in params
+            ]
+            cache[key] = outs
+            while len(cache) > self.max_stagings:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(key)
+        return outs
+
+    def _rejected(
+        self, value: Any, params: list[Any], grads: list[Any], optimizer: Any, i: int
+    ) -> NonFiniteLossError:
+        """The error for a step whose update of parameter ``i`` (or its state) is not finite:
+        the gradient's (raised by :meth:`check_finite`) if one is not finite, else this one."""
+        L = len(grads) // 2
+        self.check_finite(value, grads[:L], grads[L:])  # raises if a gradient is to blame
+        name = f"W[{i}]" if i < L else f"b[{i - L}]"
+        dtype = params[i].dtype
+        return NonFiniteLossError(
+            f"the update would make {name} or its optimizer state NaN or infinite in {dtype} "
+            f"(the loss {float(value):.6g} and every gradient are finite; lr={optimizer.lr:g}); "
+            "the step was skipped and the parameters and optimizer state kept. Lower the "
+            "learning rate"
+        )
+
+
+def _all_finite(xp: Any, a: Any) -> bool:
+    """Whether ``a`` holds no NaN or infinity: one sum, confirmed elementwise only if the sum
+    is not finite (finite values whose sum overflows)."""
+    return math.isfinite(float(xp.sum(a))) or bool(xp.isfinite(a).all())
