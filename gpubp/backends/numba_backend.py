@@ -79,11 +79,11 @@ def _adam_scalars(
     """The scalars of :func:`.numba_optim.adam_check` / ``adam_apply``: derived in float64,
     each rounded once to ``dtype``."""
     t = np.dtype(dtype).type
-    step_size = lr / (1.0 - beta1**step)
-    c = 1.0 / math.sqrt(1.0 - beta2**step)
+    root_bc2 = math.sqrt(1.0 - beta2**step)
+    alpha = lr * root_bc2 / (1.0 - beta1**step)
     shrink = 1.0 - lr * weight_decay if decoupled else 1.0
     l2 = 0.0 if decoupled else weight_decay
-    values = (beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, step_size, c, shrink, l2)
+    values = (beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps * root_bc2, alpha, shrink, l2)
     with np.errstate(over="ignore"):
         return tuple(t(x) for x in values)
 

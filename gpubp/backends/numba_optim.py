@@ -25,9 +25,10 @@ Rules (``torch.optim``'s; ``t`` the step, ``g`` the gradient):
 - SGD: ``g' = g + wd p``; momentum ``buf = mu buf + g'``; ``p -= lr (g' + mu buf)``
   (Nesterov) or ``p -= lr buf``; without momentum ``p -= lr g'``.
 - Adam / AdamW: ``g' = g + l2 p``; ``m = b1 m + (1 - b1) g'``; ``v = b2 v + (1 - b2) g'^2``;
-  ``p = p shrink - step_size m / (sqrt(v) c + eps)`` with ``step_size = lr / (1 - b1^t)``,
-  ``c = 1 / sqrt(1 - b2^t)``, and ``l2 = wd, shrink = 1`` (Adam) or ``l2 = 0,
-  shrink = 1 - lr wd`` (AdamW).
+  ``p = p shrink - m / (sqrt(v) + eps') alpha`` with ``alpha = lr sqrt(1 - b2^t) / (1 - b1^t)``
+  and ``eps' = eps sqrt(1 - b2^t)`` (the bias corrections folded into two scalars, as in the
+  NumPy backend: ``lr / (1 - b1^t)`` alone can overflow where the step does not), and
+  ``l2 = wd, shrink = 1`` (Adam) or ``l2 = 0, shrink = 1 - lr wd`` (AdamW).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def sgd_apply(p, g, buf, lo, hi, lr, mu, nesterov, wd):  # type: ignore[no-untyp
 
 @_jit
 def adam_check(  # type: ignore[no-untyped-def]
-    p, g, m, v, lo, hi, b1, omb1, b2, omb2, eps, step_size, c, shrink, l2
+    p, g, m, v, lo, hi, b1, omb1, b2, omb2, eps, alpha, shrink, l2
 ):
     """Whether any of elements ``[lo, hi)`` would get a non-finite ``p``, ``m`` or ``v`` (nothing
     written); the scalars are of the arrays' dtype (see the module docstring)."""
@@ -114,7 +115,7 @@ def adam_check(  # type: ignore[no-untyped-def]
         gk = g[k] + l2 * pk
         mk = b1 * m[k] + omb1 * gk
         vk = b2 * v[k] + omb2 * (gk * gk)
-        q = pk * shrink - step_size * mk / (math.sqrt(vk) * c + eps)
+        q = pk * shrink - mk / (math.sqrt(vk) + eps) * alpha
         d = (q - q) + (mk - mk) + (vk - vk)
         bad |= d != d
     return bad
@@ -122,7 +123,7 @@ def adam_check(  # type: ignore[no-untyped-def]
 
 @_jit
 def adam_apply(  # type: ignore[no-untyped-def]
-    p, g, m, v, lo, hi, b1, omb1, b2, omb2, eps, step_size, c, shrink, l2
+    p, g, m, v, lo, hi, b1, omb1, b2, omb2, eps, alpha, shrink, l2
 ):
     """Write the Adam / AdamW step of :func:`adam_check` into elements ``[lo, hi)``."""
     p, g, m, v = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
@@ -133,5 +134,5 @@ def adam_apply(  # type: ignore[no-untyped-def]
         vk = b2 * v[k] + omb2 * (gk * gk)
         m[k] = mk
         v[k] = vk
-        p[k] = pk * shrink - step_size * mk / (math.sqrt(vk) * c + eps)
+        p[k] = pk * shrink - mk / (math.sqrt(vk) + eps) * alpha
     return 0

@@ -21,6 +21,8 @@ import math
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
+
 from ..errors import NonFiniteLossError
 
 
@@ -180,10 +182,11 @@ class UpdateOps:
         """
         xp = self.xp
         outs = self._staging(params, optimizer)
-        optimizer.update(self, params, grads, state, scratch=scratch, outs=outs)
-        for i, row in enumerate(outs):
-            if not all(a is None or _all_finite(xp, a) for a in row):
-                raise self._rejected(value, params, grads, optimizer, i)
+        with np.errstate(over="ignore", invalid="ignore"):  # NumPy's warnings: the check says it
+            optimizer.update(self, params, grads, state, scratch=scratch, outs=outs)
+            bad = [i for i, row in enumerate(outs) if not all(_all_finite(xp, a) for a in row)]
+        if bad:
+            raise self._rejected(value, params, grads, optimizer, bad[0])
         slots = [state.get(s) for s in optimizer.op_slots]
         for i, (p, row) in enumerate(zip(params, outs)):
             xp.copyto(p, row[0])
@@ -234,6 +237,6 @@ class UpdateOps:
 
 
 def _all_finite(xp: Any, a: Any) -> bool:
-    """Whether ``a`` holds no NaN or infinity: one sum, confirmed elementwise only if the sum
-    is not finite (finite values whose sum overflows)."""
-    return math.isfinite(float(xp.sum(a))) or bool(xp.isfinite(a).all())
+    """Whether ``a`` (or None) holds no NaN or infinity: one sum, confirmed elementwise only if
+    the sum is not finite (finite values whose sum overflows)."""
+    return a is None or math.isfinite(float(xp.sum(a))) or bool(xp.isfinite(a).all())
