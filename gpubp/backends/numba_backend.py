@@ -7,7 +7,9 @@ one pass over each GEMM output while it is still in cache:
 - output: loss value and ``delta^L`` in one pass per row, with ``db^L`` summed in that pass;
 - backward: ``g = delta_next @ W_next`` (GEMM), then ``delta = g * f'(a)`` in place with
   ``db = sum over B of delta`` in the same pass;
-- ``dW = delta.T @ a_prev`` (GEMM); the update is one pass per parameter.
+- ``dW = delta.T @ a_prev`` (GEMM); the update is a check pass over every parameter (nothing
+  written; a non-finite new value rejects the step), then the write pass (:mod:`.numba_optim`),
+  both in the parameters' dtype.
 
 The GEMMs call NumPy's own BLAS from inside the kernels (see :mod:`.numba_blas`), so one layer
 is one call from Python. Everything is written into a per-batch-shape workspace, so a
@@ -19,8 +21,10 @@ spin-waiting workers was measured 3-8x slower on 2 cores), so Numba's threading 
 started. Small batches run one kernel after another in the calling thread, with BLAS using its
 threads inside the GEMMs. A large batch (at least :attr:`NumbaBackend.split_min_rows` rows per
 thread) is instead split by rows over the threads, each part running the whole pass on its rows
-(see :mod:`.numba_split`). ``threads=n`` sets how many threads (BLAS's, or the split's) this
-backend's calls use and puts the previous BLAS setting back afterwards (the count is
+(see :mod:`.numba_split`). The optimizer's passes are split by ranges over the same threads
+above :attr:`NumbaBackend.update_split_min` elements per thread. ``threads=n`` sets how many
+threads (BLAS's, or the split's) this backend's calls use and puts the previous BLAS setting
+back afterwards (the count is
 process-wide while a call runs, as with threadpoolctl); by default BLAS keeps whatever the
 process has (one per core unless ``OPENBLAS_NUM_THREADS`` says otherwise) and a split uses that
 many threads.
