@@ -24,10 +24,9 @@ thread) is instead split by rows over the threads, each part running the whole p
 (see :mod:`.numba_split`). The optimizer's passes are split by ranges over the same threads
 above :attr:`NumbaBackend.update_split_min` elements per thread. ``threads=n`` sets how many
 threads (BLAS's, or the split's) this backend's calls use and puts the previous BLAS setting
-back afterwards (the count is
-process-wide while a call runs, as with threadpoolctl); by default BLAS keeps whatever the
-process has (one per core unless ``OPENBLAS_NUM_THREADS`` says otherwise) and a split uses that
-many threads.
+back afterwards (the count is process-wide while a call runs, as with threadpoolctl); by
+default BLAS keeps whatever the process has (one per core unless ``OPENBLAS_NUM_THREADS`` says
+otherwise) and a split uses that many threads.
 """
 
 from __future__ import annotations
