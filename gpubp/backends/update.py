@@ -31,7 +31,7 @@ class UpdateOps:
     which provides ``xp`` and :meth:`check_finite`."""
 
     xp: Any
-    _stagings: OrderedDict[Any, list[tuple[Any, ...]]]
+    _stagings: OrderedDict[Any, tuple[list[tuple[Any, ...]], Any]]
     #: Staging arrays kept for this many models (parameter shapes, dtype, state slots).
     max_stagings = 2
 
@@ -181,7 +181,8 @@ class UpdateOps:
         ``value`` is the loss, for the message.
         """
         xp = self.xp
-        outs = self._staging(params, optimizer)
+        outs, own_scratch = self._staging(params, optimizer)
+        scratch = own_scratch if scratch is None else scratch
         with np.errstate(over="ignore", invalid="ignore"):  # NumPy's warnings: the check says it
             optimizer.update(self, params, grads, state, scratch=scratch, outs=outs)
             bad = [i for i, row in enumerate(outs) if not all(_all_finite(xp, a) for a in row)]
@@ -196,8 +197,9 @@ class UpdateOps:
         state["step"] = int(state["step"]) + 1
         return params, state
 
-    def _staging(self, params: list[Any], optimizer: Any) -> list[tuple[Any, ...]]:
-        """Per parameter ``(p', slot'...)`` arrays (None for an absent slot), kept per model."""
+    def _staging(self, params: list[Any], optimizer: Any) -> tuple[list[tuple[Any, ...]], Any]:
+        """Per parameter ``(p', slot'...)`` arrays (None for an absent slot), and a flat scratch
+        buffer for the ops (twice the largest parameter), kept per model."""
         have = set(optimizer.slots)
         key = (
             tuple(tuple(p.shape) for p in params),
@@ -205,19 +207,20 @@ class UpdateOps:
             tuple(s in have for s in optimizer.op_slots),
         )
         cache = self._stagings
-        outs = cache.get(key)
-        if outs is None:
+        staged = cache.get(key)
+        if staged is None:
             empty = self.xp.empty_like
             outs = [
                 (empty(p), *(empty(p) if s in have else None for s in optimizer.op_slots))
                 for p in params
             ]
-            cache[key] = outs
+            biggest = max(int(p.size) for p in params)
+            staged = cache[key] = (outs, self.xp.empty(2 * biggest, dtype=params[0].dtype))
             while len(cache) > self.max_stagings:
                 cache.popitem(last=False)
         else:
             cache.move_to_end(key)
-        return outs
+        return staged
 
     def _rejected(
         self, value: Any, params: list[Any], grads: list[Any], optimizer: Any, i: int
