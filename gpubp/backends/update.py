@@ -203,7 +203,7 @@ class UpdateOps:
         have = set(optimizer.slots)
         key = (
             tuple(tuple(p.shape) for p in params),
-            str(params[0].dtype),
+            params[0].dtype,
             tuple(s in have for s in optimizer.op_slots),
         )
         cache = self._stagings
