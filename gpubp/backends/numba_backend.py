@@ -32,7 +32,6 @@ otherwise) and a split uses that many threads.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -58,37 +57,6 @@ _UPDATE_OPS = ("sgd_update", "adam_update")
 #: the 2e-4 tolerance. Up to 512 rows it stays below 1e-4, and above it ``dW`` is small beside
 #: the GEMMs anyway.
 FOLD_MAX_BATCH = 512
-
-
-def _sgd_scalars(
-    dtype: Any, lr: float, momentum: float, nesterov: bool, weight_decay: float
-) -> tuple[Any, ...]:
-    """The scalars of :func:`.numba_optim.sgd_check` / ``sgd_apply``, rounded to ``dtype``."""
-    t = np.dtype(dtype).type
-    with np.errstate(over="ignore"):  # an lr beyond the dtype becomes inf: a rejected step
-        return (t(lr), t(momentum), bool(nesterov), t(weight_decay))
-
-
-def _adam_scalars(
-    dtype: Any,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled: bool,
-) -> tuple[Any, ...]:
-    """The scalars of :func:`.numba_optim.adam_check` / ``adam_apply``: derived in float64,
-    each rounded once to ``dtype``."""
-    t = np.dtype(dtype).type
-    root_bc2 = math.sqrt(1.0 - beta2**step)
-    alpha = lr * root_bc2 / (1.0 - beta1**step)
-    shrink = 1.0 - lr * weight_decay if decoupled else 1.0
-    l2 = 0.0 if decoupled else weight_decay
-    values = (beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps * root_bc2, alpha, shrink, l2)
-    with np.errstate(over="ignore"):
-        return tuple(t(x) for x in values)
 
 
 class NumbaWorkspace(Workspace):
@@ -326,7 +294,7 @@ class NumbaBackend(RowSplit, Backend):
                 param, grad, buf, lr, momentum, nesterov, weight_decay, scratch=scratch, out=out
             )
         flat = [a.reshape(-1) for a in (param, grad, mbuf)]
-        scalars = _sgd_scalars(param.dtype, lr, momentum, nesterov, weight_decay)
+        scalars = O.sgd_scalars(param.dtype, lr, momentum, nesterov, weight_decay)
         O.sgd_apply(*flat, 0, param.size, *scalars)  # type: ignore[call-arg]
         return param, buf
 
@@ -353,7 +321,7 @@ class NumbaBackend(RowSplit, Backend):
         if out is not None or not self._fits(param.dtype, param, grad, m, v):
             return super().adam_update(param, grad, m, v, *args, scratch=scratch, out=out)
         flat = [a.reshape(-1) for a in (param, grad, m, v)]
-        O.adam_apply(*flat, 0, param.size, *_adam_scalars(param.dtype, *args))  # type: ignore[call-arg]
+        O.adam_apply(*flat, 0, param.size, *O.adam_scalars(param.dtype, *args))  # type: ignore[call-arg]
         return param, m, v
 
     def checked_update(
@@ -384,12 +352,12 @@ class NumbaBackend(RowSplit, Backend):
         apply: Any
         if optimizer.op == "sgd_update":
             check, apply = O.sgd_check, O.sgd_apply
-            scalars = _sgd_scalars(dt, *args)
+            scalars = O.sgd_scalars(dt, *args)
             cols = [[p.reshape(-1) for p in params], [g.reshape(-1) for g in grads]]
             cols.append([a.reshape(-1) for a in slots[0]] if slots else cols[0])
         else:
             check, apply = O.adam_check, O.adam_apply
-            scalars = _adam_scalars(dt, *args)
+            scalars = O.adam_scalars(dt, *args)
             cols = [[a.reshape(-1) for a in col] for col in (params, grads, *slots)]
         tensors = list(zip(*cols))
         with self._threads():
@@ -578,7 +546,7 @@ class NumbaBackend(RowSplit, Backend):
             )
             # the biases' new values are checked (nothing written) before any weight changes;
             # a non-finite db makes its new bias non-finite, so this checks db too
-            scalars = _sgd_scalars(dt, lr, 0.0, False, wd)
+            scalars = O.sgd_scalars(dt, lr, 0.0, False, wd)
             flat_b = [(b.reshape(-1), db, b.reshape(-1)) for b, db in zip(biases, ws.db)]
             if safe:
                 safe = not any(O.sgd_check(*t, 0, t[0].size, *scalars) for t in flat_b)

@@ -34,7 +34,9 @@ Rules (``torch.optim``'s; ``t`` the step, ``g`` the gradient):
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import numpy as np
 from numba import njit
 
 from . import numba_cache  # noqa: F401 - before any kernel: the cache goes to the user's folder
@@ -136,3 +138,34 @@ def adam_apply(  # type: ignore[no-untyped-def]
         v[k] = vk
         p[k] = pk * shrink - mk / (math.sqrt(vk) + eps) * alpha
     return 0
+
+
+def sgd_scalars(
+    dtype: Any, lr: float, momentum: float, nesterov: bool, weight_decay: float
+) -> tuple[Any, ...]:
+    """The scalars of :func:`sgd_check` / :func:`sgd_apply`, rounded to ``dtype``."""
+    t = np.dtype(dtype).type
+    with np.errstate(over="ignore"):  # an lr beyond the dtype becomes inf: a rejected step
+        return (t(lr), t(momentum), bool(nesterov), t(weight_decay))
+
+
+def adam_scalars(
+    dtype: Any,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+) -> tuple[Any, ...]:
+    """The scalars of :func:`adam_check` / :func:`adam_apply`: derived in float64,
+    each rounded once to ``dtype``."""
+    t = np.dtype(dtype).type
+    root_bc2 = math.sqrt(1.0 - beta2**step)
+    alpha = lr * root_bc2 / (1.0 - beta1**step)
+    shrink = 1.0 - lr * weight_decay if decoupled else 1.0
+    l2 = 0.0 if decoupled else weight_decay
+    values = (beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps * root_bc2, alpha, shrink, l2)
+    with np.errstate(over="ignore"):
+        return tuple(t(x) for x in values)
