@@ -137,6 +137,28 @@ def test_a_non_finite_gradient_is_named(backend_name, rng, label):
     assert_unchanged(before, params, opt)
 
 
+@pytest.mark.parametrize("label", list(OPTIMIZERS))
+def test_large_but_finite_updates_are_applied(backend_name, rng, label):
+    """Parameters near the top of float32 (beyond what the cheap NumPy bound accepts) with a
+    finite result: the step is applied, with the values of the unchecked update (to rounding:
+    the GPU's unchecked update is another kernel)."""
+    be = fresh(backend_name)
+    shapes = [(SIZES[i + 1], SIZES[i]) for i in range(3)] + [(n,) for n in SIZES[1:]]
+    params = [be.asarray(rng.uniform(-1, 1, s).astype(np.float32)) for s in shapes]
+    params[1][0, 0] = 1e38
+    grads = [be.asarray(rng.uniform(-1, 1, s).astype(np.float32)) for s in shapes]
+    opt, plain = OPTIMIZERS[label](0.1), OPTIMIZERS[label](0.1)
+    opt.bind(None, be, shapes, np.float32)
+    plain.bind(None, be, shapes, np.float32)
+    copies = [p.copy() for p in params]
+    be.apply_update(be.asarray(np.float32(0.5)), params, grads, opt, opt.state)
+    be.update_parameters(copies, grads, plain, plain.state)
+    be.synchronize()
+    for got, want in zip(host(params), host(copies), strict=True):
+        assert rel_error(got, want) <= 1e-6  # relative to the tensor's largest value
+    assert np.isfinite(host(params)[1]).all() and int(opt.state["step"]) == 1
+
+
 # --- the Numba backend's update split over threads ---------------------------------------------
 
 

@@ -11,6 +11,13 @@ Two layers:
   :class:`~gpubp.errors.NonFiniteLossError` and leaves everything as it was. A NaN or infinite
   gradient makes its new parameter non-finite, so the gradients are covered by the same check.
 
+  With NumPy arrays a cheaper proof comes first (:meth:`UpdateOps._provably_finite`): the 2-norm
+  of each input, one BLAS dot product per array, bounds its largest element, and if the bounds
+  put every intermediate and new value far below the dtype's largest number, the update is
+  applied in place directly, with no staging, checks or copies (on the default model the staged
+  SGD update took 1.6x the in-place one, one noisy run). Otherwise, NaN or overflowing inputs
+  included, the exact staged check decides.
+
 The arithmetic stays in the arrays' dtype: the scalars are Python floats, which NumPy (2.x)
 and CuPy cast to the array's dtype instead of promoting the array.
 """
@@ -181,6 +188,8 @@ class UpdateOps:
         ``value`` is the loss, for the message.
         """
         xp = self.xp
+        if self._provably_finite(params, grads, optimizer, state):
+            return self.update_parameters(params, grads, optimizer, state, scratch=scratch)
         outs, own_scratch = self._staging(params, optimizer)
         scratch = own_scratch if scratch is None else scratch
         with np.errstate(over="ignore", invalid="ignore"):  # NumPy's warnings: the check says it
@@ -196,6 +205,57 @@ class UpdateOps:
                     xp.copyto(col[i], row[k + 1])
         state["step"] = int(state["step"]) + 1
         return params, state
+
+    def _provably_finite(
+        self, params: list[Any], grads: list[Any], optimizer: Any, state: dict[str, Any]
+    ) -> bool:
+        """Whether the update of NumPy arrays provably gives only finite values (False: maybe
+        not, or not NumPy; the staged check then decides).
+
+        ``||x||_2 >= max|x|`` (from one ``vdot`` per array) bounds every intermediate of the
+        ops: SGD ``|g'| <= G + wd P``, ``|buf'| <= mu B + |g'|``,
+        ``|p'| <= P + lr (|g'| + 2 |buf'|)``; Adam ``|m'| <= b1 M + (1 - b1) |g'|``,
+        ``v' <= b2 V + (1 - b2) |g'|^2``, ``|p'| <= P + alpha |m'| / eps'`` (the denominator is
+        at least ``eps'``). Each bound, and each scalar in the dtype, must stay below 1/16 of
+        the dtype's largest number, which leaves room for the rounding of every operation and
+        of the float32 dot products. A NaN or infinity anywhere fails the comparison.
+        """
+        if self.xp is not np or optimizer.op not in ("sgd_update", "adam_update"):
+            return False
+        dt = np.dtype(params[0].dtype)
+        big = float(np.finfo(dt).max) / 16
+        args = optimizer.op_arguments(int(state["step"]) + 1)
+        slots = [state[s] for s in optimizer.slots]
+        if optimizer.op == "sgd_update":
+            lr, mu, _, wd = (float(a) for a in args)
+            scalars = [lr, mu, wd, lr * mu]
+        else:
+            step, lr, b1, b2, eps, wd, decoupled = args
+            root = math.sqrt(1.0 - b2**step)
+            alpha, eps2 = lr * root / (1.0 - b1**step), eps * root
+            l2 = 0.0 if decoupled else wd
+            scalars = [lr, wd, alpha, 1.0 / eps2 if eps2 >= float(np.finfo(dt).tiny) else math.inf]
+        if not all(abs(x) <= big for x in scalars):
+            return False
+
+        def norm(a: Any) -> float:
+            with np.errstate(over="ignore", invalid="ignore"):
+                return math.sqrt(float(np.vdot(a, a)))
+
+        for i, (p, g) in enumerate(zip(params, grads)):
+            P, G = norm(p), norm(g)
+            if optimizer.op == "sgd_update":
+                g2 = G + wd * P
+                buf = mu * norm(slots[0][i]) + g2 if slots else g2
+                bounds = [g2, buf, P + lr * (g2 + 2.0 * buf)]
+            else:
+                g2 = G + l2 * P
+                m = b1 * norm(slots[0][i]) + (1.0 - b1) * g2
+                v = b2 * norm(slots[1][i]) + (1.0 - b2) * g2 * g2
+                bounds = [g2 * g2, m, v, m / eps2, P + alpha * m / eps2]
+            if not all(x <= big for x in bounds):
+                return False
+        return True
 
     def _staging(self, params: list[Any], optimizer: Any) -> tuple[list[tuple[Any, ...]], Any]:
         """Per parameter ``(p', slot'...)`` arrays (None for an absent slot), and a flat scratch
