@@ -1,12 +1,14 @@
 """CPU train step, side by side in one run: GEMM floor, numpy backend, numba backend, PyTorch.
 
-One train step is forward, softmax + cross-entropy, backward and a plain SGD update; ReLU hidden
-layers, float32, integer labels. For each shape the variants run interleaved (A, B, C, A, B,
+One train step is forward, softmax + cross-entropy, backward and the optimizer's update (plain
+SGD; with ``--optimizers`` also SGD with momentum 0.9 and Adam); ReLU hidden layers, float32,
+integer labels. Besides the standard shapes, ``default`` is ``gpubp train``'s default model
+``[784, 512, 256, 10]`` at batch 128. For each shape the variants run interleaved (A, B, C, A, B,
 C, ...) and the median time per step is reported with its ratio to the floor:
 
-- ``floor``: only the GEMMs of the step (forward ``a @ W.T``, backward ``delta @ W`` for every
-  layer but the first, gradient ``delta.T @ a``) with NumPy's ``matmul`` into preallocated
-  outputs: the same BLAS, the same shapes, nothing else;
+- ``floor``: only the GEMMs of the step, the same for every optimizer (forward ``a @ W.T``,
+  backward ``delta @ W`` for every layer but the first, gradient ``delta.T @ a``) with NumPy's
+  ``matmul`` into preallocated outputs: the same BLAS, the same shapes, nothing else;
 - ``numpy`` / ``numba``: ``backend.train_step`` on arrays already of the right dtype;
 - ``torch``: the same model in PyTorch on the CPU (its default threads, ``SGD(foreach=True)``),
   if PyTorch is installed. It runs in a worker process that takes its turn in the same rounds:
@@ -31,6 +33,8 @@ worker process, the ``--jit`` first-call cost and its Markdown table.
 Run (others share the machine, so take the lock that serialises benchmarks)::
 
     flock /tmp/gpubp-bench.lock python benchmarks/train_step_cpu.py [--rounds 15] [--jit]
+    flock /tmp/gpubp-bench.lock python benchmarks/train_step_cpu.py --shapes default \
+        --optimizers sgd momentum adam
 
 ``--jit`` also measures the numba backend's first-call cost in fresh processes (the first with
 an empty on-disk cache, then one that finds it).
@@ -59,6 +63,7 @@ from gpubp.bench import (
     DEFAULT_SETTLE,
     STANDARD_SHAPES,
     BackendCandidate,
+    BenchShape,
     Candidate,
     FloorCandidate,
     Problem,
@@ -68,15 +73,20 @@ from gpubp.bench import (
     time_round_robin,
     torch_status,
 )
+from gpubp.bench.problem import STEP_OPTIMIZERS
 from gpubp.check import TOLERANCE
 
-#: The standard shapes that have a CPU batch size.
-SHAPES = [name for name, s in STANDARD_SHAPES.items() if s.cpu_batch is not None]
+#: The standard shapes that have a CPU batch size, and ``gpubp train``'s default model.
+CPU_SHAPES: dict[str, BenchShape] = {
+    **{k: s for k, s in STANDARD_SHAPES.items() if s.cpu_batch is not None},
+    "default": BenchShape("default", (784, 512, 256, 10), 128, None),
+}
+SHAPES = list(CPU_SHAPES)
 DTYPE = "float32"
 
 
 def cpu_problem(key: str) -> Problem:
-    shape = STANDARD_SHAPES[key]
+    shape = CPU_SHAPES[key]
     assert shape.cpu_batch is not None
     return make_problem(shape.sizes, shape.cpu_batch, DTYPE)
 
@@ -88,9 +98,11 @@ class TorchWorker(Candidate):
 
     label = kind = "torch"
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, optimizer: str = "sgd") -> None:
+        if optimizer != "sgd":
+            self.label = self.kind = f"torch {optimizer}"
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--torch-worker", key],
+            [sys.executable, os.path.abspath(__file__), "--torch-worker", key, optimizer],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -120,13 +132,13 @@ class TorchWorker(Candidate):
         self.proc.wait()
 
 
-def torch_worker(key: str) -> None:
+def torch_worker(key: str, optimizer: str) -> None:
     """The child side of :class:`TorchWorker`: the check's error, then one answer a command."""
     torch, why = torch_status()
     if torch is None:
         raise SystemExit(why)
     problem = cpu_problem(key)
-    c = TorchCandidate(torch, CPU)
+    c = TorchCandidate(torch, CPU, optimizer=optimizer)
     c.setup(problem)
     print(c.validate(problem), flush=True)
     for line in sys.stdin:
@@ -137,12 +149,18 @@ def torch_worker(key: str) -> None:
             print(c.timed(int(line)), flush=True)
 
 
-def variants(key: str, problem: Problem, torch: bool) -> list[Candidate]:
-    """The floor, the CPU backends and (in its worker) PyTorch, each checked on ``problem``."""
+def variants(key: str, problem: Problem, torch: bool, optimizers: list[str]) -> list[Candidate]:
+    """The floor, then per optimizer the CPU backends and (in its worker) PyTorch, each checked
+    on ``problem``."""
     cands: list[Candidate] = [FloorCandidate(np, CPU)]
-    cands += [BackendCandidate(n) for n in ("numpy", "numba") if n in available_backends()]
-    if torch:
-        cands.append(TorchWorker(key))
+    for opt in optimizers:
+        cands += [
+            BackendCandidate(n, optimizer=opt)
+            for n in ("numpy", "numba")
+            if n in available_backends()
+        ]
+        if torch:
+            cands.append(TorchWorker(key, opt))
     for c in cands:
         if not isinstance(c, TorchWorker):
             c.setup(problem)
@@ -184,7 +202,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shapes", nargs="*", default=SHAPES, choices=SHAPES)
     parser.add_argument("--settle", type=float, default=DEFAULT_SETTLE, help="pause per sample")
     parser.add_argument("--jit", action="store_true", help="also measure the first-call cost")
-    parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--optimizers",
+        nargs="*",
+        default=["sgd"],
+        choices=STEP_OPTIMIZERS,
+        help="the steps' optimizers (sgd: plain SGD; momentum: 0.9; adam: lr 1e-3)",
+    )
+    parser.add_argument("--torch-worker", nargs=2, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -201,20 +226,20 @@ def torch_info() -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.torch_worker:
-        torch_worker(args.torch_worker)
+        torch_worker(*args.torch_worker)
         return
     info = torch_info()
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy "
-        f"{np.__version__}, {info}; float32, ReLU, softmax + CE, SGD; median of "
+        f"{np.__version__}, {info}; float32, ReLU, softmax + CE; median of "
         f"{args.rounds} interleaved rounds"
     )
     names = ["numpy", "numba", "torch"]
-    print(f"| shape | batch | floor (GFLOP/s) | {' | '.join(names)} |")
-    print("|---|---|---|" + "---|" * len(names))
+    print(f"| shape | batch | optimizer | floor (GFLOP/s) | {' | '.join(names)} |")
+    print("|---|---|---|---|" + "---|" * len(names))
     for key in args.shapes:
         problem = cpu_problem(key)
-        cands = variants(key, problem, info != "torch not installed")
+        cands = variants(key, problem, info != "torch not installed", args.optimizers)
         try:
             stats = time_round_robin(cands, args.rounds, DEFAULT_MIN_TIME, settle=args.settle)
         finally:
@@ -223,14 +248,17 @@ def main(argv: list[str] | None = None) -> None:
                     c.close()
         med = {c.kind if c.kind != "backend" else c.label: stats[c.label].median for c in cands}
         floor = med["floor"]
-        cells = [
-            f"{med[n] * 1e3:.3f} ms ({med[n] / floor:.2f}x)" if n in med else "n/a" for n in names
-        ]
         gflops = step_flops(problem.sizes, problem.batch) / floor / 1e9
-        print(
-            f"| {key} {list(problem.sizes)} | {problem.batch} | {floor * 1e3:.3f} ms "
-            f"({gflops:.0f}) | " + " | ".join(cells) + " |"
-        )
+        for opt in args.optimizers:
+            keys = {n: n if opt == "sgd" else f"{n} {opt}" for n in names}
+            cells = [
+                f"{med[k] * 1e3:.3f} ms ({med[k] / floor:.2f}x)" if k in med else "n/a"
+                for k in keys.values()
+            ]
+            print(
+                f"| {key} {list(problem.sizes)} | {problem.batch} | {opt} | "
+                f"{floor * 1e3:.3f} ms ({gflops:.0f}) | " + " | ".join(cells) + " |"
+            )
     if args.jit:
         jit_cost()
 

@@ -82,12 +82,21 @@ class Optimizer:
         raise NotImplementedError
 
     def update(
-        self, ops: Any, params: list[Any], grads: list[Any], state: dict[str, Any], **kw: Any
+        self,
+        ops: Any,
+        params: list[Any],
+        grads: list[Any],
+        state: dict[str, Any],
+        *,
+        outs: list[tuple[Any, ...]] | None = None,
+        **kw: Any,
     ) -> tuple[list[Any], dict[str, Any]]:
         """One step of this rule on every parameter: ``ops.<op>(param, grad, *slots, *args)``.
 
         ``ops`` is a backend (which updates in place) or :mod:`gpubp.reference` (which returns
-        new arrays); ``kw`` goes to every op call (a backend's ``scratch=``). ``params`` and
+        new arrays); ``kw`` goes to every op call (a backend's ``scratch=``), and ``outs[i]``,
+        if given, as ``out=`` to parameter ``i``'s (a backend then writes the new parameter and
+        slots there and leaves the inputs unchanged). ``params`` and
         ``grads`` are in the order ``W^1..W^L, b^1..b^L``. Returns the op's parameters and a new
         state dict (``"step"`` incremented, each slot list rebuilt from the op's results); the
         given ``state`` is not changed.
@@ -96,7 +105,10 @@ class Optimizer:
         args = self.op_arguments(step)
         rule = getattr(ops, self.op)
         columns = [state.get(slot) or [None] * len(params) for slot in self.op_slots]
-        results = [rule(p, g, *s, *args, **kw) for p, g, *s in zip(params, grads, *columns)]
+        per = [{} for _ in params] if outs is None else [{"out": o} for o in outs]
+        results = [
+            rule(p, g, *s, *args, **kw, **o) for p, g, o, *s in zip(params, grads, per, *columns)
+        ]
         new_state: dict[str, Any] = {"step": step}
         for k, slot in enumerate(self.op_slots):
             if slot in self.slots:

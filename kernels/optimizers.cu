@@ -12,6 +12,12 @@
 // Hyper-parameters are read from the device block hp (HP_* slots), so a captured CUDA graph
 // follows a changing learning rate. Every kernel returns at once when STATUS_BAD is set: the
 // step that produced a NaN keeps the parameters and state of the last good step.
+//
+// Each rule also has a check kernel (*_check_table), launched before its update kernel: it
+// computes the same new values without writing them and raises STATUS_BAD if any new parameter
+// or state value is NaN or infinite (a non-finite gradient makes its new parameter so). The
+// update kernel then skips itself, so a step whose update would overflow changes nothing: the
+// check must see every block's values before any block writes, which one kernel cannot do.
 #include "common.cuh"
 
 namespace gpubp {
@@ -110,6 +116,48 @@ __device__ __forceinline__ void apply_table(const Rule& rule, const i64* __restr
             rule(p[i], g[i], r1, r2);
         }
     }
+}
+
+// Whether Rule gives a NaN or infinite new value (parameter or state) for any element of the table;
+// nothing is written.
+template <typename T, typename Rule>
+__device__ __forceinline__ bool table_has_nonfinite(const Rule& rule, const i64* __restrict__ table,
+                                                    int n_tensors, i64 total_chunks, i64 chunk) {
+    bool bad = false;
+    for (i64 ch = blockIdx.x; ch < total_chunks; ch += gridDim.x) {
+        const i64* row = table + tensor_of_chunk(table, n_tensors, ch) * TABLE_COLS;
+        const T* p = reinterpret_cast<const T*>(row[TAB_PARAM]);
+        const T* g = reinterpret_cast<const T*>(row[TAB_GRAD]);
+        const T* s1 = reinterpret_cast<const T*>(row[TAB_STATE1]);
+        const T* s2 = reinterpret_cast<const T*>(row[TAB_STATE2]);
+        const i64 size = row[TAB_SIZE];
+        const i64 begin = (ch - row[TAB_CHUNK0]) * chunk;
+        const i64 end = begin + chunk < size ? begin + chunk : size;
+        for (i64 i = begin + threadIdx.x; i < end; i += blockDim.x) {
+            T q = p[i];
+            T r1 = s1 != nullptr ? s1[i] : T(0);
+            T r2 = s2 != nullptr ? s2[i] : T(0);
+            rule(q, g[i], r1, r2);
+            bad |= !finite(q) || !finite(r1) || !finite(r2);
+        }
+    }
+    return bad;
+}
+
+template <typename T, int MOMENTUM, int NESTEROV>
+__global__ void sgd_check_table(const i64* __restrict__ table, int n_tensors, i64 total_chunks,
+                                i64 chunk, const T* __restrict__ hp, int* __restrict__ status) {
+    if (status[STATUS_BAD] != 0) return;
+    const SgdRule<T, MOMENTUM, NESTEROV> rule(hp);
+    if (table_has_nonfinite<T>(rule, table, n_tensors, total_chunks, chunk)) flag_bad(status);
+}
+
+template <typename T, int DECOUPLED>
+__global__ void adam_check_table(const i64* __restrict__ table, int n_tensors, i64 total_chunks,
+                                 i64 chunk, const T* __restrict__ hp, int* __restrict__ status) {
+    if (status[STATUS_BAD] != 0) return;
+    const AdamRule<T, DECOUPLED> rule(hp);
+    if (table_has_nonfinite<T>(rule, table, n_tensors, total_chunks, chunk)) flag_bad(status);
 }
 
 template <typename T, int MOMENTUM, int NESTEROV>

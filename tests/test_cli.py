@@ -49,11 +49,9 @@ def test_check_fails_on_a_wrong_backend(monkeypatch, capsys):
 def test_check_fails_on_a_wrong_update(monkeypatch, capsys):
     original = NumpyBackend.adam_update
 
-    def off_by_eps(self, param, grad, m, v, step, lr, beta1, beta2, eps, *rest, scratch=None):
+    def off_by_eps(self, param, grad, m, v, step, lr, beta1, beta2, eps, *rest, **kw):
         wrong_eps = 10 * eps + 1e-3
-        return original(
-            self, param, grad, m, v, step, lr, beta1, beta2, wrong_eps, *rest, scratch=scratch
-        )
+        return original(self, param, grad, m, v, step, lr, beta1, beta2, wrong_eps, *rest, **kw)
 
     monkeypatch.setattr(NumpyBackend, "adam_update", off_by_eps)
     assert cli.main(["check", "--backends", "numpy", "--dtypes", "float64"]) == 1

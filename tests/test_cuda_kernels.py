@@ -88,7 +88,9 @@ def _names_for_every_configuration() -> set[str]:
         names.add(ck.bias_grad_finish(dt))
         for momentum, nesterov in ((0.0, False), (0.9, False), (0.9, True)):
             names.add(ck.sgd_update_table(dt, momentum != 0, nesterov))
+            names.add(ck.sgd_check_table(dt, momentum != 0, nesterov))
         names |= {ck.adam_update_table(dt, d) for d in flags}
+        names |= {ck.adam_check_table(dt, d) for d in flags}
         names |= {ck.check_finite_table(dt), ck.zero_if_bad_table(dt)}
         names |= {ck.argmax_accuracy(dt, t) for t in (0, 1, 2)} | {ck.threshold_accuracy(dt)}
     names.add(ck.finish_step())

@@ -623,14 +623,16 @@ CHUNKS: tuple[int, ...] = (ck.CHUNK, 12)
 
 def _optimizers_for(name: str) -> list[optim.Optimizer]:
     template, dtype, params = parse(name)
-    if template == "sgd_update_table":
+    check = template.endswith("_check_table")  # the same rules, checked instead of applied
+    if template in ("sgd_update_table", "sgd_check_table"):
         momentum, nesterov = bool(params[0]), bool(params[1])
         mu = 0.9 if momentum else 0.0
         opts: list[optim.Optimizer] = [
             optim.SGD(lr=0.1, momentum=mu, nesterov=nesterov),
             optim.SGD(lr=0.05, momentum=mu, nesterov=nesterov, weight_decay=0.01),
         ]
-        assert ck.sgd_update_table(dtype, momentum, nesterov) == name
+        build = ck.sgd_check_table if check else ck.sgd_update_table
+        assert build(dtype, momentum, nesterov) == name
     else:
         decoupled = bool(params[0])
         opts = [
@@ -640,7 +642,8 @@ def _optimizers_for(name: str) -> list[optim.Optimizer]:
             else optim.Adam(lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
         ]
         for o in opts:
-            assert ck.adam_update_table(dtype, o.decoupled) == name  # type: ignore[attr-defined]
+            built = ck.update_table(o.op, dtype, o.variant, check=check)
+            assert built == name
     return opts
 
 
@@ -742,6 +745,36 @@ def check_optimizers(
             for k, got in enumerate(out[len(ps) : -1]):
                 assert not got.any(), f"{what} flagged: state {k} changed"
             expect_status(out[-1], True, what + " flagged")
+
+
+def check_update_checks(
+    name: str, dtype: np.dtype, params: tuple[int, ...], rng: np.random.Generator
+) -> None:
+    """The check kernels: nothing written, ever; STATUS_BAD exactly when a new parameter or
+    state value would be NaN or infinite (a NaN gradient, or an update that overflows), at the
+    first, a middle and the last element, in aligned and misaligned tensors."""
+    big = float(np.finfo(dtype).max)
+    cases = [(0, 0, "nan-grad"), (1, 2, "overflow"), (2, 22, "overflow"), (4, 12, "nan-grad")]
+    cases.append((5, 19, "overflow"))
+    for opt in _optimizers_for(name):
+        for chunk in CHUNKS:
+            ps = [rng.normal(0.0, 1.0, size).astype(dtype) for size, _ in TABLE_TENSORS]
+            gs = [[rng.normal(0.0, 1.0, size).astype(dtype)] for size, _ in TABLE_TENSORS]
+            for case in [None, *cases]:
+                p2, g2 = [p.copy() for p in ps], [[g[0].copy()] for g in gs]
+                if case is not None:
+                    t, i, how = case
+                    if how == "nan-grad":
+                        g2[t][0][i] = np.nan
+                    else:  # p - lr g beyond the largest number (SGD); g^2 overflows v (Adam)
+                        p2[t][i], g2[t][0][i] = big, -big
+                what = f"{name} {opt!r} chunk={chunk} case={case}"
+                out = run_everywhere(_table_body(name, opt, p2, g2, chunk, False), what)
+                for k, (got, p) in enumerate(zip(out[: len(ps)], p2)):
+                    assert bits_equal(got, p), f"{what}: tensor {k} written"
+                for k, got in enumerate(out[len(ps) : -1]):
+                    assert not got.any(), f"{what}: state {k} written"
+                expect_status(out[-1], case is not None, what)
 
 
 def _guard_table(
@@ -920,7 +953,12 @@ CHECKS: dict[str, dict[str, Check]] = {
         "finalize_loss": check_output_layer,
     },
     "bias_grad": {"bias_grad_partial": check_bias_grad, "bias_grad_finish": check_bias_grad},
-    "optimizers": {"sgd_update_table": check_optimizers, "adam_update_table": check_optimizers},
+    "optimizers": {
+        "sgd_update_table": check_optimizers,
+        "adam_update_table": check_optimizers,
+        "sgd_check_table": check_update_checks,
+        "adam_check_table": check_update_checks,
+    },
     "guard": {
         "check_finite_table": check_guard,
         "zero_if_bad_table": check_guard,

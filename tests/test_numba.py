@@ -24,6 +24,7 @@ pytest.importorskip("numba")
 
 from gpubp.backends import numba_blas
 from gpubp.backends import numba_kernels as K
+from gpubp.backends import numba_optim as O
 from gpubp.backends.numba_backend import NumbaBackend
 
 ACT = gpubp.activations.ACTIVATION_IDS
@@ -245,22 +246,22 @@ def test_fold_falls_back_when_the_bound_is_not_met(rng, monkeypatch):
     update kernel only sees the biases: the weights were updated inside the GEMM."""
     W, b, x, y = _problem("float32", rng)
     be = NumbaBackend()
-    updated_ndims = []
-    kernel = K.sgd_update
+    updated = []
+    kernel = O.sgd_apply
 
     def spy(p, *args):
-        updated_ndims.append(p.ndim)
+        updated.append(p.size)
         return kernel(p, *args)
 
-    monkeypatch.setattr(K, "sgd_update", spy)
+    monkeypatch.setattr(O, "sgd_apply", spy)
     got = _step(be, be.train_step, W, b, x, y, optim.SGD(lr=1e30))
-    assert updated_ndims.count(2) == len(W)
+    assert sorted(updated) == sorted(p.size for p in W + b)
     plain = _step(be, lambda *a: Backend.train_step(be, *a), W, b, x, y, optim.SGD(lr=1e30))
     for p, q in zip(got[1] + got[2], plain[1] + plain[2]):
         np.testing.assert_array_equal(p, q)
-    updated_ndims.clear()
+    updated.clear()
     folded = _step(be, be.train_step, W, b, x, y, optim.SGD(lr=1e-3))
-    assert updated_ndims == [1] * len(b)  # biases only: the fold was taken
+    assert updated == [v.size for v in b]  # biases only: the fold was taken
     unfolded = _step(be, lambda *a: Backend.train_step(be, *a), W, b, x, y, optim.SGD(lr=1e-3))
     for p, q in zip(folded[1] + folded[2], unfolded[1] + unfolded[2]):
         np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-7)
@@ -477,8 +478,10 @@ def test_kernels_are_cached_on_disk():
         K.colsum,
         K.output_delta,
         K.has_nonfinite,
-        K.sgd_update,
-        K.adam_update,
+        O.sgd_check,
+        O.sgd_apply,
+        O.adam_check,
+        O.adam_apply,
         K.forward_layer,
         K.hidden_delta,
         K.weight_gradient,

@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import activations as act
 from ..errors import NonFiniteLossError
+from .update import UpdateOps
 
 #: The op names every backend offers, in the order the reference defines them.
 OPS: tuple[str, ...] = (
@@ -73,7 +74,7 @@ class Workspace:
         return self.scratch[: math.prod(shape)].reshape(shape)
 
 
-class Backend:
+class Backend(UpdateOps):
     """Backpropagation ops on the array module ``xp``; subclasses set ``name`` and ``xp``.
 
     Attributes
@@ -92,6 +93,7 @@ class Backend:
 
     def __init__(self) -> None:
         self._workspaces: OrderedDict[tuple[Any, ...], Workspace] = OrderedDict()
+        self._stagings = OrderedDict()
 
     def __repr__(self) -> str:
         return f"<gpubp backend {self.name!r}>"
@@ -306,96 +308,6 @@ class Backend:
         xp = self.xp
         return xp.matmul(delta.T, a_prev, out=dW), xp.sum(delta, axis=0, out=db)
 
-    def sgd_update(
-        self,
-        param: Any,
-        grad: Any,
-        buf: Any,
-        lr: float,
-        momentum: float,
-        nesterov: bool,
-        weight_decay: float,
-        *,
-        scratch: Any = None,
-    ) -> tuple[Any, Any]:
-        """SGD step in place on ``param`` and ``buf``; see :func:`gpubp.reference.sgd_update`.
-
-        ``scratch`` is an optional flat buffer of at least ``param.size`` elements.
-        """
-        xp = self.xp
-        s = self._pscratch(param, scratch, 0)
-        g = grad
-        if weight_decay:
-            xp.multiply(param, weight_decay, out=s)
-            s += grad
-            g = s
-        if momentum:
-            buf *= momentum
-            buf += g
-            if nesterov:  # p -= lr * (g + momentum * buf)
-                xp.multiply(g, lr, out=s)
-                param -= s
-                xp.multiply(buf, lr * momentum, out=s)
-            else:
-                xp.multiply(buf, lr, out=s)
-        else:
-            xp.multiply(g, lr, out=s)
-        param -= s
-        return param, buf
-
-    def adam_update(
-        self,
-        param: Any,
-        grad: Any,
-        m: Any,
-        v: Any,
-        step: int,
-        lr: float,
-        beta1: float,
-        beta2: float,
-        eps: float,
-        weight_decay: float,
-        decoupled: bool,
-        *,
-        scratch: Any = None,
-    ) -> tuple[Any, Any, Any]:
-        """Adam / AdamW step in place on ``param``, ``m``, ``v``; see ``reference.adam_update``.
-
-        ``scratch`` is an optional flat buffer of at least ``2 * param.size`` elements.
-        """
-        xp = self.xp
-        s1 = self._pscratch(param, scratch, 0)
-        s2 = self._pscratch(param, scratch, 1)
-        g = grad
-        if weight_decay and decoupled:
-            param *= 1.0 - lr * weight_decay
-        elif weight_decay:
-            xp.multiply(param, weight_decay, out=s1)
-            s1 += grad
-            g = s1
-        m *= beta1
-        xp.multiply(g, 1.0 - beta1, out=s2)
-        m += s2
-        v *= beta2
-        xp.multiply(g, g, out=s2)
-        s2 *= 1.0 - beta2
-        v += s2
-        bc1 = 1.0 - beta1**step
-        bc2 = 1.0 - beta2**step
-        xp.sqrt(v, out=s2)
-        s2 *= 1.0 / math.sqrt(bc2)
-        s2 += eps
-        xp.divide(m, s2, out=s1)
-        s1 *= lr / bc1
-        param -= s1
-        return param, m, v
-
-    def _pscratch(self, param: Any, scratch: Any, k: int) -> Any:
-        if scratch is None:
-            return self.xp.empty_like(param)
-        n = param.size
-        return scratch[k * n : (k + 1) * n].reshape(param.shape)
-
     # --- compositions -----------------------------------------------------------------------
 
     def forward(
@@ -464,24 +376,6 @@ class Backend:
         buf[...] = x
         return buf
 
-    def update_parameters(
-        self,
-        params: list[Any],
-        grads: list[Any],
-        optimizer: Any,
-        state: dict[str, Any],
-        *,
-        scratch: Any = None,
-    ) -> tuple[list[Any], dict[str, Any]]:
-        """Apply ``optimizer`` to every parameter in place (order ``W^1..W^L, b^1..b^L``).
-
-        The optimizer calls this backend's own op (``sgd_update``, ``adam_update``) on each
-        parameter. ``state["step"]`` is incremented, and each slot array updated in place.
-        """
-        _, new_state = optimizer.update(self, params, grads, state, scratch=scratch)
-        state["step"] = new_state["step"]
-        return params, state
-
     def apply_update(
         self,
         value: Any,
@@ -492,15 +386,15 @@ class Backend:
         *,
         scratch: Any = None,
     ) -> tuple[list[Any], dict[str, Any]]:
-        """The step after the gradients: :meth:`check_finite` on the loss ``value`` and
-        ``grads``, then :meth:`update_parameters`; ``(params, state)``, updated in place.
+        """The step after the gradients: the loss ``value`` must be finite, then
+        :meth:`checked_update`; ``(params, state)``, updated in place.
 
-        ``params`` and ``grads`` are in the order ``W^1..W^L, b^1..b^L``. If anything is not
-        finite, :class:`~gpubp.errors.NonFiniteLossError` is raised and nothing is changed.
+        ``params`` and ``grads`` are in the order ``W^1..W^L, b^1..b^L``. If the loss, a
+        gradient, a new parameter or a new optimizer state value is not finite,
+        :class:`~gpubp.errors.NonFiniteLossError` is raised and nothing is changed.
         """
-        L = len(grads) // 2
-        self.check_finite(value, grads[:L], grads[L:])
-        return self.update_parameters(params, grads, optimizer, state, scratch=scratch)
+        self.check_loss(value)
+        return self.checked_update(value, params, grads, optimizer, state, scratch=scratch)
 
     def train_step(
         self,
@@ -517,9 +411,10 @@ class Backend:
         """:meth:`gradients` then :meth:`apply_update`; ``(C, weights, biases, state)``, updated
         in place.
 
-        All gradients are computed before anything is updated; if the loss or any gradient is
-        not finite, :class:`~gpubp.errors.NonFiniteLossError` is raised and the parameters and
-        optimizer state are left exactly as they were. (A GPU backend may raise it at its next
+        All gradients are computed before anything is updated; if the loss, any gradient or
+        any new parameter or state value is not finite,
+        :class:`~gpubp.errors.NonFiniteLossError` is raised and the parameters and optimizer
+        state are left exactly as they were. (A GPU backend may raise it at its next
         synchronisation point instead: :meth:`synchronize`, ``float(C)``, ``to_numpy``.) A
         backend that fuses the step overrides this method as a whole.
         """
@@ -530,14 +425,18 @@ class Backend:
         )
         return value, weights, biases, state
 
-    def check_finite(self, value: Any, dWs: list[Any], dbs: list[Any]) -> None:
-        """Raise :class:`NonFiniteLossError` if the loss or a gradient holds NaN or infinity."""
-        xp = self.xp
+    def check_loss(self, value: Any) -> None:
+        """Raise :class:`NonFiniteLossError` if the loss ``value`` is NaN or infinite."""
         if not math.isfinite(float(value)):
             raise NonFiniteLossError(
                 f"the loss is {float(value)} (not finite); the step was skipped and the "
                 "parameters kept. Lower the learning rate, or check the inputs for huge values"
             )
+
+    def check_finite(self, value: Any, dWs: list[Any], dbs: list[Any]) -> None:
+        """Raise :class:`NonFiniteLossError` if the loss or a gradient holds NaN or infinity."""
+        xp = self.xp
+        self.check_loss(value)
         for kind, grads in (("dW", dWs), ("db", dbs)):
             for i, g in enumerate(grads):
                 # one reduction per tensor; a NaN or inf anywhere makes the sum non-finite, and a

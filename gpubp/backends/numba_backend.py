@@ -7,7 +7,9 @@ one pass over each GEMM output while it is still in cache:
 - output: loss value and ``delta^L`` in one pass per row, with ``db^L`` summed in that pass;
 - backward: ``g = delta_next @ W_next`` (GEMM), then ``delta = g * f'(a)`` in place with
   ``db = sum over B of delta`` in the same pass;
-- ``dW = delta.T @ a_prev`` (GEMM); the update is one pass per parameter.
+- ``dW = delta.T @ a_prev`` (GEMM); the update is a check pass over every parameter (nothing
+  written; a non-finite new value rejects the step), then the write pass (:mod:`.numba_optim`),
+  both in the parameters' dtype.
 
 The GEMMs call NumPy's own BLAS from inside the kernels (see :mod:`.numba_blas`), so one layer
 is one call from Python. Everything is written into a per-batch-shape workspace, so a
@@ -19,11 +21,12 @@ spin-waiting workers was measured 3-8x slower on 2 cores), so Numba's threading 
 started. Small batches run one kernel after another in the calling thread, with BLAS using its
 threads inside the GEMMs. A large batch (at least :attr:`NumbaBackend.split_min_rows` rows per
 thread) is instead split by rows over the threads, each part running the whole pass on its rows
-(see :mod:`.numba_split`). ``threads=n`` sets how many threads (BLAS's, or the split's) this
-backend's calls use and puts the previous BLAS setting back afterwards (the count is
-process-wide while a call runs, as with threadpoolctl); by default BLAS keeps whatever the
-process has (one per core unless ``OPENBLAS_NUM_THREADS`` says otherwise) and a split uses that
-many threads.
+(see :mod:`.numba_split`). The optimizer's passes are split by ranges over the same threads
+above :attr:`NumbaBackend.update_split_min` elements per thread. ``threads=n`` sets how many
+threads (BLAS's, or the split's) this backend's calls use and puts the previous BLAS setting
+back afterwards (the count is process-wide while a call runs, as with threadpoolctl); by
+default BLAS keeps whatever the process has (one per core unless ``OPENBLAS_NUM_THREADS`` says
+otherwise) and a split uses that many threads.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from .. import activations as act
 from .._checks import positive_int
 from . import numba_blas
 from . import numba_kernels as K
+from . import numba_optim as O
 from .base import Backend, Workspace
 from .numba_split import RowSplit
 
@@ -280,16 +284,18 @@ class NumbaBackend(RowSplit, Backend):
         weight_decay: float,
         *,
         scratch: Any = None,
+        out: tuple[Any, Any] | None = None,
     ) -> tuple[Any, Any]:
-        """SGD step in place on ``param`` and ``buf``, one pass; see ``reference.sgd_update``."""
+        """SGD step in place on ``param`` and ``buf``, one pass in the parameters' dtype; see
+        :meth:`.update.UpdateOps.sgd_update` (``out=`` goes there)."""
         mbuf = param if buf is None else buf
-        if not self._fits(param.dtype, param, grad, mbuf):
+        if out is not None or not self._fits(param.dtype, param, grad, mbuf):
             return super().sgd_update(
-                param, grad, buf, lr, momentum, nesterov, weight_decay, scratch=scratch
+                param, grad, buf, lr, momentum, nesterov, weight_decay, scratch=scratch, out=out
             )
-        K.sgd_update(
-            param, grad, mbuf, float(lr), float(momentum), bool(nesterov), float(weight_decay)
-        )
+        flat = [a.reshape(-1) for a in (param, grad, mbuf)]
+        scalars = O.sgd_scalars(param.dtype, lr, momentum, nesterov, weight_decay)
+        O.sgd_apply(*flat, 0, param.size, *scalars)  # type: ignore[call-arg]
         return param, buf
 
     def adam_update(
@@ -307,37 +313,59 @@ class NumbaBackend(RowSplit, Backend):
         decoupled: bool,
         *,
         scratch: Any = None,
+        out: tuple[Any, Any, Any] | None = None,
     ) -> tuple[Any, Any, Any]:
-        """Adam / AdamW step in place on ``param``, ``m``, ``v``, one pass per parameter."""
-        if not self._fits(param.dtype, param, grad, m, v):
-            return super().adam_update(
-                param,
-                grad,
-                m,
-                v,
-                step,
-                lr,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-                decoupled,
-                scratch=scratch,
-            )
-        K.adam_update(
-            param,
-            grad,
-            m,
-            v,
-            int(step),
-            float(lr),
-            float(beta1),
-            float(beta2),
-            float(eps),
-            float(weight_decay),
-            bool(decoupled),
-        )
+        """Adam / AdamW step in place on ``param``, ``m``, ``v``, one pass in the parameters'
+        dtype; see :meth:`.update.UpdateOps.adam_update` (``out=`` goes there)."""
+        args = (step, lr, beta1, beta2, eps, weight_decay, decoupled)
+        if out is not None or not self._fits(param.dtype, param, grad, m, v):
+            return super().adam_update(param, grad, m, v, *args, scratch=scratch, out=out)
+        flat = [a.reshape(-1) for a in (param, grad, m, v)]
+        O.adam_apply(*flat, 0, param.size, *O.adam_scalars(param.dtype, *args))  # type: ignore[call-arg]
         return param, m, v
+
+    def checked_update(
+        self,
+        value: Any,
+        params: list[Any],
+        grads: list[Any],
+        optimizer: Any,
+        state: dict[str, Any],
+        *,
+        scratch: Any = None,
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """Every parameter updated only if every new parameter and state value is finite: a
+        check pass over all of them (nothing written), then the write pass; each pass split
+        over the threads above :attr:`update_split_min` elements per thread (see
+        :mod:`.numba_optim`). Otherwise as :meth:`.update.UpdateOps.checked_update`."""
+        slots = [state[s] for s in optimizer.slots]
+        dt = params[0].dtype
+        if (
+            optimizer.op not in ("sgd_update", "adam_update")
+            or not self._own_ops(_UPDATE_OPS)
+            or not self._fits(dt, *params, *grads, *(a for col in slots for a in col))
+        ):
+            return super().checked_update(value, params, grads, optimizer, state, scratch=scratch)
+        step = int(state["step"]) + 1
+        args = optimizer.op_arguments(step)
+        check: Any
+        apply: Any
+        if optimizer.op == "sgd_update":
+            check, apply = O.sgd_check, O.sgd_apply
+            scalars = O.sgd_scalars(dt, *args)
+            cols = [[p.reshape(-1) for p in params], [g.reshape(-1) for g in grads]]
+            cols.append([a.reshape(-1) for a in slots[0]] if slots else cols[0])
+        else:
+            check, apply = O.adam_check, O.adam_apply
+            scalars = O.adam_scalars(dt, *args)
+            cols = [[a.reshape(-1) for a in col] for col in (params, grads, *slots)]
+        tensors = list(zip(*cols))
+        with self._threads():
+            for i in self._over_ranges(check, tensors, scalars):
+                raise self._rejected(value, params, grads, optimizer, i)
+            self._over_ranges(apply, tensors, scalars)
+        state["step"] = step
+        return params, state
 
     # --- compositions -----------------------------------------------------------------------
 
@@ -478,11 +506,14 @@ class NumbaBackend(RowSplit, Backend):
         Plain SGD (no momentum; weight decay allowed) folds the update into the gradient GEMM,
         ``W = -lr delta.T @ a_prev + (1 - lr wd) W``, so ``dW`` is never written nor read
         back. That is done only when it provably cannot produce NaN or infinity: the loss and
-        every ``db`` are finite (so every delta is), and ``lr B max|delta| max|a|`` is far
-        below the dtype's largest number for every layer. Otherwise (and for the other
+        every new bias are finite (so every ``db`` and delta is), ``lr`` is a finite number of
+        the dtype, and ``lr B max|delta| max|a|`` is far below the dtype's largest number for
+        every layer (so ``|W - lr dW|`` cannot round past it: the change is far below half a
+        unit in the last place of the largest finite number). Otherwise (and for the other
         optimizers) all gradients are computed, then :meth:`apply_update` checks and applies
-        them, as in the base class. Either way, if the loss or a gradient is not finite,
-        :class:`~gpubp.errors.NonFiniteLossError` is raised with nothing changed.
+        them, as in the base class. Either way, if the loss, a gradient or a new parameter or
+        state value is not finite, :class:`~gpubp.errors.NonFiniteLossError` is raised with
+        nothing changed.
         """
         fold = (
             self.blas_in_kernels
@@ -506,13 +537,19 @@ class NumbaBackend(RowSplit, Backend):
             )
             L = len(weights)
             lr, wd = float(optimizer.lr), float(optimizer.weight_decay)
-            limit = float(np.finfo(weights[0].dtype).max) * 2.0**-60
-            safe = np.isfinite(value) and all((bd <= limit and lr * bd <= limit) for bd in bounds)
+            dt = weights[0].dtype
+            limit = float(np.finfo(dt).max) * 2.0**-60
+            safe = (
+                np.isfinite(value)
+                and lr <= float(np.finfo(dt).max)  # -lr, the GEMM's alpha, is a finite number
+                and all((bd <= limit and lr * bd <= limit) for bd in bounds)
+            )
+            # the biases' new values are checked (nothing written) before any weight changes;
+            # a non-finite db makes its new bias non-finite, so this checks db too
+            scalars = O.sgd_scalars(dt, lr, 0.0, False, wd)
+            flat_b = [(b.reshape(-1), db, b.reshape(-1)) for b, db in zip(biases, ws.db)]
             if safe:
-                for db in ws.db:
-                    if K.has_nonfinite(db):
-                        safe = False
-                        break
+                safe = not any(O.sgd_check(*t, 0, t[0].size, *scalars) for t in flat_b)
             if not safe:  # compute dW the plain way; apply_update raises if anything is off
                 for i in range(L):
                     delta = ws.z_out if i == L - 1 else ws.d[i + 1]
@@ -523,7 +560,7 @@ class NumbaBackend(RowSplit, Backend):
             for i in range(L):
                 delta = ws.z_out if i == L - 1 else ws.d[i + 1]
                 K.weight_gradient(delta, a0 if i == 0 else ws.a[i], weights[i], -lr, shrink)
-                K.sgd_update(biases[i], ws.db[i], biases[i], lr, 0.0, False, wd)
+                O.sgd_apply(*flat_b[i], 0, biases[i].size, *scalars)
             state["step"] = int(state["step"]) + 1
         return value, weights, biases, state
 

@@ -6,8 +6,8 @@ Each kernel is one pass over its arrays, run while the data is hot after the GEM
 - :func:`dact_mul`: ``g *= f'(a)`` in place on the backward GEMM's output, with the bias
   gradient ``db = sum over B of g`` in the same pass;
 - :func:`output_delta`: loss value and ``delta^L`` in one pass per row, from ``z`` ``(B, n)``;
-- :func:`sgd_update`, :func:`adam_update`: one pass over each parameter;
-- :func:`colsum`, :func:`has_nonfinite`: the remaining reductions;
+- :func:`colsum`, :func:`has_nonfinite`: the remaining reductions (the optimizer kernels
+  are in :mod:`.numba_optim`);
 - :func:`forward_layer`, :func:`hidden_delta`, :func:`weight_gradient`: a GEMM in NumPy's BLAS
   (see :mod:`.numba_blas`) and the pass that follows it, one call from Python per layer. They
   live in this module, next to the kernels they inline, because Numba's on-disk cache checks
@@ -474,62 +474,6 @@ def has_nonfinite(x):  # type: ignore[no-untyped-def]
     for k in range(flat.shape[0]):
         count += (flat[k] - flat[k]) != 0
     return count > 0
-
-
-@_jit
-def sgd_update(p, g, buf, lr, momentum, nesterov, weight_decay):  # type: ignore[no-untyped-def]
-    """One pass: ``g' = g + wd p``; ``buf = mu buf + g'``; ``p -= lr (g' + mu buf or buf)``.
-
-    ``buf`` is ignored when ``momentum`` is 0 (pass any array of ``p``'s size).
-    """
-    P = p.reshape(p.size)
-    G = g.reshape(g.size)
-    if momentum == 0.0:
-        if weight_decay == 0.0:
-            for k in range(P.shape[0]):
-                P[k] -= lr * G[k]
-        else:
-            for k in range(P.shape[0]):
-                P[k] -= lr * (G[k] + weight_decay * P[k])
-        return p
-    M = buf.reshape(buf.size)
-    for k in range(P.shape[0]):
-        gk = G[k] + weight_decay * P[k]
-        m = momentum * M[k] + gk
-        M[k] = m
-        if nesterov:
-            P[k] -= lr * (gk + momentum * m)
-        else:
-            P[k] -= lr * m
-    return p
-
-
-@_jit
-def adam_update(  # type: ignore[no-untyped-def]
-    p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled
-):
-    """One pass of Adam (``decoupled=False``, L2 added to ``g``) or AdamW (decoupled decay).
-
-    ``m = b1 m + (1 - b1) g``; ``v = b2 v + (1 - b2) g^2``;
-    ``p -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)``.
-    """
-    P = p.reshape(p.size)
-    G = g.reshape(g.size)
-    Mv = m.reshape(m.size)
-    V = v.reshape(v.size)
-    step_size = lr / (1.0 - beta1**step)
-    inv_sqrt_bc2 = 1.0 / math.sqrt(1.0 - beta2**step)
-    shrink = 1.0 - lr * weight_decay if decoupled else 1.0
-    l2 = 0.0 if decoupled else weight_decay
-    for k in range(P.shape[0]):
-        pk = P[k]
-        gk = G[k] + l2 * pk
-        mk = beta1 * Mv[k] + (1.0 - beta1) * gk
-        vk = beta2 * V[k] + (1.0 - beta2) * gk * gk
-        Mv[k] = mk
-        V[k] = vk
-        P[k] = pk * shrink - step_size * mk / (math.sqrt(vk) * inv_sqrt_bc2 + eps)
-    return p
 
 
 @_jit

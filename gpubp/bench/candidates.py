@@ -16,9 +16,9 @@ import numpy as np
 from ..backends import BACKEND_NAMES, backend_status, get_backend, to_numpy
 from ..backends.cuda.backend import emulated
 from ..check import rel_error
-from ..optim import SGD
 from .problem import (
     ACTIVATION,
+    ADAM_LR,
     CPU,
     GPU,
     LOSS,
@@ -26,6 +26,8 @@ from .problem import (
     OUTPUT,
     Problem,
     elementwise_bytes,
+    reference_step,
+    step_optimizer,
     validation_error,
 )
 from .timing import run_steps
@@ -89,11 +91,17 @@ class BackendCandidate(Candidate):
     kind = "backend"
 
     def __init__(
-        self, name: str, label: str | None = None, make: Callable[[], Any] | None = None
+        self,
+        name: str,
+        label: str | None = None,
+        make: Callable[[], Any] | None = None,
+        optimizer: str = "sgd",
     ) -> None:
-        """``make`` builds the backend instance (default: the class of ``get_backend(name)``)."""
+        """``make`` builds the backend instance (default: the class of ``get_backend(name)``);
+        ``optimizer`` is a :data:`STEP_OPTIMIZERS` name (label ``"numba adam"`` if not sgd)."""
         self.name = name
-        self.label = label or name
+        self.optimizer = optimizer
+        self.label = label or (name if optimizer == "sgd" else f"{name} {optimizer}")
         proto = get_backend(name)
         self._make = make or type(proto)
         self.device = CPU if proto.xp is np else GPU
@@ -105,10 +113,16 @@ class BackendCandidate(Candidate):
         self._initial = [*problem.W, *problem.b]  # on the host: no second copy on a device
         self.x = be.asarray(problem.x)
         self.y = be.asarray(problem.y)
-        self.opt = SGD(lr=LR)
-        shapes = [tuple(p.shape) for p in (*self.W, *self.b)]
-        self.state = self.opt.bind(self, be, shapes, np.dtype(problem.dtype))
+        self.opt = step_optimizer(self.optimizer)
+        self._dtype = np.dtype(problem.dtype)
+        self._bind()
         self.value: Any = None
+
+    def _bind(self) -> None:
+        """Fresh optimizer state (zero momentum and moments) for the parameters."""
+        self.opt.reset()
+        shapes = [tuple(p.shape) for p in (*self.W, *self.b)]
+        self.state = self.opt.bind(self, self.be, shapes, self._dtype)
 
     def step(self) -> None:
         self.value, *_ = self.be.train_step(
@@ -121,12 +135,25 @@ class BackendCandidate(Candidate):
     def reset(self) -> None:
         for p, p0 in zip([*self.W, *self.b], self._initial):
             p[...] = self.be.asarray(p0)
+        if self.opt.slots:  # in place: a captured CUDA graph keeps the state's addresses
+            for col in (self.state[s] for s in self.opt.slots):
+                for a in col:
+                    a.fill(0)
+        self.state["step"] = 0
 
     def validate(self, problem: Problem) -> float:
-        self.reset()
-        self.step()
-        self.sync()
-        return validation_error(problem, float(self.value), [*self.W, *self.b])
+        """The first step's error, with the optimizer of :func:`step_optimizer` ``for_check``."""
+        timed, self.opt = self.opt, step_optimizer(self.optimizer, for_check=True)
+        try:
+            self._bind()
+            self.reset()
+            self.step()
+            self.sync()
+            reference = reference_step(problem, self.optimizer)
+            return validation_error(problem, float(self.value), [*self.W, *self.b], reference)
+        finally:
+            self.opt = timed
+            self._bind()
 
     def peak_bytes(self, problem: Problem) -> tuple[int | None, str]:
         if self.device == CPU:
@@ -185,9 +212,13 @@ class TorchCandidate(Candidate):
 
     kind = "torch"
 
-    def __init__(self, torch: Any, device: str, mode: str = "eager") -> None:
-        self.torch, self.device, self.mode = torch, device, mode
+    def __init__(
+        self, torch: Any, device: str, mode: str = "eager", optimizer: str = "sgd"
+    ) -> None:
+        self.torch, self.device, self.mode, self.optimizer = torch, device, mode, optimizer
         self.label = "torch" if device == CPU else f"torch {mode}"
+        if optimizer != "sgd":
+            self.label += f" {optimizer}"
 
     def setup(self, problem: Problem) -> None:
         t = self.torch
@@ -208,7 +239,11 @@ class TorchCandidate(Candidate):
         self._load(problem)
         self.x = t.as_tensor(problem.x, device=dev)
         self.y = t.as_tensor(problem.y, device=dev)
-        self.opt = t.optim.SGD(model.parameters(), lr=LR)
+        if self.optimizer == "adam":
+            self.opt = t.optim.Adam(model.parameters(), lr=ADAM_LR)
+        else:
+            mu = 0.9 if self.optimizer == "momentum" else 0.0
+            self.opt = t.optim.SGD(model.parameters(), lr=LR, momentum=mu)
         if self.mode == "compile":
             # forget earlier compilations: after a different batch size, torch.compile would
             # otherwise recompile for dynamic shapes, which is not what a fixed-shape loop gets
@@ -252,18 +287,41 @@ class TorchCandidate(Candidate):
 
     def reset(self) -> None:
         self._load(self.problem)
+        for st in self.opt.state.values():  # momentum, moments and step count to 0, in place
+            for v in st.values():
+                if self.torch.is_tensor(v):
+                    v.zero_()
 
     def sync(self) -> None:
         if self.device == GPU:
             self.torch.cuda.synchronize()
 
     def validate(self, problem: Problem) -> float:
+        """The first step's error; Adam's ``eps`` as :func:`step_optimizer` ``for_check`` has
+        it."""
+        self.reset()
         self._load(problem)  # in place: a captured graph keeps its addresses
+        eps = step_optimizer(self.optimizer, for_check=True).hyperparameters().get("eps")
+        timed = [g.get("eps") for g in self.opt.param_groups]
+        if eps is not None:
+            for g in self.opt.param_groups:
+                g["eps"] = eps
+        try:
+            return self._validate(problem)
+        finally:
+            for g, e in zip(self.opt.param_groups, timed):
+                if e is not None:
+                    g["eps"] = e
+
+    def _validate(self, problem: Problem) -> float:
         self.step()
         self.sync()
         params = [lin.weight for lin in self.linears] + [lin.bias for lin in self.linears]
         return validation_error(
-            problem, float(self.loss.detach()), [p.detach().cpu().numpy() for p in params]
+            problem,
+            float(self.loss.detach()),
+            [p.detach().cpu().numpy() for p in params],
+            reference_step(problem, self.optimizer),
         )
 
     def peak_bytes(self, problem: Problem) -> tuple[int | None, str]:

@@ -16,12 +16,34 @@ import numpy as np
 from .. import reference as ref
 from ..backends import to_numpy
 from ..check import TOLERANCE, rel_error
-from ..optim import SGD
+from ..optim import SGD, Adam, Optimizer
 
 #: The training step every candidate runs.
 ACTIVATION, OUTPUT, LOSS = "relu", "softmax", "cross_entropy"
 #: Plain SGD; small enough that hundreds of timed steps on random labels stay finite.
 LR = 0.01
+#: The optimizers a step can be timed with (``sgd`` is the standard step); see
+#: :func:`step_optimizer`.
+STEP_OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam")
+ADAM_LR = 1e-3
+
+
+def step_optimizer(name: str, for_check: bool = False) -> Optimizer:
+    """A fresh optimizer for the timed step: ``sgd`` (``lr = LR``), ``momentum`` (0.9) or
+    ``adam`` (``lr = ADAM_LR``, PyTorch's other defaults).
+
+    ``for_check``: the one a candidate's first step is checked with. For Adam that has
+    ``eps = 1e-3``: the first step moves each parameter by ``lr g / (|g| + eps)``, about
+    ``lr`` whatever ``|g|``, so with ``eps = 1e-8`` a gradient within rounding of 0 decides the
+    sign of a whole step (a comparison of rounding noise, not of the update).
+    """
+    if name == "sgd":
+        return SGD(lr=LR)
+    if name == "momentum":
+        return SGD(lr=LR, momentum=0.9)
+    if name == "adam":
+        return Adam(lr=ADAM_LR, eps=1e-3 if for_check else 1e-8)
+    raise ValueError(f"optimizer {name!r}: expected one of {', '.join(STEP_OPTIMIZERS)}")
 
 
 CPU, GPU = "cpu", "gpu"
@@ -194,16 +216,42 @@ def rows_clear_of_kinks(W: list[np.ndarray], b: list[np.ndarray], x: np.ndarray)
     return keep
 
 
-def validation_error(problem: Problem, loss: float, params: Sequence[Any]) -> float:
+def reference_step(problem: Problem, optimizer: str) -> tuple[float, list[np.ndarray]]:
+    """The float64 reference's first step of ``problem`` with :func:`step_optimizer`
+    ``(optimizer, for_check=True)`` from zero state: ``(loss, [W^1..W^L, b^1..b^L])``."""
+    if optimizer == "sgd":
+        return problem.ref_loss, problem.ref_params
+    opt = step_optimizer(optimizer, for_check=True)
+    f64 = [p.astype(np.float64) for p in (*problem.W, *problem.b)]
+    state: dict[str, Any] = {"step": 0}
+    for slot in opt.slots:
+        state[slot] = [np.zeros_like(p) for p in f64]
+    L = len(problem.W)
+    x = problem.x.astype(np.float64)
+    loss, Wn, bn, _ = ref.train_step(
+        f64[:L], f64[L:], x, problem.y, ACTIVATION, OUTPUT, LOSS, opt, state
+    )
+    return float(loss), [*Wn, *bn]
+
+
+def validation_error(
+    problem: Problem,
+    loss: float,
+    params: Sequence[Any],
+    reference: tuple[float, Sequence[np.ndarray]] | None = None,
+) -> float:
     """Worst relative error of one step's loss and parameter changes against the reference.
 
     Changes, not parameters, are compared (a wrong gradient cannot hide behind the size of the
     parameters); as in :func:`gpubp.check._check_steps`, the scale of a change is floored so that
     rounding the largest parameter to ``dtype`` by one unit counts as exactly the tolerance.
+    ``reference``: ``(loss, params)`` of another optimizer's step (:func:`reference_step`);
+    default the problem's own SGD step.
     """
+    ref_loss, ref_params = reference or (problem.ref_loss, problem.ref_params)
     rounding = float(np.finfo(problem.dtype).eps) / TOLERANCE[problem.dtype]
-    worst = abs(loss - problem.ref_loss) / max(abs(problem.ref_loss), 1e-30)
-    for p, p0, r in zip(params, [*problem.W, *problem.b], problem.ref_params):
+    worst = abs(loss - ref_loss) / max(abs(ref_loss), 1e-30)
+    for p, p0, r in zip(params, [*problem.W, *problem.b], ref_params):
         p0 = p0.astype(np.float64)
         floor = rounding * float(np.max(np.abs(p0)))
         worst = max(worst, rel_error(to_numpy(p).astype(np.float64) - p0, r - p0, floor))

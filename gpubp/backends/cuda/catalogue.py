@@ -130,11 +130,20 @@ def adam_update_table(dtype: object, decoupled: bool) -> str:
     return f"gpubp::adam_update_table<{_ctype(dtype)}, {int(decoupled)}>"
 
 
-def update_table(op: str, dtype: object, variant: tuple[bool, ...]) -> str:
-    """The table kernel of the optimizer op ``op`` (``optim.Optimizer.op``) in its ``variant``."""
+def sgd_check_table(dtype: object, momentum: bool, nesterov: bool) -> str:
+    return sgd_update_table(dtype, momentum, nesterov).replace("_update_", "_check_")
+
+
+def adam_check_table(dtype: object, decoupled: bool) -> str:
+    return adam_update_table(dtype, decoupled).replace("_update_", "_check_")
+
+
+def update_table(op: str, dtype: object, variant: tuple[bool, ...], check: bool = False) -> str:
+    """The table kernel of the optimizer op ``op`` (``optim.Optimizer.op``) in its ``variant``:
+    the update, or with ``check`` the kernel that flags a non-finite new value first."""
     tables: dict[str, Callable[..., str]] = {
-        "sgd_update": sgd_update_table,
-        "adam_update": adam_update_table,
+        "sgd_update": sgd_check_table if check else sgd_update_table,
+        "adam_update": adam_check_table if check else adam_update_table,
     }
     return tables[op](dtype, *variant)
 
@@ -186,6 +195,10 @@ def _catalogue() -> dict[str, list[str]]:
             sgd_update_table(dt, m, n) for m, n in itertools.product(flags, flags) if m or not n
         ]
         cat["optimizers"] += [adam_update_table(dt, d) for d in flags]
+        cat["optimizers"] += [
+            sgd_check_table(dt, m, n) for m, n in itertools.product(flags, flags) if m or not n
+        ]
+        cat["optimizers"] += [adam_check_table(dt, d) for d in flags]
         cat["guard"] += [check_finite_table(dt), zero_if_bad_table(dt)]
         cat["metrics"] += [
             argmax_accuracy(dt, t) for t in (TARGET_DENSE, TARGET_LABELS, TARGET_NONE)

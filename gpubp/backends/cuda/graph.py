@@ -247,6 +247,9 @@ class _TrainStep:
                 launch.bias_grad(kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], status)
             t = self.inputs
             launch.check_finite_table(kern, self.dtype, t.dev, t.n, t.biggest, status)
+            t = self.bias_update  # the new biases, before anything is written
+            launch.check_update_table(kern, self.optimizer, self.dtype, t.dev, t.n, t.chunks, hp,
+                                      status)  # fmt: skip
             t = self.zeroed
             launch.zero_if_bad_table(kern, self.dtype, t.dev, t.n, t.biggest, status)
             for i in range(L):  # W = -lr * delta.T @ a + 1 * W
@@ -259,6 +262,9 @@ class _TrainStep:
                 launch.bias_grad(kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], status)
             u = self.update
             assert u is not None  # made in __init__ whenever there is an optimizer and no fold
-            launch.check_finite_table(kern, self.dtype, u.dev, u.n, u.biggest, status)
+            # every new parameter and state value checked (a NaN gradient gives a NaN one)
+            # before the update writes any
+            launch.check_update_table(kern, self.optimizer, self.dtype, u.dev, u.n, u.chunks, hp,
+                                      status)  # fmt: skip
             launch.update_table(kern, self.optimizer, self.dtype, u.dev, u.n, u.chunks, hp, status)
         launch.finish_step(kern, status)

@@ -327,6 +327,32 @@ def update_table(
     )
 
 
+def check_update_table(
+    kernels: KernelGetter,
+    optimizer: Any,
+    dtype: Any,
+    table: Any,
+    n: int,
+    chunks: int,
+    hp: Any,
+    status: Any,
+) -> None:
+    """Set ``status[STATUS_BAD]`` if ``optimizer``'s update of ``table`` would give any NaN or
+    infinite parameter or state value; nothing is written. Arguments as :func:`update_table`,
+    which, launched next on the same ``status``, then skips itself."""
+    fn = "check_update_table"
+    _table(fn, table, n)
+    _hp(fn, hp, dtype)
+    _status(fn, status)
+    name = ck.update_table(optimizer.op, dtype, optimizer.variant, check=True)
+    _launch(
+        kernels,
+        name,
+        ck.blocks_for(chunks * ck.THREADS),
+        (table, np.int32(n), np.int64(chunks), np.int64(ck.CHUNK), hp, status),
+    )
+
+
 # --- guard.cu -------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,171 @@
+"""The Numba backend's optimizer kernels: a read-only check pass and a write pass, per range.
+
+A step must change nothing when any new parameter or optimizer state would be NaN or infinite,
+so every update runs in two passes over flat 1-D views of the tensors:
+
+- ``*_check(..., lo, hi, ...)``: computes the new values of elements ``[lo, hi)`` without
+  writing anything and returns whether any of them (parameter or state) is not finite;
+- ``*_apply(..., lo, hi, ...)``: computes the same values and writes them.
+
+The backend runs every check pass before the first write pass, so a rejected step leaves every
+tensor as it was; a non-finite gradient makes its new parameter non-finite, so the gradients
+are checked by the same pass that reads them. Both passes compute the same expressions in the
+same order, so what is checked is exactly what is written.
+
+Arithmetic is in the parameters' dtype: the scalars arrive already rounded to it (float32
+scalars for float32 tensors), so no element is promoted to float64 and the loops vectorise.
+The finiteness test is ``d = x - x; d != d`` (``x - x`` is NaN exactly for NaN and infinity),
+or-ed into a bool, so the check loop vectorises too (an int64 count measured 1.5x slower).
+No ``fastmath``: it would let LLVM assume there is no NaN or infinity and drop the very test.
+Each kernel works on a range so that the backend can split one tensor over its threads; the
+kernels release the GIL.
+
+Rules (``torch.optim``'s; ``t`` the step, ``g`` the gradient):
+
+- SGD: ``g' = g + wd p``; momentum ``buf = mu buf + g'``; ``p -= lr (g' + mu buf)``
+  (Nesterov) or ``p -= lr buf``; without momentum ``p -= lr g'``.
+- Adam / AdamW: ``g' = g + l2 p``; ``m = b1 m + (1 - b1) g'``; ``v = b2 v + (1 - b2) g'^2``;
+  ``p = p shrink - m / (sqrt(v) + eps') alpha`` with ``alpha = lr sqrt(1 - b2^t) / (1 - b1^t)``
+  and ``eps' = eps sqrt(1 - b2^t)`` (the bias corrections folded into two scalars, as in the
+  NumPy backend: ``lr / (1 - b1^t)`` alone can overflow where the step does not), and
+  ``l2 = wd, shrink = 1`` (Adam) or ``l2 = 0, shrink = 1 - lr wd`` (AdamW).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from . import numba_cache  # noqa: F401 - before any kernel: the cache goes to the user's folder
+
+_jit = njit(cache=True, nogil=True, error_model="numpy")
+
+
+@_jit
+def sgd_check(p, g, buf, lo, hi, lr, mu, nesterov, wd):  # type: ignore[no-untyped-def]
+    """Whether any of elements ``[lo, hi)`` would get a non-finite ``p`` or ``buf`` (nothing
+    written). ``p``, ``g``, ``buf``: flat arrays of one dtype (``buf`` unused when ``mu`` is 0);
+    the scalars are of that dtype."""
+    p, g, buf = p[lo:hi], g[lo:hi], buf[lo:hi]
+    bad = False
+    if mu == 0:
+        if wd == 0:
+            for k in range(p.shape[0]):
+                q = p[k] - lr * g[k]
+                d = q - q
+                bad |= d != d
+        else:
+            for k in range(p.shape[0]):
+                q = p[k] - lr * (g[k] + wd * p[k])
+                d = q - q
+                bad |= d != d
+    elif nesterov:
+        for k in range(p.shape[0]):
+            gk = g[k] + wd * p[k]
+            m = mu * buf[k] + gk
+            q = p[k] - lr * (gk + mu * m)
+            d = (q - q) + (m - m)
+            bad |= d != d
+    else:
+        for k in range(p.shape[0]):
+            m = mu * buf[k] + (g[k] + wd * p[k])
+            q = p[k] - lr * m
+            d = (q - q) + (m - m)
+            bad |= d != d
+    return bad
+
+
+@_jit
+def sgd_apply(p, g, buf, lo, hi, lr, mu, nesterov, wd):  # type: ignore[no-untyped-def]
+    """Write the SGD step of :func:`sgd_check` into elements ``[lo, hi)`` of ``p`` (and
+    ``buf``)."""
+    p, g, buf = p[lo:hi], g[lo:hi], buf[lo:hi]
+    if mu == 0:
+        if wd == 0:
+            for k in range(p.shape[0]):
+                p[k] = p[k] - lr * g[k]
+        else:
+            for k in range(p.shape[0]):
+                p[k] = p[k] - lr * (g[k] + wd * p[k])
+    elif nesterov:
+        for k in range(p.shape[0]):
+            gk = g[k] + wd * p[k]
+            m = mu * buf[k] + gk
+            buf[k] = m
+            p[k] = p[k] - lr * (gk + mu * m)
+    else:
+        for k in range(p.shape[0]):
+            m = mu * buf[k] + (g[k] + wd * p[k])
+            buf[k] = m
+            p[k] = p[k] - lr * m
+    return 0
+
+
+@_jit
+def adam_check(  # type: ignore[no-untyped-def]
+    p, g, m, v, lo, hi, b1, omb1, b2, omb2, eps, alpha, shrink, l2
+):
+    """Whether any of elements ``[lo, hi)`` would get a non-finite ``p``, ``m`` or ``v`` (nothing
+    written); the scalars are of the arrays' dtype (see the module docstring)."""
+    p, g, m, v = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
+    bad = False
+    for k in range(p.shape[0]):
+        pk = p[k]
+        gk = g[k] + l2 * pk
+        mk = b1 * m[k] + omb1 * gk
+        vk = b2 * v[k] + omb2 * (gk * gk)
+        q = pk * shrink - mk / (math.sqrt(vk) + eps) * alpha
+        d = (q - q) + (mk - mk) + (vk - vk)
+        bad |= d != d
+    return bad
+
+
+@_jit
+def adam_apply(  # type: ignore[no-untyped-def]
+    p, g, m, v, lo, hi, b1, omb1, b2, omb2, eps, alpha, shrink, l2
+):
+    """Write the Adam / AdamW step of :func:`adam_check` into elements ``[lo, hi)``."""
+    p, g, m, v = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
+    for k in range(p.shape[0]):
+        pk = p[k]
+        gk = g[k] + l2 * pk
+        mk = b1 * m[k] + omb1 * gk
+        vk = b2 * v[k] + omb2 * (gk * gk)
+        m[k] = mk
+        v[k] = vk
+        p[k] = pk * shrink - mk / (math.sqrt(vk) + eps) * alpha
+    return 0
+
+
+def sgd_scalars(
+    dtype: Any, lr: float, momentum: float, nesterov: bool, weight_decay: float
+) -> tuple[Any, ...]:
+    """The scalars of :func:`sgd_check` / :func:`sgd_apply`, rounded to ``dtype``."""
+    t = np.dtype(dtype).type
+    with np.errstate(over="ignore"):  # an lr beyond the dtype becomes inf: a rejected step
+        return (t(lr), t(momentum), bool(nesterov), t(weight_decay))
+
+
+def adam_scalars(
+    dtype: Any,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+) -> tuple[Any, ...]:
+    """The scalars of :func:`adam_check` / :func:`adam_apply`: derived in float64,
+    each rounded once to ``dtype``."""
+    t = np.dtype(dtype).type
+    root_bc2 = math.sqrt(1.0 - beta2**step)
+    alpha = lr * root_bc2 / (1.0 - beta1**step)
+    shrink = 1.0 - lr * weight_decay if decoupled else 1.0
+    l2 = 0.0 if decoupled else weight_decay
+    values = (beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps * root_bc2, alpha, shrink, l2)
+    with np.errstate(over="ignore"):
+        return tuple(t(x) for x in values)

@@ -1,0 +1,218 @@
+"""The new parameters and optimizer state are part of a step's finite check, on every backend.
+
+A step whose update would make any parameter or state value NaN or infinite raises
+NonFiniteLossError and changes nothing: not the parameters updated before the offending one,
+not the momentum or Adam state, not the step count. The loss and every gradient are finite in
+these cases; only the update overflows (a learning rate beyond the dtype, or a large finite one
+on large gradients). Also: the Numba backend's update split over threads checks every part
+before any part writes, and matches the reference on awkward sizes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpubp
+from gpubp import optim
+from gpubp import reference as ref
+from gpubp.backends import to_numpy
+from gpubp.check import TOLERANCE, rel_error
+
+SIZES = (13, 33, 7, 5)  # widths that are not multiples of 32
+OPTIMIZERS = {
+    "sgd": lambda lr: optim.SGD(lr=lr),
+    "sgd_wd": lambda lr: optim.SGD(lr=lr, weight_decay=1e-3),
+    "momentum": lambda lr: optim.SGD(lr=lr, momentum=0.9),
+    "nesterov": lambda lr: optim.SGD(lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "adam": lambda lr: optim.Adam(lr=lr),
+    "adamw": lambda lr: optim.AdamW(lr=lr, weight_decay=1e-3),
+}
+
+
+def fresh(backend_name: str) -> gpubp.backends.Backend:
+    """A new instance of the backend: its own workspaces, staging arrays and CUDA graphs."""
+    return type(gpubp.get_backend(backend_name))()
+
+
+def problem(rng: np.random.Generator, batch: int = 9):
+    W = [(rng.standard_normal((SIZES[i + 1], SIZES[i])) / 3).astype(np.float32) for i in range(3)]
+    b = [rng.standard_normal(SIZES[i + 1]).astype(np.float32) for i in range(3)]
+    x = rng.standard_normal((batch, SIZES[0])).astype(np.float32)
+    y = rng.integers(0, SIZES[-1], batch).astype(np.int64)
+    return W, b, x, y
+
+
+def host(arrays) -> list[np.ndarray]:
+    return [np.array(to_numpy(a)) for a in arrays]
+
+
+def snapshot(params, opt) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]], int]:
+    state = opt.state
+    return host(params), {s: host(state[s]) for s in opt.slots}, int(state["step"])
+
+
+def assert_unchanged(before, params, opt) -> None:
+    p0, slots0, step0 = before
+    for got, want in zip(host(params), p0, strict=True):
+        np.testing.assert_array_equal(got, want)
+    for s, arrays in slots0.items():
+        for got, want in zip(host(opt.state[s]), arrays, strict=True):
+            np.testing.assert_array_equal(got, want)
+    assert int(opt.state["step"]) == step0
+
+
+def run_step(be, W, b, x, y, opt) -> float:
+    """One train step, its loss read back (where a GPU backend raises a deferred error)."""
+    value, *_ = be.train_step(W, b, x, y, "tanh", "softmax", "cross_entropy", opt, opt.state)
+    loss = float(value)
+    be.synchronize()
+    return loss
+
+
+@pytest.mark.parametrize(("batch", "good"), [(1, 2), (9, 2), (9, 0)], ids=["b1", "b9", "first"])
+@pytest.mark.parametrize("label", list(OPTIMIZERS))
+def test_a_step_whose_new_parameters_overflow_changes_nothing(
+    backend_name, rng, label, batch, good
+):
+    """``good`` good steps first (momentum and Adam state non-zero; on the GPU the third step
+    replays the captured graph, the first runs eagerly), then one with ``lr = 1e39``, beyond
+    float32: the loss and gradients are finite, the new parameters are not. Before the fix this
+    returned normally with infinite weights (issue: ``train_step(SGD(lr=1e39))``)."""
+    be = fresh(backend_name)
+    W, b, x, y = problem(rng, batch)
+    W, b = [be.asarray(w).copy() for w in W], [be.asarray(v).copy() for v in b]
+    x, y = be.asarray(x), be.asarray(y)
+    opt = OPTIMIZERS[label](1e-2)
+    opt.bind(None, be, [tuple(p.shape) for p in W + b], np.float32)
+    for _ in range(good):
+        assert np.isfinite(run_step(be, W, b, x, y, opt))
+    before = snapshot(W + b, opt)
+    if backend_name == "cupy" and be.graphs and good:  # the bad step replays the graph
+        assert [type(s.graph).__name__ for s in be._steps.values()] == ["Graph"]
+    opt.lr = 1e39  # as a schedule would set it: the next step reads the new value
+    with pytest.raises(gpubp.NonFiniteLossError):
+        run_step(be, W, b, x, y, opt)
+    assert_unchanged(before, W + b, opt)
+    opt.lr = 1e-2  # and the run goes on from the last good step
+    assert np.isfinite(run_step(be, W, b, x, y, opt))
+    assert int(opt.state["step"]) == good + 1
+
+
+@pytest.mark.parametrize("label", list(OPTIMIZERS))
+def test_apply_update_checks_every_parameter_before_writing_any(backend_name, rng, label):
+    """Finite loss and gradients, a finite float32 lr, large parameters: only the last bias's
+    update overflows, so a backend that updated in order would already have written the
+    others. The error names the parameter."""
+    be = fresh(backend_name)
+    shapes = [(SIZES[i + 1], SIZES[i]) for i in range(3)] + [(n,) for n in SIZES[1:]]
+    params = [be.asarray(rng.uniform(-1, 1, s).astype(np.float32)) for s in shapes]
+    params[-1][0] = 3e38
+    grads = [be.asarray(rng.uniform(-1, 1, s).astype(np.float32)) for s in shapes]
+    grads[-1][0] = -1e38  # p - lr g = 3e38 + 1e38: beyond float32's 3.4e38
+    opt = OPTIMIZERS[label](1.0)
+    if label in ("adam", "adamw"):
+        opt = optim.Adam(lr=2e38, decoupled=label == "adamw")  # p - lr m / sqrt(v) ~ 3e38 + 2e38
+    opt.bind(None, be, shapes, np.float32)
+    before = snapshot(params, opt)
+    with pytest.raises(gpubp.NonFiniteLossError, match=r"b\[2\]"):
+        be.apply_update(be.asarray(np.float32(0.5)), params, grads, opt, opt.state)
+        be.synchronize()
+    assert_unchanged(before, params, opt)
+
+
+@pytest.mark.parametrize("label", list(OPTIMIZERS))
+def test_a_non_finite_gradient_is_named(backend_name, rng, label):
+    be = fresh(backend_name)
+    shapes = [(SIZES[i + 1], SIZES[i]) for i in range(3)] + [(n,) for n in SIZES[1:]]
+    params = [be.asarray(rng.uniform(-1, 1, s).astype(np.float32)) for s in shapes]
+    grads = [be.asarray(rng.uniform(-1, 1, s).astype(np.float32)) for s in shapes]
+    grads[1][2, 3] = np.nan
+    opt = OPTIMIZERS[label](0.1)
+    opt.bind(None, be, shapes, np.float32)
+    before = snapshot(params, opt)
+    with pytest.raises(gpubp.NonFiniteLossError, match=r"dW\[1\]"):
+        be.apply_update(be.asarray(np.float32(0.5)), params, grads, opt, opt.state)
+        be.synchronize()
+    assert_unchanged(before, params, opt)
+
+
+@pytest.mark.parametrize("label", list(OPTIMIZERS))
+def test_large_but_finite_updates_are_applied(backend_name, rng, label):
+    """Parameters near the top of float32 (beyond what the cheap NumPy bound accepts) with a
+    finite result: the step is applied, with the values of the unchecked update (to rounding:
+    the GPU's unchecked update is another kernel)."""
+    be = fresh(backend_name)
+    shapes = [(SIZES[i + 1], SIZES[i]) for i in range(3)] + [(n,) for n in SIZES[1:]]
+    params = [be.asarray(rng.uniform(-1, 1, s).astype(np.float32)) for s in shapes]
+    params[1][0, 0] = 1e38
+    grads = [be.asarray(rng.uniform(-1, 1, s).astype(np.float32)) for s in shapes]
+    opt, plain = OPTIMIZERS[label](0.1), OPTIMIZERS[label](0.1)
+    opt.bind(None, be, shapes, np.float32)
+    plain.bind(None, be, shapes, np.float32)
+    copies = [p.copy() for p in params]
+    be.apply_update(be.asarray(np.float32(0.5)), params, grads, opt, opt.state)
+    be.update_parameters(copies, grads, plain, plain.state)
+    be.synchronize()
+    for got, want in zip(host(params), host(copies), strict=True):
+        assert rel_error(got, want) <= 1e-6  # relative to the tensor's largest value
+    assert np.isfinite(host(params)[1]).all() and int(opt.state["step"]) == 1
+
+
+# --- the Numba backend's update split over threads ---------------------------------------------
+
+
+def splitting(threads: int = 2):
+    """A Numba backend that splits every optimizer pass of 128 elements or more."""
+    pytest.importorskip("numba")
+    from gpubp.backends.numba_backend import NumbaBackend
+
+    be = NumbaBackend(threads=threads)
+    be.update_split_min = 64
+    return be
+
+
+SPLIT_SHAPES = [(37, 129), (1,), (300, 3), (129,), (2, 2)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("label", list(OPTIMIZERS))
+def test_split_update_matches_the_reference(rng, label, dtype):
+    be = splitting()
+    assert be._update_parts(sum(int(np.prod(s)) for s in SPLIT_SHAPES)) == 2
+    params = [rng.normal(0, 1, s).astype(dtype) for s in SPLIT_SHAPES]
+    p64 = [p.astype(np.float64) for p in params]
+    start = [p.copy() for p in p64]
+    opt, ref_opt = OPTIMIZERS[label](0.05), OPTIMIZERS[label](0.05)
+    opt.bind(None, be, SPLIT_SHAPES, dtype)
+    ref_state = {"step": 0}
+    for slot in ref_opt.slots:
+        ref_state[slot] = [np.zeros(s) for s in SPLIT_SHAPES]
+    for _ in range(3):
+        grads = [(rng.normal(0, 1, s) * 1e3).astype(dtype) for s in SPLIT_SHAPES]  # large
+        be.apply_update(np.float32(1.0), params, grads, opt, opt.state)
+        p64, ref_state = ref.update_parameters(p64, grads, ref_opt, ref_state)
+    for got, want, p0 in zip(params, p64, start, strict=True):  # the changes, not the params
+        assert rel_error(got - p0, want - p0) <= TOLERANCE[dtype]
+    for slot in opt.slots:
+        for got, want in zip(opt.state[slot], ref_state[slot], strict=True):
+            assert rel_error(got, want) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("label", list(OPTIMIZERS))
+def test_split_update_checks_every_part_before_any_writes(rng, label):
+    """The overflow is in the last elements (the second thread's part): the first part, checked
+    clean, must not have been written either."""
+    be = splitting()
+    params = [rng.uniform(-1, 1, s).astype(np.float32) for s in SPLIT_SHAPES]
+    grads = [rng.uniform(-1, 1, s).astype(np.float32) for s in SPLIT_SHAPES]
+    params[-1].flat[-1] = 3e38
+    grads[-1].flat[-1] = -1e38
+    opt = OPTIMIZERS[label](1.0)
+    if label in ("adam", "adamw"):
+        opt = optim.Adam(lr=2e38, decoupled=label == "adamw")
+    opt.bind(None, be, SPLIT_SHAPES, np.float32)
+    before = snapshot(params, opt)
+    with pytest.raises(gpubp.NonFiniteLossError, match=r"b\[2\]|W\[2\]"):
+        be.apply_update(np.float32(0.5), params, grads, opt, opt.state)
+    assert_unchanged(before, params, opt)
