@@ -34,6 +34,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from .. import __file__ as gpubp_file
 from .. import __version__, data
 from .candidates import FloorCandidate
 from .job_worker import job_batch, job_config
@@ -119,8 +120,15 @@ def gemm_floor(
 def run_contender(contender: str, spec: JobSpec, timeout: float | None = None) -> dict[str, Any]:
     """One contender trained on ``spec`` in a fresh process: its JSON answer, or ``error``."""
     cmd = [sys.executable, "-m", "gpubp.bench.job_worker", contender, json.dumps(spec.to_json())]
+    # the child imports the same gpubp as this process, wherever that came from
+    root = os.path.dirname(os.path.dirname(os.path.abspath(gpubp_file)))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    )
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"did not finish within {timeout:g} s"}
     lines = proc.stdout.strip().splitlines()
