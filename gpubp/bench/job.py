@@ -184,7 +184,12 @@ def run_job(
             answer = run_contender(c, spec)
             if "error" in answer:
                 row.error = answer["error"]
+                say(f"round {r + 1}/{rounds}: {c} failed: {row.error}")
                 continue
+            say(
+                f"round {r + 1}/{rounds}: {c}: {answer['train_seconds']:.2f} s, test accuracy "
+                f"{answer['test_accuracy']:.4f}"
+            )
             row.label = answer["label"]
             row.seconds.append(float(answer["train_seconds"]))
             row.accuracy.append(float(answer["test_accuracy"]))
