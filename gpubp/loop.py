@@ -100,9 +100,10 @@ class BatchGather:
         return xb, yb
 
     def _check(self, idx: np.ndarray) -> None:
-        """Raise unless ``idx`` holds integers in ``[0, N)``. A batch that is a slice of an
-        epoch's order (as :class:`EpochLoop` makes them) has the whole order checked, once per
-        epoch: a check per step would cost as much as the gather it protects."""
+        """Raise unless ``idx`` holds integers in ``[0, N)``. A batch that is a view of an
+        epoch's order (as :class:`EpochLoop` slices them) has the whole order checked once, the
+        first time one of its batches comes (an order changed in place afterwards is not checked
+        again): a check per step would add a quarter to the gather's cost."""
         base = idx.base if isinstance(idx.base, np.ndarray) else None
         whole = idx if base is None else base
         if whole is self._checked:
