@@ -11,8 +11,14 @@ from typing import Any
 
 from . import optim, reference
 from .backends import available_backends, backend_status, get_backend, to_numpy, use_backend
-from .errors import BackendUnavailableError, ModelFileError, NonFiniteLossError
+from .errors import (
+    BackendUnavailableError,
+    ModelFileError,
+    NonFiniteLossError,
+    NoPreprocessingWarning,
+)
 from .model import MLP
+from .preprocessing import Preprocessing
 
 __version__ = "0.1.0"
 
@@ -20,7 +26,9 @@ __all__ = [
     "MLP",
     "BackendUnavailableError",
     "ModelFileError",
+    "NoPreprocessingWarning",
     "NonFiniteLossError",
+    "Preprocessing",
     "__version__",
     "available_backends",
     "backend_status",
@@ -33,7 +41,18 @@ __all__ = [
 
 #: Submodules loaded on first use, so ``import gpubp; gpubp.train.train(...)`` works without
 #: making every ``import gpubp`` pay for the training and plotting code.
-_LAZY = ("train", "gradflow", "loop", "io", "data", "plots", "cli")
+_LAZY = (
+    "train",
+    "evaluate",
+    "gradflow",
+    "loop",
+    "io",
+    "data",
+    "plots",
+    "cli",
+    "interop",
+    "sklearn",
+)
 
 
 def __getattr__(name: str) -> Any:

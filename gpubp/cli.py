@@ -1,4 +1,5 @@
-"""The ``gpubp`` command line: ``train``, ``gradflow``, ``bench``, ``check`` and ``info``."""
+"""The ``gpubp`` command line: ``train``, ``evaluate``, ``gradflow``, ``bench``, ``check`` and
+``info``."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .errors import (
     DatasetNotFoundError,
     ModelFileError,
     NonFiniteLossError,
+    OutputPathError,
 )
 from .plots import PlotUnavailableError
 
@@ -211,6 +213,7 @@ _RUN_ERRORS = (
     DatasetNotFoundError,
     DistributedError,
     ModelFileError,
+    OutputPathError,
     PlotUnavailableError,
 )
 
@@ -243,11 +246,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .config import TrainConfig
     from .train import train
 
+    if args.override and args.resume is None:
+        print("gpubp train: --override only applies with --resume PATH", file=sys.stderr)
+        return 2
     comm = None
     try:
         settings = _train_settings(args)
         track_gradients = settings.pop("track_gradients")
-        config = TrainConfig(**settings)
+        try:
+            config = TrainConfig(**settings)
+        except ValueError as exc:  # e.g. --lr beyond the range of --dtype
+            print(f"gpubp train: {_message(exc)}", file=sys.stderr)
+            return 2
         if args.distributed:
             from .distributed import init
 
@@ -262,10 +272,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             save_path=args.save,
             track_gradients=track_gradients,
             progress=not args.quiet,
+            override=args.override or (),
         )
     except BaseException as exc:
         if isinstance(exc, NonFiniteLossError):
             message = f"{exc}; try a smaller --lr"
+            if args.resume is not None and "lr" not in (args.override or ()):
+                message += " with --override lr (a resume keeps the checkpoint's lr otherwise)"
         elif isinstance(exc, (*_RUN_ERRORS, OSError)):  # OSError: an output path not writable
             message = _message(exc)
         elif comm is None or isinstance(exc, SystemExit):
@@ -312,6 +325,74 @@ def _cmd_gradflow(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .evaluate import evaluate_model
+    from .io import write_json
+    from .model import MLP
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = MLP.load(args.model, backend=args.backend)
+            record = evaluate_model(model, args.dataset, args.data_dir, where=args.model)
+        _print_warnings(caught)
+        record["model"] = args.model
+        if args.json is not None:
+            write_json(args.json, record)
+    except (*_RUN_ERRORS, OSError) as exc:
+        print(f"gpubp evaluate: {_message(exc)}", file=sys.stderr)
+        return 1
+    accuracy = "n/a" if record["accuracy"] is None else f"{record['accuracy']:.4f}"
+    trained = record["trained_on"] or "an unrecorded dataset"
+    print(
+        f"test accuracy {accuracy} (loss {record['loss']:.4f}) on {record['test_samples']} "
+        f"{record['dataset']} test samples | {args.model}: {record['layer_sizes']}, trained on "
+        f"{trained} | backend {record['backend']} {record['dtype']}"
+    )
+    return 0
+
+
+def _print_warnings(caught: list[Any]) -> None:
+    """The warnings of ``gpubp evaluate`` on stderr; of the two a model without preprocessing
+    can raise (the old file on load, the raw images at scoring), the first alone."""
+    from .errors import NoPreprocessingWarning
+
+    said_no_preprocessing = False
+    for w in caught:
+        if issubclass(w.category, NoPreprocessingWarning):
+            if said_no_preprocessing:
+                continue
+            said_no_preprocessing = True
+        print(f"gpubp evaluate: warning: {w.message}", file=sys.stderr)
+
+
+def _add_evaluate_parser(sub: Any) -> None:
+    from .data import DATASET_NAMES
+
+    p = sub.add_parser(
+        "evaluate",
+        help="score a saved model on a dataset's test split",
+        description="Load a model saved by gpubp train --save (or MLP.save) and print its "
+        "accuracy and loss on the raw test images of a dataset (pixel values 0..255 for "
+        "MNIST and Fashion-MNIST, 0..16 for digits), through the preprocessing saved in the "
+        "model. Warns when the model carries none (a file from an older gpubp) or was trained "
+        "on another dataset.",
+    )
+    p.add_argument("model", metavar="MODEL", help="the model file (.npz)")
+    p.add_argument(
+        "--dataset",
+        choices=DATASET_NAMES,
+        help="the dataset to score on (default: the one the model was trained on)",
+    )
+    p.add_argument("--data-dir", help="folder with the IDX files (also $GPUBP_DATA)")
+    p.add_argument("--backend", default="auto", choices=("auto", *BACKEND_NAMES))
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    _show_defaults(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+
 _QUIET = "no live progress bar (the epoch lines and the summary stay)"
 
 
@@ -334,7 +415,7 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_train_parser(sub: Any) -> None:
-    from .config import OPTIMIZERS, SCHEDULES, TrainConfig
+    from .config import OPTIMIZERS, OVERRIDABLE, SCHEDULES, TrainConfig
     from .data import DATASET_NAMES
 
     d = TrainConfig()
@@ -402,6 +483,13 @@ def _add_train_parser(sub: Any) -> None:
         "--resume",
         metavar="PATH",
         help="continue from this checkpoint (options not given: the checkpoint's)",
+    )
+    g.add_argument(
+        "--override",
+        type=_name_list(OVERRIDABLE),
+        metavar="NAMES",
+        help="with --resume: settings that may differ from the checkpoint's (lr: continue a "
+        "diverged run with a smaller --lr)",
     )
     g.add_argument("--json", metavar="PATH", help="write the run's record (config, history)")
     g.add_argument(
@@ -482,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gpubp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train_parser(sub)
+    _add_evaluate_parser(sub)
     _add_gradflow_parser(sub)
     check = sub.add_parser(
         "check",

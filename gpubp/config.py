@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from . import data
 from ._checks import (
@@ -31,6 +34,7 @@ from .optim import Optimizer, make_optimizer
 __all__ = [
     "DEFAULT_LR",
     "OPTIMIZERS",
+    "OVERRIDABLE",
     "RESUME_KEYS",
     "SCHEDULES",
     "TrainConfig",
@@ -60,6 +64,9 @@ RESUME_KEYS: tuple[str, ...] = (
     "dtype",
     "seed",
 )
+#: Settings a resume may change from its checkpoint's when asked (``--override lr``): a run
+#: that diverged can continue with a smaller learning rate.
+OVERRIDABLE: tuple[str, ...] = ("lr",)
 
 
 @dataclass
@@ -147,6 +154,7 @@ class TrainConfig:
         check_positive_int("epochs", self.epochs)
         if self.lr is not None:
             check_positive_number("lr", self.lr)
+            check_finite_in_dtype("lr", self.lr, self.dtype)
         if self.weight_decay is not None:
             check_non_negative_number("weight_decay", self.weight_decay)
         check_fraction("val_fraction", self.val_fraction)
@@ -172,6 +180,21 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers)
         return d
+
+
+def check_finite_in_dtype(name: str, value: float, dtype: str) -> None:
+    """Raise :class:`ValueError` when ``value`` overflows to infinity in ``dtype`` (the
+    arithmetic the run does), e.g. ``lr=1e39`` with float32."""
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype={dtype!r} is not supported; expected float32 or float64")
+    with np.errstate(over="ignore"):
+        in_dtype = np.dtype(dtype).type(value)
+    if not np.isfinite(in_dtype):
+        largest = float(np.finfo(dtype).max)
+        raise ValueError(
+            f"{name}={value!r} is infinite in {dtype} (the largest {dtype} is {largest:.4g}); "
+            f"choose a smaller {name}"
+        )
 
 
 # --- resuming --------------------------------------------------------------------------------
@@ -202,9 +225,15 @@ def resume_settings(ckpt: Checkpoint) -> dict[str, Any]:
 
 
 def check_resume(
-    ckpt: Checkpoint, config: TrainConfig, dataset: str, model: MLP, track_gradients: bool
+    ckpt: Checkpoint,
+    config: TrainConfig,
+    dataset: str,
+    model: MLP,
+    track_gradients: bool,
+    override: Collection[str] = (),
 ) -> None:
-    """Raise :class:`CheckpointMismatchError` naming every setting that differs."""
+    """Raise :class:`CheckpointMismatchError` naming every setting that differs, except those
+    named in ``override`` (from :data:`OVERRIDABLE`)."""
     want = _effective(config.as_dict())
     want["dataset"] = dataset
     want["track_gradients"] = bool(track_gradients)
@@ -212,7 +241,7 @@ def check_resume(
     diffs = [
         f"{key}: checkpoint {have.get(key)!r}, this run {want[key]!r}"
         for key in RESUME_KEYS
-        if have.get(key) != want[key]
+        if have.get(key) != want[key] and key not in override
     ]
     saved_model = ckpt.meta["config"]
     if list(saved_model.get("layer_sizes", [])) != list(model.layer_sizes):
@@ -226,10 +255,12 @@ def check_resume(
             f"epochs: the checkpoint has finished {done} epoch(s), this run asks for only "
             f"{config.epochs} (--epochs may grow, not shrink)"
         )
+    lr_differs = have.get("lr") != want["lr"]
     if diffs:
         raise CheckpointMismatchError(
             f"{ckpt.path} does not match the requested run ("
             + "; ".join(diffs)
             + "). Resume with the options the checkpoint was written with, or start "
             "afresh without --resume"
+            + ("; to change the learning rate, add --override lr" if lr_differs else "")
         )

@@ -20,12 +20,14 @@ import math
 import os
 import sys
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import files
 from .errors import DatasetError, DatasetNotFoundError
 
 __all__ = [
@@ -163,53 +165,124 @@ _IDX_TYPES: dict[int, Any] = {
 }
 
 
-def _read_bytes(path: Path) -> bytes:
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise DatasetError(
-                f"{path}: the gzip stream is damaged ({exc}); delete the file and fetch it again"
-            ) from None
-    return raw
+#: The most dimensions an IDX file may declare (datasets use 1 to 3; numpy allows 64).
+IDX_MAX_DIMS = 16
+_CHUNK = 1 << 20
+
+
+def _read_up_to(stream: Any, n: int) -> bytes:
+    """At most ``n`` bytes of ``stream``, read in chunks so that memory follows the data actually
+    there, never what a header declares."""
+    parts, left = [], n
+    while left > 0:
+        chunk = stream.read(min(left, _CHUNK))
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an IDX file (gzipped or not) into an array, checking its header against its size.
 
     The format: two zero bytes, a type code, the number of dimensions ``k``, ``k`` big-endian
-    uint32 sizes, then the data, row-major. Anything else raises
-    :class:`~gpubp.errors.DatasetError` saying what is wrong.
+    uint32 sizes, then the data, row-major. The header is read and checked first; then exactly
+    the bytes it declares are read (a gzip stream decompressed no further than the declared size
+    plus one byte), so a file declaring more than it holds costs no more memory than it holds.
+
+    Parameters
+    ----------
+    path : path-like
+        The file; a regular file, gzipped (``1f 8b``) or not.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape ``(d_1, ..., d_k)`` as declared (``d_1 >= 1``), in native byte order.
+
+    Raises
+    ------
+    DatasetError
+        Naming the file: not a regular file, a damaged gzip stream, a bad header (magic, type,
+        ``k`` outside 1..16), no samples, or a size other than the header declares.
     """
     path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+    with files.open_regular(path, DatasetError) as raw:
+        try:
+            gzipped = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            stream: Any = gzip.GzipFile(fileobj=raw) if gzipped else raw
+            return _parse_idx(path, stream)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DatasetError(
+                f"{path}: the gzip stream is damaged ({exc}); delete the file and fetch it again"
+            ) from None
+
+
+def _parse_idx(path: Path, stream: Any) -> np.ndarray:
+    head = _read_up_to(stream, 4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0:
         raise DatasetError(
-            f"{path}: not an IDX file (bad magic number {data[:4].hex() or 'empty'})"
+            f"{path}: not an IDX file (bad magic number {head[:4].hex() or 'empty'})"
         )
-    code, ndim = data[2], data[3]
+    code, ndim = head[2], head[3]
     if code not in _IDX_TYPES:
         raise DatasetError(f"{path}: unknown IDX element type 0x{code:02x}")
-    if ndim < 1:
-        raise DatasetError(f"{path}: an IDX file with {ndim} dimensions")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DatasetError(f"{path}: truncated in its header ({len(data)} bytes)")
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(_IDX_TYPES[code])
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(data) != expected:
-        what = "truncated" if len(data) < expected else "longer than its header says"
+    if not 1 <= ndim <= IDX_MAX_DIMS:
         raise DatasetError(
-            f"{path}: {what}: the header declares shape {shape} ({expected} bytes in all) but the "
-            f"file holds {len(data)} bytes; delete it and fetch it again"
+            f"{path}: an IDX file with {ndim} dimensions; expected 1 to {IDX_MAX_DIMS}"
         )
-    return (
-        np.frombuffer(data, dtype=dtype, offset=header)
-        .reshape(shape)
-        .astype(dtype.newbyteorder("="))
-    )
+    dims = _read_up_to(stream, 4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise DatasetError(f"{path}: truncated in its header ({4 + len(dims)} bytes)")
+    shape = tuple(int.from_bytes(dims[4 * i : 4 * i + 4], "big") for i in range(ndim))
+    if shape[0] == 0:
+        raise DatasetError(f"{path}: holds no samples (its header declares shape {shape})")
+    dtype = np.dtype(_IDX_TYPES[code])
+    nbytes = dtype.itemsize
+    for n in shape:  # Python ints: no overflow, however large the declared sizes
+        nbytes *= n
+    body = _read_up_to(stream, nbytes + 1)  # one byte more shows a file longer than declared
+    if len(body) != nbytes:
+        what = "truncated" if len(body) < nbytes else "longer than its header says"
+        raise DatasetError(
+            f"{path}: {what}: the header declares shape {shape} ({nbytes} bytes of data) but the "
+            f"file holds {'more' if len(body) > nbytes else len(body)}; delete it and fetch it "
+            "again"
+        )
+    return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def check_idx_arrays(folder: Path, arrays: list[np.ndarray], classes: tuple[str, ...]) -> None:
+    """Raise :class:`~gpubp.errors.DatasetError` unless ``arrays`` (train images, train labels,
+    test images, test labels) fit together: images ``(N, rows, cols)`` with finite pixels and
+    the same ``rows x cols`` in both splits, labels ``(N,)`` integral in ``[0, len(classes))``."""
+    xtr, ytr, xte, yte = arrays
+    n_classes = len(classes)
+    for x, y, split in ((xtr, ytr, "train"), (xte, yte, "t10k")):
+        if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+            raise DatasetError(
+                f"{folder}: {split} images {x.shape} and labels {y.shape} do not match (expected "
+                "images (N, rows, cols) and labels (N,))"
+            )
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise DatasetError(f"{folder}: {split} images hold NaN or infinite pixels")
+        if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.floor(y)).all()):
+            raise DatasetError(
+                f"{folder}: {split} labels are not all whole numbers; expected class indices "
+                f"0-{n_classes - 1}"
+            )
+        if y.min() < 0 or y.max() >= n_classes:
+            raise DatasetError(
+                f"{folder}: {split} labels range from {y.min():g} to {y.max():g}; expected 0-"
+                f"{n_classes - 1}"
+            )
+    if xtr.shape[1:] != xte.shape[1:]:
+        raise DatasetError(
+            f"{folder}: train images are {xtr.shape[1]}x{xtr.shape[2]} and test images "
+            f"{xte.shape[1]}x{xte.shape[2]}; both splits must have the same size"
+        )
 
 
 def _file_in(folder: Path, stem: str) -> Path | None:
@@ -239,7 +312,21 @@ def cache_dir() -> Path:
 
 
 def find_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> Path | None:
-    """The first searched folder holding all four IDX files of ``name``, or None."""
+    """The first searched folder holding all four IDX files of ``name``, or None.
+
+    A ``data_dir`` holding some of the four files but not all raises
+    :class:`~gpubp.errors.DatasetError` naming the missing ones, rather than quietly taking the
+    dataset from another folder.
+    """
+    if data_dir is not None:
+        given = (Path(data_dir) / name, Path(data_dir))
+        missing_in = {f: [s for s in IDX_NAMES if _file_in(f, s) is None] for f in given}
+        for folder, missing in missing_in.items():
+            if 0 < len(missing) < len(IDX_NAMES) and all(missing_in.values()):
+                raise DatasetError(
+                    f"{folder} holds only part of {DATASETS[name].title}: missing "
+                    f"{', '.join(missing)} (gzipped or not); add them or pass another --data-dir"
+                )
     for folder in search_dirs(name, data_dir):
         if all(_file_in(folder, stem) for stem in IDX_NAMES):
             return folder
@@ -255,7 +342,7 @@ def _how_to_get(name: str) -> str:
 
 
 #: Pixels converted per chunk: the chunk's temporaries stay in cache, the output is written once.
-_CHUNK = 1 << 18
+_PIXEL_CHUNK = 1 << 18
 
 
 def _pixel_statistics(images: np.ndarray) -> tuple[float, float]:
@@ -273,18 +360,20 @@ def _pixel_statistics(images: np.ndarray) -> tuple[float, float]:
     if flat.dtype == np.uint8:
         s1 = int(flat.sum(dtype=np.uint64))
         s2 = 0
-        sq = np.empty(min(n, _CHUNK), dtype=np.uint16)
-        for start in range(0, n, _CHUNK):
-            x = flat[start : start + _CHUNK]
+        sq = np.empty(min(n, _PIXEL_CHUNK), dtype=np.uint16)
+        for start in range(0, n, _PIXEL_CHUNK):
+            x = flat[start : start + _PIXEL_CHUNK]
             out = sq[: x.size]
             np.multiply(x, x, out=out, dtype=np.uint16)  # 255^2 < 2^16
             s2 += int(out.sum(dtype=np.uint64))
         return s1 / (255 * n), math.sqrt((n * s2 - s1 * s1) / (255 * n) ** 2)
-    total = sum(float(flat[i : i + _CHUNK].sum(dtype=np.float64)) for i in range(0, n, _CHUNK))
+    total = sum(
+        float(flat[i : i + _PIXEL_CHUNK].sum(dtype=np.float64)) for i in range(0, n, _PIXEL_CHUNK)
+    )
     mean = total / n / 255.0
     acc = 0.0
-    for start in range(0, n, _CHUNK):
-        d = flat[start : start + _CHUNK].astype(np.float64) / 255.0 - mean
+    for start in range(0, n, _PIXEL_CHUNK):
+        d = flat[start : start + _PIXEL_CHUNK].astype(np.float64) / 255.0 - mean
         acc += float(d @ d)
     return mean, math.sqrt(acc / n)
 
@@ -302,15 +391,18 @@ def _pixels_to_float32(images: np.ndarray, mean: float = 0.0, std: float = 1.0) 
     m, s, scale = np.float32(mean), np.float32(std), np.float32(255.0)
     if flat.dtype == np.uint8:
         table = (np.arange(256, dtype=np.float32) / scale - m) / s
-        for start in range(0, flat.size, _CHUNK):
+        for start in range(0, flat.size, _PIXEL_CHUNK):
             # mode="wrap" writes into out directly (uint8 indices are always in range)
             np.take(
-                table, flat[start : start + _CHUNK], out=out[start : start + _CHUNK], mode="wrap"
+                table,
+                flat[start : start + _PIXEL_CHUNK],
+                out=out[start : start + _PIXEL_CHUNK],
+                mode="wrap",
             )
     else:
-        for start in range(0, flat.size, _CHUNK):
-            chunk = out[start : start + _CHUNK]
-            chunk[...] = flat[start : start + _CHUNK]
+        for start in range(0, flat.size, _PIXEL_CHUNK):
+            chunk = out[start : start + _PIXEL_CHUNK]
+            chunk[...] = flat[start : start + _PIXEL_CHUNK]
             chunk /= scale
             chunk -= m
             chunk /= s
@@ -344,15 +436,8 @@ def load_idx_dataset(
         path = _file_in(folder, stem)
         assert path is not None
         arrays.append(read_idx(path))
+    check_idx_arrays(folder, arrays, DATASETS[name].classes)
     xtr, ytr, xte, yte = arrays
-    for x, y, split in ((xtr, ytr, "train"), (xte, yte, "t10k")):
-        if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-            raise DatasetError(
-                f"{folder}: {split} images {x.shape} and labels {y.shape} do not match (expected "
-                "images (N, rows, cols) and labels (N,))"
-            )
-        if y.size and int(y.max()) >= len(DATASETS[name].classes):
-            raise DatasetError(f"{folder}: {split} labels go up to {int(y.max())}; expected 0-9")
 
     mean, std = 0.0, 1.0
     if standardize:
@@ -467,18 +552,26 @@ def verify(name: str, filename: str, data: bytes) -> None:
     if filename in src.md5:
         checks.append(("md5", src.md5[filename], data))
     stem = filename.removesuffix(".gz")
-    if stem in src.content_sha256:
-        content = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-        checks.append(("sha256", src.content_sha256[stem], content))
-    if not checks:
+    if not checks and stem not in src.content_sha256:
         raise DatasetError(f"no checksum is pinned for {name}/{filename}; refusing to trust it")
-    for algo, expected, blob in checks:
+    for algo, expected, blob in _content_checks(checks, src, stem, data):
         got = _digest(blob, algo)
         if got != expected:
             raise DatasetError(
                 f"{filename}: {algo} is {got}, expected {expected}; the download is damaged or "
                 "not the official file, and was discarded"
             )
+
+
+def _content_checks(
+    checks: list[tuple[str, str, bytes]], src: IdxSource, stem: str, data: bytes
+) -> Any:
+    """``checks`` (of the downloaded bytes) first, then the pinned digest of the decompressed
+    content: a download is decompressed only after its own digests matched."""
+    yield from checks
+    if stem in src.content_sha256:
+        content = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+        yield ("sha256", src.content_sha256[stem], content)
 
 
 def _fetch(url: str, progress: bool) -> bytes:
@@ -530,17 +623,8 @@ def download(name: str, dest: str | os.PathLike[str] | None = None, progress: bo
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write ``data`` to ``path`` atomically (:func:`gpubp.files.write_atomic`)."""
+    files.write_atomic(path, data)
 
 
 # --- splitting and batching ------------------------------------------------------------------

@@ -15,12 +15,36 @@ class ModelFileError(ValueError):
     """A saved model or checkpoint file is missing parts, malformed, or does not match."""
 
 
-class CheckpointMismatchError(ModelFileError):
+class NoPreprocessingWarning(UserWarning):
+    """A model file written before models carried their preprocessing: its inputs are used as
+    given, so they must be preprocessed as they were in training."""
+
+
+class CheckpointError(ModelFileError):
+    """A checkpoint file is missing parts, malformed, or holds values a run cannot resume from
+    (a :class:`ModelFileError`, so ``except ModelFileError`` still catches it)."""
+
+
+class CheckpointMismatchError(CheckpointError):
     """A checkpoint was written by a run with other settings than the one resuming it."""
 
 
 class DatasetError(ValueError):
     """A dataset file is corrupt, truncated, or not what its checksum says."""
+
+
+class OutputWriteError(OSError):
+    """A result could not be written (a full disk, a read-only folder); the message names the
+    file, says what was written where instead and what is still intact. ``errno`` is the
+    underlying error's."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()  # the message, without "[Errno N]"
+
+
+class OutputPathError(ValueError):
+    """Output paths that cannot work: one file given for two outputs, a folder where a file is
+    to be written. Raised before a run starts."""
 
 
 class DatasetNotFoundError(FileNotFoundError):

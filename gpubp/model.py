@@ -6,7 +6,6 @@ parameters and optimizer state exactly as they were.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -14,13 +13,15 @@ from typing import Any
 import numpy as np
 
 from . import activations as act
-from . import io
+from . import interop, io
 from ._checks import check_int, check_positive_int
 from .backends import Backend, get_backend, to_numpy
 from .errors import ModelFileError
 from .loop import BatchGather, EpochEnd, EpochLoop
 from .losses import check_combination, is_classifier
+from .model_inputs import InputChecks
 from .optim import Adam, Optimizer
+from .preprocessing import Preprocessing
 
 __all__ = ["MLP"]
 
@@ -45,7 +46,7 @@ def _check_dtype(dtype: object) -> np.dtype[Any]:
     return dt
 
 
-class MLP:
+class MLP(InputChecks):
     """A fully connected network trained by backpropagation on the backend of your choice.
 
     Parameters
@@ -65,11 +66,16 @@ class MLP:
     seed : int
         Seeds the initialisation (He normal for the ReLU family, Glorot uniform otherwise,
         biases zero) and the shuffling in :meth:`fit`.
+    preprocessing : Preprocessing, optional
+        Applied to every input first, ``x' = (x - shift) * scale`` (see :attr:`preprocessing`).
 
     Notes
     -----
     Layer ``l`` holds ``W^l`` ``(n_l, n_{l-1})`` and ``b^l`` ``(n_l,)``; the forward pass is
+    ``a^0 = (x - shift) * scale`` (or ``x`` without preprocessing), then
     ``a^l = f(a^{l-1} @ W^l.T + b^l)`` on batches ``(B, n)``; losses are means over the batch.
+    Inputs may be NumPy arrays, nested lists, or any DLPack array (PyTorch, JAX, CuPy): read
+    without a copy where they live on the backend's device (:mod:`gpubp.interop`).
     """
 
     def __init__(
@@ -81,6 +87,7 @@ class MLP:
         backend: str | Backend = "auto",
         dtype: str = "float32",
         seed: int | None = 0,
+        preprocessing: Preprocessing | None = None,
     ) -> None:
         self.layer_sizes = self._check_sizes(layer_sizes)
         self.activation = act.check_activation(
@@ -103,6 +110,12 @@ class MLP:
         weights, biases = self._initial_parameters(np.random.default_rng(seed))
         self._W = [self.backend.asarray(w, self.dtype) for w in weights]
         self._b = [self.backend.asarray(b, self.dtype) for b in biases]
+        self._pre: Preprocessing | None = None
+        self._pre_arrays: tuple[Any, Any] | None = None
+        self.preprocessing = preprocessing
+        #: the dataset the model was trained on and its label names, if known (saved with it)
+        self.dataset: str | None = None
+        self.labels: tuple[str, ...] | None = None
 
     # --- construction -----------------------------------------------------------------------
 
@@ -145,14 +158,6 @@ class MLP:
         return len(self.layer_sizes) - 1
 
     @property
-    def n_inputs(self) -> int:
-        return self.layer_sizes[0]
-
-    @property
-    def n_outputs(self) -> int:
-        return self.layer_sizes[-1]
-
-    @property
     def n_parameters(self) -> int:
         s = self.layer_sizes
         return sum(s[i + 1] * (s[i] + 1) for i in range(self.n_layers))
@@ -175,131 +180,6 @@ class MLP:
             f"loss={self.loss!r}, backend={self.backend.name!r}, dtype={self.dtype.name!r})"
         )
 
-    # --- input checks -----------------------------------------------------------------------
-
-    def _array(self, value: Any, argument: str) -> Any:
-        """``value`` as an array of this backend (NumPy arrays, lists, or backend arrays)."""
-        be = self.backend
-        if be.owns(value):
-            arr = value
-        else:
-            try:
-                host = to_numpy(value)
-            except (ValueError, TypeError) as exc:
-                raise TypeError(
-                    f"{argument} must be an array or a nested list of numbers; could not read "
-                    f"it as one ({exc})"
-                ) from None
-            if host.dtype.kind in "biuf":
-                arr = be.asarray(host)
-            else:
-                arr = host
-        kind = arr.dtype.kind
-        if kind not in "biuf":
-            raise TypeError(
-                f"{argument} has dtype {arr.dtype}; expected real numbers (float or int). "
-                "Convert it with np.asarray(..., dtype=np.float32)"
-            )
-        return arr
-
-    def _all_finite(self, arr: Any) -> bool:
-        if arr.dtype.kind != "f":
-            return True
-        xp = self.backend.xp
-        # one cheap reduction; only a non-finite sum (which a huge finite input can also give)
-        # pays for the elementwise test
-        return math.isfinite(float(xp.sum(arr))) or bool(xp.isfinite(arr).all())
-
-    def check_x(self, x: Any, argument: str = "x") -> Any:
-        """``x`` checked as a batch ``(B, n_0)`` of finite numbers, cast to the model's dtype and
-        on its backend: what :meth:`step` expects."""
-        arr = self._array(x, argument)
-        if arr.ndim == 1 and self.n_inputs > 1 and arr.shape[0] == self.n_inputs:
-            raise ValueError(
-                f"{argument} has shape {tuple(arr.shape)}, one sample without a batch axis; "
-                f"expected "
-                f"(batch, {self.n_inputs}). Use {argument}[None, :] for a batch of one"
-            )
-        if arr.ndim != 2 or arr.shape[1] != self.n_inputs:
-            raise ValueError(
-                f"{argument} has shape {tuple(arr.shape)}; expected (batch, {self.n_inputs}) "
-                f"for a model with layer_sizes {list(self.layer_sizes)}"
-            )
-        if arr.shape[0] == 0:
-            raise ValueError(
-                f"{argument} is an empty batch (shape {tuple(arr.shape)}); pass at least one row"
-            )
-        return self._cast_finite(arr, argument, "clean or rescale the inputs first")
-
-    def _cast_finite(self, arr: Any, argument: str, advice: str) -> Any:
-        """``arr`` in the model's dtype, refused if it holds NaN or infinity *after* the cast
-        (a float64 value beyond the float32 range becomes inf there)."""
-        if arr.dtype != self.dtype:
-            with np.errstate(over="ignore"):
-                arr = arr.astype(self.dtype)
-        if not self._all_finite(arr):
-            raise ValueError(
-                f"{argument} contains NaN or infinity (or values beyond the range of "
-                f"{self.dtype.name}); {advice}"
-            )
-        return arr
-
-    def check_y(self, y: Any, batch: int, argument: str = "y") -> Any:
-        """Validated targets for a batch of ``batch`` rows: integer labels ``(B,)`` or float
-        targets ``(B, n_out)`` in the model's dtype, on its backend."""
-        arr = self._array(y, argument)
-        n = self.n_outputs
-        xp = self.backend.xp
-        if arr.shape[:1] != (batch,):
-            raise ValueError(
-                f"{argument} has shape {tuple(arr.shape)} but x has {batch} rows; expected "
-                f"{self._y_expectation()} with the same number of rows as x"
-            )
-        labels_ok = self.loss == "cross_entropy" or (self.loss == "mse" and n > 1)
-        if arr.dtype.kind == "b":  # True/False: class labels 1/0, or targets 1.0/0.0
-            arr = arr.astype(np.int64 if arr.ndim == 1 and labels_ok else self.dtype)
-        if arr.ndim == 1 and arr.dtype.kind in "iu" and labels_ok:
-            lo, hi = int(xp.min(arr)), int(xp.max(arr))
-            if lo < 0 or hi >= n:
-                bad = lo if lo < 0 else hi
-                raise ValueError(
-                    f"{argument} holds the label {bad}, out of range; labels must be integers in "
-                    f"[0, {n - 1}] for a model with {n} outputs"
-                )
-            return arr.astype(np.int64) if arr.dtype != np.int64 else arr
-        if arr.ndim == 1 and n == 1:
-            arr = arr.reshape(batch, 1)
-        if arr.ndim != 2 or arr.shape[1] != n:
-            raise ValueError(
-                f"{argument} has shape {tuple(arr.shape)} and dtype {arr.dtype}; expected "
-                f"{self._y_expectation()}"
-            )
-        arr = self._cast_finite(arr, argument, "targets must be finite")
-        if self.loss == "binary_cross_entropy":
-            if float(xp.min(arr)) < 0 or float(xp.max(arr)) > 1:
-                raise ValueError(
-                    f"{argument} holds values outside [0, 1]; binary_cross_entropy needs targets "
-                    "that are probabilities (0 or 1 for hard labels)"
-                )
-        elif self.loss == "cross_entropy":
-            sums = xp.sum(arr, axis=1)
-            if float(xp.min(arr)) < 0 or float(xp.max(xp.abs(sums - 1))) > 1e-3:
-                raise ValueError(
-                    f"{argument} rows must be one-hot (or probabilities summing to 1) for "
-                    f"cross_entropy; pass integer labels of shape ({batch},) otherwise"
-                )
-        return arr
-
-    def _y_expectation(self) -> str:
-        n = self.n_outputs
-        if self.loss == "cross_entropy":
-            return f"integer labels in [0, {n - 1}] of shape (batch,) or one-hot rows (batch, {n})"
-        if self.loss == "binary_cross_entropy":
-            return f"targets in [0, 1] of shape (batch, {n})" + (" or (batch,)" if n == 1 else "")
-        if n == 1:
-            return "float targets of shape (batch,) or (batch, 1)"
-        return f"float targets of shape (batch, {n}) or integer class labels of shape (batch,)"
-
     # --- inference --------------------------------------------------------------------------
 
     def _logits(self, x: Any) -> Any:
@@ -315,7 +195,8 @@ class MLP:
             yield start, x[start : start + batch_size]
 
     def forward(self, x: Any, batch_size: int = 4096) -> np.ndarray:
-        """Network output ``a^L = f(...)`` for ``x`` ``(B, n_0)``, as a NumPy ``(B, n_L)`` array.
+        """Network output ``a^L = f(...)`` for raw inputs ``x`` ``(B, n_0)`` (preprocessed first
+        when the model carries a :attr:`preprocessing`), as a NumPy ``(B, n_L)`` array.
 
         ``batch_size`` rows are pushed through at a time, bounding the memory used.
         """
@@ -323,7 +204,7 @@ class MLP:
         x = self.check_x(x)
         out = np.empty((x.shape[0], self.n_outputs), dtype=self.dtype)
         for start, xb in self._chunks(x, batch_size):
-            z = self._logits(xb)
+            z = self._logits(self._preprocess(xb))
             act.apply_inplace(self.backend.xp, z, self.output)
             out[start : start + xb.shape[0]] = to_numpy(z)
         return out
@@ -348,11 +229,16 @@ class MLP:
 
         Accuracy is the fraction of correct labels (argmax for softmax and multi-output MSE, a 0.5
         threshold per output for sigmoid with binary cross-entropy); ``None`` for a single-output
-        regression.
+        regression. ``x`` is raw: preprocessed first when the model carries a
+        :attr:`preprocessing`.
         """
         check_positive_int("batch_size", batch_size)
         x = self.check_x(x)
         y = self.check_y(y, x.shape[0])
+        return self._evaluate(x, y, batch_size, raw=True)
+
+    def _evaluate(self, x: Any, y: Any, batch_size: int, raw: bool) -> dict[str, float | None]:
+        """:meth:`evaluate` on checked arrays; ``raw=False``: ``x`` is already preprocessed."""
         be, xp = self.backend, self.backend.xp
         classifier = is_classifier(self.loss, self.n_outputs)
         # per batch a loss and a count of correct predictions, kept on the device and read
@@ -360,7 +246,7 @@ class MLP:
         losses, rows, hits = [], [], []
         for start, xb in self._chunks(x, batch_size):
             yb = y[start : start + xb.shape[0]]
-            z = self._logits(xb)
+            z = self._logits(self._preprocess(xb) if raw else xb)
             _, value = be.output_delta(z, yb, self.output, self.loss, out=xp.empty_like(z))
             losses.append(value)
             rows.append(int(xb.shape[0]))
@@ -379,8 +265,9 @@ class MLP:
     # --- training ---------------------------------------------------------------------------
 
     def gradients(self, x: Any, y: Any) -> tuple[float, list[np.ndarray], list[np.ndarray]]:
-        """``(C, dWs, dbs)`` for the batch, as NumPy copies, without updating anything."""
-        x = self.check_x(x)
+        """``(C, dWs, dBs)`` for the batch (raw ``x``, as everywhere), as NumPy copies, without
+        updating anything."""
+        x = self.prepare_x(x)
         y = self.check_y(y, x.shape[0])
         value, dWs, dbs = self.backend.gradients(
             self._W, self._b, x, y, self.activation, self.output, self.loss
@@ -398,7 +285,7 @@ class MLP:
         when the loss or a gradient comes out NaN or infinite.
         """
         _check_optimizer(optimizer)
-        x = self.check_x(x)
+        x = self.prepare_x(x)
         y = self.check_y(y, x.shape[0])
         return float(self.step(x, y, optimizer))
 
@@ -414,8 +301,9 @@ class MLP:
         return [tuple(W.shape) for W in self._W] + [tuple(b.shape) for b in self._b]
 
     def step(self, x: Any, y: Any, optimizer: Optimizer) -> Any:
-        """:meth:`train_step` on a batch already checked and cast by :meth:`check_x` and
-        :meth:`check_y` (and an optimizer known to be one): what a training loop calls.
+        """:meth:`train_step` on a batch already checked, cast and preprocessed by
+        :meth:`prepare_x` and :meth:`check_y` (and an optimizer known to be one): what a
+        training loop calls. ``x`` is the network's input ``a^0``: no preprocessing here.
 
         Returns the loss as the backend gives it, unread: on a GPU a device scalar, so a loop of
         steps never waits for the device (read it with ``float`` or :class:`gpubp.loop.LossSum`).
@@ -442,7 +330,8 @@ class MLP:
         Returns a history: ``loss`` (mean training loss per epoch), ``time`` (seconds per epoch)
         and, with ``validation_data``, ``val_loss`` and ``val_accuracy``. The default optimizer
         is ``Adam(lr=1e-3)``. ``progress`` prints a line per epoch on stdout, with a live bar on
-        stderr when that is a terminal.
+        stderr when that is a terminal. ``X`` is raw: a model with a :attr:`preprocessing`
+        applies it to all of ``X`` once, before the first epoch (a copy of ``X``), not per step.
         """
         check_positive_int("epochs", epochs)
         check_positive_int("batch_size", batch_size)
@@ -452,7 +341,7 @@ class MLP:
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ValueError("validation_data must be a pair (X_val, y_val)")
-            Xv = self.check_x(validation_data[0], "validation_data[0]")
+            Xv = self.prepare_x(validation_data[0], "validation_data[0]")
             yv = self.check_y(validation_data[1], Xv.shape[0], "validation_data[1]")
         history: dict[str, list[float]] = {"loss": [], "time": []}
 
@@ -461,7 +350,7 @@ class MLP:
             history["time"].append(end.seconds)
             summary = f"loss {end.loss:.4f}"
             if validation_data is not None:
-                ev = self.evaluate(Xv, yv)
+                ev = self._evaluate(Xv, yv, 4096, raw=False)
                 history.setdefault("val_loss", []).append(float(ev["loss"] or 0.0))
                 summary += f"  val_loss {ev['loss']:.4f}"
                 if ev["accuracy"] is not None:
@@ -469,6 +358,7 @@ class MLP:
                     summary += f"  val_acc {ev['accuracy']:.4f}"
             return f"{summary}  {end.seconds:.2f}s"
 
+        X = self._preprocess(X)  # once for all epochs (every argument was checked above)
         N = X.shape[0]
         loop = EpochLoop(
             self.backend,
@@ -526,24 +416,38 @@ class MLP:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the configuration and parameters to ``path`` (a NumPy ``.npz``, no pickle).
 
-        The file is written beside its destination and renamed into place, so an interrupted
-        save never leaves a half-written file under ``path``.
+        The file also holds the :attr:`preprocessing` (two float64 arrays), and the
+        :attr:`dataset` and :attr:`labels` names. It is written beside its destination and
+        renamed into place, so an interrupted save never leaves a half-written file under
+        ``path``.
         """
-        io.save_model(path, self.config(), *self.get_parameters())
+        labels = self.labels
+        if labels is not None and len(labels) != self.n_outputs:
+            raise ValueError(
+                f"labels names {len(labels)} classes for a model with {self.n_outputs} outputs; "
+                "set model.labels to one name per output, or None"
+            )
+        io.save_model(path, self.config(), *self.get_parameters(), self._pre, self.dataset, labels)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], backend: str | Backend = "auto") -> MLP:
         """Read a model written by :meth:`save`. Never unpickles; a malformed file raises
-        :class:`~gpubp.errors.ModelFileError` saying what is wrong."""
+        :class:`~gpubp.errors.ModelFileError` saying what is wrong. A file written before models
+        carried their preprocessing loads with a
+        :class:`~gpubp.errors.NoPreprocessingWarning`."""
         arrays = io.read_npz(path)
-        cfg: dict[str, Any] = io.parse_meta(arrays, path, io.FORMAT)["config"]
+        meta = io.parse_meta(arrays, path, io.FORMAT)
+        cfg: dict[str, Any] = meta["config"]
         io.check_saved_shapes(arrays, cfg, path)
         try:
             model = cls(backend=backend, **cfg)
         except (TypeError, ValueError) as exc:
             raise ModelFileError(f"{path}: the saved configuration is invalid: {exc}") from None
         L = model.n_layers
+        pre = io.read_preprocessing(arrays, meta, model.n_inputs, path)
+        model.dataset, model.labels = io.read_model_info(meta, model.n_outputs, path)
         expected = {"meta", *(f"W{i}" for i in range(L)), *(f"b{i}" for i in range(L))}
+        expected.update(io.PREPROCESSING_MEMBERS)
         extra = sorted(set(arrays) - expected)
         if extra:
             raise ModelFileError(
@@ -559,7 +463,31 @@ class MLP:
             model.set_parameters(weights, biases)
         except (TypeError, ValueError) as exc:
             raise ModelFileError(f"{path}: {exc}") from None
+        model.preprocessing = pre
         return model
+
+    # --- PyTorch ----------------------------------------------------------------------------
+
+    def to_torch(self, device: Any = None) -> Any:
+        """This model as ``torch.nn.Sequential(Linear, act, ..., Linear[, output act])`` with
+        the same weights, in the model's dtype, on ``device`` (the CPU by default); a
+        preprocessing is folded into the first ``Linear`` (see :func:`gpubp.interop.to_torch`).
+        """
+        return interop.to_torch(self, device)
+
+    @classmethod
+    def from_torch(
+        cls,
+        seq: Any,
+        loss: str | None = None,
+        backend: str | Backend = "auto",
+        dtype: str | None = None,
+    ) -> MLP:
+        """An MLP with the layers and weights of a ``torch.nn.Sequential`` of ``Linear`` and
+        activation modules; ``loss`` defaults to ``cross_entropy`` after a softmax,
+        ``binary_cross_entropy`` after a sigmoid, ``mse`` otherwise (see
+        :func:`gpubp.interop.from_torch`)."""
+        return interop.from_torch(seq, loss=loss, backend=backend, dtype=dtype)
 
 
 def _print(line: str) -> None:

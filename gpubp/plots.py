@@ -35,15 +35,11 @@ def require_matplotlib(skip: str = "leave out --plot") -> Any:
 
 
 def _save(fig: Any, path: str | os.PathLike[str]) -> None:
-    """Write the figure beside ``path`` and rename it into place (no half-written PNG)."""
-    path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
-    try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write the figure atomically (:func:`gpubp.files.write_atomic`: no half-written PNG, no
+    planted link followed)."""
+    from .files import write_atomic
+
+    write_atomic(path, lambda fh: fig.savefig(fh, dpi=120, format="png"))
 
 
 def training_curves(

@@ -8,7 +8,11 @@ This is ``gpubp train`` and ``gpubp gradflow`` as a Python API::
 
 A run loads the dataset once, standardises it, holds out a seeded validation split, puts the data
 on the backend's device once, and trains in shuffled mini-batches with a learning rate that
-follows the chosen schedule step by step. A checkpoint written each epoch (and on Ctrl-C) holds
+follows the chosen schedule step by step. The network trains on the standardised data; at the end
+the model takes on the standardisation as its :attr:`~gpubp.MLP.preprocessing`, written for raw
+inputs (:func:`gpubp.evaluate.dataset_preprocessing`), with the dataset's and labels' names, and
+the test accuracy is measured on the raw test images through it: the number a saved model gives
+on raw data. A checkpoint written each epoch (and on Ctrl-C) holds
 everything the run depends on: parameters, optimizer state, the position in the epoch, the
 shuffling RNG and the history, so ``resume`` ends with the same parameters as a run that was never
 interrupted (same backend, same BLAS threads).
@@ -19,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,17 +42,20 @@ from .config import (
     check_resume,
     resume_settings,
 )
-from .errors import ModelFileError
+from .errors import CheckpointError, CheckpointMismatchError, OutputWriteError
+from .evaluate import dataset_preprocessing, raw_test_split
+from .files import check_outputs
 from .gradflow import PROBE_SAMPLES, gradflow, gradient_norms
 from .io import (
     Checkpoint,
     check_output_folders,
     load_checkpoint,
     save_checkpoint,
-    write_json,
 )
 from .loop import BatchGather, EpochEnd, EpochLoop, Position, StopRequest
 from .model import MLP
+from .outputs import write_outputs
+from .resume_checks import check_overrides, check_position, check_widths, resume_notes
 
 # TrainConfig and its names are re-exported: the README writes gpubp.train.TrainConfig
 __all__ = [
@@ -187,18 +194,31 @@ class _Run:
             log(f"data parallel over {comm.size} MPI rank(s); {note}")
         self.start = Position()
         self.loss_sum = 0.0
+        #: the standardisation of ``ds`` on raw inputs: the model takes it on at the end of the
+        #: run (it trains on data standardised beforehand, with no per-step cost)
+        self.preprocessing = dataset_preprocessing(ds)
 
-    def resume_from(self, ckpt: Checkpoint) -> None:
-        """Continue where ``ckpt`` stopped (checked against this run first)."""
-        check_resume(ckpt, self.config, self.ds.name, self.model, self.track_gradients)
-        ckpt.restore(self.model, self.optimizer)
+    def resume_from(self, ckpt: Checkpoint, override: Sequence[str] = ()) -> None:
+        """Continue where ``ckpt`` stopped (checked against this run first; the settings named
+        in ``override`` may differ)."""
+        check_resume(ckpt, self.config, self.ds.name, self.model, self.track_gradients, override)
+        saved = ckpt.preprocessing
+        if saved is not None and not saved.equals(self.preprocessing, rtol=1e-6):
+            raise CheckpointMismatchError(
+                f"{ckpt.path} was trained on data standardised with other statistics than "
+                f"{self.ds.name}'s here ({saved.description} against "
+                f"{self.preprocessing.description}); the dataset's files have changed. Resume "
+                "with the data it was trained on, or start afresh without --resume"
+            )
         pos = ckpt.meta["position"]
+        check_position(ckpt, pos, self.n, int(self.config.batch_size or DEFAULT_BATCH))
+        ckpt.restore(self.model, self.optimizer)
         self.start = Position(pos["epoch"], pos["batch"], pos["seen"])
         self.loss_sum = pos["loss_sum"]
         try:
             self.rng.bit_generator.state = pos["rng_state"]
         except (TypeError, ValueError, KeyError) as exc:
-            raise ModelFileError(
+            raise CheckpointError(
                 f"{ckpt.path}: the shuffling RNG state is invalid ({exc})"
             ) from None
         saved_history = ckpt.meta["history"]
@@ -210,6 +230,8 @@ class _Run:
         self.log(
             f"resuming from {ckpt.path}: epoch {self.start.epoch + 1}, batch {self.start.batch}"
         )
+        for line in resume_notes(ckpt, self.config, override, self.comm):
+            self.log(line)
         if saved_backend not in (None, self.model.backend.name):
             self.log(
                 f"note: the checkpoint was written by the {saved_backend} backend and this run "
@@ -233,10 +255,16 @@ class _Run:
         """Run the remaining epochs; True if stopped by Ctrl-C (a checkpoint is written)."""
         config, model, X, Y, opt = self.config, self.model, self.X, self.Y, self.optimizer
         self.loop = loop = EpochLoop(
-            model.backend, self.n, int(config.batch_size or DEFAULT_BATCH), config.epochs,
-            progress=progress, echo=self.log, position=dataclasses.replace(self.start),
-            loss_sum=self.loss_sum, time_first_step=True,
-        )  # fmt: skip
+            model.backend,
+            self.n,
+            int(config.batch_size or DEFAULT_BATCH),
+            config.epochs,
+            progress=progress,
+            echo=self.log,
+            position=dataclasses.replace(self.start),
+            loss_sum=self.loss_sum,
+            time_first_step=True,
+        )
         total_steps = config.epochs * loop.n_batches
         quiet_rank = self.comm is not None and self.comm.rank != 0
         gather = BatchGather(X, Y, loop.batch_size)  # reused buffers, no allocation per step
@@ -312,6 +340,7 @@ class _Run:
         train_cfg["dataset"] = self.ds.name  # "auto" resolved, so a resume finds the same data
         train_cfg["track_gradients"] = bool(self.track_gradients)  # the history depends on it
         train_cfg["backend"] = self.model.backend.name  # bit-for-bit resumes need the same one
+        train_cfg["mpi_ranks"] = 1 if self.comm is None else int(self.comm.size)
         position = {
             "epoch": pos.epoch,
             "batch": pos.batch,
@@ -319,10 +348,24 @@ class _Run:
             "loss_sum": loop.losses.read(),
             "seen": pos.seen,
         }
-        save_checkpoint(
-            self.checkpoint, self.model, self.optimizer, train_cfg, position, self.history,
-            self.all_counters(),
-        )  # fmt: skip
+        try:
+            save_checkpoint(
+                self.checkpoint,
+                self.model,
+                self.optimizer,
+                train_cfg,
+                position,
+                self.history,
+                self.all_counters(),
+                self.preprocessing,
+            )
+        except OutputWriteError as exc:  # say where the run stands and how to go on
+            raise OutputWriteError(
+                exc.errno,
+                f"{exc}; training stopped after {pos.epoch} epoch(s) and {pos.batch} batch(es) of "
+                f"the next: make room and continue with --resume {self.checkpoint} (from the "
+                "last checkpoint written), or pass another --checkpoint",
+            ) from None
 
     def result(self, interrupted: bool) -> TrainResult:
         c = self.all_counters()
@@ -352,6 +395,7 @@ def _load_data(
     ds = data.load_dataset(requested, config.data_dir, config.download, config.seed, progress)
     how = " (auto: the largest dataset found here)" if config.dataset == "auto" else ""
     log(f"dataset: {ds.describe()}{how}")
+    check_widths(ds)
     split = data.train_val_split(ds.x_train, ds.y_train, config.val_fraction, config.seed)
     if config.batch_size is None:
         small = len(split[0]) < SMALL_DATA
@@ -373,6 +417,7 @@ def train(
     progress: bool = True,
     log: Log = _print,
     comm: Any = None,
+    override: Sequence[str] = (),
 ) -> TrainResult:
     """Train an MLP classifier on a real dataset and evaluate it on the test set.
 
@@ -400,11 +445,21 @@ def train(
     comm : gpubp.distributed.MPICommunicator, optional
         Train data-parallel over its ranks (see :mod:`gpubp.distributed`): every rank calls
         ``train`` with the same arguments; rank 0 alone logs and writes files.
+    override : sequence of str
+        Settings a resumed run may change from its checkpoint's (:data:`OVERRIDABLE`: ``lr``),
+        e.g. to continue a run that diverged with a smaller learning rate.
+
+    Everything checkable is checked before the first epoch: output folders exist and are
+    writable, outputs are files (not folders) and distinct, the dataset's splits fit together.
+    When writing the trained model fails after training, it is written to a second place (next
+    to the checkpoint, else the current folder, else the temporary folder) and
+    :class:`~gpubp.errors.OutputWriteError` says where.
     """
     t_start = time.perf_counter()
     if comm is not None and comm.rank != 0:  # one voice and one writer: rank 0
         log, progress = _silent, False
         checkpoint = json_path = plot_path = save_path = None
+    check_overrides(override, resume)
     check_output_folders(
         checkpoint=checkpoint, json_path=json_path, plot_path=plot_path, save_path=save_path
     )  # fail now, not after the training it would have saved
@@ -414,10 +469,19 @@ def train(
     ckpt = load_checkpoint(resume) if resume is not None else None
     if ckpt is not None and checkpoint is None and (comm is None or comm.rank == 0):
         checkpoint = resume
+    check_outputs(
+        {
+            "checkpoint": checkpoint,
+            "save_path": save_path,
+            "json_path": json_path,
+            "plot_path": plot_path,
+        },
+        {"resume": resume},
+    )
     ds, config, split = _load_data(config, ckpt, progress, log)
     run = _Run(config, ds, split, track_gradients, checkpoint, log, comm)
     if ckpt is not None:
-        run.resume_from(ckpt)
+        run.resume_from(ckpt, override)
         result_note = "in all sessions of this run"
     else:
         result_note = ""
@@ -432,12 +496,16 @@ def train(
     else:
         interrupted = run.train(progress)
     result = run.result(interrupted)
+    model = run.model  # from here on a model of raw inputs, as it is saved
+    model.preprocessing = run.preprocessing
+    model.dataset, model.labels = ds.name, tuple(ds.classes)
     if interrupted:  # no test evaluation: stop promptly (mpirun allows little time after SIGTERM)
         where = result.checkpoint
         log(f"interrupted after {result.epochs_done} epoch(s); checkpoint written to {where}")
         log(f"continue with the same command plus: --resume {where}")
     else:
-        ev = run.model.evaluate(ds.x_test, ds.y_test)
+        raw = raw_test_split(ds.name, ds.source if ds.name in data.DATASETS else None)
+        ev = model.evaluate(raw.x, raw.y)
         result.test_loss, result.test_accuracy = ev["loss"], ev["accuracy"]
     result.wall_seconds = time.perf_counter() - t_start
     if comm is not None:
@@ -445,7 +513,7 @@ def train(
     if result_note:  # the training time and samples/s count every session since epoch 1
         result.extra["sessions"] = result_note
     log(_final_line(result, len(ds.x_test), trained=not finished))
-    _write_outputs(result, save_path, json_path, plot_path, log)
+    write_outputs(result, save_path, json_path, plot_path, log)
     return result
 
 
@@ -473,28 +541,3 @@ def _final_line(result: TrainResult, n_test: int, trained: bool) -> str:
         f"{test} | {result.epochs_done} epoch(s), {timing} | backend {model.backend.name} "
         f"{model.dtype.name}" + (f" x {ranks} MPI ranks" if ranks is not None else "")
     )
-
-
-def _write_outputs(
-    result: TrainResult,
-    save_path: str | os.PathLike[str] | None,
-    json_path: str | os.PathLike[str] | None,
-    plot_path: str | os.PathLike[str] | None,
-    log: Log,
-) -> None:
-    model, history, config = result.model, result.history, result.config
-    if save_path is not None:
-        model.save(save_path)
-        log(f"model saved to {save_path} (load it with gpubp.MLP.load)")
-    if json_path is not None:
-        write_json(json_path, result.summary())
-        log(f"run record written to {json_path}")
-    if plot_path is not None and history["epoch"]:
-        plots.training_curves(
-            history,
-            plot_path,
-            title=f"{result.dataset}: {list(model.layer_sizes)} {config.activation}, "
-            f"{config.optimizer}, {model.backend.name}",
-            test_accuracy=result.test_accuracy,
-        )
-        log(f"loss and accuracy curves written to {plot_path}")

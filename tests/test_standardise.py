@@ -21,7 +21,7 @@ def _old_pipeline(images: np.ndarray, mean: float, std: float) -> np.ndarray:
 @pytest.mark.parametrize("dtype", [np.uint8, np.int16])
 @pytest.mark.parametrize("chunk", [7, 1 << 18])
 def test_statistics_match_float64_numpy(rng, monkeypatch, dtype, chunk):
-    monkeypatch.setattr(data, "_CHUNK", chunk)  # chunk boundaries inside the images too
+    monkeypatch.setattr(data, "_PIXEL_CHUNK", chunk)  # chunk boundaries inside the images too
     images = rng.integers(0, 256, (101, 3, 11)).astype(dtype)
     images[0, 0, :4] = (0, 255, 255, 0)  # the extremes present
     mean, std = data._pixel_statistics(images)

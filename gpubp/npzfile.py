@@ -1,0 +1,235 @@
+"""Reading gpubp's ``.npz`` files with every check made before memory is spent.
+
+A model file or checkpoint is a zip archive of ``.npy`` members: ``meta`` (JSON as uint8) and the
+parameter and optimizer arrays it describes. :func:`read_checked_npz` reads ``meta`` first
+(capped at :data:`META_MAX_BYTES`), derives from the model it declares the name, shape and size
+of every other member, then reads each member's ``.npy`` header and checks its dtype (float32 or
+float64), shape and size against that plan before it reads the data. An archive member not in
+the plan, a size the archive cannot hold (a zip bomb), a truncated or corrupt member, or a
+NaN / infinite value raises the given error naming the file: never another exception.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+import zlib
+from typing import IO, Any
+
+import numpy as np
+
+from .files import open_regular
+
+__all__ = ["META_MAX_BYTES", "layout", "parse_json", "read_checked_npz"]
+
+#: The largest ``meta`` member read (its JSON holds the configuration and the run's history).
+META_MAX_BYTES = 64 << 20
+#: Deflate cannot shrink data by more than about 1032:1; a member claiming more lies.
+_MAX_DEFLATE_RATIO = 1100
+_MAX_MEMBERS = 4096
+_MAX_LAYERS = 1024
+#: Optional members the model format may hold: per-feature preprocessing, shape (n_inputs,).
+INPUT_MEMBERS = ("input_shift", "input_scale")
+_READ_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    zipfile.BadZipFile,
+    zlib.error,
+    NotImplementedError,
+    RuntimeError,
+    OverflowError,
+    MemoryError,
+)
+
+
+def parse_json(raw: bytes, path: Any, error: type[Exception]) -> Any:
+    """``raw`` parsed as JSON, or ``error`` naming ``path`` (bad UTF-8, bad JSON, nesting too
+    deep, integers beyond Python's digit limit)."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise error(f"{path}: the metadata is not valid JSON ({why})") from None
+
+
+def _positive_ints(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value
+    )
+
+
+def layout(meta: Any, path: Any, error: type[Exception]) -> dict[str, tuple[int, ...]]:
+    """The shape of every array member ``meta`` allows: ``W<i>``, ``b<i>``, the optional input
+    preprocessing, and for a checkpoint ``opt_<slot>_<j>`` for its optimizer's slots (``j`` in
+    the order ``W0..W{L-1}, b0..b{L-1}``)."""
+    from .io import CHECKPOINT_FORMAT, FORMAT
+    from .optim import make_optimizer
+
+    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, CHECKPOINT_FORMAT):
+        raise error(
+            f"{path}: not a gpubp model file or checkpoint (its metadata names no gpubp format)"
+        )
+    config = meta.get("config")
+    sizes: Any = config.get("layer_sizes") if isinstance(config, dict) else None
+    if not _positive_ints(sizes) or not 2 <= len(sizes) <= _MAX_LAYERS + 1:
+        raise error(
+            f"{path}: the saved configuration has no valid layer_sizes (expected a list "
+            "of 2 or more positive integers)"
+        )
+    L = len(sizes) - 1
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in range(L):
+        shapes[f"W{i}"] = (sizes[i + 1], sizes[i])
+        shapes[f"b{i}"] = (sizes[i + 1],)
+    for name in INPUT_MEMBERS:
+        shapes[name] = (sizes[0],)
+    if meta["format"] == CHECKPOINT_FORMAT:
+        opt = meta.get("optimizer")
+        kind = opt.get("kind") if isinstance(opt, dict) else None
+        try:
+            slots = make_optimizer(kind).slots if isinstance(kind, str) else ()
+        except ValueError:
+            slots = ()  # the checkpoint's own checks name the bad optimizer
+        order = [shapes[f"W{i}"] for i in range(L)] + [shapes[f"b{i}"] for i in range(L)]
+        for slot in slots:
+            for j, shape in enumerate(order):
+                shapes[f"opt_{slot}_{j}"] = shape
+    return shapes
+
+
+def _member_names(zf: zipfile.ZipFile, path: Any, error: type[Exception]) -> dict[str, Any]:
+    infos = zf.infolist()
+    if len(infos) > _MAX_MEMBERS:
+        raise error(f"{path}: an archive of {len(infos)} members; a gpubp file holds far fewer")
+    members: dict[str, zipfile.ZipInfo] = {}
+    for info in infos:
+        if not info.filename.endswith(".npy") or "/" in info.filename:
+            raise error(
+                f"{path}: holds {info.filename[:80]!r}, which is not an array (.npy) "
+                "member; the file is not a gpubp model file"
+            )
+        name = info.filename[:-4]
+        if name in members:
+            raise error(f"{path}: holds the member {name!r} twice")
+        members[name] = info
+    return members
+
+
+def _check_sizes(info: zipfile.ZipInfo, file_bytes: int, path: Any, error: type[Exception]) -> None:
+    name = info.filename[:-4]
+    if info.header_offset + info.compress_size > file_bytes:
+        raise error(f"{path}: the member {name!r} runs past the end of the file (truncated)")
+    if info.compress_type == zipfile.ZIP_STORED:
+        if info.compress_size != info.file_size:
+            raise error(f"{path}: the member {name!r} declares inconsistent sizes")
+    elif info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 1024:
+        raise error(
+            f"{path}: the member {name!r} claims {info.file_size} bytes from "
+            f"{info.compress_size} compressed ones (a zip bomb?); refused"
+        )
+
+
+def _read_header(fh: IO[bytes], name: str, path: Any, error: type[Exception]) -> tuple[Any, ...]:
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except _READ_ERRORS as exc:
+        raise error(f"{path}: the member {name!r} has no valid .npy header ({exc})") from None
+    if fortran:
+        raise error(f"{path}: the member {name!r} is stored in Fortran order; gpubp writes C order")
+    return tuple(shape), np.dtype(dtype)
+
+
+def _read_member(
+    zf: zipfile.ZipFile,
+    info: zipfile.ZipInfo,
+    expect: tuple[tuple[int, ...] | None, tuple[str, ...], int],
+    path: Any,
+    error: type[Exception],
+) -> np.ndarray:
+    """One member, its header checked against ``expect`` = (shape or None for any 1-D,
+    allowed dtype names, the most bytes) before its data is read."""
+    name = info.filename[:-4]
+    want_shape, dtypes, max_bytes = expect
+    with zf.open(info) as fh:
+        shape, dtype = _read_header(fh, name, path, error)
+        header_bytes = fh.tell()
+        if dtype.name not in dtypes or dtype.hasobject:
+            raise error(f"{path}: {name} holds {dtype} values; expected {' or '.join(dtypes)}")
+        if want_shape is None and len(shape) != 1:
+            raise error(f"{path}: {name} has shape {shape}; expected a 1-D array")
+        if want_shape is not None and shape != want_shape:
+            raise error(
+                f"{path}: {name} has shape {shape}; the saved configuration says {want_shape}"
+            )
+        nbytes = dtype.itemsize
+        for n in shape:  # Python ints: no overflow
+            nbytes *= int(n)
+        if nbytes > max_bytes:
+            raise error(f"{path}: {name} declares {nbytes} bytes; at most {max_bytes} expected")
+        if info.file_size != header_bytes + nbytes:
+            raise error(
+                f"{path}: the member {name!r} holds {info.file_size - header_bytes} "
+                f"bytes of data; its header declares {nbytes}"
+            )
+        data = fh.read(nbytes)
+        if len(data) != nbytes or fh.read(1):
+            raise error(f"{path}: the member {name!r} is truncated")
+    arr = np.frombuffer(data, dtype=dtype).reshape(shape)
+    return arr.astype(dtype.newbyteorder("="), copy=True)
+
+
+def read_checked_npz(path: str | os.PathLike[str], error: type[Exception]) -> dict[str, Any]:
+    """Every array of a gpubp ``.npz`` file, each checked before it is read (see the module's
+    docstring); ``error`` for anything malformed. Float arrays are finite, in native order."""
+    with open_regular(path, error) as fh:
+        file_bytes = os.fstat(fh.fileno()).st_size
+        try:
+            with zipfile.ZipFile(fh) as zf:
+                members = _member_names(zf, path, error)
+                if "meta" not in members:
+                    raise error(f"{path}: no gpubp metadata; was it written by MLP.save?")
+                for info in members.values():
+                    _check_sizes(info, file_bytes, path, error)
+                meta_raw = _read_member(
+                    zf, members["meta"], (None, ("uint8",), META_MAX_BYTES), path, error
+                )
+                shapes = layout(parse_json(meta_raw.tobytes(), path, error), path, error)
+                unknown = sorted(set(members) - set(shapes) - {"meta"})
+                if unknown:
+                    raise error(
+                        f"{path}: holds arrays {unknown[:8]} that its metadata does not "
+                        "describe; the file is inconsistent"
+                    )
+                arrays: dict[str, Any] = {"meta": meta_raw}
+                for name, info in members.items():
+                    if name == "meta":
+                        continue
+                    shape = shapes[name]
+                    most = 8 * int(np.prod(shape, dtype=object))
+                    arr = _read_member(zf, info, (shape, ("float32", "float64"), most), path, error)
+                    if not np.isfinite(arr).all():
+                        raise error(
+                            f"{path}: {name} holds NaN or infinite values; the file was "
+                            "written by a run that diverged, or is damaged"
+                        )
+                    arrays[name] = arr
+                return arrays
+        except error:
+            raise
+        except zipfile.BadZipFile as exc:
+            raise error(
+                f"{path}: not a gpubp model file or checkpoint (expected an .npz archive: {exc})"
+            ) from None
+        except _READ_ERRORS as exc:
+            raise error(
+                f"{path}: not a readable gpubp model file ({type(exc).__name__}: {str(exc)[:200]})"
+            ) from None

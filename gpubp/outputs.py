@@ -1,0 +1,142 @@
+"""What a training run writes at its end (the model, the JSON record, the curves), and how a
+failed write keeps the trained model: it is written to a second place and the error says where.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import plots
+from .errors import OutputWriteError
+from .io import write_json
+
+if TYPE_CHECKING:
+    from .train import TrainResult
+
+__all__ = ["fallback_paths", "write_outputs"]
+
+Log = Callable[[str], None]
+
+
+def fallback_paths(
+    path: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None
+) -> list[Path]:
+    """Where an output that could not be written at ``path`` is written instead, in order: next
+    to the checkpoint, in the current folder, in the temporary folder (each under ``path``'s
+    file name, or ``<stem>.rescued-<pid><suffix>`` where that exists: no file is overwritten)."""
+    name = Path(path).name
+    folders = [Path(checkpoint).parent] if checkpoint is not None else []
+    folders += [Path.cwd(), Path(tempfile.gettempdir())]
+    avoid = {os.path.realpath(path)}
+    if checkpoint is not None:
+        avoid.add(os.path.realpath(checkpoint))
+    out: list[Path] = []
+    for folder in folders:
+        candidate = folder / name
+        if os.path.lexists(candidate):  # never overwrite a file there: a name of its own
+            candidate = folder / f"{Path(name).stem}.rescued-{os.getpid()}{Path(name).suffix}"
+        real = os.path.realpath(candidate)
+        if real not in avoid and not os.path.lexists(candidate):
+            avoid.add(real)
+            out.append(candidate)
+    return out
+
+
+def _write_with_fallback(
+    what: str,
+    path: str | os.PathLike[str],
+    write: Callable[[str | os.PathLike[str]], None],
+    checkpoint: str | None,
+    log: Log,
+) -> tuple[str | None, OSError | None]:
+    """``write(path)``, else ``write`` to each :func:`fallback_paths` in turn; where it went
+    (None: nowhere) and the first error."""
+    try:
+        write(path)
+        return os.fspath(path), None
+    except OSError as exc:
+        first = exc
+    log(f"error: {first}")
+    for candidate in fallback_paths(path, checkpoint):
+        try:
+            write(candidate)
+        except OSError as exc:
+            log(f"error: the {what} could not be written to {candidate} either: {exc}")
+            continue
+        log(f"the {what} was written to {candidate} instead of {os.fspath(path)}")
+        return os.fspath(candidate), first
+    return None, first
+
+
+def write_outputs(
+    result: TrainResult,
+    save_path: str | os.PathLike[str] | None,
+    json_path: str | os.PathLike[str] | None,
+    plot_path: str | os.PathLike[str] | None,
+    log: Log,
+) -> None:
+    """Write the model, the run's record and the curves; raise
+    :class:`~gpubp.errors.OutputWriteError` after trying them all if any failed, saying what
+    was written where and what is still intact (the checkpoint)."""
+    model, history, config = result.model, result.history, result.config
+    failures: list[str] = []
+    first: OSError | None = None
+    if save_path is not None:
+        where, error = _write_with_fallback(
+            "trained model", save_path, model.save, result.checkpoint, log
+        )
+        if where is not None:
+            log(f"model saved to {where} (load it with gpubp.MLP.load)")
+            if result.interrupted:
+                log(
+                    f"note: the run was interrupted after {result.epochs_done} epoch(s) of "
+                    f"{config.epochs}; the model saved to {where} is only partly trained"
+                )
+        if error is not None:
+            first = first or error
+            failures.append(
+                f"the trained model could not be written to {os.fspath(save_path)} ({error}); "
+                + (f"it was written to {where} instead" if where else "nor anywhere else")
+            )
+    if json_path is not None:
+        where, error = _write_with_fallback(
+            "run record",
+            json_path,
+            lambda p: write_json(p, result.summary()),
+            result.checkpoint,
+            log,
+        )
+        if where is not None:
+            log(f"run record written to {where}")
+        if error is not None:
+            first = first or error
+            failures.append(
+                f"the run record could not be written to {os.fspath(json_path)} ({error})"
+                + (f"; it was written to {where} instead" if where else "")
+            )
+    if plot_path is not None and history["epoch"]:
+        try:
+            plots.training_curves(
+                history,
+                plot_path,
+                title=f"{result.dataset}: {list(model.layer_sizes)} {config.activation}, "
+                f"{config.optimizer}, {model.backend.name}",
+                test_accuracy=result.test_accuracy,
+            )
+            log(f"loss and accuracy curves written to {plot_path}")
+        except OSError as exc:
+            first = first or exc
+            failures.append(f"the curves could not be written to {os.fspath(plot_path)} ({exc})")
+    if failures:
+        intact = (
+            f"the checkpoint {result.checkpoint} holds the trained run and is intact"
+            if result.checkpoint is not None
+            else "no checkpoint was written (pass --checkpoint to keep one)"
+        )
+        code = first.errno if first is not None and first.errno else errno.EIO
+        raise OutputWriteError(code, "; ".join(failures) + f"; {intact}")

@@ -1,0 +1,477 @@
+"""What the two estimators share: parameters, their checks, the fit loop, prediction.
+
+The loop is scikit-learn's ``BaseMultilayerPerceptron._fit_stochastic``, decision for decision
+(initialisation, batch order, early stopping, ``tol`` and ``n_iter_no_change``, the learning
+rate schedules, ``loss_curve_``, ``t_``), so that with the same ``random_state`` the same
+numbers come out; each step runs on a gpubp backend (:mod:`gpubp.sklearn._solver`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import numbers
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, is_classifier
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import train_test_split
+from sklearn.utils import check_random_state, gen_batches, shuffle
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from ..backends import Backend, get_backend
+from ._solver import AdamRule, Network, SGDRule
+
+_STOCHASTIC_SOLVERS = ("sgd", "adam")
+
+
+def _is_bool(value: object) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not _is_bool(value)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not _is_bool(value)
+
+
+def _dtype_name(value: Any) -> str | None:
+    try:
+        return np.dtype(value).name
+    except TypeError:
+        return None
+
+
+def _fail(name: str, value: object, expected: str) -> ValueError:
+    return ValueError(f"{name} must be {expected}; got {value!r}")
+
+
+class BaseMLP(BaseEstimator):
+    """Shared implementation of :class:`MLPClassifier` and :class:`MLPRegressor`."""
+
+    _out_activation: str  # set by the subclasses' _initialize
+
+    def __init__(
+        self,
+        hidden_layer_sizes: int | Iterable[int] = (100,),
+        activation: str = "relu",
+        *,
+        solver: str = "adam",
+        alpha: float = 0.0001,
+        batch_size: int | str = "auto",
+        learning_rate: str = "constant",
+        learning_rate_init: float = 0.001,
+        power_t: float = 0.5,
+        max_iter: int = 200,
+        shuffle: bool = True,
+        random_state: int | np.random.RandomState | None = None,
+        tol: float = 1e-4,
+        verbose: bool | int = False,
+        warm_start: bool = False,
+        momentum: float = 0.9,
+        nesterovs_momentum: bool = True,
+        early_stopping: bool = False,
+        validation_fraction: float = 0.1,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-8,
+        n_iter_no_change: int | float = 10,
+        max_fun: int = 15000,
+        backend: str | Backend = "auto",
+        dtype: str | None = None,
+    ) -> None:
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.solver = solver
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.learning_rate_init = learning_rate_init
+        self.power_t = power_t
+        self.max_iter = max_iter
+        self.shuffle = shuffle
+        self.random_state = random_state
+        self.tol = tol
+        self.verbose = verbose
+        self.warm_start = warm_start
+        self.momentum = momentum
+        self.nesterovs_momentum = nesterovs_momentum
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.n_iter_no_change = n_iter_no_change
+        self.max_fun = max_fun
+        self.backend = backend
+        self.dtype = dtype
+
+    # --- parameter checks (at fit time, as scikit-learn does) -------------------------------
+
+    def _check_params(self) -> list[int]:
+        """Check every hyper-parameter; the hidden widths as a list."""
+        if self.solver == "lbfgs":
+            raise ValueError(
+                "solver='lbfgs' is not supported by gpubp (it is a full-batch method with "
+                "nothing to gain from fused mini-batch steps); use solver='adam' (the default) "
+                "or solver='sgd', or sklearn.neural_network's own estimator for L-BFGS"
+            )
+        sizes = self.hidden_layer_sizes
+        hidden = [sizes] if not hasattr(sizes, "__iter__") or isinstance(sizes, str) else sizes
+        hidden = list(hidden)
+        if not all(_is_int(n) and n >= 1 for n in hidden):
+            raise _fail(
+                "hidden_layer_sizes", sizes, "a positive int or a sequence of them, e.g. (100,)"
+            )
+        choices = {
+            "activation": ("identity", "logistic", "tanh", "relu"),
+            "solver": _STOCHASTIC_SOLVERS,
+            "learning_rate": ("constant", "invscaling", "adaptive"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise _fail(name, getattr(self, name), "one of " + ", ".join(map(repr, allowed)))
+        checks: list[tuple[str, Any, str]] = [
+            ("alpha", lambda v: _is_real(v) and 0 <= v < math.inf, "a number >= 0"),
+            ("learning_rate_init", lambda v: _is_real(v) and 0 < v < math.inf, "a number > 0"),
+            ("power_t", lambda v: _is_real(v) and 0 <= v < math.inf, "a number >= 0"),
+            ("max_iter", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+            ("max_fun", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+            ("tol", lambda v: _is_real(v) and 0 <= v < math.inf, "a number >= 0"),
+            ("momentum", lambda v: _is_real(v) and 0 <= v <= 1, "a number in [0, 1]"),
+            ("validation_fraction", lambda v: _is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
+            ("beta_1", lambda v: _is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
+            ("beta_2", lambda v: _is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
+            ("epsilon", lambda v: _is_real(v) and 0 < v < math.inf, "a number > 0"),
+            (
+                "n_iter_no_change",
+                lambda v: (_is_int(v) and v >= 1) or (_is_real(v) and v == math.inf),
+                "an int >= 1 or numpy.inf",
+            ),
+            (
+                "batch_size",
+                lambda v: v == "auto" if isinstance(v, str) else _is_int(v) and v >= 1,
+                "'auto' or an int >= 1",
+            ),
+        ]
+        for name, ok, expected in checks:
+            if not ok(getattr(self, name)):
+                raise _fail(name, getattr(self, name), expected)
+        for name in ("shuffle", "warm_start", "nesterovs_momentum", "early_stopping"):
+            if not _is_bool(getattr(self, name)):
+                raise _fail(name, getattr(self, name), "True or False")
+        if not (_is_bool(self.verbose) or _is_int(self.verbose)):
+            raise _fail("verbose", self.verbose, "a bool or an int")
+        if self.dtype is not None and _dtype_name(self.dtype) not in ("float32", "float64"):
+            raise _fail(
+                "dtype",
+                self.dtype,
+                "None (follow X: float32 stays float32, the rest "
+                "becomes float64), 'float32' or 'float64'",
+            )
+        self._check_extra_params()
+        return [int(n) for n in hidden]
+
+    def _check_extra_params(self) -> None:
+        """Subclass hook for their own parameters."""
+
+    def _compute_dtype(self, X: np.ndarray) -> np.dtype[Any]:
+        return np.dtype(self.dtype) if self.dtype is not None else X.dtype
+
+    # --- fit --------------------------------------------------------------------------------
+
+    def _validate_input(
+        self, X: Any, y: Any, incremental: bool, reset: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _initialize(self, y: np.ndarray, layer_units: list[int], dtype: np.dtype[Any]) -> None:
+        """scikit-learn's initialisation: counters, output activation, Glorot-uniform
+        coefficients and intercepts (bound ``sqrt(f / (fan_in + fan_out))``, ``f = 2`` for
+        logistic hidden units, else 6), drawn layer by layer from ``self._random_state``."""
+        self.n_iter_ = 0
+        self.t_ = 0
+        self.n_outputs_ = y.shape[1]
+        self.n_layers_ = len(layer_units)
+        self.out_activation_ = self._output_activation()
+        self.coefs_: list[np.ndarray] = []
+        self.intercepts_: list[np.ndarray] = []
+        factor = 2.0 if self.activation == "logistic" else 6.0
+        for fan_in, fan_out in itertools.pairwise(layer_units):
+            bound = np.sqrt(factor / (fan_in + fan_out))
+            coef = self._random_state.uniform(-bound, bound, (fan_in, fan_out))
+            intercept = self._random_state.uniform(-bound, bound, fan_out)
+            self.coefs_.append(coef.astype(dtype, copy=False))
+            self.intercepts_.append(intercept.astype(dtype, copy=False))
+        self._best_coefs = [c.copy() for c in self.coefs_]
+        self._best_intercepts = [i.copy() for i in self.intercepts_]
+        self.loss_curve_: list[float] = []
+        self._no_improvement_count = 0
+        if self.early_stopping:
+            self.validation_scores_: list[float] | None = []
+            self.best_validation_score_: float | None = -np.inf
+            self.best_loss_: float | None = None
+        else:
+            self.best_loss_ = np.inf
+            self.validation_scores_ = None
+            self.best_validation_score_ = None
+
+    def _output_activation(self) -> str:
+        raise NotImplementedError
+
+    def _fit(self, X: Any, y: Any, sample_weight: Any, incremental: bool) -> BaseMLP:
+        hidden = self._check_params()
+        if self.early_stopping and incremental:
+            raise ValueError(
+                "partial_fit does not support early_stopping=True; set early_stopping=False "
+                "or use fit"
+            )
+        backend = get_backend(self.backend)
+        first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
+        X, y = self._validate_input(X, y, incremental, reset=first_pass)
+        sw = None if sample_weight is None else _check_sample_weight(sample_weight, X)
+        if y.ndim == 1:
+            y = y.reshape((-1, 1))
+        layer_units = [X.shape[1], *hidden, y.shape[1]]
+        if not first_pass:
+            shapes = [c.shape for c in self.coefs_]
+            if shapes != list(itertools.pairwise(layer_units)):
+                raise ValueError(
+                    f"the fitted coefs_ have shapes {shapes}, which do not match "
+                    f"hidden_layer_sizes={self.hidden_layer_sizes!r} and targets with "
+                    f"{y.shape[1]} outputs; fit from scratch (warm_start=False) to change them"
+                )
+        self.n_outputs_ = y.shape[1]
+        self._random_state = check_random_state(self.random_state)
+        dtype = self._compute_dtype(X)
+        if first_pass:
+            self._initialize(y, layer_units, dtype)
+        net = Network(
+            backend,
+            self.coefs_,
+            self.intercepts_,
+            self.activation,
+            self.out_activation_,
+            self.alpha,
+            dtype,
+        )
+        coefs, intercepts = self._fit_stochastic(net, X, y, sw, incremental)
+        if not all(np.isfinite(p).all() for p in (*coefs, *intercepts)):
+            raise ValueError(
+                "Solver produced non-finite parameter weights. The input data may contain "
+                "large values and need to be preprocessed (e.g. with StandardScaler); the "
+                "coefficients were left as they were before this call"
+            )
+        self.coefs_, self.intercepts_ = coefs, intercepts
+        return self
+
+    def _fit_stochastic(
+        self, net: Network, X: np.ndarray, y: np.ndarray, sw: np.ndarray | None, incremental: bool
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        be, dtype = net.backend, net.dtype
+        if not incremental or not hasattr(self, "_optimizer"):
+            if self.solver == "sgd":
+                self._optimizer: SGDRule | AdamRule = SGDRule(
+                    net.xp,
+                    net.params,
+                    self.learning_rate_init,
+                    self.learning_rate,
+                    self.momentum,
+                    self.nesterovs_momentum,
+                    self.power_t,
+                )
+            else:
+                self._optimizer = AdamRule(
+                    net.xp,
+                    net.params,
+                    self.learning_rate_init,
+                    self.beta_1,
+                    self.beta_2,
+                    self.epsilon,
+                )
+        optimizer = self._optimizer
+        early_stopping = self.early_stopping
+        X_val = y_val = sw_val = None
+        if early_stopping:
+            stratify = y if is_classifier(self) and self.n_outputs_ == 1 else None
+            arrays = [X, y] if sw is None else [X, y, sw]
+            split = train_test_split(
+                *arrays,
+                random_state=self._random_state,
+                test_size=self.validation_fraction,
+                stratify=stratify,
+            )
+            X, X_val, y, y_val = split[:4]
+            if sw is not None:
+                sw, sw_val = split[4:]
+            if X_val.shape[0] < 2:
+                raise ValueError(
+                    "The validation set is too small. Increase 'validation_fraction' or the "
+                    "size of your dataset."
+                )
+            y_val = self._decode(y_val)
+        n_samples = X.shape[0]
+        if self.batch_size == "auto":
+            batch_size = min(200, n_samples)
+        else:
+            if self.batch_size > n_samples:
+                warnings.warn(
+                    "Got `batch_size` less than 1 or larger than sample size. It is going to "
+                    "be clipped",
+                    stacklevel=3,
+                )
+            batch_size = int(np.clip(self.batch_size, 1, n_samples))
+        x_dev = be.asarray(np.ascontiguousarray(X), dtype)
+        y_dev = be.asarray(y, dtype)
+        labels = be.asarray(np.argmax(y, axis=1)) if net.output == "softmax" else None
+        sw_dev = None if sw is None else be.asarray(sw, dtype)
+        sample_idx = np.arange(n_samples, dtype=int)
+        # the shuffled batches are gathered into one buffer: a fresh array per batch would be
+        # a fresh mapping (page faults) per step
+        # (NumPy buffers take's output unless mode is not 'raise'; the indices are in range)
+        gathered = be.xp.empty((batch_size, X.shape[1]), dtype=dtype)
+        take_mode = {"mode": "clip"} if be.xp is np else {}
+        try:
+            self.n_iter_ = 0
+            for _ in range(self.max_iter):
+                if self.shuffle:
+                    sample_idx = shuffle(sample_idx, random_state=self._random_state)
+                accumulated: Any = 0.0
+                for batch in gen_batches(n_samples, batch_size):
+                    if self.shuffle:
+                        idx = be.asarray(sample_idx[batch])
+                        xb = be.xp.take(x_dev, idx, axis=0, out=gathered[: len(idx)], **take_mode)
+                    else:
+                        idx, xb = batch, x_dev[batch]
+                    value = net.step(
+                        xb,
+                        y_dev[idx],
+                        None if labels is None else labels[idx],
+                        None if sw_dev is None else sw_dev[idx],
+                        optimizer,
+                    )
+                    accumulated = accumulated + value * (batch.stop - batch.start)
+                self.n_iter_ += 1
+                self.loss_ = float(accumulated) / n_samples
+                self.t_ += n_samples
+                self.loss_curve_.append(self.loss_)
+                if self.verbose:
+                    print(f"Iteration {self.n_iter_}, loss = {self.loss_:.8f}")
+                self._update_no_improvement_count(net, early_stopping, X_val, y_val, sw_val)
+                optimizer.iteration_ends(self.t_)
+                if self._no_improvement_count > self.n_iter_no_change:
+                    what = "Validation score" if early_stopping else "Training loss"
+                    msg = (
+                        f"{what} did not improve more than tol={self.tol:f} for "
+                        f"{self.n_iter_no_change} consecutive epochs."
+                    )
+                    if optimizer.trigger_stopping(msg, bool(self.verbose)):
+                        break
+                    self._no_improvement_count = 0
+                if incremental:
+                    break
+                if self.n_iter_ == self.max_iter:
+                    warnings.warn(
+                        f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and "
+                        "the optimization hasn't converged yet.",
+                        ConvergenceWarning,
+                        stacklevel=3,
+                    )
+        except KeyboardInterrupt:
+            warnings.warn("Training interrupted by user.", stacklevel=3)
+        if early_stopping:
+            return self._best_coefs, self._best_intercepts
+        return net.coefs()
+
+    def _update_no_improvement_count(
+        self, net: Network, early_stopping: bool, X: Any, y: Any, sw: Any
+    ) -> None:
+        if early_stopping:
+            score = self._score_net(net, X, y, sw)
+            assert self.validation_scores_ is not None and self.best_validation_score_ is not None
+            self.validation_scores_.append(score)
+            if self.verbose:
+                print(f"Validation score: {score:f}")
+            if score < self.best_validation_score_ + self.tol:
+                self._no_improvement_count += 1
+            else:
+                self._no_improvement_count = 0
+            if score > self.best_validation_score_:
+                self.best_validation_score_ = score
+                self._best_coefs, self._best_intercepts = net.coefs()
+        else:
+            assert self.best_loss_ is not None
+            if self.loss_curve_[-1] > self.best_loss_ - self.tol:
+                self._no_improvement_count += 1
+            else:
+                self._no_improvement_count = 0
+            if self.loss_curve_[-1] < self.best_loss_:
+                self.best_loss_ = self.loss_curve_[-1]
+
+    # --- prediction -------------------------------------------------------------------------
+
+    def _decode(self, y: np.ndarray) -> np.ndarray:
+        """Targets as the user gave them, from the encoded ``(n, n_outputs)`` form."""
+        raise NotImplementedError
+
+    def _score_function(self, y: Any, y_pred: Any, sample_weight: Any) -> float:
+        raise NotImplementedError
+
+    def _score_net(self, net: Network, X: np.ndarray, y: Any, sw: Any) -> float:
+        """The validation score of the current parameters (NaN if the outputs are not
+        finite)."""
+        out = net.forward(X)
+        if not np.isfinite(out).all():
+            return float("nan")
+        return float(self._score_function(y, self._predict_from_output(out), sw))
+
+    def _predict_from_output(self, out: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _forward_pass_fast(self, X: Any) -> np.ndarray:
+        """The output layer's activations ``(n_samples, n_outputs_)`` for ``X``."""
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=(np.float64, np.float32), reset=False)
+        net = Network(
+            get_backend(self.backend),
+            self.coefs_,
+            self.intercepts_,
+            self.activation,
+            self.out_activation_,
+            0.0,
+            self.coefs_[0].dtype,
+            train=False,
+        )
+        return net.forward(X)
+
+
+def _check_sample_weight(sample_weight: Any, X: np.ndarray) -> np.ndarray:
+    """``sample_weight`` as a float ``(n_samples,)`` array of ``X``'s dtype (a number: the same
+    weight for every sample)."""
+    n = X.shape[0]
+    if isinstance(sample_weight, numbers.Number):
+        return np.full(n, sample_weight, dtype=X.dtype)
+    try:
+        sw = np.asarray(sample_weight, dtype=X.dtype)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"sample_weight must be an array of numbers; {exc}") from None
+    if sw.ndim != 1:
+        raise ValueError(
+            f"Sample weights must be 1D array or scalar; sample_weight has shape {sw.shape}"
+        )
+    if sw.shape != (n,):
+        raise ValueError(
+            f"sample_weight.shape == {sw.shape}, expected {(n,)}: one weight per row of X"
+        )
+    if not np.isfinite(sw).all():
+        raise ValueError("sample_weight contains NaN or infinity; pass finite weights")
+    if n and not sw.any():
+        raise ValueError(
+            "Sample weights must contain at least one non-zero number; every sample_weight is 0"
+        )
+    return sw

@@ -1,0 +1,294 @@
+"""scikit-learn's stochastic solver, step for step, on a gpubp backend.
+
+The gradients come from the backend's fused forward/backward (:meth:`Backend.gradients`), or,
+with sample weights, from its per-layer ops with the output error rows weighted. scikit-learn's
+L2 penalty and its SGD and Adam rules run as the backend's fused ``sgd_update`` /
+``adam_update`` ops (PyTorch's forms), with the hyper-parameters mapped so that each step is
+scikit-learn's (see :class:`SGDRule` and :class:`AdamRule`).
+
+With ``B`` the batch, ``w`` the sample weights (all ones without them), ``S = sum_i w_i``, ``a``
+the output and ``Y`` the ``(B, n_out)`` targets (identity output with squared error, softmax
+with log loss, logistic with binary log loss: the canonical pairs, whose output error is
+``a - Y``):
+
+    delta^L  = diag(w) (a - Y) / S
+    dW^l     = delta^l.T @ a^{l-1} + alpha W^l / S        (weights only; biases get no penalty)
+    loss     = sum_i w_i l_i / S + alpha / (2 S) sum_l ||W^l||^2
+
+where ``l_i`` is row ``i``'s loss: ``1/(2 n_out) ||a_i - Y_i||^2`` (squared error, averaged
+over the outputs as scikit-learn reports it; its gradient is the sum's), ``-sum_j Y_ij log a_ij``
+(log loss) or ``-sum_j [Y_ij log a_ij + (1 - Y_ij) log(1 - a_ij)]`` (binary log loss), the log
+losses evaluated from the logits (so they stay finite where scikit-learn clips ``a`` to
+``[eps, 1 - eps]``).
+
+Weights here are in gpubp's layout ``(n_out, n_in)``; the estimators expose scikit-learn's
+``(n_in, n_out)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .. import activations as act
+from ..backends import Backend
+
+#: scikit-learn's output activation -> (gpubp output, gpubp loss).
+OUTPUTS: dict[str, tuple[str, str]] = {
+    "identity": ("identity", "mse"),
+    "softmax": ("softmax", "cross_entropy"),
+    "logistic": ("sigmoid", "binary_cross_entropy"),
+}
+
+#: scikit-learn's hidden activation names -> gpubp's.
+HIDDEN: dict[str, str] = {
+    "identity": "identity",
+    "logistic": "sigmoid",
+    "tanh": "tanh",
+    "relu": "relu",
+}
+
+
+class SGDRule:
+    """scikit-learn's ``SGDOptimizer``: ``v = momentum v - lr g``; the step adds ``v``, or
+    ``momentum v - lr g`` again with Nesterov's momentum. ``lr`` follows ``schedule``:
+    ``invscaling`` sets ``lr_init / (t + 1) ** power_t`` at the end of each epoch (``t`` the
+    samples seen), ``adaptive`` divides it by 5 when progress stalls.
+
+    Run as the backend's fused ``sgd_update`` (PyTorch's form, ``buf = momentum buf + g``,
+    ``p -= lr buf`` or ``p -= lr (g + momentum buf)``): the same steps with ``v = -lr buf``,
+    so ``buf`` is rescaled by ``lr_old / lr_new`` whenever the rate changes.
+    """
+
+    def __init__(
+        self,
+        xp: Any,
+        params: list[Any],
+        lr: float,
+        schedule: str,
+        momentum: float,
+        nesterov: bool,
+        power_t: float,
+    ) -> None:
+        self.learning_rate_init = float(lr)
+        self.learning_rate = float(lr)
+        self.schedule = schedule
+        self.momentum = float(momentum)
+        self.nesterov = bool(nesterov)
+        self.power_t = float(power_t)
+        self.buffers = [xp.zeros_like(p) for p in params]
+        self._buffer_lr = self.learning_rate  # the rate the buffers hold -v / lr for
+
+    def update(
+        self, be: Backend, params: list[Any], grads: list[Any], decay: list[float], scratch: Any
+    ) -> None:
+        """One step on every parameter; ``decay[i]`` is added times ``params[i]`` to its
+        gradient (scikit-learn's L2 term)."""
+        lr = self.learning_rate
+        if self.momentum and lr != self._buffer_lr:
+            for buf in self.buffers:
+                buf *= self._buffer_lr / lr
+        self._buffer_lr = lr
+        for p, g, buf, wd, s in zip(params, grads, self.buffers, decay, scratch):
+            be.sgd_update(p, g, buf, lr, self.momentum, self.nesterov, wd, scratch=s)
+
+    def iteration_ends(self, time_step: int) -> None:
+        if self.schedule == "invscaling":
+            self.learning_rate = self.learning_rate_init / (time_step + 1) ** self.power_t
+
+    def trigger_stopping(self, msg: str, verbose: bool) -> bool:
+        """Whether to stop when progress stalls (``adaptive``: only once ``lr <= 1e-6``)."""
+        if self.schedule != "adaptive":
+            if verbose:
+                print(msg + " Stopping.")
+            return True
+        if self.learning_rate <= 1e-6:
+            if verbose:
+                print(msg + " Learning rate too small. Stopping.")
+            return True
+        self.learning_rate /= 5.0
+        if verbose:
+            print(msg + f" Setting learning rate to {self.learning_rate:f}")
+        return False
+
+
+class AdamRule:
+    """scikit-learn's ``AdamOptimizer``: ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``,
+    the step adds ``-lr_t m / (sqrt(v) + eps)`` with ``lr_t = lr sqrt(1 - b2^t) / (1 - b1^t)``
+    (epsilon outside the bias correction, unlike PyTorch's Adam).
+
+    Run as the backend's fused ``adam_update`` (PyTorch's form,
+    ``p -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps')``), which is the same step with
+    ``eps' = eps / sqrt(1 - b2^t)``.
+    """
+
+    def __init__(
+        self, xp: Any, params: list[Any], lr: float, beta_1: float, beta_2: float, epsilon: float
+    ) -> None:
+        self.learning_rate_init = float(lr)
+        self.learning_rate = float(lr)
+        self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
+        self.t = 0
+        self.ms = [xp.zeros_like(p) for p in params]
+        self.vs = [xp.zeros_like(p) for p in params]
+
+    def update(
+        self, be: Backend, params: list[Any], grads: list[Any], decay: list[float], scratch: Any
+    ) -> None:
+        """One step on every parameter; ``decay[i]`` is added times ``params[i]`` to its
+        gradient (scikit-learn's L2 term)."""
+        self.t += 1
+        b1, b2, t = self.beta_1, self.beta_2, self.t
+        root = math.sqrt(1 - b2**t)
+        self.learning_rate = self.learning_rate_init * root / (1 - b1**t)
+        eps = self.epsilon / root
+        lr = self.learning_rate_init
+        for p, g, m, v, wd, s in zip(params, grads, self.ms, self.vs, decay, scratch):
+            be.adam_update(p, g, m, v, t, lr, b1, b2, eps, wd, False, scratch=s)
+
+    def iteration_ends(self, time_step: int) -> None:
+        pass
+
+    def trigger_stopping(self, msg: str, verbose: bool) -> bool:
+        if verbose:
+            print(msg + " Stopping.")
+        return True
+
+
+class Network:
+    """The parameters of one fit on ``backend`` and one scikit-learn step over them.
+
+    Parameters
+    ----------
+    backend : Backend
+        Where the parameters live and the gradients are computed.
+    coefs, intercepts : list of ndarray
+        scikit-learn's layout: ``coefs[l]`` ``(n_l, n_{l+1})``, ``intercepts[l]`` ``(n_{l+1},)``.
+    activation : str
+        scikit-learn's hidden activation name.
+    out_activation : str
+        ``identity``, ``softmax`` or ``logistic``.
+    alpha : float
+        The L2 penalty.
+    dtype : numpy dtype
+        Of the parameters and the arithmetic.
+    train : bool
+        Whether :meth:`step` will be called (allocates its scratch buffers).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        coefs: list[np.ndarray],
+        intercepts: list[np.ndarray],
+        activation: str,
+        out_activation: str,
+        alpha: float,
+        dtype: np.dtype[Any],
+        *,
+        train: bool = True,
+    ) -> None:
+        self.backend = backend
+        self.xp = backend.xp
+        self.dtype = dtype
+        self.activation = HIDDEN[activation]
+        self.output, self.loss = OUTPUTS[out_activation]
+        self.alpha = float(alpha)
+        self.W = [backend.asarray(np.ascontiguousarray(c.T), dtype) for c in coefs]
+        self.b = [backend.asarray(np.ascontiguousarray(c), dtype) for c in intercepts]
+        # the optimizer ops' temporaries: a flat buffer of twice the parameter's size each
+        self.scratch = (
+            [self.xp.empty(2 * p.size, dtype=dtype) for p in (*self.W, *self.b)] if train else []
+        )
+
+    @property
+    def params(self) -> list[Any]:
+        """``W^1..W^L, b^1..b^L`` (the order of the optimizer's state)."""
+        return [*self.W, *self.b]
+
+    def coefs(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """``(coefs_, intercepts_)`` as NumPy copies in scikit-learn's layout."""
+        be = self.backend
+        return (
+            [np.ascontiguousarray(be.to_numpy(W).T) for W in self.W],
+            [be.to_numpy(b).copy() for b in self.b],
+        )
+
+    def all_finite(self) -> bool:
+        xp = self.xp
+        return all(bool(xp.isfinite(p).all()) for p in self.params)
+
+    def step(self, x: Any, y: Any, labels: Any, sw: Any, optimizer: Any) -> Any:
+        """One scikit-learn step on the batch ``x`` ``(B, n_0)``: gradients, L2, update.
+
+        ``y`` is ``(B, n_out)`` targets; ``labels`` the ``(B,)`` class indices standing for
+        them (softmax output) or None; ``sw`` ``(B,)`` sample weights or None. Returns the
+        batch's loss (a backend scalar) before the update.
+        """
+        xp = self.xp
+        if sw is None:
+            target = labels if labels is not None else y
+            value, dWs, dbs = self.backend.gradients(
+                self.W, self.b, x, target, self.activation, self.output, self.loss
+            )
+            denom: Any = x.shape[0]
+            if self.loss == "mse":
+                value = value / y.shape[1]
+        else:
+            value, dWs, dbs, denom = self._weighted_gradients(x, y, sw)
+        L = len(self.W)
+        decay = [0.0] * (2 * L)
+        if self.alpha:
+            denom = float(denom)
+            decay[:L] = [self.alpha / denom] * L  # weights only
+            sq = sum(xp.vdot(W, W) for W in self.W)
+            value = value + 0.5 * self.alpha * sq / denom
+        optimizer.update(self.backend, self.params, [*dWs, *dbs], decay, self.scratch)
+        return value
+
+    def _weighted_gradients(self, x: Any, y: Any, sw: Any) -> tuple[Any, list[Any], list[Any], Any]:
+        """Backpropagation with the output error of row ``i`` scaled by ``w_i / S``: the
+        backend's forward, Hadamard and gradient ops, layer by layer."""
+        be, xp = self.backend, self.xp
+        L = len(self.W)
+        acts = [x]
+        for i in range(L - 1):
+            acts.append(be.forward_layer(acts[i], self.W[i], self.b[i], self.activation))
+        z = be.forward_layer(acts[L - 1], self.W[L - 1], self.b[L - 1], "identity")
+        total = xp.sum(sw)
+        value = xp.vdot(self._row_losses(z, y), sw) / total
+        delta = act.apply_inplace(xp, z, self.output)
+        delta -= y
+        delta *= (sw / total)[:, None]
+        dWs: list[Any] = [None] * L
+        dbs: list[Any] = [None] * L
+        for i in range(L - 1, -1, -1):
+            dWs[i], dbs[i] = be.parameter_gradients(delta, acts[i])
+            if i > 0:
+                delta = be.hidden_delta(delta, self.W[i], acts[i], self.activation)
+        return value, dWs, dbs, total
+
+    def _row_losses(self, z: Any, y: Any) -> Any:
+        """Each row's loss ``(B,)`` from the output pre-activation ``z`` (see the module doc)."""
+        xp = self.xp
+        if self.loss == "mse":
+            r = z - y
+            return xp.sum(r * r, axis=1) / (2 * y.shape[1])
+        if self.loss == "cross_entropy":
+            m = xp.max(z, axis=1, keepdims=True)
+            lse = xp.log(xp.sum(xp.exp(z - m), axis=1)) + m[:, 0]
+            return lse * xp.sum(y, axis=1) - xp.sum(y * z, axis=1)
+        softplus = xp.maximum(z, 0) + xp.log1p(xp.exp(-xp.abs(z)))
+        return xp.sum(softplus - y * z, axis=1)
+
+    def forward(self, x: Any, chunk: int = 4096) -> np.ndarray:
+        """The network's output ``(B, n_out)`` for ``x`` (NumPy, the model's dtype), as NumPy."""
+        be = self.backend
+        out = np.empty((x.shape[0], self.W[-1].shape[0]), dtype=self.dtype)
+        for start in range(0, x.shape[0], chunk):
+            xb = be.asarray(np.ascontiguousarray(x[start : start + chunk]), self.dtype)
+            a = be.forward(self.W, self.b, xb, self.activation, self.output)
+            out[start : start + xb.shape[0]] = be.to_numpy(a)
+        return out
