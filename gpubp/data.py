@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import sys
 import urllib.request
@@ -340,13 +341,87 @@ def _how_to_get(name: str) -> str:
     return "; ".join(steps)
 
 
+#: Pixels converted per chunk: the chunk's temporaries stay in cache, the output is written once.
+_PIXEL_CHUNK = 1 << 18
+
+
+def _pixel_statistics(images: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of ``images / 255`` over all ``N`` values.
+
+    For uint8 images exact: the sums ``S1 = sum x`` and ``S2 = sum x^2`` are integers (the
+    squares taken in uint16, chunk by chunk, no float copy of the images), and
+    ``mean = S1 / (255 N)``, ``var = (N S2 - S1^2) / (255 N)^2`` in Python's exact integers.
+    Other dtypes are summed in float64 chunks.
+    """
+    flat = images.reshape(-1)
+    n = flat.size
+    if n == 0:
+        return 0.0, 0.0
+    if flat.dtype == np.uint8:
+        s1 = int(flat.sum(dtype=np.uint64))
+        s2 = 0
+        sq = np.empty(min(n, _PIXEL_CHUNK), dtype=np.uint16)
+        for start in range(0, n, _PIXEL_CHUNK):
+            x = flat[start : start + _PIXEL_CHUNK]
+            out = sq[: x.size]
+            np.multiply(x, x, out=out, dtype=np.uint16)  # 255^2 < 2^16
+            s2 += int(out.sum(dtype=np.uint64))
+        return s1 / (255 * n), math.sqrt((n * s2 - s1 * s1) / (255 * n) ** 2)
+    total = sum(
+        float(flat[i : i + _PIXEL_CHUNK].sum(dtype=np.float64)) for i in range(0, n, _PIXEL_CHUNK)
+    )
+    mean = total / n / 255.0
+    acc = 0.0
+    for start in range(0, n, _PIXEL_CHUNK):
+        d = flat[start : start + _PIXEL_CHUNK].astype(np.float64) / 255.0 - mean
+        acc += float(d @ d)
+    return mean, math.sqrt(acc / n)
+
+
+def _pixels_to_float32(images: np.ndarray, mean: float = 0.0, std: float = 1.0) -> np.ndarray:
+    """``(N, ...)`` images as float32 rows ``(N, d)``: ``(x / 255 - mean) / std``.
+
+    Each step in float32, as ``x = x.astype(float32) / 255; x -= mean; x /= std`` would do it,
+    so the values are the same bit for bit; but in one pass over the output: uint8 images
+    through a 256-entry table of those values, other dtypes chunk by chunk.
+    """
+    n = images.shape[0]
+    flat = images.reshape(-1)
+    out = np.empty(flat.size, dtype=np.float32)
+    m, s, scale = np.float32(mean), np.float32(std), np.float32(255.0)
+    if flat.dtype == np.uint8:
+        table = (np.arange(256, dtype=np.float32) / scale - m) / s
+        for start in range(0, flat.size, _PIXEL_CHUNK):
+            # mode="wrap" writes into out directly (uint8 indices are always in range)
+            np.take(
+                table,
+                flat[start : start + _PIXEL_CHUNK],
+                out=out[start : start + _PIXEL_CHUNK],
+                mode="wrap",
+            )
+    else:
+        for start in range(0, flat.size, _PIXEL_CHUNK):
+            chunk = out[start : start + _PIXEL_CHUNK]
+            chunk[...] = flat[start : start + _PIXEL_CHUNK]
+            chunk /= scale
+            chunk -= m
+            chunk /= s
+    return out.reshape(n, -1)
+
+
 def load_idx_dataset(
     name: str,
     data_dir: str | os.PathLike[str] | None = None,
     download_missing: bool = False,
     progress: bool = True,
+    standardize: bool = False,
 ) -> Dataset:
-    """MNIST or Fashion-MNIST as a :class:`Dataset`, pixels scaled to ``[0, 1]`` as float32."""
+    """MNIST or Fashion-MNIST as a :class:`Dataset`, pixels scaled to ``[0, 1]`` as float32.
+
+    With ``standardize``, the features are ``(x / 255 - mean) / std`` instead, with the training
+    images' mean and standard deviation (:func:`_pixel_statistics`, recorded in
+    ``Dataset.normalization``), converted from the raw pixels in one pass.
+    """
     folder = find_dataset(name, data_dir)
     if folder is None and download_missing:
         folder = download(name, progress=progress)
@@ -364,17 +439,19 @@ def load_idx_dataset(
     check_idx_arrays(folder, arrays, DATASETS[name].classes)
     xtr, ytr, xte, yte = arrays
 
-    def flat(x: np.ndarray) -> np.ndarray:
-        return (x.reshape(x.shape[0], -1).astype(np.float32)) / np.float32(255.0)
-
+    mean, std = 0.0, 1.0
+    if standardize:
+        mean, std = _pixel_statistics(xtr)
+        std = std or 1.0
     return Dataset(
         name,
-        flat(xtr),
+        _pixels_to_float32(xtr, mean, std),
         ytr.astype(np.int64),
-        flat(xte),
+        _pixels_to_float32(xte, mean, std),
         yte.astype(np.int64),
         DATASETS[name].classes,
         str(folder),
+        {"mean": mean, "std": std} if standardize else {},
     )
 
 
@@ -442,16 +519,15 @@ def load_dataset(
                 + "; or pip install scikit-learn for the small digits set"
             )
         name = found[0]
-    if name in DATASETS:
-        ds = load_idx_dataset(name, data_dir, download_missing, progress)
-    elif name == "digits":
-        ds = load_digits_dataset()  # one fixed test set, whatever the training seed
-    else:
+    if name in DATASETS:  # standardised from the raw pixels, in one pass
+        return load_idx_dataset(name, data_dir, download_missing, progress, standardize=True)
+    if name != "digits":
         raise ValueError(
             f"dataset={name!r} is not known; expected one of auto, {', '.join(DATASET_NAMES)}"
         )
-    mean = float(ds.x_train.mean())
-    std = float(ds.x_train.std()) or 1.0
+    ds = load_digits_dataset()  # one fixed test set, whatever the training seed
+    mean = float(ds.x_train.mean(dtype=np.float64))
+    std = float(ds.x_train.std(dtype=np.float64)) or 1.0
     for attr in ("x_train", "x_test"):
         x = getattr(ds, attr)
         x -= np.float32(mean)

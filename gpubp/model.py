@@ -17,7 +17,7 @@ from . import interop, io
 from ._checks import check_int, check_positive_int
 from .backends import Backend, get_backend, to_numpy
 from .errors import ModelFileError
-from .loop import EpochEnd, EpochLoop
+from .loop import BatchGather, EpochEnd, EpochLoop
 from .losses import check_combination, is_classifier
 from .model_inputs import InputChecks
 from .optim import Adam, Optimizer
@@ -368,8 +368,9 @@ class MLP(InputChecks):
             progress=progress,
             echo=_print if progress else None,
         )
+        gather = BatchGather(X, y, batch_size)  # reused buffers, no allocation per step
         loop.run(
-            lambda idx: self.step(X[idx], y[idx], optimizer),
+            lambda idx: self.step(*gather(idx), optimizer),
             lambda: self._rng.permutation(N) if shuffle else np.arange(N),
             end_epoch,
         )

@@ -52,7 +52,7 @@ from .io import (
     load_checkpoint,
     save_checkpoint,
 )
-from .loop import EpochEnd, EpochLoop, Position, StopRequest
+from .loop import BatchGather, EpochEnd, EpochLoop, Position, StopRequest
 from .model import MLP
 from .outputs import write_outputs
 from .resume_checks import check_overrides, check_position, check_widths, resume_notes
@@ -267,13 +267,14 @@ class _Run:
         )
         total_steps = config.epochs * loop.n_batches
         quiet_rank = self.comm is not None and self.comm.rank != 0
+        gather = BatchGather(X, Y, loop.batch_size)  # reused buffers, no allocation per step
         with StopRequest(also_sigterm=self.comm is not None, announce=not quiet_rank) as stop:
             dp = self.dp
 
             def step(idx: Any) -> Any:
                 opt.lr = config.learning_rate(loop.step_index, total_steps)
                 if dp is None:
-                    return model.step(X[idx], Y[idx], opt)
+                    return model.step(*gather(idx), opt)
                 return dp.step(X, Y, idx, opt, stop=stop.requested)
 
             def draw_order() -> np.ndarray:

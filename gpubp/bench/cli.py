@@ -9,6 +9,8 @@ import sys
 
 from ..backends import BACKEND_NAMES, backend_status
 from ..check import TOLERANCE
+from ..data import DATASET_NAMES, find_dataset
+from .job import JOB_DATASETS, JobSpec, available_contenders, format_report, run_job, to_json
 from .problem import QUICK_SWEEP_BATCHES, STANDARD_SHAPES, SWEEP_BATCHES, BenchShape, parse_shape
 from .report import format_table, plot_sweep
 from .run import BenchConfig, run_bench
@@ -64,6 +66,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "first of --shapes, mnist-mlp with 'all')",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random problem")
+    job = parser.add_argument_group(
+        "whole-job benchmark",
+        "--job trains the default `gpubp train` job with gpubp, the same job as a PyTorch CPU "
+        "loop and as scikit-learn's MLPClassifier, interleaved, each in a fresh process, and "
+        "prints training time, its ratios to gpubp and to the job's GEMM floor, and test "
+        "accuracy (instead of the step benchmark)",
+    )
+    job.add_argument(
+        "--job",
+        nargs="?",
+        const="all",
+        metavar="DATASETS",
+        help=f"comma-separated from {', '.join(JOB_DATASETS)}; 'all' (the default with a bare "
+        "--job): each found here (with --quick: digits only)",
+    )
+    job.add_argument(
+        "--epochs", type=int, help="epochs of each job (default: gpubp train's 15; 1 with --quick)"
+    )
+    job.add_argument("--rounds", type=int, default=1, help="interleaved rounds (default 1)")
+    job.add_argument("--data-dir", help="where the IDX files are looked for first")
+    job.add_argument("--no-sklearn", action="store_true", help="leave scikit-learn out")
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress line on standard error"
     )
@@ -135,8 +158,65 @@ def _default_sweep(shapes: list[BenchShape]) -> BenchShape:
     )
 
 
+def job_specs(args: argparse.Namespace) -> tuple[list[JobSpec], list[str]]:
+    """The jobs ``--job`` asks for, and those of ``all`` that cannot run here (with why);
+    :class:`ValueError` names a bad option."""
+    epochs = args.epochs if args.epochs is not None else (1 if args.quick else 15)
+    if epochs < 1:
+        raise ValueError(f"--epochs: {epochs} must be at least 1")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds: {args.rounds} must be at least 1")
+    absent: list[str] = []
+    if args.job == "all":
+        names = ["digits"] if args.quick else list(JOB_DATASETS)
+        if "fashion-mnist" in names and find_dataset("fashion-mnist", args.data_dir) is None:
+            names.remove("fashion-mnist")
+            absent.append(
+                "the fashion-mnist job: its files were not found (gpubp train --dataset "
+                "fashion-mnist --download fetches them; or pass --data-dir)"
+            )
+        if importlib.util.find_spec("sklearn") is None:
+            names.remove("digits")
+            absent.append("the digits job: it needs scikit-learn (pip install scikit-learn)")
+    else:
+        names = [n.strip() for n in args.job.split(",") if n.strip()]
+        for name in names:
+            if name not in DATASET_NAMES:
+                raise ValueError(
+                    f"--job: unknown dataset {name!r}; expected names from "
+                    f"{', '.join(DATASET_NAMES)} or 'all'"
+                )
+    if not names:
+        raise ValueError("--job: no job can run here: " + "; ".join(absent))
+    return [JobSpec(n, epochs, args.data_dir) for n in names], absent
+
+
+def job_main(args: argparse.Namespace) -> int:
+    """``gpubp bench --job``: train every job with every contender, print the tables."""
+    try:
+        specs, absent = job_specs(args)
+    except ValueError as exc:
+        print(f"gpubp bench: {exc}", file=sys.stderr)
+        return 2
+    contenders, missing = available_contenders(torch=not args.no_torch, sklearn=not args.no_sklearn)
+    absent += missing
+    stream = None if args.no_progress else sys.stderr
+    results = [run_job(spec, contenders, args.rounds, stream) for spec in specs]
+    command = " ".join(["gpubp bench --job", ",".join(s.dataset for s in specs)])
+    command += f" --epochs {specs[0].epochs} --rounds {args.rounds}"
+    command += "".join(f" --no-{c}" for c in ("torch", "sklearn") if getattr(args, f"no_{c}"))
+    print(format_report(results, absent, command, args.rounds))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(to_json(results, absent, command), fh, indent=1)
+        print(f"\nwrote {args.json}")
+    return 1 if any(row.error for r in results for row in r.rows) else 0
+
+
 def main(args: argparse.Namespace) -> int:
     """``gpubp bench``: run, print the table, write ``--json`` and ``--plot``; 1 on failures."""
+    if getattr(args, "job", None) is not None:
+        return job_main(args)
     try:
         config = config_from_args(args)
     except ValueError as exc:

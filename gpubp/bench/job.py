@@ -1,0 +1,290 @@
+"""``gpubp bench --job``: the whole training job, side by side with PyTorch and scikit-learn.
+
+One run trains the job ``gpubp train`` runs by default (``[n_in, 512, 256, 10]`` ReLU, Adam
+lr 0.001 with a cosine schedule per step, batch 128 (32 on digits), 15 epochs, float32, the
+seeded 10% validation hold-out left out of training) on each dataset asked for, with
+
+- gpubp (``gpubp.train.train``, the backend ``auto`` picks);
+- the usual PyTorch CPU loop, where PyTorch is installed;
+- scikit-learn's ``MLPClassifier`` (Adam), where scikit-learn is installed;
+
+each in a fresh process (:mod:`.job_worker`), interleaved: round ``r`` runs them in order,
+round ``r + 1`` in reverse. It prints each one's training time (the median over the rounds),
+its ratio to gpubp's and to the job's GEMM floor, and its test accuracy.
+
+The GEMM floor of a job: the same GEMMs as all its training steps, timed alone: the step floor
+of :class:`~gpubp.bench.FloorCandidate` (forward ``a @ W.T`` per layer, ``delta @ W`` for every
+layer but the first, ``delta.T @ a`` per layer, through NumPy's BLAS into preallocated outputs)
+at the job's batch size and at its last, partial batch, times the number of each. The per-epoch
+evaluations gpubp does for its history are in neither the floor nor gpubp's training time
+(the JSON has them as ``epoch_seconds``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+import numpy as np
+
+from .. import __file__ as gpubp_file
+from .. import __version__, data
+from .candidates import FloorCandidate
+from .job_worker import job_batch, job_config
+from .problem import CPU, make_problem
+from .timing import DEFAULT_MIN_TIME, DEFAULT_SETTLE, time_round_robin
+
+#: The jobs ``--job all`` runs: the default job on Fashion-MNIST (where found) and on digits.
+JOB_DATASETS = ("fashion-mnist", "digits")
+#: Samples of each step floor (the median is used).
+FLOOR_REPEATS = 7
+
+
+@dataclass
+class JobSpec:
+    """One job: ``gpubp train --dataset D --epochs E`` (``--data-dir`` where given)."""
+
+    dataset: str
+    epochs: int
+    data_dir: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class JobRow:
+    """One contender on one job: every round's training time and the median's ratios."""
+
+    contender: str
+    label: str = ""
+    seconds: list[float] = field(default_factory=list)
+    accuracy: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def median(self) -> float | None:
+        return float(np.median(self.seconds)) if self.seconds else None
+
+
+@dataclass
+class JobResult:
+    """One job's shapes, floor and rows."""
+
+    spec: JobSpec
+    sizes: list[int]
+    batch: int
+    n_train: int
+    steps: int
+    floor_seconds: float
+    floor_step: dict[int, float]
+    rows: list[JobRow]
+
+
+def job_shape(spec: JobSpec) -> tuple[list[int], int, int]:
+    """``(layer sizes, batch size, training samples)`` of the job, from its data."""
+    config = job_config(spec.to_json())
+    ds = data.load_dataset(config.dataset, config.data_dir, False, config.seed, progress=False)
+    n_val = round(len(ds.x_train) * config.val_fraction)
+    n_train = len(ds.x_train) - n_val
+    sizes = [ds.n_features, *config.layers, ds.n_classes]
+    return sizes, job_batch(config, n_train), n_train
+
+
+def gemm_floor(
+    sizes: list[int], batch: int, n_train: int, epochs: int
+) -> tuple[float, dict[int, float]]:
+    """Seconds the job's training GEMMs take alone, and the step floor at each batch size used.
+
+    ``epochs * (full * t(batch) + t(rest))`` with ``full, rest = divmod(n_train, batch)``.
+    """
+    full, rest = divmod(n_train, batch)
+    per_step: dict[int, float] = {}
+    for b in sorted({batch, rest} - {0}):
+        floor = FloorCandidate(np, CPU)
+        floor.setup(make_problem(sizes, b, "float32", with_reference=False))
+        stats = time_round_robin([floor], FLOOR_REPEATS, DEFAULT_MIN_TIME, settle=DEFAULT_SETTLE)
+        per_step[b] = stats[floor.label].median
+    total = full * per_step[batch] + (per_step[rest] if rest else 0.0)
+    return epochs * total, per_step
+
+
+def run_contender(contender: str, spec: JobSpec, timeout: float | None = None) -> dict[str, Any]:
+    """One contender trained on ``spec`` in a fresh process: its JSON answer, or ``error``."""
+    cmd = [sys.executable, "-m", "gpubp.bench.job_worker", contender, json.dumps(spec.to_json())]
+    # the child imports the same gpubp as this process, wherever that came from
+    root = os.path.dirname(os.path.dirname(os.path.abspath(gpubp_file)))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    )
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish within {timeout:g} s"}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit status {proc.returncode}: {tail}"}
+    answer: dict[str, Any] = json.loads(lines[-1])
+    return answer
+
+
+def available_contenders(torch: bool = True, sklearn: bool = True) -> tuple[list[str], list[str]]:
+    """``(contenders, absent)``: those that can run here, and why the others cannot."""
+    import importlib.util
+
+    names, absent = ["gpubp"], []
+    for name, wanted, module, why in (
+        ("torch", torch, "torch", "PyTorch is not installed (pip install torch)"),
+        ("sklearn", sklearn, "sklearn", "scikit-learn is not installed"),
+    ):
+        if not wanted:
+            absent.append(f"{name}: left out by --no-{name}")
+        elif importlib.util.find_spec(module) is None:
+            absent.append(f"{name}: {why}")
+        else:
+            names.append(name)
+    return names, absent
+
+
+def run_job(
+    spec: JobSpec, contenders: list[str], rounds: int, progress: TextIO | None = None
+) -> JobResult:
+    """``rounds`` interleaved rounds of the floor and every contender on ``spec``; the floor
+    of the result is the median round's (the lower middle one for an even count)."""
+
+    def say(text: str) -> None:
+        if progress is not None:
+            progress.write(f"gpubp bench --job {spec.dataset}: {text}\n")
+            progress.flush()
+
+    sizes, batch, n_train = job_shape(spec)
+    rows = {c: JobRow(c) for c in contenders}
+    floors: list[tuple[float, dict[int, float]]] = []
+    for r in range(rounds):
+        # the floor once a round, beside the contenders: drift on a busy machine hits it too
+        say(f"round {r + 1}/{rounds}: the GEMM floor of {sizes} at batch {batch}")
+        floors.append(gemm_floor(sizes, batch, n_train, spec.epochs))
+        order = contenders if r % 2 == 0 else contenders[::-1]
+        for c in order:
+            row = rows[c]
+            if row.error is not None:
+                continue
+            say(f"round {r + 1}/{rounds}: {c}")
+            answer = run_contender(c, spec)
+            if "error" in answer:
+                row.error = answer["error"]
+                say(f"round {r + 1}/{rounds}: {c} failed: {row.error}")
+                continue
+            say(
+                f"round {r + 1}/{rounds}: {c}: {answer['train_seconds']:.2f} s, test accuracy "
+                f"{answer['test_accuracy']:.4f}"
+            )
+            row.label = answer["label"]
+            row.seconds.append(float(answer["train_seconds"]))
+            row.accuracy.append(float(answer["test_accuracy"]))
+            if "epoch_seconds" in answer:
+                row.epoch_seconds.append(float(answer["epoch_seconds"]))
+    steps = spec.epochs * math.ceil(n_train / batch)
+    floor_seconds, floor_step = sorted(floors, key=lambda f: f[0])[(len(floors) - 1) // 2]
+    return JobResult(
+        spec, sizes, batch, n_train, steps, floor_seconds, floor_step, list(rows.values())
+    )
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def format_job(result: JobResult) -> str:
+    """One job's table: training time, x gpubp, x floor, test accuracy."""
+    spec = result.spec
+    gpubp = next((r for r in result.rows if r.contender == "gpubp" and r.seconds), None)
+    head = (
+        f"{spec.dataset}: {result.sizes} ReLU, Adam lr 0.001 cosine, batch {result.batch}, "
+        f"{spec.epochs} epoch(s) = {result.steps} steps on {result.n_train} samples, float32"
+    )
+    lines = [
+        head,
+        f"{'contender':44} {'train s':>9} {'x gpubp':>8} {'x floor':>8} {'test acc':>9}",
+    ]
+    for row in result.rows:
+        if row.error is not None:
+            lines.append(f"{row.label or row.contender:44} failed: {row.error}")
+            continue
+        med = row.median
+        assert med is not None
+        x_gpubp = f"{med / gpubp.median:8.2f}" if gpubp is not None and gpubp.median else "-"
+        acc = float(np.median(row.accuracy))
+        lines.append(
+            f"{row.label:44} {med:9.2f} {x_gpubp:>8} {med / result.floor_seconds:8.2f} {acc:9.4f}"
+        )
+    floor_x = f"{result.floor_seconds / gpubp.median:8.2f}" if gpubp and gpubp.median else "-"
+    lines.append(
+        f"{'floor: the same GEMMs alone (NumPy BLAS)':44} {result.floor_seconds:9.2f} "
+        f"{floor_x:>8} {1.0:8.2f} {'-':>9}"
+    )
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    """The machine the jobs ran on (PyTorch and scikit-learn report their own versions)."""
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "gpubp": __version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "numpy": np.__version__,
+    }
+
+
+def format_report(results: list[JobResult], absent: list[str], command: str, rounds: int) -> str:
+    env = environment()
+    lines = [
+        f"gpubp bench --job: the whole training job, {rounds} interleaved round(s), each "
+        f"contender in a fresh process | {env['cores']} cores, Python {env['python']}, NumPy "
+        f"{env['numpy']}, {env['date']}",
+        "",
+    ]
+    for result in results:
+        lines += [format_job(result), ""]
+    lines += [
+        "train s = the training steps of all epochs (median over rounds; data loading, imports "
+        "and warm-up excluded; gpubp's per-epoch history evaluations excluded); x gpubp and "
+        "x floor = train s / gpubp's and / the floor's; floor = the step's GEMMs alone at the "
+        "job's batch sizes, times its steps; test acc on the dataset's test set",
+        f"command: {command}",
+    ]
+    if absent:
+        lines += ["", "absent here:"] + [f"  - {a}" for a in absent]
+    return "\n".join(lines)
+
+
+def to_json(results: list[JobResult], absent: list[str], command: str) -> dict[str, Any]:
+    return {
+        "meta": {**environment(), "command": command},
+        "jobs": [
+            {
+                "spec": r.spec.to_json(),
+                "sizes": r.sizes,
+                "batch": r.batch,
+                "n_train": r.n_train,
+                "steps": r.steps,
+                "floor_seconds": r.floor_seconds,
+                "floor_step_seconds": {str(b): s for b, s in r.floor_step.items()},
+                "rows": [asdict(row) for row in r.rows],
+            }
+            for r in results
+        ],
+        "absent": absent,
+    }

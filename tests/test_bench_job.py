@@ -1,0 +1,118 @@
+"""``gpubp bench --job``: the whole-job benchmark's options, its floor, its table, and one quick
+run end to end (digits, one epoch, every contender installed here; no timing asserted)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from gpubp import cli
+from gpubp.bench import cli as bench_cli
+from gpubp.bench import job, job_worker
+from gpubp.bench.timing import Stats
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _args(**kw):
+    base = dict(job="all", quick=False, epochs=None, rounds=1, data_dir=None)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (dict(job="cifar"), "--job: unknown dataset 'cifar'"),
+        (dict(job="digits", epochs=0), "--epochs: 0 must be at least 1"),
+        (dict(job="digits", rounds=0), "--rounds: 0 must be at least 1"),
+    ],
+)
+def test_bad_job_options_are_named(kw, message, capsys):
+    with pytest.raises(ValueError, match=message):
+        bench_cli.job_specs(_args(**kw))
+    argv = ["bench", "--job", kw["job"], "--no-progress"]
+    argv += [f"--{k}={v}" for k, v in kw.items() if k in ("epochs", "rounds")]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_all_jobs_are_those_that_can_run_here(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("GPUBP_DATA", raising=False)
+    monkeypatch.setattr(job.data, "find_dataset", lambda name, data_dir=None: None)
+    monkeypatch.setattr(bench_cli, "find_dataset", lambda name, data_dir=None: None)
+    if not _has("sklearn"):
+        with pytest.raises(ValueError, match="no job can run here"):
+            bench_cli.job_specs(_args())
+        return
+    specs, absent = bench_cli.job_specs(_args())
+    assert [(s.dataset, s.epochs) for s in specs] == [("digits", 15)]
+    assert any("fashion-mnist job: its files were not found" in a for a in absent)
+    quick, _ = bench_cli.job_specs(_args(quick=True))
+    assert [(s.dataset, s.epochs) for s in quick] == [("digits", 1)]
+
+
+def test_the_floor_counts_full_and_partial_batches(monkeypatch):
+    seen = []
+
+    def fake_time(cands, repeats, min_time, progress=None, settle=0.0):
+        (c,) = cands
+        seen.append(c.A[0].shape[0])  # the batch size the floor was set up with
+        return {c.label: Stats.of([1e-3 * c.A[0].shape[0]])}
+
+    monkeypatch.setattr(job, "time_round_robin", fake_time)
+    total, per_step = job.gemm_floor([5, 7, 3], 4, 10, 3)  # 10 = 2 x 4 + 2
+    assert sorted(seen) == [2, 4]
+    assert per_step == pytest.approx({4: 4e-3, 2: 2e-3})
+    assert total == pytest.approx(3 * (2 * 4e-3 + 2e-3))
+    total, per_step = job.gemm_floor([5, 7, 3], 5, 10, 2)  # no partial batch
+    assert set(per_step) == {5} and total == pytest.approx(2 * 2 * 5e-3)
+
+
+def test_the_table_gives_the_ratios_to_gpubp_and_to_the_floor():
+    rows = [
+        job.JobRow("gpubp", "gpubp (numba)", [2.0, 3.0, 2.5], [0.9, 0.91, 0.9]),
+        job.JobRow("torch", "PyTorch", [5.0], [0.89]),
+        job.JobRow("sklearn", "scikit-learn", error="exit status 1: boom"),
+    ]
+    result = job.JobResult(job.JobSpec("digits", 2), [64, 8, 10], 32, 100, 8, 2.0, {}, rows)
+    text = job.format_job(result)
+    lines = {line.split("  ")[0]: line.split() for line in text.splitlines()[2:]}
+    assert lines["gpubp (numba)"][-4:] == ["2.50", "1.00", "1.25", "0.9000"]
+    assert lines["PyTorch"][-4:] == ["5.00", "2.00", "2.50", "0.8900"]
+    assert "failed: exit status 1: boom" in text
+    assert text.splitlines()[-1].split()[-4:] == ["2.00", "0.80", "1.00", "-"]
+
+
+def test_the_worker_refuses_a_bad_command_line(capsys):
+    assert job_worker.main(["caffe", "{}"]) == 2
+    assert "usage" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not _has("sklearn"), reason="the digits job needs scikit-learn")
+def test_quick_job_runs_every_contender_end_to_end(tmp_path, capsys):
+    out = tmp_path / "job.json"
+    assert cli.main(["bench", "--job", "--quick", "--no-progress", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "digits: [64, 512, 256, 10]" in text and "x floor" in text
+    record = json.loads(out.read_text())
+    (run,) = record["jobs"]
+    assert run["spec"]["epochs"] == 1 and run["batch"] == 32 and run["floor_seconds"] > 0
+    rows = {r["contender"]: r for r in run["rows"]}
+    expected = {"gpubp", "sklearn"} | ({"torch"} if _has("torch") else set())
+    assert set(rows) == expected
+    for name, row in rows.items():
+        assert row["error"] is None, (name, row["error"])
+        (seconds,) = row["seconds"]
+        (acc,) = row["accuracy"]
+        assert seconds > 0
+        assert 0.6 < acc <= 1.0, (name, acc)  # one epoch of digits learns, whoever trains it
+    assert rows["gpubp"]["epoch_seconds"][0] >= rows["gpubp"]["seconds"][0]
+    assert np.isfinite(run["floor_step_seconds"]["32"])
