@@ -147,7 +147,8 @@ __device__ __forceinline__ bool table_has_nonfinite(const Rule& rule, const i64*
 template <typename T, int MOMENTUM, int NESTEROV>
 __global__ void sgd_check_table(const i64* __restrict__ table, int n_tensors, i64 total_chunks,
                                 i64 chunk, const T* __restrict__ hp, int* __restrict__ status) {
-    if (status[STATUS_BAD] != 0) return;
+    // no early return on a raised flag: other blocks of this launch may be raising it, and a
+    // plain read of it here would race with their atomic write (the check only raises it again)
     const SgdRule<T, MOMENTUM, NESTEROV> rule(hp);
     if (table_has_nonfinite<T>(rule, table, n_tensors, total_chunks, chunk)) flag_bad(status);
 }
@@ -155,7 +156,6 @@ __global__ void sgd_check_table(const i64* __restrict__ table, int n_tensors, i6
 template <typename T, int DECOUPLED>
 __global__ void adam_check_table(const i64* __restrict__ table, int n_tensors, i64 total_chunks,
                                  i64 chunk, const T* __restrict__ hp, int* __restrict__ status) {
-    if (status[STATUS_BAD] != 0) return;
     const AdamRule<T, DECOUPLED> rule(hp);
     if (table_has_nonfinite<T>(rule, table, n_tensors, total_chunks, chunk)) flag_bad(status);
 }

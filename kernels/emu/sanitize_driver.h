@@ -217,6 +217,25 @@ void exercise(void (*k)(const i64*, int, i64, i64, const T*, const int*), const 
     }
 }
 
+// sgd_check_table / adam_check_table: (table, n_tensors, total_chunks, chunk, hp, status); every
+// block may raise the flag, so a NaN gradient is planted in one run of each pair
+template <class T>
+void exercise(void (*k)(const i64*, int, i64, i64, const T*, int*), const char* name) {
+    for (int off : {0, 1}) {
+        for (int nan : {0, 1}) {
+            every_launch([&](const Shape& s, int order) {
+                std::vector<i64> table;
+                std::vector<Buf<T>> bufs;
+                const i64 chunks = make_table<T>(table, bufs, off, 8);
+                if (nan) bufs[1].at(off)[3] = nan_value<T>();  // a gradient of tensor 0
+                Buf<T> hp(16, 0.01, 0.9);
+                int status[4] = {0, 0, 0, 0};
+                run(k, name, s, order, table.data(), 2, chunks, i64{8}, hp.at(0), status);
+            });
+        }
+    }
+}
+
 // check_finite_table<T>: (table, n_tensors, status)
 template <class T>
 void exercise(void (*k)(const i64*, int, int*), const char* name) {
