@@ -42,6 +42,7 @@ from numba import njit
 from . import numba_cache  # noqa: F401 - before any kernel: the cache goes to the user's folder
 
 _jit = njit(cache=True, nogil=True, error_model="numpy")
+_inline = njit(inline="always", error_model="numpy")
 
 #: Accumulators of a maximum taken inside a loop (a multiple of the widest SIMD register).
 LANES = 32
@@ -95,22 +96,28 @@ def sgd_apply(p, g, buf, lo, hi, lr, mu, nesterov, wd):  # type: ignore[no-untyp
             for k in range(n):
                 p[k] = p[k] - lr * (g[k] + wd * p[k])
         return lr - lr
-    # the maximum in LANES accumulators, so that the loop vectorises (see absmax)
+    # the maximum kept in LANES accumulators, so that the loop vectorises (see absmax)
     acc = np.zeros(LANES, p.dtype)
     whole = n - n % LANES
-    for s in range(0, n, LANES):
-        w = LANES if s < whole else n - s
-        for j in range(w):
-            k = s + j
-            gk = g[k] + wd * p[k]
-            m = mu * buf[k] + gk
-            buf[k] = m
-            if nesterov:
-                p[k] = p[k] - lr * (gk + mu * m)
-            else:
-                p[k] = p[k] - lr * m
-            acc[j] = max(acc[j], abs(m))
+    for s in range(0, whole, LANES):
+        for j in range(LANES):
+            acc[j] = max(acc[j], _sgd_one(p, g, buf, s + j, lr, mu, nesterov, wd))
+    for k in range(whole, n):
+        acc[0] = max(acc[0], _sgd_one(p, g, buf, k, lr, mu, nesterov, wd))
     return acc.max()
+
+
+@_inline
+def _sgd_one(p, g, buf, k, lr, mu, nesterov, wd):  # type: ignore[no-untyped-def]
+    """The momentum step of element ``k``, written; returns ``|buf'|``."""
+    gk = g[k] + wd * p[k]
+    m = mu * buf[k] + gk
+    buf[k] = m
+    if nesterov:
+        p[k] = p[k] - lr * (gk + mu * m)
+    else:
+        p[k] = p[k] - lr * m
+    return abs(m)
 
 
 @_jit
@@ -144,39 +151,52 @@ def adam_apply(  # type: ignore[no-untyped-def]
     av = np.zeros(LANES, p.dtype)
     an = np.zeros(LANES, p.dtype)
     whole = n - n % LANES
-    for s in range(0, n, LANES):
-        w = LANES if s < whole else n - s
-        for j in range(w):
-            k = s + j
-            pk = p[k]
-            gk = g[k] + l2 * pk
-            mk = b1 * m[k] + omb1 * gk
-            vk = b2 * v[k] + omb2 * (gk * gk)
-            m[k] = mk
-            v[k] = vk
-            p[k] = pk * shrink - mk / (math.sqrt(vk) + eps) * alpha
+    for s in range(0, whole, LANES):
+        for j in range(LANES):
+            mk, vk = _adam_one(p, g, m, v, s + j, b1, omb1, b2, omb2, eps, alpha, shrink, l2)
             am[j] = max(am[j], abs(mk))
             av[j] = max(av[j], vk)
             an[j] = min(an[j], vk)
+    for k in range(whole, n):
+        mk, vk = _adam_one(p, g, m, v, k, b1, omb1, b2, omb2, eps, alpha, shrink, l2)
+        am[0] = max(am[0], abs(mk))
+        av[0] = max(av[0], vk)
+        an[0] = min(an[0], vk)
     return am.max(), av.max(), an.min()
+
+
+@_inline
+def _adam_one(p, g, m, v, k, b1, omb1, b2, omb2, eps, alpha, shrink, l2):  # type: ignore[no-untyped-def]
+    """The Adam step of element ``k``, written; returns ``(m', v')``."""
+    pk = p[k]
+    gk = g[k] + l2 * pk
+    mk = b1 * m[k] + omb1 * gk
+    vk = b2 * v[k] + omb2 * (gk * gk)
+    m[k] = mk
+    v[k] = vk
+    p[k] = pk * shrink - mk / (math.sqrt(vk) + eps) * alpha
+    return mk, vk
 
 
 @_jit
 def absmax(x, lo, hi):  # type: ignore[no-untyped-def]
     """``max |x|`` over elements ``[lo, hi)`` of flat ``x`` (as a float); inf if any of them is
-    NaN or infinite. Kept in LANES accumulators (a single running maximum does not vectorise:
-    measured 7x slower)."""
+    NaN or infinite. Kept in LANES accumulators: a single running maximum does not vectorise
+    (measured 7x slower)."""
     x = x[lo:hi]
     n = x.shape[0]
     acc = np.zeros(LANES, x.dtype)
     bad = np.zeros(LANES, x.dtype)
     whole = n - n % LANES
-    for s in range(0, n, LANES):
-        w = LANES if s < whole else n - s
-        for j in range(w):
+    for s in range(0, whole, LANES):
+        for j in range(LANES):
             a = abs(x[s + j])
             acc[j] = max(acc[j], a)
             bad[j] += a - a  # NaN exactly where x is NaN or infinite
+    for k in range(whole, n):
+        a = abs(x[k])
+        acc[0] = max(acc[0], a)
+        bad[0] += a - a
     for j in range(LANES):
         if bad[j] != 0:
             return np.inf
@@ -214,11 +234,13 @@ def adam_scalars(
         return tuple(t(x) for x in values)
 
 
-def _limit(dtype: Any) -> float:
-    """The bound every proved magnitude must stay under: ``2^-60`` of the dtype's largest number
-    (float32: about 3e20), far below half a unit in the last place of that number (float32
-    ``2^103``, about 1e31; float64 ``2^970``)."""
-    return float(np.finfo(dtype).max) * 2.0**-60
+def _limits(dtype: Any) -> tuple[float, float]:
+    """``(finite, change)``: the bound on every magnitude that must only stay finite (``2^-8``
+    of the dtype's largest number ``F``: room for the rounding of every operation), and the
+    bound on the change of a parameter (``2^-60 F``, float32 about 3e20: far below half a unit
+    in the last place of ``F``, float32 ``2^103``, about 1e31; float64 ``2^970``)."""
+    big = float(np.finfo(dtype).max)
+    return big * 2.0**-8, big * 2.0**-60
 
 
 def needs_parameter_bound(kind: str, scalars: tuple[Any, ...]) -> bool:
@@ -239,17 +261,17 @@ def provably_finite(
     ``(max |buf|,)``; Adam: ``(max |m|, max v, min(0, min v))``). See the module docstring for
     the argument. A NaN anywhere makes a comparison false, so it is never proved.
     """
-    limit = _limit(dtype)
+    finite, change = _limits(dtype)
     if kind == "sgd":
         lr, mu, wd = (abs(float(scalars[i])) for i in (0, 1, 3))
         g2 = G + wd * P
         if mu == 0.0:
-            bounds = [g2, lr * g2]
+            sizes, step = [g2], lr * g2
         else:
             buf = mu * state[0] + g2
-            step = lr * (g2 + mu * buf) if scalars[2] else lr * buf
-            bounds = [g2, buf, step]
-        return all(x <= limit for x in (lr, mu, wd, *bounds))
+            inner = g2 + mu * buf if scalars[2] else buf
+            sizes, step = [g2, buf, inner], lr * inner
+        return all(x <= finite for x in (lr, mu, wd, *sizes)) and step <= change
     b1, omb1, b2, omb2, eps, alpha, shrink, l2 = (float(x) for x in scalars)
     M, V, vneg = state
     if not (b2 >= 0.0 and omb2 >= 0.0 and vneg == 0.0 and eps >= float(np.finfo(dtype).tiny)):
@@ -257,7 +279,6 @@ def provably_finite(
     g2 = G + abs(l2) * P
     m = abs(b1) * M + abs(omb1) * g2
     v = b2 * V + omb2 * (g2 * g2)
-    step = abs(alpha) * (m / eps)
     shrunk = abs(shrink) * P if abs(shrink) > 1.0 else 0.0
-    bounds = [b1, omb1, b2, omb2, alpha, l2, g2, g2 * g2, m, v, m / eps, step, shrunk]
-    return all(abs(x) <= limit for x in bounds)
+    sizes = [b1, omb1, b2, omb2, alpha, l2, g2, g2 * g2, m, v, m / eps, shrunk]
+    return all(abs(x) <= finite for x in sizes) and abs(alpha) * (m / eps) <= change
