@@ -1,24 +1,58 @@
-"""The Numba backend's optimizer kernels: a read-only check pass and a write pass, per range.
+"""The Numba backend's optimizer kernels and the proof that a step is finite.
 
-A step must change nothing when any new parameter or optimizer state would be NaN or infinite,
-so every update runs in two passes over flat 1-D views of the tensors:
+A step must change nothing when any new parameter or optimizer state would be NaN or infinite.
+The update runs over flat 1-D views of the tensors, per range ``[lo, hi)`` (so that the backend
+can split a tensor over its threads; the kernels release the GIL):
 
-- ``*_check(..., lo, hi, ...)``: computes the new values of elements ``[lo, hi)`` without
-  writing anything and returns whether any of them (parameter or state) is not finite;
-- ``*_apply(..., lo, hi, ...)``: computes the same values and writes them.
+- ``*_apply``: computes the new values and writes them, and returns the new state's maxima
+  (``max |buf'|``; ``max |m'|``, ``max v'``, ``min(0, min v')``), taken in the same loop;
+- ``*_check``: computes the same values (same expressions, same order) without writing and
+  returns whether any of them is not finite: the exact check, a second full pass;
+- :func:`absmax`: ``max |x|`` (inf for NaN or infinity), one read pass.
 
-The backend runs every check pass before the first write pass, so a rejected step leaves every
-tensor as it was; a non-finite gradient makes its new parameter non-finite, so the gradients
-are checked by the same pass that reads them. Both passes compute the same expressions in the
-same order, so what is checked is exactly what is written.
+Before writing, the backend first tries :func:`provably_finite`: from ``G = max |g|`` (one read
+of the gradients; a NaN or infinite gradient makes it inf, which fails the proof), the state's
+maxima returned by the previous write pass, and ``P = max |p|`` only where the rule needs it.
+If the proof fails (or the maxima are unknown), the exact check pass decides: every check
+before the first write, so a rejected step leaves every tensor as it was.
+
+The argument, with ``F`` the dtype's largest number, ``u`` its unit roundoff, every scalar as
+rounded to the dtype, and the bounds computed in float64 from ``G``, ``P`` and the maxima:
+
+- Inputs. Parameters are finite (an invariant: they are written only by checked steps and by
+  ``set_parameters``, which rejects non-finite values); the state is finite because its maxima
+  are (NaN never passes a comparison).
+- Every magnitude that only has to stay finite is bounded by the triangle inequality, term by
+  term (SGD: ``|g'| <= G + wd P``, ``|buf'| <= mu B + |g'|``, the Nesterov sum
+  ``|g' + mu buf'|``; Adam: ``|g'| <= G + |l2| P``, ``|m'| <= |b1| M + (1 - b1) |g'|``,
+  ``0 <= v' <= b2 V + (1 - b2) |g'|^2`` given ``v >= 0`` and ``b2, 1 - b2 >= 0``,
+  ``|g'|^2``, and the quotient ``|m'| / (sqrt(v') + eps') <= |m'| / eps'``, whose
+  denominator is at least ``eps'`` (rounding is monotone), required to be a normal number).
+  Each bound must be at most ``2^-8 F``: every rounded result is within a factor
+  ``(1 + u)^k`` (a few operations) of the exact one, and an underflow adds at most the
+  smallest normal number, so no intermediate or new value can reach ``F``. No NaN can arise:
+  that needs an infinity, ``0/0`` or the root of a negative number, all excluded.
+- The change of a parameter, ``|D| = lr |g'|``, ``lr |buf'|``, ``lr |g' + mu buf'|`` or
+  ``alpha |m'| / eps'`` (Adam), must be at most ``2^-60 F``. The new parameter
+  ``fl(p s - fl(D))`` with ``s = 1`` (or AdamW's ``|shrink| <= 1``, so ``|p s| <= |p| <= F``)
+  is then finite: the exact difference is below ``F`` plus half a unit in the last place of
+  ``F`` (about ``2^-25 F`` in float32), the threshold where round-to-nearest overflows. (An AdamW
+  ``|shrink| > 1`` reads ``P`` and bounds ``|p shrink|`` with the finite ones.)
+- The maxima of the new state come from the write pass itself; every other way the backends
+  write optimizer state (the per-parameter ops, NumPy's staged check) forgets them, and new
+  state arrays (``bind``, ``load_state_dict``) have none, so the next step takes the exact
+  check (see :func:`gpubp.backends.update.state_maxima`). Assumed: nothing else writes the
+  optimizer's state arrays or the model's parameter arrays in place with larger or
+  non-finite values between steps (zeroing the state, as a benchmark reset does, is safe: the
+  recorded maxima then over-estimate).
 
 Arithmetic is in the parameters' dtype: the scalars arrive already rounded to it (float32
 scalars for float32 tensors), so no element is promoted to float64 and the loops vectorise.
 The finiteness test is ``d = x - x; d != d`` (``x - x`` is NaN exactly for NaN and infinity),
 or-ed into a bool, so the check loop vectorises too (an int64 count measured 1.5x slower).
-No ``fastmath``: it would let LLVM assume there is no NaN or infinity and drop the very test.
-Each kernel works on a range so that the backend can split one tensor over its threads; the
-kernels release the GIL.
+Maxima inside a loop are kept in :data:`LANES` accumulators (one running maximum does not
+vectorise). No ``fastmath``: it would let LLVM assume there is no NaN or infinity and drop the
+very test.
 
 Rules (``torch.optim``'s; ``t`` the step, ``g`` the gradient):
 
