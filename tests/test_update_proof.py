@@ -155,7 +155,7 @@ def test_proved_steps_match_the_reference(rng, label):
         grads = [(rng.normal(0, 1, s) * 1e3).astype(np.float32) for s in SHAPES]
         be.apply_update(np.float32(1.0), params, grads, opt, opt.state)
         p64, ref_state = ref.update_parameters(p64, grads, ref_opt, ref_state)
-    assert all(proved[1:]) and len(proved) == 4
+    assert all(proved) and len(proved) >= 3  # (not asked on the first step with state)
     for got, want, p0 in zip(params, p64, start, strict=True):
         assert rel_error(got - p0, want - p0) <= TOLERANCE["float32"]
     for slot in opt.slots:
@@ -170,9 +170,9 @@ def test_the_state_maxima_are_forgotten_when_the_state_is_written_another_way(rn
     params = [rng.uniform(-1, 1, s).astype(np.float32) for s in SHAPES]
     grads = [rng.uniform(-1, 1, s).astype(np.float32) for s in SHAPES]
     arrays = [a for s in opt.slots for a in opt.state[s]]
-    assert update.state_maxima(arrays) is None  # created: unknown
+    assert update.state_record(arrays)[1] is None  # created: unknown
     be.apply_update(np.float32(1.0), params, grads, opt, opt.state)
-    maxima = update.state_maxima(arrays)
+    maxima = update.state_record(arrays)[1]
     assert maxima is not None
     m = max(float(np.abs(a).max()) for a in opt.state["exp_avg"])
     v = max(float(a.max()) for a in opt.state["exp_avg_sq"])
@@ -190,11 +190,11 @@ def test_the_state_maxima_are_forgotten_when_the_state_is_written_another_way(rn
         0.0,
         False,
     )  # an unchecked op: forgotten
-    assert update.state_maxima(arrays) is None
+    assert update.state_record(arrays)[1] is None
     be.apply_update(np.float32(1.0), params, grads, opt, opt.state)
-    assert update.state_maxima(arrays) is not None
+    assert update.state_record(arrays)[1] is not None
     opt.load_state_dict(opt.state_dict(), None, be, SHAPES, np.float32)  # new arrays: unknown
-    assert update.state_maxima([a for s in opt.slots for a in opt.state[s]]) is None
+    assert update.state_record([a for s in opt.slots for a in opt.state[s]])[1] is None
 
 
 def test_a_negative_loaded_second_moment_is_never_proved(rng):

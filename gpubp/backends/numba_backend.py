@@ -44,7 +44,7 @@ from . import numba_kernels as K
 from . import numba_optim as O
 from .base import Backend, Workspace
 from .numba_split import RowSplit
-from .update import forget_state_maxima, remember_state_maxima, state_maxima
+from .update import forget_state_maxima, state_record
 
 _HIDDEN = {name: act.ACTIVATION_IDS[name] for name in act.HIDDEN_ACTIVATIONS}
 _EMPTY_I64 = np.empty(0, dtype=np.int64)
@@ -368,21 +368,20 @@ class NumbaBackend(RowSplit, Backend):
             scalars = O.adam_scalars(dt, *args)
             cols = [[a.reshape(-1) for a in col] for col in (params, grads, *slots)]
         tensors = list(zip(*cols))
-        arrays = [a for col in slots for a in col]
+        record = state_record([a for col in slots for a in col]) if slots else [None, ()]
         with self._threads():
-            if not self._proved(kind, cols, scalars, dt, arrays):
+            if record[1] is None or not self._proved(kind, cols, scalars, dt, record[1]):
                 for i in self._over_ranges(check, tensors, scalars):
                     raise self._rejected(value, params, grads, optimizer, i)
-            remember_state_maxima(arrays, None)  # stale once the writing starts
+            record[1] = None  # unknown once the writing starts
             results = [r for _, r in self._map_ranges(apply, tensors, scalars)]
-        if arrays:
+        if slots:
             if kind == "sgd":
-                maxima: tuple[float, ...] = (max(float(r) for r in results),)
+                record[1] = (max(float(r) for r in results),)
             else:
-                maxima = tuple(
+                record[1] = tuple(
                     f(float(r[k]) for r in results) for k, f in enumerate((max, max, min))
                 )
-            remember_state_maxima(arrays, maxima)
         state["step"] = step
         return params, state
 
@@ -392,14 +391,10 @@ class NumbaBackend(RowSplit, Backend):
         cols: list[list[Any]],
         scalars: tuple[Any, ...],
         dt: Any,
-        arrays: list[Any],
+        maxima: tuple[float, ...],
     ) -> bool:
-        """Whether :func:`.numba_optim.provably_finite` proves this step: reads ``max |g|``
-        (and ``max |p|`` where the proof needs it); False at once if the state's maxima are
-        not known (the first step after it was created, loaded or written another way)."""
-        maxima = state_maxima(arrays) if arrays else ()
-        if maxima is None:
-            return False
+        """Whether :func:`.numba_optim.provably_finite` proves this step, given the state's
+        ``maxima``: reads ``max |g|`` (and ``max |p|`` where the proof needs it)."""
 
         def biggest(col: list[Any]) -> float:
             return max(float(r) for _, r in self._map_ranges(O.absmax, [(a,) for a in col], ()))

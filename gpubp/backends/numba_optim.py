@@ -41,7 +41,7 @@ rounded to the dtype, and the bounds computed in float64 from ``G``, ``P`` and t
 - The maxima of the new state come from the write pass itself; every other way the backends
   write optimizer state (the per-parameter ops, NumPy's staged check) forgets them, and new
   state arrays (``bind``, ``load_state_dict``) have none, so the next step takes the exact
-  check (see :func:`gpubp.backends.update.state_maxima`). Assumed: nothing else writes the
+  check (see :func:`gpubp.backends.update.state_record`). Assumed: nothing else writes the
   optimizer's state arrays or the model's parameter arrays in place with larger or
   non-finite values between steps (zeroing the state, as a benchmark reset does, is safe: the
   recorded maxima then over-estimate).

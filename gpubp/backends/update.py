@@ -312,39 +312,22 @@ def _all_finite(xp: Any, a: Any) -> bool:
 #: Per optimizer state (its slot arrays, by identity): the maxima the last checked write pass
 #: of the Numba backend returned for them (see :mod:`.numba_optim`), or None while unknown.
 #: Every other way the backends write optimizer state (the ops above, the staged check) clears
-#: it all. An entry is updated in place, so a steady-state step allocates nothing here.
+#: it all. A record is updated in place, so a steady-state step allocates nothing here.
 _STATE_MAXIMA: OrderedDict[tuple[int, ...], list[Any]] = OrderedDict()
 _MAX_STATE_MAXIMA = 4
 
 
-def _entry(arrays: list[Any]) -> list[Any] | None:
-    """The entry ``[weak references, maxima]`` for exactly these arrays (the same objects, in
-    the same order), or None."""
-    entry = _STATE_MAXIMA.get(tuple(id(a) for a in arrays))
-    if entry is None or any(r() is not a for r, a in zip(entry[0], arrays)):
-        return None
-    return entry
-
-
-def state_maxima(arrays: list[Any]) -> tuple[float, ...] | None:
-    """The maxima recorded by :func:`remember_state_maxima` for ``arrays``, or None."""
-    entry = _entry(arrays)
-    return None if entry is None else entry[1]
-
-
-def remember_state_maxima(arrays: list[Any], maxima: tuple[float, ...] | None) -> None:
-    """Record ``maxima`` for ``arrays`` (held by weak reference), or mark them unknown (None)."""
-    if not arrays:
-        return
-    entry = _entry(arrays)
-    if entry is not None:
-        entry[1] = maxima
-        return
-    if maxima is None:
-        return
-    _STATE_MAXIMA[tuple(id(a) for a in arrays)] = [[weakref.ref(a) for a in arrays], maxima]
-    while len(_STATE_MAXIMA) > _MAX_STATE_MAXIMA:
-        _STATE_MAXIMA.popitem(last=False)
+def state_record(arrays: list[Any]) -> list[Any]:
+    """The record ``[weak references, maxima]`` of exactly these arrays (the same objects, in the
+    same order), created with maxima None (unknown) if there is none. The caller reads and sets
+    ``record[1]``: the state's maxima, or None while unknown (set it to None before writing)."""
+    key = tuple(id(a) for a in arrays)
+    record = _STATE_MAXIMA.get(key)
+    if record is None or any(r() is not a for r, a in zip(record[0], arrays)):
+        record = _STATE_MAXIMA[key] = [[weakref.ref(a) for a in arrays], None]
+        while len(_STATE_MAXIMA) > _MAX_STATE_MAXIMA:
+            _STATE_MAXIMA.popitem(last=False)
+    return record
 
 
 def forget_state_maxima() -> None:
