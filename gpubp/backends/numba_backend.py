@@ -7,9 +7,10 @@ one pass over each GEMM output while it is still in cache:
 - output: loss value and ``delta^L`` in one pass per row, with ``db^L`` summed in that pass;
 - backward: ``g = delta_next @ W_next`` (GEMM), then ``delta = g * f'(a)`` in place with
   ``db = sum over B of delta`` in the same pass;
-- ``dW = delta.T @ a_prev`` (GEMM); the update is a check pass over every parameter (nothing
-  written; a non-finite new value rejects the step), then the write pass (:mod:`.numba_optim`),
-  both in the parameters' dtype.
+- ``dW = delta.T @ a_prev`` (GEMM); the update is a proof that every new value is finite (from
+  ``max |g|`` and the state's maxima) or, where it does not apply, a check pass over every
+  parameter (nothing written; a non-finite new value rejects the step), then the write pass
+  (:mod:`.numba_optim`), all in the parameters' dtype.
 
 The GEMMs call NumPy's own BLAS from inside the kernels (see :mod:`.numba_blas`), so one layer
 is one call from Python. Everything is written into a per-batch-shape workspace, so a
