@@ -7,9 +7,10 @@ one pass over each GEMM output while it is still in cache:
 - output: loss value and ``delta^L`` in one pass per row, with ``db^L`` summed in that pass;
 - backward: ``g = delta_next @ W_next`` (GEMM), then ``delta = g * f'(a)`` in place with
   ``db = sum over B of delta`` in the same pass;
-- ``dW = delta.T @ a_prev`` (GEMM); the update is a check pass over every parameter (nothing
-  written; a non-finite new value rejects the step), then the write pass (:mod:`.numba_optim`),
-  both in the parameters' dtype.
+- ``dW = delta.T @ a_prev`` (GEMM); the update is a proof that every new value is finite (from
+  ``max |g|`` and the state's maxima) or, where it does not apply, a check pass over every
+  parameter (nothing written; a non-finite new value rejects the step), then the write pass
+  (:mod:`.numba_optim`), all in the parameters' dtype.
 
 The GEMMs call NumPy's own BLAS from inside the kernels (see :mod:`.numba_blas`), so one layer
 is one call from Python. Everything is written into a per-batch-shape workspace, so a
@@ -44,6 +45,7 @@ from . import numba_kernels as K
 from . import numba_optim as O
 from .base import Backend, Workspace
 from .numba_split import RowSplit
+from .update import forget_state_maxima, state_record
 
 _HIDDEN = {name: act.ACTIVATION_IDS[name] for name in act.HIDDEN_ACTIVATIONS}
 _EMPTY_I64 = np.empty(0, dtype=np.int64)
@@ -288,6 +290,7 @@ class NumbaBackend(RowSplit, Backend):
     ) -> tuple[Any, Any]:
         """SGD step in place on ``param`` and ``buf``, one pass in the parameters' dtype; see
         :meth:`.update.UpdateOps.sgd_update` (``out=`` goes there)."""
+        forget_state_maxima()  # the state changes outside the checked step
         mbuf = param if buf is None else buf
         if out is not None or not self._fits(param.dtype, param, grad, mbuf):
             return super().sgd_update(
@@ -317,6 +320,7 @@ class NumbaBackend(RowSplit, Backend):
     ) -> tuple[Any, Any, Any]:
         """Adam / AdamW step in place on ``param``, ``m``, ``v``, one pass in the parameters'
         dtype; see :meth:`.update.UpdateOps.adam_update` (``out=`` goes there)."""
+        forget_state_maxima()  # the state changes outside the checked step
         args = (step, lr, beta1, beta2, eps, weight_decay, decoupled)
         if out is not None or not self._fits(param.dtype, param, grad, m, v):
             return super().adam_update(param, grad, m, v, *args, scratch=scratch, out=out)
@@ -334,10 +338,14 @@ class NumbaBackend(RowSplit, Backend):
         *,
         scratch: Any = None,
     ) -> tuple[list[Any], dict[str, Any]]:
-        """Every parameter updated only if every new parameter and state value is finite: a
-        check pass over all of them (nothing written), then the write pass; each pass split
-        over the threads above :attr:`update_split_min` elements per thread (see
-        :mod:`.numba_optim`). Otherwise as :meth:`.update.UpdateOps.checked_update`."""
+        """Every parameter updated only if every new parameter and state value is finite.
+
+        First the cheap proof of :mod:`.numba_optim` (one read pass over the gradients for
+        ``max |g|``, the state's maxima from the previous write pass); where it does not apply,
+        the exact check pass over every new value (nothing written). Then the write pass, which
+        returns the new state's maxima for the next step. Each pass is split over the threads
+        above :attr:`update_split_min` elements per thread. Otherwise as
+        :meth:`.update.UpdateOps.checked_update`."""
         slots = [state[s] for s in optimizer.slots]
         dt = params[0].dtype
         if (
@@ -350,7 +358,8 @@ class NumbaBackend(RowSplit, Backend):
         args = optimizer.op_arguments(step)
         check: Any
         apply: Any
-        if optimizer.op == "sgd_update":
+        kind = "sgd" if optimizer.op == "sgd_update" else "adam"
+        if kind == "sgd":
             check, apply = O.sgd_check, O.sgd_apply
             scalars = O.sgd_scalars(dt, *args)
             cols = [[p.reshape(-1) for p in params], [g.reshape(-1) for g in grads]]
@@ -360,12 +369,40 @@ class NumbaBackend(RowSplit, Backend):
             scalars = O.adam_scalars(dt, *args)
             cols = [[a.reshape(-1) for a in col] for col in (params, grads, *slots)]
         tensors = list(zip(*cols))
+        record = state_record([a for col in slots for a in col]) if slots else [None, ()]
         with self._threads():
-            for i in self._over_ranges(check, tensors, scalars):
-                raise self._rejected(value, params, grads, optimizer, i)
-            self._over_ranges(apply, tensors, scalars)
+            if record[1] is None or not self._proved(kind, cols, scalars, dt, record[1]):
+                for i in self._over_ranges(check, tensors, scalars):
+                    raise self._rejected(value, params, grads, optimizer, i)
+            record[1] = None  # unknown once the writing starts
+            results = [r for _, r in self._map_ranges(apply, tensors, scalars)]
+        if slots:
+            if kind == "sgd":
+                record[1] = (max(float(r) for r in results),)
+            else:
+                record[1] = tuple(
+                    f(float(r[k]) for r in results) for k, f in enumerate((max, max, min))
+                )
         state["step"] = step
         return params, state
+
+    def _proved(
+        self,
+        kind: str,
+        cols: list[list[Any]],
+        scalars: tuple[Any, ...],
+        dt: Any,
+        maxima: tuple[float, ...],
+    ) -> bool:
+        """Whether :func:`.numba_optim.provably_finite` proves this step, given the state's
+        ``maxima``: reads ``max |g|`` (and ``max |p|`` where the proof needs it)."""
+
+        def biggest(col: list[Any]) -> float:
+            return max(float(r) for _, r in self._map_ranges(O.absmax, [(a,) for a in col], ()))
+
+        G = biggest(cols[1])
+        P = biggest(cols[0]) if O.needs_parameter_bound(kind, scalars) else 0.0
+        return O.provably_finite(kind, scalars, dt, G, P, maxima)
 
     # --- compositions -----------------------------------------------------------------------
 

@@ -1,24 +1,58 @@
-"""The Numba backend's optimizer kernels: a read-only check pass and a write pass, per range.
+"""The Numba backend's optimizer kernels and the proof that a step is finite.
 
-A step must change nothing when any new parameter or optimizer state would be NaN or infinite,
-so every update runs in two passes over flat 1-D views of the tensors:
+A step must change nothing when any new parameter or optimizer state would be NaN or infinite.
+The update runs over flat 1-D views of the tensors, per range ``[lo, hi)`` (so that the backend
+can split a tensor over its threads; the kernels release the GIL):
 
-- ``*_check(..., lo, hi, ...)``: computes the new values of elements ``[lo, hi)`` without
-  writing anything and returns whether any of them (parameter or state) is not finite;
-- ``*_apply(..., lo, hi, ...)``: computes the same values and writes them.
+- ``*_apply``: computes the new values and writes them, and returns the new state's maxima
+  (``max |buf'|``; ``max |m'|``, ``max v'``, ``min(0, min v')``), taken in the same loop;
+- ``*_check``: computes the same values (same expressions, same order) without writing and
+  returns whether any of them is not finite: the exact check, a second full pass;
+- :func:`absmax`: ``max |x|`` (inf for NaN or infinity), one read pass.
 
-The backend runs every check pass before the first write pass, so a rejected step leaves every
-tensor as it was; a non-finite gradient makes its new parameter non-finite, so the gradients
-are checked by the same pass that reads them. Both passes compute the same expressions in the
-same order, so what is checked is exactly what is written.
+Before writing, the backend first tries :func:`provably_finite`: from ``G = max |g|`` (one read
+of the gradients; a NaN or infinite gradient makes it inf, which fails the proof), the state's
+maxima returned by the previous write pass, and ``P = max |p|`` only where the rule needs it.
+If the proof fails (or the maxima are unknown), the exact check pass decides: every check
+before the first write, so a rejected step leaves every tensor as it was.
+
+The argument, with ``F`` the dtype's largest number, ``u`` its unit roundoff, every scalar as
+rounded to the dtype, and the bounds computed in float64 from ``G``, ``P`` and the maxima:
+
+- Inputs. Parameters are finite (an invariant: they are written only by checked steps and by
+  ``set_parameters``, which rejects non-finite values); the state is finite because its maxima
+  are (NaN never passes a comparison).
+- Every magnitude that only has to stay finite is bounded by the triangle inequality, term by
+  term (SGD: ``|g'| <= G + wd P``, ``|buf'| <= mu B + |g'|``, the Nesterov sum
+  ``|g' + mu buf'|``; Adam: ``|g'| <= G + |l2| P``, ``|m'| <= |b1| M + (1 - b1) |g'|``,
+  ``0 <= v' <= b2 V + (1 - b2) |g'|^2`` given ``v >= 0`` and ``b2, 1 - b2 >= 0``,
+  ``|g'|^2``, and the quotient ``|m'| / (sqrt(v') + eps') <= |m'| / eps'``, whose
+  denominator is at least ``eps'`` (rounding is monotone), required to be a normal number).
+  Each bound must be at most ``2^-8 F``: every rounded result is within a factor
+  ``(1 + u)^k`` (a few operations) of the exact one, and an underflow adds at most the
+  smallest normal number, so no intermediate or new value can reach ``F``. No NaN can arise:
+  that needs an infinity, ``0/0`` or the root of a negative number, all excluded.
+- The change of a parameter, ``|D| = lr |g'|``, ``lr |buf'|``, ``lr |g' + mu buf'|`` or
+  ``alpha |m'| / eps'`` (Adam), must be at most ``2^-60 F``. The new parameter
+  ``fl(p s - fl(D))`` with ``s = 1`` (or AdamW's ``|shrink| <= 1``, so ``|p s| <= |p| <= F``)
+  is then finite: the exact difference is below ``F`` plus half a unit in the last place of
+  ``F`` (about ``2^-25 F`` in float32), the threshold where round-to-nearest overflows. (An AdamW
+  ``|shrink| > 1`` reads ``P`` and bounds ``|p shrink|`` with the finite ones.)
+- The maxima of the new state come from the write pass itself; every other way the backends
+  write optimizer state (the per-parameter ops, NumPy's staged check) forgets them, and new
+  state arrays (``bind``, ``load_state_dict``) have none, so the next step takes the exact
+  check (see :func:`gpubp.backends.update.state_record`). Assumed: nothing else writes the
+  optimizer's state arrays or the model's parameter arrays in place with larger or
+  non-finite values between steps (zeroing the state, as a benchmark reset does, is safe: the
+  recorded maxima then over-estimate).
 
 Arithmetic is in the parameters' dtype: the scalars arrive already rounded to it (float32
 scalars for float32 tensors), so no element is promoted to float64 and the loops vectorise.
 The finiteness test is ``d = x - x; d != d`` (``x - x`` is NaN exactly for NaN and infinity),
 or-ed into a bool, so the check loop vectorises too (an int64 count measured 1.5x slower).
-No ``fastmath``: it would let LLVM assume there is no NaN or infinity and drop the very test.
-Each kernel works on a range so that the backend can split one tensor over its threads; the
-kernels release the GIL.
+Maxima inside a loop are kept in :data:`LANES` accumulators (one running maximum does not
+vectorise). No ``fastmath``: it would let LLVM assume there is no NaN or infinity and drop the
+very test.
 
 Rules (``torch.optim``'s; ``t`` the step, ``g`` the gradient):
 
@@ -42,6 +76,10 @@ from numba import njit
 from . import numba_cache  # noqa: F401 - before any kernel: the cache goes to the user's folder
 
 _jit = njit(cache=True, nogil=True, error_model="numpy")
+_inline = njit(inline="always", error_model="numpy")
+
+#: Accumulators of a maximum taken inside a loop (a multiple of the widest SIMD register).
+LANES = 32
 
 
 @_jit
@@ -81,27 +119,39 @@ def sgd_check(p, g, buf, lo, hi, lr, mu, nesterov, wd):  # type: ignore[no-untyp
 @_jit
 def sgd_apply(p, g, buf, lo, hi, lr, mu, nesterov, wd):  # type: ignore[no-untyped-def]
     """Write the SGD step of :func:`sgd_check` into elements ``[lo, hi)`` of ``p`` (and
-    ``buf``)."""
+    ``buf``); returns ``max |buf'|`` over the range (0 without momentum)."""
     p, g, buf = p[lo:hi], g[lo:hi], buf[lo:hi]
+    n = p.shape[0]
     if mu == 0:
         if wd == 0:
-            for k in range(p.shape[0]):
+            for k in range(n):
                 p[k] = p[k] - lr * g[k]
         else:
-            for k in range(p.shape[0]):
+            for k in range(n):
                 p[k] = p[k] - lr * (g[k] + wd * p[k])
-    elif nesterov:
-        for k in range(p.shape[0]):
-            gk = g[k] + wd * p[k]
-            m = mu * buf[k] + gk
-            buf[k] = m
-            p[k] = p[k] - lr * (gk + mu * m)
+        return lr - lr
+    # the maximum kept in LANES accumulators, so that the loop vectorises (see absmax)
+    acc = np.zeros(LANES, p.dtype)
+    whole = n - n % LANES
+    for s in range(0, whole, LANES):
+        for j in range(LANES):
+            acc[j] = max(acc[j], _sgd_one(p, g, buf, s + j, lr, mu, nesterov, wd))
+    for k in range(whole, n):
+        acc[0] = max(acc[0], _sgd_one(p, g, buf, k, lr, mu, nesterov, wd))
+    return acc.max()
+
+
+@_inline
+def _sgd_one(p, g, buf, k, lr, mu, nesterov, wd):  # type: ignore[no-untyped-def]
+    """The momentum step of element ``k``, written; returns ``|buf'|``."""
+    gk = g[k] + wd * p[k]
+    m = mu * buf[k] + gk
+    buf[k] = m
+    if nesterov:
+        p[k] = p[k] - lr * (gk + mu * m)
     else:
-        for k in range(p.shape[0]):
-            m = mu * buf[k] + (g[k] + wd * p[k])
-            buf[k] = m
-            p[k] = p[k] - lr * m
-    return 0
+        p[k] = p[k] - lr * m
+    return abs(m)
 
 
 @_jit
@@ -127,17 +177,64 @@ def adam_check(  # type: ignore[no-untyped-def]
 def adam_apply(  # type: ignore[no-untyped-def]
     p, g, m, v, lo, hi, b1, omb1, b2, omb2, eps, alpha, shrink, l2
 ):
-    """Write the Adam / AdamW step of :func:`adam_check` into elements ``[lo, hi)``."""
+    """Write the Adam / AdamW step of :func:`adam_check` into elements ``[lo, hi)``; returns
+    ``(max |m'|, max v', min(0, min v'))`` over the range."""
     p, g, m, v = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
-    for k in range(p.shape[0]):
-        pk = p[k]
-        gk = g[k] + l2 * pk
-        mk = b1 * m[k] + omb1 * gk
-        vk = b2 * v[k] + omb2 * (gk * gk)
-        m[k] = mk
-        v[k] = vk
-        p[k] = pk * shrink - mk / (math.sqrt(vk) + eps) * alpha
-    return 0
+    n = p.shape[0]
+    am = np.zeros(LANES, p.dtype)
+    av = np.zeros(LANES, p.dtype)
+    an = np.zeros(LANES, p.dtype)
+    whole = n - n % LANES
+    for s in range(0, whole, LANES):
+        for j in range(LANES):
+            mk, vk = _adam_one(p, g, m, v, s + j, b1, omb1, b2, omb2, eps, alpha, shrink, l2)
+            am[j] = max(am[j], abs(mk))
+            av[j] = max(av[j], vk)
+            an[j] = min(an[j], vk)
+    for k in range(whole, n):
+        mk, vk = _adam_one(p, g, m, v, k, b1, omb1, b2, omb2, eps, alpha, shrink, l2)
+        am[0] = max(am[0], abs(mk))
+        av[0] = max(av[0], vk)
+        an[0] = min(an[0], vk)
+    return am.max(), av.max(), an.min()
+
+
+@_inline
+def _adam_one(p, g, m, v, k, b1, omb1, b2, omb2, eps, alpha, shrink, l2):  # type: ignore[no-untyped-def]
+    """The Adam step of element ``k``, written; returns ``(m', v')``."""
+    pk = p[k]
+    gk = g[k] + l2 * pk
+    mk = b1 * m[k] + omb1 * gk
+    vk = b2 * v[k] + omb2 * (gk * gk)
+    m[k] = mk
+    v[k] = vk
+    p[k] = pk * shrink - mk / (math.sqrt(vk) + eps) * alpha
+    return mk, vk
+
+
+@_jit
+def absmax(x, lo, hi):  # type: ignore[no-untyped-def]
+    """``max |x|`` over elements ``[lo, hi)`` of flat ``x`` (as a float); inf if any of them is
+    NaN or infinite. Kept in LANES accumulators: a single running maximum does not vectorise
+    (measured 7x slower)."""
+    x = x[lo:hi]
+    n = x.shape[0]
+    acc = np.zeros(LANES, x.dtype)
+    bad = np.zeros(LANES, x.dtype)
+    whole = n - n % LANES
+    for s in range(0, whole, LANES):
+        for j in range(LANES):
+            a = abs(x[s + j])
+            acc[j] = max(acc[j], a)
+            bad[j] += a - a  # NaN exactly where x is NaN or infinite
+    for k in range(whole, n):
+        a = abs(x[k])
+        acc[0] = max(acc[0], a)
+        bad[0] += a - a
+    for j in range(LANES):
+        if bad[j] != 0:
+            return np.inf
+    return float(acc.max())
 
 
 def sgd_scalars(
@@ -169,3 +266,53 @@ def adam_scalars(
     values = (beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps * root_bc2, alpha, shrink, l2)
     with np.errstate(over="ignore"):
         return tuple(t(x) for x in values)
+
+
+def _limits(dtype: Any) -> tuple[float, float]:
+    """``(finite, change)``: the bound on every magnitude that must only stay finite (``2^-8``
+    of the dtype's largest number ``F``: room for the rounding of every operation), and the
+    bound on the change of a parameter (``2^-60 F``, float32 about 3e20: far below half a unit
+    in the last place of ``F``, float32 ``2^103``, about 1e31; float64 ``2^970``)."""
+    big = float(np.finfo(dtype).max)
+    return big * 2.0**-8, big * 2.0**-60
+
+
+def needs_parameter_bound(kind: str, scalars: tuple[Any, ...]) -> bool:
+    """Whether the proof of :func:`provably_finite` needs ``max |p|``: only when the rule adds a
+    multiple of ``p`` to the gradient (weight decay as L2) or scales ``p`` by more than 1."""
+    if kind == "sgd":
+        return float(scalars[3]) != 0.0
+    return float(scalars[7]) != 0.0 or not abs(float(scalars[6])) <= 1.0
+
+
+def provably_finite(
+    kind: str, scalars: tuple[Any, ...], dtype: Any, G: float, P: float, state: tuple[float, ...]
+) -> bool:
+    """Whether the step of :func:`sgd_apply` (``kind`` "sgd") or :func:`adam_apply` ("adam")
+    with these (dtype-rounded) ``scalars`` provably writes only finite values, given finite
+    parameters and ``G >= max |g|``, ``P >= max |p|`` (0 when
+    :func:`needs_parameter_bound` is false) and the state's maxima (SGD with momentum:
+    ``(max |buf|,)``; Adam: ``(max |m|, max v, min(0, min v))``). See the module docstring for
+    the argument. A NaN anywhere makes a comparison false, so it is never proved.
+    """
+    finite, change = _limits(dtype)
+    if kind == "sgd":
+        lr, mu, wd = (abs(float(scalars[i])) for i in (0, 1, 3))
+        g2 = G + wd * P
+        if mu == 0.0:
+            sizes, step = [g2], lr * g2
+        else:
+            buf = mu * state[0] + g2
+            inner = g2 + mu * buf if scalars[2] else buf
+            sizes, step = [g2, buf, inner], lr * inner
+        return all(x <= finite for x in (lr, mu, wd, *sizes)) and step <= change
+    b1, omb1, b2, omb2, eps, alpha, shrink, l2 = (float(x) for x in scalars)
+    M, V, vneg = state
+    if not (b2 >= 0.0 and omb2 >= 0.0 and vneg == 0.0 and eps >= float(np.finfo(dtype).tiny)):
+        return False
+    g2 = G + abs(l2) * P
+    m = abs(b1) * M + abs(omb1) * g2
+    v = b2 * V + omb2 * (g2 * g2)
+    shrunk = abs(shrink) * P if abs(shrink) > 1.0 else 0.0
+    sizes = [b1, omb1, b2, omb2, alpha, l2, g2, g2 * g2, m, v, m / eps, shrunk]
+    return all(abs(x) <= finite for x in sizes) and abs(alpha) * (m / eps) <= change

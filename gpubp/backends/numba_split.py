@@ -78,9 +78,14 @@ class RowSplit:
     def _over_ranges(
         self, kernel: Any, tensors: list[tuple[Any, ...]], scalars: tuple[Any, ...]
     ) -> list[int]:
+        """The indices ``i``, in order, for which a call of :meth:`_map_ranges` returned true."""
+        return sorted({i for i, r in self._map_ranges(kernel, tensors, scalars) if r})
+
+    def _map_ranges(
+        self, kernel: Any, tensors: list[tuple[Any, ...]], scalars: tuple[Any, ...]
+    ) -> list[tuple[int, Any]]:
         """``kernel(*tensors[i], lo, hi, *scalars)`` over every element of every tensor (flat
-        arrays, the first of each tuple giving the size); the indices ``i`` for which a call
-        returned true, in order.
+        arrays, the first of each tuple giving the size); every call's ``(i, result)``.
 
         Above :attr:`update_split_min` elements per thread the elements, all tensors laid end
         to end, are cut into equal contiguous parts, one per thread (the calling thread takes
@@ -89,17 +94,17 @@ class RowSplit:
         sizes = tuple(int(t[0].shape[0]) for t in tensors)
         parts = self._update_parts(sum(sizes))
         if parts == 1:
-            return [i for i, t in enumerate(tensors) if kernel(*t, 0, sizes[i], *scalars)]
+            return [(i, kernel(*t, 0, sizes[i], *scalars)) for i, t in enumerate(tensors)]
         plan = self._plan(sizes, parts)
         pool = self._executor(parts - 1)
         futures = [pool.submit(_run, kernel, tensors, scalars, plan[t]) for t in range(1, parts)]
         try:
-            bad = _run(kernel, tensors, scalars, plan[0])
+            results = _run(kernel, tensors, scalars, plan[0])
         finally:
             wait(futures)
         for f in futures:
-            bad |= f.result()
-        return sorted(bad)
+            results += f.result()
+        return results
 
     def _plan(self, sizes: tuple[int, ...], parts: int) -> list[list[tuple[int, int, int]]]:
         """Per part, its ``(tensor, lo, hi)`` ranges: ``parts`` near-equal cuts of the tensors
@@ -233,6 +238,6 @@ def _run(
     tensors: list[tuple[Any, ...]],
     scalars: tuple[Any, ...],
     ranges: list[tuple[int, int, int]],
-) -> set[int]:
-    """One part of :meth:`RowSplit._over_ranges`: the tensors whose call returned true."""
-    return {i for i, lo, hi in ranges if kernel(*tensors[i], lo, hi, *scalars)}
+) -> list[tuple[int, Any]]:
+    """One part of :meth:`RowSplit._map_ranges`: each call's ``(i, result)``."""
+    return [(i, kernel(*tensors[i], lo, hi, *scalars)) for i, lo, hi in ranges]

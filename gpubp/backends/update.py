@@ -25,6 +25,7 @@ and CuPy cast to the array's dtype instead of promoting the array.
 from __future__ import annotations
 
 import math
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -68,6 +69,7 @@ class UpdateOps:
         ``2 * param.size`` elements. Returns ``(p', buf')``.
         """
         xp = self.xp
+        forget_state_maxima()
         p_out, b_out = (param, buf) if out is None else out
         s = self._pscratch(param, scratch, 0)
         g = grad
@@ -118,6 +120,7 @@ class UpdateOps:
         buffer of at least ``2 * param.size`` elements. Returns ``(p', m', v')``.
         """
         xp = self.xp
+        forget_state_maxima()
         p_out, m_out, v_out = (param, m, v) if out is None else out
         s1 = self._pscratch(param, scratch, 0)
         s2 = self._pscratch(param, scratch, 1)
@@ -188,6 +191,7 @@ class UpdateOps:
         ``value`` is the loss, for the message.
         """
         xp = self.xp
+        forget_state_maxima()
         if self._provably_finite(params, grads, optimizer, state):
             return self.update_parameters(params, grads, optimizer, state, scratch=scratch)
         outs, own_scratch = self._staging(params, optimizer)
@@ -303,3 +307,29 @@ def _all_finite(xp: Any, a: Any) -> bool:
     """Whether ``a`` (or None) holds no NaN or infinity: one sum, confirmed elementwise only if
     the sum is not finite (finite values whose sum overflows)."""
     return a is None or math.isfinite(float(xp.sum(a))) or bool(xp.isfinite(a).all())
+
+
+#: Per optimizer state (its slot arrays, by identity): the maxima the last checked write pass
+#: of the Numba backend returned for them (see :mod:`.numba_optim`), or None while unknown.
+#: Every other way the backends write optimizer state (the ops above, the staged check) clears
+#: it all. A record is updated in place, so a steady-state step allocates nothing here.
+_STATE_MAXIMA: OrderedDict[tuple[int, ...], list[Any]] = OrderedDict()
+_MAX_STATE_MAXIMA = 4
+
+
+def state_record(arrays: list[Any]) -> list[Any]:
+    """The record ``[weak references, maxima]`` of exactly these arrays (the same objects, in the
+    same order), created with maxima None (unknown) if there is none. The caller reads and sets
+    ``record[1]``: the state's maxima, or None while unknown (set it to None before writing)."""
+    key = tuple(id(a) for a in arrays)
+    record = _STATE_MAXIMA.get(key)
+    if record is None or any(r() is not a for r, a in zip(record[0], arrays)):
+        record = _STATE_MAXIMA[key] = [[weakref.ref(a) for a in arrays], None]
+        while len(_STATE_MAXIMA) > _MAX_STATE_MAXIMA:
+            _STATE_MAXIMA.popitem(last=False)
+    return record
+
+
+def forget_state_maxima() -> None:
+    """Forget every recorded maximum (optimizer state is about to be written another way)."""
+    _STATE_MAXIMA.clear()

@@ -1,0 +1,221 @@
+"""The Numba backend's proof that an update is finite (instead of the exact check pass).
+
+The proof (``numba_optim.provably_finite``) uses ``max |g|`` and the optimizer state's maxima
+recorded by the previous write pass. Wherever it decides, the outcome must be the exact
+check's: the same error with nothing changed, or the same (bit for bit) finite new values.
+Each case is run twice from the same start, once as the backend runs it and once with the proof
+switched off (the exact check pass always), on random extremes: huge learning rates, gradients
+and state near the dtype's limits, NaN and infinite gradients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpubp
+from gpubp import optim
+from gpubp import reference as ref
+from gpubp.backends import update
+from gpubp.check import TOLERANCE, rel_error
+
+pytest.importorskip("numba")
+from gpubp.backends.numba_backend import NumbaBackend
+
+SHAPES = [(37, 13), (5, 37), (1,), (37,), (5,)]  # sizes not multiples of 32
+OPTIMIZERS = {
+    "sgd": lambda lr: optim.SGD(lr=lr),
+    "sgd_wd": lambda lr: optim.SGD(lr=lr, weight_decay=1e-2),
+    "momentum": lambda lr: optim.SGD(lr=lr, momentum=0.9),
+    "nesterov": lambda lr: optim.SGD(lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "adam": lambda lr: optim.Adam(lr=lr),
+    "adam_l2": lambda lr: optim.Adam(lr=lr, weight_decay=1e-2, betas=(0.0, 0.5)),
+    "adamw": lambda lr: optim.AdamW(lr=lr, weight_decay=1e-3),
+}
+
+
+def backends(split: bool) -> tuple[NumbaBackend, NumbaBackend]:
+    """``(as shipped, exact check only)``: two fresh backends, split over 2 threads or not."""
+    pair = []
+    for _ in range(2):
+        be = NumbaBackend(threads=2 if split else None)
+        if split:
+            be.update_split_min = 64
+        pair.append(be)
+    pair[1]._proved = lambda *a, **k: False  # type: ignore[method-assign]
+    return pair[0], pair[1]
+
+
+def run(be, params, grads, opt):
+    """One checked step: ``None`` if it went through, else the error's message."""
+    try:
+        be.apply_update(np.float32(1.0), params, grads, opt, opt.state)
+    except gpubp.NonFiniteLossError as e:
+        return str(e)
+    return None
+
+
+def copy_state(opt) -> dict:
+    return {"step": opt.state["step"], **{s: [a.copy() for a in opt.state[s]] for s in opt.slots}}
+
+
+def assert_same(a_params, a_opt, b_params, b_opt) -> None:
+    for x, y in zip(a_params, b_params, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert a_opt.state["step"] == b_opt.state["step"]
+    for s in a_opt.slots:
+        for x, y in zip(a_opt.state[s], b_opt.state[s], strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def extreme(rng: np.random.Generator, shape, dtype) -> np.ndarray:
+    """Random values with a random magnitude up to the dtype's limit, sometimes NaN or inf."""
+    top = np.log10(float(np.finfo(dtype).max))
+    scale = 10.0 ** rng.uniform(-3, top) if rng.random() < 0.5 else 1.0
+    a = (rng.uniform(-1, 1, shape) * scale).astype(dtype)
+    if rng.random() < 0.15:
+        a.flat[rng.integers(a.size)] = rng.choice([np.nan, np.inf, -np.inf])
+    return a
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["serial", "split"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("label", list(OPTIMIZERS))
+def test_the_proof_decides_as_the_exact_check(rng, label, dtype, split):
+    fast, exact = backends(split)
+    proved = []
+    real = fast._proved
+
+    def spy(*a):
+        proved.append(real(*a))
+        return proved[-1]
+
+    fast._proved = spy  # type: ignore[method-assign]
+    top = float(np.finfo(dtype).max)
+    for _ in range(24):
+        lr = float(rng.choice([1e-3, 1e-3, 1.0, 1e3, 1e20, top / 4]))
+        params = [rng.uniform(-1, 1, s).astype(dtype) for s in SHAPES]
+        if rng.random() < 0.3:  # parameters near the limit too
+            params[0] *= dtype_type(dtype)(top / 2)
+        opts = [OPTIMIZERS[label](lr), OPTIMIZERS[label](lr)]
+        for opt, be in zip(opts, (fast, exact)):
+            opt.bind(None, be, SHAPES, dtype)
+        pairs = [([p.copy() for p in params], opts[0]), ([p.copy() for p in params], opts[1])]
+        if rng.random() < 0.3 and opts[0].slots:  # state near the limits, loaded
+            saved = {"step": 3}
+            for s in opts[0].slots:
+                saved[s] = [np.abs(extreme(rng, sh, dtype)) for sh in SHAPES]
+            for _, opt in pairs:
+                opt.load_state_dict(saved, None, fast, SHAPES, dtype)
+        for _ in range(5):  # the first step records the state's maxima, the next use them
+            grads = [
+                extreme(rng, s, dtype)
+                if rng.random() < 0.5
+                else rng.uniform(-1, 1, s).astype(dtype)
+                for s in SHAPES
+            ]
+            before = ([p.copy() for p in pairs[0][0]], copy_state(pairs[0][1]))
+            got = [
+                run(be, ps, [g.copy() for g in grads], opt)
+                for be, (ps, opt) in zip((fast, exact), pairs)
+            ]
+            assert got[0] == got[1]
+            assert_same(*pairs[0], *pairs[1])
+            if got[0] is not None:  # rejected: nothing changed
+                for x, y in zip(pairs[0][0], before[0], strict=True):
+                    np.testing.assert_array_equal(x, y)
+                assert pairs[0][1].state["step"] == before[1]["step"]
+                for s in pairs[0][1].slots:
+                    for x, y in zip(pairs[0][1].state[s], before[1][s], strict=True):
+                        np.testing.assert_array_equal(x, y)
+            else:
+                for a in [*pairs[0][0], *(a for s in opts[0].slots for a in opts[0].state[s])]:
+                    assert np.isfinite(a).all()
+    assert any(proved), "the proof never applied: the test would not test it"
+
+
+def dtype_type(dtype):
+    return np.dtype(dtype).type
+
+
+@pytest.mark.parametrize("label", list(OPTIMIZERS))
+def test_proved_steps_match_the_reference(rng, label):
+    """Ordinary steps (the proof applies from the second one on) against the float64 reference."""
+    be, _ = backends(False)
+    proved = []
+    real = be._proved
+    be._proved = lambda *a: proved.append(real(*a)) or proved[-1]  # type: ignore[method-assign]
+    params = [rng.normal(0, 1, s).astype(np.float32) for s in SHAPES]
+    p64 = [p.astype(np.float64) for p in params]
+    start = [p.copy() for p in p64]
+    opt, ref_opt = OPTIMIZERS[label](0.05), OPTIMIZERS[label](0.05)
+    opt.bind(None, be, SHAPES, np.float32)
+    ref_state = {"step": 0, **{s: [np.zeros(sh) for sh in SHAPES] for s in ref_opt.slots}}
+    for _ in range(4):
+        grads = [(rng.normal(0, 1, s) * 1e3).astype(np.float32) for s in SHAPES]
+        be.apply_update(np.float32(1.0), params, grads, opt, opt.state)
+        p64, ref_state = ref.update_parameters(p64, grads, ref_opt, ref_state)
+    assert all(proved) and len(proved) >= 3  # (not asked on the first step with state)
+    for got, want, p0 in zip(params, p64, start, strict=True):
+        assert rel_error(got - p0, want - p0) <= TOLERANCE["float32"]
+    for slot in opt.slots:
+        for got, want in zip(opt.state[slot], ref_state[slot], strict=True):
+            assert rel_error(got, want) <= TOLERANCE["float32"]
+
+
+def test_the_state_maxima_are_forgotten_when_the_state_is_written_another_way(rng):
+    be, _ = backends(False)
+    opt = optim.Adam(lr=1e-3)
+    opt.bind(None, be, SHAPES, np.float32)
+    params = [rng.uniform(-1, 1, s).astype(np.float32) for s in SHAPES]
+    grads = [rng.uniform(-1, 1, s).astype(np.float32) for s in SHAPES]
+    arrays = [a for s in opt.slots for a in opt.state[s]]
+    assert update.state_record(arrays)[1] is None  # created: unknown
+    be.apply_update(np.float32(1.0), params, grads, opt, opt.state)
+    maxima = update.state_record(arrays)[1]
+    assert maxima is not None
+    m = max(float(np.abs(a).max()) for a in opt.state["exp_avg"])
+    v = max(float(a.max()) for a in opt.state["exp_avg_sq"])
+    assert maxima == (m, v, 0.0)
+    be.adam_update(
+        params[0],
+        grads[0],
+        opt.state["exp_avg"][0],
+        opt.state["exp_avg_sq"][0],
+        2,
+        1e-3,
+        0.9,
+        0.999,
+        1e-8,
+        0.0,
+        False,
+    )  # an unchecked op: forgotten
+    assert update.state_record(arrays)[1] is None
+    be.apply_update(np.float32(1.0), params, grads, opt, opt.state)
+    assert update.state_record(arrays)[1] is not None
+    opt.load_state_dict(opt.state_dict(), None, be, SHAPES, np.float32)  # new arrays: unknown
+    assert update.state_record([a for s in opt.slots for a in opt.state[s]])[1] is None
+
+
+def test_a_negative_loaded_second_moment_is_never_proved(rng):
+    """A second moment loaded negative: the step after loading is decided by the exact check
+    (the maxima are unknown then), which rejects it where ``sqrt(v')`` would be NaN."""
+    be, _ = backends(False)
+    opt = optim.Adam(lr=1e-3, betas=(0.9, 0.0))  # v' = g^2 (b2 = 0): finite however v was
+    saved = {
+        "step": 2,
+        "exp_avg": [np.zeros(s, np.float32) for s in SHAPES],
+        "exp_avg_sq": [np.full(s, -1.0, np.float32) for s in SHAPES],
+    }
+    opt.load_state_dict(saved, None, be, SHAPES, np.float32)
+    opt2 = optim.Adam(lr=1e-3, betas=(0.9, 0.5))  # v' = 0.5 v + 0.5 g^2 < 0 for small g
+    opt2.load_state_dict(saved, None, be, SHAPES, np.float32)
+    params = [rng.uniform(-1, 1, s).astype(np.float32) for s in SHAPES]
+    grads = [np.full(s, 1e-3, np.float32) for s in SHAPES]
+    be.apply_update(np.float32(1.0), params, grads, opt, opt.state)
+    assert all(np.isfinite(p).all() for p in params)
+    before = [p.copy() for p in params]
+    with pytest.raises(gpubp.NonFiniteLossError):
+        be.apply_update(np.float32(1.0), params, grads, opt2, opt2.state)
+    for x, y in zip(params, before, strict=True):
+        np.testing.assert_array_equal(x, y)
