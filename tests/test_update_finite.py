@@ -216,3 +216,26 @@ def test_split_update_checks_every_part_before_any_writes(rng, label):
     with pytest.raises(gpubp.NonFiniteLossError, match=r"b\[2\]|W\[2\]"):
         be.apply_update(np.float32(0.5), params, grads, opt, opt.state)
     assert_unchanged(before, params, opt)
+
+
+@pytest.mark.parametrize("decay", ["adamw", "sgd_wd"])
+def test_a_huge_decoupled_decay_changes_nothing(backend_name, decay):
+    """lr and the weight decay each finite in float32, their product not: AdamW's shrink
+    ``1 - lr wd`` is then -inf, so every weight would become -inf. The NumPy backend's norm
+    proof once left the shrink out and wrote -inf weights without raising."""
+    be = fresh(backend_name)
+    W = [
+        be.asarray(np.full((3, 4), 10.0, np.float32)),
+        be.asarray(np.full((2, 3), 10.0, np.float32)),
+    ]
+    b = [be.asarray(np.full(3, 10.0, np.float32)), be.asarray(np.full(2, 10.0, np.float32))]
+    x, y = be.asarray(np.zeros((5, 4), np.float32)), be.asarray(np.array([0, 1, 0, 1, 1]))
+    if decay == "adamw":
+        opt = optim.AdamW(lr=1e19, weight_decay=1e19)
+    else:
+        opt = optim.SGD(lr=1e19, weight_decay=1e19)
+    opt.bind(None, be, [tuple(p.shape) for p in W + b], np.float32)
+    before = snapshot(W + b, opt)
+    with pytest.raises(gpubp.NonFiniteLossError):
+        run_step(be, W, b, x, y, opt)
+    assert_unchanged(before, W + b, opt)

@@ -219,10 +219,11 @@ class UpdateOps:
         ``||x||_2 >= max|x|`` (from one ``vdot`` per array) bounds every intermediate of the
         ops: SGD ``|g'| <= G + wd P``, ``|buf'| <= mu B + |g'|``,
         ``|p'| <= P + lr (|g'| + 2 |buf'|)``; Adam ``|m'| <= b1 M + (1 - b1) |g'|``,
-        ``v' <= b2 V + (1 - b2) |g'|^2``, ``|p'| <= P + alpha |m'| / eps'`` (the denominator is
-        at least ``eps'``). Each bound, and each scalar in the dtype, must stay below 1/16 of
-        the dtype's largest number, which leaves room for the rounding of every operation and
-        of the float32 dot products. A NaN or infinity anywhere fails the comparison.
+        ``v' <= b2 V + (1 - b2) |g'|^2``, ``|p'| <= s P + alpha |m'| / eps'`` (the denominator is
+        at least ``eps'``; ``s = |1 - lr wd|`` for AdamW's decoupled decay, else 1). Each
+        bound, and each scalar in the dtype, must stay below 1/16 of the dtype's largest
+        number, which leaves room for the rounding of every operation and of the float32 dot
+        products. A NaN or infinity anywhere fails the comparison.
         """
         if self.xp is not np or optimizer.op not in ("sgd_update", "adam_update"):
             return False
@@ -238,7 +239,9 @@ class UpdateOps:
             root = math.sqrt(1.0 - b2**step)
             alpha, eps2 = lr * root / (1.0 - b1**step), eps * root
             l2 = 0.0 if decoupled else wd
-            scalars = [lr, wd, alpha, 1.0 / eps2 if eps2 >= float(np.finfo(dt).tiny) else math.inf]
+            shrink = abs(1.0 - lr * wd) if decoupled else 1.0  # AdamW: p (1 - lr wd) - ...
+            scalars = [lr, wd, lr * wd, shrink, alpha]
+            scalars.append(1.0 / eps2 if eps2 >= float(np.finfo(dt).tiny) else math.inf)
         if not all(abs(x) <= big for x in scalars):
             return False
 
@@ -256,7 +259,7 @@ class UpdateOps:
                 g2 = G + l2 * P
                 m = b1 * norm(slots[0][i]) + (1.0 - b1) * g2
                 v = b2 * norm(slots[1][i]) + (1.0 - b2) * g2 * g2
-                bounds = [g2 * g2, m, v, m / eps2, P + alpha * m / eps2]
+                bounds = [g2 * g2, m, v, m / eps2, shrink * P, shrink * P + alpha * m / eps2]
             if not all(x <= big for x in bounds):
                 return False
         return True
