@@ -272,6 +272,22 @@ def test_clear_errors_and_a_rejected_call_changes_nothing():
         MLPClassifier().fit(scipy_sparse.csr_matrix(X), y)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_a_fit_that_diverges_leaves_the_coefficients_as_they_were(backend):
+    """A warm-started fit whose steps overflow raises; coefs_ and intercepts_ (single-output:
+    the last coefficient matrix is a column, whose transpose NumPy would not copy) keep their
+    values. The step once updated views of them in place."""
+    X, y = _data("single")
+    est = MLPRegressor(hidden_layer_sizes=(5,), max_iter=3, solver="sgd", warm_start=True,
+                       random_state=0, backend=backend).fit(X, y)  # fmt: skip
+    coefs, intercepts = [c.copy() for c in est.coefs_], [b.copy() for b in est.intercepts_]
+    est.set_params(learning_rate_init=1e30)
+    with pytest.raises(ValueError, match="non-finite"):
+        est.fit(X * 1e10, y * 1e10)
+    for want, got in zip(coefs + intercepts, est.coefs_ + est.intercepts_, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_import_gpubp_does_not_import_sklearn():
     code = "import sys, gpubp; assert 'sklearn' not in sys.modules; gpubp.sklearn.MLPClassifier"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -196,8 +196,10 @@ class Network:
         self.activation = HIDDEN[activation]
         self.output, self.loss = OUTPUTS[out_activation]
         self.alpha = float(alpha)
-        self.W = [backend.asarray(np.ascontiguousarray(c.T), dtype) for c in coefs]
-        self.b = [backend.asarray(np.ascontiguousarray(c), dtype) for c in intercepts]
+        # copies (np.array copies), never views of the estimator's coefs_ / intercepts_: the
+        # step updates these in place, and a fit that fails must leave those as they were
+        self.W = [backend.asarray(np.array(c.T, dtype=dtype, order="C")) for c in coefs]
+        self.b = [backend.asarray(np.array(c, dtype=dtype, order="C")) for c in intercepts]
         # the optimizer ops' temporaries: a flat buffer of twice the parameter's size each
         self.scratch = (
             [self.xp.empty(2 * p.size, dtype=dtype) for p in (*self.W, *self.b)] if train else []
