@@ -254,30 +254,39 @@ def _parse_idx(path: Path, stream: Any) -> np.ndarray:
     return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
+def check_idx_split(
+    folder: Path, x: np.ndarray, y: np.ndarray, split: str, classes: tuple[str, ...]
+) -> None:
+    """Raise :class:`~gpubp.errors.DatasetError` unless the images ``x`` ``(N, rows, cols)``
+    have finite pixels and the labels ``y`` ``(N,)`` are whole numbers in
+    ``[0, len(classes))``; ``split`` names them in the message (``train``, ``t10k``)."""
+    n_classes = len(classes)
+    if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+        raise DatasetError(
+            f"{folder}: {split} images {x.shape} and labels {y.shape} do not match (expected "
+            "images (N, rows, cols) and labels (N,))"
+        )
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise DatasetError(f"{folder}: {split} images hold NaN or infinite pixels")
+    if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.floor(y)).all()):
+        raise DatasetError(
+            f"{folder}: {split} labels are not all whole numbers; expected class indices "
+            f"0-{n_classes - 1}"
+        )
+    if y.min() < 0 or y.max() >= n_classes:
+        raise DatasetError(
+            f"{folder}: {split} labels range from {y.min():g} to {y.max():g}; expected 0-"
+            f"{n_classes - 1}"
+        )
+
+
 def check_idx_arrays(folder: Path, arrays: list[np.ndarray], classes: tuple[str, ...]) -> None:
     """Raise :class:`~gpubp.errors.DatasetError` unless ``arrays`` (train images, train labels,
-    test images, test labels) fit together: images ``(N, rows, cols)`` with finite pixels and
-    the same ``rows x cols`` in both splits, labels ``(N,)`` integral in ``[0, len(classes))``."""
+    test images, test labels) fit together: each split as :func:`check_idx_split` wants, and
+    the same ``rows x cols`` in both."""
     xtr, ytr, xte, yte = arrays
-    n_classes = len(classes)
-    for x, y, split in ((xtr, ytr, "train"), (xte, yte, "t10k")):
-        if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-            raise DatasetError(
-                f"{folder}: {split} images {x.shape} and labels {y.shape} do not match (expected "
-                "images (N, rows, cols) and labels (N,))"
-            )
-        if x.dtype.kind == "f" and not np.isfinite(x).all():
-            raise DatasetError(f"{folder}: {split} images hold NaN or infinite pixels")
-        if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.floor(y)).all()):
-            raise DatasetError(
-                f"{folder}: {split} labels are not all whole numbers; expected class indices "
-                f"0-{n_classes - 1}"
-            )
-        if y.min() < 0 or y.max() >= n_classes:
-            raise DatasetError(
-                f"{folder}: {split} labels range from {y.min():g} to {y.max():g}; expected 0-"
-                f"{n_classes - 1}"
-            )
+    check_idx_split(folder, xtr, ytr, "train", classes)
+    check_idx_split(folder, xte, yte, "t10k", classes)
     if xtr.shape[1:] != xte.shape[1:]:
         raise DatasetError(
             f"{folder}: train images are {xtr.shape[1]}x{xtr.shape[2]} and test images "

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import data
-from .errors import DatasetError, DatasetNotFoundError, ModelFileError, NoPreprocessingWarning
+from .errors import DatasetNotFoundError, ModelFileError, NoPreprocessingWarning
 from .model import MLP
 from .preprocessing import Preprocessing
 
@@ -76,11 +76,8 @@ def raw_test_split(name: str, data_dir: str | os.PathLike[str] | None = None) ->
         )
     images = data.read_idx(_idx_file(folder, "t10k-images-idx3-ubyte"))
     labels = data.read_idx(_idx_file(folder, "t10k-labels-idx1-ubyte"))
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DatasetError(
-            f"{folder}: test images {images.shape} and labels {labels.shape} do not match "
-            "(expected images (N, rows, cols) and labels (N,))"
-        )
+    # the loader's own checks: shapes, finite pixels, whole labels in range
+    data.check_idx_split(folder, images, labels, "t10k", data.DATASETS[name].classes)
     x = images.reshape(len(images), -1)
     return RawSplit(name, x, labels.astype(np.int64), data.DATASETS[name].classes, str(folder))
 

@@ -4,6 +4,7 @@ saved model on raw test images, checkpoints and ``gpubp evaluate``."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import warnings
@@ -13,12 +14,17 @@ import pytest
 
 import gpubp
 from gpubp import cli, data, io, reference
-from gpubp.errors import CheckpointMismatchError, ModelFileError, NoPreprocessingWarning
+from gpubp.errors import (
+    CheckpointMismatchError,
+    DatasetError,
+    ModelFileError,
+    NoPreprocessingWarning,
+)
 from gpubp.evaluate import dataset_preprocessing, raw_test_split
 from gpubp.preprocessing import Preprocessing
 from gpubp.train import TrainConfig, train
 
-from .idx_files import write_fake_idx_dataset
+from .idx_files import idx_bytes, write_fake_idx_dataset
 
 TOL = {"float32": 2e-4, "float64": 1e-10}
 
@@ -422,3 +428,21 @@ def test_evaluate_help_says_what_raw_means(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "pixel values 0..255" in out and "0..16 for digits" in out and "--dataset" in out
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (np.array([0, 1, 10, 2], np.uint8), "labels range from 0 to 10"),
+        (np.array([0, 1, 2], np.uint8), r"do not match"),
+    ],
+)
+def test_the_raw_test_split_gets_the_loaders_checks(tmp_path, rng, labels, message):
+    """gpubp evaluate reads the test files itself: a label out of range or a count that does not
+    match the images is a DatasetError naming the folder, as in training, not a wrong score."""
+    folder = tmp_path / "mnist"
+    write_fake_idx_dataset(folder, rng, n_test=4)
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
+    with pytest.raises(DatasetError, match=message) as info:
+        raw_test_split("mnist", str(folder))
+    assert str(folder) in str(info.value)
