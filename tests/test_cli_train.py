@@ -311,3 +311,22 @@ def test_first_step_is_announced_and_kept_out_of_the_speed(data_dir, monkeypatch
     lines.clear()
     train(cfg, progress=False, log=lines.append)  # said once per process
     assert not any("compiling" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--save", "{d}"], "--save '{d}' is a folder"),
+        (["--save", "{d}/m.npz", "--checkpoint", "{d}/m.npz"], "is the same file as --checkpoint"),
+        (["--json", "{d}/none/r.json"], "--json '{d}/none/r.json': the folder"),
+    ],
+)
+def test_train_names_the_options_of_bad_output_paths(tmp_path, argv, message, capsys):
+    """The command line says --save, not the Python argument save_path=, and says it before
+    any data is loaded or any epoch trained."""
+    d = str(tmp_path)
+    argv = [a.format(d=d) for a in argv]
+    assert cli.main(["train", "--dataset", "digits", *argv, *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert message.format(d=d) in err
+    assert "save_path" not in err and "json_path" not in err and "epoch" not in err
