@@ -288,6 +288,19 @@ def test_a_fit_that_diverges_leaves_the_coefficients_as_they_were(backend):
         np.testing.assert_array_equal(got, want)
 
 
+def test_partial_fit_keeps_the_fitted_dtype():
+    """float32 first, float64 next: the coefficients stay float32, as scikit-learn's do."""
+    X, y = _data("multiclass")
+    est = MLPClassifier((6,), random_state=0, backend="numpy")
+    est.partial_fit(X.astype(np.float32), y, classes=np.unique(y))
+    est.partial_fit(X.astype(np.float64), y)
+    assert {c.dtype for c in est.coefs_ + est.intercepts_} == {np.dtype(np.float32)}
+    ref = sk.MLPClassifier((6,), random_state=0)
+    ref.partial_fit(X.astype(np.float32), y, classes=np.unique(y))
+    ref.partial_fit(X.astype(np.float64), y)
+    assert ref.coefs_[0].dtype == np.float32
+
+
 def test_import_gpubp_does_not_import_sklearn():
     code = "import sys, gpubp; assert 'sklearn' not in sys.modules; gpubp.sklearn.MLPClassifier"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -248,7 +248,8 @@ class BaseMLP(BaseEstimator):
                 )
         self.n_outputs_ = y.shape[1]
         self._random_state = check_random_state(self.random_state)
-        dtype = self._compute_dtype(X)
+        # a fitted model keeps its dtype (as scikit-learn's does): later data is cast to it
+        dtype = self._compute_dtype(X) if first_pass else self.coefs_[0].dtype
         if first_pass:
             self._initialize(y, layer_units, dtype)
         net = Network(
