@@ -149,6 +149,15 @@ def write_atomic(path: str | os.PathLike[str], content: bytes | Callable[[Binary
 
 
 def _umask() -> int:
+    """The process's umask. Read from ``/proc/self/status`` where Linux offers it: setting and
+    restoring it (the portable way) would race with other threads creating files meanwhile."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

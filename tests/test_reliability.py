@@ -506,3 +506,21 @@ def test_a_checkpoint_with_nan_adam_state_is_refused_naming_it(fake_mnist, tmp_p
     ckpt.write_bytes(rezip(parts))
     with pytest.raises(CheckpointError, match="opt_exp_avg_sq_0 holds NaN"):
         run(small(epochs=2), [], resume=ckpt)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_the_umask_is_read_without_changing_it(mask, monkeypatch):
+    """files._umask reads the mask (on Linux from /proc, so no other thread ever sees it
+    changed) and gives what os.umask would."""
+    from gpubp import files
+
+    old = os.umask(mask)
+    try:
+        calls = []
+        real = os.umask
+        if os.path.exists("/proc/self/status"):
+            monkeypatch.setattr(os, "umask", lambda m: calls.append(m) or real(m))
+        assert files._umask() == mask
+        assert calls == []
+    finally:
+        os.umask(old)
