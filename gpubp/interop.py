@@ -258,10 +258,13 @@ def from_torch(
         backend=backend,
         dtype=dtype,
     )
-    weights = [lin.weight.detach().cpu().numpy() for lin in linears]
-    biases = [
-        np.zeros(lin.out_features) if lin.bias is None else lin.bias.detach().cpu().numpy()
-        for lin in linears
-    ]
+    # in the model's dtype while still a tensor: NumPy has no bfloat16 (torch's .numpy() refuses)
+    as_dtype = getattr(torch, np.dtype(dtype).name)
+
+    def host(t: Any) -> np.ndarray:
+        return np.asarray(t.detach().cpu().to(as_dtype).numpy())
+
+    weights = [host(lin.weight) for lin in linears]
+    biases = [np.zeros(lin.out_features) if lin.bias is None else host(lin.bias) for lin in linears]
     model.set_parameters(weights, biases)
     return model

@@ -274,3 +274,20 @@ def test_without_torch_the_error_says_how_to_install_it(hide_module):
     with pytest.raises(ImportError, match="pip install torch"):
         gpubp.MLP.from_torch(object())
     model.forward(np.zeros((1, 2)))  # everything else works without it
+
+
+def test_from_torch_reads_bfloat16_weights_into_the_dtype_asked_for():
+    """NumPy has no bfloat16, so torch's .numpy() refuses such tensors: they are converted to
+    the model's dtype first (exactly: every bfloat16 is a float32)."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    seq = seq.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype='float32'"):
+        gpubp.MLP.from_torch(seq, backend="numpy")
+    model = gpubp.MLP.from_torch(seq, backend="numpy", dtype="float32")
+    W, _ = model.get_parameters()
+    np.testing.assert_array_equal(W[0], seq[0].weight.detach().float().numpy())
+    x = torch.randn(6, 5)
+    want = seq.float()(x).detach().numpy()
+    np.testing.assert_allclose(model.forward(x.numpy()), want, rtol=1e-5, atol=1e-6)
