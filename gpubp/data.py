@@ -137,6 +137,10 @@ class Dataset:
     classes: tuple[str, ...]
     source: str
     normalization: dict[str, float] = field(default_factory=dict)
+    #: the test inputs ``(N, d)`` as the files store them (IDX pixels 0..255 as uint8, digits'
+    #: intensities 0..16), before any scaling: what a saved model, which carries its
+    #: preprocessing, is scored on; None for a dataset built by hand
+    x_test_raw: np.ndarray | None = None
 
     @property
     def n_features(self) -> int:
@@ -431,20 +435,8 @@ def load_idx_dataset(
     images' mean and standard deviation (:func:`_pixel_statistics`, recorded in
     ``Dataset.normalization``), converted from the raw pixels in one pass.
     """
-    folder = find_dataset(name, data_dir)
-    if folder is None and download_missing:
-        folder = download(name, progress=progress)
-    if folder is None:
-        looked = "\n  ".join(str(d) for d in search_dirs(name, data_dir))
-        raise DatasetNotFoundError(
-            f"{DATASETS[name].title} was not found. Looked in:\n  {looked}\nTo get it: "
-            f"{_how_to_get(name)}"
-        )
-    arrays = []
-    for stem in IDX_NAMES:
-        path = _file_in(folder, stem)
-        assert path is not None
-        arrays.append(read_idx(path))
+    folder = _locate(name, data_dir, download_missing, progress)
+    arrays = [_read_idx_in(folder, stem) for stem in IDX_NAMES]
     check_idx_arrays(folder, arrays, DATASETS[name].classes)
     xtr, ytr, xte, yte = arrays
 
@@ -461,7 +453,46 @@ def load_idx_dataset(
         DATASETS[name].classes,
         str(folder),
         {"mean": mean, "std": std} if standardize else {},
+        xte.reshape(len(xte), -1),
     )
+
+
+def read_test_split(
+    name: str, data_dir: str | os.PathLike[str] | None = None
+) -> tuple[np.ndarray, np.ndarray, Path]:
+    """The test split of the IDX dataset ``name`` as stored: images ``(N, rows * cols)``
+    (uint8 pixels for MNIST and Fashion-MNIST), int64 labels ``(N,)`` and the folder, checked
+    as :func:`load_idx_dataset` checks them; only the two test files are read."""
+    folder = _locate(name, data_dir)
+    images, labels = (_read_idx_in(folder, stem) for stem in IDX_NAMES[2:])
+    check_idx_split(folder, images, labels, "t10k", DATASETS[name].classes)
+    return images.reshape(len(images), -1), labels.astype(np.int64), folder
+
+
+def _locate(
+    name: str,
+    data_dir: str | os.PathLike[str] | None,
+    download_missing: bool = False,
+    progress: bool = True,
+) -> Path:
+    """The folder holding ``name``'s four IDX files (downloaded there if asked), or
+    :class:`~gpubp.errors.DatasetNotFoundError` saying where it looked and how to get them."""
+    folder = find_dataset(name, data_dir)
+    if folder is None and download_missing:
+        folder = download(name, progress=progress)
+    if folder is None:
+        looked = "\n  ".join(str(d) for d in search_dirs(name, data_dir))
+        raise DatasetNotFoundError(
+            f"{DATASETS[name].title} was not found. Looked in:\n  {looked}\nTo get it: "
+            f"{_how_to_get(name)}"
+        )
+    return folder
+
+
+def _read_idx_in(folder: Path, stem: str) -> np.ndarray:
+    path = _file_in(folder, stem)
+    assert path is not None  # find_dataset only returns folders holding all four files
+    return read_idx(path)
 
 
 def load_digits_dataset(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
@@ -490,6 +521,7 @@ def load_digits_dataset(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
         y[test],
         tuple(str(d) for d in range(10)),
         "sklearn.datasets.load_digits",
+        x_test_raw=bunch.data[test],
     )
 
 

@@ -21,13 +21,12 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import data
-from .errors import DatasetNotFoundError, ModelFileError, NoPreprocessingWarning
+from .errors import ModelFileError, NoPreprocessingWarning
 from .model import MLP
 from .preprocessing import Preprocessing
 
@@ -61,32 +60,14 @@ def raw_test_split(name: str, data_dir: str | os.PathLike[str] | None = None) ->
     """
     if name == "digits":
         ds = data.load_digits_dataset()
-        # load_digits_dataset divides the integers 0..16 by 16, exactly (a power of two)
-        x = np.rint(ds.x_test.astype(np.float64) * RAW_SCALE["digits"])
-        return RawSplit(name, x, ds.y_test, ds.classes, ds.source)
+        assert ds.x_test_raw is not None  # the loader keeps the intensities 0..16
+        return RawSplit(name, ds.x_test_raw, ds.y_test, ds.classes, ds.source)
     if name not in data.DATASETS:
         raise ValueError(
             f"dataset={name!r} is not known; expected one of {', '.join(data.DATASET_NAMES)}"
         )
-    folder = data.find_dataset(name, data_dir)
-    if folder is None:
-        raise DatasetNotFoundError(
-            f"{data.DATASETS[name].title} was not found; get it with gpubp train --dataset "
-            f"{name} --download, or pass --data-dir (or set GPUBP_DATA)"
-        )
-    images = data.read_idx(_idx_file(folder, "t10k-images-idx3-ubyte"))
-    labels = data.read_idx(_idx_file(folder, "t10k-labels-idx1-ubyte"))
-    # the loader's own checks: shapes, finite pixels, whole labels in range
-    data.check_idx_split(folder, images, labels, "t10k", data.DATASETS[name].classes)
-    x = images.reshape(len(images), -1)
-    return RawSplit(name, x, labels.astype(np.int64), data.DATASETS[name].classes, str(folder))
-
-
-def _idx_file(folder: Path, stem: str) -> Path:
-    for candidate in (folder / f"{stem}.gz", folder / stem):
-        if candidate.is_file():
-            return candidate
-    raise DatasetNotFoundError(f"{folder}: {stem}(.gz) is missing")
+    x, y, folder = data.read_test_split(name, data_dir)
+    return RawSplit(name, x, y, data.DATASETS[name].classes, str(folder))
 
 
 def dataset_preprocessing(ds: data.Dataset) -> Preprocessing:

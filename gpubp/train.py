@@ -504,8 +504,12 @@ def train(
         log(f"interrupted after {result.epochs_done} epoch(s); checkpoint written to {where}")
         log(f"continue with the same command plus: --resume {where}")
     else:
-        raw = raw_test_split(ds.name, ds.source if ds.name in data.DATASETS else None)
-        ev = model.evaluate(raw.x, raw.y)
+        # the raw test inputs the loader kept: no second read of the test files
+        x_raw = ds.x_test_raw
+        if x_raw is None:  # a Dataset built by hand
+            source = ds.source if ds.name in data.DATASETS else None
+            x_raw = raw_test_split(ds.name, source).x
+        ev = model.evaluate(x_raw, ds.y_test)
         result.test_loss, result.test_accuracy = ev["loss"], ev["accuracy"]
     result.wall_seconds = time.perf_counter() - t_start
     if comm is not None:
