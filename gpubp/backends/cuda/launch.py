@@ -314,17 +314,7 @@ def update_table(
     :func:`.catalogue.build_table`; parameters, gradients and states are ``dtype``, as is ``hp``
     (:func:`.catalogue.hyperparameters`). Skipped on the device when ``status[STATUS_BAD]`` is set.
     """
-    fn = "update_table"
-    _table(fn, table, n)
-    _hp(fn, hp, dtype)
-    _status(fn, status)
-    name = ck.update_table(optimizer.op, dtype, optimizer.variant)
-    _launch(
-        kernels,
-        name,
-        ck.blocks_for(chunks * ck.THREADS),
-        (table, np.int32(n), np.int64(chunks), np.int64(ck.CHUNK), hp, status),
-    )
+    _optimizer_table(kernels, optimizer, dtype, table, n, chunks, hp, status, check=False)
 
 
 def check_update_table(
@@ -340,11 +330,28 @@ def check_update_table(
     """Set ``status[STATUS_BAD]`` if ``optimizer``'s update of ``table`` would give any NaN or
     infinite parameter or state value; nothing is written. Arguments as :func:`update_table`,
     which, launched next on the same ``status``, then skips itself."""
-    fn = "check_update_table"
+    _optimizer_table(kernels, optimizer, dtype, table, n, chunks, hp, status, check=True)
+
+
+def _optimizer_table(
+    kernels: KernelGetter,
+    optimizer: Any,
+    dtype: Any,
+    table: Any,
+    n: int,
+    chunks: int,
+    hp: Any,
+    status: Any,
+    *,
+    check: bool,
+) -> None:
+    """Check the arguments of ``optimizer``'s table kernel and launch it: the update, or with
+    ``check`` the kernel that flags a non-finite new value (the same arguments)."""
+    fn = "check_update_table" if check else "update_table"
     _table(fn, table, n)
     _hp(fn, hp, dtype)
     _status(fn, status)
-    name = ck.update_table(optimizer.op, dtype, optimizer.variant, check=True)
+    name = ck.update_table(optimizer.op, dtype, optimizer.variant, check=check)
     _launch(
         kernels,
         name,
