@@ -18,6 +18,8 @@ import pytest
 import gpubp
 from gpubp.backends import BACKEND_NAMES
 
+from .idx_files import write_fake_idx_dataset
+
 DTYPES: tuple[str, ...] = ("float32", "float64")
 
 
@@ -108,3 +110,12 @@ def hide_module(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setattr(builtins, "__import__", blocked)
 
     return hide
+
+
+@pytest.fixture
+def fake_mnist(tmp_path, rng, monkeypatch):
+    """A random MNIST-layout dataset (120 training, 40 test images) found via ``GPUBP_DATA``."""
+    root = tmp_path / "data"
+    write_fake_idx_dataset(root / "mnist", rng, n_train=120, n_test=40)
+    monkeypatch.setenv("GPUBP_DATA", str(root))
+    return root

@@ -34,16 +34,7 @@ from gpubp.errors import (
 )
 from gpubp.train import load_checkpoint, train
 
-from .idx_files import write_fake_idx_dataset
 from .test_fuzz_files import members, meta_of, rezip, with_meta
-
-
-@pytest.fixture
-def fake_mnist(tmp_path, rng, monkeypatch):
-    root = tmp_path / "data"
-    write_fake_idx_dataset(root / "mnist", rng, n_train=120, n_test=40)
-    monkeypatch.setenv("GPUBP_DATA", str(root))
-    return root
 
 
 def small(**kw: Any) -> TrainConfig:

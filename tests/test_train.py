@@ -14,20 +14,9 @@ from gpubp import MLP, reference
 from gpubp.errors import CheckpointMismatchError, ModelFileError
 from gpubp.train import TrainConfig, gradflow, gradient_norms, load_checkpoint, train
 
-from .idx_files import write_fake_idx_dataset
-
 
 def quiet(_: str) -> None:
     pass
-
-
-@pytest.fixture
-def fake_mnist(tmp_path, rng, monkeypatch):
-    """A random MNIST-layout dataset (120 training, 40 test images) found via ``GPUBP_DATA``."""
-    root = tmp_path / "data"
-    write_fake_idx_dataset(root / "mnist", rng, n_train=120, n_test=40)
-    monkeypatch.setenv("GPUBP_DATA", str(root))
-    return root
 
 
 def small_config(backend: str = "numpy", **kw):
