@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import CheckpointError, ModelFileError, NoPreprocessingWarning
 from .files import write_atomic
-from .npzfile import parse_json, read_checked_npz
+from .npzfile import INPUT_MEMBERS, parse_json, read_checked_npz
 from .optim import Optimizer
 from .preprocessing import Preprocessing
 
@@ -55,7 +55,7 @@ FORMAT = "gpubp-mlp"
 FORMAT_VERSION = 1
 CHECKPOINT_FORMAT = "gpubp-checkpoint"
 #: The arrays that hold a model's input preprocessing, ``x' = (x - input_shift) * input_scale``.
-PREPROCESSING_MEMBERS = ("input_shift", "input_scale")
+PREPROCESSING_MEMBERS = INPUT_MEMBERS  # the reader knows their shape: one per input
 _ABSENT = object()  # a metadata key that is not there (None is JSON's null)
 
 
@@ -121,16 +121,16 @@ def preprocessing_entries(
 def read_preprocessing(
     arrays: dict[str, np.ndarray],
     meta: dict[str, Any],
-    n_inputs: int,
     path: Any,
     warn_if_absent: bool = True,
 ) -> Preprocessing | None:
     """The input preprocessing stored in a model file or checkpoint, checked; ``None`` if it
     has none.
 
-    ``meta["preprocessing"]`` says whether there is one: a dict (then both ``input_shift`` and
-    ``input_scale`` must be there, float 1-D of length ``n_inputs``, finite) or ``None`` (then
-    neither may be). A file without the key was written before models carried their
+    ``arrays`` as :func:`read_npz` gives them, which has checked every member's dtype, shape
+    (``(n_inputs,)`` for these two) and finiteness. ``meta["preprocessing"]`` says whether
+    there is one: a dict (then both ``input_shift`` and ``input_scale`` must be there) or
+    ``None`` (then neither may be). A file without the key was written before models carried their
     preprocessing: it loads, with a :class:`~gpubp.errors.NoPreprocessingWarning` when
     ``warn_if_absent``, unless it holds the two arrays. Anything else is a
     :class:`~gpubp.errors.ModelFileError` naming the file and what is wrong.
@@ -169,15 +169,6 @@ def read_preprocessing(
             f"{path}: holds input_shift and input_scale but its metadata says the model has "
             "no preprocessing; the file is inconsistent"
         )
-    for name in PREPROCESSING_MEMBERS:
-        arr = arrays[name]
-        if arr.dtype.kind != "f" or arr.shape != (n_inputs,):
-            raise ModelFileError(
-                f"{path}: {name} is {arr.dtype} of shape {arr.shape}; expected float of shape "
-                f"({n_inputs},), one value per input of the model"
-            )
-        if not np.isfinite(arr).all():
-            raise ModelFileError(f"{path}: {name} contains NaN or infinity")
     info = declared if isinstance(declared, dict) else {}
     kind, description = info.get("kind", "custom"), info.get("description", "")
     if not isinstance(kind, str) or not isinstance(description, str):
@@ -341,8 +332,7 @@ class Checkpoint:
     def preprocessing(self) -> Preprocessing | None:
         """The input preprocessing the run's model carries (``None``: none, or a checkpoint
         written before checkpoints recorded it)."""
-        n_inputs = int(self.meta["config"]["layer_sizes"][0])
-        return read_preprocessing(self.arrays, self.meta, n_inputs, self.path, False)
+        return read_preprocessing(self.arrays, self.meta, self.path, False)
 
     def restore(self, model: MLP, optimizer: Optimizer) -> None:
         """Load parameters and optimizer state (everything checked before anything changes)."""

@@ -444,16 +444,8 @@ class MLP(InputChecks):
         except (TypeError, ValueError) as exc:
             raise ModelFileError(f"{path}: the saved configuration is invalid: {exc}") from None
         L = model.n_layers
-        pre = io.read_preprocessing(arrays, meta, model.n_inputs, path)
+        pre = io.read_preprocessing(arrays, meta, path)
         model.dataset, model.labels = io.read_model_info(meta, model.n_outputs, path)
-        expected = {"meta", *(f"W{i}" for i in range(L)), *(f"b{i}" for i in range(L))}
-        expected.update(io.PREPROCESSING_MEMBERS)
-        extra = sorted(set(arrays) - expected)
-        if extra:
-            raise ModelFileError(
-                f"{path}: holds arrays {extra} that its configuration (layer_sizes "
-                f"{list(model.layer_sizes)}) does not describe; the file is inconsistent"
-            )
         try:
             weights = [arrays[f"W{i}"] for i in range(L)]
             biases = [arrays[f"b{i}"] for i in range(L)]
