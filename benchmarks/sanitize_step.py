@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def main() -> int:
     from gpubp.backends.cuda import CupyBackend
-    from gpubp.backends.cuda.backend import import_cupy
+    from gpubp.backends.cuda.cupy_module import import_cupy
     from gpubp.check import random_problem
     from gpubp.optim import SGD, Adam
 

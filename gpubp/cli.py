@@ -134,7 +134,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     except Exception:  # numpy < 1.25 has no dict mode; the BLAS line is a courtesy
         pass
     try:
-        from .backends.cuda.backend import import_cupy
+        from .backends.cuda.cupy_module import import_cupy
 
         cupy = import_cupy()
         n = cupy.cuda.runtime.getDeviceCount()

@@ -129,7 +129,7 @@ def local_rank(comm: MPICommunicator) -> int:
 
 def _use_local_gpu(comm: MPICommunicator) -> None:
     try:
-        from .backends.cuda.backend import import_cupy
+        from .backends.cuda.cupy_module import import_cupy
 
         cupy = import_cupy()
         n = cupy.cuda.runtime.getDeviceCount()

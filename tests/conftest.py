@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import gpubp
+from cudaemu.kernels import compiler_missing
 from gpubp.backends import BACKEND_NAMES
 
 from .idx_files import write_fake_idx_dataset
@@ -34,12 +35,16 @@ def _real_gpu() -> bool:
         return False
 
 
+#: The CPU emulation of CuPy (cudaemu/ at the repository root, not part of the package).
+EMULATOR_MODULE = "cudaemu.cupy"
+
 # Without a GPU the ``cupy`` backend runs on the emulated device (the kernels compiled for the
-# CPU, CuPy emulated over NumPy): the same test bodies then run it against the reference.
-# GPUBP_CUDA_EMULATOR=0 or =1 in the environment decides instead.
-if "GPUBP_CUDA_EMULATOR" not in os.environ and not _real_gpu():
-    os.environ["GPUBP_CUDA_EMULATOR"] = "1"
-EMULATED_GPU: bool = os.environ.get("GPUBP_CUDA_EMULATOR") == "1"
+# CPU, CuPy emulated over NumPy), injected in place of cupy with GPUBP_CUPY_MODULE: the same
+# test bodies then run it against the reference, and child processes (the CLI, mpirun) inherit
+# it. GPUBP_CUPY_MODULE in the environment decides instead (=cupy: the real one only).
+if "GPUBP_CUPY_MODULE" not in os.environ and not _real_gpu():
+    os.environ["GPUBP_CUPY_MODULE"] = EMULATOR_MODULE
+EMULATED_GPU: bool = os.environ.get("GPUBP_CUPY_MODULE") == EMULATOR_MODULE
 
 
 @functools.cache
@@ -56,6 +61,8 @@ def skip_unless_available(name: str) -> None:
     """
     why = _status()[name]
     if why is not None:
+        if name == "cupy" and EMULATED_GPU and compiler_missing() is not None:
+            why = f"{why}: {compiler_missing()}"  # what the emulated device lacks here
         if name == "cupy" and os.environ.get("GPUBP_REQUIRE_EMULATOR") == "1":
             pytest.fail(f"GPUBP_REQUIRE_EMULATOR=1 but backend 'cupy' cannot run: {why}")
         pytest.skip(f"backend {name!r} is not available here: {why}")

@@ -17,17 +17,22 @@ def test_check_passes_and_prints_a_table(capsys):
 
 
 def test_check_runs_the_cupy_backend_on_the_emulated_gpu(tmp_path):
-    """``GPUBP_CUDA_EMULATOR=1 gpubp check --backends cupy``, as a user without a GPU runs it:
-    a fresh process, the kernels built for the CPU, every configuration within tolerance."""
+    """``GPUBP_CUPY_MODULE=cudaemu.cupy gpubp check --backends cupy``, as a kernel developer
+    without a GPU runs it from the repository root: a fresh process, the kernels built for the
+    CPU, every configuration within tolerance."""
     import os
     import subprocess
     import sys
 
-    from .conftest import EMULATED_GPU
+    from .conftest import EMULATED_GPU, EMULATOR_MODULE
 
     if not EMULATED_GPU:
         pytest.skip("a real GPU is here: gpubp check --backends cupy runs on it")
-    env = {**os.environ, "GPUBP_CUDA_EMULATOR": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {
+        **os.environ,
+        "GPUBP_CUPY_MODULE": EMULATOR_MODULE,
+        "PYTHONPATH": os.pathsep.join(sys.path),
+    }
     cmd = [sys.executable, "-m", "gpubp", "check", "--backends", "cupy", "--dtypes", "float32"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -298,9 +298,9 @@ def test_handle_is_made_in_device_pointer_mode_with_a_workspace():
     assert lib.calls == [("destroy", 0xC0FFEE)]
 
 
-def test_the_emulated_library_is_taken_from_the_cupy_module():
+def test_a_stand_in_cupy_brings_its_own_library():
     lib = FakeLib()
-    blas = cublas.Cublas(_fake_cupy(emulated_libcublas=lambda: lib))
+    blas = cublas.Cublas(_fake_cupy(libcublas=lambda: lib))
     assert blas._lib is lib and lib.calls[0] == ("create",)
 
 

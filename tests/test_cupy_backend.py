@@ -24,7 +24,7 @@ from .conftest import EMULATED_GPU, skip_unless_available
 @pytest.fixture(scope="module")
 def cp():
     skip_unless_available("cupy")
-    from gpubp.backends.cuda.backend import import_cupy
+    from gpubp.backends.cuda.cupy_module import import_cupy
 
     return import_cupy()
 

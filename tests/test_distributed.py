@@ -22,7 +22,7 @@ from gpubp import MLP, optim
 from gpubp.distributed import DataParallel, DistributedError, shard_bounds
 from gpubp.train import TrainConfig, train
 
-from .conftest import EMULATED_GPU
+from .conftest import EMULATED_GPU, EMULATOR_MODULE
 from .idx_files import write_fake_idx_dataset
 
 HANG_GUARD_S = 300
@@ -302,7 +302,7 @@ def test_two_ranks_on_the_emulated_gpu_reproduce_one_process(job):
     (emulated over MPI), and the result is the single-process run's."""
     if not EMULATED_GPU:
         pytest.skip("a real GPU is here: the NCCL path runs on it in benchmarks/gpu_check.sh")
-    env = {**_env(), "GPUBP_CUDA_EMULATOR": "1", "GPUBP_EMU_DEVICES": "2"}
+    env = {**_env(), "GPUBP_CUPY_MODULE": EMULATOR_MODULE, "GPUBP_EMU_DEVICES": "2"}
     args = [*TRAIN, "--backend", "cupy", "--epochs", "2"]
     one = subprocess.run(
         [sys.executable, *args, "--save", "one.npz"],

@@ -1,4 +1,4 @@
-"""The emulated CuPy (gpubp.backends.cuda.emu.cupy): array manners, capture and replay, the
+"""The emulated CuPy (cudaemu.cupy): array manners, capture and replay, the
 C-level cuBLAS against NumPy, CuPy's cuBLAS wrappers refusing capture, NCCL over (fake) MPI.
 
 Launches go through the CPU kernel emulator; those tests skip when it cannot build (no C++
@@ -16,9 +16,9 @@ import types
 import numpy as np
 import pytest
 
+from cudaemu import _nccl
+from cudaemu import cupy as cp
 from gpubp.backends.base import Backend
-from gpubp.backends.cuda.emu import _nccl
-from gpubp.backends.cuda.emu import cupy as cp
 from gpubp.check import random_problem
 from gpubp.optim import SGD, Adam
 
@@ -50,7 +50,7 @@ def _clean() -> None:
 def axpb() -> cp.RawModule:
     why = None
     try:
-        from gpubp.backends.cuda.emu import kernels
+        from cudaemu import kernels
     except ImportError as exc:
         why = f"the kernel emulator cannot be imported: {exc}"
     else:
@@ -186,7 +186,7 @@ def test_the_base_backend_runs_unchanged_and_never_syncs_for_gradients(dtype):
 
 
 def _handle(stream: cp.Stream, workspace: cp.ndarray | None = None) -> int:
-    lib = cp.emulated_libcublas()
+    lib = cp.libcublas()
     h = ctypes.c_void_p()
     assert lib.cublasCreate_v2(ctypes.byref(h)) == 0
     assert lib.cublasSetPointerMode_v2(h.value, 1) == 0
@@ -201,7 +201,7 @@ def _rowmajor_matmul(h, A, B, C, hp, alpha_slot=0, beta_slot=1):
     (M, K), N = A.shape, B.shape[1]
     dt = C.dtype.type
     item = C.itemsize
-    return cp.emulated_libcublas().cublasGemmEx(
+    return cp.libcublas().cublasGemmEx(
         h, OP_N, OP_N, N, M, K, hp.data.ptr + alpha_slot * item, B.data.ptr, CODE[dt], N,
         A.data.ptr, CODE[dt], K, hp.data.ptr + beta_slot * item, C.data.ptr, CODE[dt], N,
         COMPUTE[dt], -1,
@@ -225,7 +225,7 @@ def test_capture_records_launches_gemms_and_copies_and_replays_them(axpb):
         s.begin_capture()
         f((2,), (64,), (x, np.int64(100), np.float32(2), np.float32(1)))
         hp.data.copy_from_host_async(pinned.ptr, 8, s)
-        assert _rowmajor_matmul(h, A, B, C, hp) == 0, cp.emulated_libcublas().last_error
+        assert _rowmajor_matmul(h, A, B, C, hp) == 0, cp.libcublas().last_error
         graph = s.end_capture()
     assert graph.nodes == [
         "launch axpb<float>",
@@ -275,7 +275,7 @@ def test_anything_else_during_capture_raises_and_invalidates_the_capture(what):
 
 
 def test_capture_rules_of_the_c_level_cublas():
-    lib = cp.emulated_libcublas()
+    lib = cp.libcublas()
     s = cp.cuda.Stream(non_blocking=True)
     A, B, C = cp.ones((2, 2)), cp.ones((2, 2)), cp.zeros((2, 2))
     hp = cp.asarray(np.array([1.0, 0.0]))
@@ -382,12 +382,12 @@ def test_gemmex_equals_numpy(dtype, ta, tb, beta):
     hp = cp.asarray(np.array([1.5, beta], dtype))
     s = cp.cuda.Stream(non_blocking=True)
     h = _handle(s)
-    status = cp.emulated_libcublas().cublasGemmEx(
+    status = cp.libcublas().cublasGemmEx(
         h, ta, tb, m, n, k, hp.data.ptr, Ad.data.ptr, CODE[dtype], lda, Bd.data.ptr,
         CODE[dtype], ldb, hp.data.ptr + hp.itemsize, Cd.data.ptr, CODE[dtype], ldc,
         COMPUTE[dtype], -1,
     )  # fmt: skip
-    assert status == 0, cp.emulated_libcublas().last_error
+    assert status == 0, cp.libcublas().last_error
     want = 1.5 * opA.astype(np.float64) @ opB.astype(np.float64)
     if beta:
         want += beta * C0
@@ -398,7 +398,7 @@ def test_gemmex_equals_numpy(dtype, ta, tb, beta):
 
 
 def test_gemmex_host_pointer_mode_alpha_zero_k_zero_and_tf32():
-    lib = cp.emulated_libcublas()
+    lib = cp.libcublas()
     s = cp.cuda.Stream(non_blocking=True)
     h = _handle(s)
     assert lib.cublasSetPointerMode_v2(h, 0) == 0
@@ -428,7 +428,7 @@ def test_gemmex_host_pointer_mode_alpha_zero_k_zero_and_tf32():
 
 
 def test_gemmex_bad_arguments_give_a_status_and_bad_memory_raises():
-    lib = cp.emulated_libcublas()
+    lib = cp.libcublas()
     s = cp.cuda.Stream(non_blocking=True)
     h = _handle(s)
     A, C = cp.ones((4, 4)), cp.zeros((4, 4))

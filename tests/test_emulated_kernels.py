@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cudaemu import kernels as emu
 from gpubp import optim
 from gpubp import reference as ref
 from gpubp.activations import ACTIVATION_IDS
 from gpubp.backends.cuda import catalogue as ck
-from gpubp.backends.cuda.emu import kernels as emu
 
 _WHY = emu.compiler_missing()
 if _WHY is not None:

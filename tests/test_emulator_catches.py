@@ -55,9 +55,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cudaemu import kernels as emu
 from gpubp import reference as ref
 from gpubp.backends.cuda import catalogue as ck
-from gpubp.backends.cuda.emu import kernels as emu
 
 from .test_emulated_kernels import (
     COMBOS,
@@ -532,7 +532,7 @@ _SCRIPT = textwrap.dedent(
     import numpy as np
 
     from gpubp import reference as ref
-    from gpubp.backends.cuda.emu.kernels import Module
+    from cudaemu.kernels import Module
 
     code, name, kind = Path(sys.argv[1]).read_text(), sys.argv[2], sys.argv[3]
     names = sys.argv[4].split(";")  # every instantiation the library exports

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from cudaemu import kernels as emu
+from cudaemu import sanitize
 from gpubp.backends.cuda import catalogue as ck
-from gpubp.backends.cuda.emu import kernels as emu
-from gpubp.backends.cuda.emu import sanitize
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import gpubp
 from gpubp.activations import ACTIVATION_IDS
 from gpubp.kernel_sources import kernel_files, read_kernel
@@ -26,6 +28,34 @@ def test_missing_kernel_names_what_exists():
         assert "activations.cuh" in str(exc)
     else:  # pragma: no cover
         raise AssertionError("read_kernel accepted a file that does not exist")
+
+
+def _shipped_files() -> set[Path]:
+    """The files pyproject's setuptools tables put in the wheel: every listed package's modules
+    and its package-data globs (``.ci/run`` builds the wheel itself and checks the same)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    shipped: set[Path] = set()
+    for package in tool["packages"]:
+        folder = ROOT / tool.get("package-dir", {}).get(package, package.replace(".", "/"))
+        shipped |= set(folder.glob("*.py"))
+        for pattern in tool.get("package-data", {}).get(package, []):
+            shipped |= set(folder.glob(pattern))
+    return shipped
+
+
+def test_the_wheel_ships_the_kernels_and_no_emulator():
+    """cudaemu/ (the CPU emulation of CUDA and CuPy, with its C++ headers) is for the tests and
+    CI: no file of it, and no C++ header outside the CUDA sources, is installed."""
+    shipped = _shipped_files()
+    emulator = {p for p in (ROOT / "cudaemu").rglob("*") if p.is_file()}
+    assert emulator and not shipped & emulator
+    assert not [p for p in shipped if p.suffix in (".h", ".hpp", ".cpp")]
+    cuda = {p.name for p in shipped if p.parent == ROOT / "kernels"}
+    assert set(kernel_files()) <= cuda and "output_layer.cu" in cuda
+    # every package of the source tree is listed, so that the list above is the whole wheel
+    packages = {p.parent for p in (ROOT / "gpubp").rglob("__init__.py")}
+    assert packages <= {p.parent for p in shipped}, "a package of gpubp/ is not in pyproject"
 
 
 def test_activation_ids_match_the_cuda_header():

@@ -13,7 +13,8 @@ import numpy as np
 from ..errors import BackendUnavailableError
 from .base import OPS, Backend
 from .cuda import CupyBackend
-from .cuda.backend import emulated
+from .cuda.cublas import library_for
+from .cuda.cupy_module import CUPY_MODULE_ENV, cupy_module_name, import_cupy, injected
 from .numpy_backend import NumpyBackend
 
 __all__ = [
@@ -57,32 +58,31 @@ def _numba_class() -> type[Backend]:
 
 
 def _cupy_status() -> str | None:
-    if emulated():  # GPUBP_CUDA_EMULATOR=1: CuPy and the GPU emulated on the CPU
-        try:
-            emu: Any = importlib.import_module("gpubp.backends.cuda.emu.kernels")
-        except ImportError as exc:
-            return f"GPUBP_CUDA_EMULATOR=1 but the CUDA emulator cannot be imported ({exc})"
-        why: str | None = emu.compiler_missing()
-        return why
-    if importlib.util.find_spec("cupy") is None:
+    name = cupy_module_name()
+    # a stand-in (GPUBP_CUPY_MODULE) is named in every reason, so its user knows what ran
+    what = f"{CUPY_MODULE_ENV}={name}" if injected() else "CuPy"
+    if not injected() and importlib.util.find_spec("cupy") is None:
         return "CuPy is not installed (pip install 'gpubp[cuda12]' or 'gpubp[cuda13]')"
     try:
-        import cupy
-
+        cupy = import_cupy()
+    except ImportError as exc:
+        if injected():
+            return f"{what}, but that module cannot be imported ({type(exc).__name__}: {exc})"
+        return f"CuPy could not be imported: {type(exc).__name__}: {exc}"
+    try:
         if not cupy.cuda.is_available():
             return (
-                "CuPy is installed but no CUDA GPU is visible (cupy.cuda.is_available() is False)"
+                f"{what} is installed but no CUDA GPU is visible "
+                f"({name}.cuda.is_available() is False)"
             )
     except Exception as exc:  # a broken driver or toolkit: report it, never crash the registry
-        return f"CuPy could not reach a GPU: {type(exc).__name__}: {exc}"
+        return f"{what} could not reach a GPU: {type(exc).__name__}: {exc}"
     try:  # the backend needs cuBLAS (its own binding) and NVRTC (which CuPy loads on demand)
-        from .cuda.cublas import load_library
-
-        load_library()
+        library_for(cupy)
         cupy.cuda.nvrtc.getVersion()
     except Exception as exc:
         return (
-            f"CuPy sees a GPU but cannot load cuBLAS or NVRTC ({type(exc).__name__}: {exc}); "
+            f"{what} sees a GPU but cannot load cuBLAS or NVRTC ({type(exc).__name__}: {exc}); "
             "install the CUDA libraries with pip install 'cupy-cuda13x[ctk]' (or cupy-cuda12x)"
         )
     return None
@@ -103,9 +103,10 @@ def available_backends() -> list[str]:
 
 
 def _best() -> str:
-    """What ``auto`` takes: the first available backend, except an emulated GPU (it runs the
-    CUDA kernels on the CPU to test them, far slower than numba or numpy; name it to use it)."""
-    return next(n for n in available_backends() if not (n == "cupy" and emulated()))
+    """What ``auto`` takes: the first available backend, except a stand-in for CuPy
+    (``GPUBP_CUPY_MODULE``: a module checking the GPU code, such as a CPU emulation, far slower
+    than numba or numpy; name ``cupy`` to use it)."""
+    return next(n for n in available_backends() if not (n == "cupy" and injected()))
 
 
 def get_backend(name: str | Backend | None = None) -> Backend:
@@ -113,7 +114,7 @@ def get_backend(name: str | Backend | None = None) -> Backend:
 
     ``auto`` (and ``None``) is the backend chosen by the innermost :func:`use_backend` block if
     there is one, else the best that can run here: CuPy with a working GPU, else Numba, else
-    NumPy (never the emulated GPU of ``GPUBP_CUDA_EMULATOR=1``). A backend object is returned
+    NumPy (never a stand-in for CuPy named by ``GPUBP_CUPY_MODULE``). A backend object is returned
     as it is. Raises :class:`~gpubp.errors.BackendUnavailableError` if the backend cannot run
     here, saying why and what to use instead; :class:`ValueError` for an unknown name.
     """

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..backends import BACKEND_NAMES, backend_status, get_backend, to_numpy
-from ..backends.cuda.backend import emulated
+from ..backends.cuda.cupy_module import CUPY_MODULE_ENV, cupy_module_name, injected
 from ..check import rel_error
 from .problem import (
     ACTIVATION,
@@ -80,7 +80,7 @@ class Candidate:
 
 
 def cupy_module() -> Any:
-    from ..backends.cuda.backend import import_cupy
+    from ..backends.cuda.cupy_module import import_cupy
 
     return import_cupy()
 
@@ -447,8 +447,8 @@ def make_candidates(
 
     for name in names:
         why = status[name]
-        if why is None and name == "cupy" and emulated():
-            why = "GPUBP_CUDA_EMULATOR=1: the emulated GPU (kernels run on the CPU) is not timed"
+        if why is None and name == "cupy" and injected():
+            why = f"{CUPY_MODULE_ENV}={cupy_module_name()}: a stand-in for CuPy is not timed"
         if why is not None:
             report.absent.append(f"backend {name}: {why}")
             continue

@@ -140,7 +140,7 @@ def find_library() -> str:
         return explicit
     try:  # CuPy's own cuBLAS module loads the libcublas of its CUDA version: use that copy
         importlib.import_module("cupy_backends.cuda.libs.cublas")
-    except Exception:  # no CuPy here (the emulated GPU, or a bare install): search on
+    except Exception:  # no CuPy here (a stand-in, or a bare install): search on
         pass
     found = _loaded_in_process() or _in_wheels() or ctypes.util.find_library("cublas")
     if not found:
@@ -157,6 +157,14 @@ def load_library(path: str | None = None) -> Any:
         fn.restype = restype
         fn.argtypes = argtypes
     return lib
+
+
+def library_for(cupy_module: Any) -> Any:
+    """The cuBLAS C functions to use with ``cupy_module``: its own ``libcublas()`` where a
+    stand-in for CuPy brings one (same functions, same calling convention as :class:`Cublas`
+    describes), else the real library (:func:`load_library`)."""
+    own = getattr(cupy_module, "libcublas", None)
+    return own() if own is not None else load_library()
 
 
 def rowmajor_gemm(
@@ -201,15 +209,15 @@ class Cublas:
         used).
     lib : object, optional
         The library: anything whose attributes are the cuBLAS C functions of
-        :data:`PROTOTYPES`. ``None``: ``cupy_module.emulated_libcublas()`` if the module has
-        that attribute (the CPU emulator), else the real ``libcublas`` through ctypes
-        (:func:`load_library`).
+        :data:`PROTOTYPES`. ``None``: :func:`library_for` ``cupy_module`` (its own
+        ``libcublas()`` if it is a stand-in that has one, else the real ``libcublas`` through
+        ctypes).
     workspace_bytes : int
         Size of the preallocated workspace.
 
     Notes
     -----
-    The calling convention an emulated ``lib`` must accept: every function returns an ``int``
+    The calling convention a stand-in ``lib`` must accept: every function returns an ``int``
     status (0 is success); handles, stream pointers, device pointers and enums are plain Python
     ``int``; the one exception is ``cublasCreate_v2(ctypes.byref(handle))`` with ``handle`` a
     ``ctypes.c_void_p`` that the function sets. ``cublasGemmEx`` gets ``alpha`` and ``beta`` as
@@ -222,8 +230,7 @@ class Cublas:
         self, cupy_module: Any, lib: Any = None, workspace_bytes: int = WORKSPACE_BYTES
     ) -> None:
         if lib is None:
-            emulated = getattr(cupy_module, "emulated_libcublas", None)
-            lib = emulated() if emulated is not None else load_library()
+            lib = library_for(cupy_module)
         self._lib = lib
         self._cp = cupy_module
         handle = ctypes.c_void_p()

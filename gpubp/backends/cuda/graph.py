@@ -23,19 +23,19 @@ capturing. If capture fails nonetheless, the steps run eagerly (said once, as a 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ..base import Workspace
 from . import catalogue as ck
 from . import launch
-
-if TYPE_CHECKING:
-    from .backend import CupyBackend
+from .context import DeviceContext, Entry, table_entries
 
 
-class _StepBuffers:
+class StepBuffers:
     """Everything one captured train step reads and writes, beyond the base Workspace."""
 
     def __init__(self, cp: Any, ws: Workspace, sizes: tuple[int, ...], dtype: Any) -> None:
@@ -51,32 +51,17 @@ class _StepBuffers:
         self.plans = plans
 
 
-class _HostRing:
-    """Pinned host slots for the per-step hyper-parameter upload (asynchronous, never a sync).
+@dataclass(frozen=True)
+class StepSpec:
+    """What a step computes, beyond its arrays: the functions, the target form, the fold."""
 
-    A slot is reused only after the copy that read it has finished (its event), so the host
-    never overwrites values a queued copy has yet to read.
-    """
-
-    def __init__(self, cp: Any, slots: int = 64, nbytes: int = ck.HP_SLOTS * 8) -> None:
-        self._cp = cp
-        self._mem = cp.cuda.alloc_pinned_memory(slots * nbytes)
-        self._nbytes = nbytes
-        self._events: list[Any] = [None] * slots
-        self._next = 0
-
-    def upload(self, host: np.ndarray, dst: Any) -> None:
-        k = self._next
-        self._next = (k + 1) % len(self._events)
-        if self._events[k] is not None:
-            self._events[k].synchronize()
-        view = np.frombuffer(self._mem, dtype=np.uint8, count=self._nbytes, offset=k * self._nbytes)
-        view[: host.nbytes] = host.view(np.uint8)
-        stream = self._cp.cuda.get_current_stream()
-        dst.data.copy_from_host_async(self._mem.ptr + k * self._nbytes, host.nbytes, stream)
-        ev = self._cp.cuda.Event(block=False, disable_timing=True)
-        ev.record(stream)
-        self._events[k] = ev
+    activation: str
+    output: str
+    loss: str
+    #: targets given as int64 class labels (else dense rows)
+    labels: bool
+    #: plain SGD's weight update folded into the gradient GEMM (see :func:`folds`)
+    fold: bool
 
 
 def folds(optimizer: Any) -> bool:
@@ -89,7 +74,7 @@ def folds(optimizer: Any) -> bool:
     )
 
 
-def _buffer_entry(a: Any) -> tuple[int, int, int, int, int]:
+def _buffer_entry(a: Any) -> Entry:
     """A table row naming the buffer ``a`` in the parameter column (what the guard zeroes)."""
     return (a.data.ptr, 0, 0, 0, int(a.size))
 
@@ -98,35 +83,60 @@ class _Table:
     """A pointer table on the device with what its launches take, derived once per step:
     the rows ``n``, the chunk count of the update kernels, the largest tensor (grid size)."""
 
-    def __init__(self, cp: Any, entries: list[tuple[int, int, int, int, int]]) -> None:
+    def __init__(self, cp: Any, entries: list[Entry]) -> None:
         table, self.chunks = ck.build_table(entries)
         self.dev = cp.asarray(table)
         self.n = len(entries)
         self.biggest = max(e[4] for e in entries)
 
 
-class _TrainStep:
-    """One batch shape's train step: its buffers, pointer tables and (once captured) its graph."""
+class TrainStep:
+    """One batch shape's train step: its buffers, pointer tables and (once captured) its graph.
+
+    Parameters
+    ----------
+    ctx : DeviceContext
+        The device context (cupy, cuBLAS, status words, constants, host ring).
+    kernels : callable
+        The kernel getter the step launches through (the backend's ``kernel``, which a subclass
+        may override).
+    buf : StepBuffers
+        The step's buffers.
+    weights, biases : list of device arrays
+        The parameters the step reads and updates in place.
+    spec : StepSpec
+        What the step computes.
+    optimizer : Optimizer or None
+        The update rule; ``None`` for gradients only.
+    slots : list of lists of device arrays or None
+        The optimizer's state slots, per parameter.
+    graphs : bool
+        Capture the step as a CUDA graph on its second run.
+    on_eager : callable
+        Called with the reason when the capture fails (the step then runs eagerly).
+    """
 
     def __init__(
         self,
-        be: CupyBackend,
-        buf: _StepBuffers,
+        ctx: DeviceContext,
+        kernels: launch.KernelGetter,
+        buf: StepBuffers,
         weights: list[Any],
         biases: list[Any],
-        activation: str,
-        output: str,
-        loss: str,
-        labels: bool,
+        spec: StepSpec,
         optimizer: Any,
         slots: list[list[Any]] | None,
+        *,
+        graphs: bool,
+        on_eager: Callable[[str], None],
     ) -> None:
-        cp = be._cp
-        self.be, self.buf = be, buf
+        cp = ctx.cp
+        self.ctx, self.kernels, self.buf = ctx, kernels, buf
         self.W, self.b = list(weights), list(biases)
-        self.activation, self.output, self.loss, self.labels = activation, output, loss, labels
+        self.activation, self.output, self.loss = spec.activation, spec.output, spec.loss
+        self.labels, self.fold = spec.labels, spec.fold
         self.optimizer = optimizer
-        self.fold = be.fold_sgd and folds(optimizer)
+        self.graphs, self.on_eager = graphs, on_eager
         self.dtype = weights[0].dtype
         self.graph: Any = None
         self.runs = 0
@@ -134,10 +144,10 @@ class _TrainStep:
         L = len(weights)
         # delta of weights[i]: the output delta for the last layer, ws.d[i + 1] below it
         self.deltas = [ws.d[i + 1] for i in range(L - 1)] + [ws.z_out]
-        self.status = be._device()["status"]
+        self.status = ctx.device().status
         self.update: _Table | None = None
         if optimizer is not None and not self.fold:
-            entries = be._entries([*weights, *biases], [*ws.dW, *ws.db], slots or [])
+            entries = table_entries([*weights, *biases], [*ws.dW, *ws.db], slots or [])
             self.update = _Table(cp, entries)
         if self.fold:
             # both operands of every folded GEMM: zeroed when a flag is up, so that it adds
@@ -146,7 +156,7 @@ class _TrainStep:
             # the input batch, which the first folded GEMM reads (checked as a "gradient")
             self.inputs = _Table(cp, [(0, ws.a[0].data.ptr, 0, 0, int(ws.a[0].size))])
             # the biases, updated by the plain-SGD table kernel from db
-            self.bias_update = _Table(cp, be._entries(biases, ws.db, []))
+            self.bias_update = _Table(cp, table_entries(biases, ws.db, []))
 
     def stage(self, x: Any, y: Any) -> None:
         """Copy the batch into the captured input buffers (converting dtype on the device)."""
@@ -160,13 +170,13 @@ class _TrainStep:
     def set_hyperparameters(self, hp: np.ndarray) -> None:
         """Upload the hyper-parameter block when it changed (asynchronously, from pinned memory)."""
         if self.buf.hp_host is None or not np.array_equal(self.buf.hp_host, hp):
-            self.be._device()["ring"].upload(hp, self.buf.hp)
+            self.ctx.device().ring.upload(hp, self.buf.hp)
             self.buf.hp_host = hp.copy()
 
     def run(self) -> None:
         """Enqueue one step: the graph if there is one, else eagerly (capturing on the 2nd run)."""
-        be, cp = self.be, self.be._cp
-        if self.graph is None and be.graphs and self.runs >= 1:
+        cp = self.ctx.cp
+        if self.graph is None and self.graphs and self.runs >= 1:
             self.graph = self._capture()
         if self.graph is not None and self.graph is not False:
             self.graph.launch(stream=cp.cuda.get_current_stream())
@@ -181,10 +191,10 @@ class _TrainStep:
         and compiled, which must not happen during capture. The handle's stream is set to the
         capture stream before the capture begins (a host-side call), and back afterwards.
         """
-        cp = self.be._cp
+        cp = self.ctx.cp
         stream = cp.cuda.Stream(non_blocking=True)
         stream.wait_event(cp.cuda.get_current_stream().record())
-        blas = self.be.cublas()
+        blas = self.ctx.cublas()
         graph = None
         try:
             blas.set_stream(stream.ptr)
@@ -198,21 +208,21 @@ class _TrainStep:
             stream.synchronize()
             return graph
         except Exception as exc:  # any capture failure: eager launches give the same results
-            self.be._say_eager(f"{type(exc).__name__}: {exc}")
+            self.on_eager(f"{type(exc).__name__}: {exc}")
             return False
         finally:
             blas.set_stream(cp.cuda.get_current_stream().ptr)
 
     def record(self, status: Any) -> None:
         """Enqueue the whole step on the current stream (eagerly, or into a capture)."""
-        be, buf, ws = self.be, self.buf, self.buf.ws
-        kern = be.kernel
+        ctx, buf, ws = self.ctx, self.buf, self.buf.ws
+        kern = self.kernels
         L = len(self.W)
-        hp = buf.hp if self.optimizer is not None else be.constants(self.dtype)
+        hp = buf.hp if self.optimizer is not None else ctx.constants(self.dtype)
         # forward
         for i in range(L):
             out = ws.a[i + 1] if i < L - 1 else ws.z_out
-            be._gemm(False, True, ws.a[i], self.W[i], out, "ONE", "ZERO", hp)
+            ctx.gemm(False, True, ws.a[i], self.W[i], out, "ONE", "ZERO", hp)
             if i < L - 1:
                 launch.bias_activation(kern, out, self.b[i], self.activation, status)
         # output layer: bias, activation, loss per row, delta in place; the fixed-order total
@@ -231,11 +241,11 @@ class _TrainStep:
         # backward: every delta before any update (the deltas read the old weights)
         for i in range(L - 1, 0, -1):
             g = ws.d[i]
-            be._gemm(False, False, self.deltas[i], self.W[i], g, "ONE", "ZERO", hp)
+            ctx.gemm(False, False, self.deltas[i], self.W[i], g, "ONE", "ZERO", hp)
             launch.hidden_delta(kern, g, ws.a[i], self.activation, status)
         if self.optimizer is None:  # gradients only
             for i in range(L):
-                be._gemm(True, False, self.deltas[i], ws.a[i], ws.dW[i], "ONE", "ZERO", hp)
+                ctx.gemm(True, False, self.deltas[i], ws.a[i], ws.dW[i], "ONE", "ZERO", hp)
                 launch.bias_grad(kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], status)
             return
         if self.fold:
@@ -253,12 +263,12 @@ class _TrainStep:
             t = self.zeroed
             launch.zero_if_bad_table(kern, self.dtype, t.dev, t.n, t.biggest, status)
             for i in range(L):  # W = -lr * delta.T @ a + 1 * W
-                be._gemm(True, False, self.deltas[i], ws.a[i], self.W[i], "NEG_LR", "ONE", hp)
+                ctx.gemm(True, False, self.deltas[i], ws.a[i], self.W[i], "NEG_LR", "ONE", hp)
             t = self.bias_update
             launch.update_table(kern, self.optimizer, self.dtype, t.dev, t.n, t.chunks, hp, status)
         else:
             for i in range(L):
-                be._gemm(True, False, self.deltas[i], ws.a[i], ws.dW[i], "ONE", "ZERO", hp)
+                ctx.gemm(True, False, self.deltas[i], ws.a[i], ws.dW[i], "ONE", "ZERO", hp)
                 launch.bias_grad(kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], status)
             u = self.update
             assert u is not None  # made in __init__ whenever there is an optimizer and no fold

@@ -3,7 +3,7 @@
 
 Every wrapper takes ``kernels``, a getter from an instantiation name (built by
 :mod:`.catalogue`) to a launchable ``fn((blocks,), (threads,), args)`` (a ``cupy.RawKernel``, or
-the emulator's stand-in); :class:`Kernels` is the one the backend uses, and
+a stand-in's); :class:`Kernels` is the one the backend uses, and
 ``CupyBackend.kernel`` is its getter for the current device. The checks (dtype,
 C-contiguity, shapes) raise :class:`TypeError` or :class:`ValueError` saying what was expected;
 they cost no device work and no synchronisation, so the wrappers may be called while a stream is

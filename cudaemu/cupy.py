@@ -1,11 +1,11 @@
 """An emulated CuPy whose device memory is host memory: enough of ``cupy`` for gpubp, and strict.
 
 Arrays (:class:`ndarray`) wrap a NumPy array in 256-byte aligned host memory, so ``.data.ptr`` is
-a real address that the CPU kernel emulator (:mod:`gpubp.backends.cuda.emu.kernels`), the
-emulated cuBLAS (:func:`emulated_libcublas`) and ``cuda.runtime.memcpyAsync`` read and write.
+a real address that the CPU kernel emulator (:mod:`cudaemu.kernels`), the
+emulated cuBLAS (:func:`libcublas`) and ``cuda.runtime.memcpyAsync`` read and write.
 Every operation runs synchronously when it is called, except on a stream that is capturing:
 kernel launches (:class:`RawModule` functions), ``cublasGemmEx`` through
-:func:`emulated_libcublas` (on the stream set on the handle), ``runtime.memcpyAsync`` /
+:func:`libcublas` (on the stream set on the handle), ``runtime.memcpyAsync`` /
 ``MemoryPointer.copy_from_host_async`` and NCCL collectives are then *recorded* into the
 :class:`cuda.Graph` that ``end_capture()`` returns, and run each time it is launched.
 
@@ -82,7 +82,7 @@ from ._cublas import (
     EmulatedLibCublas,
     _cupy_cublas,
     _get_cublas_handle,
-    emulated_libcublas,
+    libcublas,
 )
 from ._device import Device, _device_properties, is_available
 from ._memory import (
@@ -148,7 +148,6 @@ __all__ = [
     "empty",
     "empty_like",
     "emulated",
-    "emulated_libcublas",
     "full",
     "full_like",
     "get_array_module",
@@ -159,6 +158,7 @@ __all__ = [
     "install",
     "is_available",
     "launches",
+    "libcublas",
     "ndarray",
     "ones",
     "ones_like",

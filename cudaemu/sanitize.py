@@ -3,12 +3,12 @@
 ThreadSanitizer cannot run inside the Python interpreter (preloading it crashes the process), so
 the sanitizer stand-in for compute-sanitizer's racecheck is a small program: ``cuda_emu.h`` with
 one OS thread per CUDA thread, every kernel family's source in a namespace of its own, the
-argument set-up of ``kernels/emu/sanitize_driver.h``, and a ``main`` that exercises every name
+argument set-up of ``include/sanitize_driver.h``, and a ``main`` that exercises every name
 of the catalogue. The same program built with AddressSanitizer + UndefinedBehaviorSanitizer
 (``-fno-sanitize-recover``) checks the threaded runtime as well; the emulated kernel tests run
 under AddressSanitizer inside Python too (fibers, ``GPUBP_EMU_VARIANT=asan``).
 
-``python -m gpubp.backends.cuda.emu.sanitize tsan`` builds and runs it.
+``python -m cudaemu.sanitize tsan`` (from the repository root) builds and runs it.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from ....kernel_sources import read_kernel
-from .. import catalogue as ck
-from .kernels import BASE_FLAGS, VARIANTS, EmulatorError, compiler, compiler_missing
+from gpubp.backends.cuda import catalogue as ck
+
+from .kernels import BASE_FLAGS, INCLUDE, VARIANTS, EmulatorError, compiler, compiler_missing
 
 #: The driver's builds: the libraries' sanitizer variants, with one OS thread per CUDA thread.
 SANITIZERS: dict[str, tuple[str, ...]] = {
@@ -65,8 +65,8 @@ def build_driver(sanitizer: str, folder: Path, sources: Mapping[str, str] | None
     why = compiler_missing()
     if why is not None:
         raise EmulatorError(why)
-    for name in ("emu/cuda_emu.h", "emu/sanitize_driver.h"):
-        (folder / Path(name).name).write_text(read_kernel(name), encoding="utf-8")
+    for name in ("cuda_emu.h", "sanitize_driver.h"):
+        (folder / name).write_text((INCLUDE / name).read_text(encoding="utf-8"), encoding="utf-8")
     src = folder / "driver.cpp"
     src.write_text(driver_source(sources), encoding="utf-8")
     exe = folder / f"driver-{sanitizer}"

@@ -2,7 +2,7 @@
 
 The same ``kernels/*.cu`` text that NVRTC compiles for the GPU (one family, its headers inlined,
 :func:`gpubp.backends.cuda.catalogue.source`) is compiled by a host C++ compiler behind
-``kernels/emu/cuda_emu.h``, which gives the CUDA builtins the kernels use a C++ meaning. Every
+``cudaemu/include/cuda_emu.h``, which gives the CUDA builtins the kernels use a C++ meaning. Every
 instantiation the catalogue names is exported from one shared library per family, with its
 parameter types, and launched through ctypes with the argument tuples the backend gives CuPy:
 
@@ -16,7 +16,7 @@ CUDA thread), ``asan`` (fibers, AddressSanitizer + UndefinedBehaviorSanitizer, n
 ``tsan`` (threads, ThreadSanitizer). ``asan`` loads only into a process that preloaded its
 runtime (``LD_PRELOAD``, see :func:`sanitizer_runtime`); ``tsan`` does not run inside Python at
 all (the interpreter crashes under it), so it is built into a C++ driver instead
-(``kernels/emu/sanitize_driver.h``, see :mod:`.sanitize`). ``$GPUBP_EMU_VARIANT`` sets the
+(``include/sanitize_driver.h``, see :mod:`.sanitize`). ``$GPUBP_EMU_VARIANT`` sets the
 default variant.
 
 Blocks run one after another in forward, reverse or shuffled order (by default the order rotates
@@ -43,10 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from ....data import cache_dir as user_cache_dir
-from ....kernel_sources import read_kernel
-
-HEADER = "emu/cuda_emu.h"
+#: The C++ headers of the emulator (``cuda_emu.h``, ``sanitize_driver.h``).
+INCLUDE = Path(__file__).resolve().parent / "include"
+HEADER = INCLUDE / "cuda_emu.h"
 
 #: Compiler flags of every variant, then the variant's own.
 BASE_FLAGS: tuple[str, ...] = (
@@ -108,11 +107,12 @@ def compiler_missing() -> str | None:
 
 
 def cache_dir() -> Path:
-    """Where built libraries are kept: ``$GPUBP_EMU_CACHE``, else ``~/.cache/gpubp/emu``."""
+    """Where built libraries are kept: ``$GPUBP_EMU_CACHE``, else ``$XDG_CACHE_HOME/gpubp/emu``
+    (``~/.cache/gpubp/emu``)."""
     env = os.environ.get("GPUBP_EMU_CACHE")
     if env:
         return Path(env)
-    return user_cache_dir() / "emu"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpubp" / "emu"
 
 
 def translation_unit(code: str, name_expressions: Sequence[str]) -> str:
@@ -140,7 +140,7 @@ def build(code: str, name_expressions: Sequence[str], variant: str = "plain") ->
     why = compiler_missing()
     if why is not None:
         raise EmulatorError(why)
-    header = read_kernel(HEADER)
+    header = HEADER.read_text(encoding="utf-8")
     unit = translation_unit(code, name_expressions)
     flags = [*BASE_FLAGS, *VARIANTS[variant]]
     key = hashlib.sha256(

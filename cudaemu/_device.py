@@ -9,6 +9,7 @@ from ._common import _N_DEVICES, CUDARuntimeError, _device_id, stats
 from ._cublas import _get_cublas_handle
 from ._memory import _mem, _mem_get_info
 from ._stream import _guard
+from .kernels import compiler_missing
 
 
 class Device:
@@ -52,7 +53,9 @@ class Device:
 
 
 def is_available() -> bool:
-    return True
+    """Whether the emulated device can run kernels: a C++ compiler to build them is installed
+    (:func:`cudaemu.kernels.compiler_missing` says what to install when not)."""
+    return compiler_missing() is None
 
 
 def _device_properties(device: int) -> dict[str, Any]:

@@ -325,7 +325,7 @@ class EmulatedLibCublas:
 _LIBCUBLAS = EmulatedLibCublas()
 
 
-def emulated_libcublas() -> EmulatedLibCublas:
+def libcublas() -> EmulatedLibCublas:
     """The emulated ``libcublas`` (the ctypes binding uses it in place of the real library)."""
     return _LIBCUBLAS
 
@@ -354,6 +354,21 @@ def _no_capture() -> None:
         raise NotImplementedError(
             "calling cuBLAS API during stream capture is currently unsupported"
         )
+
+
+def _typed_gemm(gemm_ex: Callable[..., None], dtype_code: int, compute: int) -> Callable[..., None]:
+    """CuPy's ``sgemm`` / ``dgemm``: ``gemmEx`` with every type the one ``dtype_code``."""
+
+    def gemm(
+        handle: int, transa: int, transb: int, m: int, n: int, k: int, alpha: int, A: int,
+        lda: int, B: int, ldb: int, beta: int, C: int, ldc: int,
+    ) -> None:  # fmt: skip
+        gemm_ex(
+            handle, transa, transb, m, n, k, alpha, A, dtype_code, lda, B, dtype_code, ldb,
+            beta, C, dtype_code, ldc, compute, -1,
+        )  # fmt: skip
+
+    return gemm
 
 
 def _cupy_cublas() -> types.ModuleType:
@@ -409,18 +424,6 @@ def _cupy_cublas() -> types.ModuleType:
             )
         )  # fmt: skip
 
-    def _gemm(dtype_code: int, compute: int) -> Callable[..., None]:
-        def gemm(
-            handle: int, transa: int, transb: int, m: int, n: int, k: int, alpha: int, A: int,
-            lda: int, B: int, ldb: int, beta: int, C: int, ldc: int,
-        ) -> None:  # fmt: skip
-            gemmEx(
-                handle, transa, transb, m, n, k, alpha, A, dtype_code, lda, B, dtype_code, ldb,
-                beta, C, dtype_code, ldc, compute, -1,
-            )  # fmt: skip
-
-        return gemm
-
     for name, value in {
         "create": create,
         "destroy": destroy,
@@ -430,8 +433,8 @@ def _cupy_cublas() -> types.ModuleType:
         "setStream": setStream,
         "setMathMode": setMathMode,
         "gemmEx": gemmEx,
-        "sgemm": _gemm(0, 68),
-        "dgemm": _gemm(1, 70),
+        "sgemm": _typed_gemm(gemmEx, 0, 68),
+        "dgemm": _typed_gemm(gemmEx, 1, 70),
         "CUBLASError": CUBLASError,
         "CUBLAS_OP_N": 0,
         "CUBLAS_OP_T": 1,

@@ -1,5 +1,5 @@
 """``RawModule`` / ``RawKernel`` of the emulated CuPy: kernels compiled and run by the CPU kernel
-emulator (:mod:`gpubp.backends.cuda.emu.kernels`), launched on a stream (or captured).
+emulator (:mod:`cudaemu.kernels`), launched on a stream (or captured).
 """
 
 from __future__ import annotations
