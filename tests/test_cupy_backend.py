@@ -160,6 +160,28 @@ def test_out_of_memory_error_gives_bytes_and_a_batch_that_fits(cp):
     be._allocate(sizes, fits, np.dtype("float32"))  # the advice is right
 
 
+def test_the_cupy_module_can_be_given_to_the_backend(cp, monkeypatch):
+    """``CupyBackend(cupy=module)`` uses that module, whatever GPUBP_CUPY_MODULE names."""
+    monkeypatch.setenv("GPUBP_CUPY_MODULE", "no_such_module_for_gpubp")
+    be = _backend(cupy=cp)
+    assert be.xp is cp
+    z = be.forward_layer(cp.ones((3, 2)), cp.ones((4, 2)), cp.zeros(4), "identity")
+    np.testing.assert_array_equal(cp.asnumpy(z), np.full((3, 4), 2.0))
+
+
+def test_a_stand_in_module_is_named_and_auto_never_takes_it(monkeypatch):
+    """GPUBP_CUPY_MODULE naming a module that cannot be imported: the cupy backend cannot run,
+    and the reason names the variable; a stand-in that can run is never what auto picks."""
+    monkeypatch.setenv("GPUBP_CUPY_MODULE", "no_such_module_for_gpubp")
+    why = gpubp.backend_status()["cupy"]
+    assert why is not None and "GPUBP_CUPY_MODULE=no_such_module_for_gpubp" in why
+    assert "cannot be imported" in why
+    if EMULATED_GPU:
+        monkeypatch.setenv("GPUBP_CUPY_MODULE", "cudaemu.cupy")
+        assert gpubp.backend_status()["cupy"] is None
+        assert gpubp.get_backend("auto").name != "cupy"
+
+
 def test_tf32_is_off_unless_asked(cp):
     rng = np.random.default_rng(0)
     a, W = rng.normal(size=(256, 1024)), rng.normal(size=(512, 1024))
