@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from ....data import cache_dir as user_cache_dir
+from ....datasets import cache_dir as user_cache_dir
 from ....kernel_sources import read_kernel
 
 HEADER = "emu/cuda_emu.h"
