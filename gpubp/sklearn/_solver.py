@@ -129,7 +129,6 @@ class AdamRule:
         self, xp: Any, params: list[Any], lr: float, beta_1: float, beta_2: float, epsilon: float
     ) -> None:
         self.learning_rate_init = float(lr)
-        self.learning_rate = float(lr)
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
         self.t = 0
         self.ms = [xp.zeros_like(p) for p in params]
@@ -143,7 +142,6 @@ class AdamRule:
         self.t += 1
         b1, b2, t = self.beta_1, self.beta_2, self.t
         root = math.sqrt(1 - b2**t)
-        self.learning_rate = self.learning_rate_init * root / (1 - b1**t)
         eps = self.epsilon / root
         lr = self.learning_rate_init
         for p, g, m, v, wd, s in zip(params, grads, self.ms, self.vs, decay, scratch):
