@@ -33,7 +33,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier as SkMLP
 from sklearn.preprocessing import StandardScaler
 
-from gpubp import data
+from gpubp import datasets as data
 from gpubp.sklearn import MLPClassifier as GpubpMLP
 
 Split = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]

@@ -47,7 +47,7 @@ _LAZY = (
     "gradflow",
     "loop",
     "io",
-    "data",
+    "datasets",
     "plots",
     "cli",
     "interop",

@@ -387,7 +387,7 @@ def _print_warnings(caught: list[Any]) -> None:
 
 
 def _add_evaluate_parser(sub: Any) -> None:
-    from .data import DATASET_NAMES
+    from .datasets import DATASET_NAMES
 
     p = sub.add_parser(
         "evaluate",
@@ -434,7 +434,7 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
 
 def _add_train_parser(sub: Any) -> None:
     from .config import OPTIMIZERS, OVERRIDABLE, SCHEDULES, TrainConfig
-    from .data import DATASET_NAMES
+    from .datasets import DATASET_NAMES
 
     d = TrainConfig()
     p = sub.add_parser(
@@ -530,7 +530,7 @@ def _add_train_parser(sub: Any) -> None:
 
 
 def _add_gradflow_parser(sub: Any) -> None:
-    from .data import DATASET_NAMES
+    from .datasets import DATASET_NAMES
 
     p = sub.add_parser(
         "gradflow",

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import data
+from . import datasets as data
 from ._checks import (
     check_fraction,
     check_int,

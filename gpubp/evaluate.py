@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import data
+from . import datasets as data
 from .errors import ModelFileError, NoPreprocessingWarning
 from .model import MLP
 from .preprocessing import Preprocessing

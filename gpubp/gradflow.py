@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from . import data, plots, reference
+from . import datasets as data
+from . import plots, reference
 from ._checks import check_positive_int
 from .activations import HIDDEN_ACTIVATIONS
 from .backends import get_backend

@@ -10,16 +10,28 @@ The arithmetic is the model's (float32 or float64), as for the rest of the netwo
 model reads raw features to about 7 significant digits, so a feature whose offset dwarfs its
 spread by many orders of magnitude (timestamps in seconds, spread over minutes) should be
 centred before it reaches a float32 model, or the model made float64.
+
+Below it, the standardisation ``gpubp train`` applies to a dataset before training (one mean and
+deviation over all training values): images converted from raw pixels in one pass
+(:func:`pixel_statistics`, :func:`pixels_to_float32`), float features in place
+(:func:`standardize_in_place`). :mod:`gpubp.evaluate` states the same maps as a
+:class:`Preprocessing` for a model that takes raw inputs.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Preprocessing"]
+__all__ = [
+    "Preprocessing",
+    "pixel_statistics",
+    "pixels_to_float32",
+    "standardize_in_place",
+]
 
 
 def _vector(value: Any, argument: str) -> np.ndarray:
@@ -150,3 +162,88 @@ class Preprocessing:
             and bool(np.allclose(other.shift, self.shift, rtol=rtol, atol=0))
             and bool(np.allclose(other.scale, self.scale, rtol=rtol, atol=0))
         )
+
+
+# --- images and feature arrays, as datasets load them --------------------------------------------
+
+#: Pixels converted per chunk: the chunk's temporaries stay in cache, the output is written once.
+_PIXEL_CHUNK = 1 << 18
+
+
+def pixel_statistics(images: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of ``images / 255`` over all ``N`` values.
+
+    For uint8 images exact: the sums ``S1 = sum x`` and ``S2 = sum x^2`` are integers (the
+    squares taken in uint16, chunk by chunk, no float copy of the images), and
+    ``mean = S1 / (255 N)``, ``var = (N S2 - S1^2) / (255 N)^2`` in Python's exact integers.
+    Other dtypes are summed in float64 chunks.
+    """
+    flat = images.reshape(-1)
+    n = flat.size
+    if n == 0:
+        return 0.0, 0.0
+    if flat.dtype == np.uint8:
+        s1 = int(flat.sum(dtype=np.uint64))
+        s2 = 0
+        sq = np.empty(min(n, _PIXEL_CHUNK), dtype=np.uint16)
+        for start in range(0, n, _PIXEL_CHUNK):
+            x = flat[start : start + _PIXEL_CHUNK]
+            out = sq[: x.size]
+            np.multiply(x, x, out=out, dtype=np.uint16)  # 255^2 < 2^16
+            s2 += int(out.sum(dtype=np.uint64))
+        return s1 / (255 * n), math.sqrt((n * s2 - s1 * s1) / (255 * n) ** 2)
+    total = sum(
+        float(flat[i : i + _PIXEL_CHUNK].sum(dtype=np.float64)) for i in range(0, n, _PIXEL_CHUNK)
+    )
+    mean = total / n / 255.0
+    acc = 0.0
+    for start in range(0, n, _PIXEL_CHUNK):
+        d = flat[start : start + _PIXEL_CHUNK].astype(np.float64) / 255.0 - mean
+        acc += float(d @ d)
+    return mean, math.sqrt(acc / n)
+
+
+def pixels_to_float32(images: np.ndarray, mean: float = 0.0, std: float = 1.0) -> np.ndarray:
+    """``(N, ...)`` images as float32 rows ``(N, d)``: ``(x / 255 - mean) / std``.
+
+    Each step in float32, as ``x = x.astype(float32) / 255; x -= mean; x /= std`` would do it,
+    so the values are the same bit for bit; but in one pass over the output: uint8 images
+    through a 256-entry table of those values, other dtypes chunk by chunk.
+    """
+    n = images.shape[0]
+    flat = images.reshape(-1)
+    out = np.empty(flat.size, dtype=np.float32)
+    m, s, scale = np.float32(mean), np.float32(std), np.float32(255.0)
+    if flat.dtype == np.uint8:
+        table = (np.arange(256, dtype=np.float32) / scale - m) / s
+        for start in range(0, flat.size, _PIXEL_CHUNK):
+            # mode="wrap" writes into out directly (uint8 indices are always in range)
+            np.take(
+                table,
+                flat[start : start + _PIXEL_CHUNK],
+                out=out[start : start + _PIXEL_CHUNK],
+                mode="wrap",
+            )
+    else:
+        for start in range(0, flat.size, _PIXEL_CHUNK):
+            chunk = out[start : start + _PIXEL_CHUNK]
+            chunk[...] = flat[start : start + _PIXEL_CHUNK]
+            chunk /= scale
+            chunk -= m
+            chunk /= s
+    return out.reshape(n, -1)
+
+
+def standardize_in_place(train: np.ndarray, *others: np.ndarray) -> tuple[float, float]:
+    """Standardise float32 features with one mean and deviation over all of ``train``.
+
+    The statistics are taken in float64 over every value of ``train`` (a deviation of 0 counts
+    as 1); ``train`` and each of ``others`` then become ``(x - mean) / std`` in place, each step
+    in the arrays' float32. Returns ``(mean, std)``.
+    """
+    mean = float(train.mean(dtype=np.float64))
+    std = float(train.std(dtype=np.float64)) or 1.0
+    for x in (train, *others):
+        x -= np.float32(mean)
+        x /= np.float32(std)
+    return mean, std

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config import OVERRIDABLE, TrainConfig
-from .data import Dataset
+from .datasets import Dataset
 from .errors import CheckpointError, DatasetError
 from .io import Checkpoint
 

@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from . import data, plots
+from . import datasets as data
+from . import plots
 from .backends import backend_status
 from .config import (
     DEFAULT_BATCH,

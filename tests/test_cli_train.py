@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import gpubp
-from gpubp import cli, data
+from gpubp import cli
+from gpubp import datasets as data
 from gpubp.train import load_checkpoint
 
 from .idx_files import write_fake_idx_dataset

@@ -1,4 +1,4 @@
-"""The IDX reader, dataset lookup, verification and batching (data made in the tests)."""
+"""The IDX reader, dataset lookup, verification and splitting (data made in the tests)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from gpubp import data
+from gpubp import datasets
 from gpubp.errors import DatasetError, DatasetNotFoundError
+from gpubp.idx import read_idx
 
 from .idx_files import idx_bytes, write_fake_idx_dataset
 
@@ -20,14 +21,14 @@ def test_read_idx_round_trip(tmp_path, rng, compress):
     raw = idx_bytes(arr)
     path = tmp_path / "x.idx"
     path.write_bytes(gzip.compress(raw) if compress else raw)
-    np.testing.assert_array_equal(data.read_idx(path), arr)
+    np.testing.assert_array_equal(read_idx(path), arr)
 
 
 def test_read_idx_big_endian_ints(tmp_path, rng):
     arr = rng.integers(-1000, 1000, (7,), dtype=np.int32)
     path = tmp_path / "y.idx"
     path.write_bytes(idx_bytes(arr))
-    np.testing.assert_array_equal(data.read_idx(path), arr)
+    np.testing.assert_array_equal(read_idx(path), arr)
 
 
 @pytest.mark.parametrize(
@@ -47,7 +48,7 @@ def test_read_idx_rejects_corrupt_files(tmp_path, rng, mangle, message):
     path = tmp_path / "bad.idx"
     path.write_bytes(mangle(raw))
     with pytest.raises(DatasetError, match=message):
-        data.read_idx(path)
+        read_idx(path)
 
 
 def test_read_idx_rejects_a_damaged_gzip(tmp_path, rng):
@@ -55,12 +56,12 @@ def test_read_idx_rejects_a_damaged_gzip(tmp_path, rng):
     path = tmp_path / "bad.gz"
     path.write_bytes(packed[: len(packed) // 2])
     with pytest.raises(DatasetError, match="gzip stream is damaged"):
-        data.read_idx(path)
+        read_idx(path)
 
 
 def test_load_from_data_dir_normalises(tmp_path, rng):
     parts = write_fake_idx_dataset(tmp_path / "mnist", rng)
-    ds = data.load_dataset("mnist", data_dir=tmp_path)
+    ds = datasets.load_dataset("mnist", data_dir=tmp_path)
     assert ds.x_train.shape == (30, 784) and ds.x_train.dtype == np.float32
     np.testing.assert_array_equal(ds.y_test, parts["t10k-labels-idx1-ubyte"])
     assert abs(float(ds.x_train.mean())) < 1e-5 and abs(float(ds.x_train.std()) - 1) < 1e-4
@@ -69,14 +70,14 @@ def test_load_from_data_dir_normalises(tmp_path, rng):
 def test_env_variable_is_searched(tmp_path, rng, monkeypatch):
     write_fake_idx_dataset(tmp_path / "mnist", rng)
     monkeypatch.setenv("GPUBP_DATA", str(tmp_path))
-    assert data.find_dataset("mnist") == tmp_path / "mnist"
+    assert datasets.find_dataset("mnist") == tmp_path / "mnist"
 
 
 def test_missing_dataset_lists_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("GPUBP_DATA", raising=False)
     with pytest.raises(DatasetNotFoundError) as info:
-        data.load_dataset("mnist", data_dir=tmp_path / "nowhere")
+        datasets.load_dataset("mnist", data_dir=tmp_path / "nowhere")
     msg = str(info.value)
     assert str(tmp_path / "nowhere") in msg and "--download" in msg
 
@@ -87,25 +88,25 @@ def test_mismatched_images_and_labels(tmp_path, rng):
     labels = rng.integers(0, 10, 29).astype(np.uint8)
     (folder / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
     with pytest.raises(DatasetError, match="do not match"):
-        data.load_dataset("mnist", data_dir=tmp_path)
+        datasets.load_dataset("mnist", data_dir=tmp_path)
 
 
 def test_verify_accepts_pinned_and_rejects_other_bytes(monkeypatch):
     payload = b"not really mnist"
     pinned = hashlib.sha256(payload).hexdigest()
-    monkeypatch.setitem(data.DATASETS["mnist"].sha256, "train-labels-idx1-ubyte.gz", pinned)
-    data.verify("mnist", "train-labels-idx1-ubyte.gz", payload)
+    monkeypatch.setitem(datasets.DATASETS["mnist"].sha256, "train-labels-idx1-ubyte.gz", pinned)
+    datasets.verify("mnist", "train-labels-idx1-ubyte.gz", payload)
     with pytest.raises(DatasetError, match="sha256"):
-        data.verify("mnist", "train-labels-idx1-ubyte.gz", payload + b"!")
+        datasets.verify("mnist", "train-labels-idx1-ubyte.gz", payload + b"!")
     with pytest.raises(DatasetError, match="no checksum"):
-        data.verify("mnist", "unknown.gz", payload)
+        datasets.verify("mnist", "unknown.gz", payload)
 
 
 def test_debian_fashion_mnist_matches_pinned_content_digests():
-    folder = data.find_dataset("fashion-mnist")
+    folder = datasets.find_dataset("fashion-mnist")
     if folder is None or str(folder) != "/usr/share/datasets/fashion-mnist":
         pytest.skip("Debian's dataset-fashion-mnist is not installed here")
-    for stem, expected in data.DATASETS["fashion-mnist"].content_sha256.items():
+    for stem, expected in datasets.DATASETS["fashion-mnist"].content_sha256.items():
         raw = gzip.decompress((folder / f"{stem}.gz").read_bytes())
         assert hashlib.sha256(raw).hexdigest() == expected
 
@@ -113,7 +114,7 @@ def test_debian_fashion_mnist_matches_pinned_content_digests():
 def test_split_covers_everything(rng):
     x = np.arange(103, dtype=np.float32)[:, None]
     y = np.arange(103)
-    _xt, yt, xv, yv = data.train_val_split(x, y, 0.2, seed=3)
+    _xt, yt, xv, yv = datasets.train_val_split(x, y, 0.2, seed=3)
     assert len(xv) == 21 and sorted(np.concatenate([yt, yv]).tolist()) == list(range(103))
     with pytest.raises(ValueError, match="val_fraction"):
-        data.train_val_split(x, y, 1.0)
+        datasets.train_val_split(x, y, 1.0)

@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 from gpubp import MLP
 from gpubp import io as gio
 from gpubp.config import TrainConfig
-from gpubp.data import read_idx
 from gpubp.errors import CheckpointError, DatasetError, ModelFileError
+from gpubp.idx import read_idx
 from gpubp.optim import Adam
 
 from .idx_files import idx_bytes

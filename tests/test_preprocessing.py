@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import gpubp
-from gpubp import cli, data, io, reference
+from gpubp import cli, datasets, io, reference
 from gpubp.errors import (
     CheckpointMismatchError,
     DatasetError,
@@ -311,7 +311,7 @@ def test_digits_saved_model_predicts_raw_test_images_at_the_printed_accuracy(tmp
     assert f"{accuracy:.4f}" == f"{printed:.4f}"
     assert (model.dataset, model.labels) == ("digits", tuple(str(d) for d in range(10)))
     # its preprocessing is gpubp's own data pipeline, written on raw values
-    ds = data.load_dataset("digits")
+    ds = datasets.load_dataset("digits")
     np.testing.assert_allclose(model.preprocessing.apply(raw.x), ds.x_test, atol=1e-5)
     # without it the same network does worse: the failure the preprocessing fixes
     model.preprocessing = None
@@ -331,7 +331,7 @@ def test_idx_run_scores_raw_uint8_pixels_as_the_saved_model_does(tmp_path, rng):
     assert model.evaluate(pixels, labels)["accuracy"] == result.test_accuracy
     assert np.mean(model.predict(pixels) == labels) == result.test_accuracy
     assert model.preprocessing.description.startswith("gpubp train's standardisation of mnist")
-    ds = data.load_dataset("mnist", tmp_path / "data")
+    ds = datasets.load_dataset("mnist", tmp_path / "data")
     assert model.preprocessing.equals(dataset_preprocessing(ds))
     np.testing.assert_allclose(model.preprocessing.apply(pixels), ds.x_test, atol=1e-5)
 

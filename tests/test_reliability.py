@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gpubp import MLP, cli, data, files
+from gpubp import MLP, cli, files
+from gpubp import datasets as data
 from gpubp import io as gio
 from gpubp.config import TrainConfig
 from gpubp.errors import (
@@ -123,7 +124,7 @@ WRITERS = {
     "model": lambda p: MLP([7, 5, 3], backend="numpy").save(p),
     "npz": lambda p: gio.write_npz_atomic(p, {"a": np.arange(3.0)}),
     "json": lambda p: gio.write_json(p, {"a": 1}),
-    "download": lambda p: data.write_atomic(Path(p), b"payload"),
+    "download": lambda p: files.write_atomic(Path(p), b"payload"),
 }
 
 

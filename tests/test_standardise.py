@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpubp import data
+from gpubp import datasets, preprocessing
 
 from .idx_files import write_fake_idx_dataset
 
@@ -21,17 +21,18 @@ def _old_pipeline(images: np.ndarray, mean: float, std: float) -> np.ndarray:
 @pytest.mark.parametrize("dtype", [np.uint8, np.int16])
 @pytest.mark.parametrize("chunk", [7, 1 << 18])
 def test_statistics_match_float64_numpy(rng, monkeypatch, dtype, chunk):
-    monkeypatch.setattr(data, "_PIXEL_CHUNK", chunk)  # chunk boundaries inside the images too
+    # chunk boundaries inside the images too
+    monkeypatch.setattr(preprocessing, "_PIXEL_CHUNK", chunk)
     images = rng.integers(0, 256, (101, 3, 11)).astype(dtype)
     images[0, 0, :4] = (0, 255, 255, 0)  # the extremes present
-    mean, std = data._pixel_statistics(images)
+    mean, std = preprocessing.pixel_statistics(images)
     ref = images.astype(np.float64) / 255.0
     assert mean == pytest.approx(float(ref.mean()), rel=1e-14)
     assert std == pytest.approx(float(ref.std()), rel=1e-12)
 
 
 def test_statistics_of_a_constant_image_are_exact():
-    mean, std = data._pixel_statistics(np.full((3, 5, 5), 200, dtype=np.uint8))
+    mean, std = preprocessing.pixel_statistics(np.full((3, 5, 5), 200, dtype=np.uint8))
     assert mean == 200 / 255 and std == 0.0
 
 
@@ -40,18 +41,19 @@ def test_conversion_gives_the_float32_values_of_the_old_pipeline_bit_for_bit(rng
     images = rng.integers(0, 256, (1, 28, 28)).astype(dtype)  # a batch of one
     more = rng.integers(0, 256, (37, 5, 3)).astype(dtype)
     for x in (images, more):
-        mean, std = data._pixel_statistics(x)
-        got = data._pixels_to_float32(x, mean, std)
+        mean, std = preprocessing.pixel_statistics(x)
+        got = preprocessing.pixels_to_float32(x, mean, std)
         assert got.dtype == np.float32 and got.shape == (x.shape[0], x[0].size)
         np.testing.assert_array_equal(got, _old_pipeline(x, mean, std))
     np.testing.assert_array_equal(
-        data._pixels_to_float32(more), more.reshape(37, -1).astype(np.float32) / np.float32(255)
+        preprocessing.pixels_to_float32(more),
+        more.reshape(37, -1).astype(np.float32) / np.float32(255),
     )
 
 
 def test_load_dataset_standardises_with_the_training_statistics(tmp_path, rng):
     parts = write_fake_idx_dataset(tmp_path / "mnist", rng, n_train=53, n_test=7)
-    ds = data.load_dataset("mnist", data_dir=tmp_path)
+    ds = datasets.load_dataset("mnist", data_dir=tmp_path)
     train = parts["train-images-idx3-ubyte"]
     ref = train.astype(np.float64) / 255.0
     assert ds.normalization["mean"] == pytest.approx(float(ref.mean()), rel=1e-14)
@@ -62,6 +64,6 @@ def test_load_dataset_standardises_with_the_training_statistics(tmp_path, rng):
         ds.x_test, _old_pipeline(parts["t10k-images-idx3-ubyte"], mean, std)
     )
     assert ds.x_train.dtype == np.float32 and ds.x_train.flags.c_contiguous
-    raw = data.load_idx_dataset("mnist", data_dir=tmp_path)  # not standardised: x / 255
+    raw = datasets.load_idx_dataset("mnist", data_dir=tmp_path)  # not standardised: x / 255
     np.testing.assert_array_equal(raw.x_train, _old_pipeline(train, 0.0, 1.0))
     assert raw.normalization == {}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from numba.core import config
 
-from ..data import cache_dir as user_cache_dir
+from ..datasets import cache_dir as user_cache_dir
 
 
 def cache_dir() -> Path:

@@ -9,7 +9,7 @@ import sys
 
 from ..backends import BACKEND_NAMES, backend_status
 from ..check import TOLERANCE
-from ..data import DATASET_NAMES, find_dataset
+from ..datasets import DATASET_NAMES, find_dataset
 from .job import JOB_DATASETS, JobSpec, available_contenders, format_report, run_job, to_json
 from .problem import QUICK_SWEEP_BATCHES, STANDARD_SHAPES, SWEEP_BATCHES, BenchShape, parse_shape
 from .report import format_table, plot_sweep

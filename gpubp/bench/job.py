@@ -35,7 +35,8 @@ from typing import Any, TextIO
 import numpy as np
 
 from .. import __file__ as gpubp_file
-from .. import __version__, data
+from .. import __version__
+from .. import datasets as data
 from .candidates import FloorCandidate
 from .job_worker import job_batch, job_config
 from .problem import CPU, make_problem

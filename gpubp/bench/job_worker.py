@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import data
+from .. import datasets as data
 from ..config import DEFAULT_BATCH, DEFAULT_LR, SMALL_DATA, SMALL_DATA_BATCH, TrainConfig
 
 

@@ -19,11 +19,11 @@ import numpy as np
 from sklearn.base import BaseEstimator, is_classifier
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import train_test_split
-from sklearn.utils import check_random_state, gen_batches, shuffle
+from sklearn.utils import check_random_state, shuffle
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..backends import Backend, get_backend
-from ._solver import AdamRule, Network, SGDRule
+from ._solver import AdamRule, Batches, Network, SGDRule
 
 _STOCHASTIC_SOLVERS = ("sgd", "adam")
 
@@ -274,7 +274,39 @@ class BaseMLP(BaseEstimator):
     def _fit_stochastic(
         self, net: Network, X: np.ndarray, y: np.ndarray, sw: np.ndarray | None, incremental: bool
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        be, dtype = net.backend, net.dtype
+        """scikit-learn's epoch loop: train ``net`` on ``X``, ``y`` (and ``sw``) for up to
+        ``max_iter`` epochs (one if ``incremental``); the coefficients to keep."""
+        optimizer = self._solver_rule(net, incremental)
+        val = None
+        if self.early_stopping:
+            X, y, sw, val = self._hold_out_validation(X, y, sw)
+        n_samples = X.shape[0]
+        batches = Batches(net, X, y, sw, self._batch_size(n_samples))
+        sample_idx = np.arange(n_samples, dtype=int)
+        try:
+            self.n_iter_ = 0
+            for _ in range(self.max_iter):
+                if self.shuffle:
+                    sample_idx = shuffle(sample_idx, random_state=self._random_state)
+                accumulated = batches.epoch(optimizer, sample_idx if self.shuffle else None)
+                self._end_epoch(net, optimizer, float(accumulated) / n_samples, n_samples, val)
+                if self._stop_after_epoch(optimizer) or incremental:
+                    break
+                if self.n_iter_ == self.max_iter:
+                    warnings.warn(
+                        f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and "
+                        "the optimization hasn't converged yet.",
+                        ConvergenceWarning,
+                        stacklevel=3,
+                    )
+        except KeyboardInterrupt:
+            warnings.warn("Training interrupted by user.", stacklevel=3)
+        if self.early_stopping:
+            return self._best_coefs, self._best_intercepts
+        return net.coefs()
+
+    def _solver_rule(self, net: Network, incremental: bool) -> SGDRule | AdamRule:
+        """The update rule with its state: kept from the last call by ``partial_fit``, else new."""
         if not incremental or not hasattr(self, "_optimizer"):
             if self.solver == "sgd":
                 self._optimizer: SGDRule | AdamRule = SGDRule(
@@ -295,105 +327,85 @@ class BaseMLP(BaseEstimator):
                     self.beta_2,
                     self.epsilon,
                 )
-        optimizer = self._optimizer
-        early_stopping = self.early_stopping
-        X_val = y_val = sw_val = None
-        if early_stopping:
-            stratify = y if is_classifier(self) and self.n_outputs_ == 1 else None
-            arrays = [X, y] if sw is None else [X, y, sw]
-            split = train_test_split(
-                *arrays,
-                random_state=self._random_state,
-                test_size=self.validation_fraction,
-                stratify=stratify,
-            )
-            X, X_val, y, y_val = split[:4]
-            if sw is not None:
-                sw, sw_val = split[4:]
-            if X_val.shape[0] < 2:
-                raise ValueError(
-                    "The validation set is too small. Increase 'validation_fraction' or the "
-                    "size of your dataset."
-                )
-            y_val = self._decode(y_val)
-        n_samples = X.shape[0]
-        if self.batch_size == "auto":
-            batch_size = min(200, n_samples)
-        else:
-            if self.batch_size > n_samples:
-                warnings.warn(
-                    "Got `batch_size` less than 1 or larger than sample size. It is going to "
-                    "be clipped",
-                    stacklevel=3,
-                )
-            batch_size = int(np.clip(self.batch_size, 1, n_samples))
-        x_dev = be.asarray(np.ascontiguousarray(X), dtype)
-        y_dev = be.asarray(y, dtype)
-        labels = be.asarray(np.argmax(y, axis=1)) if net.output == "softmax" else None
-        sw_dev = None if sw is None else be.asarray(sw, dtype)
-        sample_idx = np.arange(n_samples, dtype=int)
-        # the shuffled batches are gathered into one buffer: a fresh array per batch would be
-        # a fresh mapping (page faults) per step
-        # (NumPy buffers take's output unless mode is not 'raise'; the indices are in range)
-        gathered = be.xp.empty((batch_size, X.shape[1]), dtype=dtype)
-        take_mode = {"mode": "clip"} if be.xp is np else {}
-        try:
-            self.n_iter_ = 0
-            for _ in range(self.max_iter):
-                if self.shuffle:
-                    sample_idx = shuffle(sample_idx, random_state=self._random_state)
-                accumulated: Any = 0.0
-                for batch in gen_batches(n_samples, batch_size):
-                    if self.shuffle:
-                        idx = be.asarray(sample_idx[batch])
-                        xb = be.xp.take(x_dev, idx, axis=0, out=gathered[: len(idx)], **take_mode)
-                    else:
-                        idx, xb = batch, x_dev[batch]
-                    value = net.step(
-                        xb,
-                        y_dev[idx],
-                        None if labels is None else labels[idx],
-                        None if sw_dev is None else sw_dev[idx],
-                        optimizer,
-                    )
-                    accumulated = accumulated + value * (batch.stop - batch.start)
-                self.n_iter_ += 1
-                self.loss_ = float(accumulated) / n_samples
-                self.t_ += n_samples
-                self.loss_curve_.append(self.loss_)
-                if self.verbose:
-                    print(f"Iteration {self.n_iter_}, loss = {self.loss_:.8f}")
-                self._update_no_improvement_count(net, early_stopping, X_val, y_val, sw_val)
-                optimizer.iteration_ends(self.t_)
-                if self._no_improvement_count > self.n_iter_no_change:
-                    what = "Validation score" if early_stopping else "Training loss"
-                    msg = (
-                        f"{what} did not improve more than tol={self.tol:f} for "
-                        f"{self.n_iter_no_change} consecutive epochs."
-                    )
-                    if optimizer.trigger_stopping(msg, bool(self.verbose)):
-                        break
-                    self._no_improvement_count = 0
-                if incremental:
-                    break
-                if self.n_iter_ == self.max_iter:
-                    warnings.warn(
-                        f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and "
-                        "the optimization hasn't converged yet.",
-                        ConvergenceWarning,
-                        stacklevel=3,
-                    )
-        except KeyboardInterrupt:
-            warnings.warn("Training interrupted by user.", stacklevel=3)
-        if early_stopping:
-            return self._best_coefs, self._best_intercepts
-        return net.coefs()
+        return self._optimizer
 
-    def _update_no_improvement_count(
-        self, net: Network, early_stopping: bool, X: Any, y: Any, sw: Any
+    def _hold_out_validation(
+        self, X: np.ndarray, y: np.ndarray, sw: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, tuple[Any, Any, Any]]:
+        """``(X, y, sw)`` less the validation set, and ``(X_val, y_val, sw_val)`` with ``y_val``
+        decoded: scikit-learn's split (stratified for a single-output classifier), drawn from
+        ``self._random_state``."""
+        stratify = y if is_classifier(self) and self.n_outputs_ == 1 else None
+        arrays = [X, y] if sw is None else [X, y, sw]
+        split = train_test_split(
+            *arrays,
+            random_state=self._random_state,
+            test_size=self.validation_fraction,
+            stratify=stratify,
+        )
+        X, X_val, y, y_val = split[:4]
+        sw_val = None
+        if sw is not None:
+            sw, sw_val = split[4:]
+        if X_val.shape[0] < 2:
+            raise ValueError(
+                "The validation set is too small. Increase 'validation_fraction' or the "
+                "size of your dataset."
+            )
+        return X, y, sw, (X_val, self._decode(y_val), sw_val)
+
+    def _batch_size(self, n_samples: int) -> int:
+        """``batch_size`` for ``n_samples`` rows: ``auto`` is ``min(200, n)``; a larger one is
+        clipped to ``n`` with scikit-learn's warning."""
+        if isinstance(self.batch_size, str):  # "auto", the only string _check_params lets by
+            return min(200, n_samples)
+        if self.batch_size > n_samples:
+            warnings.warn(
+                "Got `batch_size` less than 1 or larger than sample size. It is going to "
+                "be clipped",
+                stacklevel=4,  # the same frame as when this was inline in _fit_stochastic
+            )
+        return int(np.clip(self.batch_size, 1, n_samples))
+
+    def _end_epoch(
+        self,
+        net: Network,
+        optimizer: SGDRule | AdamRule,
+        loss: float,
+        n_samples: int,
+        val: tuple[Any, Any, Any] | None,
     ) -> None:
-        if early_stopping:
-            score = self._score_net(net, X, y, sw)
+        """Record a finished epoch of mean training loss ``loss``: the counters, the loss curve,
+        the verbose line, the no-improvement count, the learning-rate schedule."""
+        self.n_iter_ += 1
+        self.loss_ = loss
+        self.t_ += n_samples
+        self.loss_curve_.append(self.loss_)
+        if self.verbose:
+            print(f"Iteration {self.n_iter_}, loss = {self.loss_:.8f}")
+        self._update_no_improvement_count(net, val)
+        optimizer.iteration_ends(self.t_)
+
+    def _stop_after_epoch(self, optimizer: SGDRule | AdamRule) -> bool:
+        """Whether progress stalled for ``n_iter_no_change`` epochs and the rule says stop
+        (``adaptive`` lowers its rate instead while it can; then the count starts again)."""
+        if self._no_improvement_count <= self.n_iter_no_change:
+            return False
+        what = "Validation score" if self.early_stopping else "Training loss"
+        msg = (
+            f"{what} did not improve more than tol={self.tol:f} for "
+            f"{self.n_iter_no_change} consecutive epochs."
+        )
+        if optimizer.trigger_stopping(msg, bool(self.verbose)):
+            return True
+        self._no_improvement_count = 0
+        return False
+
+    def _update_no_improvement_count(self, net: Network, val: tuple[Any, Any, Any] | None) -> None:
+        """Count an epoch without improvement of the validation score (``val``: early
+        stopping) or of the training loss by more than ``tol``; keep the best."""
+        if val is not None:
+            score = self._score_net(net, *val)
             assert self.validation_scores_ is not None and self.best_validation_score_ is not None
             self.validation_scores_.append(score)
             if self.verbose:

@@ -31,6 +31,7 @@ import math
 from typing import Any
 
 import numpy as np
+from sklearn.utils import gen_batches
 
 from .. import activations as act
 from ..backends import Backend
@@ -128,7 +129,6 @@ class AdamRule:
         self, xp: Any, params: list[Any], lr: float, beta_1: float, beta_2: float, epsilon: float
     ) -> None:
         self.learning_rate_init = float(lr)
-        self.learning_rate = float(lr)
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
         self.t = 0
         self.ms = [xp.zeros_like(p) for p in params]
@@ -142,7 +142,6 @@ class AdamRule:
         self.t += 1
         b1, b2, t = self.beta_1, self.beta_2, self.t
         root = math.sqrt(1 - b2**t)
-        self.learning_rate = self.learning_rate_init * root / (1 - b1**t)
         eps = self.epsilon / root
         lr = self.learning_rate_init
         for p, g, m, v, wd, s in zip(params, grads, self.ms, self.vs, decay, scratch):
@@ -218,10 +217,6 @@ class Network:
             [be.to_numpy(b).copy() for b in self.b],
         )
 
-    def all_finite(self) -> bool:
-        xp = self.xp
-        return all(bool(xp.isfinite(p).all()) for p in self.params)
-
     def step(self, x: Any, y: Any, labels: Any, sw: Any, optimizer: Any) -> Any:
         """One scikit-learn step on the batch ``x`` ``(B, n_0)``: gradients, L2, update.
 
@@ -294,3 +289,55 @@ class Network:
             a = be.forward(self.W, self.b, xb, self.activation, self.output)
             out[start : start + xb.shape[0]] = be.to_numpy(a)
         return out
+
+
+class Batches:
+    """One fit's training set on the backend, cut into scikit-learn's batches.
+
+    ``X`` ``(n, n_0)``, the encoded targets ``y`` ``(n, n_out)`` (and, for a softmax output,
+    their class indices) and the sample weights ``sw`` ``(n,)`` or None are copied to the
+    device once; each epoch then takes the batches of ``batch_size`` rows in an order given by
+    the caller (scikit-learn's ``gen_batches`` over its shuffled indices), or in place.
+    """
+
+    def __init__(
+        self, net: Network, X: np.ndarray, y: np.ndarray, sw: np.ndarray | None, batch_size: int
+    ) -> None:
+        be, dtype = net.backend, net.dtype
+        self.net, self.n, self.batch_size = net, X.shape[0], batch_size
+        self.x = be.asarray(np.ascontiguousarray(X), dtype)
+        self.y = be.asarray(y, dtype)
+        self.labels = be.asarray(np.argmax(y, axis=1)) if net.output == "softmax" else None
+        self.sw = None if sw is None else be.asarray(sw, dtype)
+        # the shuffled batches are gathered into one buffer: a fresh array per batch would be
+        # a fresh mapping (page faults) per step
+        # (NumPy buffers take's output unless mode is not 'raise'; the indices are in range)
+        self.gathered = be.xp.empty((batch_size, X.shape[1]), dtype=dtype)
+        self.take_mode = {"mode": "clip"} if be.xp is np else {}
+
+    def epoch(self, optimizer: Any, order: np.ndarray | None) -> Any:
+        """One pass of :meth:`Network.step` over the batches of ``order`` (host indices, a
+        permutation of the rows) or, if None, of the rows as they are (views, no copy).
+
+        Returns the sum over batches of the loss times the batch's size, as scikit-learn
+        accumulates it: in the losses' own type (a float32 model sums in float32; a backend
+        scalar stays on the device), unread.
+        """
+        net, xp = self.net, self.net.backend.xp
+        accumulated: Any = 0.0
+        for batch in gen_batches(self.n, self.batch_size):
+            if order is not None:
+                idx = net.backend.asarray(order[batch])
+                out = self.gathered[: len(idx)]
+                xb = xp.take(self.x, idx, axis=0, out=out, **self.take_mode)
+            else:
+                idx, xb = batch, self.x[batch]
+            value = net.step(
+                xb,
+                self.y[idx],
+                None if self.labels is None else self.labels[idx],
+                None if self.sw is None else self.sw[idx],
+                optimizer,
+            )
+            accumulated = accumulated + value * (batch.stop - batch.start)
+        return accumulated

@@ -1,6 +1,8 @@
-"""Datasets: MNIST and Fashion-MNIST from IDX files, scikit-learn's digits, and batching.
+"""Datasets by name: the registry, where the files are looked for, download, loading, splits.
 
-Where the files are looked for, in order (the first folder holding all four files wins):
+``mnist`` and ``fashion-mnist`` are IDX files (:mod:`gpubp.idx`); ``digits`` is scikit-learn's
+bundled 8x8 set. Where the IDX files are looked for, in order (the first folder holding all four
+files wins):
 
 1. the ``data_dir`` argument (``--data-dir`` on the command line);
 2. ``$GPUBP_DATA/<name>`` and ``$GPUBP_DATA`` itself;
@@ -8,19 +10,17 @@ Where the files are looked for, in order (the first folder holding all four file
    writes;
 4. for Fashion-MNIST, ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``).
 
-Each folder holds the four standard files, gzipped (``train-images-idx3-ubyte.gz``) or not
-(``train-images-idx3-ubyte``).
+:func:`load_dataset` standardises the features with the training set's statistics
+(:mod:`gpubp.preprocessing`); :func:`train_val_split` holds out a validation set.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import math
 import os
 import sys
 import urllib.request
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,24 +29,26 @@ import numpy as np
 
 from . import files
 from .errors import DatasetError, DatasetNotFoundError
+from .idx import IDX_NAMES, check_idx_arrays, check_idx_split, idx_file, read_idx_in
+from .preprocessing import pixel_statistics, pixels_to_float32, standardize_in_place
 
 __all__ = [
     "DATASETS",
+    "DATASET_NAMES",
     "Dataset",
+    "IdxSource",
+    "cache_dir",
     "download",
     "find_dataset",
     "load_dataset",
+    "load_digits_dataset",
+    "load_idx_dataset",
     "local_datasets",
-    "read_idx",
+    "read_test_split",
+    "search_dirs",
     "train_val_split",
+    "verify",
 ]
-
-IDX_NAMES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
 
 
 @dataclass(frozen=True)
@@ -157,152 +159,7 @@ class Dataset:
         )
 
 
-# --- IDX files -------------------------------------------------------------------------------
-
-_IDX_TYPES: dict[int, Any] = {
-    0x08: np.uint8,
-    0x09: np.int8,
-    0x0B: ">i2",
-    0x0C: ">i4",
-    0x0D: ">f4",
-    0x0E: ">f8",
-}
-
-
-#: The most dimensions an IDX file may declare (datasets use 1 to 3; numpy allows 64).
-IDX_MAX_DIMS = 16
-_CHUNK = 1 << 20
-
-
-def _read_up_to(stream: Any, n: int) -> bytes:
-    """At most ``n`` bytes of ``stream``, read in chunks so that memory follows the data actually
-    there, never what a header declares."""
-    parts, left = [], n
-    while left > 0:
-        chunk = stream.read(min(left, _CHUNK))
-        if not chunk:
-            break
-        parts.append(chunk)
-        left -= len(chunk)
-    return b"".join(parts)
-
-
-def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an IDX file (gzipped or not) into an array, checking its header against its size.
-
-    The format: two zero bytes, a type code, the number of dimensions ``k``, ``k`` big-endian
-    uint32 sizes, then the data, row-major. The header is read and checked first; then exactly
-    the bytes it declares are read (a gzip stream decompressed no further than the declared size
-    plus one byte), so a file declaring more than it holds costs no more memory than it holds.
-
-    Parameters
-    ----------
-    path : path-like
-        The file; a regular file, gzipped (``1f 8b``) or not.
-
-    Returns
-    -------
-    numpy.ndarray
-        Shape ``(d_1, ..., d_k)`` as declared (``d_1 >= 1``), in native byte order.
-
-    Raises
-    ------
-    DatasetError
-        Naming the file: not a regular file, a damaged gzip stream, a bad header (magic, type,
-        ``k`` outside 1..16), no samples, or a size other than the header declares.
-    """
-    path = Path(path)
-    with files.open_regular(path, DatasetError) as raw:
-        try:
-            gzipped = raw.read(2) == b"\x1f\x8b"
-            raw.seek(0)
-            stream: Any = gzip.GzipFile(fileobj=raw) if gzipped else raw
-            return _parse_idx(path, stream)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise DatasetError(
-                f"{path}: the gzip stream is damaged ({exc}); delete the file and fetch it again"
-            ) from None
-
-
-def _parse_idx(path: Path, stream: Any) -> np.ndarray:
-    head = _read_up_to(stream, 4)
-    if len(head) < 4 or head[0] != 0 or head[1] != 0:
-        raise DatasetError(
-            f"{path}: not an IDX file (bad magic number {head[:4].hex() or 'empty'})"
-        )
-    code, ndim = head[2], head[3]
-    if code not in _IDX_TYPES:
-        raise DatasetError(f"{path}: unknown IDX element type 0x{code:02x}")
-    if not 1 <= ndim <= IDX_MAX_DIMS:
-        raise DatasetError(
-            f"{path}: an IDX file with {ndim} dimensions; expected 1 to {IDX_MAX_DIMS}"
-        )
-    dims = _read_up_to(stream, 4 * ndim)
-    if len(dims) < 4 * ndim:
-        raise DatasetError(f"{path}: truncated in its header ({4 + len(dims)} bytes)")
-    shape = tuple(int.from_bytes(dims[4 * i : 4 * i + 4], "big") for i in range(ndim))
-    if shape[0] == 0:
-        raise DatasetError(f"{path}: holds no samples (its header declares shape {shape})")
-    dtype = np.dtype(_IDX_TYPES[code])
-    nbytes = dtype.itemsize
-    for n in shape:  # Python ints: no overflow, however large the declared sizes
-        nbytes *= n
-    body = _read_up_to(stream, nbytes + 1)  # one byte more shows a file longer than declared
-    if len(body) != nbytes:
-        what = "truncated" if len(body) < nbytes else "longer than its header says"
-        raise DatasetError(
-            f"{path}: {what}: the header declares shape {shape} ({nbytes} bytes of data) but the "
-            f"file holds {'more' if len(body) > nbytes else len(body)}; delete it and fetch it "
-            "again"
-        )
-    return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
-
-
-def check_idx_split(
-    folder: Path, x: np.ndarray, y: np.ndarray, split: str, classes: tuple[str, ...]
-) -> None:
-    """Raise :class:`~gpubp.errors.DatasetError` unless the images ``x`` ``(N, rows, cols)``
-    have finite pixels and the labels ``y`` ``(N,)`` are whole numbers in
-    ``[0, len(classes))``; ``split`` names them in the message (``train``, ``t10k``)."""
-    n_classes = len(classes)
-    if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-        raise DatasetError(
-            f"{folder}: {split} images {x.shape} and labels {y.shape} do not match (expected "
-            "images (N, rows, cols) and labels (N,))"
-        )
-    if x.dtype.kind == "f" and not np.isfinite(x).all():
-        raise DatasetError(f"{folder}: {split} images hold NaN or infinite pixels")
-    if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.floor(y)).all()):
-        raise DatasetError(
-            f"{folder}: {split} labels are not all whole numbers; expected class indices "
-            f"0-{n_classes - 1}"
-        )
-    if y.min() < 0 or y.max() >= n_classes:
-        raise DatasetError(
-            f"{folder}: {split} labels range from {y.min():g} to {y.max():g}; expected 0-"
-            f"{n_classes - 1}"
-        )
-
-
-def check_idx_arrays(folder: Path, arrays: list[np.ndarray], classes: tuple[str, ...]) -> None:
-    """Raise :class:`~gpubp.errors.DatasetError` unless ``arrays`` (train images, train labels,
-    test images, test labels) fit together: each split as :func:`check_idx_split` wants, and
-    the same ``rows x cols`` in both."""
-    xtr, ytr, xte, yte = arrays
-    check_idx_split(folder, xtr, ytr, "train", classes)
-    check_idx_split(folder, xte, yte, "t10k", classes)
-    if xtr.shape[1:] != xte.shape[1:]:
-        raise DatasetError(
-            f"{folder}: train images are {xtr.shape[1]}x{xtr.shape[2]} and test images "
-            f"{xte.shape[1]}x{xte.shape[2]}; both splits must have the same size"
-        )
-
-
-def _file_in(folder: Path, stem: str) -> Path | None:
-    for candidate in (folder / f"{stem}.gz", folder / stem):
-        if candidate.is_file():
-            return candidate
-    return None
+# --- lookup --------------------------------------------------------------------------------------
 
 
 def search_dirs(name: str, data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
@@ -333,7 +190,7 @@ def find_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> P
     """
     if data_dir is not None:
         given = (Path(data_dir) / name, Path(data_dir))
-        missing_in = {f: [s for s in IDX_NAMES if _file_in(f, s) is None] for f in given}
+        missing_in = {f: [s for s in IDX_NAMES if idx_file(f, s) is None] for f in given}
         for folder, missing in missing_in.items():
             if 0 < len(missing) < len(IDX_NAMES) and all(missing_in.values()):
                 raise DatasetError(
@@ -341,7 +198,7 @@ def find_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> P
                     f"{', '.join(missing)} (gzipped or not); add them or pass another --data-dir"
                 )
     for folder in search_dirs(name, data_dir):
-        if all(_file_in(folder, stem) for stem in IDX_NAMES):
+        if all(idx_file(folder, stem) for stem in IDX_NAMES):
             return folder
     return None
 
@@ -354,74 +211,6 @@ def _how_to_get(name: str) -> str:
     return "; ".join(steps)
 
 
-#: Pixels converted per chunk: the chunk's temporaries stay in cache, the output is written once.
-_PIXEL_CHUNK = 1 << 18
-
-
-def _pixel_statistics(images: np.ndarray) -> tuple[float, float]:
-    """Mean and standard deviation of ``images / 255`` over all ``N`` values.
-
-    For uint8 images exact: the sums ``S1 = sum x`` and ``S2 = sum x^2`` are integers (the
-    squares taken in uint16, chunk by chunk, no float copy of the images), and
-    ``mean = S1 / (255 N)``, ``var = (N S2 - S1^2) / (255 N)^2`` in Python's exact integers.
-    Other dtypes are summed in float64 chunks.
-    """
-    flat = images.reshape(-1)
-    n = flat.size
-    if n == 0:
-        return 0.0, 0.0
-    if flat.dtype == np.uint8:
-        s1 = int(flat.sum(dtype=np.uint64))
-        s2 = 0
-        sq = np.empty(min(n, _PIXEL_CHUNK), dtype=np.uint16)
-        for start in range(0, n, _PIXEL_CHUNK):
-            x = flat[start : start + _PIXEL_CHUNK]
-            out = sq[: x.size]
-            np.multiply(x, x, out=out, dtype=np.uint16)  # 255^2 < 2^16
-            s2 += int(out.sum(dtype=np.uint64))
-        return s1 / (255 * n), math.sqrt((n * s2 - s1 * s1) / (255 * n) ** 2)
-    total = sum(
-        float(flat[i : i + _PIXEL_CHUNK].sum(dtype=np.float64)) for i in range(0, n, _PIXEL_CHUNK)
-    )
-    mean = total / n / 255.0
-    acc = 0.0
-    for start in range(0, n, _PIXEL_CHUNK):
-        d = flat[start : start + _PIXEL_CHUNK].astype(np.float64) / 255.0 - mean
-        acc += float(d @ d)
-    return mean, math.sqrt(acc / n)
-
-
-def _pixels_to_float32(images: np.ndarray, mean: float = 0.0, std: float = 1.0) -> np.ndarray:
-    """``(N, ...)`` images as float32 rows ``(N, d)``: ``(x / 255 - mean) / std``.
-
-    Each step in float32, as ``x = x.astype(float32) / 255; x -= mean; x /= std`` would do it,
-    so the values are the same bit for bit; but in one pass over the output: uint8 images
-    through a 256-entry table of those values, other dtypes chunk by chunk.
-    """
-    n = images.shape[0]
-    flat = images.reshape(-1)
-    out = np.empty(flat.size, dtype=np.float32)
-    m, s, scale = np.float32(mean), np.float32(std), np.float32(255.0)
-    if flat.dtype == np.uint8:
-        table = (np.arange(256, dtype=np.float32) / scale - m) / s
-        for start in range(0, flat.size, _PIXEL_CHUNK):
-            # mode="wrap" writes into out directly (uint8 indices are always in range)
-            np.take(
-                table,
-                flat[start : start + _PIXEL_CHUNK],
-                out=out[start : start + _PIXEL_CHUNK],
-                mode="wrap",
-            )
-    else:
-        for start in range(0, flat.size, _PIXEL_CHUNK):
-            chunk = out[start : start + _PIXEL_CHUNK]
-            chunk[...] = flat[start : start + _PIXEL_CHUNK]
-            chunk /= scale
-            chunk -= m
-            chunk /= s
-    return out.reshape(n, -1)
-
-
 def load_idx_dataset(
     name: str,
     data_dir: str | os.PathLike[str] | None = None,
@@ -432,23 +221,23 @@ def load_idx_dataset(
     """MNIST or Fashion-MNIST as a :class:`Dataset`, pixels scaled to ``[0, 1]`` as float32.
 
     With ``standardize``, the features are ``(x / 255 - mean) / std`` instead, with the training
-    images' mean and standard deviation (:func:`_pixel_statistics`, recorded in
-    ``Dataset.normalization``), converted from the raw pixels in one pass.
+    images' mean and standard deviation (:func:`~gpubp.preprocessing.pixel_statistics`,
+    recorded in ``Dataset.normalization``), converted from the raw pixels in one pass.
     """
     folder = _locate(name, data_dir, download_missing, progress)
-    arrays = [_read_idx_in(folder, stem) for stem in IDX_NAMES]
+    arrays = [read_idx_in(folder, stem) for stem in IDX_NAMES]
     check_idx_arrays(folder, arrays, DATASETS[name].classes)
     xtr, ytr, xte, yte = arrays
 
     mean, std = 0.0, 1.0
     if standardize:
-        mean, std = _pixel_statistics(xtr)
+        mean, std = pixel_statistics(xtr)
         std = std or 1.0
     return Dataset(
         name,
-        _pixels_to_float32(xtr, mean, std),
+        pixels_to_float32(xtr, mean, std),
         ytr.astype(np.int64),
-        _pixels_to_float32(xte, mean, std),
+        pixels_to_float32(xte, mean, std),
         yte.astype(np.int64),
         DATASETS[name].classes,
         str(folder),
@@ -464,7 +253,7 @@ def read_test_split(
     (uint8 pixels for MNIST and Fashion-MNIST), int64 labels ``(N,)`` and the folder, checked
     as :func:`load_idx_dataset` checks them; only the two test files are read."""
     folder = _locate(name, data_dir)
-    images, labels = (_read_idx_in(folder, stem) for stem in IDX_NAMES[2:])
+    images, labels = (read_idx_in(folder, stem) for stem in IDX_NAMES[2:])
     check_idx_split(folder, images, labels, "t10k", DATASETS[name].classes)
     return images.reshape(len(images), -1), labels.astype(np.int64), folder
 
@@ -487,12 +276,6 @@ def _locate(
             f"{_how_to_get(name)}"
         )
     return folder
-
-
-def _read_idx_in(folder: Path, stem: str) -> np.ndarray:
-    path = _file_in(folder, stem)
-    assert path is not None  # find_dataset only returns folders holding all four files
-    return read_idx(path)
 
 
 def load_digits_dataset(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
@@ -567,12 +350,7 @@ def load_dataset(
             f"dataset={name!r} is not known; expected one of auto, {', '.join(DATASET_NAMES)}"
         )
     ds = load_digits_dataset()  # one fixed test set, whatever the training seed
-    mean = float(ds.x_train.mean(dtype=np.float64))
-    std = float(ds.x_train.std(dtype=np.float64)) or 1.0
-    for attr in ("x_train", "x_test"):
-        x = getattr(ds, attr)
-        x -= np.float32(mean)
-        x /= np.float32(std)
+    mean, std = standardize_in_place(ds.x_train, ds.x_test)
     ds.normalization = {"mean": mean, "std": std}
     return ds
 
@@ -643,7 +421,7 @@ def download(name: str, dest: str | os.PathLike[str] | None = None, progress: bo
     folder = Path(dest) if dest is not None else cache_dir() / name
     folder.mkdir(parents=True, exist_ok=True)
     for stem in IDX_NAMES:
-        if _file_in(folder, stem):
+        if idx_file(folder, stem):
             continue
         filename = f"{stem}.gz"
         errors = []
@@ -654,7 +432,7 @@ def download(name: str, dest: str | os.PathLike[str] | None = None, progress: bo
             except (OSError, DatasetError) as exc:  # URLError is an OSError
                 errors.append(f"{base}{filename}: {exc}")
                 continue
-            write_atomic(folder / filename, data)
+            files.write_atomic(folder / filename, data)
             break
         else:
             raise DatasetNotFoundError(
@@ -663,12 +441,7 @@ def download(name: str, dest: str | os.PathLike[str] | None = None, progress: bo
     return folder
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (:func:`gpubp.files.write_atomic`)."""
-    files.write_atomic(path, data)
-
-
-# --- splitting and batching ------------------------------------------------------------------
+# --- splitting ------------------------------------------------------------------
 
 
 def train_val_split(
