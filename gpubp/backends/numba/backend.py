@@ -33,6 +33,7 @@ otherwise) and a split uses that many threads.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -41,6 +42,7 @@ import numpy as np
 from ... import activations as act
 from ..._checks import positive_int
 from ..base import Backend, Workspace
+from ..cores import usable_cores
 from . import gemm as numba_blas
 from . import kernels as K
 from . import optim_kernels as O
@@ -52,6 +54,8 @@ _HIDDEN = {name: act.ACTIVATION_IDS[name] for name in act.HIDDEN_ACTIVATIONS}
 _EMPTY_I64 = np.empty(0, dtype=np.int64)
 _GRADIENT_OPS = ("forward_layer", "output_delta", "hidden_delta", "parameter_gradients")
 _UPDATE_OPS = ("sgd_update", "adam_update")
+#: Settings of the BLAS's threads that a default backend leaves alone.
+_THREAD_VARIABLES = ("MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
 
 #: Largest batch whose plain-SGD step is folded into the gradient GEMM. BLAS adds the GEMM's
@@ -63,14 +67,17 @@ FOLD_MAX_BATCH = 512
 
 
 class NumbaBackend(RowSplit, NumbaUpdate, Backend):
-    """NumPy arrays, GEMMs in NumPy's BLAS, everything else in fused Numba kernels.
+    """NumPy arrays, GEMMs in the fastest BLAS found (:mod:`.gemm`), everything else in fused
+    Numba kernels.
 
     Parameters
     ----------
     threads : int or None
-        Threads for this backend's calls: OpenBLAS's (restored after each call), and how many
-        share a large batch split by rows (1: never split). ``None`` (default) leaves BLAS's
-        setting alone and splits over as many threads as BLAS has.
+        Threads for this backend's calls: the BLAS's (restored after each call), and how many
+        share a large batch split by rows or an optimizer pass (1: never split). ``None``
+        (default): the cores this process may run on (:func:`~gpubp.backends.cores.usable_cores`:
+        its affinity and cgroup quota), unless ``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` or
+        ``OMP_NUM_THREADS`` is set, when the BLAS keeps that setting.
     """
 
     name: ClassVar[str] = "numba"
@@ -84,6 +91,8 @@ class NumbaBackend(RowSplit, NumbaUpdate, Backend):
                 f"threads must be a positive int (BLAS threads) or None to leave BLAS as it is, "
                 f"got {threads!r}"
             )
+        if threads is None and not any(os.environ.get(v) for v in _THREAD_VARIABLES):
+            threads = usable_cores()
         self.threads = None if threads is None else int(threads)
         #: Whether GEMMs run inside the kernels (NumPy's BLAS found) or through numpy.matmul.
         self.blas_in_kernels = numba_blas.AVAILABLE
