@@ -48,9 +48,9 @@ def _kernels_cached(name: str) -> bool:
     """Whether the backend's compiled kernels are on disk already (then nothing is said)."""
     if name != "numba":
         return False
-    from .backends.numba_cache import cache_dir
+    from .backends.numba.cache import cache_dir
 
-    return any(cache_dir().rglob("numba_kernels.*.nbi"))
+    return any(cache_dir().rglob("kernels.*.nbi"))
 
 
 class BatchGather:

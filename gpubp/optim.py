@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -40,6 +40,48 @@ def _check_number(
         rng = f"{lo}{low}, {high if high is not None else 'inf'}{hi}"
         raise ValueError(f"{name} must be in {rng}, got {value!r}")
     return v
+
+
+class AdamScalars(NamedTuple):
+    """Adam's per-step scalars, derived once in float64 for every backend (NumPy, Numba, CUDA).
+
+    The bias corrections are folded into two scalars, ``p' = p shrink - alpha m' /
+    (sqrt(v') + eps_hat)`` with ``alpha = lr sqrt(1 - b2^t) / (1 - b1^t)`` and
+    ``eps_hat = eps sqrt(1 - b2^t)`` (``lr / (1 - b1^t)`` alone can overflow where the step
+    does not); ``l2 = wd, shrink = 1`` (Adam) or ``l2 = 0, shrink = 1 - lr wd`` (AdamW).
+    """
+
+    b1: float
+    omb1: float
+    b2: float
+    omb2: float
+    eps_hat: float
+    alpha: float
+    shrink: float
+    l2: float
+
+
+def adam_scalars(
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+) -> AdamScalars:
+    """The scalars of Adam / AdamW step ``step`` (from 1), from :meth:`Adam.op_arguments`."""
+    root_bc2 = math.sqrt(1.0 - beta2**step)
+    return AdamScalars(
+        b1=beta1,
+        omb1=1.0 - beta1,
+        b2=beta2,
+        omb2=1.0 - beta2,
+        eps_hat=eps * root_bc2,
+        alpha=lr * root_bc2 / (1.0 - beta1**step),
+        shrink=1.0 - lr * weight_decay if decoupled else 1.0,
+        l2=0.0 if decoupled else weight_decay,
+    )
 
 
 class Optimizer:

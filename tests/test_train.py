@@ -386,10 +386,10 @@ def test_auto_on_numpy_says_numba_is_missing(monkeypatch):
 def test_compile_notice_only_when_the_numba_cache_is_cold(monkeypatch, tmp_path):
     pytest.importorskip("numba")
     from gpubp import loop
-    from gpubp.backends import numba_cache
+    from gpubp.backends.numba import cache as numba_cache
 
     monkeypatch.setattr(numba_cache, "cache_dir", lambda: tmp_path)
     assert not loop._kernels_cached("numba")  # empty folder: the first run compiles
     (tmp_path / "gpubp" / "x").mkdir(parents=True)
-    (tmp_path / "gpubp" / "x" / "numba_kernels.output_delta-1.py311.nbi").write_bytes(b"")
+    (tmp_path / "gpubp" / "x" / "kernels.output_delta-1.py311.nbi").write_bytes(b"")
     assert loop._kernels_cached("numba")

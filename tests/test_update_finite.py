@@ -165,7 +165,7 @@ def test_large_but_finite_updates_are_applied(backend_name, rng, label):
 def splitting(threads: int = 2):
     """A Numba backend that splits every optimizer pass of 128 elements or more."""
     pytest.importorskip("numba")
-    from gpubp.backends.numba_backend import NumbaBackend
+    from gpubp.backends.numba import NumbaBackend
 
     be = NumbaBackend(threads=threads)
     be.update_split_min = 64

@@ -20,7 +20,7 @@ from gpubp.backends import update
 from gpubp.check import TOLERANCE, rel_error
 
 pytest.importorskip("numba")
-from gpubp.backends.numba_backend import NumbaBackend
+from gpubp.backends.numba import NumbaBackend
 
 SHAPES = [(37, 13), (5, 37), (1,), (37,), (5,)]  # sizes not multiples of 32
 OPTIMIZERS = {
@@ -163,38 +163,27 @@ def test_proved_steps_match_the_reference(rng, label):
             assert rel_error(got, want) <= TOLERANCE["float32"]
 
 
-def test_the_state_maxima_are_forgotten_when_the_state_is_written_another_way(rng):
+def test_the_state_maxima_live_in_the_state_and_other_writers_drop_them(rng):
     be, _ = backends(False)
     opt = optim.Adam(lr=1e-3)
     opt.bind(None, be, SHAPES, np.float32)
     params = [rng.uniform(-1, 1, s).astype(np.float32) for s in SHAPES]
     grads = [rng.uniform(-1, 1, s).astype(np.float32) for s in SHAPES]
-    arrays = [a for s in opt.slots for a in opt.state[s]]
-    assert update.state_record(arrays)[1] is None  # created: unknown
+    assert update.MAXIMA not in opt.state  # created: unknown
     be.apply_update(np.float32(1.0), params, grads, opt, opt.state)
-    maxima = update.state_record(arrays)[1]
-    assert maxima is not None
     m = max(float(np.abs(a).max()) for a in opt.state["exp_avg"])
     v = max(float(a.max()) for a in opt.state["exp_avg_sq"])
-    assert maxima == (m, v, 0.0)
-    be.adam_update(
-        params[0],
-        grads[0],
-        opt.state["exp_avg"][0],
-        opt.state["exp_avg_sq"][0],
-        2,
-        1e-3,
-        0.9,
-        0.999,
-        1e-8,
-        0.0,
-        False,
-    )  # an unchecked op: forgotten
-    assert update.state_record(arrays)[1] is None
+    assert opt.state[update.MAXIMA] == (m, v, 0.0)
+    be.update_parameters(params, grads, opt, opt.state)  # unchecked: dropped
+    assert update.MAXIMA not in opt.state
     be.apply_update(np.float32(1.0), params, grads, opt, opt.state)
-    assert update.state_record(arrays)[1] is not None
-    opt.load_state_dict(opt.state_dict(), None, be, SHAPES, np.float32)  # new arrays: unknown
-    assert update.state_record([a for s in opt.slots for a in opt.state[s]])[1] is None
+    assert update.MAXIMA in opt.state
+    update.UpdateOps.checked_update(be, np.float32(1.0), params, grads, opt, opt.state)
+    assert update.MAXIMA not in opt.state  # the staged check wrote it: dropped
+    be.apply_update(np.float32(1.0), params, grads, opt, opt.state)
+    opt.load_state_dict(opt.state_dict(), None, be, SHAPES, np.float32)  # new state: unknown
+    assert update.MAXIMA not in opt.state
+    assert update.MAXIMA not in opt.state_dict()  # never saved with the state
 
 
 def test_a_negative_loaded_second_moment_is_never_proved(rng):
@@ -219,3 +208,34 @@ def test_a_negative_loaded_second_moment_is_never_proved(rng):
         be.apply_update(np.float32(1.0), params, grads, opt2, opt2.state)
     for x, y in zip(params, before, strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "leaky_relu", "identity"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_passes_bound_every_gradient(rng, activation, dtype):
+    """The bound the train step hands the proof (from the maxima its passes take) is at least
+    ``max |g|`` over every gradient, so the update needs no read pass of its own."""
+    from gpubp.backends.numba.update import gradient_bound
+
+    be = NumbaBackend()
+    sizes = [19, 33, 7, 3]
+    W = [rng.normal(0, 3, (sizes[i + 1], sizes[i])).astype(dtype) for i in range(3)]
+    b = [rng.normal(0, 3, sizes[i + 1]).astype(dtype) for i in range(3)]
+    x = (rng.normal(0, 10, (1 + int(rng.integers(0, 40)), sizes[0]))).astype(dtype)
+    y = rng.integers(0, 3, x.shape[0])
+    ws, _, _, bounds = be._backprop(W, b, x, y, activation, "softmax", "cross_entropy", False, True)
+    G = gradient_bound(bounds, ws.db)
+    biggest = max(float(np.abs(g).max()) for g in [*ws.dW, *ws.db])
+    assert np.isfinite(G) and G >= biggest
+
+
+def test_a_non_finite_activation_makes_the_bound_infinite():
+    """A NaN or infinity among the activations (an overflow in a forward GEMM) gives an
+    infinite bound, so the proof never covers a gradient it did not see."""
+    from gpubp.backends.numba import kernels as K
+
+    for bad in (np.nan, np.inf):
+        z = np.ones((4, 5), np.float32)
+        z[2, 3] = bad
+        cm = np.empty(10, np.float32)
+        assert K.bias_act(z, np.zeros(5, np.float32), K.IDENTITY, cm) == np.inf

@@ -51,7 +51,7 @@ def _numba_status() -> str | None:
 
 def _numba_class() -> type[Backend]:
     # imported on first use: importing Numba costs a few hundred milliseconds
-    from .numba_backend import NumbaBackend
+    from .numba import NumbaBackend
 
     _CLASSES["numba"] = NumbaBackend
     return NumbaBackend

@@ -11,12 +11,9 @@ Two layers:
   :class:`~gpubp.errors.NonFiniteLossError` and leaves everything as it was. A NaN or infinite
   gradient makes its new parameter non-finite, so the gradients are covered by the same check.
 
-  With NumPy arrays a cheaper proof comes first (:meth:`UpdateOps._provably_finite`): the 2-norm
-  of each input, one BLAS dot product per array, bounds its largest element, and if the bounds
-  put every intermediate and new value far below the dtype's largest number, the update is
-  applied in place directly, with no staging, checks or copies (on the default model the staged
-  SGD update took 1.6x the in-place one, one noisy run). Otherwise, NaN or overflowing inputs
-  included, the exact staged check decides.
+  The Numba backend overrides it with one write pass where it can prove the step finite
+  (:mod:`.numba.update`); the proof's state maxima live in the state dict under
+  :data:`MAXIMA`, and every path here that writes the state drops them.
 
 The arithmetic stays in the arrays' dtype: the scalars are Python floats, which NumPy (2.x)
 and CuPy cast to the array's dtype instead of promoting the array.
@@ -25,13 +22,18 @@ and CuPy cast to the array's dtype instead of promoting the array.
 from __future__ import annotations
 
 import math
-import weakref
 from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
+from .. import optim
 from ..errors import NonFiniteLossError
+
+#: The key of the optimizer state's maxima in a state dict (set by the Numba backend's write
+#: pass for its proof; dropped by every other writer of the state, so a stale value is never
+#: used).
+MAXIMA = "maxima"
 
 
 class UpdateOps:
@@ -69,7 +71,6 @@ class UpdateOps:
         ``2 * param.size`` elements. Returns ``(p', buf')``.
         """
         xp = self.xp
-        forget_state_maxima()
         p_out, b_out = (param, buf) if out is None else out
         s = self._pscratch(param, scratch, 0)
         g = grad
@@ -120,8 +121,8 @@ class UpdateOps:
         buffer of at least ``2 * param.size`` elements. Returns ``(p', m', v')``.
         """
         xp = self.xp
-        forget_state_maxima()
         p_out, m_out, v_out = (param, m, v) if out is None else out
+        k = optim.adam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled)
         s1 = self._pscratch(param, scratch, 0)
         s2 = self._pscratch(param, scratch, 1)
         g = grad
@@ -129,20 +130,19 @@ class UpdateOps:
             xp.multiply(param, weight_decay, out=s1)
             s1 += grad
             g = s1
-        xp.multiply(m, beta1, out=m_out)
-        xp.multiply(g, 1.0 - beta1, out=s2)
+        xp.multiply(m, k.b1, out=m_out)
+        xp.multiply(g, k.omb1, out=s2)
         m_out += s2
         xp.multiply(g, g, out=s2)
-        s2 *= 1.0 - beta2
-        xp.multiply(v, beta2, out=v_out)
+        s2 *= k.omb2
+        xp.multiply(v, k.b2, out=v_out)
         v_out += s2
-        root_bc2 = math.sqrt(1.0 - beta2**step)
         xp.sqrt(v_out, out=s2)
-        s2 += eps * root_bc2
+        s2 += k.eps_hat
         xp.divide(m_out, s2, out=s2)
-        s2 *= lr * root_bc2 / (1.0 - beta1**step)
+        s2 *= k.alpha
         if weight_decay and decoupled:
-            xp.multiply(param, 1.0 - lr * weight_decay, out=p_out)
+            xp.multiply(param, k.shrink, out=p_out)
             p_out -= s2
         else:
             xp.subtract(param, s2, out=p_out)
@@ -169,6 +169,7 @@ class UpdateOps:
         The optimizer calls this backend's own op (``sgd_update``, ``adam_update``) on each
         parameter. ``state["step"]`` is incremented, and each slot array updated in place.
         """
+        state.pop(MAXIMA, None)  # the state is written here unchecked
         _, new_state = optimizer.update(self, params, grads, state, scratch=scratch)
         state["step"] = new_state["step"]
         return params, state
@@ -191,9 +192,7 @@ class UpdateOps:
         ``value`` is the loss, for the message.
         """
         xp = self.xp
-        forget_state_maxima()
-        if self._provably_finite(params, grads, optimizer, state):
-            return self.update_parameters(params, grads, optimizer, state, scratch=scratch)
+        state.pop(MAXIMA, None)  # the state is written here, not by the pass that took them
         outs, own_scratch = self._staging(params, optimizer)
         scratch = own_scratch if scratch is None else scratch
         with np.errstate(over="ignore", invalid="ignore"):  # NumPy's warnings: the check says it
@@ -209,60 +208,6 @@ class UpdateOps:
                     xp.copyto(col[i], row[k + 1])
         state["step"] = int(state["step"]) + 1
         return params, state
-
-    def _provably_finite(
-        self, params: list[Any], grads: list[Any], optimizer: Any, state: dict[str, Any]
-    ) -> bool:
-        """Whether the update of NumPy arrays provably gives only finite values (False: maybe
-        not, or not NumPy; the staged check then decides).
-
-        ``||x||_2 >= max|x|`` (from one ``vdot`` per array) bounds every intermediate of the
-        ops: SGD ``|g'| <= G + wd P``, ``|buf'| <= mu B + |g'|``,
-        ``|p'| <= P + lr (|g'| + 2 |buf'|)``; Adam ``|m'| <= b1 M + (1 - b1) |g'|``,
-        ``v' <= b2 V + (1 - b2) |g'|^2``, ``|p'| <= s P + alpha |m'| / eps'`` (the denominator is
-        at least ``eps'``; ``s = |1 - lr wd|`` for AdamW's decoupled decay, else 1). Each
-        bound, and each scalar in the dtype, must stay below 1/16 of the dtype's largest
-        number, which leaves room for the rounding of every operation and of the float32 dot
-        products. A NaN or infinity anywhere fails the comparison.
-        """
-        if self.xp is not np or optimizer.op not in ("sgd_update", "adam_update"):
-            return False
-        dt = np.dtype(params[0].dtype)
-        big = float(np.finfo(dt).max) / 16
-        args = optimizer.op_arguments(int(state["step"]) + 1)
-        slots = [state[s] for s in optimizer.slots]
-        if optimizer.op == "sgd_update":
-            lr, mu, _, wd = (float(a) for a in args)
-            scalars = [lr, mu, wd, lr * mu]
-        else:
-            step, lr, b1, b2, eps, wd, decoupled = args
-            root = math.sqrt(1.0 - b2**step)
-            alpha, eps2 = lr * root / (1.0 - b1**step), eps * root
-            l2 = 0.0 if decoupled else wd
-            shrink = abs(1.0 - lr * wd) if decoupled else 1.0  # AdamW: p (1 - lr wd) - ...
-            scalars = [lr, wd, lr * wd, shrink, alpha]
-            scalars.append(1.0 / eps2 if eps2 >= float(np.finfo(dt).tiny) else math.inf)
-        if not all(abs(x) <= big for x in scalars):
-            return False
-
-        def norm(a: Any) -> float:
-            with np.errstate(over="ignore", invalid="ignore"):
-                return math.sqrt(float(np.vdot(a, a)))
-
-        for i, (p, g) in enumerate(zip(params, grads)):
-            P, G = norm(p), norm(g)
-            if optimizer.op == "sgd_update":
-                g2 = G + wd * P
-                buf = mu * norm(slots[0][i]) + g2 if slots else g2
-                bounds = [g2, buf, P + lr * (g2 + 2.0 * buf)]
-            else:
-                g2 = G + l2 * P
-                m = b1 * norm(slots[0][i]) + (1.0 - b1) * g2
-                v = b2 * norm(slots[1][i]) + (1.0 - b2) * g2 * g2
-                bounds = [g2 * g2, m, v, m / eps2, shrink * P, shrink * P + alpha * m / eps2]
-            if not all(x <= big for x in bounds):
-                return False
-        return True
 
     def _staging(self, params: list[Any], optimizer: Any) -> tuple[list[tuple[Any, ...]], Any]:
         """Per parameter ``(p', slot'...)`` arrays (None for an absent slot), and a flat scratch
@@ -310,29 +255,3 @@ def _all_finite(xp: Any, a: Any) -> bool:
     """Whether ``a`` (or None) holds no NaN or infinity: one sum, confirmed elementwise only if
     the sum is not finite (finite values whose sum overflows)."""
     return a is None or math.isfinite(float(xp.sum(a))) or bool(xp.isfinite(a).all())
-
-
-#: Per optimizer state (its slot arrays, by identity): the maxima the last checked write pass
-#: of the Numba backend returned for them (see :mod:`.numba_optim`), or None while unknown.
-#: Every other way the backends write optimizer state (the ops above, the staged check) clears
-#: it all. A record is updated in place, so a steady-state step allocates nothing here.
-_STATE_MAXIMA: OrderedDict[tuple[int, ...], list[Any]] = OrderedDict()
-_MAX_STATE_MAXIMA = 4
-
-
-def state_record(arrays: list[Any]) -> list[Any]:
-    """The record ``[weak references, maxima]`` of exactly these arrays (the same objects, in the
-    same order), created with maxima None (unknown) if there is none. The caller reads and sets
-    ``record[1]``: the state's maxima, or None while unknown (set it to None before writing)."""
-    key = tuple(id(a) for a in arrays)
-    record = _STATE_MAXIMA.get(key)
-    if record is None or any(r() is not a for r, a in zip(record[0], arrays)):
-        record = _STATE_MAXIMA[key] = [[weakref.ref(a) for a in arrays], None]
-        while len(_STATE_MAXIMA) > _MAX_STATE_MAXIMA:
-            _STATE_MAXIMA.popitem(last=False)
-    return record
-
-
-def forget_state_maxima() -> None:
-    """Forget every recorded maximum (optimizer state is about to be written another way)."""
-    _STATE_MAXIMA.clear()

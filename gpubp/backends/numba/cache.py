@@ -5,7 +5,7 @@ for an installed gpubp is inside site-packages. A later ``pip install -e .`` rem
 but leaves that folder, and the empty ``gpubp`` folder left behind then shadows the editable
 install (``gpubp info`` fails with an ImportError). So the cache goes to
 ``$XDG_CACHE_HOME/gpubp/numba`` (``~/.cache/gpubp/numba``); ``NUMBA_CACHE_DIR``, Numba's own
-setting, still wins. Imported by :mod:`.numba_kernels` before any kernel is defined (Numba reads
+setting, still wins. Imported by :mod:`.kernels` before any kernel is defined (Numba reads
 ``config.CACHE_DIR`` when a cached function is made, so this works even when Numba was imported
 first).
 """
@@ -17,14 +17,17 @@ from pathlib import Path
 
 from numba.core import config
 
-from ..datasets import cache_dir as user_cache_dir
+from .gemm import PROVIDER
 
 
 def cache_dir() -> Path:
     """The folder gpubp's Numba kernels are cached in."""
     if os.environ.get("NUMBA_CACHE_DIR"):
         return Path(os.environ["NUMBA_CACHE_DIR"])
-    return user_cache_dir() / "numba"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    # one folder per GEMM provider: a kernel names its GEMM symbol, whose arguments are the
+    # same for both, but a cached kernel must never outlive a change of library unnoticed
+    return Path(base) / "gpubp" / "numba" / (PROVIDER.name if PROVIDER else "matmul")
 
 
 if not os.environ.get("NUMBA_CACHE_DIR"):

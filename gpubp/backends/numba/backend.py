@@ -33,24 +33,29 @@ otherwise) and a split uses that many threads.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
 
-from .. import activations as act
-from .._checks import positive_int
-from . import numba_blas
-from . import numba_kernels as K
-from . import numba_optim as O
-from .base import Backend, Workspace
-from .numba_split import RowSplit
-from .update import forget_state_maxima, state_record
+from ... import activations as act
+from ..._checks import positive_int
+from ..base import Backend, Workspace
+from ..cores import usable_cores
+from . import gemm as numba_blas
+from . import kernels as K
+from . import optim_kernels as O
+from .split import RowSplit
+from .update import NumbaUpdate, gradient_bound
+from .workspace import NumbaWorkspace
 
 _HIDDEN = {name: act.ACTIVATION_IDS[name] for name in act.HIDDEN_ACTIVATIONS}
 _EMPTY_I64 = np.empty(0, dtype=np.int64)
 _GRADIENT_OPS = ("forward_layer", "output_delta", "hidden_delta", "parameter_gradients")
 _UPDATE_OPS = ("sgd_update", "adam_update")
+#: Settings of the BLAS's threads that a default backend leaves alone.
+_THREAD_VARIABLES = ("MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
 
 #: Largest batch whose plain-SGD step is folded into the gradient GEMM. BLAS adds the GEMM's
@@ -61,45 +66,18 @@ _UPDATE_OPS = ("sgd_update", "adam_update")
 FOLD_MAX_BATCH = 512
 
 
-class NumbaWorkspace(Workspace):
-    """The base workspace plus an int64 label buffer and empty "not wanted" markers."""
-
-    def __init__(self, xp: Any, sizes: tuple[int, ...], batch: int, dtype: Any) -> None:
-        super().__init__(xp, sizes, batch, dtype)
-        self.labels = np.empty(batch, dtype=np.int64)
-        self.no_db = np.empty(0, dtype=dtype)
-        self.no_y = np.empty((0, 0), dtype=dtype)
-        self.cm = np.empty(2 * max(sizes), dtype=dtype)  # per-column maxima (absmax: 2 n)
-        self.sizes = sizes
-        self.dtype = np.dtype(dtype)
-        #: parts -> per extra part (1 .. parts-1) its own ``(dW, db)`` (part 0 uses dW, db)
-        self.partials: dict[int, list[tuple[list[Any], list[Any]]]] = {}
-
-    def partial_buffers(self, parts: int) -> list[tuple[list[Any], list[Any]]]:
-        """``(dW, db)`` gradient buffers for parts ``1 .. parts - 1`` of a split batch."""
-        bufs = self.partials.get(parts)
-        if bufs is None:
-            s, L = self.sizes, len(self.sizes) - 1
-            bufs = [
-                (
-                    [np.empty((s[i + 1], s[i]), dtype=self.dtype) for i in range(L)],
-                    [np.empty(s[i + 1], dtype=self.dtype) for i in range(L)],
-                )
-                for _ in range(parts - 1)
-            ]
-            self.partials[parts] = bufs
-        return bufs
-
-
-class NumbaBackend(RowSplit, Backend):
-    """NumPy arrays, GEMMs in NumPy's BLAS, everything else in fused Numba kernels.
+class NumbaBackend(RowSplit, NumbaUpdate, Backend):
+    """NumPy arrays, GEMMs in the fastest BLAS found (:mod:`.gemm`), everything else in fused
+    Numba kernels.
 
     Parameters
     ----------
     threads : int or None
-        Threads for this backend's calls: OpenBLAS's (restored after each call), and how many
-        share a large batch split by rows (1: never split). ``None`` (default) leaves BLAS's
-        setting alone and splits over as many threads as BLAS has.
+        Threads for this backend's calls: the BLAS's (restored after each call), and how many
+        share a large batch split by rows or an optimizer pass (1: never split). ``None``
+        (default): the cores this process may run on (:func:`~gpubp.backends.cores.usable_cores`:
+        its affinity and cgroup quota), unless ``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` or
+        ``OMP_NUM_THREADS`` is set, when the BLAS keeps that setting.
     """
 
     name: ClassVar[str] = "numba"
@@ -113,6 +91,8 @@ class NumbaBackend(RowSplit, Backend):
                 f"threads must be a positive int (BLAS threads) or None to leave BLAS as it is, "
                 f"got {threads!r}"
             )
+        if threads is None and not any(os.environ.get(v) for v in _THREAD_VARIABLES):
+            threads = usable_cores()
         self.threads = None if threads is None else int(threads)
         #: Whether GEMMs run inside the kernels (NumPy's BLAS found) or through numpy.matmul.
         self.blas_in_kernels = numba_blas.AVAILABLE
@@ -275,135 +255,6 @@ class NumbaBackend(RowSplit, Backend):
         K.colsum(delta, db)
         return dW, db
 
-    def sgd_update(
-        self,
-        param: Any,
-        grad: Any,
-        buf: Any,
-        lr: float,
-        momentum: float,
-        nesterov: bool,
-        weight_decay: float,
-        *,
-        scratch: Any = None,
-        out: tuple[Any, Any] | None = None,
-    ) -> tuple[Any, Any]:
-        """SGD step in place on ``param`` and ``buf``, one pass in the parameters' dtype; see
-        :meth:`.update.UpdateOps.sgd_update` (``out=`` goes there)."""
-        forget_state_maxima()  # the state changes outside the checked step
-        mbuf = param if buf is None else buf
-        if out is not None or not self._fits(param.dtype, param, grad, mbuf):
-            return super().sgd_update(
-                param, grad, buf, lr, momentum, nesterov, weight_decay, scratch=scratch, out=out
-            )
-        flat = [a.reshape(-1) for a in (param, grad, mbuf)]
-        scalars = O.sgd_scalars(param.dtype, lr, momentum, nesterov, weight_decay)
-        O.sgd_apply(*flat, 0, param.size, *scalars)  # type: ignore[call-arg]
-        return param, buf
-
-    def adam_update(
-        self,
-        param: Any,
-        grad: Any,
-        m: Any,
-        v: Any,
-        step: int,
-        lr: float,
-        beta1: float,
-        beta2: float,
-        eps: float,
-        weight_decay: float,
-        decoupled: bool,
-        *,
-        scratch: Any = None,
-        out: tuple[Any, Any, Any] | None = None,
-    ) -> tuple[Any, Any, Any]:
-        """Adam / AdamW step in place on ``param``, ``m``, ``v``, one pass in the parameters'
-        dtype; see :meth:`.update.UpdateOps.adam_update` (``out=`` goes there)."""
-        forget_state_maxima()  # the state changes outside the checked step
-        args = (step, lr, beta1, beta2, eps, weight_decay, decoupled)
-        if out is not None or not self._fits(param.dtype, param, grad, m, v):
-            return super().adam_update(param, grad, m, v, *args, scratch=scratch, out=out)
-        flat = [a.reshape(-1) for a in (param, grad, m, v)]
-        O.adam_apply(*flat, 0, param.size, *O.adam_scalars(param.dtype, *args))  # type: ignore[call-arg]
-        return param, m, v
-
-    def checked_update(
-        self,
-        value: Any,
-        params: list[Any],
-        grads: list[Any],
-        optimizer: Any,
-        state: dict[str, Any],
-        *,
-        scratch: Any = None,
-    ) -> tuple[list[Any], dict[str, Any]]:
-        """Every parameter updated only if every new parameter and state value is finite.
-
-        First the cheap proof of :mod:`.numba_optim` (one read pass over the gradients for
-        ``max |g|``, the state's maxima from the previous write pass); where it does not apply,
-        the exact check pass over every new value (nothing written). Then the write pass, which
-        returns the new state's maxima for the next step. Each pass is split over the threads
-        above :attr:`update_split_min` elements per thread. Otherwise as
-        :meth:`.update.UpdateOps.checked_update`."""
-        slots = [state[s] for s in optimizer.slots]
-        dt = params[0].dtype
-        if (
-            optimizer.op not in ("sgd_update", "adam_update")
-            or not self._own_ops(_UPDATE_OPS)
-            or not self._fits(dt, *params, *grads, *(a for col in slots for a in col))
-        ):
-            return super().checked_update(value, params, grads, optimizer, state, scratch=scratch)
-        step = int(state["step"]) + 1
-        args = optimizer.op_arguments(step)
-        check: Any
-        apply: Any
-        kind = "sgd" if optimizer.op == "sgd_update" else "adam"
-        if kind == "sgd":
-            check, apply = O.sgd_check, O.sgd_apply
-            scalars = O.sgd_scalars(dt, *args)
-            cols = [[p.reshape(-1) for p in params], [g.reshape(-1) for g in grads]]
-            cols.append([a.reshape(-1) for a in slots[0]] if slots else cols[0])
-        else:
-            check, apply = O.adam_check, O.adam_apply
-            scalars = O.adam_scalars(dt, *args)
-            cols = [[a.reshape(-1) for a in col] for col in (params, grads, *slots)]
-        tensors = list(zip(*cols))
-        record = state_record([a for col in slots for a in col]) if slots else [None, ()]
-        with self._threads():
-            if record[1] is None or not self._proved(kind, cols, scalars, dt, record[1]):
-                for i in self._over_ranges(check, tensors, scalars):
-                    raise self._rejected(value, params, grads, optimizer, i)
-            record[1] = None  # unknown once the writing starts
-            results = [r for _, r in self._map_ranges(apply, tensors, scalars)]
-        if slots:
-            if kind == "sgd":
-                record[1] = (max(float(r) for r in results),)
-            else:
-                record[1] = tuple(
-                    f(float(r[k]) for r in results) for k, f in enumerate((max, max, min))
-                )
-        state["step"] = step
-        return params, state
-
-    def _proved(
-        self,
-        kind: str,
-        cols: list[list[Any]],
-        scalars: tuple[Any, ...],
-        dt: Any,
-        maxima: tuple[float, ...],
-    ) -> bool:
-        """Whether :func:`.numba_optim.provably_finite` proves this step, given the state's
-        ``maxima``: reads ``max |g|`` (and ``max |p|`` where the proof needs it)."""
-
-        def biggest(col: list[Any]) -> float:
-            return max(float(r) for _, r in self._map_ranges(O.absmax, [(a,) for a in col], ()))
-
-        G = biggest(cols[1])
-        P = biggest(cols[0]) if O.needs_parameter_bound(kind, scalars) else 0.0
-        return O.provably_finite(kind, scalars, dt, G, P, maxima)
-
     # --- compositions -----------------------------------------------------------------------
 
     def gradients(
@@ -472,21 +323,24 @@ class NumbaBackend(RowSplit, Backend):
         output: str,
         loss: str,
         fold: bool,
+        bound: bool = False,
     ) -> tuple[NumbaWorkspace, Any, float, list[float]]:
         """Forward, output delta and every delta (with ``db``) into the workspace.
 
         Without ``fold`` the weight gradients ``dW`` are computed too, each as soon as its
-        delta exists. With ``fold`` they are not (the SGD step folds them into the weights
-        later), and the returned list holds, per layer ``i``, the bound
-        ``B max|delta^{i+1}| max|a^i|`` on ``|dW^i|``.
+        delta exists; with ``fold`` they are not (the SGD step folds them into the weights
+        later). With ``fold`` or ``bound`` the returned list holds, per layer ``i``, the bound
+        ``B max|delta^{i+1}| max|a^i|`` on ``|dW^i|``, from maxima the passes take as they
+        write (inf where an activation is not finite; a delta is finite wherever its ``db``
+        column is), else zeros.
         """
         L = len(weights)
         ws, a0, labels, Y = self._staged(weights, x, y)
         aid = _HIDDEN[activation]
         acts = ws.a
-        cm = ws.cm if fold else ws.no_db
+        cm = ws.cm if fold or bound else ws.no_db
         in_kernels = self.blas_in_kernels
-        amax = [K.absmax(a0, ws.cm) if fold else 0.0]
+        amax = [K.absmax(a0, ws.cm) if fold or bound else 0.0]
         prev = a0
         for i in range(L - 1):
             if in_kernels:
@@ -540,34 +394,66 @@ class NumbaBackend(RowSplit, Backend):
     ) -> tuple[Any, list[Any], list[Any], dict[str, Any]]:
         """Forward, loss, backward and update; ``(C, weights, biases, state)``, updated in place.
 
-        Plain SGD (no momentum; weight decay allowed) folds the update into the gradient GEMM,
-        ``W = -lr delta.T @ a_prev + (1 - lr wd) W``, so ``dW`` is never written nor read
-        back. That is done only when it provably cannot produce NaN or infinity: the loss and
-        every new bias are finite (so every ``db`` and delta is), ``lr`` is a finite number of
-        the dtype, and ``lr B max|delta| max|a|`` is far below the dtype's largest number for
-        every layer (so ``|W - lr dW|`` cannot round past it: the change is far below half a
-        unit in the last place of the largest finite number). Otherwise (and for the other
-        optimizers) all gradients are computed, then :meth:`apply_update` checks and applies
-        them, as in the base class. Either way, if the loss, a gradient or a new parameter or
-        state value is not finite, :class:`~gpubp.errors.NonFiniteLossError` is raised with
-        nothing changed.
+        Plain SGD (no momentum) up to :data:`FOLD_MAX_BATCH` rows folds the update into the
+        gradient GEMM (:meth:`_folded_step`). Otherwise every gradient is computed with the
+        bound on ``max |g|`` the passes give, and the checked update of
+        :mod:`.update` needs no read pass before it writes when its proof applies. A batch
+        split over threads takes the base class's step. Either way, if the loss, a gradient
+        or a new parameter or state value is not finite,
+        :class:`~gpubp.errors.NonFiniteLossError` is raised with nothing changed.
         """
-        fold = (
+        own = (
             self.blas_in_kernels
-            and optimizer.kind == "sgd"
-            and not optimizer.momentum
-            and optimizer.lr * optimizer.weight_decay <= 1.0
             and self._own_ops(_GRADIENT_OPS + _UPDATE_OPS)
             and activation in _HIDDEN
             and loss in K.LOSS_IDS
             and self._fits(weights[0].dtype, *weights, *biases)
             and self._parts(x.shape[0]) == 1
-            and x.shape[0] <= FOLD_MAX_BATCH
         )
-        if not fold:  # (a batch split over threads computes dW and updates as here)
+        if not own:  # (a batch split over threads computes dW and updates as here)
             return super().train_step(
                 weights, biases, x, y, activation, output, loss, optimizer, state
             )
+        args = (weights, biases, x, y, activation, output, loss)
+        if (
+            optimizer.kind == "sgd"
+            and not optimizer.momentum
+            and optimizer.lr * optimizer.weight_decay <= 1.0
+            and x.shape[0] <= FOLD_MAX_BATCH
+        ):
+            return self._folded_step(*args, optimizer, state)
+        with self._threads():
+            ws, _, value, bounds = self._backprop(*args, fold=False, bound=True)
+            self.check_loss(value)
+            gmax = gradient_bound(bounds, ws.db)
+            grads = [*ws.dW, *ws.db]
+            self.checked_update_bounded(
+                value, [*weights, *biases], grads, optimizer, state, gmax, scratch=ws.pscratch
+            )
+        return value, weights, biases, state
+
+    def _folded_step(
+        self,
+        weights: list[Any],
+        biases: list[Any],
+        x: Any,
+        y: Any,
+        activation: str,
+        output: str,
+        loss: str,
+        optimizer: Any,
+        state: dict[str, Any],
+    ) -> tuple[Any, list[Any], list[Any], dict[str, Any]]:
+        """Plain SGD folded into the gradient GEMM,
+        ``W = -lr delta.T @ a_prev + (1 - lr wd) W``, so ``dW`` is never written nor read back.
+
+        Done only when it provably cannot produce NaN or infinity: the loss and every new bias
+        are finite (so every ``db`` and delta is), ``lr`` is a finite number of the dtype, and
+        ``lr B max|delta| max|a|`` is far below the dtype's largest number for every layer (so
+        ``|W - lr dW|`` cannot round past it: the change is far below half a unit in the last
+        place of the largest finite number). Otherwise ``dW`` is computed and
+        :meth:`apply_update` checks and applies it.
+        """
         with self._threads():
             ws, a0, value, bounds = self._backprop(
                 weights, biases, x, y, activation, output, loss, True

@@ -38,13 +38,14 @@ rounded to the dtype, and the bounds computed in float64 from ``G``, ``P`` and t
   is then finite: the exact difference is below ``F`` plus half a unit in the last place of
   ``F`` (about ``2^-25 F`` in float32), the threshold where round-to-nearest overflows. (An AdamW
   ``|shrink| > 1`` reads ``P`` and bounds ``|p shrink|`` with the finite ones.)
-- The maxima of the new state come from the write pass itself; every other way the backends
-  write optimizer state (the per-parameter ops, NumPy's staged check) forgets them, and new
-  state arrays (``bind``, ``load_state_dict``) have none, so the next step takes the exact
-  check (see :func:`gpubp.backends.update.state_record`). Assumed: nothing else writes the
-  optimizer's state arrays or the model's parameter arrays in place with larger or
-  non-finite values between steps (zeroing the state, as a benchmark reset does, is safe: the
-  recorded maxima then over-estimate).
+- The maxima of the new state come from the write pass itself and are kept in the state dict
+  (:data:`gpubp.backends.update.MAXIMA`); every other path that writes the optimizer state
+  (the unchecked ``update_parameters``, the staged check) drops them, and a new state
+  (``bind``, ``load_state_dict``) has none, so the next step takes the exact check. Assumed:
+  nothing else writes the optimizer's state arrays or the model's parameter arrays in place
+  with larger or non-finite values between steps (the per-parameter ops called directly on
+  the optimizer's own state included; zeroing the state, as a benchmark reset does, is safe:
+  the recorded maxima then over-estimate).
 
 Arithmetic is in the parameters' dtype: the scalars arrive already rounded to it (float32
 scalars for float32 tensors), so no element is promoted to float64 and the loops vectorise.
@@ -73,7 +74,8 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from . import numba_cache  # noqa: F401 - before any kernel: the cache goes to the user's folder
+from ... import optim
+from . import cache  # noqa: F401 - before any kernel: the cache goes to the user's folder
 
 _jit = njit(cache=True, nogil=True, error_model="numpy")
 _inline = njit(inline="always", error_model="numpy")
@@ -256,16 +258,26 @@ def adam_scalars(
     weight_decay: float,
     decoupled: bool,
 ) -> tuple[Any, ...]:
-    """The scalars of :func:`adam_check` / :func:`adam_apply`: derived in float64,
+    """The scalars of :func:`adam_check` / :func:`adam_apply`: :func:`gpubp.optim.adam_scalars`,
     each rounded once to ``dtype``."""
     t = np.dtype(dtype).type
-    root_bc2 = math.sqrt(1.0 - beta2**step)
-    alpha = lr * root_bc2 / (1.0 - beta1**step)
-    shrink = 1.0 - lr * weight_decay if decoupled else 1.0
-    l2 = 0.0 if decoupled else weight_decay
-    values = (beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps * root_bc2, alpha, shrink, l2)
+    values = optim.adam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled)
     with np.errstate(over="ignore"):
         return tuple(t(x) for x in values)
+
+
+def scalars(kind: str, dtype: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The kernels' scalars for ``kind`` ("sgd" or "adam") from the optimizer's
+    ``op_arguments(step)``."""
+    return sgd_scalars(dtype, *args) if kind == "sgd" else adam_scalars(dtype, *args)
+
+
+def merge_maxima(kind: str, results: list[Any]) -> tuple[float, ...]:
+    """The state's maxima over every range's write pass: SGD ``(max |buf'|,)``; Adam
+    ``(max |m'|, max v', min(0, min v'))``."""
+    if kind == "sgd":
+        return (max(float(r) for r in results),)
+    return tuple(f(float(r[k]) for r in results) for k, f in enumerate((max, max, min)))
 
 
 def _limits(dtype: Any) -> tuple[float, float]:

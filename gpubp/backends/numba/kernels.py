@@ -34,9 +34,9 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from ..activations import ACTIVATION_IDS, LEAKY_SLOPE
-from . import numba_cache  # noqa: F401 - before any kernel: the cache goes to the user's folder
-from .numba_blas import gemm
+from ...activations import ACTIVATION_IDS, LEAKY_SLOPE
+from . import cache  # noqa: F401 - before any kernel: the cache goes to the user's folder
+from .gemm import gemm
 
 IDENTITY = ACTIVATION_IDS["identity"]
 SIGMOID = ACTIVATION_IDS["sigmoid"]
@@ -221,8 +221,9 @@ def act_prime(a, act):  # type: ignore[no-untyped-def]
 def bias_act(z, b, act, cm):  # type: ignore[no-untyped-def]
     """``z = f(z + b)`` in place: ``(B, n) + (n,)``; softmax normalises each row.
 
-    If ``cm`` has at least ``n`` entries, returns ``max |f(z + b)|`` (kept per column in
-    ``cm`` so the loop still vectorises), else 0. One loop per activation: a branch or a math
+    If ``cm`` has at least ``2 n`` entries, returns ``max |f(z + b)|`` (kept per column in
+    ``cm`` so the loop still vectorises; inf if a value is NaN or infinite, so the maximum is
+    a bound a proof may rely on), else 0. One loop per activation: a branch or a math
     call inside the inner loop would stop LLVM from vectorising it.
     """
     B, n = z.shape
@@ -233,9 +234,9 @@ def bias_act(z, b, act, cm):  # type: ignore[no-untyped-def]
                 row[j] += b[j]
             _softmax_row(row)
         return 0.0
-    with_max = cm.shape[0] >= n and n > 0
+    with_max = cm.shape[0] >= 2 * n and n > 0
     if with_max:
-        cm[:n] = 0
+        cm[: 2 * n] = 0
     for i in range(B):
         row = z[i]
         if act == RELU:
@@ -255,8 +256,15 @@ def bias_act(z, b, act, cm):  # type: ignore[no-untyped-def]
                 row[j] += b[j]
         if with_max:
             for j in range(n):
-                cm[j] = max(cm[j], abs(row[j]))
-    return _max(cm[:n]) if with_max else 0.0
+                a = abs(row[j])
+                cm[j] = max(cm[j], a)
+                cm[n + j] += a - a  # NaN exactly where the value is NaN or infinite
+    if not with_max:
+        return 0.0
+    for j in range(n):
+        if not cm[n + j] == 0:
+            return np.inf
+    return _max(cm[:n])
 
 
 @_jit

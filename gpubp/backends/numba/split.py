@@ -18,15 +18,13 @@ it.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
-from . import numba_blas
-from . import numba_kernels as K
-
-if TYPE_CHECKING:
-    from .numba_backend import NumbaWorkspace
+from . import gemm as numba_blas
+from . import kernels as K
+from .workspace import NumbaWorkspace
 
 
 class RowSplit:
