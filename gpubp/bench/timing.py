@@ -11,20 +11,32 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TextIO
+from typing import Protocol, TextIO
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from .candidates import Candidate
-
 
 DEFAULT_REPEATS, QUICK_REPEATS = 21, 7
 DEFAULT_MIN_TIME, QUICK_MIN_TIME = 0.05, 0.01
 #: Seconds to wait before each sample, for the previous candidate's spinning threads to sleep.
 DEFAULT_SETTLE = 0.15
 
-# --- timing -----------------------------------------------------------------------------------
+
+class Steps(Protocol):
+    """What :func:`run_steps` runs: a step, and a wait for the device's queued work."""
+
+    def step(self) -> None: ...
+
+    def sync(self) -> None: ...
+
+
+class Timed(Protocol):
+    """What :func:`time_round_robin` times (a :class:`~gpubp.bench.Candidate`, for one)."""
+
+    label: str
+
+    def timed(self, n: int) -> float: ...
+
+    def reset(self) -> None: ...
 
 
 @dataclass
@@ -76,7 +88,7 @@ class Progress:
             self.stream.flush()
 
 
-def run_steps(c: Candidate, n: int) -> float:
+def run_steps(c: Steps, n: int) -> float:
     """Seconds for ``n`` steps of ``c``, the device synchronised inside the timed region.
 
     The default of :meth:`Candidate.timed`; a candidate that runs elsewhere (a worker process)
@@ -91,7 +103,7 @@ def run_steps(c: Candidate, n: int) -> float:
 
 
 def time_round_robin(
-    cands: Sequence[Candidate],
+    cands: Sequence[Timed],
     repeats: int,
     min_time: float,
     progress: Progress | None = None,
