@@ -163,10 +163,10 @@ def _with_threads(name: str, threads: int) -> Backend:
     if key not in _threaded:
         cls = _CLASSES.get(name) or get_backend(name).__class__  # numba's class loads lazily
         if "threads" not in inspect.signature(cls).parameters:
-            where = "on the GPU" if name == "cupy" else "on NumPy's BLAS at its own setting"
+            where = "it runs on the GPU" if name == "cupy" else "its GEMMs use NumPy's BLAS as set"
             raise ValueError(
-                f"threads={threads}: the {name} backend takes no thread count (it runs {where}); "
-                "the numba backend does"
+                f"the {name} backend takes no thread count (threads={threads}): {where}; "
+                "the numba backend takes one"
             )
         _threaded[key] = cls(threads=int(threads))  # type: ignore[call-arg]
     return _threaded[key]
