@@ -26,6 +26,7 @@ __all__ = [
     "int_list",
     "name_list",
     "non_negative_float",
+    "non_negative_int_value",
     "png_path",
     "positive_float",
     "positive_int_value",
@@ -53,6 +54,7 @@ def _checked(
 
 positive_int_value = _checked(int, positive_int, "a positive integer")
 seed_value = _checked(int, non_negative_int, "an integer >= 0")
+non_negative_int_value = seed_value
 positive_float = _checked(float, positive_number, "a positive number")
 non_negative_float = _checked(float, non_negative_number, "a number >= 0")
 fraction_value = _checked(float, fraction, "a number in [0, 1)")

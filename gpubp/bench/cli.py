@@ -7,10 +7,19 @@ import importlib.util
 import json
 import sys
 
+from ..arguments import add_threads_option, name_list, non_negative_int_value
 from ..backends import BACKEND_NAMES, backend_status
 from ..check import TOLERANCE
 from ..data import DATASET_NAMES, find_dataset
-from .job import JOB_DATASETS, JobSpec, available_contenders, format_report, run_job, to_json
+from .job import (
+    CONTENDERS,
+    JOB_DATASETS,
+    JobSpec,
+    available_contenders,
+    format_report,
+    run_job,
+    to_json,
+)
 from .problem import QUICK_SWEEP_BATCHES, STANDARD_SHAPES, SWEEP_BATCHES, BenchShape, parse_shape
 from .report import format_table, plot_sweep
 from .run import BenchConfig, run_bench
@@ -66,6 +75,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "first of --shapes, mnist-mlp with 'all')",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random problem")
+    add_threads_option(
+        parser, "; PyTorch and BLAS (the floor, numpy, scikit-learn) and JAX get as many"
+    )
+    parser.add_argument(
+        "--load",
+        type=non_negative_int_value,
+        default=0,
+        metavar="N",
+        help="run N busy processes (CPU spin loops) beside every candidate, as on a shared "
+        "machine (default 0)",
+    )
     job = parser.add_argument_group(
         "whole-job benchmark",
         "--job trains the default `gpubp train` job with gpubp, the same job as a PyTorch CPU "
@@ -87,6 +107,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--rounds", type=int, default=1, help="interleaved rounds (default 1)")
     job.add_argument("--data-dir", help="where the IDX files are looked for first")
     job.add_argument("--no-sklearn", action="store_true", help="leave scikit-learn out")
+    job.add_argument(
+        "--contenders",
+        type=name_list(tuple(CONTENDERS)),
+        metavar="NAMES",
+        help="comma-separated from "
+        + ", ".join(f"{k} ({v})" for k, v in CONTENDERS.items())
+        + "; default: every one that can run here",
+    )
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress line on standard error"
     )
@@ -146,6 +174,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         sweep_shape=sweep,
         sweep_batches=QUICK_SWEEP_BATCHES if args.quick else SWEEP_BATCHES,
         seed=args.seed,
+        threads=args.threads,
+        load=args.load,
     )
 
 
@@ -188,7 +218,7 @@ def job_specs(args: argparse.Namespace) -> tuple[list[JobSpec], list[str]]:
                 )
     if not names:
         raise ValueError("--job: no job can run here: " + "; ".join(absent))
-    return [JobSpec(n, epochs, args.data_dir) for n in names], absent
+    return [JobSpec(n, epochs, args.data_dir, args.threads) for n in names], absent
 
 
 def job_main(args: argparse.Namespace) -> int:
@@ -198,19 +228,35 @@ def job_main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"gpubp bench: {exc}", file=sys.stderr)
         return 2
-    contenders, missing = available_contenders(torch=not args.no_torch, sklearn=not args.no_sklearn)
+    contenders, missing = available_contenders(
+        args.contenders, torch=not args.no_torch, sklearn=not args.no_sklearn
+    )
     absent += missing
     stream = None if args.no_progress else sys.stderr
-    results = [run_job(spec, contenders, args.rounds, stream) for spec in specs]
+    results = [run_job(spec, contenders, args.rounds, stream, args.load) for spec in specs]
+    print(
+        format_report(
+            results, absent, _job_command(args, specs), args.rounds, args.load, args.threads
+        )
+    )
+    if args.json:
+        with open(args.json, "w") as fh:
+            record = to_json(results, absent, _job_command(args, specs), args.load, args.threads)
+            json.dump(record, fh, indent=1)
+        print(f"\nwrote {args.json}")
+    return 1 if any(row.error for r in results for row in r.rows) else 0
+
+
+def _job_command(args: argparse.Namespace, specs: list[JobSpec]) -> str:
+    """A ``gpubp bench --job`` command that reruns this one (without ``--json``)."""
     command = " ".join(["gpubp bench --job", ",".join(s.dataset for s in specs)])
     command += f" --epochs {specs[0].epochs} --rounds {args.rounds}"
     command += "".join(f" --no-{c}" for c in ("torch", "sklearn") if getattr(args, f"no_{c}"))
-    print(format_report(results, absent, command, args.rounds))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(to_json(results, absent, command), fh, indent=1)
-        print(f"\nwrote {args.json}")
-    return 1 if any(row.error for r in results for row in r.rows) else 0
+    if args.contenders:
+        command += f" --contenders {','.join(args.contenders)}"
+    command += f" --load {args.load}" if args.load else ""
+    command += f" --threads {args.threads}" if args.threads is not None else ""
+    return command
 
 
 def main(args: argparse.Namespace) -> int:

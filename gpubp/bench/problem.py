@@ -89,6 +89,7 @@ class BenchConfig:
 
     ``threads``: passed as ``threads=`` to every backend that takes a thread count; PyTorch
     and BLAS (the floor, the numpy backend) are limited to as many (``None``: their defaults).
+    ``load``: busy processes that spin beside the whole run.
     """
 
     shapes: list[BenchShape] = field(default_factory=lambda: list(STANDARD_SHAPES.values()))
@@ -103,6 +104,7 @@ class BenchConfig:
     sweep_batches: dict[str, tuple[int, ...]] = field(default_factory=lambda: SWEEP_BATCHES)
     seed: int = 0
     threads: int | None = None
+    load: int = 0  # busy processes beside every candidate (--load)
 
 
 def parse_shape(spec: str) -> BenchShape:

@@ -135,7 +135,7 @@ def format_table(report: BenchReport) -> str:
         + ("x torch = median / the fastest PyTorch row of the same device; " if has_torch else "")
         + "peak MiB = memory of a fresh setup and two steps (tracemalloc on the CPU, the memory "
         "pool on a GPU; '-' where not measurable)",
-        f"threads: {_threads(m)}",
+        f"threads: {_threads(m)}; load: {m.get('load', 0)} busy process(es) beside the run",
         f"command: {m.get('command', '')}",
     ]
     if report.absent:

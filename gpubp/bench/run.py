@@ -25,7 +25,7 @@ from .problem import (
     validation_batch,
 )
 from .report import BenchReport, Row
-from .timing import Progress, Stats, time_round_robin
+from .timing import Progress, Stats, busy_processes, time_round_robin
 
 #: A spread ``(q75 - q25) / median`` above this is flagged as too wide to trust.
 SPREAD_WARN = 0.10
@@ -43,6 +43,7 @@ def command_line(config: BenchConfig) -> str:
     parts += [] if config.memory else ["--no-memory"]
     parts += [] if config.seed == 0 else ["--seed", str(config.seed)]
     parts += [] if config.threads is None else ["--threads", str(config.threads)]
+    parts += [] if config.load == 0 else ["--load", str(config.load)]
     return " ".join(parts)
 
 
@@ -155,6 +156,7 @@ def run_bench(config: BenchConfig, progress_stream: TextIO | None = sys.stderr) 
         min_time_s=config.min_time,
         settle_s=config.settle,
         threads=config.threads,
+        load=config.load,
         command=command_line(config),
     )
     makers = make_candidates(config, report.absent, gpu_status())
@@ -162,7 +164,7 @@ def run_bench(config: BenchConfig, progress_stream: TextIO | None = sys.stderr) 
     if GPU in devices:
         found, _ = gpus()
         report.meta["gpu"] = found[0][0] if found else "unknown"
-    with threads_limited(config.threads) as limited:
+    with threads_limited(config.threads) as limited, busy_processes(config.load):
         report.meta["threads_limited"] = limited
         _run_groups(config, makers, devices, report, Progress(progress_stream))
     return report

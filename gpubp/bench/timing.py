@@ -1,4 +1,5 @@
-"""Timing: interleaved round-robin samples with a settle pause, and their statistics.
+"""Timing: interleaved round-robin samples with a settle pause, their statistics, and the busy
+processes of ``--load``.
 
 The one timing loop of the project's benchmarks: :meth:`Candidate.timed` runs ``n`` steps with
 the device synchronised inside the timed region; :func:`time_round_robin` calibrates, warms up
@@ -7,9 +8,12 @@ and takes the samples of every candidate interleaved.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TextIO
 
@@ -19,6 +23,8 @@ DEFAULT_REPEATS, QUICK_REPEATS = 21, 7
 DEFAULT_MIN_TIME, QUICK_MIN_TIME = 0.05, 0.01
 #: Seconds to wait before each sample, for the previous candidate's spinning threads to sleep.
 DEFAULT_SETTLE = 0.15
+#: Seconds the busy processes of :func:`busy_processes` get to start spinning.
+LOAD_START = 0.2
 
 
 class Steps(Protocol):
@@ -135,3 +141,27 @@ def time_round_robin(
             n = steps[c.label]
             samples[c.label].append(c.timed(n) / n)
     return {label: Stats.of(s) for label, s in samples.items()}
+
+
+@contextlib.contextmanager
+def busy_processes(n: int) -> Iterator[None]:
+    """Inside, ``n`` other processes spin on the CPU (``while True: pass``), as other work on
+    a shared machine would; they are killed on the way out."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", "while True: pass"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(n)
+    ]
+    try:
+        if procs:
+            time.sleep(LOAD_START)
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
