@@ -165,3 +165,23 @@ def test_quick_job_runs_every_contender_end_to_end(tmp_path, capsys):
             assert row["threads"] == 1, (name, row["threads"])
     assert rows["gpubp"]["epoch_seconds"][0] >= rows["gpubp"]["seconds"][0]
     assert np.isfinite(run["floor_step_seconds"]["32"])
+
+
+def test_quick_leaves_torch_compile_out_unless_named(monkeypatch, capsys):
+    seen = []
+
+    def fake_run_job(spec, contenders, rounds, progress=None, load=0):
+        seen.append((list(contenders), load, spec.threads))
+        rows = [job.JobRow(c, c, [1.0], [0.9]) for c in contenders]
+        return job.JobResult(spec, [64, 8, 10], 32, 100, 4, 1.0, {32: 0.25}, rows)
+
+    monkeypatch.setattr(bench_cli, "run_job", fake_run_job)
+    assert cli.main(["bench", "--job", "digits", "--quick", "--no-progress", "--load", "2"]) == 0
+    (contenders, load, threads), *_ = seen
+    assert "torch-compile" not in contenders and contenders[0] == "gpubp" and load == 2
+    assert threads is None
+    assert "torch-compile: left out by --quick" in capsys.readouterr().out
+    argv = ["bench", "--job", "digits", "--quick", "--no-progress", "--contenders", "gpubp"]
+    assert cli.main([*argv, "--threads", "3"]) == 0
+    assert seen[-1] == (["gpubp"], 0, 3)
+    assert "--contenders gpubp --threads 3" in capsys.readouterr().out

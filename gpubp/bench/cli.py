@@ -99,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         const="all",
         metavar="DATASETS",
         help=f"comma-separated from {', '.join(JOB_DATASETS)}; 'all' (the default with a bare "
-        "--job): each found here (with --quick: digits only)",
+        "--job): each found here (with --quick: digits only, and no torch.compile)",
     )
     job.add_argument(
         "--epochs", type=int, help="epochs of each job (default: gpubp train's 15; 1 with --quick)"
@@ -113,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAMES",
         help="comma-separated from "
         + ", ".join(f"{k} ({v})" for k, v in CONTENDERS.items())
-        + "; default: every one that can run here",
+        + "; default: every one that can run here (with --quick: but torch-compile)",
     )
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress line on standard error"
@@ -228,8 +228,12 @@ def job_main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"gpubp bench: {exc}", file=sys.stderr)
         return 2
+    wanted = args.contenders
+    if wanted is None and args.quick:  # a rough look in seconds, not a minute of compiling
+        wanted = [c for c in CONTENDERS if c != "torch-compile"]
+        absent.append("torch-compile: left out by --quick (name it in --contenders to run it)")
     contenders, missing = available_contenders(
-        args.contenders, torch=not args.no_torch, sklearn=not args.no_sklearn
+        wanted, torch=not args.no_torch, sklearn=not args.no_sklearn
     )
     absent += missing
     stream = None if args.no_progress else sys.stderr
