@@ -86,12 +86,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run N busy processes (CPU spin loops) beside every candidate, as on a shared "
         "machine (default 0)",
     )
+    _add_job_arguments(parser)
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress line on standard error"
+    )
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``gpubp bench --job``, in a group of their own."""
     job = parser.add_argument_group(
         "whole-job benchmark",
-        "--job trains the default `gpubp train` job with gpubp, the same job as a PyTorch CPU "
-        "loop and as scikit-learn's MLPClassifier, interleaved, each in a fresh process, and "
-        "prints training time, its ratios to gpubp and to the job's GEMM floor, and test "
-        "accuracy (instead of the step benchmark)",
+        "--job trains the default `gpubp train` job with gpubp and, where installed, the same "
+        "job as PyTorch CPU loops (default Adam, Adam(fused=True), torch.compile), a JAX jit "
+        "step and scikit-learn's MLPClassifier, interleaved, each in a fresh process, and "
+        "prints training time, its ratios to gpubp and to the job's GEMM floor, test accuracy "
+        "and threads (instead of the step benchmark); --threads and --load apply to each",
     )
     job.add_argument(
         "--job",
@@ -114,9 +123,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated from "
         + ", ".join(f"{k} ({v})" for k, v in CONTENDERS.items())
         + "; default: every one that can run here (with --quick: but torch-compile)",
-    )
-    parser.add_argument(
-        "--no-progress", action="store_true", help="no progress line on standard error"
     )
 
 
