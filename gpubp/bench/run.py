@@ -166,6 +166,8 @@ def run_bench(config: BenchConfig, progress_stream: TextIO | None = sys.stderr) 
         report.meta["gpu"] = found[0][0] if found else "unknown"
     with threads_limited(config.threads) as limited, busy_processes(config.load):
         report.meta["threads_limited"] = limited
+        if "PyTorch" in limited:
+            report.meta["torch_threads"] = config.threads
         _run_groups(config, makers, devices, report, Progress(progress_stream))
     return report
 
