@@ -42,7 +42,6 @@ from .candidates import (
     Maker,
     TorchCandidate,
     cupy_module,
-    emulated,
     gpu_status,
     make_candidates,
 )
@@ -119,7 +118,6 @@ __all__ = [
     "config_from_args",
     "cupy_module",
     "elementwise_bytes",
-    "emulated",
     "format_table",
     "gpu_status",
     "main",
