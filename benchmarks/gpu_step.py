@@ -54,8 +54,8 @@ from gpubp.bench import (  # noqa: E402
     run_group,
     step_flops,
     time_round_robin,
-    torch_status,
 )
+from gpubp.machine import torch_status  # noqa: E402
 
 #: Every standard shape at its GPU batch size; ``--quick``: two small ones.
 SHAPES: dict[str, int] = {

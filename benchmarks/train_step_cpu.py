@@ -71,10 +71,10 @@ from gpubp.bench import (
     make_problem,
     step_flops,
     time_round_robin,
-    torch_status,
 )
 from gpubp.bench.problem import STEP_OPTIMIZERS
 from gpubp.check import TOLERANCE
+from gpubp.machine import torch_status
 
 #: The standard shapes that have a CPU batch size, and ``gpubp train``'s default model.
 CPU_SHAPES: dict[str, BenchShape] = {

@@ -7,6 +7,7 @@ scale, so tiny entries do not make the ratio meaningless).
 
 from __future__ import annotations
 
+import collections
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -225,3 +226,47 @@ def run_checks(
             )
         )
     return results
+
+
+#: The columns of :func:`format_table`: the worst error of each over a group's configurations.
+TABLE_COLUMNS = ("forward", "loss", "dW", "db", "update")
+
+
+def format_table(results: Iterable[CheckResult]) -> str:
+    """Worst relative error per (backend, dtype, output+loss) over activations and shapes, the
+    update column over every optimizer; ``ok`` or ``FAIL`` per row."""
+    groups: dict[tuple[str, str, str], dict[str, float]] = collections.defaultdict(dict)
+    ok: dict[tuple[str, str, str], bool] = collections.defaultdict(lambda: True)
+    for r in results:
+        key = (r.backend, r.dtype, f"{r.output}+{r.loss}")
+        update = max(v for k, v in r.errors.items() if k.startswith("step:"))
+        values = {c: r.errors[c] for c in TABLE_COLUMNS[:-1]} | {"update": update}
+        for col, val in values.items():
+            groups[key][col] = max(groups[key].get(col, 0.0), val)
+        ok[key] = ok[key] and r.ok
+    header = f"{'backend':8} {'dtype':8} {'output+loss':30} " + " ".join(
+        f"{c:>9}" for c in TABLE_COLUMNS
+    )
+    lines = [
+        "worst relative error against the reference (over hidden activations and shapes)",
+        header,
+        "-" * len(header),
+    ]
+    for key in sorted(groups):
+        cells = " ".join(f"{groups[key][c]:9.1e}" for c in TABLE_COLUMNS)
+        lines.append(f"{key[0]:8} {key[1]:8} {key[2]:30} {cells}  {'ok' if ok[key] else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def format_failures(results: Iterable[CheckResult]) -> str:
+    """One line per configuration out of tolerance: where, and each error above it."""
+    lines = []
+    for r in results:
+        if r.ok:
+            continue
+        errs = ", ".join(f"{k}={v:.2e}" for k, v in r.errors.items() if v > TOLERANCE[r.dtype])
+        lines.append(
+            f"  {r.backend} {r.dtype} sizes={list(r.sizes)} batch={r.batch} "
+            f"{r.activation}/{r.output}/{r.loss}: {errs}"
+        )
+    return "\n".join(lines)

@@ -4,20 +4,26 @@
 from __future__ import annotations
 
 import argparse
-import collections
-import importlib.metadata
+import contextlib
 import os
 import platform
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
-from ._checks import fraction, non_negative_int, non_negative_number, positive_int, positive_number
-from .activations import HIDDEN_ACTIVATIONS
-from .backends import BACKEND_NAMES, available_backends, backend_status
-from .check import DEFAULT_SHAPES, TOLERANCE, CheckResult, run_checks
+from . import __version__, machine
+from .arguments import (
+    add_gradflow_options,
+    add_train_options,
+    given_options,
+    seed_value,
+    show_defaults,
+)
+from .backends import BACKEND_NAMES, available_backends, backend_status, get_backend, use_backend
+from .bench import add_arguments as add_bench_arguments
+from .bench import main as bench_main
+from .check import DEFAULT_SHAPES, TOLERANCE, CheckResult, format_failures, format_table, run_checks
 from .distributed import DistributedError
 from .errors import (
     BackendUnavailableError,
@@ -64,16 +70,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
             bad = sum(not r.ok for r in batch)
             print(f" {len(batch)} configurations, {bad} failed")
             results.extend(batch)
-    _print_table(results)
+    print("\n" + format_table(results))
     failed = [r for r in results if not r.ok]
     if failed:
-        print(f"\n{len(failed)} configuration(s) FAILED:")
-        for r in failed:
-            errs = ", ".join(f"{k}={v:.2e}" for k, v in r.errors.items() if v > TOLERANCE[r.dtype])
-            print(
-                f"  {r.backend} {r.dtype} sizes={list(r.sizes)} batch={r.batch} "
-                f"{r.activation}/{r.output}/{r.loss}: {errs}"
-            )
+        print(f"\n{len(failed)} configuration(s) FAILED:\n{format_failures(failed)}")
         return 1
     print(
         f"\nall {len(results)} configurations within tolerance "
@@ -82,129 +82,28 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_table(results: list[CheckResult]) -> None:
-    """Worst relative error per (backend, dtype, output/loss) over activations and shapes."""
-    groups: dict[tuple[str, str, str], dict[str, float]] = collections.defaultdict(dict)
-    ok: dict[tuple[str, str, str], bool] = collections.defaultdict(lambda: True)
-    for r in results:
-        key = (r.backend, r.dtype, f"{r.output}+{r.loss}")
-        g = groups[key]
-        for col, val in (
-            ("forward", r.errors["forward"]),
-            ("loss", r.errors["loss"]),
-            ("dW", r.errors["dW"]),
-            ("db", r.errors["db"]),
-            ("update", max(v for k, v in r.errors.items() if k.startswith("step:"))),
-        ):
-            g[col] = max(g.get(col, 0.0), val)
-        ok[key] = ok[key] and r.ok
-    cols = ["forward", "loss", "dW", "db", "update"]
-    header = f"{'backend':8} {'dtype':8} {'output+loss':30} " + " ".join(f"{c:>9}" for c in cols)
-    print("\nworst relative error against the reference (over hidden activations and shapes)")
-    print(header)
-    print("-" * len(header))
-    for key in sorted(groups):
-        g = groups[key]
-        cells = " ".join(f"{g[c]:9.1e}" for c in cols)
-        print(f"{key[0]:8} {key[1]:8} {key[2]:30} {cells}  {'ok' if ok[key] else 'FAIL'}")
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def _cmd_info(args: argparse.Namespace) -> int:
     print(f"gpubp {__version__}  (Python {platform.python_version()}, {platform.platform()})")
     print("\nbackends (best first; 'auto' picks the first available):")
     for name, why in backend_status().items():
         print(f"  {name:6} {'available' if why is None else 'unavailable: ' + why}")
     print("\nlibraries:")
-    for dist in ("numpy", "numba", "cupy-cuda12x", "cupy-cuda13x", "scikit-learn", "matplotlib"):
-        print(f"  {dist:14} {_version(dist)}")
+    for dist in machine.LIBRARIES:
+        print(f"  {dist:14} {machine.version(dist)}")
     print("\ndevices:")
-    print(f"  CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores")
-    try:
-        import numpy as np
-
-        blas = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
-        print(f"  BLAS: {blas.get('name', 'unknown')} {blas.get('version', '')}".rstrip())
-    except Exception:  # numpy < 1.25 has no dict mode; the BLAS line is a courtesy
-        pass
-    try:
-        from .backends.cuda.cupy_module import import_cupy
-
-        cupy = import_cupy()
-        n = cupy.cuda.runtime.getDeviceCount()
-        for i in range(n):
-            props = cupy.cuda.runtime.getDeviceProperties(i)
-            print(f"  GPU {i}: {props['name'].decode()}, {props['totalGlobalMem'] / 2**30:.1f} GiB")
-    except ImportError:
-        print("  GPU: CuPy not installed, so no GPU is used")
-    except Exception as exc:
-        print(f"  GPU: none usable ({type(exc).__name__}: {exc})")
+    cores, usable = os.cpu_count(), machine.usable_cores()
+    print(f"  CPU: {machine.cpu_name()}, {cores} logical cores, {usable} usable by this process")
+    blas = machine.blas()
+    threads = "threads unknown (needs threadpoolctl)" if blas["threads"] is None else "threads"
+    count = "" if blas["threads"] is None else f"{blas['threads']} "
+    print(f"  NumPy's BLAS: {blas['name']} {blas['version']}, {count}{threads}")
+    print(f"  GEMM provider (numba): {machine.gemm_provider()}")
+    found, why = machine.gpus()
+    for i, (name, gib) in enumerate(found):
+        print(f"  GPU {i}: {name}, {gib:.1f} GiB")
+    if why is not None:
+        print(f"  GPU: {why}")
     return 0
-
-
-def _checked(
-    convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str
-) -> Callable[[str], Any]:
-    """An argparse ``type``: ``convert(text)``, refused with "expected ..." unless ``ok``."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-
-    return parse
-
-
-# the same rules as the Python API's (gpubp._checks): NaN and infinity are refused too
-_positive_int = _checked(int, positive_int, "a positive integer")
-_seed = _checked(int, non_negative_int, "an integer >= 0")
-_positive_float = _checked(float, positive_number, "a positive number")
-_non_negative_float = _checked(float, non_negative_number, "a number >= 0")
-_fraction = _checked(float, fraction, "a number in [0, 1)")
-
-
-def _png_path(text: str) -> str:
-    """A file name ending in .png (the figures are PNG); empty means no picture."""
-    if text and not text.lower().endswith(".png"):
-        raise argparse.ArgumentTypeError(
-            f"expected a file name ending in .png (the figure is written as PNG), got {text!r}"
-        )
-    return text
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or not all(positive_int(v) for v in values):
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated positive widths such as 512,256, got {text!r}"
-        )
-    return values
-
-
-def _name_list(choices: Sequence[str]) -> Any:
-    def parse(text: str) -> list[str]:
-        names = [part.strip() for part in text.split(",") if part.strip()]
-        bad = [n for n in names if n not in choices]
-        if not names or bad:
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated names from {', '.join(choices)}, got {text!r}"
-            )
-        return names
-
-    return parse
 
 
 #: What makes a run fail without being a bug: the message says what to do; exit status 1.
@@ -260,6 +159,17 @@ def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
+def _threads_context(backend: str, threads: int | None) -> Any:
+    """Inside it, ``backend`` (a name or ``auto``) is the instance with ``threads=threads``; a
+    no-op without ``--threads``. :class:`ValueError` names ``--threads``."""
+    if threads is None:
+        return contextlib.nullcontext()
+    try:
+        return use_backend(get_backend(backend, threads=threads))
+    except ValueError as exc:
+        raise ValueError(f"--threads: {exc}") from None
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import TrainConfig
     from .train import train
@@ -273,6 +183,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         track_gradients = settings.pop("track_gradients")
         try:
             config = TrainConfig(**settings)
+            threads = _threads_context(config.backend, args.threads)
         except ValueError as exc:  # e.g. --lr beyond the range of --dtype
             print(f"gpubp train: {_message(exc)}", file=sys.stderr)
             return 2
@@ -280,18 +191,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
             from .distributed import init
 
             comm = init()
-        result = train(
-            config,
-            comm=comm,
-            checkpoint=args.checkpoint,
-            resume=args.resume,
-            json_path=args.json,
-            plot_path=args.plot,
-            save_path=args.save,
-            track_gradients=track_gradients,
-            progress=not args.quiet,
-            override=args.override or (),
-        )
+        with threads:
+            result = train(
+                config,
+                comm=comm,
+                checkpoint=args.checkpoint,
+                resume=args.resume,
+                json_path=args.json,
+                plot_path=args.plot,
+                save_path=args.save,
+                track_gradients=track_gradients,
+                progress=not args.quiet,
+                override=args.override or (),
+            )
     except BaseException as exc:
         if isinstance(exc, NonFiniteLossError):
             message = f"{exc}; try a smaller --lr"
@@ -319,21 +231,30 @@ def _cmd_gradflow(args: argparse.Namespace) -> int:
     from .gradflow import gradflow
 
     try:
-        gradflow(
-            activations=args.activations,
-            depth=args.depth,
-            width=args.width,
-            dataset=args.dataset,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            backend=args.backend,
-            seed=args.seed,
-            data_dir=args.data_dir,
-            plot_path=args.plot or None,
-            json_path=args.json,
-            progress=not args.quiet,
-        )
+        threads = _threads_context(args.backend, args.threads)
+    except ValueError as exc:
+        print(f"gpubp gradflow: {exc}", file=sys.stderr)
+        return 2
+    except BackendUnavailableError as exc:
+        print(f"gpubp gradflow: {_message(exc)}", file=sys.stderr)
+        return 1
+    try:
+        with threads:
+            gradflow(
+                activations=args.activations,
+                depth=args.depth,
+                width=args.width,
+                dataset=args.dataset,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                backend=args.backend,
+                seed=args.seed,
+                data_dir=args.data_dir,
+                plot_path=args.plot or None,
+                json_path=args.json,
+                progress=not args.quiet,
+            )
     except (*_RUN_ERRORS, OSError) as exc:
         print(f"gpubp gradflow: {_message(exc)}", file=sys.stderr)
         return 1
@@ -407,36 +328,11 @@ def _add_evaluate_parser(sub: Any) -> None:
     p.add_argument("--data-dir", help="folder with the IDX files (also $GPUBP_DATA)")
     p.add_argument("--backend", default="auto", choices=("auto", *BACKEND_NAMES))
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
-    _show_defaults(p)
+    show_defaults(p)
     p.set_defaults(func=_cmd_evaluate)
 
 
-_QUIET = "no live progress bar (the epoch lines and the summary stay)"
-
-
-def _shown(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
-    return str(value).replace("%", "%%")
-
-
-def _show_defaults(parser: argparse.ArgumentParser) -> None:
-    """Append "(default: X)" to the help of every option that has a default and does not say
-    it already; options without one (None, or off for a flag) show none."""
-    for action in parser._actions:
-        default = action.default
-        if default is None or default is False or default is argparse.SUPPRESS:
-            continue
-        text = action.help or ""
-        if "default" not in text:
-            action.help = f"{text} (default: {_shown(default)})".lstrip()
-
-
 def _add_train_parser(sub: Any) -> None:
-    from .config import OPTIMIZERS, OVERRIDABLE, SCHEDULES, TrainConfig
-    from .datasets import DATASET_NAMES
-
-    d = TrainConfig()
     p = sub.add_parser(
         "train",
         help="train an MLP on real data (digits, MNIST, Fashion-MNIST) and report accuracy",
@@ -446,92 +342,12 @@ def _add_train_parser(sub: Any) -> None:
         "(a checkpoint is written first). With --resume, every option not given is the "
         "checkpoint's.",
     )
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--dataset",
-        default=d.dataset,
-        choices=("auto", *DATASET_NAMES),
-        help="auto: the largest dataset found locally (it says which)",
-    )
-    g.add_argument("--data-dir", help="folder with the IDX files (also $GPUBP_DATA)")
-    g.add_argument(
-        "--download",
-        action="store_true",
-        help="fetch a missing MNIST/Fashion-MNIST into the cache (SHA-256 checked)",
-    )
-    g.add_argument(
-        "--val-fraction",
-        type=_fraction,
-        default=d.val_fraction,
-        help="share of the training set held out for validation",
-    )
-    g = p.add_argument_group("model and optimizer")
-    g.add_argument(
-        "--layers",
-        type=_int_list,
-        default=d.layers,
-        help="hidden widths, comma-separated",
-    )
-    g.add_argument("--activation", default=d.activation, choices=HIDDEN_ACTIVATIONS)
-    g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
-    g.add_argument(
-        "--lr",
-        type=_positive_float,
-        help="peak learning rate (default: 0.1 sgd, 0.05 momentum, 0.001 adam/adamw)",
-    )
-    g.add_argument(
-        "--weight-decay",
-        type=_non_negative_float,
-        help="decoupled (adamw) or L2 weight decay (default: 0.01 for adamw, else 0)",
-    )
-    g.add_argument("--schedule", default=d.schedule, choices=SCHEDULES)
-    g.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        help="(default: 128, or 32 for datasets under 10,000 training samples)",
-    )
-    g.add_argument("--epochs", type=_positive_int, default=d.epochs)
-    g.add_argument("--seed", type=_seed, default=d.seed)
-    g = p.add_argument_group("where it runs")
-    g.add_argument("--backend", default=d.backend, choices=("auto", *BACKEND_NAMES))
-    g.add_argument("--dtype", default=d.dtype, choices=("float32", "float64"))
-    g = p.add_argument_group("files")
-    g.add_argument("--checkpoint", metavar="PATH", help="write a checkpoint here every epoch")
-    g.add_argument(
-        "--resume",
-        metavar="PATH",
-        help="continue from this checkpoint (options not given: the checkpoint's)",
-    )
-    g.add_argument(
-        "--override",
-        type=_name_list(OVERRIDABLE),
-        metavar="NAMES",
-        help="with --resume: settings that may differ from the checkpoint's (lr: continue a "
-        "diverged run with a smaller --lr)",
-    )
-    g.add_argument("--json", metavar="PATH", help="write the run's record (config, history)")
-    g.add_argument(
-        "--plot", metavar="PATH", type=_png_path, help="write loss/accuracy curves (a .png)"
-    )
-    g.add_argument("--save", metavar="PATH", help="write the trained model (.npz)")
-    g.add_argument(
-        "--track-gradients",
-        action="store_true",
-        help="record per-layer norms of delta and dW after every epoch",
-    )
-    g.add_argument(
-        "--distributed",
-        action="store_true",
-        help="data-parallel over MPI ranks: mpirun -n N gpubp train --distributed ...",
-    )
-    p.add_argument("--quiet", action="store_true", help=_QUIET)
-    _show_defaults(p)
+    add_train_options(p)
+    show_defaults(p)
     p.set_defaults(func=_cmd_train, subparser=p)
 
 
 def _add_gradflow_parser(sub: Any) -> None:
-    from .datasets import DATASET_NAMES
-
     p = sub.add_parser(
         "gradflow",
         help="draw per-layer gradient norms of deep networks, one line per activation",
@@ -540,44 +356,9 @@ def _add_gradflow_parser(sub: Any) -> None:
         "training: deep sigmoid networks starve their first layers of gradient, ReLU networks "
         "do not.",
     )
-    p.add_argument(
-        "--activations",
-        type=_name_list(HIDDEN_ACTIVATIONS),
-        default=["sigmoid", "tanh", "relu"],
-        help="comma-separated hidden activations to compare",
-    )
-    p.add_argument("--depth", type=_positive_int, default=8, help="hidden layers")
-    p.add_argument("--width", type=_positive_int, default=64, help="units per hidden layer")
-    p.add_argument("--dataset", default="auto", choices=("auto", *DATASET_NAMES))
-    p.add_argument("--data-dir", help="folder with the IDX files (also $GPUBP_DATA)")
-    p.add_argument("--steps", type=_positive_int, default=200, help="SGD steps per network")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--lr", type=_positive_float, default=0.05)
-    p.add_argument("--backend", default="auto", choices=("auto", *BACKEND_NAMES))
-    p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument(
-        "--plot",
-        metavar="PATH",
-        type=_png_path,
-        default="gradflow.png",
-        help="the .png to write; '' for none",
-    )
-    p.add_argument("--json", metavar="PATH", help="also write the norms as JSON")
-    p.add_argument("--quiet", action="store_true", help=_QUIET)
-    _show_defaults(p)
+    add_gradflow_options(p)
+    show_defaults(p)
     p.set_defaults(func=_cmd_gradflow)
-
-
-def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from .bench import add_arguments
-
-    add_arguments(parser)
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import main as bench_main
-
-    return bench_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -601,8 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backends", default="all", help="comma-separated names, or 'all' (default)"
     )
     check.add_argument("--dtypes", default="float32,float64", help="default: float32,float64")
-    check.add_argument("--seed", type=_seed, default=0, help="seed of the random problems")
-    _show_defaults(check)
+    check.add_argument("--seed", type=seed_value, default=0, help="seed of the random problems")
+    show_defaults(check)
     check.set_defaults(func=_cmd_check)
     info = sub.add_parser("info", help="list backends, devices and library versions")
     info.set_defaults(func=_cmd_info)
@@ -613,20 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(where installed) and the GEMM-only floor on the standard shapes, each checked against "
         "the float64 reference first. Exit status 1 if a backend fails its check.",
     )
-    _add_bench_arguments(bench)
-    bench.set_defaults(func=_cmd_bench)
+    add_bench_arguments(bench)
+    bench.set_defaults(func=bench_main)
     return parser
-
-
-_UNSET = object()
-
-
-def _given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """The destinations of the options ``argv`` gives explicitly (argparse fills a namespace's
-    missing attributes only, so the ones still unset were not given)."""
-    namespace = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions})
-    parser.parse_args(argv, namespace=namespace)
-    return {k for k, v in vars(namespace).items() if v is not _UNSET}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -637,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     if getattr(args, "subparser", None) is not None:
-        args.given = _given(args.subparser, argv[argv.index(args.command) + 1 :])
+        args.given = given_options(args.subparser, argv[argv.index(args.command) + 1 :])
     try:
         code = int(args.func(args))
         sys.stdout.flush()  # a closed pipe shows here, inside the try, not at exit

@@ -71,6 +71,7 @@ def gradflow(
     json_path: str | os.PathLike[str] | None = None,
     progress: bool = True,
     log: Log = _print,
+    threads: int | None = None,
 ) -> dict[str, dict[str, list[float]]]:
     """Train one network per activation briefly and measure gradient norms layer by layer.
 
@@ -79,28 +80,17 @@ def gradflow(
     (:func:`gradient_norms`). With sigmoid, ``f' <= 1/4`` shrinks ``||delta^l||`` roughly
     geometrically towards the input, so the first layers barely learn; ReLU keeps it level.
 
+    ``threads``: the backend's thread count (see :func:`gpubp.get_backend`).
+
     Returns ``{activation: {"delta", "dW", "delta_init", "dW_init"}}``, lists from layer 1.
     """
-    for name in activations:
-        if name not in HIDDEN_ACTIVATIONS:
-            raise ValueError(
-                f"activations: {name!r} is not supported; expected names from "
-                f"{', '.join(HIDDEN_ACTIVATIONS)}"
-            )
-    if not activations:
-        raise ValueError("activations: give at least one, e.g. sigmoid,tanh,relu")
-    for arg, value in (("depth", depth), ("width", width), ("steps", steps)):
-        check_positive_int(arg, value)
-    check_output_folders(plot_path=plot_path, json_path=json_path)  # fail now, not after
-    if plot_path is not None:
-        plots.check_png(plot_path)
-        plots.require_matplotlib(skip="pass --plot '' (plot_path=None) to skip the picture")
+    _check_arguments(activations, depth, width, steps, plot_path, json_path)
+    be = get_backend(backend, threads=threads)
     ds = data.load_dataset(dataset, data_dir, False, seed, progress)
     log(f"dataset: {ds.describe()}")
     rng = np.random.default_rng(seed)
     probe = rng.choice(len(ds.x_train), size=min(PROBE_SAMPLES, len(ds.x_train)), replace=False)
     xp_, yp_ = ds.x_train[probe], ds.y_train[probe]
-    be = get_backend(backend)
     X, Y = be.asarray(ds.x_train), be.asarray(ds.y_train)  # on the device once, for every run
     runs: dict[str, dict[str, list[float]]] = {}
     for name in activations:
@@ -137,6 +127,31 @@ def gradflow(
         )
         log(f"gradient norms written to {json_path}")
     return runs
+
+
+def _check_arguments(
+    activations: Sequence[str],
+    depth: int,
+    width: int,
+    steps: int,
+    plot_path: str | os.PathLike[str] | None,
+    json_path: str | os.PathLike[str] | None,
+) -> None:
+    """:func:`gradflow`'s arguments and output folders checked before any training."""
+    for name in activations:
+        if name not in HIDDEN_ACTIVATIONS:
+            raise ValueError(
+                f"activations: {name!r} is not supported; expected names from "
+                f"{', '.join(HIDDEN_ACTIVATIONS)}"
+            )
+    if not activations:
+        raise ValueError("activations: give at least one, e.g. sigmoid,tanh,relu")
+    for arg, value in (("depth", depth), ("width", width), ("steps", steps)):
+        check_positive_int(arg, value)
+    check_output_folders(plot_path=plot_path, json_path=json_path)  # fail now, not after
+    if plot_path is not None:
+        plots.check_png(plot_path)
+        plots.require_matplotlib(skip="pass --plot '' (plot_path=None) to skip the picture")
 
 
 def _train_and_measure(

@@ -21,7 +21,7 @@ def _has(module: str) -> bool:
 
 
 def _args(**kw):
-    base = dict(job="all", quick=False, epochs=None, rounds=1, data_dir=None)
+    base = dict(job="all", quick=False, epochs=None, rounds=1, data_dir=None, threads=None)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -96,23 +96,92 @@ def test_the_worker_refuses_a_bad_command_line(capsys):
     assert "usage" in capsys.readouterr().out
 
 
+def test_contenders_that_cannot_run_are_skipped_with_a_reason(monkeypatch):
+    real = importlib.util.find_spec
+    missing = {"jax", "torch"}
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a)
+    )
+    names, absent = job.available_contenders()
+    assert names[0] == "gpubp" and not {"jax", "torch", "torch-fused", "torch-compile"} & set(names)
+    text = "\n".join(absent)
+    assert "jax (JAX jit, hand-written Adam): JAX is not installed (pip install jax)" in text
+    assert "torch-fused (PyTorch eager, Adam(fused=True)): PyTorch is not installed" in text
+    names, absent = job.available_contenders(["gpubp", "jax"])  # only those asked about
+    assert names == ["gpubp"] and len(absent) == 1
+    missing.clear()
+    monkeypatch.setattr(job.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    if _has("torch"):
+        assert "needs a C++ compiler" in job.contender_status("torch-compile")
+    names, absent = job.available_contenders(torch=False, sklearn=False)
+    assert "torch (PyTorch eager, default Adam): left out by --no-torch" in absent
+    assert any(a.startswith("sklearn") and "--no-sklearn" in a for a in absent)
+    assert not {"torch", "torch-compile", "sklearn"} & set(names)
+
+
+def test_a_contender_far_below_gpubps_accuracy_is_named():
+    rows = [
+        job.JobRow("gpubp", "gpubp (numba)", [2.0], [0.90]),
+        job.JobRow("jax", "JAX", [1.0], [0.85]),
+        job.JobRow("torch", "PyTorch", [3.0], [0.89]),
+    ]
+    result = job.JobResult(job.JobSpec("digits", 1), [64, 8, 10], 32, 100, 4, 1.0, {}, rows)
+    notes = [line for line in job.format_job(result).splitlines() if line.startswith("note")]
+    assert notes == ["note: JAX reaches a lower test accuracy than gpubp"]
+
+
 @pytest.mark.skipif(not _has("sklearn"), reason="the digits job needs scikit-learn")
 def test_quick_job_runs_every_contender_end_to_end(tmp_path, capsys):
+    """Every contender but torch.compile (a minute of compiling), one thread each, beside one
+    busy process."""
     out = tmp_path / "job.json"
-    assert cli.main(["bench", "--job", "--quick", "--no-progress", "--json", str(out)]) == 0
+    argv = ["bench", "--job", "--quick", "--no-progress", "--json", str(out), "--load", "1"]
+    argv += ["--threads", "1", "--contenders", "gpubp,torch,torch-fused,jax,sklearn"]
+    assert cli.main(argv) == 0
     text = capsys.readouterr().out
     assert "digits: [64, 512, 256, 10]" in text and "x floor" in text
+    assert "load: 1 busy process(es)" in text and "threads: 1 for every contender" in text
     record = json.loads(out.read_text())
+    assert record["meta"]["load"] == 1 and record["meta"]["threads"] == 1
+    assert "--load 1 --threads 1" in record["meta"]["command"]
     (run,) = record["jobs"]
     assert run["spec"]["epochs"] == 1 and run["batch"] == 32 and run["floor_seconds"] > 0
+    assert run["spec"]["threads"] == 1
     rows = {r["contender"]: r for r in run["rows"]}
-    expected = {"gpubp", "sklearn"} | ({"torch"} if _has("torch") else set())
+    expected = {"gpubp", "sklearn"} | ({"torch", "torch-fused"} if _has("torch") else set())
+    expected |= {"jax"} if _has("jax") else set()
     assert set(rows) == expected
+    absent = " ".join(record["absent"])
+    for name in {"torch", "torch-fused", "jax"} - expected:
+        assert f"{name} (" in absent and "not installed" in absent
     for name, row in rows.items():
         assert row["error"] is None, (name, row["error"])
         (seconds,) = row["seconds"]
         (acc,) = row["accuracy"]
         assert seconds > 0
         assert 0.6 < acc <= 1.0, (name, acc)  # one epoch of digits learns, whoever trains it
+        if name != "sklearn" or _has("threadpoolctl"):
+            assert row["threads"] == 1, (name, row["threads"])
     assert rows["gpubp"]["epoch_seconds"][0] >= rows["gpubp"]["seconds"][0]
     assert np.isfinite(run["floor_step_seconds"]["32"])
+
+
+def test_quick_leaves_torch_compile_out_unless_named(monkeypatch, capsys):
+    seen = []
+
+    def fake_run_job(spec, contenders, rounds, progress=None, load=0):
+        seen.append((list(contenders), load, spec.threads))
+        rows = [job.JobRow(c, c, [1.0], [0.9]) for c in contenders]
+        return job.JobResult(spec, [64, 8, 10], 32, 100, 4, 1.0, {32: 0.25}, rows)
+
+    monkeypatch.setattr(bench_cli, "run_job", fake_run_job)
+    assert cli.main(["bench", "--job", "digits", "--quick", "--no-progress", "--load", "2"]) == 0
+    (contenders, load, threads), *_ = seen
+    assert "torch-compile" not in contenders and contenders[0] == "gpubp" and load == 2
+    assert threads is None
+    assert "torch-compile: left out by --quick" in capsys.readouterr().out
+    argv = ["bench", "--job", "digits", "--quick", "--no-progress", "--contenders", "gpubp"]
+    assert cli.main([*argv, "--threads", "3"]) == 0
+    assert seen[-1] == (["gpubp"], 0, 3)
+    assert "--contenders gpubp --threads 3" in capsys.readouterr().out

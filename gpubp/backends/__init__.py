@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
+from .._checks import positive_int
 from ..errors import BackendUnavailableError
 from .base import OPS, Backend
 from .cuda import CupyBackend
@@ -32,7 +34,8 @@ __all__ = [
 BACKEND_NAMES: tuple[str, ...] = ("cupy", "numba", "numpy")
 
 _instances: dict[str, Backend] = {}
-_context: list[str] = []  # names set by use_backend, innermost last
+_threaded: dict[tuple[str, int], Backend] = {}  # get_backend(name, threads=n)
+_context: list[Backend] = []  # backends set by use_backend, innermost last
 
 
 def _numpy_status() -> str | None:
@@ -109,7 +112,7 @@ def _best() -> str:
     return next(n for n in available_backends() if not (n == "cupy" and injected()))
 
 
-def get_backend(name: str | Backend | None = None) -> Backend:
+def get_backend(name: str | Backend | None = None, *, threads: int | None = None) -> Backend:
     """The backend called ``name`` (``numpy``, ``numba``, ``cupy`` or ``auto``).
 
     ``auto`` (and ``None``) is the backend chosen by the innermost :func:`use_backend` block if
@@ -117,6 +120,13 @@ def get_backend(name: str | Backend | None = None) -> Backend:
     NumPy (never a stand-in for CuPy named by ``GPUBP_CUPY_MODULE``). A backend object is returned
     as it is. Raises :class:`~gpubp.errors.BackendUnavailableError` if the backend cannot run
     here, saying why and what to use instead; :class:`ValueError` for an unknown name.
+
+    Inside ``use_backend(be)``, ``auto`` and ``be``'s own name give ``be`` itself.
+
+    ``threads``: a backend of its own that uses this many threads, for backends whose class
+    takes a thread count (numba: BLAS's threads and its row split); :class:`ValueError` for
+    one that takes none (numpy, whose GEMMs run on NumPy's BLAS at its own setting; cupy) or
+    for a count that is not a positive int. ``None`` (default): the shared instance.
     """
     if isinstance(name, Backend):
         return name
@@ -126,8 +136,14 @@ def get_backend(name: str | Backend | None = None) -> Backend:
         raise ValueError(
             f"backend={name!r} is not known; expected one of auto, {', '.join(BACKEND_NAMES)}"
         )
+    if threads is None:
+        for chosen in reversed(_context):
+            if name in ("auto", chosen.name):
+                return chosen
     if name == "auto":
-        name = _context[-1] if _context else _best()
+        name = _context[-1].name if _context else _best()
+    if threads is not None:
+        return _with_threads(name, threads)
     if name not in _instances:
         why = _STATUS[name]()
         if why is not None:
@@ -140,16 +156,35 @@ def get_backend(name: str | Backend | None = None) -> Backend:
     return _instances[name]
 
 
+def _with_threads(name: str, threads: int) -> Backend:
+    """The backend ``name`` built with ``threads=threads`` (one instance per pair)."""
+    if not positive_int(threads):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    key = (name, int(threads))
+    if key not in _threaded:
+        cls = _CLASSES.get(name) or get_backend(name).__class__  # numba's class loads lazily
+        if "threads" not in inspect.signature(cls).parameters:
+            where = "it runs on the GPU" if name == "cupy" else "its GEMMs use NumPy's BLAS as set"
+            raise ValueError(
+                f"the {name} backend takes no thread count (threads={threads}): {where}; "
+                "the numba backend takes one"
+            )
+        _threaded[key] = cls(threads=int(threads))  # type: ignore[call-arg]
+    return _threaded[key]
+
+
 @contextlib.contextmanager
-def use_backend(name: str) -> Iterator[Backend]:
-    """Context manager: inside it, ``backend="auto"`` (the default everywhere) means ``name``.
+def use_backend(name: str | Backend) -> Iterator[Backend]:
+    """Context manager: inside it, ``backend="auto"`` (the default everywhere) means ``name``,
+    and a backend object given here is what its own name means too (so
+    ``use_backend(get_backend("numba", threads=2))`` reaches code that names ``numba``).
 
     >>> with use_backend("numpy") as be:
     ...     be.name
     'numpy'
     """
     backend = get_backend(name)
-    _context.append(backend.name)
+    _context.append(backend)
     try:
         yield backend
     finally:

@@ -25,10 +25,12 @@ next (PyTorch's OpenMP threads, measured here, barely spin). The
 table gives the median, min and max over the samples, and the spread
 ``(q75 - q25) / median``. Peak memory is measured in a separate, untimed pass.
 
-Layout: :mod:`.problem` (shapes, the problem and its reference check, the flop and byte
-counts), :mod:`.candidates` (what is timed), :mod:`.timing` (the round-robin loop, the settle
-pause, statistics), :mod:`.run` (one run), :mod:`.report` (table, JSON, plot), :mod:`.cli` (the
-options and the command). ``benchmarks/`` builds on the same pieces.
+Layout, each module importing only those before it: :mod:`.timing` (the round-robin loop, the
+settle pause, statistics), :mod:`.problem` (shapes, the problem and its reference check, the
+flop and byte counts, :class:`BenchConfig`), :mod:`.candidates` (what is timed), :mod:`.report`
+(table, JSON, plot), :mod:`.run` (one run), :mod:`.job_worker` and :mod:`.job` (``--job``),
+:mod:`.cli` (the options and the command). The machine's description comes from
+:mod:`gpubp.machine`. ``benchmarks/`` builds on the same pieces.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ from .candidates import (
     cupy_module,
     gpu_status,
     make_candidates,
-    torch_status,
 )
 from .cli import add_arguments, config_from_args, main
 from .problem import (
@@ -57,6 +58,7 @@ from .problem import (
     SWEEP_BATCHES,
     VALIDATION_FLOPS,
     VALIDATION_ROWS,
+    BenchConfig,
     BenchShape,
     Problem,
     elementwise_bytes,
@@ -67,8 +69,8 @@ from .problem import (
     validation_batch,
     validation_error,
 )
-from .report import BenchReport, Row, environment, format_table, plot_sweep
-from .run import SPREAD_WARN, BenchConfig, command_line, run_bench, run_group
+from .report import BenchReport, Row, format_table, plot_sweep
+from .run import SPREAD_WARN, command_line, run_bench, run_group
 from .timing import (
     DEFAULT_MIN_TIME,
     DEFAULT_REPEATS,
@@ -116,7 +118,6 @@ __all__ = [
     "config_from_args",
     "cupy_module",
     "elementwise_bytes",
-    "environment",
     "format_table",
     "gpu_status",
     "main",
@@ -130,7 +131,6 @@ __all__ = [
     "run_steps",
     "step_flops",
     "time_round_robin",
-    "torch_status",
     "validation_batch",
     "validation_error",
 ]

@@ -5,17 +5,19 @@ from __future__ import annotations
 import functools
 import gc
 import importlib.util
+import inspect
 import math
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..backends import BACKEND_NAMES, backend_status, get_backend, to_numpy
 from ..backends.cuda.cupy_module import CUPY_MODULE_ENV, cupy_module_name, injected
 from ..check import rel_error
+from ..machine import torch_status
 from .problem import (
     ACTIVATION,
     ADAM_LR,
@@ -24,6 +26,7 @@ from .problem import (
     LOSS,
     LR,
     OUTPUT,
+    BenchConfig,
     Problem,
     elementwise_bytes,
     reference_step,
@@ -31,12 +34,6 @@ from .problem import (
     validation_error,
 )
 from .timing import run_steps
-
-if TYPE_CHECKING:
-    from .report import BenchReport
-    from .run import BenchConfig
-
-# --- candidates -------------------------------------------------------------------------------
 
 
 class Candidate:
@@ -96,14 +93,19 @@ class BackendCandidate(Candidate):
         label: str | None = None,
         make: Callable[[], Any] | None = None,
         optimizer: str = "sgd",
+        threads: int | None = None,
     ) -> None:
-        """``make`` builds the backend instance (default: the class of ``get_backend(name)``);
-        ``optimizer`` is a :data:`STEP_OPTIMIZERS` name (label ``"numba adam"`` if not sgd)."""
+        """``make`` builds the backend instance (default: the class of ``get_backend(name)``,
+        given ``threads=threads`` where it takes a thread count); ``optimizer`` is a
+        :data:`STEP_OPTIMIZERS` name (label ``"numba adam"`` if not sgd)."""
         self.name = name
         self.optimizer = optimizer
         self.label = label or (name if optimizer == "sgd" else f"{name} {optimizer}")
         proto = get_backend(name)
-        self._make = make or type(proto)
+        cls: Any = type(proto)
+        if make is None and threads is not None and "threads" in inspect.signature(cls).parameters:
+            make = functools.partial(cls, threads=threads)
+        self._make = make or cls
         self.device = CPU if proto.xp is np else GPU
 
     def setup(self, problem: Problem) -> None:
@@ -189,17 +191,6 @@ def _traced_peak(c: Candidate, problem: Problem) -> tuple[int, int]:
         return int(peak), int(tracemalloc.get_traced_memory()[1] - held)
     finally:
         tracemalloc.stop()
-
-
-def torch_status() -> tuple[Any, str | None]:
-    """``(torch, None)`` if PyTorch imports, else ``(None, reason)``."""
-    if importlib.util.find_spec("torch") is None:
-        return None, "PyTorch is not installed (pip install torch)"
-    try:
-        import torch
-    except Exception as exc:  # a broken install: say so, never crash the benchmark
-        return None, f"PyTorch does not import: {type(exc).__name__}: {exc}"
-    return torch, None
 
 
 class TorchCandidate(Candidate):
@@ -434,9 +425,9 @@ class Maker:
 
 
 def make_candidates(
-    config: BenchConfig, report: BenchReport, gpu_why: str | None
+    config: BenchConfig, absent: list[str], gpu_why: str | None
 ) -> dict[str, list[Maker]]:
-    """Per device, the candidates to run; what cannot run goes to ``report.absent``, with why."""
+    """Per device, the candidates to run; what cannot run goes to ``absent``, with why."""
     status = backend_status()
     names = config.backends if config.backends is not None else list(BACKEND_NAMES)
     out: dict[str, list[Maker]] = {CPU: [], GPU: []}
@@ -450,19 +441,20 @@ def make_candidates(
         if why is None and name == "cupy" and injected():
             why = f"{CUPY_MODULE_ENV}={cupy_module_name()}: a stand-in for CuPy is not timed"
         if why is not None:
-            report.absent.append(f"backend {name}: {why}")
+            absent.append(f"backend {name}: {why}")
             continue
-        add(BackendCandidate(name).device, functools.partial(BackendCandidate, name))
+        make = functools.partial(BackendCandidate, name, threads=config.threads)
+        add(make().device, make)
     torch, torch_why = torch_status() if config.torch else (None, "left out by --no-torch")
     if torch is None:
-        report.absent.append(f"PyTorch rows and the 'x torch' column: {torch_why}")
+        absent.append(f"PyTorch rows and the 'x torch' column: {torch_why}")
     else:
         add(CPU, functools.partial(TorchCandidate, torch, CPU))
         if torch.cuda.is_available():
             for mode in ("eager", "graph", "compile"):
                 add(GPU, functools.partial(TorchCandidate, torch, GPU, mode), mode == "eager")
         else:
-            report.absent.append(
+            absent.append(
                 "PyTorch on a GPU (eager, CUDA graph, torch.compile): "
                 "torch.cuda.is_available() is False"
             )
@@ -472,7 +464,7 @@ def make_candidates(
         add(GPU, functools.partial(FloorCandidate, cp, GPU))
         add(GPU, functools.partial(FloorCandidate, cp, GPU, copy=True), False)
     else:
-        report.absent.append(
+        absent.append(
             "GPU floors (cuBLAS GEMM, copy bandwidth), GPU batch sizes and the GPU-only "
             f"'wide' shape: {gpu_why}"
         )

@@ -7,10 +7,19 @@ import importlib.util
 import json
 import sys
 
+from ..arguments import add_threads_option, name_list, non_negative_int_value
 from ..backends import BACKEND_NAMES, backend_status
 from ..check import TOLERANCE
 from ..datasets import DATASET_NAMES, find_dataset
-from .job import JOB_DATASETS, JobSpec, available_contenders, format_report, run_job, to_json
+from .job import (
+    CONTENDERS,
+    JOB_DATASETS,
+    JobSpec,
+    available_contenders,
+    format_report,
+    run_job,
+    to_json,
+)
 from .problem import QUICK_SWEEP_BATCHES, STANDARD_SHAPES, SWEEP_BATCHES, BenchShape, parse_shape
 from .report import format_table, plot_sweep
 from .run import BenchConfig, run_bench
@@ -66,12 +75,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "first of --shapes, mnist-mlp with 'all')",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random problem")
+    add_threads_option(
+        parser, "; PyTorch and BLAS (the floor, numpy, scikit-learn) and JAX get as many"
+    )
+    parser.add_argument(
+        "--load",
+        type=non_negative_int_value,
+        default=0,
+        metavar="N",
+        help="run N busy processes (CPU spin loops) beside every candidate, as on a shared "
+        "machine (default 0)",
+    )
+    _add_job_arguments(parser)
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress line on standard error"
+    )
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``gpubp bench --job``, in a group of their own."""
     job = parser.add_argument_group(
         "whole-job benchmark",
-        "--job trains the default `gpubp train` job with gpubp, the same job as a PyTorch CPU "
-        "loop and as scikit-learn's MLPClassifier, interleaved, each in a fresh process, and "
-        "prints training time, its ratios to gpubp and to the job's GEMM floor, and test "
-        "accuracy (instead of the step benchmark)",
+        "--job trains the default `gpubp train` job with gpubp and, where installed, the same "
+        "job as PyTorch CPU loops (default Adam, Adam(fused=True), torch.compile), a JAX jit "
+        "step and scikit-learn's MLPClassifier, interleaved, each in a fresh process, and "
+        "prints training time, its ratios to gpubp and to the job's GEMM floor, test accuracy "
+        "and threads (instead of the step benchmark); --threads and --load apply to each",
     )
     job.add_argument(
         "--job",
@@ -79,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         const="all",
         metavar="DATASETS",
         help=f"comma-separated from {', '.join(JOB_DATASETS)}; 'all' (the default with a bare "
-        "--job): each found here (with --quick: digits only)",
+        "--job): each found here (with --quick: digits only, and no torch.compile)",
     )
     job.add_argument(
         "--epochs", type=int, help="epochs of each job (default: gpubp train's 15; 1 with --quick)"
@@ -87,8 +116,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--rounds", type=int, default=1, help="interleaved rounds (default 1)")
     job.add_argument("--data-dir", help="where the IDX files are looked for first")
     job.add_argument("--no-sklearn", action="store_true", help="leave scikit-learn out")
-    parser.add_argument(
-        "--no-progress", action="store_true", help="no progress line on standard error"
+    job.add_argument(
+        "--contenders",
+        type=name_list(tuple(CONTENDERS)),
+        metavar="NAMES",
+        help="comma-separated from "
+        + ", ".join(f"{k} ({v})" for k, v in CONTENDERS.items())
+        + "; default: every one that can run here (with --quick: but torch-compile)",
     )
 
 
@@ -146,6 +180,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         sweep_shape=sweep,
         sweep_batches=QUICK_SWEEP_BATCHES if args.quick else SWEEP_BATCHES,
         seed=args.seed,
+        threads=args.threads,
+        load=args.load,
     )
 
 
@@ -188,7 +224,7 @@ def job_specs(args: argparse.Namespace) -> tuple[list[JobSpec], list[str]]:
                 )
     if not names:
         raise ValueError("--job: no job can run here: " + "; ".join(absent))
-    return [JobSpec(n, epochs, args.data_dir) for n in names], absent
+    return [JobSpec(n, epochs, args.data_dir, args.threads) for n in names], absent
 
 
 def job_main(args: argparse.Namespace) -> int:
@@ -198,19 +234,39 @@ def job_main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"gpubp bench: {exc}", file=sys.stderr)
         return 2
-    contenders, missing = available_contenders(torch=not args.no_torch, sklearn=not args.no_sklearn)
+    wanted = args.contenders
+    if wanted is None and args.quick:  # a rough look in seconds, not a minute of compiling
+        wanted = [c for c in CONTENDERS if c != "torch-compile"]
+        absent.append("torch-compile: left out by --quick (name it in --contenders to run it)")
+    contenders, missing = available_contenders(
+        wanted, torch=not args.no_torch, sklearn=not args.no_sklearn
+    )
     absent += missing
     stream = None if args.no_progress else sys.stderr
-    results = [run_job(spec, contenders, args.rounds, stream) for spec in specs]
+    results = [run_job(spec, contenders, args.rounds, stream, args.load) for spec in specs]
+    print(
+        format_report(
+            results, absent, _job_command(args, specs), args.rounds, args.load, args.threads
+        )
+    )
+    if args.json:
+        with open(args.json, "w") as fh:
+            record = to_json(results, absent, _job_command(args, specs), args.load, args.threads)
+            json.dump(record, fh, indent=1)
+        print(f"\nwrote {args.json}")
+    return 1 if any(row.error for r in results for row in r.rows) else 0
+
+
+def _job_command(args: argparse.Namespace, specs: list[JobSpec]) -> str:
+    """A ``gpubp bench --job`` command that reruns this one (without ``--json``)."""
     command = " ".join(["gpubp bench --job", ",".join(s.dataset for s in specs)])
     command += f" --epochs {specs[0].epochs} --rounds {args.rounds}"
     command += "".join(f" --no-{c}" for c in ("torch", "sklearn") if getattr(args, f"no_{c}"))
-    print(format_report(results, absent, command, args.rounds))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(to_json(results, absent, command), fh, indent=1)
-        print(f"\nwrote {args.json}")
-    return 1 if any(row.error for r in results for row in r.rows) else 0
+    if args.contenders:
+        command += f" --contenders {','.join(args.contenders)}"
+    command += f" --load {args.load}" if args.load else ""
+    command += f" --threads {args.threads}" if args.threads is not None else ""
+    return command
 
 
 def main(args: argparse.Namespace) -> int:

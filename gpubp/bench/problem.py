@@ -1,4 +1,5 @@
-"""The benchmarked problem: shapes, the random problem and its float64 reference, the flops.
+"""The benchmarked problem: shapes, the random problem and its float64 reference, the flops, and
+what one ``gpubp bench`` run covers (:class:`BenchConfig`).
 
 Every harness (``gpubp bench``, ``benchmarks/*.py``, the pytest-benchmark suite) takes its
 shapes, its step's flop count and byte count, and its reference check from here.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from .. import reference as ref
 from ..backends import to_numpy
 from ..check import TOLERANCE, rel_error
 from ..optim import SGD, Adam, Optimizer
+from .timing import DEFAULT_MIN_TIME, DEFAULT_REPEATS, DEFAULT_SETTLE
 
 #: The training step every candidate runs.
 ACTIVATION, OUTPUT, LOSS = "relu", "softmax", "cross_entropy"
@@ -79,6 +81,30 @@ SWEEP_BATCHES: dict[str, tuple[int, ...]] = {
     GPU: (1, 16, 256, 4096, 65536),
 }
 QUICK_SWEEP_BATCHES: dict[str, tuple[int, ...]] = {CPU: (1, 16, 256), GPU: (1, 256, 65536)}
+
+
+@dataclass
+class BenchConfig:
+    """What ``gpubp bench`` runs (the command-line options).
+
+    ``threads``: passed as ``threads=`` to every backend that takes a thread count; PyTorch
+    and BLAS (the floor, the numpy backend) are limited to as many (``None``: their defaults).
+    ``load``: busy processes that spin beside the whole run.
+    """
+
+    shapes: list[BenchShape] = field(default_factory=lambda: list(STANDARD_SHAPES.values()))
+    backends: list[str] | None = None  # None: every available one
+    dtypes: list[str] = field(default_factory=lambda: ["float32"])
+    repeats: int = DEFAULT_REPEATS
+    min_time: float = DEFAULT_MIN_TIME
+    settle: float = DEFAULT_SETTLE
+    torch: bool = True
+    memory: bool = True
+    sweep_shape: BenchShape | None = None
+    sweep_batches: dict[str, tuple[int, ...]] = field(default_factory=lambda: SWEEP_BATCHES)
+    seed: int = 0
+    threads: int | None = None
+    load: int = 0  # busy processes beside every candidate (--load)
 
 
 def parse_shape(spec: str) -> BenchShape:

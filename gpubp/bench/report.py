@@ -1,19 +1,11 @@
-"""What a run measured (rows, JSON), the machine it ran on, the table and the plot."""
+"""What a run measured (rows, JSON, the machine it ran on in ``meta``), the table and the plot."""
 
 from __future__ import annotations
 
-import datetime
 import math
-import os
-import platform
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-
-from .. import __version__
-from .candidates import torch_status
-from .problem import ACTIVATION, LOSS, LR, OUTPUT
 from .timing import Stats
 
 
@@ -62,47 +54,20 @@ class BenchReport:
         }
 
 
-def _blas_name() -> str:
-    try:
-        cfg: Any = np.show_config(mode="dicts")
-        blas = cfg["Build Dependencies"]["blas"]
-        return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
-    except Exception:  # numpy < 1.25: no dict mode
-        return "unknown"
-
-
-def environment() -> dict[str, Any]:
-    """The machine and library versions a table was measured with."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    torch, _ = torch_status()
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "gpubp": __version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "numpy": np.__version__,
-        "blas": _blas_name(),
-        "torch": None if torch is None else torch.__version__,
-        "torch_threads": None if torch is None else torch.get_num_threads(),
-        "workload": f"{ACTIVATION} hidden, {OUTPUT} + {LOSS}, SGD lr={LR}",
-    }
-
-
 # --- output -----------------------------------------------------------------------------------
 
 
 def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
     return missing if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def _threads(meta: dict[str, Any]) -> str:
+    """The thread counts a run used, in words."""
+    usable = f"{meta.get('usable_cores')} usable cores"
+    if meta.get("threads") is None:
+        return f"each library's default ({usable}; BLAS {meta.get('blas_threads') or '?'})"
+    limited = ", ".join(["backends that take threads=", *meta.get("threads_limited", [])])
+    return f"{meta['threads']} ({limited}; {usable})"
 
 
 def format_table(report: BenchReport) -> str:
@@ -170,6 +135,7 @@ def format_table(report: BenchReport) -> str:
         + ("x torch = median / the fastest PyTorch row of the same device; " if has_torch else "")
         + "peak MiB = memory of a fresh setup and two steps (tracemalloc on the CPU, the memory "
         "pool on a GPU; '-' where not measurable)",
+        f"threads: {_threads(m)}; load: {m.get('load', 0)} busy process(es) beside the run",
         f"command: {m.get('command', '')}",
     ]
     if report.absent:

@@ -4,51 +4,31 @@ from __future__ import annotations
 
 import gc
 import sys
-from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from .. import __version__
 from ..check import TOLERANCE
-from .candidates import Candidate, Maker, cupy_module, gpu_status, make_candidates, torch_status
+from ..machine import environment, gpus, threads_limited
+from .candidates import Candidate, Maker, gpu_status, make_candidates
 from .problem import (
+    ACTIVATION,
     CPU,
     GPU,
-    STANDARD_SHAPES,
-    SWEEP_BATCHES,
+    LOSS,
+    LR,
+    OUTPUT,
+    BenchConfig,
     BenchShape,
     Problem,
     make_problem,
     step_flops,
     validation_batch,
 )
-from .report import BenchReport, Row, environment
-from .timing import (
-    DEFAULT_MIN_TIME,
-    DEFAULT_REPEATS,
-    DEFAULT_SETTLE,
-    Progress,
-    Stats,
-    time_round_robin,
-)
+from .report import BenchReport, Row
+from .timing import Progress, Stats, busy_processes, time_round_robin
 
 #: A spread ``(q75 - q25) / median`` above this is flagged as too wide to trust.
 SPREAD_WARN = 0.10
-
-
-@dataclass
-class BenchConfig:
-    """What ``gpubp bench`` runs (the command-line options)."""
-
-    shapes: list[BenchShape] = field(default_factory=lambda: [s for s in STANDARD_SHAPES.values()])
-    backends: list[str] | None = None  # None: every available one
-    dtypes: list[str] = field(default_factory=lambda: ["float32"])
-    repeats: int = DEFAULT_REPEATS
-    min_time: float = DEFAULT_MIN_TIME
-    settle: float = DEFAULT_SETTLE
-    torch: bool = True
-    memory: bool = True
-    sweep_shape: BenchShape | None = None
-    sweep_batches: dict[str, tuple[int, ...]] = field(default_factory=lambda: SWEEP_BATCHES)
-    seed: int = 0
 
 
 def command_line(config: BenchConfig) -> str:
@@ -62,6 +42,8 @@ def command_line(config: BenchConfig) -> str:
     parts += [] if config.torch else ["--no-torch"]
     parts += [] if config.memory else ["--no-memory"]
     parts += [] if config.seed == 0 else ["--seed", str(config.seed)]
+    parts += [] if config.threads is None else ["--threads", str(config.threads)]
+    parts += [] if config.load == 0 else ["--load", str(config.load)]
     return " ".join(parts)
 
 
@@ -167,18 +149,37 @@ def _measure_memory(
 
 def run_bench(config: BenchConfig, progress_stream: TextIO | None = sys.stderr) -> BenchReport:
     """Run the benchmark described by ``config``; see the module docstring."""
-    report = BenchReport(meta=environment())
+    report = BenchReport(meta={**environment(), "gpubp": __version__})
     report.meta.update(
+        workload=f"{ACTIVATION} hidden, {OUTPUT} + {LOSS}, SGD lr={LR}",
         repeats=config.repeats,
         min_time_s=config.min_time,
         settle_s=config.settle,
+        threads=config.threads,
+        load=config.load,
         command=command_line(config),
     )
-    makers = make_candidates(config, report, gpu_status())
-    progress = Progress(progress_stream)
+    makers = make_candidates(config, report.absent, gpu_status())
     devices = [d for d in (CPU, GPU) if makers[d]]
     if GPU in devices:
-        report.meta["gpu"] = _gpu_name()
+        found, _ = gpus()
+        report.meta["gpu"] = found[0][0] if found else "unknown"
+    with threads_limited(config.threads) as limited, busy_processes(config.load):
+        report.meta["threads_limited"] = limited
+        if "PyTorch" in limited:
+            report.meta["torch_threads"] = config.threads
+        _run_groups(config, makers, devices, report, Progress(progress_stream))
+    return report
+
+
+def _run_groups(
+    config: BenchConfig,
+    makers: dict[str, list[Maker]],
+    devices: list[str],
+    report: BenchReport,
+    progress: Progress,
+) -> None:
+    """Every (shape, batch, dtype, device) group of ``config``, then the sweep."""
     groups: list[tuple[BenchShape, int, str, str]] = []
     for shape in config.shapes:
         if GPU not in devices and shape.cpu_batch is None:
@@ -210,17 +211,6 @@ def run_bench(config: BenchConfig, progress_stream: TextIO | None = sys.stderr) 
             report.sweep = _sweep(config, makers, devices, report, progress)
     finally:
         progress.close()
-    return report
-
-
-def _gpu_name() -> str:
-    try:
-        cp = cupy_module()
-        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
-        return str(props["name"].decode())
-    except Exception:
-        torch, _ = torch_status()
-        return str(torch.cuda.get_device_name()) if torch is not None else "unknown"
 
 
 def _sweep(

@@ -1,4 +1,5 @@
-"""Timing: interleaved round-robin samples with a settle pause, and their statistics.
+"""Timing: interleaved round-robin samples with a settle pause, their statistics, and the busy
+processes of ``--load``.
 
 The one timing loop of the project's benchmarks: :meth:`Candidate.timed` runs ``n`` steps with
 the device synchronised inside the timed region; :func:`time_round_robin` calibrates, warms up
@@ -7,24 +8,41 @@ and takes the samples of every candidate interleaved.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TextIO
+from typing import Protocol, TextIO
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from .candidates import Candidate
-
 
 DEFAULT_REPEATS, QUICK_REPEATS = 21, 7
 DEFAULT_MIN_TIME, QUICK_MIN_TIME = 0.05, 0.01
 #: Seconds to wait before each sample, for the previous candidate's spinning threads to sleep.
 DEFAULT_SETTLE = 0.15
+#: Seconds the busy processes of :func:`busy_processes` get to start spinning.
+LOAD_START = 0.2
 
-# --- timing -----------------------------------------------------------------------------------
+
+class Steps(Protocol):
+    """What :func:`run_steps` runs: a step, and a wait for the device's queued work."""
+
+    def step(self) -> None: ...
+
+    def sync(self) -> None: ...
+
+
+class Timed(Protocol):
+    """What :func:`time_round_robin` times (a :class:`~gpubp.bench.Candidate`, for one)."""
+
+    label: str
+
+    def timed(self, n: int) -> float: ...
+
+    def reset(self) -> None: ...
 
 
 @dataclass
@@ -76,7 +94,7 @@ class Progress:
             self.stream.flush()
 
 
-def run_steps(c: Candidate, n: int) -> float:
+def run_steps(c: Steps, n: int) -> float:
     """Seconds for ``n`` steps of ``c``, the device synchronised inside the timed region.
 
     The default of :meth:`Candidate.timed`; a candidate that runs elsewhere (a worker process)
@@ -91,7 +109,7 @@ def run_steps(c: Candidate, n: int) -> float:
 
 
 def time_round_robin(
-    cands: Sequence[Candidate],
+    cands: Sequence[Timed],
     repeats: int,
     min_time: float,
     progress: Progress | None = None,
@@ -123,3 +141,27 @@ def time_round_robin(
             n = steps[c.label]
             samples[c.label].append(c.timed(n) / n)
     return {label: Stats.of(s) for label, s in samples.items()}
+
+
+@contextlib.contextmanager
+def busy_processes(n: int) -> Iterator[None]:
+    """Inside, ``n`` other processes spin on the CPU (``while True: pass``), as other work on
+    a shared machine would; they are killed on the way out."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", "while True: pass"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(n)
+    ]
+    try:
+        if procs:
+            time.sleep(LOAD_START)
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
