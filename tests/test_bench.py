@@ -30,11 +30,11 @@ def test_bench_runs_checks_and_writes_json(tmp_path, capsys):
     out_json = tmp_path / "bench.json"
     assert cli.main(["bench", *TINY, "--dtypes", "float32,float64", "--json", str(out_json)]) == 0
     text = capsys.readouterr().out
-    assert "floor: BLAS GEMM" in text and "numpy" in text and "median ms" in text
+    assert "floor: NumPy BLAS GEMM" in text and "numpy" in text and "median ms" in text
     data = json.loads(out_json.read_text())
     rows = data["rows"]
     labels = {r["candidate"] for r in rows}
-    assert {"numpy", "floor: BLAS GEMM"} <= labels
+    assert {"numpy", "floor: NumPy BLAS GEMM"} <= labels
     assert {(r["shape"], r["dtype"]) for r in rows} == {
         (s, d) for s in ("13-7-5@3", "9-6-4-3@17") for d in ("float32", "float64")
     }
@@ -183,7 +183,7 @@ def test_bench_plot_sweeps_batch_sizes(tmp_path, capsys):
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     sweep = json.loads(out_json.read_text())["sweep"]
     assert {p["batch"] for p in sweep} == set(bench.QUICK_SWEEP_BATCHES["cpu"])
-    assert {p["candidate"] for p in sweep} >= {"numpy", "floor: BLAS GEMM"}
+    assert {p["candidate"] for p in sweep} >= {"numpy", "floor: NumPy BLAS GEMM"}
 
 
 @pytest.mark.skipif(not _has("matplotlib"), reason="matplotlib is not installed")
@@ -263,3 +263,18 @@ def test_benchmark_scripts_import_and_parse_their_options():
     assert "wide" not in cpu.SHAPES  # GPU only
     with pytest.raises(SystemExit):
         cpu.parse_args(["--shapes", "wide"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_provider_floor_computes_the_same_gemms(dtype):
+    """The floor through the GEMM provider (MKL where installed) does the step's GEMMs, checked
+    against the reference like every candidate, and is named by its provider."""
+    from gpubp.bench.candidates import provider_floor
+
+    floor = provider_floor()
+    if floor is None:
+        pytest.skip("no GEMM provider callable from the Numba kernels here")
+    problem = bench.make_problem((37, 19, 5), 3, dtype, with_reference=False)
+    floor.setup(problem)
+    assert floor.label == f"floor: {floor.provider} GEMM"
+    assert floor.validate(problem) <= TOLERANCE[dtype]

@@ -341,7 +341,7 @@ class FloorCandidate(Candidate):
 
     def __init__(self, xp: Any, device: str, copy: bool = False) -> None:
         self.xp, self.device, self.copy = xp, device, copy
-        blas = "BLAS" if device == CPU else "cuBLAS"
+        blas = "NumPy BLAS" if device == CPU else "cuBLAS"
         self.label = "floor: GEMM+copy" if copy else f"floor: {blas} GEMM"
 
     def setup(self, problem: Problem) -> None:
@@ -424,6 +424,32 @@ class Maker:
     in_sweep: bool = True  # also timed in the --plot batch-size sweep
 
 
+class ProviderFloorCandidate(FloorCandidate):
+    """The step's GEMMs alone through the Numba backend's GEMM provider (MKL where installed):
+    the fastest GEMM found here, the floor the step is measured against."""
+
+    def __init__(self) -> None:
+        from ..backends.numba import gemm, kernels
+
+        super().__init__(np, CPU)
+        assert gemm.PROVIDER is not None
+        self._matmul = kernels.matmul
+        self.provider = gemm.PROVIDER.name
+        self.label = f"floor: {self.provider} GEMM"
+
+    def gemm(self, trans_a: bool, trans_b: bool, a: Any, b: Any, out: Any) -> None:
+        self._matmul(a, b, out, trans_a, trans_b)
+
+
+def provider_floor() -> ProviderFloorCandidate | None:
+    """The floor through the GEMM provider, or None where the Numba backend has none."""
+    if importlib.util.find_spec("numba") is None:
+        return None
+    from ..backends.numba import gemm
+
+    return None if gemm.PROVIDER is None else ProviderFloorCandidate()
+
+
 def make_candidates(
     config: BenchConfig, absent: list[str], gpu_why: str | None
 ) -> dict[str, list[Maker]]:
@@ -459,6 +485,8 @@ def make_candidates(
                 "torch.cuda.is_available() is False"
             )
     add(CPU, functools.partial(FloorCandidate, np, CPU))
+    if provider_floor() is not None:  # the fastest GEMM found here (MKL where installed)
+        add(CPU, ProviderFloorCandidate)
     if gpu_why is None:
         cp = cupy_module()
         add(GPU, functools.partial(FloorCandidate, cp, GPU))

@@ -45,7 +45,7 @@ from .. import __file__ as gpubp_file
 from .. import __version__
 from .. import datasets as data
 from ..machine import blas, environment, threads_limited, version
-from .candidates import FloorCandidate
+from .candidates import FloorCandidate, provider_floor
 from .job_worker import job_batch, job_config
 from .problem import CPU, make_problem
 from .timing import DEFAULT_MIN_TIME, DEFAULT_SETTLE, busy_processes, time_round_robin
@@ -112,6 +112,9 @@ class JobResult:
     floor_step: dict[int, float]
     rows: list[JobRow]
     floor_threads: int | None = None  # BLAS's threads while the floor was timed
+    #: the floor's GEMM ("mkl", "openblas": the provider; "NumPy BLAS"), and NumPy's beside it
+    floor_name: str = "NumPy BLAS"
+    numpy_floor_seconds: float | None = None
 
 
 def job_shape(spec: JobSpec) -> tuple[list[int], int, int]:
@@ -125,16 +128,18 @@ def job_shape(spec: JobSpec) -> tuple[list[int], int, int]:
 
 
 def gemm_floor(
-    sizes: list[int], batch: int, n_train: int, epochs: int
+    sizes: list[int], batch: int, n_train: int, epochs: int, provider: bool = True
 ) -> tuple[float, dict[int, float]]:
-    """Seconds the job's training GEMMs take alone, and the step floor at each batch size used.
+    """Seconds the job's training GEMMs take alone, and the step floor at each batch size used,
+    through the GEMM provider (``provider``; MKL where installed) or NumPy's BLAS.
 
     ``epochs * (full * t(batch) + t(rest))`` with ``full, rest = divmod(n_train, batch)``.
     """
     full, rest = divmod(n_train, batch)
     per_step: dict[int, float] = {}
     for b in sorted({batch, rest} - {0}):
-        floor = FloorCandidate(np, CPU)
+        fast = provider_floor() if provider else None
+        floor: FloorCandidate = FloorCandidate(np, CPU) if fast is None else fast
         floor.setup(make_problem(sizes, b, "float32", with_reference=False))
         stats = time_round_robin([floor], FLOOR_REPEATS, DEFAULT_MIN_TIME, settle=DEFAULT_SETTLE)
         per_step[b] = stats[floor.label].median
@@ -219,12 +224,14 @@ def run_job(
     sizes, batch, n_train = job_shape(spec)
     rows = {c: JobRow(c) for c in contenders}
     floors: list[tuple[float, dict[int, float]]] = []
+    numpy_floors: list[float] = []
     floor_threads: int | None = None
     for r in range(rounds):
         # the floor once a round, beside the contenders: drift on a busy machine hits it too
         say(f"round {r + 1}/{rounds}: the GEMM floor of {sizes} at batch {batch}")
         with busy_processes(load), threads_limited(spec.threads):
             floors.append(gemm_floor(sizes, batch, n_train, spec.epochs))
+            numpy_floors.append(gemm_floor(sizes, batch, n_train, spec.epochs, False)[0])
             floor_threads = blas()["threads"]
         order = contenders if r % 2 == 0 else contenders[::-1]
         for c in order:
@@ -251,8 +258,19 @@ def run_job(
     steps = spec.epochs * math.ceil(n_train / batch)
     floor_seconds, floor_step = sorted(floors, key=lambda f: f[0])[(len(floors) - 1) // 2]
     rows_out = list(rows.values())
+    pf = provider_floor()
     return JobResult(
-        spec, sizes, batch, n_train, steps, floor_seconds, floor_step, rows_out, floor_threads
+        spec,
+        sizes,
+        batch,
+        n_train,
+        steps,
+        floor_seconds,
+        floor_step,
+        rows_out,
+        floor_threads,
+        floor_name="NumPy BLAS" if pf is None else pf.provider,
+        numpy_floor_seconds=sorted(numpy_floors)[(len(numpy_floors) - 1) // 2],
     )
 
 
@@ -289,8 +307,14 @@ def format_job(result: JobResult) -> str:
             notes.append(f"note: {row.label} reaches a lower test accuracy than gpubp")
     floor_x = f"{result.floor_seconds / gpubp.median:8.2f}" if gpubp and gpubp.median else "-"
     threads = "" if result.floor_threads is None else f", {result.floor_threads} threads"
-    floor = f"floor: the same GEMMs alone (NumPy BLAS{threads})"
+    floor = f"floor: the same GEMMs alone ({result.floor_name})"
     lines.append(f"{floor:{w}} {result.floor_seconds:9.2f} {floor_x:>8} {1.0:8.2f} {'-':>9}")
+    np_floor = result.numpy_floor_seconds
+    if np_floor is not None and result.floor_name != "NumPy BLAS":
+        x_np = f"{np_floor / gpubp.median:8.2f}" if gpubp and gpubp.median else "-"
+        label = f"  the same GEMMs in NumPy BLAS{threads}"
+        x_f = np_floor / result.floor_seconds
+        lines.append(f"{label:{w}} {np_floor:9.2f} {x_np:>8} {x_f:8.2f} {'-':>9}")
     return "\n".join(lines + notes)
 
 
@@ -354,6 +378,8 @@ def to_json(
                 "floor_seconds": r.floor_seconds,
                 "floor_step_seconds": {str(b): s for b, s in r.floor_step.items()},
                 "floor_threads": r.floor_threads,
+                "floor_gemm": r.floor_name,
+                "numpy_floor_seconds": r.numpy_floor_seconds,
                 "rows": [asdict(row) for row in r.rows],
             }
             for r in results

@@ -380,6 +380,44 @@ class NumbaBackend(RowSplit, NumbaUpdate, Backend):
                 delta = d
         return ws, a0, value, bounds
 
+    def _fused_backprop(
+        self,
+        weights: list[Any],
+        biases: list[Any],
+        x: Any,
+        y: Any,
+        activation: str,
+        output: str,
+        loss: str,
+    ) -> tuple[NumbaWorkspace, float, float]:
+        """``(ws, C, G)``: :meth:`_backprop` with ``dW`` and the bound ``G >= max |g|``, all
+        layers in one kernel call (:func:`.kernels.backprop`), from Python only the staging."""
+        ws, a0, labels, Y = self._staged(weights, x, y)
+        L = len(weights)
+        if L < 2:  # no hidden layer: nothing to put in the tuples of hidden buffers
+            _, _, value, bounds = self._backprop(
+                weights, biases, x, y, activation, output, loss, False, True
+            )
+            return ws, value, gradient_bound(bounds, ws.db)
+        value, gmax = K.backprop(
+            a0,
+            labels,
+            Y,
+            tuple(weights),
+            tuple(biases),
+            tuple(ws.a[1:]),
+            ws.z_out,
+            tuple(ws.d[1:]),
+            tuple(ws.dW),
+            tuple(ws.db),
+            _HIDDEN[activation],
+            act.ACTIVATION_IDS[output],
+            K.LOSS_IDS[loss],
+            ws.cm,
+            float(ws.batch),
+        )
+        return ws, float(value), float(gmax)
+
     def train_step(
         self,
         weights: list[Any],
@@ -423,9 +461,8 @@ class NumbaBackend(RowSplit, NumbaUpdate, Backend):
         ):
             return self._folded_step(*args, optimizer, state)
         with self._threads():
-            ws, _, value, bounds = self._backprop(*args, fold=False, bound=True)
+            ws, value, gmax = self._fused_backprop(*args)
             self.check_loss(value)
-            gmax = gradient_bound(bounds, ws.db)
             grads = [*ws.dW, *ws.db]
             self.checked_update_bounded(
                 value, [*weights, *biases], grads, optimizer, state, gmax, scratch=ws.pscratch

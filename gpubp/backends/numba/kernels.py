@@ -516,3 +516,64 @@ def weight_gradient(delta, a_prev, dW, alpha, beta):  # type: ignore[no-untyped-
     n_in = a_prev.shape[1]
     gemm(True, False, n_out, n_in, B, alpha, delta, n_out, a_prev, n_in, beta, dW, n_in)
     return dW
+
+
+@_jit
+def matmul(a, b, out, ta, tb):  # type: ignore[no-untyped-def]
+    """``out = op(a) @ op(b)`` through the GEMM provider (``ta``, ``tb``: transpose flags): the
+    benchmarks' floor, the very GEMM the kernels above call."""
+    M, N = out.shape
+    K_ = a.shape[0] if ta else a.shape[1]
+    gemm(ta, tb, M, N, K_, 1.0, a, a.shape[1], b, b.shape[1], 0.0, out, N)
+    return out
+
+
+# --- the whole backward pass in one call ------------------------------------------------------
+# A small network's step is short enough that Python between the kernels shows: [784, 128, 10]
+# at batch 64 spends about as long in the calls between the GEMMs as in the GEMMs. These take
+# the layers as tuples, so one call runs every layer.
+
+
+@_jit
+def backprop(a0, labels, Y, Ws, bs, acts, z, ds, dWs, dbs, hid, out_act, loss, cm, batch):  # type: ignore[no-untyped-def]
+    """Forward, ``delta^L``, every delta and every ``dW``, ``db`` in one call; returns
+    ``(C, G)`` with ``G >= max |g|`` over every gradient (inf if one may not be finite).
+
+    ``Ws``, ``bs``: the ``L`` layers' weights and biases; ``acts``: ``a^1 .. a^{L-1}``;
+    ``ds``: ``delta^1 .. delta^{L-1}``; ``z``: ``(B, n_L)``, the output, then ``delta^L``;
+    ``cm``: ``2 max(n)`` scratch. ``G`` bounds ``|dW^l|`` by ``B max|delta^l| max|a^{l-1}|``
+    (the maxima the passes take; ``max |a|`` is inf for a NaN or infinity) and takes
+    ``max |db|`` exactly (a finite ``db`` column means finite deltas in it).
+    """
+    L = len(Ws)
+    no_max = cm[:0]
+    amax = np.empty(L)
+    amax[0] = absmax(a0, cm)
+    prev = a0
+    for i in range(L - 1):
+        amax[i + 1] = forward_layer(prev, Ws[i], bs[i], hid, acts[i], cm)
+        prev = acts[i]
+    forward_layer(prev, Ws[L - 1], bs[L - 1], IDENTITY, z, no_max)
+    value, dmax = output_delta(z, Y, labels, out_act, loss, z, dbs[L - 1], batch)
+    G = 0.0
+    delta = z
+    for i in range(L - 1, -1, -1):
+        a_prev = a0 if i == 0 else acts[i - 1]
+        G = _at_least(G, batch * dmax * amax[i])
+        weight_gradient(delta, a_prev, dWs[i], 1.0, 0.0)
+        if i > 0:
+            dmax = hidden_delta(delta, Ws[i], a_prev, hid, ds[i - 1], dbs[i - 1], cm)
+            delta = ds[i - 1]
+    for i in range(L):
+        db = dbs[i]
+        G = _at_least(G, absmax(db.reshape((1, db.shape[0])), cm))
+    return value, G
+
+
+@_inline
+def _at_least(G, x):  # type: ignore[no-untyped-def]
+    """``max(G, x)``, inf if ``x`` is NaN (``0 * inf``: a zero delta times an infinite
+    activation bounds nothing)."""
+    if x != x:
+        return np.inf
+    return max(G, x)

@@ -20,6 +20,7 @@ A step may write only if every new parameter and state value will be finite. The
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..update import MAXIMA, UpdateOps
@@ -201,5 +202,6 @@ class NumbaUpdate:
 def gradient_bound(bounds: list[float], dbs: list[Any]) -> float:
     """``G >= max |g|`` over every gradient of a step: the passes' bounds on each ``|dW|`` and
     the exact ``max |db|`` (inf if a ``db`` holds NaN or infinity)."""
-    db_max = max(float(O.absmax(db, 0, db.size)) for db in dbs)
-    return max([db_max, *bounds])
+    values = [float(O.absmax(db, 0, db.size)) for db in dbs] + [float(b) for b in bounds]
+    # a NaN bound (0 * inf: a zero delta beside an infinite activation) bounds nothing
+    return math.inf if any(math.isnan(v) for v in values) else max(values)
