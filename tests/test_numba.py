@@ -247,13 +247,19 @@ def test_fold_falls_back_when_the_bound_is_not_met(rng, monkeypatch):
     W, b, x, y = _problem("float32", rng)
     be = NumbaBackend()
     updated = []
-    kernel = O.sgd_apply
+    kernel, every = O.sgd_apply, O.sgd_all
 
     def spy(p, *args):
         updated.append(p.size)
         return kernel(p, *args)
 
+    def spy_all(ps, gs, bufs, scalars, write):  # the update kernel over every tensor at once
+        if write:
+            updated.extend(p.size for p in ps)
+        return every(ps, gs, bufs, scalars, write)
+
     monkeypatch.setattr(O, "sgd_apply", spy)
+    monkeypatch.setattr(O, "sgd_all", spy_all)
     got = _step(be, be.train_step, W, b, x, y, optim.SGD(lr=1e30))
     assert sorted(updated) == sorted(p.size for p in W + b)
     plain = _step(be, lambda *a: Backend.train_step(be, *a), W, b, x, y, optim.SGD(lr=1e30))

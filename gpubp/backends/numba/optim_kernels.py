@@ -328,3 +328,54 @@ def provably_finite(
     shrunk = abs(shrink) * P if abs(shrink) > 1.0 else 0.0
     sizes = [b1, omb1, b2, omb2, alpha, l2, g2, g2 * g2, m, v, m / eps, shrunk]
     return all(abs(x) <= finite for x in sizes) and abs(alpha) * (m / eps) <= change
+
+
+# --- every tensor in one call -------------------------------------------------------------------
+# For a step whose update runs on one thread: the tensors as tuples of flat arrays, the scalars
+# as one float64 array (rounded to the tensors' dtype here, once each, as the *_scalars do).
+
+
+@_jit
+def sgd_all(ps, gs, bufs, scalars, write):  # type: ignore[no-untyped-def]
+    """:func:`sgd_check` (``write`` false: the index of the first tensor that would get a
+    non-finite value, or -1) or :func:`sgd_apply` (``write`` true: ``max |buf'|``) over every
+    tensor; ``scalars``: float64 ``(lr, momentum, nesterov, weight_decay)``."""
+    s = np.empty(4, ps[0].dtype)
+    s[:] = scalars
+    lr, mu, wd = s[0], s[1], s[3]
+    nesterov = scalars[2] != 0
+    top = 0.0
+    for k in range(len(ps)):
+        n = ps[k].shape[0]
+        if write:
+            top = max(top, float(sgd_apply(ps[k], gs[k], bufs[k], 0, n, lr, mu, nesterov, wd)))
+        elif sgd_check(ps[k], gs[k], bufs[k], 0, n, lr, mu, nesterov, wd):
+            return float(k)
+    return top if write else -1.0
+
+
+@_jit
+def adam_all(ps, gs, ms, vs, scalars, write):  # type: ignore[no-untyped-def]
+    """:func:`adam_check` (``write`` false: the index of the first tensor that would get a
+    non-finite value, or -1, in ``out[0]``) or :func:`adam_apply` (``write`` true: the state's
+    maxima) over every tensor; ``scalars``: float64, as :func:`adam_scalars` orders them."""
+    s = np.empty(8, ps[0].dtype)
+    s[:] = scalars
+    out = np.zeros(3)
+    out[0] = -1.0
+    for k in range(len(ps)):
+        n = ps[k].shape[0]
+        if write:
+            M, V, N = adam_apply(ps[k], gs[k], ms[k], vs[k], 0, n, *_eight(s))
+            out[0] = max(out[0], float(M)) if k else float(M)
+            out[1] = max(out[1], float(V)) if k else float(V)
+            out[2] = min(out[2], float(N)) if k else float(N)
+        elif adam_check(ps[k], gs[k], ms[k], vs[k], 0, n, *_eight(s)):
+            out[0] = k
+            return out
+    return out
+
+
+@_inline
+def _eight(s):  # type: ignore[no-untyped-def]
+    return s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]

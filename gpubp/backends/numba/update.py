@@ -21,12 +21,25 @@ A step may write only if every new parameter and state value will be finite. The
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from ..update import MAXIMA, UpdateOps
 from . import optim_kernels as O
 
 _UPDATE_OPS = ("sgd_update", "adam_update")
+
+
+class _Plan(NamedTuple):
+    """One checked step: the rule, its scalars in the dtype, the flat tensors ``(ps, gs,
+    *slots)``, the state's maxima (None: unknown) and the bound on ``max |g|`` (None: read)."""
+
+    kind: str
+    scalars: tuple[Any, ...]
+    cols: tuple[tuple[Any, ...], ...]
+    maxima: tuple[float, ...] | None
+    gmax: float | None
 
 
 class NumbaUpdate:
@@ -37,6 +50,7 @@ class NumbaUpdate:
     _threads: Any
     _over_ranges: Any
     _map_ranges: Any
+    _update_parts: Any
     _rejected: Any
 
     def sgd_update(
@@ -159,24 +173,73 @@ class NumbaUpdate:
             )
         step = int(state["step"]) + 1
         kind = "sgd" if optimizer.op == "sgd_update" else "adam"
-        check, apply = (O.sgd_check, O.sgd_apply) if kind == "sgd" else (O.adam_check, O.adam_apply)
-        scalars = O.scalars(kind, dt, optimizer.op_arguments(step))
-        cols = [[p.reshape(-1) for p in params], [g.reshape(-1) for g in grads]]
-        if kind == "sgd":  # the kernels take a momentum buffer; without one, p stands in
-            cols.append([a.reshape(-1) for a in slots[0]] if slots else cols[0])
-        else:
-            cols += [[a.reshape(-1) for a in col] for col in slots]
-        tensors = list(zip(*cols))
-        maxima = state.pop(MAXIMA, None) if slots else ()
+        plan = _Plan(
+            kind,
+            O.scalars(kind, dt, optimizer.op_arguments(step)),
+            self._columns(kind, params, grads, slots),
+            state.pop(MAXIMA, None) if slots else (),
+            gmax,
+        )
         with self._threads():
-            if maxima is None or not self._proved(kind, cols, scalars, dt, maxima, gmax):
-                for i in self._over_ranges(check, tensors, scalars):
-                    raise self._rejected(value, params, grads, optimizer, i)
-            results = [r for _, r in self._map_ranges(apply, tensors, scalars)]
+            one = self._update_parts(sum(int(p.size) for p in params)) == 1
+            apply = self._one_call if one else self._by_ranges
+            new = apply(value, params, grads, optimizer, plan)
         if slots:
-            state[MAXIMA] = O.merge_maxima(kind, results)
+            state[MAXIMA] = new
         state["step"] = step
         return params, state
+
+    def _columns(
+        self, kind: str, params: list[Any], grads: list[Any], slots: list[list[Any]]
+    ) -> tuple[tuple[Any, ...], ...]:
+        """``(ps, gs, *slots)``: flat views of every tensor, as tuples (kept for the last few
+        sets of arrays: the views hold their arrays, so an ``id`` cannot be reused meanwhile).
+        SGD without momentum passes ``ps`` as its buffer."""
+        key = (kind, *map(id, params), *map(id, grads), *(id(a) for col in slots for a in col))
+        cache = self.__dict__.setdefault("_columns_cache", {})
+        cols = cache.get(key)
+        if cols is None:
+            flat = [tuple(a.reshape(-1) for a in col) for col in (params, grads, *slots)]
+            if kind == "sgd" and not slots:
+                flat.append(flat[0])
+            cols = cache[key] = tuple(flat)
+            while len(cache) > 2:
+                cache.pop(next(iter(cache)))
+        return cols
+
+    def _one_call(
+        self, value: Any, params: list[Any], grads: list[Any], optimizer: Any, plan: _Plan
+    ) -> tuple[float, ...]:
+        """The check (unless proved) and the write pass over every tensor, one kernel call each
+        (:func:`.optim_kernels.sgd_all`, :func:`~.optim_kernels.adam_all`); the new maxima."""
+        wide = np.array([float(x) for x in plan.scalars])
+        run: Any = O.sgd_all if plan.kind == "sgd" else O.adam_all
+        if not self._proved_plan(params, plan):
+            bad = run(*plan.cols, wide, False)
+            first = int(bad if plan.kind == "sgd" else bad[0])
+            if first >= 0:
+                raise self._rejected(value, params, grads, optimizer, first)
+        got = run(*plan.cols, wide, True)
+        return (float(got),) if plan.kind == "sgd" else tuple(float(x) for x in got)
+
+    def _by_ranges(
+        self, value: Any, params: list[Any], grads: list[Any], optimizer: Any, plan: _Plan
+    ) -> tuple[float, ...]:
+        """The same, each pass split by ranges over the threads; the new maxima."""
+        sgd = plan.kind == "sgd"
+        check, apply = (O.sgd_check, O.sgd_apply) if sgd else (O.adam_check, O.adam_apply)
+        tensors = list(zip(*plan.cols))
+        if not self._proved_plan(params, plan):
+            for i in self._over_ranges(check, tensors, plan.scalars):
+                raise self._rejected(value, params, grads, optimizer, i)
+        results = [r for _, r in self._map_ranges(apply, tensors, plan.scalars)]
+        return O.merge_maxima(plan.kind, results)
+
+    def _proved_plan(self, params: list[Any], plan: _Plan) -> bool:
+        if plan.maxima is None:
+            return False
+        cols = [list(c) for c in plan.cols]
+        return self._proved(plan.kind, cols, plan.scalars, params[0].dtype, plan.maxima, plan.gmax)
 
     def _proved(
         self,
