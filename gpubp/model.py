@@ -75,7 +75,7 @@ class MLP(InputChecks):
     ``a^0 = (x - shift) * scale`` (or ``x`` without preprocessing), then
     ``a^l = f(a^{l-1} @ W^l.T + b^l)`` on batches ``(B, n)``; losses are means over the batch.
     Inputs may be NumPy arrays, nested lists, or any DLPack array (PyTorch, JAX, CuPy): read
-    without a copy where they live on the backend's device (:mod:`gpubp.interop`).
+    without a copy where they live on the backend's device (:mod:`gpubp.dlpack`).
     """
 
     def __init__(
@@ -463,9 +463,12 @@ class MLP(InputChecks):
     def to_torch(self, device: Any = None) -> Any:
         """This model as ``torch.nn.Sequential(Linear, act, ..., Linear[, output act])`` with
         the same weights, in the model's dtype, on ``device`` (the CPU by default); a
-        preprocessing is folded into the first ``Linear`` (see :func:`gpubp.interop.to_torch`).
-        """
-        return interop.to_torch(self, device)
+        preprocessing is folded into the first ``Linear`` (see
+        :func:`gpubp.interop.to_sequential`)."""
+        weights, biases = self.get_parameters()
+        return interop.to_sequential(
+            weights, biases, self.activation, self.output, self._pre, device
+        )
 
     @classmethod
     def from_torch(
@@ -477,9 +480,20 @@ class MLP(InputChecks):
     ) -> MLP:
         """An MLP with the layers and weights of a ``torch.nn.Sequential`` of ``Linear`` and
         activation modules; ``loss`` defaults to ``cross_entropy`` after a softmax,
-        ``binary_cross_entropy`` after a sigmoid, ``mse`` otherwise (see
-        :func:`gpubp.interop.from_torch`)."""
-        return interop.from_torch(seq, loss=loss, backend=backend, dtype=dtype)
+        ``binary_cross_entropy`` after a sigmoid, ``mse`` otherwise; ``dtype`` to the weights'
+        (see :func:`gpubp.interop.read_sequential`). Nothing is built until all of ``seq`` has
+        been read."""
+        net = interop.read_sequential(seq, loss=loss, dtype=dtype)
+        model = cls(
+            net.layer_sizes,
+            activation=net.activation,
+            output=net.output,
+            loss=net.loss,
+            backend=backend,
+            dtype=net.dtype,
+        )
+        model.set_parameters(*net.parameters(model.dtype.name))
+        return model
 
 
 def _print(line: str) -> None:
