@@ -246,8 +246,8 @@ def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
     (its backend only where that can run here)."""
     import dataclasses
 
-    from .config import TrainConfig, resume_settings
-    from .io import load_checkpoint
+    from .checkpoint import load_checkpoint, resume_settings
+    from .config import TrainConfig
 
     names = [f.name for f in dataclasses.fields(TrainConfig)] + ["track_gradients"]
     settings = {name: getattr(args, name) for name in names}
@@ -347,7 +347,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import warnings
 
     from .evaluate import evaluate_model
-    from .io import write_json
+    from .files import write_json
     from .model import MLP
 
     try:
@@ -433,7 +433,8 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_train_parser(sub: Any) -> None:
-    from .config import OPTIMIZERS, OVERRIDABLE, SCHEDULES, TrainConfig
+    from .checkpoint import OVERRIDABLE
+    from .config import OPTIMIZERS, SCHEDULES, TrainConfig
     from .data import DATASET_NAMES
 
     d = TrainConfig()

@@ -13,17 +13,26 @@ write to the same target.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .errors import OutputPathError, OutputWriteError
 
-__all__ = ["TMP_SUFFIX", "check_outputs", "open_regular", "remove_stale_temps", "write_atomic"]
+__all__ = [
+    "TMP_SUFFIX",
+    "check_output_folders",
+    "check_outputs",
+    "open_regular",
+    "remove_stale_temps",
+    "write_atomic",
+    "write_json",
+]
 
 #: How the names of gpubp's temporary files end: ``.<target>.<pid>.<random>.gpubp-tmp``.
 TMP_SUFFIX = ".gpubp-tmp"
@@ -193,6 +202,21 @@ def open_regular(path: str | os.PathLike[str], error: type[Exception]) -> Binary
     return os.fdopen(fd, "rb")
 
 
+def check_output_folders(**paths: str | os.PathLike[str] | None) -> None:
+    """Raise :class:`FileNotFoundError` for a path whose folder does not exist, naming the
+    argument: called before a run, so it fails now rather than after the training it would have
+    saved."""
+    for what, path in paths.items():
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"{what}={os.fspath(path)!r}: the folder {folder} does not exist; create it or "
+                "choose another path"
+            )
+
+
 def check_outputs(
     paths: dict[str, str | os.PathLike[str] | None],
     inputs: dict[str, str | os.PathLike[str] | None] | None = None,
@@ -255,3 +279,8 @@ def check_outputs(
             ) from None
         os.close(fd)
         os.unlink(probe)
+
+
+def write_json(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Write ``record`` as indented JSON atomically (temp file, fsync, rename)."""
+    write_atomic(path, (json.dumps(record, indent=2) + "\n").encode())

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import activations as act
-from . import interop, io
+from . import interop, modelfile
 from ._checks import check_int, check_positive_int
 from .backends import Backend, get_backend, to_numpy
 from .errors import ModelFileError
@@ -427,7 +427,8 @@ class MLP(InputChecks):
                 f"labels names {len(labels)} classes for a model with {self.n_outputs} outputs; "
                 "set model.labels to one name per output, or None"
             )
-        io.save_model(path, self.config(), *self.get_parameters(), self._pre, self.dataset, labels)
+        weights, biases = self.get_parameters()
+        modelfile.save_model(path, self.config(), weights, biases, self._pre, self.dataset, labels)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], backend: str | Backend = "auto") -> MLP:
@@ -435,22 +436,13 @@ class MLP(InputChecks):
         :class:`~gpubp.errors.ModelFileError` saying what is wrong. A file written before models
         carried their preprocessing loads with a
         :class:`~gpubp.errors.NoPreprocessingWarning`."""
-        arrays = io.read_npz(path)
-        meta = io.parse_meta(arrays, path, io.FORMAT)
-        cfg: dict[str, Any] = meta["config"]
-        io.check_saved_shapes(arrays, cfg, path)
+        meta, weights, biases, arrays = modelfile.read_model(path)
         try:
-            model = cls(backend=backend, **cfg)
+            model = cls(backend=backend, **meta["config"])
         except (TypeError, ValueError) as exc:
             raise ModelFileError(f"{path}: the saved configuration is invalid: {exc}") from None
-        L = model.n_layers
-        pre = io.read_preprocessing(arrays, meta, path)
-        model.dataset, model.labels = io.read_model_info(meta, model.n_outputs, path)
-        try:
-            weights = [arrays[f"W{i}"] for i in range(L)]
-            biases = [arrays[f"b{i}"] for i in range(L)]
-        except KeyError as exc:
-            raise ModelFileError(f"{path}: missing the parameter array {exc.args[0]!r}") from None
+        pre = modelfile.read_preprocessing(arrays, meta, path)
+        model.dataset, model.labels = modelfile.read_model_info(meta, model.n_outputs, path)
         try:
             model.set_parameters(weights, biases)
         except (TypeError, ValueError) as exc:
