@@ -425,9 +425,11 @@ def train(
         smaller learning rate.
 
     Everything checkable is checked before the first epoch: output folders exist and are
-    writable, outputs are files (not folders) and distinct, the dataset's splits fit together.
-    When writing the trained model fails after training, it is written to a second place (next
-    to the checkpoint, else the current folder, else the temporary folder) and
+    writable, outputs are files (not folders) and distinct (else
+    :class:`~gpubp.errors.OutputPathError`, which carries the argument's command-line option),
+    the dataset's splits fit together. When writing the trained model fails after training, it
+    is written to a second place (next to the checkpoint, else the current folder, else the
+    temporary folder) and
     :class:`~gpubp.errors.OutputWriteError` says where.
     """
     t_start = time.perf_counter()
