@@ -186,13 +186,21 @@ class _Run:
                 "not bit for bit"
             )
 
-    def describe(self) -> str:
+    def describe(self) -> list[str]:
+        """The lines that introduce the run: the model and its training, and where ``auto``
+        took the numpy backend, why not numba."""
         c, m = self.config, self.model
-        return (
+        lines = [
             f"model: {list(m.layer_sizes)} {c.activation}, {m.n_parameters:,} "
             f"parameters | {c.optimizer} lr {c.peak_lr:g} ({c.schedule}) | batch "
             f"{c.batch_size} | backend {m.backend.name} {m.dtype.name}"
-        )
+        ]
+        why_numba = backend_status()["numba"]
+        if c.backend in (None, "auto") and m.backend.name == "numpy" and why_numba:
+            lines.append(
+                f"note: auto took the numpy backend: {why_numba}; numba trains several times faster"
+            )
+        return lines
 
     @property
     def finished(self) -> bool:
@@ -425,12 +433,10 @@ def train(
         smaller learning rate.
 
     Everything checkable is checked before the first epoch: output folders exist and are
-    writable, outputs are files (not folders) and distinct (else
-    :class:`~gpubp.errors.OutputPathError`, which carries the argument's command-line option),
-    the dataset's splits fit together. When writing the trained model fails after training, it
-    is written to a second place (next to the checkpoint, else the current folder, else the
-    temporary folder) and
-    :class:`~gpubp.errors.OutputWriteError` says where.
+    writable, outputs are distinct files (else :class:`~gpubp.errors.OutputPathError`, which
+    carries the argument's command-line option), the dataset's splits fit together. A trained
+    model that cannot be written is written to a second place (next to the checkpoint, the
+    current folder, the temporary folder); :class:`~gpubp.errors.OutputWriteError` says where.
     """
     t_start = time.perf_counter()
     if comm is not None and comm.rank != 0:  # one voice and one writer: rank 0
@@ -447,10 +453,8 @@ def train(
     run = _Run(config, ds, split, track_gradients, outputs["checkpoint"], log, comm)
     if ckpt is not None:
         run.resume_from(ckpt, override)
-    log(run.describe())
-    why_numba = backend_status()["numba"]
-    if config.backend in (None, "auto") and run.model.backend.name == "numpy" and why_numba:
-        log(f"note: auto took the numpy backend: {why_numba}; numba trains several times faster")
+    for line in run.describe():
+        log(line)
     trained = not run.finished
     if not trained:
         n = config.epochs
