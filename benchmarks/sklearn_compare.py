@@ -6,7 +6,7 @@
 Both estimators get the same data (float32, so both train in float32), the same
 hyper-parameters and the same ``random_state``, and run the same number of epochs (``tol=0``
 with ``n_iter_no_change`` equal to ``max_iter``, so neither stops early). One table: fit time
-and test accuracy side by side, and the speed-up. Fashion-MNIST is read by ``gpubp.data`` where
+and test accuracy side by side, and the speed-up. Fashion-MNIST is read by ``gpubp.datasets`` where
 its files are present; otherwise scikit-learn's 8x8 digits stand in, and the table says so. The
 tabular set is scikit-learn's bundled breast cancer data, standardised.
 

@@ -208,7 +208,7 @@ def _add_model_options(g: Any, d: TrainConfig) -> None:
 
 def _add_file_options(g: Any) -> None:
     """``gpubp train``'s files: checkpoint, resume, records, model; and the MPI switch."""
-    from .config import OVERRIDABLE
+    from .checkpoint import OVERRIDABLE
 
     g.add_argument("--checkpoint", metavar="PATH", help="write a checkpoint here every epoch")
     g.add_argument(

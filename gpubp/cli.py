@@ -7,7 +7,6 @@ import argparse
 import contextlib
 import os
 import platform
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -118,26 +117,13 @@ _RUN_ERRORS = (
 )
 
 
-#: train()'s path arguments -> the options that set them
-_PATH_FLAGS = {
-    "save_path": "--save",
-    "json_path": "--json",
-    "plot_path": "--plot",
-    "checkpoint": "--checkpoint",
-    "resume": "--resume",
-}
-_PATH_NAMES = "|".join(_PATH_FLAGS)
-
-
 def _message(exc: BaseException) -> str:
-    """The error's text in the command line's words (options, not Python arguments)."""
-    text = str(exc).replace("pass backend='auto'", "pass --backend auto")
-    text = re.sub(rf"\b({_PATH_NAMES})=(?=')", lambda m: _PATH_FLAGS[m.group(1)] + " ", text)
-    return re.sub(
-        rf"(same file as|is the) ({_PATH_NAMES})\b",
-        lambda m: f"{m.group(1)} {_PATH_FLAGS[m.group(2)]}",
-        text,
-    )
+    """The error's text in the command line's words: an output path's error names its option
+    (``--save``, not ``save_path=``), which the error carries."""
+    if isinstance(exc, OutputPathError):
+        return exc.command_line_message()
+    # the backend registry's hint names the Python argument; a command line has --backend
+    return str(exc).replace("pass backend='auto'", "pass --backend auto")
 
 
 def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -145,8 +131,8 @@ def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
     (its backend only where that can run here)."""
     import dataclasses
 
-    from .config import TrainConfig, resume_settings
-    from .io import load_checkpoint
+    from .checkpoint import load_checkpoint, resume_settings
+    from .config import TrainConfig
 
     names = [f.name for f in dataclasses.fields(TrainConfig)] + ["track_gradients"]
     settings = {name: getattr(args, name) for name in names}
@@ -268,7 +254,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import warnings
 
     from .evaluate import evaluate_model
-    from .io import write_json
+    from .files import write_json
     from .model import MLP
 
     try:

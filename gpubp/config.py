@@ -1,16 +1,14 @@
-"""What a training run computes: :class:`TrainConfig`, and what a checkpoint must share with it.
+"""What a training run computes: :class:`TrainConfig`, its options checked.
 
 :func:`gpubp.train.train` takes a :class:`TrainConfig`; ``gpubp train`` builds one from its
-options. A checkpoint records the configuration it was written with: :func:`resume_settings`
-reads it back (what ``--resume`` takes for the options not given) and :func:`check_resume`
-refuses a resume whose settings differ.
+options. What a checkpoint records of it, and what a resume takes back, is
+:mod:`gpubp.checkpoint`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,20 +24,16 @@ from ._checks import (
     positive_int,
 )
 from .activations import HIDDEN_ACTIVATIONS
-from .errors import CheckpointMismatchError
-from .io import Checkpoint
-from .model import MLP
 from .optim import Optimizer, make_optimizer
 
 __all__ = [
+    "DEFAULT_BATCH",
     "DEFAULT_LR",
     "OPTIMIZERS",
-    "OVERRIDABLE",
-    "RESUME_KEYS",
     "SCHEDULES",
+    "SMALL_DATA",
+    "SMALL_DATA_BATCH",
     "TrainConfig",
-    "check_resume",
-    "resume_settings",
 ]
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam", "adamw")
@@ -49,24 +43,6 @@ SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 DEFAULT_BATCH = 128
 SMALL_DATA_BATCH = 32
 SMALL_DATA = 10_000
-#: Settings a checkpoint must share with the run that resumes it (epochs may grow).
-RESUME_KEYS: tuple[str, ...] = (
-    "track_gradients",
-    "dataset",
-    "layers",
-    "activation",
-    "optimizer",
-    "lr",
-    "weight_decay",
-    "schedule",
-    "batch_size",
-    "val_fraction",
-    "dtype",
-    "seed",
-)
-#: Settings a resume may change from its checkpoint's when asked (``--override lr``): a run
-#: that diverged can continue with a smaller learning rate.
-OVERRIDABLE: tuple[str, ...] = ("lr",)
 
 
 @dataclass
@@ -154,7 +130,7 @@ class TrainConfig:
         check_positive_int("epochs", self.epochs)
         if self.lr is not None:
             check_positive_number("lr", self.lr)
-            check_finite_in_dtype("lr", self.lr, self.dtype)
+            _check_finite_in_dtype("lr", self.lr, self.dtype)
         if self.weight_decay is not None:
             check_non_negative_number("weight_decay", self.weight_decay)
         check_fraction("val_fraction", self.val_fraction)
@@ -182,7 +158,7 @@ class TrainConfig:
         return d
 
 
-def check_finite_in_dtype(name: str, value: float, dtype: str) -> None:
+def _check_finite_in_dtype(name: str, value: float, dtype: str) -> None:
     """Raise :class:`ValueError` when ``value`` overflows to infinity in ``dtype`` (the
     arithmetic the run does), e.g. ``lr=1e39`` with float32."""
     if dtype not in ("float32", "float64"):
@@ -194,73 +170,4 @@ def check_finite_in_dtype(name: str, value: float, dtype: str) -> None:
         raise ValueError(
             f"{name}={value!r} is infinite in {dtype} (the largest {dtype} is {largest:.4g}); "
             f"choose a smaller {name}"
-        )
-
-
-# --- resuming --------------------------------------------------------------------------------
-
-
-def _effective(settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` with the defaults ``lr=None`` and ``weight_decay=None`` spelled out, so that
-    typing a default explicitly does not count as a different run."""
-    out = dict(settings)
-    opt = out.get("optimizer")
-    if out.get("lr") is None and opt in DEFAULT_LR:
-        out["lr"] = DEFAULT_LR[opt]
-    if out.get("weight_decay") is None:
-        out["weight_decay"] = 0.01 if opt == "adamw" else 0.0
-    out.setdefault("track_gradients", False)
-    return out
-
-
-def resume_settings(ckpt: Checkpoint) -> dict[str, Any]:
-    """The :class:`TrainConfig` fields and ``track_gradients`` a checkpoint was written with:
-    what ``gpubp train --resume`` takes for every option not given."""
-    saved = ckpt.train_config
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} | {"track_gradients"}
-    out = {k: v for k, v in saved.items() if k in fields}
-    if "layers" in out:
-        out["layers"] = tuple(out["layers"])
-    return out
-
-
-def check_resume(
-    ckpt: Checkpoint,
-    config: TrainConfig,
-    dataset: str,
-    model: MLP,
-    track_gradients: bool,
-    override: Collection[str] = (),
-) -> None:
-    """Raise :class:`CheckpointMismatchError` naming every setting that differs, except those
-    named in ``override`` (from :data:`OVERRIDABLE`)."""
-    want = _effective(config.as_dict())
-    want["dataset"] = dataset
-    want["track_gradients"] = bool(track_gradients)
-    have = _effective(ckpt.train_config)
-    diffs = [
-        f"{key}: checkpoint {have.get(key)!r}, this run {want[key]!r}"
-        for key in RESUME_KEYS
-        if have.get(key) != want[key] and key not in override
-    ]
-    saved_model = ckpt.meta["config"]
-    if list(saved_model.get("layer_sizes", [])) != list(model.layer_sizes):
-        diffs.append(
-            f"layer_sizes: checkpoint {saved_model.get('layer_sizes')}, this run "
-            f"{list(model.layer_sizes)}"
-        )
-    done = int(ckpt.meta["position"]["epoch"])
-    if config.epochs < done:
-        diffs.append(
-            f"epochs: the checkpoint has finished {done} epoch(s), this run asks for only "
-            f"{config.epochs} (--epochs may grow, not shrink)"
-        )
-    lr_differs = have.get("lr") != want["lr"]
-    if diffs:
-        raise CheckpointMismatchError(
-            f"{ckpt.path} does not match the requested run ("
-            + "; ".join(diffs)
-            + "). Resume with the options the checkpoint was written with, or start "
-            "afresh without --resume"
-            + ("; to change the learning rate, add --override lr" if lr_differs else "")
         )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for that cannot run here (not installed, no GPU, not built yet)."""
@@ -44,7 +47,54 @@ class OutputWriteError(OSError):
 
 class OutputPathError(ValueError):
     """Output paths that cannot work: one file given for two outputs, a folder where a file is
-    to be written. Raised before a run starts."""
+    to be written, an input given as an output. Raised before a run starts.
+
+    The error names the argument that gave the path; a command line names its option instead
+    (:meth:`command_line_message`).
+
+    Attributes
+    ----------
+    argument : str
+        The argument that gave the path, e.g. ``save_path``.
+    option : str or None
+        The command-line option that sets it, e.g. ``--save`` (None where there is none).
+    path : str
+        The path.
+    other, other_option : str or None
+        The argument (and its option) of the other path it clashes with, if any.
+    """
+
+    def __init__(
+        self,
+        argument: str,
+        path: str | os.PathLike[str],
+        problem: str,
+        other: str | None = None,
+        options: Mapping[str, str] | None = None,
+    ) -> None:
+        options = options or {}
+        self.argument, self.path, self.other = argument, os.fspath(path), other
+        self.option = options.get(argument)
+        self.other_option = None if other is None else options.get(other)
+        #: what is wrong, after the path: ``{other}`` stands for the other path's name
+        self.problem = problem
+        super().__init__(self._say(f"{argument}=", other))
+
+    def _say(self, name: str, other: str | None) -> str:
+        # a plain replace, not str.format: a problem without another path may quote a folder
+        problem = self.problem if other is None else self.problem.replace("{other}", other)
+        return f"{name}{self.path!r}{problem}"
+
+    def command_line_message(self) -> str:
+        """The message in a command line's words: ``--save 'm.npz' is a folder; ...``."""
+        if self.option is None:
+            return str(self)
+        return self._say(f"{self.option} ", self.other_option or self.other)
+
+
+class MissingFolderError(OutputPathError, FileNotFoundError):
+    """An output's folder does not exist (an :class:`OutputPathError` and a
+    :class:`FileNotFoundError`). Raised before a run starts."""
 
 
 class DatasetNotFoundError(FileNotFoundError):

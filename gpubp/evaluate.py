@@ -10,7 +10,7 @@ fashion-mnist   the IDX files' pixel values, uint8 0..255         255
 digits          scikit-learn's ``load_digits().data``, 0..16      16
 ==============  ==============================================  ============
 
-:mod:`gpubp.data` divides raw values by ``RAW_SCALE`` and then standardises with the training
+:mod:`gpubp.datasets` divides raw values by ``RAW_SCALE`` and then standardises with the training
 set's global mean and deviation (``Dataset.normalization``); :func:`dataset_preprocessing` gives
 that whole map on raw values as the :class:`~gpubp.preprocessing.Preprocessing` a model of
 ``gpubp train`` carries, ``x' = (x - RAW_SCALE * mean) / (RAW_SCALE * std)``.
@@ -32,7 +32,7 @@ from .preprocessing import Preprocessing
 
 __all__ = ["RAW_SCALE", "RawSplit", "dataset_preprocessing", "evaluate_model", "raw_test_split"]
 
-#: What :mod:`gpubp.data` divides each dataset's raw values by before standardising them.
+#: What :mod:`gpubp.datasets` divides each dataset's raw values by before standardising them.
 RAW_SCALE: dict[str, float] = {"mnist": 255.0, "fashion-mnist": 255.0, "digits": 16.0}
 _RAW_UNITS: dict[str, str] = {
     "mnist": "pixel values 0..255",
@@ -55,8 +55,8 @@ class RawSplit:
 def raw_test_split(name: str, data_dir: str | os.PathLike[str] | None = None) -> RawSplit:
     """The test split of ``name`` (``mnist``, ``fashion-mnist`` or ``digits``), unscaled.
 
-    IDX datasets are looked for where :func:`gpubp.data.find_dataset` looks (``data_dir``
-    first); digits is the same stratified split :func:`gpubp.data.load_dataset` makes.
+    IDX datasets are looked for where :func:`gpubp.datasets.find_dataset` looks (``data_dir``
+    first); digits is the same stratified split :func:`gpubp.datasets.load_dataset` makes.
     """
     if name == "digits":
         ds = data.load_digits_dataset()
@@ -71,11 +71,11 @@ def raw_test_split(name: str, data_dir: str | os.PathLike[str] | None = None) ->
 
 
 def dataset_preprocessing(ds: data.Dataset) -> Preprocessing:
-    """The standardisation :func:`gpubp.data.load_dataset` applied to ``ds``, as a map on raw
+    """The standardisation :func:`gpubp.datasets.load_dataset` applied to ``ds``, as a map on raw
     inputs (see the module's table): ``x' = (x - r mean) / (r std)`` with ``r = RAW_SCALE``."""
     r = RAW_SCALE.get(ds.name, 1.0)
     mean, std = ds.normalization["mean"] * r, ds.normalization["std"] * r
-    units = _RAW_UNITS.get(ds.name, "the values gpubp.data loads")
+    units = _RAW_UNITS.get(ds.name, "the values gpubp.datasets loads")
     return Preprocessing.affine(
         mean,
         std,

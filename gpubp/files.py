@@ -13,20 +13,39 @@ write to the same target.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from .errors import OutputPathError, OutputWriteError
+from .errors import MissingFolderError, OutputPathError, OutputWriteError
 
-__all__ = ["TMP_SUFFIX", "check_outputs", "open_regular", "remove_stale_temps", "write_atomic"]
+__all__ = [
+    "OUTPUT_OPTIONS",
+    "TMP_SUFFIX",
+    "check_output_folders",
+    "check_outputs",
+    "open_regular",
+    "remove_stale_temps",
+    "write_atomic",
+    "write_json",
+]
 
 #: How the names of gpubp's temporary files end: ``.<target>.<pid>.<random>.gpubp-tmp``.
 TMP_SUFFIX = ".gpubp-tmp"
+#: The command-line option of each path argument of gpubp's jobs (``train``, ``gradflow``),
+#: carried by the errors of the checks below so a command line can name its own option.
+OUTPUT_OPTIONS = {
+    "save_path": "--save",
+    "json_path": "--json",
+    "plot_path": "--plot",
+    "checkpoint": "--checkpoint",
+    "resume": "--resume",
+}
 
 
 def _temp_pattern(name: str) -> re.Pattern[str]:
@@ -193,6 +212,26 @@ def open_regular(path: str | os.PathLike[str], error: type[Exception]) -> Binary
     return os.fdopen(fd, "rb")
 
 
+def _check_folder(what: str, path: str | os.PathLike[str], target: str) -> None:
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        raise MissingFolderError(
+            what,
+            path,
+            f": the folder {folder} does not exist; create it or choose another path",
+            options=OUTPUT_OPTIONS,
+        )
+
+
+def check_output_folders(**paths: str | os.PathLike[str] | None) -> None:
+    """Raise :class:`~gpubp.errors.MissingFolderError` (a :class:`FileNotFoundError`) for a
+    path whose folder does not exist, naming the argument: called before a run, so it fails now
+    rather than after the work it would have saved."""
+    for what, path in paths.items():
+        if path is not None:
+            _check_folder(what, path, os.path.abspath(path))
+
+
 def check_outputs(
     paths: dict[str, str | os.PathLike[str] | None],
     inputs: dict[str, str | os.PathLike[str] | None] | None = None,
@@ -211,10 +250,11 @@ def check_outputs(
 
     Raises
     ------
-    FileNotFoundError
-        An output's folder does not exist.
+    MissingFolderError
+        An output's folder does not exist (a :class:`FileNotFoundError`).
     OutputPathError
-        A folder given as an output, one file given twice, an input given as an output.
+        A folder given as an output, one file given twice, an input given as an output. The
+        errors carry the argument's command-line option (:data:`OUTPUT_OPTIONS`).
     OutputWriteError
         An output's folder is read-only or full.
     """
@@ -223,31 +263,34 @@ def check_outputs(
         if path is None:
             continue
         target = os.path.realpath(path)
-        folder = os.path.dirname(target)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(
-                f"{what}={os.fspath(path)!r}: the folder {folder} does not exist; create it or "
-                "choose another path"
-            )
+        _check_folder(what, path, target)
         if os.path.isdir(target):
             raise OutputPathError(
-                f"{what}={os.fspath(path)!r} is a folder; give a file name inside it"
+                what, path, " is a folder; give a file name inside it", options=OUTPUT_OPTIONS
             )
         if target in seen:
             raise OutputPathError(
-                f"{what}={os.fspath(path)!r} is the same file as {seen[target]}; one would "
-                "overwrite the other: give each output its own path"
+                what,
+                path,
+                " is the same file as {other}; one would overwrite the other: give each "
+                "output its own path",
+                other=seen[target],
+                options=OUTPUT_OPTIONS,
             )
         seen[target] = what
         for name, source in (inputs or {}).items():
             if what != "checkpoint" and source is not None and os.path.realpath(source) == target:
                 raise OutputPathError(
-                    f"{what}={os.fspath(path)!r} is the {name} file it reads; writing it would "
-                    "destroy it: give the output another path"
+                    what,
+                    path,
+                    " is the {other} file it reads; writing it would destroy it: give the "
+                    "output another path",
+                    other=name,
+                    options=OUTPUT_OPTIONS,
                 )
         try:
             fd, probe = tempfile.mkstemp(
-                prefix=f".{Path(target).name}.", suffix=TMP_SUFFIX, dir=folder
+                prefix=f".{Path(target).name}.", suffix=TMP_SUFFIX, dir=os.path.dirname(target)
             )
         except OSError as exc:
             raise write_error(
@@ -255,3 +298,8 @@ def check_outputs(
             ) from None
         os.close(fd)
         os.unlink(probe)
+
+
+def write_json(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Write ``record`` as indented JSON atomically (:func:`write_atomic`)."""
+    write_atomic(path, (json.dumps(record, indent=2) + "\n").encode())

@@ -18,7 +18,7 @@ from . import plots, reference
 from ._checks import check_positive_int
 from .activations import HIDDEN_ACTIVATIONS
 from .backends import get_backend
-from .io import check_output_folders, write_json
+from .files import check_output_folders, write_json
 from .loop import EpochEnd, EpochLoop
 from .model import MLP
 from .optim import make_optimizer

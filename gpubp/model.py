@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import activations as act
-from . import interop, io
+from . import interop, modelfile
 from ._checks import check_int, check_positive_int
 from .backends import Backend, get_backend, to_numpy
 from .errors import ModelFileError
@@ -75,7 +75,7 @@ class MLP(InputChecks):
     ``a^0 = (x - shift) * scale`` (or ``x`` without preprocessing), then
     ``a^l = f(a^{l-1} @ W^l.T + b^l)`` on batches ``(B, n)``; losses are means over the batch.
     Inputs may be NumPy arrays, nested lists, or any DLPack array (PyTorch, JAX, CuPy): read
-    without a copy where they live on the backend's device (:mod:`gpubp.interop`).
+    without a copy where they live on the backend's device (:mod:`gpubp.dlpack`).
     """
 
     def __init__(
@@ -427,7 +427,8 @@ class MLP(InputChecks):
                 f"labels names {len(labels)} classes for a model with {self.n_outputs} outputs; "
                 "set model.labels to one name per output, or None"
             )
-        io.save_model(path, self.config(), *self.get_parameters(), self._pre, self.dataset, labels)
+        weights, biases = self.get_parameters()
+        modelfile.save_model(path, self.config(), weights, biases, self._pre, self.dataset, labels)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], backend: str | Backend = "auto") -> MLP:
@@ -435,22 +436,13 @@ class MLP(InputChecks):
         :class:`~gpubp.errors.ModelFileError` saying what is wrong. A file written before models
         carried their preprocessing loads with a
         :class:`~gpubp.errors.NoPreprocessingWarning`."""
-        arrays = io.read_npz(path)
-        meta = io.parse_meta(arrays, path, io.FORMAT)
-        cfg: dict[str, Any] = meta["config"]
-        io.check_saved_shapes(arrays, cfg, path)
+        meta, weights, biases, arrays = modelfile.read_model(path)
         try:
-            model = cls(backend=backend, **cfg)
+            model = cls(backend=backend, **meta["config"])
         except (TypeError, ValueError) as exc:
             raise ModelFileError(f"{path}: the saved configuration is invalid: {exc}") from None
-        L = model.n_layers
-        pre = io.read_preprocessing(arrays, meta, path)
-        model.dataset, model.labels = io.read_model_info(meta, model.n_outputs, path)
-        try:
-            weights = [arrays[f"W{i}"] for i in range(L)]
-            biases = [arrays[f"b{i}"] for i in range(L)]
-        except KeyError as exc:
-            raise ModelFileError(f"{path}: missing the parameter array {exc.args[0]!r}") from None
+        pre = modelfile.read_preprocessing(arrays, meta, path)
+        model.dataset, model.labels = modelfile.read_model_info(meta, model.n_outputs, path)
         try:
             model.set_parameters(weights, biases)
         except (TypeError, ValueError) as exc:
@@ -463,9 +455,12 @@ class MLP(InputChecks):
     def to_torch(self, device: Any = None) -> Any:
         """This model as ``torch.nn.Sequential(Linear, act, ..., Linear[, output act])`` with
         the same weights, in the model's dtype, on ``device`` (the CPU by default); a
-        preprocessing is folded into the first ``Linear`` (see :func:`gpubp.interop.to_torch`).
-        """
-        return interop.to_torch(self, device)
+        preprocessing is folded into the first ``Linear`` (see
+        :func:`gpubp.interop.to_sequential`)."""
+        weights, biases = self.get_parameters()
+        return interop.to_sequential(
+            weights, biases, self.activation, self.output, self._pre, device
+        )
 
     @classmethod
     def from_torch(
@@ -477,9 +472,20 @@ class MLP(InputChecks):
     ) -> MLP:
         """An MLP with the layers and weights of a ``torch.nn.Sequential`` of ``Linear`` and
         activation modules; ``loss`` defaults to ``cross_entropy`` after a softmax,
-        ``binary_cross_entropy`` after a sigmoid, ``mse`` otherwise (see
-        :func:`gpubp.interop.from_torch`)."""
-        return interop.from_torch(seq, loss=loss, backend=backend, dtype=dtype)
+        ``binary_cross_entropy`` after a sigmoid, ``mse`` otherwise; ``dtype`` to the weights'
+        (see :func:`gpubp.interop.read_sequential`). Nothing is built until all of ``seq`` has
+        been read."""
+        net = interop.read_sequential(seq, loss=loss, dtype=dtype)
+        model = cls(
+            net.layer_sizes,
+            activation=net.activation,
+            output=net.output,
+            loss=net.loss,
+            backend=backend,
+            dtype=net.dtype,
+        )
+        model.set_parameters(*net.parameters(model.dtype.name))
+        return model
 
 
 def _print(line: str) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from . import interop
+from . import dlpack
 from .backends import Backend, to_numpy
 from .preprocessing import Preprocessing
 
@@ -71,12 +71,12 @@ class InputChecks:
 
     def _array(self, value: Any, argument: str) -> Any:
         """``value`` as an array of this backend (NumPy arrays, lists, backend arrays, or any
-        DLPack array: a view where it lives on the backend's device, see :mod:`gpubp.interop`)."""
+        DLPack array: a view where it lives on the backend's device, see :mod:`gpubp.dlpack`)."""
         be = self.backend
         if be.owns(value):
             arr = value
-        elif interop.is_dlpack(value):  # PyTorch, JAX, CuPy: no copy on the same device
-            arr = interop.from_dlpack(be, value, argument)
+        elif dlpack.is_dlpack(value):  # PyTorch, JAX, CuPy: no copy on the same device
+            arr = dlpack.from_dlpack(be, value, argument)
         else:
             try:
                 host = to_numpy(value)

@@ -1,7 +1,10 @@
-"""Reading gpubp's ``.npz`` files with every check made before memory is spent.
+"""gpubp's ``.npz`` files: the formats, and reading them with every check made before memory is
+spent.
 
-A model file or checkpoint is a zip archive of ``.npy`` members: ``meta`` (JSON as uint8) and the
-parameter and optimizer arrays it describes. :func:`read_checked_npz` reads ``meta`` first
+A model file (:data:`FORMAT`) or checkpoint (:data:`CHECKPOINT_FORMAT`) is a zip archive of
+``.npy`` members: ``meta`` (JSON as uint8) and the parameter and optimizer arrays it describes.
+:func:`write_npz` writes one atomically (:func:`gpubp.files.write_atomic`), uncompressed and
+without pickle. :func:`read_npz` reads ``meta`` first
 (capped at :data:`META_MAX_BYTES`), derives from the model it declares the name, shape and size
 of every other member, then reads each member's ``.npy`` header and checks its dtype (float32 or
 float64), shape and size against that plan before it reads the data. An archive member not in
@@ -19,9 +22,31 @@ from typing import IO, Any
 
 import numpy as np
 
-from .files import open_regular
+from .errors import ModelFileError
+from .files import open_regular, write_atomic
+from .optim import make_optimizer
 
-__all__ = ["META_MAX_BYTES", "layout", "parse_json", "read_checked_npz"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "INPUT_MEMBERS",
+    "META_MAX_BYTES",
+    "layout",
+    "parse_json",
+    "parse_meta",
+    "read_npz",
+    "saved_parameters",
+    "write_npz",
+    "write_npz_atomic",
+]
+
+#: The ``format`` a model file's metadata names (:meth:`gpubp.MLP.save`).
+FORMAT = "gpubp-mlp"
+#: The ``format`` a checkpoint's metadata names (:func:`gpubp.train.train`).
+CHECKPOINT_FORMAT = "gpubp-checkpoint"
+#: The version of both formats that this gpubp writes and reads.
+FORMAT_VERSION = 1
 
 #: The largest ``meta`` member read (its JSON holds the configuration and the run's history).
 META_MAX_BYTES = 64 << 20
@@ -29,7 +54,8 @@ META_MAX_BYTES = 64 << 20
 _MAX_DEFLATE_RATIO = 1100
 _MAX_MEMBERS = 4096
 _MAX_LAYERS = 1024
-#: Optional members the model format may hold: per-feature preprocessing, shape (n_inputs,).
+#: Optional members both formats may hold: the input preprocessing
+#: ``x' = (x - input_shift) * input_scale``, one value per input.
 INPUT_MEMBERS = ("input_shift", "input_scale")
 _READ_ERRORS = (
     OSError,
@@ -64,9 +90,6 @@ def layout(meta: Any, path: Any, error: type[Exception]) -> dict[str, tuple[int,
     """The shape of every array member ``meta`` allows: ``W<i>``, ``b<i>``, the optional input
     preprocessing, and for a checkpoint ``opt_<slot>_<j>`` for its optimizer's slots (``j`` in
     the order ``W0..W{L-1}, b0..b{L-1}``)."""
-    from .io import CHECKPOINT_FORMAT, FORMAT
-    from .optim import make_optimizer
-
     if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, CHECKPOINT_FORMAT):
         raise error(
             f"{path}: not a gpubp model file or checkpoint (its metadata names no gpubp format)"
@@ -187,9 +210,35 @@ def _read_member(
     return arr.astype(dtype.newbyteorder("="), copy=True)
 
 
-def read_checked_npz(path: str | os.PathLike[str], error: type[Exception]) -> dict[str, Any]:
-    """Every array of a gpubp ``.npz`` file, each checked before it is read (see the module's
-    docstring); ``error`` for anything malformed. Float arrays are finite, in native order."""
+def read_npz(
+    path: str | os.PathLike[str], error: type[ModelFileError] = ModelFileError
+) -> dict[str, np.ndarray]:
+    """All arrays of a gpubp ``.npz`` file, loaded without pickle.
+
+    Each member's name, dtype (float32/float64; ``meta`` uint8), shape and size are checked
+    against the metadata before its data is read, and the values are checked finite (see the
+    module's docstring). Float arrays come back in native byte order.
+
+    Parameters
+    ----------
+    path : path-like
+        A model file or checkpoint; it must be a regular file.
+    error : type, optional
+        The :class:`~gpubp.errors.ModelFileError` subclass to raise (``CheckpointError`` for a
+        checkpoint).
+
+    Returns
+    -------
+    dict
+        ``meta`` (uint8 JSON), ``W<i>`` ``(n_{i+1}, n_i)``, ``b<i>`` ``(n_{i+1},)``, and where
+        present ``input_shift`` / ``input_scale`` ``(n_0,)`` and ``opt_<slot>_<j>``.
+
+    Raises
+    ------
+    ModelFileError
+        (``error``) naming ``path``, for anything missing, malformed, oversized, non-finite or
+        not a regular file.
+    """
     with open_regular(path, error) as fh:
         file_bytes = os.fstat(fh.fileno()).st_size
         try:
@@ -233,3 +282,60 @@ def read_checked_npz(path: str | os.PathLike[str], error: type[Exception]) -> di
             raise error(
                 f"{path}: not a readable gpubp model file ({type(exc).__name__}: {str(exc)[:200]})"
             ) from None
+
+
+def parse_meta(
+    arrays: dict[str, np.ndarray],
+    path: Any,
+    expected: str,
+    error: type[ModelFileError] = ModelFileError,
+) -> dict[str, Any]:
+    """The JSON metadata stored in ``arrays["meta"]``, checked for format (``expected``: one of
+    :data:`FORMAT`, :data:`CHECKPOINT_FORMAT`), version and a configuration."""
+    raw = arrays.get("meta")
+    if raw is None or raw.dtype != np.uint8 or raw.ndim != 1:
+        raise error(f"{path}: no gpubp metadata; was it written by MLP.save?")
+    meta = parse_json(raw.tobytes(), path, error)
+    if not isinstance(meta, dict) or meta.get("format") != expected:
+        raise error(f"{path}: not a {expected} file")
+    if meta.get("version") != FORMAT_VERSION:
+        raise error(
+            f"{path}: format version {meta.get('version')!r}; this gpubp reads version "
+            f"{FORMAT_VERSION}"
+        )
+    if not isinstance(meta.get("config"), dict):
+        raise error(f"{path}: the metadata has no configuration")
+    return meta
+
+
+def saved_parameters(
+    arrays: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    path: Any,
+    error: type[ModelFileError] = ModelFileError,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``(weights, biases)`` of a file read by :func:`read_npz`, every layer's pair present
+    (their shapes were checked against ``layer_sizes`` as they were read)."""
+    n_layers = len(meta["config"]["layer_sizes"]) - 1
+    for i in range(n_layers):
+        if f"W{i}" not in arrays or f"b{i}" not in arrays:
+            raise error(f"{path}: missing the parameter arrays of layer {i} (W{i}, b{i})")
+    return (
+        [arrays[f"W{i}"] for i in range(n_layers)],
+        [arrays[f"b{i}"] for i in range(n_layers)],
+    )
+
+
+def write_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` as an uncompressed ``.npz`` atomically (see
+    :func:`gpubp.files.write_atomic`: an unpredictable temporary name that follows no link,
+    fsync, rename)."""
+    write_atomic(path, lambda fh: np.savez(fh, **arrays))  # type: ignore[arg-type]
+
+
+def write_npz(
+    path: str | os.PathLike[str], meta: dict[str, Any], arrays: dict[str, np.ndarray]
+) -> None:
+    """Write ``arrays`` and ``meta`` (as the uint8 JSON member ``meta``) atomically."""
+    encoded = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    write_npz_atomic(path, {**arrays, "meta": encoded})

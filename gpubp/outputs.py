@@ -1,5 +1,6 @@
-"""What a training run writes at its end (the model, the JSON record, the curves), and how a
-failed write keeps the trained model: it is written to a second place and the error says where.
+"""What a training run produces (:class:`TrainResult`) and writes at its end (the model, the JSON
+record, the curves), and how a failed write keeps the trained model: it is written to a second
+place and the error says where.
 """
 
 from __future__ import annotations
@@ -8,19 +9,101 @@ import errno
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from . import plots
+from .config import TrainConfig
 from .errors import OutputWriteError
-from .io import write_json
+from .files import write_json
+from .model import MLP
 
-if TYPE_CHECKING:
-    from .train import TrainResult
-
-__all__ = ["fallback_paths", "write_outputs"]
+__all__ = ["TrainResult", "fallback_paths", "final_line", "write_outputs"]
 
 Log = Callable[[str], None]
+
+
+@dataclass
+class TrainResult:
+    """What a run produced; ``history`` holds one entry per completed epoch in each list."""
+
+    model: MLP
+    config: TrainConfig
+    dataset: str
+    history: dict[str, list[Any]]
+    test_loss: float | None = None
+    test_accuracy: float | None = None
+    epochs_done: int = 0
+    samples_trained: int = 0
+    train_seconds: float = 0.0
+    #: the first step of each process, kept out of the speed: it compiles kernels (numba) or
+    #: captures graphs (cupy)
+    first_step_seconds: float = 0.0
+    first_step_samples: int = 0
+    wall_seconds: float = 0.0
+    interrupted: bool = False
+    checkpoint: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def samples_per_second(self) -> float:
+        """Training speed without the first step of each process (see ``first_step_seconds``),
+        or over every step when the first was all there was."""
+        seconds = self.train_seconds - self.first_step_seconds
+        samples = self.samples_trained - self.first_step_samples
+        if seconds <= 0 or samples <= 0:
+            seconds, samples = self.train_seconds, self.samples_trained
+        return samples / seconds if seconds > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready record of the run (configuration, history, results)."""
+        return {
+            "config": self.config.as_dict(),
+            "dataset": self.dataset,
+            "backend": self.model.backend.name,
+            "dtype": self.model.dtype.name,
+            "layer_sizes": list(self.model.layer_sizes),
+            "epochs_done": self.epochs_done,
+            "interrupted": self.interrupted,
+            "test_loss": self.test_loss,
+            "test_accuracy": self.test_accuracy,
+            "train_seconds": self.train_seconds,
+            "first_step_seconds": self.first_step_seconds,
+            "wall_seconds": self.wall_seconds,
+            "samples_per_second": self.samples_per_second,
+            "checkpoint": self.checkpoint,
+            "history": self.history,
+            **self.extra,
+        }
+
+
+def final_line(result: TrainResult, n_test: int, trained: bool) -> str:
+    """The run's last line: the test score on ``n_test`` samples (or why there is none), the
+    time (with the training's speed when the process ``trained``), the backend."""
+    if result.interrupted:
+        test = "test evaluation skipped (interrupted)"
+    else:
+        test = (
+            f"test accuracy {result.test_accuracy:.4f} (loss {result.test_loss:.4f}) on "
+            f"{n_test} {result.dataset} test samples"
+        )
+    timing = f"wall time {result.wall_seconds:.1f} s"
+    if trained:
+        timing += f" (training {result.train_seconds:.1f} s"
+        if "sessions" in result.extra:
+            timing += f" {result.extra['sessions']}"
+        if result.first_step_seconds > 0:
+            timing += f" of which the first step {result.first_step_seconds:.1f} s"
+        timing += f", {result.samples_per_second:,.0f} samples/s"
+        if result.first_step_seconds > 0:
+            timing += " after the first step"
+        timing += ")"
+    model, ranks = result.model, result.extra.get("mpi_ranks")
+    return (
+        f"{test} | {result.epochs_done} epoch(s), {timing} | backend {model.backend.name} "
+        f"{model.dtype.name}" + (f" x {ranks} MPI ranks" if ranks is not None else "")
+    )
 
 
 def fallback_paths(

@@ -24,7 +24,6 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,6 +31,16 @@ import numpy as np
 from . import datasets as data
 from . import plots
 from .backends import backend_status
+from .checkpoint import (
+    Checkpoint,
+    check_overrides,
+    check_position,
+    check_resume,
+    load_checkpoint,
+    resume_notes,
+    resume_settings,
+    save_checkpoint,
+)
 from .config import (
     DEFAULT_BATCH,
     DEFAULT_LR,
@@ -40,23 +49,15 @@ from .config import (
     SMALL_DATA,
     SMALL_DATA_BATCH,
     TrainConfig,
-    check_resume,
-    resume_settings,
 )
-from .errors import CheckpointError, CheckpointMismatchError, OutputWriteError
+from .distributed import DataParallel
+from .errors import CheckpointError, CheckpointMismatchError, DatasetError, OutputWriteError
 from .evaluate import dataset_preprocessing, raw_test_split
 from .files import check_outputs
 from .gradflow import PROBE_SAMPLES, gradflow, gradient_norms
-from .io import (
-    Checkpoint,
-    check_output_folders,
-    load_checkpoint,
-    save_checkpoint,
-)
 from .loop import BatchGather, EpochEnd, EpochLoop, Position, StopRequest
 from .model import MLP
-from .outputs import write_outputs
-from .resume_checks import check_overrides, check_position, check_widths, resume_notes
+from .outputs import TrainResult, final_line, write_outputs
 
 # TrainConfig and its names are re-exported: the README writes gpubp.train.TrainConfig
 __all__ = [
@@ -86,60 +87,6 @@ def _print(msg: str) -> None:
 
 def _silent(msg: str) -> None:
     pass
-
-
-@dataclass
-class TrainResult:
-    """What a run produced; ``history`` holds one entry per completed epoch in each list."""
-
-    model: MLP
-    config: TrainConfig
-    dataset: str
-    history: dict[str, list[Any]]
-    test_loss: float | None = None
-    test_accuracy: float | None = None
-    epochs_done: int = 0
-    samples_trained: int = 0
-    train_seconds: float = 0.0
-    #: the first step of each process, kept out of the speed: it compiles kernels (numba) or
-    #: captures graphs (cupy)
-    first_step_seconds: float = 0.0
-    first_step_samples: int = 0
-    wall_seconds: float = 0.0
-    interrupted: bool = False
-    checkpoint: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def samples_per_second(self) -> float:
-        """Training speed without the first step of each process (see ``first_step_seconds``),
-        or over every step when the first was all there was."""
-        seconds = self.train_seconds - self.first_step_seconds
-        samples = self.samples_trained - self.first_step_samples
-        if seconds <= 0 or samples <= 0:
-            seconds, samples = self.train_seconds, self.samples_trained
-        return samples / seconds if seconds > 0 else 0.0
-
-    def summary(self) -> dict[str, Any]:
-        """A JSON-ready record of the run (configuration, history, results)."""
-        return {
-            "config": self.config.as_dict(),
-            "dataset": self.dataset,
-            "backend": self.model.backend.name,
-            "dtype": self.model.dtype.name,
-            "layer_sizes": list(self.model.layer_sizes),
-            "epochs_done": self.epochs_done,
-            "interrupted": self.interrupted,
-            "test_loss": self.test_loss,
-            "test_accuracy": self.test_accuracy,
-            "train_seconds": self.train_seconds,
-            "first_step_seconds": self.first_step_seconds,
-            "wall_seconds": self.wall_seconds,
-            "samples_per_second": self.samples_per_second,
-            "checkpoint": self.checkpoint,
-            "history": self.history,
-            **self.extra,
-        }
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -188,13 +135,12 @@ class _Run:
         self.n = len(x_tr)
         self.dp = None
         if comm is not None:
-            from .distributed import DataParallel
-
             self.dp = DataParallel(comm, model)
             note = self.dp.note or "BLAS threads as set"
             log(f"data parallel over {comm.size} MPI rank(s); {note}")
         self.start = Position()
         self.loss_sum = 0.0
+        self.resumed = False
         #: the standardisation of ``ds`` on raw inputs: the model takes it on at the end of the
         #: run (it trains on data standardised beforehand, with no per-step cost)
         self.preprocessing = dataset_preprocessing(ds)
@@ -214,6 +160,7 @@ class _Run:
         pos = ckpt.meta["position"]
         check_position(ckpt, pos, self.n, int(self.config.batch_size or DEFAULT_BATCH))
         ckpt.restore(self.model, self.optimizer)
+        self.resumed = True
         self.start = Position(pos["epoch"], pos["batch"], pos["seen"])
         self.loss_sum = pos["loss_sum"]
         try:
@@ -240,19 +187,27 @@ class _Run:
                 "not bit for bit"
             )
 
-    def describe(self) -> str:
+    def describe(self) -> list[str]:
+        """The lines that introduce the run: the model and its training, and where ``auto``
+        took the numpy backend, why not numba."""
         c, m = self.config, self.model
-        return (
+        lines = [
             f"model: {list(m.layer_sizes)} {c.activation}, {m.n_parameters:,} "
             f"parameters | {c.optimizer} lr {c.peak_lr:g} ({c.schedule}) | batch "
             f"{c.batch_size} | backend {m.backend.name} {m.dtype.name}"
-        )
+        ]
+        why_numba = backend_status()["numba"]
+        if c.backend in (None, "auto") and m.backend.name == "numpy" and why_numba:
+            lines.append(
+                f"note: auto took the numpy backend: {why_numba}; numba trains several times faster"
+            )
+        return lines
 
     @property
     def finished(self) -> bool:
         return self.start.epoch >= self.config.epochs
 
-    def train(self, progress: bool) -> bool:
+    def run_epochs(self, progress: bool) -> bool:
         """Run the remaining epochs; True if stopped by Ctrl-C (a checkpoint is written)."""
         config, model, X, Y, opt = self.config, self.model, self.X, self.Y, self.optimizer
         self.loop = loop = EpochLoop(
@@ -368,12 +323,15 @@ class _Run:
                 "last checkpoint written), or pass another --checkpoint",
             ) from None
 
-    def result(self, interrupted: bool) -> TrainResult:
-        c = self.all_counters()
-        return TrainResult(
+    def finish(self, interrupted: bool) -> TrainResult:
+        """The run's result: its model takes on the preprocessing of raw inputs (as it is
+        saved), the dataset's and labels' names, and is scored on the raw test split unless the
+        run was ``interrupted`` (then stop promptly: mpirun allows little time after SIGTERM)."""
+        c, ds = self.all_counters(), self.ds
+        result = TrainResult(
             model=self.model,
             config=self.config,
-            dataset=self.ds.name,
+            dataset=ds.name,
             history=self.history,
             epochs_done=len(self.history["epoch"]),
             samples_trained=int(c["samples"]),
@@ -383,6 +341,26 @@ class _Run:
             interrupted=interrupted,
             checkpoint=None if self.checkpoint is None else os.fspath(self.checkpoint),
         )
+        model = self.model  # from here on a model of raw inputs, as it is saved
+        model.preprocessing = self.preprocessing
+        model.dataset, model.labels = ds.name, tuple(ds.classes)
+        if interrupted:
+            where = result.checkpoint
+            self.log(
+                f"interrupted after {result.epochs_done} epoch(s); checkpoint written to {where}"
+            )
+            self.log(f"continue with the same command plus: --resume {where}")
+        else:
+            x_raw = ds.x_test_raw  # the raw test inputs the loader kept: no second read
+            if x_raw is None:  # a Dataset built by hand
+                x_raw = raw_test_split(ds.name, ds.source if ds.name in data.DATASETS else None).x
+            ev = model.evaluate(x_raw, ds.y_test)
+            result.test_loss, result.test_accuracy = ev["loss"], ev["accuracy"]
+        if self.comm is not None:
+            result.extra["mpi_ranks"] = self.comm.size
+        if self.resumed:  # the training time and samples/s count every session since epoch 1
+            result.extra["sessions"] = "in all sessions of this run"
+        return result
 
 
 def _load_data(
@@ -396,7 +374,11 @@ def _load_data(
     ds = data.load_dataset(requested, config.data_dir, config.download, config.seed, progress)
     how = " (auto: the largest dataset found here)" if config.dataset == "auto" else ""
     log(f"dataset: {ds.describe()}{how}")
-    check_widths(ds)
+    if ds.x_test.ndim != 2 or ds.x_test.shape[1] != ds.x_train.shape[1]:  # found now, not after
+        raise DatasetError(
+            f"{ds.source}: the test set has {ds.x_test.shape[1:]} features per sample and the "
+            f"training set {ds.x_train.shape[1]}; both must be the same width"
+        )
     split = data.train_val_split(ds.x_train, ds.y_train, config.val_fraction, config.seed)
     if config.batch_size is None:
         small = len(split[0]) < SMALL_DATA
@@ -447,102 +429,62 @@ def train(
         Train data-parallel over its ranks (see :mod:`gpubp.distributed`): every rank calls
         ``train`` with the same arguments; rank 0 alone logs and writes files.
     override : sequence of str
-        Settings a resumed run may change from its checkpoint's (:data:`OVERRIDABLE`: ``lr``),
-        e.g. to continue a run that diverged with a smaller learning rate.
+        Settings a resumed run may change from its checkpoint's
+        (:data:`~gpubp.checkpoint.OVERRIDABLE`: ``lr``), e.g. to continue a diverged run with a
+        smaller learning rate.
 
     Everything checkable is checked before the first epoch: output folders exist and are
-    writable, outputs are files (not folders) and distinct, the dataset's splits fit together.
-    When writing the trained model fails after training, it is written to a second place (next
-    to the checkpoint, else the current folder, else the temporary folder) and
-    :class:`~gpubp.errors.OutputWriteError` says where.
+    writable, outputs are distinct files (else :class:`~gpubp.errors.OutputPathError`, which
+    carries the argument's command-line option), the dataset's splits fit together. A trained
+    model that cannot be written is written to a second place (next to the checkpoint, the
+    current folder, the temporary folder); :class:`~gpubp.errors.OutputWriteError` says where.
     """
     t_start = time.perf_counter()
     if comm is not None and comm.rank != 0:  # one voice and one writer: rank 0
         log, progress = _silent, False
         checkpoint = json_path = plot_path = save_path = None
-    check_overrides(override, resume)
-    check_output_folders(
-        checkpoint=checkpoint, json_path=json_path, plot_path=plot_path, save_path=save_path
-    )  # fail now, not after the training it would have saved
-    if plot_path is not None:
-        plots.check_png(plot_path)
-        plots.require_matplotlib()
-    ckpt = load_checkpoint(resume) if resume is not None else None
-    if ckpt is not None and checkpoint is None and (comm is None or comm.rank == 0):
-        checkpoint = resume
-    check_outputs(
-        {
-            "checkpoint": checkpoint,
-            "save_path": save_path,
-            "json_path": json_path,
-            "plot_path": plot_path,
-        },
-        {"resume": resume},
-    )
+    outputs = {
+        "checkpoint": checkpoint,
+        "save_path": save_path,
+        "json_path": json_path,
+        "plot_path": plot_path,
+    }
+    ckpt = _check_before_the_run(outputs, resume, override, rank0=comm is None or comm.rank == 0)
     ds, config, split = _load_data(config, ckpt, progress, log)
-    run = _Run(config, ds, split, track_gradients, checkpoint, log, comm)
+    run = _Run(config, ds, split, track_gradients, outputs["checkpoint"], log, comm)
     if ckpt is not None:
         run.resume_from(ckpt, override)
-        result_note = "in all sessions of this run"
-    else:
-        result_note = ""
-    log(run.describe())
-    why_numba = backend_status()["numba"]
-    if config.backend in (None, "auto") and run.model.backend.name == "numpy" and why_numba:
-        log(f"note: auto took the numpy backend: {why_numba}; numba trains several times faster")
-    interrupted, finished = False, run.finished
-    if finished:
+    for line in run.describe():
+        log(line)
+    trained = not run.finished
+    if not trained:
         n = config.epochs
         log(f"the checkpoint has finished all {n} epochs; pass --epochs M > {n} to train further")
-    else:
-        interrupted = run.train(progress)
-    result = run.result(interrupted)
-    model = run.model  # from here on a model of raw inputs, as it is saved
-    model.preprocessing = run.preprocessing
-    model.dataset, model.labels = ds.name, tuple(ds.classes)
-    if interrupted:  # no test evaluation: stop promptly (mpirun allows little time after SIGTERM)
-        where = result.checkpoint
-        log(f"interrupted after {result.epochs_done} epoch(s); checkpoint written to {where}")
-        log(f"continue with the same command plus: --resume {where}")
-    else:
-        # the raw test inputs the loader kept: no second read of the test files
-        x_raw = ds.x_test_raw
-        if x_raw is None:  # a Dataset built by hand
-            source = ds.source if ds.name in data.DATASETS else None
-            x_raw = raw_test_split(ds.name, source).x
-        ev = model.evaluate(x_raw, ds.y_test)
-        result.test_loss, result.test_accuracy = ev["loss"], ev["accuracy"]
+    result = run.finish(run.run_epochs(progress) if trained else False)
     result.wall_seconds = time.perf_counter() - t_start
-    if comm is not None:
-        result.extra["mpi_ranks"] = comm.size
-    if result_note:  # the training time and samples/s count every session since epoch 1
-        result.extra["sessions"] = result_note
-    log(_final_line(result, len(ds.x_test), trained=not finished))
+    log(final_line(result, len(ds.x_test), trained))
     write_outputs(result, save_path, json_path, plot_path, log)
     return result
 
 
-def _final_line(result: TrainResult, n_test: int, trained: bool) -> str:
-    if result.interrupted:
-        test = "test evaluation skipped (interrupted)"
-    else:
-        test = (
-            f"test accuracy {result.test_accuracy:.4f} (loss {result.test_loss:.4f}) on "
-            f"{n_test} {result.dataset} test samples"
-        )
-    timing = f"wall time {result.wall_seconds:.1f} s"
-    if trained:
-        timing += f" (training {result.train_seconds:.1f} s"
-        if "sessions" in result.extra:
-            timing += f" {result.extra['sessions']}"
-        if result.first_step_seconds > 0:
-            timing += f" of which the first step {result.first_step_seconds:.1f} s"
-        timing += f", {result.samples_per_second:,.0f} samples/s"
-        if result.first_step_seconds > 0:
-            timing += " after the first step"
-        timing += ")"
-    model, ranks = result.model, result.extra.get("mpi_ranks")
-    return (
-        f"{test} | {result.epochs_done} epoch(s), {timing} | backend {model.backend.name} "
-        f"{model.dtype.name}" + (f" x {ranks} MPI ranks" if ranks is not None else "")
-    )
+def _check_before_the_run(
+    outputs: dict[str, str | os.PathLike[str] | None],
+    resume: str | os.PathLike[str] | None,
+    override: Sequence[str],
+    rank0: bool,
+) -> Checkpoint | None:
+    """Check the overrides and the output paths (and a plot's name and matplotlib), and read the
+    checkpoint resumed from, whose path becomes ``outputs["checkpoint"]`` when none is given
+    (on rank 0): all before any data is loaded, so a run fails now, not after the training it
+    would have saved."""
+    check_overrides(override, resume)
+    check_outputs(outputs, {"resume": resume})
+    plot_path = outputs["plot_path"]
+    if plot_path is not None:
+        plots.check_png(plot_path)
+        plots.require_matplotlib()
+    ckpt = load_checkpoint(resume) if resume is not None else None
+    if ckpt is not None and outputs["checkpoint"] is None and rank0:
+        outputs["checkpoint"] = resume  # a resumed run goes on writing its checkpoint
+        check_outputs(outputs, {"resume": resume})
+    return ckpt

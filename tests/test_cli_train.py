@@ -331,3 +331,27 @@ def test_train_names_the_options_of_bad_output_paths(tmp_path, argv, message, ca
     err = capsys.readouterr().err
     assert message.format(d=d) in err
     assert "save_path" not in err and "json_path" not in err and "epoch" not in err
+
+
+def test_output_path_errors_carry_the_argument_and_its_option(tmp_path):
+    """The library's message names the Python argument; the error carries the option too, so
+    the command line words it without rewriting the text."""
+    from gpubp.errors import MissingFolderError, OutputPathError
+    from gpubp.files import check_outputs
+
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(OutputPathError) as info:
+        check_outputs({"checkpoint": ckpt, "save_path": ckpt})
+    err = info.value
+    assert (err.argument, err.option, err.other, err.other_option) == (
+        "save_path", "--save", "checkpoint", "--checkpoint"
+    )  # fmt: skip
+    assert str(err).startswith(f"save_path={str(ckpt)!r} is the same file as checkpoint;")
+    assert err.command_line_message().startswith(
+        f"--save {str(ckpt)!r} is the same file as --checkpoint;"
+    )
+    missing = tmp_path / "no" / "run.json"
+    with pytest.raises(MissingFolderError) as info:
+        check_outputs({"json_path": missing})
+    assert isinstance(info.value, FileNotFoundError) and info.value.option == "--json"
+    assert info.value.command_line_message().startswith(f"--json {str(missing)!r}: the folder")

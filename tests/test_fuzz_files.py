@@ -27,10 +27,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpubp import MLP
-from gpubp import io as gio
+from gpubp.checkpoint import load_checkpoint, save_checkpoint
 from gpubp.config import TrainConfig
 from gpubp.errors import CheckpointError, DatasetError, ModelFileError
 from gpubp.idx import read_idx
+from gpubp.npzfile import read_npz
 from gpubp.optim import Adam
 
 from .idx_files import idx_bytes
@@ -67,7 +68,7 @@ def checkpoint_bytes(tmp_path: Path) -> bytes:
         "rng_state": dict(np.random.default_rng([0, 1]).bit_generator.state),
     }
     path = tmp_path / "made.ckpt"
-    gio.save_checkpoint(path, model, opt, train, position, {"epoch": []}, {"samples": 2.0})
+    save_checkpoint(path, model, opt, train, position, {"epoch": []}, {"samples": 2.0})
     data = path.read_bytes()
     path.unlink()
     return data
@@ -144,7 +145,7 @@ def handled(tmp_path: Path, data: bytes, loader: Any, error: type[Exception]) ->
 
 KINDS = {
     "model": (model_bytes, load_model, ModelFileError),
-    "checkpoint": (checkpoint_bytes, gio.load_checkpoint, CheckpointError),
+    "checkpoint": (checkpoint_bytes, load_checkpoint, CheckpointError),
 }
 
 
@@ -346,9 +347,9 @@ def test_optional_preprocessing_members_are_read(tmp_path):
     parts["input_shift.npy"] = npy(np.zeros(7))
     arrays_path = tmp_path / "pre.npz"
     arrays_path.write_bytes(rezip(parts))
-    assert gio.read_npz(arrays_path)["input_shift"].shape == (7,)
+    assert read_npz(arrays_path)["input_shift"].shape == (7,)
     parts["input_scale.npy"] = npy(np.ones(6))
-    refused(tmp_path, rezip(parts), gio.read_npz, ModelFileError)
+    refused(tmp_path, rezip(parts), read_npz, ModelFileError)
 
 
 # --- checkpoint fields -----------------------------------------------------------------------
@@ -386,7 +387,7 @@ def test_checkpoint_fields_of_the_wrong_type_are_refused(tmp_path, section, key,
         del meta[section][key]
     else:
         (meta if section is None else meta[section])[key] = value
-    refused(tmp_path, with_meta(data, meta), gio.load_checkpoint, CheckpointError)
+    refused(tmp_path, with_meta(data, meta), load_checkpoint, CheckpointError)
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])
@@ -395,14 +396,14 @@ def test_non_finite_optimizer_state_is_refused(tmp_path, value):
     arr = np.load(io.BytesIO(parts["opt_exp_avg_sq_2.npy"]))
     arr.flat[0] = value
     parts["opt_exp_avg_sq_2.npy"] = npy(arr)
-    message = refused(tmp_path, rezip(parts), gio.load_checkpoint, CheckpointError)
+    message = refused(tmp_path, rezip(parts), load_checkpoint, CheckpointError)
     assert "opt_exp_avg_sq_2" in message
 
 
 def test_integer_optimizer_state_is_refused(tmp_path):
     parts = members(checkpoint_bytes(tmp_path))
     parts["opt_exp_avg_0.npy"] = npy(np.zeros((5, 7), dtype=np.int32))
-    refused(tmp_path, rezip(parts), gio.load_checkpoint, CheckpointError)
+    refused(tmp_path, rezip(parts), load_checkpoint, CheckpointError)
 
 
 # --- non-regular files -----------------------------------------------------------------------
@@ -429,7 +430,7 @@ def _finishes(fn: Any, *args: Any) -> BaseException | None:
     ("loader", "error"),
     [
         (load_model, ModelFileError),
-        (gio.load_checkpoint, CheckpointError),
+        (load_checkpoint, CheckpointError),
         (read_idx, DatasetError),
     ],
 )

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import gpubp
-from gpubp import cli, datasets, io, reference
+from gpubp import cli, datasets, npzfile, reference
+from gpubp.checkpoint import load_checkpoint
 from gpubp.errors import (
     CheckpointMismatchError,
     DatasetError,
@@ -182,7 +183,7 @@ def test_a_wrong_preprocessing_leaves_the_model_as_it_was(rng):
 
 def rewrite(path, drop=(), meta_update=None, arrays_update=None, meta_drop=()):
     """Re-write a model file with members dropped or replaced and metadata changed."""
-    arrays = io.read_npz(path)
+    arrays = npzfile.read_npz(path)
     meta = json.loads(arrays["meta"].tobytes().decode())
     meta.update(meta_update or {})
     for key in meta_drop:
@@ -191,7 +192,7 @@ def rewrite(path, drop=(), meta_update=None, arrays_update=None, meta_drop=()):
         arrays.pop(name)
     arrays.update(arrays_update or {})
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    io.write_npz_atomic(path, arrays)
+    npzfile.write_npz_atomic(path, arrays)
 
 
 @pytest.fixture
@@ -216,7 +217,7 @@ def test_a_saved_model_keeps_its_preprocessing_dataset_and_labels(saved, rng):
     assert (loaded.dataset, loaded.labels) == ("toy", ("a", "b", "c"))
     x = raw_inputs(rng, 5, 6)
     np.testing.assert_array_equal(loaded.forward(x), model.forward(x))
-    arrays = io.read_npz(path)  # the agreed layout: float64 members, keys in the metadata
+    arrays = npzfile.read_npz(path)  # the agreed layout: float64 members, keys in the metadata
     assert arrays["input_shift"].dtype == np.float64 and arrays["input_scale"].shape == (6,)
     meta = json.loads(arrays["meta"].tobytes().decode())
     assert meta["preprocessing"]["kind"] == "standardize" and meta["labels"] == ["a", "b", "c"]
@@ -235,7 +236,7 @@ def test_a_file_from_before_loads_with_a_warning(saved, rng):
     path, model = saved
     rewrite(
         path,
-        drop=io.PREPROCESSING_MEMBERS,
+        drop=npzfile.INPUT_MEMBERS,
         meta_drop=("preprocessing", "dataset", "labels"),
     )
     with pytest.warns(NoPreprocessingWarning, match="carries no input preprocessing"):
@@ -252,7 +253,7 @@ def test_a_file_from_before_loads_with_a_warning(saved, rng):
     [
         ({"drop": ["input_scale"]}, "holds input_shift but not input_scale"),
         ({"drop": ["input_shift"]}, "holds input_scale but not input_shift"),
-        ({"drop": io.PREPROCESSING_MEMBERS}, "declares an input preprocessing but"),
+        ({"drop": npzfile.INPUT_MEMBERS}, "declares an input preprocessing but"),
         ({"arrays_update": {"input_shift": np.zeros(5)}}, r"input_shift has shape \(5,\)"),
         ({"arrays_update": {"input_scale": np.ones((6, 1))}}, r"input_scale has shape \(6, 1\)"),
         ({"arrays_update": {"input_scale": np.arange(6)}}, "input_scale holds int64 values"),
@@ -345,7 +346,7 @@ def test_checkpoints_carry_the_preprocessing_to_the_resumed_run(tmp_path, rng):
     ckpt = tmp_path / "run.ckpt"
     quiet = {"progress": False, "log": lambda _: None}
     first = train(config, checkpoint=ckpt, **quiet)
-    saved = io.load_checkpoint(ckpt).preprocessing
+    saved = load_checkpoint(ckpt).preprocessing
     assert saved is not None and saved.equals(first.model.preprocessing)
     more = TrainConfig(**{**config.as_dict(), "epochs": 2})
     resumed = train(more, resume=ckpt, save_path=tmp_path / "m.npz", **quiet)
@@ -366,7 +367,7 @@ def test_a_damaged_checkpoint_block_fails_the_load(tmp_path, rng):
     train(config, checkpoint=ckpt, progress=False, log=lambda _: None)
     rewrite(ckpt, drop=["input_scale"])
     with pytest.raises(ModelFileError, match="holds input_shift but not input_scale"):
-        io.load_checkpoint(ckpt)
+        load_checkpoint(ckpt)
 
 
 # --- gpubp evaluate ------------------------------------------------------------------------------
@@ -407,7 +408,7 @@ def test_evaluate_refuses_a_dataset_of_another_width(mnist_model, capsys):
 
 def test_evaluate_warns_once_about_an_old_file(mnist_model, capsys):
     path, folder, _ = mnist_model
-    rewrite(path, drop=io.PREPROCESSING_MEMBERS, meta_drop=("preprocessing", "dataset", "labels"))
+    rewrite(path, drop=npzfile.INPUT_MEMBERS, meta_drop=("preprocessing", "dataset", "labels"))
     argv = ["evaluate", str(path), "--data-dir", str(folder), "--backend", "numpy"]
     assert cli.main(argv) == 1  # no dataset recorded: it must be named
     assert "does not say which dataset it was trained on" in capsys.readouterr().err

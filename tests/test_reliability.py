@@ -24,7 +24,6 @@ import pytest
 
 from gpubp import MLP, cli, files
 from gpubp import datasets as data
-from gpubp import io as gio
 from gpubp.config import TrainConfig
 from gpubp.errors import (
     CheckpointError,
@@ -33,6 +32,7 @@ from gpubp.errors import (
     OutputPathError,
     OutputWriteError,
 )
+from gpubp.npzfile import write_npz_atomic
 from gpubp.train import load_checkpoint, train
 
 from .test_fuzz_files import members, meta_of, rezip, with_meta
@@ -122,8 +122,8 @@ def full_disk(folder: Path, how: str, monkeypatch: Any):
 
 WRITERS = {
     "model": lambda p: MLP([7, 5, 3], backend="numpy").save(p),
-    "npz": lambda p: gio.write_npz_atomic(p, {"a": np.arange(3.0)}),
-    "json": lambda p: gio.write_json(p, {"a": 1}),
+    "npz": lambda p: write_npz_atomic(p, {"a": np.arange(3.0)}),
+    "json": lambda p: files.write_json(p, {"a": 1}),
     "download": lambda p: files.write_atomic(Path(p), b"payload"),
 }
 
@@ -178,7 +178,7 @@ def test_an_interrupted_write_removes_its_temp_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(np, "savez", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        gio.write_npz_atomic(tmp_path / "m.npz", {"a": np.zeros(2)})
+        write_npz_atomic(tmp_path / "m.npz", {"a": np.zeros(2)})
     assert listing(tmp_path) == []
 
 

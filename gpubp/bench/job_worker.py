@@ -3,8 +3,8 @@
 Run as ``python -m gpubp.bench.job_worker CONTENDER SPEC_JSON``; prints one JSON line:
 ``train_seconds`` (the epochs' training steps), ``test_accuracy``, ``threads`` (what it ran
 with; the spec's ``threads`` sets it) and what else it knows. Every
-contender trains on the same arrays: :func:`gpubp.data.load_dataset` and the seeded
-:func:`gpubp.data.train_val_split` of ``gpubp train``, as float32. Loading the data and
+contender trains on the same arrays: :func:`gpubp.datasets.load_dataset` and the seeded
+:func:`gpubp.datasets.train_val_split` of ``gpubp train``, as float32. Loading the data and
 warming up (imports, kernels, first allocations) happen before the clock starts.
 
 - ``gpubp``: :func:`gpubp.train.train` with the job's :class:`~gpubp.train.TrainConfig`, what
