@@ -102,6 +102,8 @@ class Optimizer:
     def __init__(self) -> None:
         self.state: dict[str, Any] | None = None
         self._owner: Callable[[], object] | None = None
+        #: the backend the state lives on (its ``to_numpy`` copies the state out)
+        self._backend: Any = None
         self._shapes: list[tuple[int, ...]] = []
 
     @property
@@ -173,6 +175,7 @@ class Optimizer:
             except TypeError:  # objects without weakref support are held strongly
                 self._owner = lambda: owner
             self._shapes = [tuple(s) for s in shapes]
+            self._backend = backend
             self.state = {"step": 0}
             for slot in self.slots:
                 self.state[slot] = [backend.zeros(s, dtype) for s in shapes]
@@ -236,18 +239,12 @@ class Optimizer:
             return {"step": 0}
         out: dict[str, Any] = {"step": int(self.state["step"])}
         for slot in self.slots:
-            out[slot] = [_to_numpy(a) for a in self.state[slot]]
+            out[slot] = [np.array(self._backend.to_numpy(a)) for a in self.state[slot]]
         return out
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
         return f"{type(self).__name__}({args})"
-
-
-def _to_numpy(a: Any) -> np.ndarray:
-    from .backends import to_numpy
-
-    return to_numpy(a).copy()
 
 
 class SGD(Optimizer):

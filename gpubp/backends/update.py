@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import optim
 from ..errors import NonFiniteLossError
+from ..optim import adam_scalars
 
 #: The key of the optimizer state's maxima in a state dict (set by the Numba backend's write
 #: pass for its proof; dropped by every other writer of the state, so a stale value is never
@@ -122,7 +122,7 @@ class UpdateOps:
         """
         xp = self.xp
         p_out, m_out, v_out = (param, m, v) if out is None else out
-        k = optim.adam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled)
+        k = adam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled)
         s1 = self._pscratch(param, scratch, 0)
         s2 = self._pscratch(param, scratch, 1)
         g = grad

@@ -74,7 +74,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from ... import optim
+from ...optim import adam_scalars as rule_scalars
 from . import cache  # noqa: F401 - before any kernel: the cache goes to the user's folder
 
 _jit = njit(cache=True, nogil=True, error_model="numpy")
@@ -261,7 +261,7 @@ def adam_scalars(
     """The scalars of :func:`adam_check` / :func:`adam_apply`: :func:`gpubp.optim.adam_scalars`,
     each rounded once to ``dtype``."""
     t = np.dtype(dtype).type
-    values = optim.adam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled)
+    values = rule_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled)
     with np.errstate(over="ignore"):
         return tuple(t(x) for x in values)
 
