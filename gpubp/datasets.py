@@ -177,8 +177,7 @@ def search_dirs(name: str, data_dir: str | os.PathLike[str] | None = None) -> li
 
 def cache_dir() -> Path:
     """Where downloads go: ``$XDG_CACHE_HOME/gpubp`` or ``~/.cache/gpubp``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gpubp"
+    return files.user_cache_dir()
 
 
 def find_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> Path | None:

@@ -303,3 +303,10 @@ def check_outputs(
 def write_json(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     """Write ``record`` as indented JSON atomically (:func:`write_atomic`)."""
     write_atomic(path, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def user_cache_dir() -> Path:
+    """gpubp's cache folder: ``$XDG_CACHE_HOME/gpubp``, or ``~/.cache/gpubp`` (downloads,
+    compiled kernels)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gpubp"

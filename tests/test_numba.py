@@ -22,7 +22,8 @@ from gpubp.check import TOLERANCE, check_configuration, rel_error
 
 pytest.importorskip("numba")
 
-from gpubp.backends.numba import NumbaBackend
+from gpubp.backends.numba import NumbaBackend, layers
+from gpubp.backends.numba import exp as E
 from gpubp.backends.numba import gemm as numba_blas
 from gpubp.backends.numba import kernels as K
 from gpubp.backends.numba import optim_kernels as O
@@ -125,7 +126,7 @@ def _exp_loop():
     @njit
     def exp_all(x, out):
         for i in range(x.shape[0]):
-            out[i] = K.fast_exp(x[i])
+            out[i] = E.fast_exp(x[i])
 
     return exp_all
 
@@ -258,8 +259,10 @@ def test_fold_falls_back_when_the_bound_is_not_met(rng, monkeypatch):
             updated.extend(p.size for p in ps)
         return every(ps, gs, bufs, scalars, write)
 
-    monkeypatch.setattr(O, "sgd_apply", spy)
-    monkeypatch.setattr(O, "sgd_all", spy_all)
+    from gpubp.backends.numba import step
+
+    monkeypatch.setattr(step, "sgd_apply", spy)  # the folded step's bias update
+    monkeypatch.setattr(O, "sgd_all", spy_all)  # the checked update, every tensor in one call
     got = _step(be, be.train_step, W, b, x, y, optim.SGD(lr=1e30))
     assert sorted(updated) == sorted(p.size for p in W + b)
     plain = _step(be, lambda *a: Backend.train_step(be, *a), W, b, x, y, optim.SGD(lr=1e30))
@@ -488,9 +491,13 @@ def test_kernels_are_cached_on_disk():
         O.sgd_apply,
         O.adam_check,
         O.adam_apply,
-        K.forward_layer,
-        K.hidden_delta,
-        K.weight_gradient,
+        O.sgd_all,
+        O.adam_all,
+        layers.forward_layer,
+        layers.hidden_delta,
+        layers.weight_gradient,
+        layers.backprop,
+        layers.matmul,
     ]
     for k in kernels:
         assert type(k._cache).__name__ != "NullCache", k

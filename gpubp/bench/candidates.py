@@ -429,11 +429,11 @@ class ProviderFloorCandidate(FloorCandidate):
     the fastest GEMM found here, the floor the step is measured against."""
 
     def __init__(self) -> None:
-        from ..backends.numba import gemm, kernels
+        from ..backends.numba import gemm, layers
 
         super().__init__(np, CPU)
         assert gemm.PROVIDER is not None
-        self._matmul = kernels.matmul
+        self._matmul = layers.matmul
         self.provider = gemm.PROVIDER.name
         self.label = f"floor: {self.provider} GEMM"
 

@@ -12,22 +12,36 @@ first).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 from numba.core import config
 
+from ...files import user_cache_dir
 from .gemm import PROVIDER
+
+#: The modules whose compiled functions are cached. Numba checks only the source file of the
+#: function it loads, not of the kernels inlined into it from other modules, so the folder is
+#: named by a hash of all of them (and by the GEMM provider the kernels call): a change to any
+#: starts a fresh cache.
+KERNEL_MODULES = ("exp.py", "kernels.py", "layers.py", "optim_kernels.py", "gemm.py")
+
+
+def _sources_hash() -> str:
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in KERNEL_MODULES:
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def cache_dir() -> Path:
     """The folder gpubp's Numba kernels are cached in."""
     if os.environ.get("NUMBA_CACHE_DIR"):
         return Path(os.environ["NUMBA_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    # one folder per GEMM provider: a kernel names its GEMM symbol, whose arguments are the
-    # same for both, but a cached kernel must never outlive a change of library unnoticed
-    return Path(base) / "gpubp" / "numba" / (PROVIDER.name if PROVIDER else "matmul")
+    provider = PROVIDER.name if PROVIDER else "matmul"
+    return user_cache_dir() / "numba" / f"{provider}-{_sources_hash()}"
 
 
 if not os.environ.get("NUMBA_CACHE_DIR"):

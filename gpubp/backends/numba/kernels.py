@@ -8,12 +8,6 @@ Each kernel is one pass over its arrays, run while the data is hot after the GEM
 - :func:`output_delta`: loss value and ``delta^L`` in one pass per row, from ``z`` ``(B, n)``;
 - :func:`colsum`, :func:`has_nonfinite`: the remaining reductions (the optimizer kernels
   are in :mod:`.numba_optim`);
-- :func:`forward_layer`, :func:`hidden_delta`, :func:`weight_gradient`: a GEMM in NumPy's BLAS
-  (see :mod:`.numba_blas`) and the pass that follows it, one call from Python per layer. They
-  live in this module, next to the kernels they inline, because Numba's on-disk cache checks
-  only the source file of the function it caches: a kernel inlined from another module could
-  change without invalidating the cached caller.
-
 The activation rules are written once, as scalar functions (:func:`act_value`,
 :func:`act_prime`), and inlined into every loop that needs them; the activation id is a runtime
 argument that is constant over each loop, so LLVM hoists the branch out of it (one compiled
@@ -27,16 +21,13 @@ log-sum-exp and softplus terms, and the elementwise passes are memory-bound anyw
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic, overload
+from numba import njit
 
 from ...activations import ACTIVATION_IDS, LEAKY_SLOPE
 from . import cache  # noqa: F401 - before any kernel: the cache goes to the user's folder
-from .gemm import gemm
+from .exp import fast_exp, like
 
 IDENTITY = ACTIVATION_IDS["identity"]
 SIGMOID = ACTIVATION_IDS["sigmoid"]
@@ -52,103 +43,6 @@ MSE, CROSS_ENTROPY, BCE = 0, 1, 2
 # every kernel: cached on disk, releases the GIL, no ZeroDivisionError checks (IEEE results)
 _jit = njit(cache=True, nogil=True, error_model="numpy")
 _inline = njit(inline="always", cache=True, nogil=True, error_model="numpy")
-
-
-# --- a float32 exp that vectorises -------------------------------------------------------------
-# Without SVML, Numba's np.exp is a libm call per element, which keeps every loop that calls it
-# scalar. exp32 is branch-free (selects only): Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2,
-# Cephes' degree-6 polynomial for e^r, and 2^n built from its exponent bits in two halves so
-# that results down to the smallest subnormal need no branch. Measured against exp in float64
-# over [-110, 90]: at most 0.99 ulp for normal results, 0.75 of the smallest subnormal below;
-# +inf above 88.7228, 0 below -103.972 and for -inf, NaN for NaN (as np.exp in float32).
-
-_F32 = np.float32
-_LOG2E = _F32(1.4426950408889634)
-_LN2_HI, _LN2_LO = _F32(0.693359375), _F32(-2.12194440e-4)
-_EXP_HI, _EXP_LO = _F32(88.72283935546875), _F32(-103.97207708)
-_EXP_P = tuple(
-    _F32(c)
-    for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1)
-)
-_HALF, _ONE, _ZERO, _INF = _F32(0.5), _F32(1.0), _F32(0.0), _F32(np.inf)
-_BIAS, _MANT = np.int32(127), np.int32(23)  # float32 exponent bias, mantissa bits
-_P0, _P1, _P2, _P3, _P4 = _EXP_P
-
-
-@intrinsic
-def _f32_from_bits(typingctx, bits):  # type: ignore[no-untyped-def]
-    """The float32 whose bit pattern is the int32 ``bits`` (an LLVM bitcast)."""
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
-
-_from_bits: Any = _f32_from_bits  # (called with the bits only, as Numba does)
-
-
-@_inline
-def exp32(x):  # type: ignore[no-untyped-def]
-    """``e^x`` for a float32 ``x``, within an ulp, without a branch or a call (see above)."""
-    xc = x if x > _EXP_LO else _EXP_LO  # NaN becomes finite here (restored at the end)
-    xc = xc if xc < _EXP_HI else _EXP_HI
-    n = np.floor(xc * _LOG2E + _HALF)
-    r = xc - n * _LN2_HI
-    r = r - n * _LN2_LO
-    p = _P0 * r + _P1
-    p = p * r + _P2
-    p = p * r + _P3
-    p = p * r + _P4
-    p = p * r + _HALF
-    p = p * r * r + r + _ONE
-    k = np.int32(n)
-    k1 = k >> 1
-    k2 = k - k1
-    e = p * _from_bits((k1 + _BIAS) << _MANT) * _from_bits((k2 + _BIAS) << _MANT)
-    e = e if x > _EXP_LO else _ZERO
-    e = e if x < _EXP_HI else _INF
-    return e if x == x else x
-
-
-def fast_exp(x):  # type: ignore[no-untyped-def]
-    """``e^x``: :func:`exp32` for float32 (vectorises), ``np.exp`` otherwise."""
-    return np.exp(x)
-
-
-@overload(fast_exp)
-def _fast_exp_impl(x):  # type: ignore[no-untyped-def]
-    if x == types.float32:
-        return _exp32_impl
-    return _np_exp_impl
-
-
-def _exp32_impl(x):  # type: ignore[no-untyped-def]
-    return exp32(x)
-
-
-def _np_exp_impl(x):  # type: ignore[no-untyped-def]
-    return np.exp(x)
-
-
-def like(x, v):  # type: ignore[no-untyped-def]
-    """``v`` converted to the type of the scalar ``x`` (so float32 loops stay float32)."""
-    return v
-
-
-@overload(like)
-def _like_impl(x, v):  # type: ignore[no-untyped-def]
-    if x == types.float32:
-        return _to_f32
-    return _to_f64
-
-
-def _to_f32(x, v):  # type: ignore[no-untyped-def]
-    return np.float32(v)
-
-
-def _to_f64(x, v):  # type: ignore[no-untyped-def]
-    return np.float64(v)
 
 
 @_inline
@@ -389,59 +283,86 @@ def output_delta(z, Y, labels, out_act, loss, out, db, batch):  # type: ignore[n
             if lab < 0 or lab >= n:
                 raise ValueError("a label is outside [0, n_outputs)")
         if loss == CROSS_ENTROPY:
-            m = _rowmax(zr)
-            ysum = 0.0
-            yz = 0.0
-            for j in range(n):
-                yj = (1.0 if j == lab else 0.0) if use_labels else float(Y[i, j])
-                ysum += yj
-                yz += yj * (float(zr[j]) - float(m))
-            for j in range(n):
-                orow[j] = fast_exp(zr[j] - m)
-            s = 0.0
-            for j in range(n):
-                s += float(orow[j])
-            total += math.log(s) * ysum - yz
-            scale = 1.0 / s
-            for j in range(n):
-                yj = (1.0 if j == lab else 0.0) if use_labels else float(Y[i, j])
-                orow[j] = (orow[j] * scale - yj) * inv_b
+            total += _ce_row(zr, orow, Y, i, lab, use_labels, inv_b)
         elif loss == BCE:
-            for j in range(n):
-                zj = zr[j]
-                yj = (1.0 if j == lab else 0.0) if use_labels else float(Y[i, j])
-                zf = float(zj)
-                total += (
-                    (1.0 - yj) * max(zf, 0.0) - yj * min(zf, 0.0) + math.log1p(math.exp(-abs(zf)))
-                )
-                orow[j] = (act_value(zj, SIGMOID) - yj) * inv_b
-        else:  # mse
-            for j in range(n):
-                orow[j] = act_value(zr[j], out_act)
-            if out_act == SOFTMAX:
-                _softmax_row(orow)
-                ga = 0.0
-                for j in range(n):
-                    yj = (1.0 if j == lab else 0.0) if use_labels else float(Y[i, j])
-                    r = float(orow[j]) - yj
-                    total += 0.5 * r * r
-                    ga += r * inv_b * float(orow[j])
-                for j in range(n):
-                    yj = (1.0 if j == lab else 0.0) if use_labels else float(Y[i, j])
-                    aj = float(orow[j])
-                    orow[j] = aj * ((aj - yj) * inv_b - ga)
-            else:
-                for j in range(n):
-                    yj = (1.0 if j == lab else 0.0) if use_labels else float(Y[i, j])
-                    aj = orow[j]
-                    r = float(aj) - yj
-                    total += 0.5 * r * r
-                    orow[j] = r * inv_b * act_prime(aj, out_act)
+            total += _bce_row(zr, orow, Y, i, lab, use_labels, inv_b)
+        else:
+            total += _mse_row(zr, orow, Y, i, lab, use_labels, inv_b, out_act)
         for j in range(n):
             dmax = max(dmax, abs(float(orow[j])))
             if with_db:
                 db[j] += orow[j]
     return total * inv_b, dmax
+
+
+@_inline
+def _target(Y, i, j, lab, use_labels):  # type: ignore[no-untyped-def]
+    """``Y[i, j]`` as a float: from the label (one-hot, never built) or the dense targets."""
+    if use_labels:
+        return 1.0 if j == lab else 0.0
+    return float(Y[i, j])
+
+
+@_inline
+def _ce_row(zr, orow, Y, i, lab, use_labels, inv_b):  # type: ignore[no-untyped-def]
+    """Softmax + cross-entropy of one row with dense targets: ``delta`` into ``orow``; the
+    row's loss ``lse(z) sum_j Y_j - Y.z``."""
+    n = zr.shape[0]
+    m = _rowmax(zr)
+    ysum = 0.0
+    yz = 0.0
+    for j in range(n):
+        yj = _target(Y, i, j, lab, use_labels)
+        ysum += yj
+        yz += yj * (float(zr[j]) - float(m))
+    for j in range(n):
+        orow[j] = fast_exp(zr[j] - m)
+    s = 0.0
+    for j in range(n):
+        s += float(orow[j])
+    scale = 1.0 / s
+    for j in range(n):
+        orow[j] = (orow[j] * scale - _target(Y, i, j, lab, use_labels)) * inv_b
+    return math.log(s) * ysum - yz
+
+
+@_inline
+def _bce_row(zr, orow, Y, i, lab, use_labels, inv_b):  # type: ignore[no-untyped-def]
+    """Sigmoid + binary cross-entropy of one row: ``delta`` into ``orow``; the row's loss."""
+    total = 0.0
+    for j in range(zr.shape[0]):
+        zj = zr[j]
+        yj = _target(Y, i, j, lab, use_labels)
+        zf = float(zj)
+        total += (1.0 - yj) * max(zf, 0.0) - yj * min(zf, 0.0) + math.log1p(math.exp(-abs(zf)))
+        orow[j] = (act_value(zj, SIGMOID) - yj) * inv_b
+    return total
+
+
+@_inline
+def _mse_row(zr, orow, Y, i, lab, use_labels, inv_b, out_act):  # type: ignore[no-untyped-def]
+    """MSE of one row: ``delta = J_f^T (a - Y) / B`` into ``orow``; the row's loss."""
+    n = zr.shape[0]
+    total = 0.0
+    for j in range(n):
+        orow[j] = act_value(zr[j], out_act)
+    if out_act == SOFTMAX:
+        _softmax_row(orow)
+        ga = 0.0
+        for j in range(n):
+            r = float(orow[j]) - _target(Y, i, j, lab, use_labels)
+            total += 0.5 * r * r
+            ga += r * inv_b * float(orow[j])
+        for j in range(n):
+            aj = float(orow[j])
+            orow[j] = aj * ((aj - _target(Y, i, j, lab, use_labels)) * inv_b - ga)
+        return total
+    for j in range(n):
+        aj = orow[j]
+        r = float(aj) - _target(Y, i, j, lab, use_labels)
+        total += 0.5 * r * r
+        orow[j] = r * inv_b * act_prime(aj, out_act)
+    return total
 
 
 @_inline
@@ -482,98 +403,3 @@ def has_nonfinite(x):  # type: ignore[no-untyped-def]
     for k in range(flat.shape[0]):
         count += (flat[k] - flat[k]) != 0
     return count > 0
-
-
-@_jit
-def forward_layer(a_prev, W, b, act, out, cm):  # type: ignore[no-untyped-def]
-    """``out = f(a_prev @ W.T + b)``: GEMM ``(B, n_in) @ (n_out, n_in).T``, then bias and
-    activation in one pass over ``out`` ``(B, n_out)`` while it is in cache. Returns
-    ``max |out|`` if ``cm`` has ``n_out`` entries (see :func:`bias_act`), else 0."""
-    B, n_in = a_prev.shape
-    n_out = W.shape[0]
-    gemm(False, True, B, n_out, n_in, 1.0, a_prev, n_in, W, n_in, 0.0, out, n_out)
-    return bias_act(out, b, act, cm)
-
-
-@_jit
-def hidden_delta(delta_next, W_next, a, act, out, db, cm):  # type: ignore[no-untyped-def]
-    """``out = (delta_next @ W_next) * f'(a)``: GEMM ``(B, n_next) @ (n_next, n)``, then the
-    Hadamard product in place, and ``db = sum over B of out`` when ``db`` has ``n`` entries.
-    Returns ``max |out|`` if ``cm`` has ``n`` entries, else 0."""
-    B, n_next = delta_next.shape
-    n = W_next.shape[1]
-    gemm(False, False, B, n, n_next, 1.0, delta_next, n_next, W_next, n, 0.0, out, n)
-    return dact_mul(out, a, act, db, cm)
-
-
-@_jit
-def weight_gradient(delta, a_prev, dW, alpha, beta):  # type: ignore[no-untyped-def]
-    """``dW = alpha delta.T @ a_prev + beta dW``: ``(n_out, B) @ (B, n_in)``.
-
-    With ``alpha = -lr`` and ``beta = 1`` and ``dW`` the weights, this is the SGD step folded
-    into the GEMM."""
-    B, n_out = delta.shape
-    n_in = a_prev.shape[1]
-    gemm(True, False, n_out, n_in, B, alpha, delta, n_out, a_prev, n_in, beta, dW, n_in)
-    return dW
-
-
-@_jit
-def matmul(a, b, out, ta, tb):  # type: ignore[no-untyped-def]
-    """``out = op(a) @ op(b)`` through the GEMM provider (``ta``, ``tb``: transpose flags): the
-    benchmarks' floor, the very GEMM the kernels above call."""
-    M, N = out.shape
-    K_ = a.shape[0] if ta else a.shape[1]
-    gemm(ta, tb, M, N, K_, 1.0, a, a.shape[1], b, b.shape[1], 0.0, out, N)
-    return out
-
-
-# --- the whole backward pass in one call ------------------------------------------------------
-# A small network's step is short enough that Python between the kernels shows: [784, 128, 10]
-# at batch 64 spends about as long in the calls between the GEMMs as in the GEMMs. These take
-# the layers as tuples, so one call runs every layer.
-
-
-@_jit
-def backprop(a0, labels, Y, Ws, bs, acts, z, ds, dWs, dbs, hid, out_act, loss, cm, batch):  # type: ignore[no-untyped-def]
-    """Forward, ``delta^L``, every delta and every ``dW``, ``db`` in one call; returns
-    ``(C, G)`` with ``G >= max |g|`` over every gradient (inf if one may not be finite).
-
-    ``Ws``, ``bs``: the ``L`` layers' weights and biases; ``acts``: ``a^1 .. a^{L-1}``;
-    ``ds``: ``delta^1 .. delta^{L-1}``; ``z``: ``(B, n_L)``, the output, then ``delta^L``;
-    ``cm``: ``2 max(n)`` scratch. ``G`` bounds ``|dW^l|`` by ``B max|delta^l| max|a^{l-1}|``
-    (the maxima the passes take; ``max |a|`` is inf for a NaN or infinity) and takes
-    ``max |db|`` exactly (a finite ``db`` column means finite deltas in it).
-    """
-    L = len(Ws)
-    no_max = cm[:0]
-    amax = np.empty(L)
-    amax[0] = absmax(a0, cm)
-    prev = a0
-    for i in range(L - 1):
-        amax[i + 1] = forward_layer(prev, Ws[i], bs[i], hid, acts[i], cm)
-        prev = acts[i]
-    forward_layer(prev, Ws[L - 1], bs[L - 1], IDENTITY, z, no_max)
-    value, dmax = output_delta(z, Y, labels, out_act, loss, z, dbs[L - 1], batch)
-    G = 0.0
-    delta = z
-    for i in range(L - 1, -1, -1):
-        a_prev = a0 if i == 0 else acts[i - 1]
-        G = _at_least(G, batch * dmax * amax[i])
-        weight_gradient(delta, a_prev, dWs[i], 1.0, 0.0)
-        if i > 0:
-            dmax = hidden_delta(delta, Ws[i], a_prev, hid, ds[i - 1], dbs[i - 1], cm)
-            delta = ds[i - 1]
-    for i in range(L):
-        db = dbs[i]
-        G = _at_least(G, absmax(db.reshape((1, db.shape[0])), cm))
-    return value, G
-
-
-@_inline
-def _at_least(G, x):  # type: ignore[no-untyped-def]
-    """``max(G, x)``, inf if ``x`` is NaN (``0 * inf``: a zero delta times an infinite
-    activation bounds nothing)."""
-    if x != x:
-        return np.inf
-    return max(G, x)

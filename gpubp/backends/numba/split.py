@@ -24,6 +24,7 @@ import numpy as np
 
 from . import gemm as numba_blas
 from . import kernels as K
+from . import layers
 from .workspace import NumbaWorkspace
 
 
@@ -218,15 +219,15 @@ class RowSplit:
         z = ws.z_out[r0:r1]
         none = ws.no_db
         for i in range(L - 1):
-            K.forward_layer(acts[i], weights[i], biases[i], aid, acts[i + 1], none)
-        K.forward_layer(acts[L - 1], weights[L - 1], biases[L - 1], 0, z, none)
+            layers.forward_layer(acts[i], weights[i], biases[i], aid, acts[i + 1], none)
+        layers.forward_layer(acts[L - 1], weights[L - 1], biases[L - 1], 0, z, none)
         value, _ = K.output_delta(z, Y[r0:r1], labels[r0:r1], oid, lid, z, db[L - 1], ws.batch)
         delta = z
         for i in range(L - 1, -1, -1):
-            K.weight_gradient(delta, acts[i], dW[i], 1.0, 0.0)
+            layers.weight_gradient(delta, acts[i], dW[i], 1.0, 0.0)
             if i > 0:
                 d = ws.d[i][r0:r1]
-                K.hidden_delta(delta, weights[i], acts[i], aid, d, db[i - 1], none)
+                layers.hidden_delta(delta, weights[i], acts[i], aid, d, db[i - 1], none)
                 delta = d
         return float(value)
 
