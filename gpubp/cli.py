@@ -119,11 +119,11 @@ _RUN_ERRORS = (
 
 def _message(exc: BaseException) -> str:
     """The error's text in the command line's words: an output path's error names its option
-    (``--save``, not ``save_path=``), which the error carries."""
-    if isinstance(exc, OutputPathError):
+    (``--save``, not ``save_path=``), and an unavailable backend's way out is ``--backend auto``;
+    both errors carry what they concern."""
+    if isinstance(exc, (OutputPathError, BackendUnavailableError)):
         return exc.command_line_message()
-    # the backend registry's hint names the Python argument; a command line has --backend
-    return str(exc).replace("pass backend='auto'", "pass --backend auto")
+    return str(exc)
 
 
 def _train_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -7,7 +7,26 @@ from collections.abc import Mapping
 
 
 class BackendUnavailableError(RuntimeError):
-    """A backend was asked for that cannot run here (not installed, no GPU, not built yet)."""
+    """A backend was asked for that cannot run here (not installed, no GPU, not built yet).
+
+    ``backend``: the name asked for; ``why``: the reason; ``available``: the backends that can
+    run here. ``str()`` words the way out for Python (``backend='auto'``);
+    :meth:`command_line_message` for the command line (``--backend auto``).
+    """
+
+    def __init__(self, backend: str, why: str, available: list[str]) -> None:
+        self.backend, self.why, self.available = backend, why, list(available)
+        super().__init__(self._text("backend='auto'"))
+
+    def _text(self, auto: str) -> str:
+        return (
+            f"backend={self.backend!r} cannot run here: {self.why}. Available now: "
+            f"{', '.join(self.available)}; pass {auto} to take the best of them"
+        )
+
+    def command_line_message(self) -> str:
+        """The message with the command line's option, ``--backend auto``."""
+        return self._text("--backend auto")
 
 
 class NonFiniteLossError(FloatingPointError):

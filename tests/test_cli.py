@@ -115,3 +115,14 @@ def test_info_into_a_closed_pipe_is_no_traceback():
     err = proc.stderr.read().decode()
     proc.wait(timeout=120)
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_an_unavailable_backend_error_carries_its_fields():
+    """The error names the backend, why and what can run; Python and the command line each get
+    their own way out, without rewriting text."""
+    from gpubp.errors import BackendUnavailableError
+
+    e = BackendUnavailableError("cupy", "no GPU", ["numba", "numpy"])
+    assert (e.backend, e.why, e.available) == ("cupy", "no GPU", ["numba", "numpy"])
+    assert "pass backend='auto'" in str(e) and "--backend" not in str(e)
+    assert "pass --backend auto" in e.command_line_message()

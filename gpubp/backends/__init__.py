@@ -148,10 +148,7 @@ def get_backend(name: str | Backend | None = None, *, threads: int | None = None
         why = _STATUS[name]()
         if why is not None:
             others = [n for n in available_backends() if n != name]
-            raise BackendUnavailableError(
-                f"backend={name!r} cannot run here: {why}. Available now: "
-                f"{', '.join(others)}; pass backend='auto' to take the best of them"
-            )
+            raise BackendUnavailableError(name, why, others)
         _instances[name] = _CLASSES[name]()
     return _instances[name]
 
