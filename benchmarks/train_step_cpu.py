@@ -7,11 +7,14 @@ integer labels. Besides the standard shapes, ``default`` is ``gpubp train``'s de
 C, ...) and the median time per step is reported with its ratio to the floor:
 
 - ``floor``: only the GEMMs of the step, the same for every optimizer (forward ``a @ W.T``,
-  backward ``delta @ W`` for every layer but the first, gradient ``delta.T @ a``) with NumPy's
-  ``matmul`` into preallocated outputs: the same BLAS, the same shapes, nothing else;
+  backward ``delta @ W`` for every layer but the first, gradient ``delta.T @ a``) into
+  preallocated outputs, through the fastest GEMM found: the Numba backend's provider (MKL where
+  the ``mkl`` wheel is installed) or NumPy's ``matmul``, whichever measured faster; NumPy's
+  floor is printed beside it. Every ratio is to the fastest floor;
 - ``numpy`` / ``numba``: ``backend.train_step`` on arrays already of the right dtype;
-- ``torch``: the same model in PyTorch on the CPU (its default threads, ``SGD(foreach=True)``),
-  if PyTorch is installed. It runs in a worker process that takes its turn in the same rounds:
+- ``torch``: the same model in PyTorch on the CPU (its default threads, ``fused=True``
+  optimizers: its fastest update), if PyTorch is installed. It runs in a worker process that
+  takes its turn in the same rounds:
   PyTorch's OpenMP threads spin-wait after each op, and in the same process they take the
   cores from the next variant's OpenBLAS threads (measured: the floor 5-40x slower right after
   a PyTorch step).
@@ -72,9 +75,10 @@ from gpubp.bench import (
     step_flops,
     time_round_robin,
 )
+from gpubp.bench.floors import ProviderFloorCandidate, provider_floor
 from gpubp.bench.problem import STEP_OPTIMIZERS
 from gpubp.check import TOLERANCE
-from gpubp.machine import torch_status
+from gpubp.machine import gemm_provider, torch_status
 
 #: The standard shapes that have a CPU batch size, and ``gpubp train``'s default model.
 CPU_SHAPES: dict[str, BenchShape] = {
@@ -153,6 +157,8 @@ def variants(key: str, problem: Problem, torch: bool, optimizers: list[str]) -> 
     """The floor, then per optimizer the CPU backends and (in its worker) PyTorch, each checked
     on ``problem``."""
     cands: list[Candidate] = [FloorCandidate(np, CPU)]
+    if provider_floor() is not None:
+        cands.append(ProviderFloorCandidate())
     for opt in optimizers:
         cands += [
             BackendCandidate(n, optimizer=opt)
@@ -231,12 +237,15 @@ def main(argv: list[str] | None = None) -> None:
     info = torch_info()
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy "
-        f"{np.__version__}, {info}; float32, ReLU, softmax + CE; median of "
-        f"{args.rounds} interleaved rounds"
+        f"{np.__version__}, GEMM provider {gemm_provider()}, {info}; float32, ReLU, softmax + "
+        f"CE; median of {args.rounds} interleaved rounds"
     )
     names = ["numpy", "numba", "torch"]
-    print(f"| shape | batch | optimizer | floor (GFLOP/s) | {' | '.join(names)} |")
-    print("|---|---|---|---|" + "---|" * len(names))
+    print(
+        f"| shape | batch | optimizer | fastest floor (GFLOP/s, GEMM) | NumPy floor | "
+        f"{' | '.join(names)} |"
+    )
+    print("|---|---|---|---|---|" + "---|" * len(names))
     for key in args.shapes:
         problem = cpu_problem(key)
         cands = variants(key, problem, info != "torch not installed", args.optimizers)
@@ -246,8 +255,11 @@ def main(argv: list[str] | None = None) -> None:
             for c in cands:
                 if isinstance(c, TorchWorker):
                     c.close()
-        med = {c.kind if c.kind != "backend" else c.label: stats[c.label].median for c in cands}
-        floor = med["floor"]
+        med = {c.label if c.kind != "torch" else c.kind: stats[c.label].median for c in cands}
+        floors = {c.label: med[c.label] for c in cands if c.kind == "floor"}
+        fastest = min(floors, key=floors.__getitem__)
+        floor = floors[fastest]
+        numpy_floor = floors["floor: NumPy BLAS GEMM"]
         gflops = step_flops(problem.sizes, problem.batch) / floor / 1e9
         for opt in args.optimizers:
             keys = {n: n if opt == "sgd" else f"{n} {opt}" for n in names}
@@ -257,7 +269,10 @@ def main(argv: list[str] | None = None) -> None:
             ]
             print(
                 f"| {key} {list(problem.sizes)} | {problem.batch} | {opt} | "
-                f"{floor * 1e3:.3f} ms ({gflops:.0f}) | " + " | ".join(cells) + " |"
+                f"{floor * 1e3:.3f} ms ({gflops:.0f}, {fastest[7:-5]}) | "
+                f"{numpy_floor * 1e3:.3f} ms ({numpy_floor / floor:.2f}x) | "
+                + " | ".join(cells)
+                + " |"
             )
     if args.jit:
         jit_cost()
