@@ -45,7 +45,7 @@ from ..base import Backend, Workspace
 from ..cores import usable_cores
 from . import gemm as numba_blas
 from . import kernels as K
-from . import layers
+from . import layers, pool
 from .split import RowSplit
 from .step import NumbaStep
 from .update import NumbaUpdate
@@ -91,6 +91,10 @@ class NumbaBackend(NumbaStep, RowSplit, NumbaUpdate, Backend):
 
     @contextlib.contextmanager
     def _threads(self) -> Iterator[None]:
+        """Inside, the GEMM provider and the parallel kernels use :attr:`threads` (the
+        provider's setting is put back after; the kernels' is this thread's own)."""
+        if self.threads is not None and pool.get_threads() != self.threads:
+            pool.set_threads(self.threads)
         before = numba_blas.blas_threads() if self.threads is not None else None
         if before is None or before == self.threads:
             yield
@@ -100,6 +104,10 @@ class NumbaBackend(NumbaStep, RowSplit, NumbaUpdate, Backend):
             yield
         finally:
             numba_blas.set_blas_threads(before)
+
+    def kernel_threads(self) -> int:
+        """Threads the parallel kernels get: :attr:`threads`, or the pool's setting."""
+        return self.threads if self.threads is not None else pool.get_threads()
 
     # --- helpers ----------------------------------------------------------------------------
 

@@ -35,7 +35,10 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
+from .pool import OMP
+
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+_MKL_THREADING_GNU = 3  # MKL_THREADING_GNU in mkl_service.h
 
 #: Accepted values of ``GPUBP_GEMM``.
 CHOICES = ("mkl", "openblas", "matmul")
@@ -135,6 +138,7 @@ def _mkl() -> Provider | None:
         s, d = _address(lib, "cblas_sgemm_64"), _address(lib, "cblas_dgemm_64")
         if not (s and d):
             continue
+        threading = _mkl_threading(lib)  # before any other MKL call: the first one fixes it
         get = _int_function(lib, "MKL_Get_Max_Threads", [], ctypes.c_int)
         put = _int_function(lib, "MKL_Set_Num_Threads", [ctypes.c_int], None)
         buf = ctypes.create_string_buffer(256)
@@ -143,8 +147,20 @@ def _mkl() -> Provider | None:
         )
         text = buf.value.decode(errors="replace")
         version = text.split("Version ", 1)[-1].split("-", 1)[0].strip() or text
-        return Provider("mkl", str(path), version, "OpenMP (Intel)", s, d, get, put)
+        return Provider("mkl", str(path), version, threading, s, d, get, put)
     return None
+
+
+def _mkl_threading(lib: Any) -> str:
+    """Put MKL on GNU OpenMP where the Numba kernels run on it too (one pool, :mod:`.pool`),
+    unless the user chose a layer; the layer, in words."""
+    if os.environ.get("MKL_THREADING_LAYER"):
+        return f"OpenMP ({os.environ['MKL_THREADING_LAYER']}, set by MKL_THREADING_LAYER)"
+    if OMP:
+        fn = _int_function(lib, "MKL_Set_Threading_Layer", [ctypes.c_int], ctypes.c_int)
+        if fn(_MKL_THREADING_GNU) == _MKL_THREADING_GNU:
+            return "OpenMP (GNU), one pool with the Numba kernels"
+    return "OpenMP (Intel)"
 
 
 def _choose() -> tuple[Provider | None, str]:

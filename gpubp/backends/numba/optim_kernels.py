@@ -72,10 +72,13 @@ import math
 from typing import Any
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from ...optim import adam_scalars as rule_scalars
-from . import cache  # noqa: F401 - before any kernel: the cache goes to the user's folder
+from . import (
+    cache,  # noqa: F401 - before any kernel: the cache goes to the user's folder
+    pool,  # noqa: F401 - before any parallel kernel: the OpenMP layer
+)
 
 _jit = njit(cache=True, nogil=True, error_model="numpy")
 _inline = njit(inline="always", error_model="numpy")
@@ -379,3 +382,66 @@ def adam_all(ps, gs, ms, vs, scalars, write):  # type: ignore[no-untyped-def]
 @_inline
 def _eight(s):  # type: ignore[no-untyped-def]
     return s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]
+
+
+# --- every tensor in one call, on every thread --------------------------------------------------
+# The same passes over ``plan``'s chunks (rows ``(tensor, lo, hi)``), one chunk per iteration of
+# a parallel loop: on the OpenMP pool the GEMMs use (:mod:`.pool`). Each chunk runs the serial
+# kernel above on its range and leaves its result in a row of ``out``; the rows are combined
+# after the loop, so the outcome does not depend on how the chunks were shared out.
+
+_par = njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+
+
+@_par
+def sgd_all_par(ps, gs, bufs, scalars, write, plan):  # type: ignore[no-untyped-def]
+    """:func:`sgd_all` over ``plan``'s chunks in parallel."""
+    s = np.empty(4, ps[0].dtype)
+    s[:] = scalars
+    lr, mu, wd = s[0], s[1], s[3]
+    nesterov = scalars[2] != 0
+    out = np.zeros(plan.shape[0])
+    for c in prange(plan.shape[0]):
+        k, lo, hi = plan[c, 0], plan[c, 1], plan[c, 2]
+        if write:
+            out[c] = float(sgd_apply(ps[k], gs[k], bufs[k], lo, hi, lr, mu, nesterov, wd))
+        else:
+            out[c] = 1.0 if sgd_check(ps[k], gs[k], bufs[k], lo, hi, lr, mu, nesterov, wd) else 0.0
+    if write:
+        return out.max()
+    for c in range(plan.shape[0]):
+        if out[c] != 0.0:
+            return float(plan[c, 0])
+    return -1.0
+
+
+@_par
+def adam_all_par(ps, gs, ms, vs, scalars, write, plan):  # type: ignore[no-untyped-def]
+    """:func:`adam_all` over ``plan``'s chunks in parallel."""
+    s = np.empty(8, ps[0].dtype)
+    s[:] = scalars
+    rows = np.zeros((plan.shape[0], 3))
+    for c in prange(plan.shape[0]):
+        k, lo, hi = plan[c, 0], plan[c, 1], plan[c, 2]
+        if write:
+            M, V, N = adam_apply(ps[k], gs[k], ms[k], vs[k], lo, hi, *_eight(s))
+            rows[c, 0], rows[c, 1], rows[c, 2] = float(M), float(V), float(N)
+        elif adam_check(ps[k], gs[k], ms[k], vs[k], lo, hi, *_eight(s)):
+            rows[c, 0] = 1.0
+    out = np.zeros(3)
+    out[0] = -1.0
+    if write:
+        out[0], out[1], out[2] = rows[:, 0].max(), rows[:, 1].max(), rows[:, 2].min()
+        return out
+    for c in range(plan.shape[0]):
+        if rows[c, 0] != 0.0:
+            out[0] = float(plan[c, 0])
+            return out
+    return out
+
+
+def chunk_plan(sizes: list[int], chunk: int) -> np.ndarray:
+    """``(tensor, lo, hi)`` rows cutting tensors of ``sizes`` into chunks of at most ``chunk``
+    elements (multiples of 64 but the last of each tensor), in order."""
+    rows = [(k, lo, min(lo + chunk, n)) for k, n in enumerate(sizes) for lo in range(0, n, chunk)]
+    return np.array(rows, dtype=np.int64).reshape(-1, 3)

@@ -21,7 +21,7 @@ A step may write only if every new parameter and state value will be finite. The
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -45,12 +45,17 @@ class _Plan(NamedTuple):
 class NumbaUpdate:
     """The optimizer ops and the checked step of the Numba backend (a mixin of it)."""
 
+    #: Fewest elements (all tensors together) for an update pass to run on every thread.
+    update_par_min: ClassVar[int] = 1 << 15
+    #: Elements per chunk of a parallel update pass (64 KiB of float32: a few fit in L1 + L2).
+    update_chunk: ClassVar[int] = 1 << 14
+    kernel_threads: Any
+
     _fits: Any
     _own_ops: Any
     _threads: Any
     _over_ranges: Any
     _map_ranges: Any
-    _update_parts: Any
     _rejected: Any
 
     def sgd_update(
@@ -181,9 +186,7 @@ class NumbaUpdate:
             gmax,
         )
         with self._threads():
-            one = self._update_parts(sum(int(p.size) for p in params)) == 1
-            apply = self._one_call if one else self._by_ranges
-            new = apply(value, params, grads, optimizer, plan)
+            new = self._one_call(value, params, grads, optimizer, plan)
         if slots:
             state[MAXIMA] = new
         state["step"] = step
@@ -213,27 +216,32 @@ class NumbaUpdate:
         """The check (unless proved) and the write pass over every tensor, one kernel call each
         (:func:`.optim_kernels.sgd_all`, :func:`~.optim_kernels.adam_all`); the new maxima."""
         wide = np.array([float(x) for x in plan.scalars])
-        run: Any = O.sgd_all if plan.kind == "sgd" else O.adam_all
+        chunks = self._chunks(plan.cols[0])
+        if chunks is None:
+            run: Any = O.sgd_all if plan.kind == "sgd" else O.adam_all
+            extra: tuple[Any, ...] = ()
+        else:
+            run, extra = (O.sgd_all_par if plan.kind == "sgd" else O.adam_all_par), (chunks,)
         if not self._proved_plan(params, plan):
-            bad = run(*plan.cols, wide, False)
+            bad = run(*plan.cols, wide, False, *extra)
             first = int(bad if plan.kind == "sgd" else bad[0])
             if first >= 0:
                 raise self._rejected(value, params, grads, optimizer, first)
-        got = run(*plan.cols, wide, True)
+        got = run(*plan.cols, wide, True, *extra)
         return (float(got),) if plan.kind == "sgd" else tuple(float(x) for x in got)
 
-    def _by_ranges(
-        self, value: Any, params: list[Any], grads: list[Any], optimizer: Any, plan: _Plan
-    ) -> tuple[float, ...]:
-        """The same, each pass split by ranges over the threads; the new maxima."""
-        sgd = plan.kind == "sgd"
-        check, apply = (O.sgd_check, O.sgd_apply) if sgd else (O.adam_check, O.adam_apply)
-        tensors = list(zip(*plan.cols))
-        if not self._proved_plan(params, plan):
-            for i in self._over_ranges(check, tensors, plan.scalars):
-                raise self._rejected(value, params, grads, optimizer, i)
-        results = [r for _, r in self._map_ranges(apply, tensors, plan.scalars)]
-        return O.merge_maxima(plan.kind, results)
+    def _chunks(self, ps: tuple[Any, ...]) -> Any:
+        """The chunk plan of a parallel pass over tensors of ``ps``'s sizes (kept per sizes),
+        or None where one thread does it: one thread set, or fewer than
+        :attr:`update_par_min` elements."""
+        sizes = [int(p.shape[0]) for p in ps]
+        if self.kernel_threads() < 2 or sum(sizes) < self.update_par_min:
+            return None
+        cache = self.__dict__.setdefault("_chunk_plans", {})
+        key = tuple(sizes)
+        if key not in cache:
+            cache[key] = O.chunk_plan(sizes, self.update_chunk)
+        return cache[key]
 
     def _proved_plan(self, params: list[Any], plan: _Plan) -> bool:
         if plan.maxima is None:
