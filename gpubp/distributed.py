@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends.cores import usable_cores
 from .errors import DistributedError
 
 __all__ = [
@@ -147,16 +148,20 @@ def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
     return lo, lo + base + (1 if rank < extra else 0)
 
 
-def _limit_blas_threads(size: int) -> str | None:
-    """Give each of the ``size`` ranks on this node its share of the cores (BLAS threads), so
-    ranks do not oversubscribe the machine; returns a note for the log, or None."""
+def _limit_blas_threads(size: int, backend: Any) -> str | None:
+    """Give each of the ``size`` ranks on this node its share of the cores this process may use
+    (BLAS threads, and a Numba backend's own thread setting, which it applies to every call),
+    so ranks do not oversubscribe the machine; returns a note for the log, or None."""
     local = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", size))
-    threads = max(1, (os.cpu_count() or 1) // max(local, 1))
+    threads = max(1, usable_cores() // max(local, 1))
+    if getattr(backend, "threads", None) is not None:  # numba: its calls set their own count
+        backend.threads = min(int(backend.threads), threads)
     try:
         from threadpoolctl import threadpool_limits
-    except ImportError:
-        return None
-    threadpool_limits(limits=threads, user_api="blas")
+    except ImportError:  # optional: the other BLAS libraries keep their setting
+        pass
+    else:
+        threadpool_limits(limits=threads, user_api="blas")
     return f"BLAS threads per rank: {threads} ({local} ranks on this node)"
 
 
@@ -196,7 +201,7 @@ class DataParallel:
         if be.name == "cupy":
             self.note: str | None = "gradients all-reduced by NCCL, one GPU per rank"
         else:
-            self.note = _limit_blas_threads(self.size) if limit_threads else None
+            self.note = _limit_blas_threads(self.size, be) if limit_threads else None
         self.stop_agreed = False
         self.check_in_sync("the initial parameters")
 

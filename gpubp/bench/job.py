@@ -20,7 +20,8 @@ started before and stopped after each.
 
 The GEMM floor of a job: the same GEMMs as all its training steps, timed alone: the step floor
 of :class:`~gpubp.bench.FloorCandidate` (forward ``a @ W.T`` per layer, ``delta @ W`` for every
-layer but the first, ``delta.T @ a`` per layer, through NumPy's BLAS into preallocated outputs)
+layer but the first, ``delta.T @ a`` per layer, through the fastest GEMM found (the Numba
+backend's provider, MKL where installed; NumPy's BLAS beside it) into preallocated outputs)
 at the job's batch size and at its last, partial batch, times the number of each. The per-epoch
 evaluations gpubp does for its history are in neither the floor nor gpubp's training time
 (the JSON has them as ``epoch_seconds``).

@@ -1,33 +1,30 @@
-"""The Numba backend: BLAS GEMMs with fused ``@njit`` kernels between them (float32, float64).
+"""The Numba backend: GEMMs from the fastest BLAS found with fused ``@njit`` kernels between
+them (float32, float64).
 
 Per layer the train step is three GEMMs (forward, backward, weight gradient) and, between them,
 one pass over each GEMM output while it is still in cache:
 
-- forward: ``z = a_prev @ W.T`` (GEMM), then ``a = f(z + b)`` in place (:func:`bias_act`);
+- forward: ``z = a_prev @ W.T`` (GEMM), then ``a = f(z + b)`` in place (:func:`.kernels.bias_act`);
 - output: loss value and ``delta^L`` in one pass per row, with ``db^L`` summed in that pass;
 - backward: ``g = delta_next @ W_next`` (GEMM), then ``delta = g * f'(a)`` in place with
   ``db = sum over B of delta`` in the same pass;
-- ``dW = delta.T @ a_prev`` (GEMM); the update is a proof that every new value is finite (from
-  ``max |g|`` and the state's maxima) or, where it does not apply, a check pass over every
-  parameter (nothing written; a non-finite new value rejects the step), then the write pass
-  (:mod:`.numba_optim`), all in the parameters' dtype.
+- ``dW = delta.T @ a_prev`` (GEMM); then the checked update (:mod:`.update`): one write pass
+  where a proof shows every new value finite, else the exact check pass first (nothing
+  written; a non-finite new value rejects the step), all in the parameters' dtype.
 
-The GEMMs call NumPy's own BLAS from inside the kernels (see :mod:`.numba_blas`), so one layer
-is one call from Python. Everything is written into a per-batch-shape workspace, so a
-steady-state step allocates no arrays.
+The GEMMs call the provider of :mod:`.gemm` (MKL where installed, else NumPy's OpenBLAS) from
+inside the kernels, so one layer is one call from Python, and the train step's whole backward
+pass is one call (:func:`.layers.backprop`, in :mod:`.step`). Everything is written into a
+per-batch-shape workspace, so a steady-state step allocates no arrays.
 
-Threads. The kernels are serial (``parallel=False``): parallel Numba kernels running between
-multi-threaded OpenBLAS calls make the two thread pools fight (a prototype with OpenMP
-spin-waiting workers was measured 3-8x slower on 2 cores), so Numba's threading layer is never
-started. Small batches run one kernel after another in the calling thread, with BLAS using its
-threads inside the GEMMs. A large batch (at least :attr:`NumbaBackend.split_min_rows` rows per
-thread) is instead split by rows over the threads, each part running the whole pass on its rows
-(see :mod:`.numba_split`). The optimizer's passes are split by ranges over the same threads
-above :attr:`NumbaBackend.update_split_min` elements per thread. ``threads=n`` sets how many
-threads (BLAS's, or the split's) this backend's calls use and puts the previous BLAS setting
-back afterwards (the count is process-wide while a call runs, as with threadpoolctl); by
-default BLAS keeps whatever the process has (one per core unless ``OPENBLAS_NUM_THREADS`` says
-otherwise) and a split uses that many threads.
+Threads (:mod:`.pool`). With MKL, its GEMMs and the parallel update kernels run on one GNU
+OpenMP pool; the elementwise passes between the GEMMs are serial (at the batch sizes of a
+training step they are a few microseconds each). A large batch (at least
+:attr:`NumbaBackend.split_min_rows` rows per thread) is instead split by rows over Python
+threads, each part running the whole pass on its rows with the BLAS at one thread
+(:mod:`.split`). ``threads=n`` sets how many threads this backend's calls use (the BLAS's,
+restored after each call, as with threadpoolctl; the parallel kernels'; the split's); the
+default is the cores this process may run on.
 """
 
 from __future__ import annotations
@@ -86,7 +83,7 @@ class NumbaBackend(NumbaStep, RowSplit, NumbaUpdate, Backend):
         if threads is None and not any(os.environ.get(v) for v in _THREAD_VARIABLES):
             threads = usable_cores()
         self.threads = None if threads is None else int(threads)
-        #: Whether GEMMs run inside the kernels (NumPy's BLAS found) or through numpy.matmul.
+        #: Whether GEMMs run inside the kernels (a provider found) or through numpy.matmul.
         self.blas_in_kernels = numba_blas.AVAILABLE
 
     @contextlib.contextmanager

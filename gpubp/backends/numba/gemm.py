@@ -3,7 +3,7 @@
 Chosen once, at import, in this order (``GPUBP_GEMM=mkl|openblas|matmul`` forces one):
 
 1. **MKL** (``libmkl_rt``, from the ``mkl`` wheel: ``pip install 'gpubp[fast]'`` on x86-64). Its
-   GEMMs are the fastest measured on the step's shapes (DESIGN.md section 5), and they are what
+   GEMMs are the fastest measured on the step's shapes (README, Performance), and they are what
    PyTorch's CPU build uses.
 2. **NumPy's own OpenBLAS**: NumPy's wheels export it under ``scipy_cblas_sgemm64_`` (64-bit
    integers); we look the symbols up through NumPy's extension module, so this is the very

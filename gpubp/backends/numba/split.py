@@ -29,7 +29,7 @@ from .workspace import NumbaWorkspace
 
 
 class RowSplit:
-    """The row split of :class:`~.numba_backend.NumbaBackend` (a mixin): how many parts a batch
+    """The row split of :class:`~.backend.NumbaBackend` (a mixin): how many parts a batch
     takes, the thread pool they run in, and one part's passes.
 
     The host sets ``threads`` (``None``: as many as BLAS has) and ``blas_in_kernels``.

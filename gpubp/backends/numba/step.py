@@ -60,7 +60,7 @@ class NumbaStep:
         loss: str,
     ) -> tuple[NumbaWorkspace, float, float]:
         """``(ws, C, G)``: :meth:`_backprop` with ``dW`` and the bound ``G >= max |g|``, all
-        layers in one kernel call (:func:`.kernels.backprop`), from Python only the staging."""
+        layers in one kernel call (:func:`.layers.backprop`), from Python only the staging."""
         ws, a0, labels, Y = self._staged(weights, x, y)
         L = len(weights)
         if L < 2:  # no hidden layer: nothing to put in the tuples of hidden buffers

@@ -5,7 +5,7 @@ A step may write only if every new parameter and state value will be finite. The
 (:mod:`.optim_kernels`) is preceded by no read pass when the proof of
 :func:`.optim_kernels.provably_finite` applies, which needs:
 
-- ``G >= max |g|`` over every gradient. From :meth:`NumbaUpdate.train_step`'s passes it comes
+- ``G >= max |g|`` over every gradient. From :meth:`.step.NumbaStep.train_step`'s passes it comes
   for free: ``|dW^l| <= B max|delta^l| max|a^{l-1}|`` from the maxima the elementwise passes
   take while they write (``max |a|`` is inf if ``a`` holds NaN or infinity), and ``max |db|``
   from a read of the bias gradients (a few hundred numbers; ``db`` finite means every delta
