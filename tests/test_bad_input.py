@@ -473,6 +473,29 @@ def test_non_finite_loss_from_huge_inputs_only(opt_name, backend):
     assert_unchanged(before, m, opt)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_infinite_loss_with_finite_gradients_is_refused(backend):
+    """Outputs ~4e20 off their targets: the float32 loss (a sum of their squares) is inf, while
+    every gradient and the tiny step stay finite; the loss alone must stop the step. (A backend
+    that sums the loss in float64, as the Numba kernels do, gets a finite loss here.)"""
+    m = gpubp.MLP([N_IN, N_OUT], output="identity", loss="mse", backend=backend, seed=0)
+    W, b = m.get_parameters()
+    m.set_parameters([np.full_like(W[0], 1e20)], b)
+    x = np.ones((B, N_IN), np.float32)
+    y = np.zeros((B, N_OUT), np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        value, dWs, dbs = m.gradients(x, y)
+        if np.isfinite(value):
+            pytest.skip(f"backend {backend!r} sums the loss in float64: {value:g}, finite")
+        assert value == np.inf and all(np.isfinite(g).all() for g in dWs + dbs)  # the premise
+        opt = optim.SGD(lr=1e-30)
+        before = snapshot(m, opt)
+        with pytest.raises(gpubp.NonFiniteLossError, match="loss"):
+            m.train_step(x, y, opt)
+    assert_unchanged(before, m, opt)
+
+
 DIVERGING = {
     "adam": lambda: optim.Adam(lr=1e30),
     "adamw": lambda: optim.AdamW(lr=1e30),

@@ -537,18 +537,35 @@ def _momentum_buffer_overflow(params, grads, state):
     state["momentum_buffer"][1][2, 5], grads[1][2, 5] = 3e38, 1e38
 
 
+def _adamw_shrink_overflow(params, grads, state):
+    # 1 - lr wd = -1e30 is finite in float32, and so is every parameter in [-1, 1] times it;
+    # this one times it is not
+    params[2][4, 6] = 1e9
+
+
+def _top_of_the_range(params, grads, state):
+    # p - lr g = 3.4e38 + 1.2e36 rounds past float32's largest number (3.4028e38), though the
+    # change is below 2^-8 of it
+    params[4][6], grads[4][6] = 3.4e38, -1.2e36
+
+
 @pytest.mark.parametrize(
     ("make", "edit", "name"),
     [
         (lambda: Adam(lr=1e-3, weight_decay=0.1), _adam_l2_near_sqrt_max, r"W\[0\]"),
         (lambda: SGD(lr=1e-3, momentum=0.9), _momentum_buffer_overflow, r"W\[1\]"),
+        (lambda: AdamW(lr=1e15, weight_decay=1e15), _adamw_shrink_overflow, r"W\[2\]"),
+        (lambda: SGD(lr=1.0), _top_of_the_range, r"b\[1\]"),
     ],
-    ids=["adam-l2-v", "momentum-buffer"],
+    ids=["adam-l2-v", "momentum-buffer", "adamw-shrink", "sgd-top-of-range"],
 )
-def test_checked_update_refuses_state_that_would_overflow(backend_name, rng, make, edit, name):
-    """Finite loss, gradients and new parameters; only the new optimizer state would be
-    infinite. A proof of finiteness that dropped the bound on ``|g'|^2`` or on the buffer, or a
-    check that read only the new parameters, would write the infinity into the state."""
+def test_checked_update_refuses_values_that_would_overflow(backend_name, rng, make, edit, name):
+    """Finite loss and gradients, and one new value beyond float32: Adam's ``v`` (L2 decay
+    takes ``g'`` past the square root of the largest number) or the momentum buffer, with the
+    new parameter finite; a parameter scaled by AdamW's finite shrink; a parameter at the top
+    of the range moved by a change small against it. A proof of finiteness that dropped a
+    bound (on ``|g'|^2``, the shrink, the size of a change), or a check that read only the new
+    parameters, would write the infinity."""
     opt = make()
     be, params, grads, before = _checked_setup(backend_name, rng, opt, edit)
     with (
