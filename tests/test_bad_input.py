@@ -496,6 +496,23 @@ def test_an_infinite_loss_with_finite_gradients_is_refused(backend):
     assert_unchanged(before, m, opt)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_gradient_beside_an_infinite_activation_is_refused(backend):
+    """x = 2 times a weight of 3e38: the hidden ReLU unit is inf, the output ReLU of -inf is 0
+    and equals its target, so the loss and every delta are 0, but dW[1] = 0 * inf is NaN. A
+    bound on the gradients taken as delta times activation must not read 0 * inf as 0."""
+    m = gpubp.MLP([1, 1, 1], activation="relu", output="relu", loss="mse", backend=backend)
+    m.set_parameters([[[3e38]], [[-1.0]]], [[0.0], [0.0]])
+    x, y = np.array([[2.0]], np.float32), np.array([[0.0]], np.float32)
+    opt = optim.SGD(lr=0.1)  # plain SGD: the Numba backend folds it into its bounded step
+    before = snapshot(m, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(gpubp.NonFiniteLossError, match="gradient"):
+            m.train_step(x, y, opt)
+    assert_unchanged(before, m, opt)
+
+
 DIVERGING = {
     "adam": lambda: optim.Adam(lr=1e30),
     "adamw": lambda: optim.AdamW(lr=1e30),

@@ -74,10 +74,12 @@ NUMPY_CHECKS = (
 )
 #: (not the on-disk cache and allocation tests: slow, and about neither numbers nor checks)
 NOT_NUMBA = "not numpy and not cupy and not cache and not allocates"
-NUMBA = f"tests/test_numba.py tests/test_backends.py -k '{NOT_NUMBA}'"
+# test_backends.py first: its train steps compile the optimizer kernels before test_numba.py's
+# spy on optim_kernels.sgd_apply does (a cold compile of sgd_all under the spy fails to type)
+NUMBA = f"tests/test_backends.py tests/test_numba.py -k '{NOT_NUMBA}'"
 NUMBA_UPDATE = (
-    "tests/test_optim.py tests/test_update_proof.py tests/test_update_finite.py "
-    f"tests/test_numba.py -k '{NOT_NUMBA}'"
+    "tests/test_optim.py tests/test_bad_input.py tests/test_update_proof.py "
+    f"tests/test_update_finite.py tests/test_numba.py -k '{NOT_NUMBA}'"
 )
 LOOP = "tests/test_loop.py tests/test_model.py -k 'gather or fit'"
 NPZ = "tests/test_fuzz_files.py tests/test_model.py -k 'not idx'"
