@@ -358,7 +358,7 @@ MUTANTS: list[Mutant] = [
     ),
     M(
         "numba kernels: exp32 range reduction off by half",
-        "gpubp/backends/numba/kernels.py",
+        "gpubp/backends/numba/exp.py",
         "n = np.floor(xc * _LOG2E + _HALF)",
         "n = np.floor(xc * _LOG2E)",
         "tests/test_numba.py -k exp",
@@ -372,7 +372,7 @@ MUTANTS: list[Mutant] = [
     ),
     M(
         "numba kernels: a NaN gradient bound (0 * inf) taken as a bound",
-        "gpubp/backends/numba/kernels.py",
+        "gpubp/backends/numba/layers.py",
         "    if x != x:\n        return np.inf\n    return max(G, x)",
         "    return max(G, x)",
         NUMBA_UPDATE,
