@@ -20,7 +20,9 @@ from gpubp.backends import _CLASSES, BACKEND_NAMES, OPS, Backend, to_numpy, use_
 from gpubp.check import TOLERANCE, check_configuration, combinations, random_problem, rel_error
 
 COMBINATIONS = combinations()
-COMBO_IDS = ["-".join(c) for c in COMBINATIONS]
+#: The hidden activations and the (output, loss) pairs, in the order of ``combinations()``.
+HIDDEN_ACTIVATIONS = tuple(dict.fromkeys(a for a, _, _ in COMBINATIONS))
+PAIRS = tuple(dict.fromkeys((o, loss) for _, o, loss in COMBINATIONS))
 
 #: ``(layer sizes, batch)``: batch 1, widths 1, 3, 33 and 257, depths 1 to 4.
 SHAPES: tuple[tuple[tuple[int, ...], int], ...] = (
@@ -30,10 +32,44 @@ SHAPES: tuple[tuple[tuple[int, ...], int], ...] = (
     ((5, 33, 1, 3), 7),
     ((4, 3, 33, 257, 2), 7),
 )
-SHAPE_IDS = [f"{'-'.join(map(str, s))}x{b}" for s, b in SHAPES]
 LARGE_SHAPES = (SHAPES[0], SHAPES[2], SHAPES[4])
-LARGE_SHAPE_IDS = [SHAPE_IDS[0], SHAPE_IDS[2], SHAPE_IDS[4]]
 LARGE_SCALE = 30.0
+
+
+def grid(shapes) -> list[tuple[tuple[int, ...], int, str, str, str]]:
+    """``(sizes, batch, activation, output, loss)`` cases that meet every pair of factors.
+
+    Every combination runs once on a deep shape (one with a hidden layer), picked as in a Latin
+    square, ``deep[(h + p) % len(deep)]`` for hidden activation ``h`` and pair ``p``, so that
+    every (output, loss) pair and every hidden activation meet every deep shape. A shape without
+    a hidden layer never applies the hidden activation, so there each (output, loss) pair runs
+    once (the other four hidden activations would repeat the same computation). The full
+    cross product (5 times the cases) found nothing these miss: the ops are elementwise in the
+    activation and per layer in the shape, and the mutation run (tools/mutate.py) checks it.
+    """
+    deep = [s for s in shapes if len(s[0]) > 2]
+    cases = [
+        (sizes, batch, HIDDEN_ACTIVATIONS[0], output, loss)
+        for sizes, batch in shapes
+        if len(sizes) == 2
+        for output, loss in PAIRS
+    ]
+    for h, activation in enumerate(HIDDEN_ACTIVATIONS):
+        for p, (output, loss) in enumerate(PAIRS):
+            sizes, batch = deep[(h + p) % len(deep)]
+            cases.append((sizes, batch, activation, output, loss))
+    return cases
+
+
+def _case_id(case) -> str:
+    sizes, batch, activation, output, loss = case
+    return f"{activation}-{output}-{loss}-{'-'.join(map(str, sizes))}x{batch}"
+
+
+GRID = grid(SHAPES)
+LARGE_GRID = grid(LARGE_SHAPES)
+GRID_IDS = [_case_id(c) for c in GRID]
+LARGE_GRID_IDS = [_case_id(c) for c in LARGE_GRID]
 
 #: Outputs whose float32 derivative is taken from a saturated output (``a (1 - a)``, ``1 - a^2``,
 #: ``softmax - onehot``): with inputs ~30 the true output gradient is ~1e-9 of the activations,
@@ -136,8 +172,20 @@ def _known_issues(result, scale: float) -> list[str] | None:
 # --- (1) every backend x dtype x combination x shape against the reference ---------------------
 
 
-@pytest.mark.parametrize(("sizes", "batch"), SHAPES, ids=SHAPE_IDS)
-@pytest.mark.parametrize(("activation", "output", "loss"), COMBINATIONS, ids=COMBO_IDS)
+def test_the_grids_meet_every_pair_of_factors():
+    for shapes, cases in ((SHAPES, GRID), (LARGE_SHAPES, LARGE_GRID)):
+        deep = [(s, b) for s, b in shapes if len(s) > 2]
+        combos = {(a, o, loss) for s, b, a, o, loss in cases if len(s) > 2}
+        assert combos == set(COMBINATIONS)  # every combination, with a hidden layer
+        for sizes, batch in shapes:
+            on = [c for c in cases if c[:2] == (sizes, batch)]
+            assert {(o, loss) for _, _, _, o, loss in on} == set(PAIRS)
+            if (sizes, batch) in deep:
+                assert {a for _, _, a, _, _ in on} == set(HIDDEN_ACTIVATIONS)
+    assert len(GRID) == len(set(GRID))
+
+
+@pytest.mark.parametrize(("sizes", "batch", "activation", "output", "loss"), GRID, ids=GRID_IDS)
 def test_backend_matches_reference(
     backend_name, dtype, seed, sizes, batch, activation, output, loss
 ):
@@ -155,8 +203,9 @@ def _assert_ok_or_known(result, scale: float) -> None:
     assert result.ok, _report(result)
 
 
-@pytest.mark.parametrize(("sizes", "batch"), LARGE_SHAPES, ids=LARGE_SHAPE_IDS)
-@pytest.mark.parametrize(("activation", "output", "loss"), COMBINATIONS, ids=COMBO_IDS)
+@pytest.mark.parametrize(
+    ("sizes", "batch", "activation", "output", "loss"), LARGE_GRID, ids=LARGE_GRID_IDS
+)
 def test_backend_matches_reference_large_inputs(
     backend_name, dtype, seed, sizes, batch, activation, output, loss
 ):

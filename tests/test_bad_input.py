@@ -18,6 +18,12 @@ from gpubp import optim
 
 BACKENDS = gpubp.available_backends()
 N_IN, N_OUT, B = 4, 3, 5
+#: The input checks (gpubp.model_inputs) are the same code on every backend, written against the
+#: backend's array module: the grids below run on this one, and
+#: test_every_backend_refuses_every_bad_input runs every case on every backend in one test each.
+GRID_BACKEND = "numpy"
+X_METHODS = ("train_step", "gradients", "evaluate", "forward", "predict")
+Y_METHODS = ("train_step", "gradients", "evaluate")
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -90,6 +96,28 @@ def check_message(exc: BaseException, argument: str, words: tuple[str, ...]) -> 
         assert re.search(word, msg, re.IGNORECASE), f"expected {word!r} in {msg!r}"
 
 
+def call(method: str, m: gpubp.MLP, opt: optim.Optimizer, x, y):
+    """``m.<method>`` on ``(x, y)`` (``y`` unused by forward and predict)."""
+    return {
+        "train_step": lambda: m.train_step(x, y, opt),
+        "gradients": lambda: m.gradients(x, y),
+        "evaluate": lambda: m.evaluate(x, y),
+        "forward": lambda: m.forward(x),
+        "predict": lambda: m.predict(x),
+    }[method]()
+
+
+def assert_refused(m, opt, method, x, y, error, argument, words) -> None:
+    """The call raises ``error`` naming ``argument`` and ``words``, and changes nothing."""
+    before = snapshot(m, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(error) as info:
+            call(method, m, opt, x, y)
+    check_message(info.value, argument, words)
+    assert_unchanged(before, m, opt)
+
+
 def _with(a, index, value):
     a = np.array(a, dtype=np.float32)
     a[index] = value
@@ -135,26 +163,11 @@ BAD_X = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("method", ["train_step", "gradients", "evaluate", "forward", "predict"])
+@pytest.mark.parametrize("method", X_METHODS)
 @pytest.mark.parametrize(("x", "error", "words"), BAD_X)
-def test_bad_x(x, error, words, method, backend):
-    m, opt = trained("cross_entropy", backend=backend)
-    before = snapshot(m, opt)
-    y = np.zeros(B, dtype=np.int64)
-    call = {
-        "train_step": lambda: m.train_step(x, y, opt),
-        "gradients": lambda: m.gradients(x, y),
-        "evaluate": lambda: m.evaluate(x, y),
-        "forward": lambda: m.forward(x),
-        "predict": lambda: m.predict(x),
-    }[method]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        with pytest.raises(error) as info:
-            call()
-    check_message(info.value, "x", words)
-    assert_unchanged(before, m, opt)
+def test_bad_x(x, error, words, method):
+    m, opt = trained("cross_entropy", backend=GRID_BACKEND)
+    assert_refused(m, opt, method, x, np.zeros(B, dtype=np.int64), error, "x", words)
 
 
 @pytest.mark.parametrize(("x", "error", "words"), BAD_X)
@@ -289,24 +302,34 @@ BAD_Y = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("method", ["train_step", "gradients", "evaluate"])
+@pytest.mark.parametrize("method", Y_METHODS)
 @pytest.mark.parametrize(("loss", "y", "error", "words"), BAD_Y)
-def test_bad_y(loss, y, error, words, method, backend):
-    m, opt = trained(loss, backend=backend)
-    before = snapshot(m, opt)
-    x = good_batch(loss)[0]
-    call = {
-        "train_step": lambda: m.train_step(x, y, opt),
-        "gradients": lambda: m.gradients(x, y),
-        "evaluate": lambda: m.evaluate(x, y),
-    }[method]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        with pytest.raises(error) as info:
-            call()
-    check_message(info.value, "y", words)
-    assert_unchanged(before, m, opt)
+def test_bad_y(loss, y, error, words, method):
+    m, opt = trained(loss, backend=GRID_BACKEND)
+    assert_refused(m, opt, method, good_batch(loss)[0], y, error, "y", words)
+
+
+def test_every_backend_refuses_every_bad_input(backend_name):
+    """Every case of the two grids above, by every method, on each backend: a backend whose
+    arrays took another path through the checks (or bypassed them) fails here."""
+    models = {loss: trained(loss, backend=backend_name) for loss in MODELS}
+    m, opt = models["cross_entropy"]
+    for case in BAD_X:
+        x, error, words = case.values
+        for method in X_METHODS:
+            y = np.zeros(B, dtype=np.int64)
+            try:
+                assert_refused(m, opt, method, x, y, error, "x", words)
+            except (Exception, pytest.fail.Exception) as exc:  # say which case
+                raise AssertionError(f"bad x {case.id!r} by {method}: {exc}") from exc
+    for case in BAD_Y:
+        loss, y, error, words = case.values
+        m, opt = models[loss]
+        for method in Y_METHODS:
+            try:
+                assert_refused(m, opt, method, good_batch(loss)[0], y, error, "y", words)
+            except (Exception, pytest.fail.Exception) as exc:
+                raise AssertionError(f"bad y {case.id!r} by {method}: {exc}") from exc
 
 
 @pytest.mark.parametrize(("loss", "y", "error", "words"), BAD_Y)
@@ -447,6 +470,50 @@ def test_non_finite_loss_from_huge_inputs_only(opt_name, backend):
         warnings.simplefilter("ignore", RuntimeWarning)
         with pytest.raises(gpubp.NonFiniteLossError):
             m.train_step(x, np.zeros(B, dtype=np.int64), opt)
+    assert_unchanged(before, m, opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_infinite_loss_with_finite_gradients_is_refused(backend):
+    """Outputs ~4e20 off their targets: the float32 loss (a sum of their squares) is inf, while
+    every gradient and the tiny step stay finite; the loss alone must stop the step. (A backend
+    that sums the loss in float64, as the Numba kernels do, gets a finite loss here.)"""
+    m = gpubp.MLP([N_IN, N_OUT], output="identity", loss="mse", backend=backend, seed=0)
+    W, b = m.get_parameters()
+    m.set_parameters([np.full_like(W[0], 1e20)], b)
+    x = np.ones((B, N_IN), np.float32)
+    y = np.zeros((B, N_OUT), np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        value, dWs, dbs = m.gradients(x, y)
+        if np.isfinite(value):
+            pytest.skip(f"backend {backend!r} sums the loss in float64: {value:g}, finite")
+        assert value == np.inf and all(np.isfinite(g).all() for g in dWs + dbs)  # the premise
+        opt = optim.SGD(lr=1e-30)
+        before = snapshot(m, opt)
+        with pytest.raises(gpubp.NonFiniteLossError, match="loss"):
+            m.train_step(x, y, opt)
+    assert_unchanged(before, m, opt)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "momentum"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_gradient_beside_an_infinite_activation_is_refused(backend, opt_name):
+    """x = 2 times a weight of 3e38: the hidden ReLU unit is inf, the output ReLU of -inf is 0
+    and equals its target, so the loss and every delta are 0, but dW[1] = 0 * inf is NaN. A
+    bound on the gradients taken as delta times activation must not read 0 * inf as 0 (plain
+    SGD: the Numba backend's folded step; momentum, after a first good step: its proof)."""
+    m = gpubp.MLP([1, 1, 1], activation="relu", output="relu", loss="mse", backend=backend)
+    opt = optim.SGD(lr=0.1) if opt_name == "sgd" else optim.SGD(lr=0.1, momentum=0.9)
+    y = np.array([[0.0]], np.float32)
+    m.set_parameters([[[1.0]], [[1.0]]], [[0.0], [0.0]])
+    m.train_step(np.array([[0.5]], np.float32), y, opt)  # the state's maxima now known
+    m.set_parameters([[[3e38]], [[-1.0]]], [[0.0], [0.0]])
+    before = snapshot(m, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(gpubp.NonFiniteLossError, match="gradient"):
+            m.train_step(np.array([[2.0]], np.float32), y, opt)
     assert_unchanged(before, m, opt)
 
 

@@ -478,3 +478,186 @@ def test_optimizer_bound_to_two_models_raises(backend_name, rng, make):
     assert opt.state_dict()["step"] == 1
     with pytest.raises(ValueError, match="another model"):
         first.train_step(x, y, opt)
+
+
+# --- the checked update: every new value finite, and the right tensor named ---------------------
+
+#: Parameter shapes W^1, W^2, W^3, b^1, b^2, b^3 of a 13-33-7-5 network: no size a multiple of
+#: 32, so the last element of each falls outside the Numba kernels' 32-lane blocks.
+CHECKED_SHAPES = [(33, 13), (7, 33), (5, 7), (33,), (7,), (5,)]
+CHECKED_NAMES = ["W[0]", "W[1]", "W[2]", "b[0]", "b[1]", "b[2]"]
+
+
+def _checked_setup(backend_name, rng, opt, edit, warm=False):
+    """A fresh backend, float32 parameters and gradients in [-1, 1] changed by
+    ``edit(params, grads, state)`` (NumPy arrays), and ``opt`` bound to them: ``(be, params,
+    grads, snapshot)``.
+
+    ``warm``: one step on zero parameters and gradients first, so that the Numba backend's
+    proof of finiteness (which needs the maxima of the state its last write pass returned)
+    decides the next step instead of its exact check; ``edit`` may then change only the
+    parameters and gradients (the proof assumes nothing else writes the state).
+    """
+    be = type(gpubp.get_backend(backend_name))()  # its own staging arrays
+    host_params = [rng.uniform(-1, 1, s).astype(np.float32) for s in CHECKED_SHAPES]
+    grads = [rng.uniform(-1, 1, s).astype(np.float32) for s in CHECKED_SHAPES]
+    params = [be.asarray(np.zeros(s, np.float32)) for s in CHECKED_SHAPES]
+    state = opt.bind(None, be, CHECKED_SHAPES, np.float32)
+    if warm:
+        _apply(be, params, [be.asarray(np.zeros(s, np.float32)) for s in CHECKED_SHAPES], opt)
+    host_state = {s: [np.array(to_numpy(a)) for a in state[s]] for s in opt.slots}
+    edit(host_params, grads, host_state)
+    for s in opt.slots:
+        for a, h in zip(state[s], host_state[s], strict=True):
+            if not np.array_equal(to_numpy(a), h):
+                assert not warm, "a warm state must not be edited"
+                a[...] = be.asarray(h)
+    for p, h in zip(params, host_params, strict=True):
+        p[...] = be.asarray(h)
+    grads = [be.asarray(g) for g in grads]
+    return be, params, grads, _checked_snapshot(params, opt)
+
+
+def _checked_snapshot(params, opt):
+    state = {s: [np.array(to_numpy(a)) for a in opt.state[s]] for s in opt.slots}
+    return [np.array(to_numpy(p)) for p in params], state, int(opt.state["step"])
+
+
+def _assert_kept(before, params, opt):
+    after = _checked_snapshot(params, opt)
+    for got, want in zip(after[0], before[0], strict=True):
+        np.testing.assert_array_equal(got, want)
+    for s in opt.slots:
+        for got, want in zip(after[1][s], before[1][s], strict=True):
+            np.testing.assert_array_equal(got, want)
+    assert after[2] == before[2]
+
+
+def _apply(be, params, grads, opt):
+    be.apply_update(be.asarray(np.float32(0.5)), params, grads, opt, opt.state)
+    be.synchronize()
+
+
+def _adam_l2_near_sqrt_max(params, grads, state):
+    # p and g below sqrt(max) = 1.84e19 each, g + 0.1 p = 1.9e19 above it: g'^2 overflows, so
+    # the new v would be inf (and the new parameter finite: m / sqrt(inf) is 0)
+    params[0][3, 4], grads[0][3, 4] = 1e19, 1.8e19
+
+
+def _momentum_buffer_overflow(params, grads, state):
+    # buf' = 0.9 * 3e38 + 1e38 overflows; lr * buf' alone would stay far below the maximum
+    state["momentum_buffer"][1][2, 5], grads[1][2, 5] = 3e38, 1e38
+
+
+def _adamw_shrink_overflow(params, grads, state):
+    # 1 - lr wd = -1e30 is finite in float32, and so is every parameter in [-1, 1] times it;
+    # this one times it is not
+    params[2][4, 6] = 1e9
+
+
+def _top_of_the_range(params, grads, state):
+    # p - lr g = 3.4e38 + 1.2e36 rounds past float32's largest number (3.4028e38), though the
+    # change is below 2^-8 of it
+    params[4][6], grads[4][6] = 3.4e38, -1.2e36
+
+
+# eps 1: the change of the parameter, alpha m' / eps', stays small enough for the Numba
+# backend's proof to try the step, so that only the bound dropped in the mutant could stop it
+@pytest.mark.parametrize(
+    ("make", "edit", "warm", "name"),
+    [
+        (lambda: Adam(lr=1e-3, eps=1.0, weight_decay=0.1), _adam_l2_near_sqrt_max, True, "W[0]"),
+        (lambda: SGD(lr=1e-3, momentum=0.9), _momentum_buffer_overflow, False, "W[1]"),
+        (lambda: AdamW(lr=1e15, eps=1.0, weight_decay=1e15), _adamw_shrink_overflow, True, "W[2]"),
+        (lambda: SGD(lr=1.0), _top_of_the_range, True, "b[1]"),
+    ],
+    ids=["adam-l2-v", "momentum-buffer", "adamw-shrink", "sgd-top-of-range"],
+)
+def test_checked_update_refuses_values_that_would_overflow(
+    backend_name, rng, make, edit, warm, name
+):
+    """Finite loss and gradients, and one new value beyond float32: Adam's ``v`` (L2 decay
+    takes ``g'`` past the square root of the largest number) or the momentum buffer, with the
+    new parameter finite; a parameter scaled by AdamW's finite shrink; a parameter at the top
+    of the range moved by a change small against it. A proof of finiteness that dropped a
+    bound (on ``|g'|^2``, the shrink, the size of a change), or a check that read only the new
+    parameters, would write the infinity."""
+    opt = make()
+    be, params, grads, before = _checked_setup(backend_name, rng, opt, edit, warm)
+    with (
+        pytest.raises(gpubp.NonFiniteLossError, match=re.escape(name)),
+        np.errstate(over="ignore", invalid="ignore"),
+    ):
+        _apply(be, params, grads, opt)
+    _assert_kept(before, params, opt)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+@pytest.mark.parametrize("k", [0, 5], ids=lambda k: CHECKED_NAMES[k])
+def test_checked_update_names_a_gradient_non_finite_in_its_last_element(
+    backend_name, rng, opt_name, k
+):
+    """NaN only in the very last element of a gradient: every check (and the Numba backend's
+    proof, which plain SGD tries first) must read that element, and blame the gradient."""
+    opt = SGD(lr=0.1) if opt_name == "sgd" else Adam(lr=0.1)
+
+    def edit(params, grads, state):
+        grads[k].flat[-1] = np.nan
+
+    be, params, grads, before = _checked_setup(backend_name, rng, opt, edit)
+    grad_name = "d" + CHECKED_NAMES[k]
+    with (
+        pytest.raises(gpubp.NonFiniteLossError, match=re.escape(grad_name)),
+        np.errstate(invalid="ignore"),
+    ):
+        _apply(be, params, grads, opt)
+    _assert_kept(before, params, opt)
+
+
+def _sum_overflows(params, grads, state):
+    # dW[1] holds two values of 3e38: finite, but their float32 sum is inf
+    grads[1][0, :2] = 3e38
+    params[1][0, :2] = 1e38  # p - 0.1 g = 7e37: finite
+    # and the new W[0] overflows: 3e38 - 0.1 * -1e39 is beyond float32
+    params[0][0, 0], grads[0][0, 0] = 3e38, -3e38
+
+
+def test_checked_update_names_the_parameter_when_a_gradient_sum_overflows(backend_name, rng):
+    """Every gradient is finite (one's float32 sum overflows): the error names the parameter
+    whose update overflows, not that gradient."""
+    opt = SGD(lr=1.0)
+    be, params, grads, before = _checked_setup(backend_name, rng, opt, _sum_overflows)
+    with (
+        pytest.raises(gpubp.NonFiniteLossError, match=r"W\[0\]") as info,
+        np.errstate(over="ignore"),
+    ):
+        _apply(be, params, grads, opt)
+    assert "gradient" not in str(info.value).split("(")[0], str(info.value)
+    _assert_kept(before, params, opt)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "momentum", "adam"])
+def test_checked_update_applies_finite_values_whose_sum_overflows(backend_name, rng, opt_name):
+    """New parameters of 3e38 and -3e38 (finite; their float32 sum is not): the step is applied,
+    as the unchecked update computes it."""
+    make = {
+        "sgd": lambda: SGD(lr=0.1),
+        "momentum": lambda: SGD(lr=0.1, momentum=0.5),
+        "adam": lambda: Adam(lr=0.1),
+    }[opt_name]
+    opt, plain = make(), make()
+
+    def edit(params, grads, state):
+        params[2][1, :3] = 3e38
+
+    be, params, grads, _ = _checked_setup(backend_name, rng, opt, edit)
+    plain.bind(None, be, CHECKED_SHAPES, np.float32)
+    copies = [p.copy() for p in params]
+    with np.errstate(over="ignore"):  # NumPy's float32 sums overflow on the way
+        _apply(be, params, grads, opt)
+    be.update_parameters(copies, grads, plain, plain.state)
+    be.synchronize()
+    for got, want in zip(params, copies, strict=True):
+        # (to rounding: the GPU's unchecked update is another kernel)
+        np.testing.assert_allclose(to_numpy(got), to_numpy(want), rtol=1e-5, atol=1e-6)
+    assert np.isfinite(to_numpy(params[2])).all() and int(opt.state["step"]) == 1
