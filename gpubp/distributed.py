@@ -154,7 +154,9 @@ def _limit_blas_threads(size: int, backend: Any) -> str | None:
     so ranks do not oversubscribe the machine; returns a note for the log, or None."""
     local = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", size))
     threads = max(1, usable_cores() // max(local, 1))
-    if getattr(backend, "threads", None) is not None:  # numba: its calls set their own count
+    launched = "OMPI_COMM_WORLD_LOCAL_SIZE" in os.environ  # a rank process of its own
+    if launched and getattr(backend, "threads", None) is not None:
+        # numba: its calls set their own count (the rank's backend is this process's only one)
         backend.threads = min(int(backend.threads), threads)
     try:
         from threadpoolctl import threadpool_limits

@@ -140,7 +140,8 @@ def _mkl() -> Provider | None:
             continue
         threading = _mkl_threading(lib)  # before any other MKL call: the first one fixes it
         get = _int_function(lib, "MKL_Get_Max_Threads", [], ctypes.c_int)
-        put = _int_function(lib, "MKL_Set_Num_Threads", [ctypes.c_int], None)
+        # the calling thread's own count: it wins over a process-wide one (threadpoolctl's)
+        put = _int_function(lib, "MKL_Set_Num_Threads_Local", [ctypes.c_int], ctypes.c_int)
         buf = ctypes.create_string_buffer(256)
         _int_function(lib, "MKL_Get_Version_String", [ctypes.c_char_p, ctypes.c_int], None)(
             buf, 256

@@ -213,6 +213,8 @@ class RowSplit:
     ) -> float:
         """Forward, output delta and backward for rows ``[r0, r1)``; ``dW``, ``db`` of these
         rows; returns their loss sum over the whole batch ``B``."""
+        # BLAS at one thread in this thread too: MKL's count is per thread (its own setting)
+        numba_blas.set_blas_threads(1)
         L = len(weights)
         aid, oid, lid = ids
         acts = [a0[r0:r1], *(a[r0:r1] for a in ws.a[1:])]
