@@ -146,7 +146,25 @@ def test_model_train_step_raises_at_once(cp):
         np.testing.assert_array_equal(p, q)
 
 
-def test_out_of_memory_error_gives_bytes_and_a_batch_that_fits(cp):
+@pytest.fixture
+def small_device(cp):
+    """On the emulated GPU, a 512 MiB device for the test (allocating half of the default
+    16 GiB in host memory took 44 s); a real GPU is left as it is."""
+    shrink = getattr(cp, "set_device_memory", None)
+    if shrink is None:
+        yield
+        return
+    from cudaemu import _memory
+
+    before = _memory._mem.limit
+    shrink(512 << 20)
+    try:
+        yield
+    finally:
+        shrink(before)
+
+
+def test_out_of_memory_error_gives_bytes_and_a_batch_that_fits(cp, small_device):
     be = _backend()
     free = cp.cuda.runtime.memGetInfo()[0]
     sizes = (4096, 4096, 10)

@@ -152,10 +152,12 @@ def test_steady_state_does_not_grow_any_combination(combo):
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 def test_peak_far_below_one_activation_buffer(opt_name):
     batch = 1024
-    _, peak, _ = measure(make_step(opt_name, batch), 100, growth=False)
+    # every step is the same: an array-sized temporary shows in the peak of any of them (20,
+    # as in the batch test below; 100 traced steps took 14-17 s)
+    _, peak, _ = measure(make_step(opt_name, batch), 20, growth=False)
     limit = activation_bytes(batch) // 10
     assert peak < limit, (
-        f"peak traced memory {peak} bytes during 100 steps; one (B, {WIDE}) activation is "
+        f"peak traced memory {peak} bytes during 20 steps; one (B, {WIDE}) activation is "
         f"{activation_bytes(batch)} bytes, so some op allocates an array-sized temporary"
     )
 
