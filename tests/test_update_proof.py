@@ -39,8 +39,9 @@ def backends(split: bool) -> tuple[NumbaBackend, NumbaBackend]:
     pair = []
     for _ in range(2):
         be = NumbaBackend(threads=2 if split else None)
-        if split:
+        if split:  # the max |g| read split by ranges, the update's passes by 64-element chunks
             be.update_split_min = 64
+            be.update_par_min = be.update_chunk = 64
         pair.append(be)
     pair[1]._proved = lambda *a, **k: False  # type: ignore[method-assign]
     return pair[0], pair[1]

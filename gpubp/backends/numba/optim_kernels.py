@@ -275,14 +275,6 @@ def scalars(kind: str, dtype: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return sgd_scalars(dtype, *args) if kind == "sgd" else adam_scalars(dtype, *args)
 
 
-def merge_maxima(kind: str, results: list[Any]) -> tuple[float, ...]:
-    """The state's maxima over every range's write pass: SGD ``(max |buf'|,)``; Adam
-    ``(max |m'|, max v', min(0, min v'))``."""
-    if kind == "sgd":
-        return (max(float(r) for r in results),)
-    return tuple(f(float(r[k]) for r in results) for k, f in enumerate((max, max, min)))
-
-
 def _limits(dtype: Any) -> tuple[float, float]:
     """``(finite, change)``: the bound on every magnitude that must only stay finite (``2^-8``
     of the dtype's largest number ``F``: room for the rounding of every operation), and the

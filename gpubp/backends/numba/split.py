@@ -37,11 +37,10 @@ class RowSplit:
 
     #: Fewest batch rows per thread for a batch to be split over threads (see :meth:`_parts`).
     split_min_rows: ClassVar[int] = 2048
-    #: Fewest parameter elements per thread for an optimizer pass to be split over threads
-    #: (see :meth:`_over_ranges`). Measured on 2 cores, the update run right after a GEMM (as in
-    #: a step: OpenBLAS's idle thread still spins on the other core): the default model's 535k
-    #: parameters split in two were 14-23% slower than serial (momentum, Adam), mnist-mlp's 1.86M
-    #: 2-2.6x faster; one noisy run each.
+    #: Fewest elements per thread for a read pass over the gradients (the update's ``max |g|``
+    #: when no bound came with them) to be split over threads (see :meth:`_map_ranges`).
+    #: Measured on 2 cores for the update passes this split once served, right after a GEMM:
+    #: 535k parameters split in two were 14-23% slower than serial, 1.86M 2-2.6x faster.
     update_split_min: ClassVar[int] = 1 << 19
     threads: int | None
     blas_in_kernels: bool
@@ -73,12 +72,6 @@ class RowSplit:
         if n is None:
             return 1
         return max(1, min(n, total // self.update_split_min))
-
-    def _over_ranges(
-        self, kernel: Any, tensors: list[tuple[Any, ...]], scalars: tuple[Any, ...]
-    ) -> list[int]:
-        """The indices ``i``, in order, for which a call of :meth:`_map_ranges` returned true."""
-        return sorted({i for i, r in self._map_ranges(kernel, tensors, scalars) if r})
 
     def _map_ranges(
         self, kernel: Any, tensors: list[tuple[Any, ...]], scalars: tuple[Any, ...]

@@ -54,7 +54,6 @@ class NumbaUpdate:
     _fits: Any
     _own_ops: Any
     _threads: Any
-    _over_ranges: Any
     _map_ranges: Any
     _rejected: Any
 
@@ -157,8 +156,9 @@ class NumbaUpdate:
     ) -> tuple[list[Any], dict[str, Any]]:
         """:meth:`checked_update` given ``gmax >= max |g|`` over every gradient (None: read it).
 
-        Each pass is split over the threads above ``update_split_min`` elements per thread.
-        The write pass returns the new state's maxima, kept in ``state`` for the next step.
+        From ``update_par_min`` elements each pass runs in parallel over chunks of
+        ``update_chunk`` elements (:meth:`_one_call`). The write pass returns the new state's
+        maxima, kept in ``state`` for the next step.
         """
         slots = [state[s] for s in optimizer.slots]
         dt = params[0].dtype
