@@ -23,6 +23,7 @@ from gpubp.check import TOLERANCE, check_configuration, rel_error
 pytest.importorskip("numba")
 
 from gpubp.backends.numba import NumbaBackend, layers
+from gpubp.backends.numba import checked as C
 from gpubp.backends.numba import exp as E
 from gpubp.backends.numba import gemm as numba_blas
 from gpubp.backends.numba import kernels as K
@@ -248,21 +249,22 @@ def test_fold_falls_back_when_the_bound_is_not_met(rng, monkeypatch):
     W, b, x, y = _problem("float32", rng)
     be = NumbaBackend()
     updated = []
-    kernel, every = O.sgd_apply, O.sgd_all
+    kernel, every = O.sgd_apply, C.sgd_step
 
     def spy(p, *args):
         updated.append(p.size)
         return kernel(p, *args)
 
-    def spy_all(ps, gs, bufs, scalars, write):  # the update kernel over every tensor at once
-        if write:
+    def spy_all(ps, gs, bufs, *args):  # the checked update over every tensor at once
+        status = every(ps, gs, bufs, *args)
+        if status < 0:  # written
             updated.extend(p.size for p in ps)
-        return every(ps, gs, bufs, scalars, write)
+        return status
 
     from gpubp.backends.numba import step
 
     monkeypatch.setattr(step, "sgd_apply", spy)  # the folded step's bias update
-    monkeypatch.setattr(O, "sgd_all", spy_all)  # the checked update, every tensor in one call
+    monkeypatch.setattr(C, "sgd_step", spy_all)  # the checked update, every tensor in one call
     got = _step(be, be.train_step, W, b, x, y, optim.SGD(lr=1e30))
     assert sorted(updated) == sorted(p.size for p in W + b)
     plain = _step(be, lambda *a: Backend.train_step(be, *a), W, b, x, y, optim.SGD(lr=1e30))
@@ -491,8 +493,12 @@ def test_kernels_are_cached_on_disk():
         O.sgd_apply,
         O.adam_check,
         O.adam_apply,
-        O.sgd_all,
-        O.adam_all,
+        C.sgd_step,
+        C.adam_step,
+        C.sgd_step_par,
+        C.adam_step_par,
+        C.sgd_proved,
+        C.adam_proved,
         layers.forward_layer,
         layers.hidden_delta,
         layers.weight_gradient,

@@ -164,12 +164,11 @@ def test_large_but_finite_updates_are_applied(backend_name, rng, label):
 
 def splitting(threads: int = 2):
     """A Numba backend that splits every optimizer pass of 128 elements or more: the update's
-    passes in 64-element chunks on the OpenMP pool, the ``max |g|`` read by ranges."""
+    passes (its reads too) in 64-element chunks on the OpenMP pool."""
     pytest.importorskip("numba")
     from gpubp.backends.numba import NumbaBackend
 
     be = NumbaBackend(threads=threads)
-    be.update_split_min = 64
     be.update_par_min = be.update_chunk = 64
     return be
 

@@ -75,7 +75,7 @@ NUMPY_CHECKS = (
 #: (not the on-disk cache and allocation tests: slow, and about neither numbers nor checks)
 NOT_NUMBA = "not numpy and not cupy and not cache and not allocates"
 # test_backends.py first: its train steps compile the optimizer kernels before test_numba.py's
-# spy on optim_kernels.sgd_apply does (a cold compile of sgd_all under the spy fails to type)
+# spy on optim_kernels.sgd_apply does (a cold compile of checked.sgd_step under the spy fails to type)
 NUMBA = f"tests/test_backends.py tests/test_numba.py -k '{NOT_NUMBA}'"
 NUMBA_UPDATE = (
     "tests/test_optim.py tests/test_bad_input.py tests/test_update_proof.py "
@@ -387,14 +387,14 @@ MUTANTS: list[Mutant] = [
     # the Numba optimizer kernels and their proof
     M(
         "numba proof: drops |g'|^2 (Adam + L2 writes inf into v)",
-        "gpubp/backends/numba/optim_kernels.py",
-        "sizes = [b1, omb1, b2, omb2, alpha, l2, g2, g2 * g2, m, v, m / eps, shrunk]",
-        "sizes = [b1, omb1, b2, omb2, alpha, l2, g2, m, v, m / eps, shrunk]",
+        "gpubp/backends/numba/checked.py",
+        "sizes = np.array([b1, omb1, b2, omb2, alpha, l2, g2, g2 * g2, m, v, m / eps, shrunk])",
+        "sizes = np.array([b1, omb1, b2, omb2, alpha, l2, g2, m, v, m / eps, shrunk])",
         NUMBA_UPDATE,
     ),
     M(
         "numba proof: ignores AdamW's shrink",
-        "gpubp/backends/numba/optim_kernels.py",
+        "gpubp/backends/numba/checked.py",
         "shrunk = abs(shrink) * P if abs(shrink) > 1.0 else 0.0",
         "shrunk = 0.0",
         NUMBA_UPDATE,
@@ -422,7 +422,7 @@ MUTANTS: list[Mutant] = [
     ),
     M(
         "numba proof: accepts a negative v",
-        "gpubp/backends/numba/optim_kernels.py",
+        "gpubp/backends/numba/checked.py",
         "b2 >= 0.0 and omb2 >= 0.0 and vneg == 0.0 and eps",
         "b2 >= 0.0 and omb2 >= 0.0 and eps",
         NUMBA_UPDATE,
@@ -433,16 +433,16 @@ MUTANTS: list[Mutant] = [
     ),
     M(
         "numba proof: change bound as loose as the size bound",
-        "gpubp/backends/numba/optim_kernels.py",
-        "return big * 2.0**-8, big * 2.0**-60",
-        "return big * 2.0**-8, big * 2.0**-8",
+        "gpubp/backends/numba/checked.py",
+        "return np.array([big * 2.0**-8, big * 2.0**-60, float(info.tiny)])",
+        "return np.array([big * 2.0**-8, big * 2.0**-8, float(info.tiny)])",
         NUMBA_UPDATE,
     ),
     M(
         "numba proof: never reads |p| for SGD weight decay",
-        "gpubp/backends/numba/optim_kernels.py",
-        'if kind == "sgd":\n        return float(scalars[3]) != 0.0',
-        'if kind == "sgd":\n        return False',
+        "gpubp/backends/numba/checked.py",
+        '        return s[7] != 0.0 or not abs(s[6]) <= 1.0\n    return s[3] != 0.0',
+        '        return s[7] != 0.0 or not abs(s[6]) <= 1.0\n    return False',
         NUMBA_UPDATE,
     ),
     # the epoch loop

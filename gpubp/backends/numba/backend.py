@@ -85,6 +85,7 @@ class NumbaBackend(NumbaStep, RowSplit, NumbaUpdate, Backend):
         self.threads = None if threads is None else int(threads)
         #: Whether GEMMs run inside the kernels (a provider found) or through numpy.matmul.
         self.blas_in_kernels = numba_blas.AVAILABLE
+        self.update_counts = {"proved": 0, "checked": 0}
 
     @contextlib.contextmanager
     def _threads(self) -> Iterator[None]:

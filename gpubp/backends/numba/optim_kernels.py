@@ -10,11 +10,12 @@ can split a tensor over its threads; the kernels release the GIL):
   returns whether any of them is not finite: the exact check, a second full pass;
 - :func:`absmax`: ``max |x|`` (inf for NaN or infinity), one read pass.
 
-Before writing, the backend first tries :func:`provably_finite`: from ``G = max |g|`` (one read
-of the gradients; a NaN or infinite gradient makes it inf, which fails the proof), the state's
-maxima returned by the previous write pass, and ``P = max |p|`` only where the rule needs it.
-If the proof fails (or the maxima are unknown), the exact check pass decides: every check
-before the first write, so a rejected step leaves every tensor as it was.
+Before writing, the backend first tries the proof (:mod:`.checked`, which runs the whole step
+in one kernel call): from ``G >= max |g|`` (the step's passes give it, or one read of the
+gradients; a NaN or infinite gradient makes it inf, which fails the proof), the state's maxima
+returned by the previous write pass, and ``P = max |p|`` only where the rule needs it. If the
+proof fails (or the maxima are unknown), the exact check pass decides: every check before the
+first write, so a rejected step leaves every tensor as it was.
 
 The argument, with ``F`` the dtype's largest number, ``u`` its unit roundoff, every scalar as
 rounded to the dtype, and the bounds computed in float64 from ``G``, ``P`` and the maxima:
@@ -72,13 +73,10 @@ import math
 from typing import Any
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ...optim import adam_scalars as rule_scalars
-from . import (
-    cache,  # noqa: F401 - before any kernel: the cache goes to the user's folder
-    pool,  # noqa: F401 - before any parallel kernel: the OpenMP layer
-)
+from . import cache  # noqa: F401 - before any kernel: the cache goes to the user's folder
 
 _jit = njit(cache=True, nogil=True, error_model="numpy")
 _inline = njit(inline="always", error_model="numpy")
@@ -273,167 +271,3 @@ def scalars(kind: str, dtype: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
     """The kernels' scalars for ``kind`` ("sgd" or "adam") from the optimizer's
     ``op_arguments(step)``."""
     return sgd_scalars(dtype, *args) if kind == "sgd" else adam_scalars(dtype, *args)
-
-
-def _limits(dtype: Any) -> tuple[float, float]:
-    """``(finite, change)``: the bound on every magnitude that must only stay finite (``2^-8``
-    of the dtype's largest number ``F``: room for the rounding of every operation), and the
-    bound on the change of a parameter (``2^-60 F``, float32 about 3e20: far below half a unit
-    in the last place of ``F``, float32 ``2^103``, about 1e31; float64 ``2^970``)."""
-    big = float(np.finfo(dtype).max)
-    return big * 2.0**-8, big * 2.0**-60
-
-
-def needs_parameter_bound(kind: str, scalars: tuple[Any, ...]) -> bool:
-    """Whether the proof of :func:`provably_finite` needs ``max |p|``: only when the rule adds a
-    multiple of ``p`` to the gradient (weight decay as L2) or scales ``p`` by more than 1."""
-    if kind == "sgd":
-        return float(scalars[3]) != 0.0
-    return float(scalars[7]) != 0.0 or not abs(float(scalars[6])) <= 1.0
-
-
-def provably_finite(
-    kind: str, scalars: tuple[Any, ...], dtype: Any, G: float, P: float, state: tuple[float, ...]
-) -> bool:
-    """Whether the step of :func:`sgd_apply` (``kind`` "sgd") or :func:`adam_apply` ("adam")
-    with these (dtype-rounded) ``scalars`` provably writes only finite values, given finite
-    parameters and ``G >= max |g|``, ``P >= max |p|`` (0 when
-    :func:`needs_parameter_bound` is false) and the state's maxima (SGD with momentum:
-    ``(max |buf|,)``; Adam: ``(max |m|, max v, min(0, min v))``). See the module docstring for
-    the argument. A NaN anywhere makes a comparison false, so it is never proved.
-    """
-    finite, change = _limits(dtype)
-    if kind == "sgd":
-        lr, mu, wd = (abs(float(scalars[i])) for i in (0, 1, 3))
-        g2 = G + wd * P
-        if mu == 0.0:
-            sizes, step = [g2], lr * g2
-        else:
-            buf = mu * state[0] + g2
-            inner = g2 + mu * buf if scalars[2] else buf
-            sizes, step = [g2, buf, inner], lr * inner
-        return all(x <= finite for x in (lr, mu, wd, *sizes)) and step <= change
-    b1, omb1, b2, omb2, eps, alpha, shrink, l2 = (float(x) for x in scalars)
-    M, V, vneg = state
-    if not (b2 >= 0.0 and omb2 >= 0.0 and vneg == 0.0 and eps >= float(np.finfo(dtype).tiny)):
-        return False
-    g2 = G + abs(l2) * P
-    m = abs(b1) * M + abs(omb1) * g2
-    v = b2 * V + omb2 * (g2 * g2)
-    shrunk = abs(shrink) * P if abs(shrink) > 1.0 else 0.0
-    sizes = [b1, omb1, b2, omb2, alpha, l2, g2, g2 * g2, m, v, m / eps, shrunk]
-    return all(abs(x) <= finite for x in sizes) and abs(alpha) * (m / eps) <= change
-
-
-# --- every tensor in one call -------------------------------------------------------------------
-# For a step whose update runs on one thread: the tensors as tuples of flat arrays, the scalars
-# as one float64 array (rounded to the tensors' dtype here, once each, as the *_scalars do).
-
-
-@_jit
-def sgd_all(ps, gs, bufs, scalars, write):  # type: ignore[no-untyped-def]
-    """:func:`sgd_check` (``write`` false: the index of the first tensor that would get a
-    non-finite value, or -1) or :func:`sgd_apply` (``write`` true: ``max |buf'|``) over every
-    tensor; ``scalars``: float64 ``(lr, momentum, nesterov, weight_decay)``."""
-    s = np.empty(4, ps[0].dtype)
-    s[:] = scalars
-    lr, mu, wd = s[0], s[1], s[3]
-    nesterov = scalars[2] != 0
-    top = 0.0
-    for k in range(len(ps)):
-        n = ps[k].shape[0]
-        if write:
-            top = max(top, float(sgd_apply(ps[k], gs[k], bufs[k], 0, n, lr, mu, nesterov, wd)))
-        elif sgd_check(ps[k], gs[k], bufs[k], 0, n, lr, mu, nesterov, wd):
-            return float(k)
-    return top if write else -1.0
-
-
-@_jit
-def adam_all(ps, gs, ms, vs, scalars, write):  # type: ignore[no-untyped-def]
-    """:func:`adam_check` (``write`` false: the index of the first tensor that would get a
-    non-finite value, or -1, in ``out[0]``) or :func:`adam_apply` (``write`` true: the state's
-    maxima) over every tensor; ``scalars``: float64, as :func:`adam_scalars` orders them."""
-    s = np.empty(8, ps[0].dtype)
-    s[:] = scalars
-    out = np.zeros(3)
-    out[0] = -1.0
-    for k in range(len(ps)):
-        n = ps[k].shape[0]
-        if write:
-            M, V, N = adam_apply(ps[k], gs[k], ms[k], vs[k], 0, n, *_eight(s))
-            out[0] = max(out[0], float(M)) if k else float(M)
-            out[1] = max(out[1], float(V)) if k else float(V)
-            out[2] = min(out[2], float(N)) if k else float(N)
-        elif adam_check(ps[k], gs[k], ms[k], vs[k], 0, n, *_eight(s)):
-            out[0] = k
-            return out
-    return out
-
-
-@_inline
-def _eight(s):  # type: ignore[no-untyped-def]
-    return s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]
-
-
-# --- every tensor in one call, on every thread --------------------------------------------------
-# The same passes over ``plan``'s chunks (rows ``(tensor, lo, hi)``), one chunk per iteration of
-# a parallel loop: on the OpenMP pool the GEMMs use (:mod:`.pool`). Each chunk runs the serial
-# kernel above on its range and leaves its result in a row of ``out``; the rows are combined
-# after the loop, so the outcome does not depend on how the chunks were shared out.
-
-_par = njit(cache=True, nogil=True, error_model="numpy", parallel=True)
-
-
-@_par
-def sgd_all_par(ps, gs, bufs, scalars, write, plan):  # type: ignore[no-untyped-def]
-    """:func:`sgd_all` over ``plan``'s chunks in parallel."""
-    s = np.empty(4, ps[0].dtype)
-    s[:] = scalars
-    lr, mu, wd = s[0], s[1], s[3]
-    nesterov = scalars[2] != 0
-    out = np.zeros(plan.shape[0])
-    for c in prange(plan.shape[0]):
-        k, lo, hi = plan[c, 0], plan[c, 1], plan[c, 2]
-        if write:
-            out[c] = float(sgd_apply(ps[k], gs[k], bufs[k], lo, hi, lr, mu, nesterov, wd))
-        else:
-            out[c] = 1.0 if sgd_check(ps[k], gs[k], bufs[k], lo, hi, lr, mu, nesterov, wd) else 0.0
-    if write:
-        return out.max()
-    for c in range(plan.shape[0]):
-        if out[c] != 0.0:
-            return float(plan[c, 0])
-    return -1.0
-
-
-@_par
-def adam_all_par(ps, gs, ms, vs, scalars, write, plan):  # type: ignore[no-untyped-def]
-    """:func:`adam_all` over ``plan``'s chunks in parallel."""
-    s = np.empty(8, ps[0].dtype)
-    s[:] = scalars
-    rows = np.zeros((plan.shape[0], 3))
-    for c in prange(plan.shape[0]):
-        k, lo, hi = plan[c, 0], plan[c, 1], plan[c, 2]
-        if write:
-            M, V, N = adam_apply(ps[k], gs[k], ms[k], vs[k], lo, hi, *_eight(s))
-            rows[c, 0], rows[c, 1], rows[c, 2] = float(M), float(V), float(N)
-        elif adam_check(ps[k], gs[k], ms[k], vs[k], lo, hi, *_eight(s)):
-            rows[c, 0] = 1.0
-    out = np.zeros(3)
-    out[0] = -1.0
-    if write:
-        out[0], out[1], out[2] = rows[:, 0].max(), rows[:, 1].max(), rows[:, 2].min()
-        return out
-    for c in range(plan.shape[0]):
-        if rows[c, 0] != 0.0:
-            out[0] = float(plan[c, 0])
-            return out
-    return out
-
-
-def chunk_plan(sizes: list[int], chunk: int) -> np.ndarray:
-    """``(tensor, lo, hi)`` rows cutting tensors of ``sizes`` into chunks of at most ``chunk``
-    elements (multiples of 64 but the last of each tensor), in order."""
-    rows = [(k, lo, min(lo + chunk, n)) for k, n in enumerate(sizes) for lo in range(0, n, chunk)]
-    return np.array(rows, dtype=np.int64).reshape(-1, 3)

@@ -37,16 +37,10 @@ class RowSplit:
 
     #: Fewest batch rows per thread for a batch to be split over threads (see :meth:`_parts`).
     split_min_rows: ClassVar[int] = 2048
-    #: Fewest elements per thread for a read pass over the gradients (the update's ``max |g|``
-    #: when no bound came with them) to be split over threads (see :meth:`_map_ranges`).
-    #: Measured on 2 cores for the update passes this split once served, right after a GEMM:
-    #: 535k parameters split in two were 14-23% slower than serial, 1.86M 2-2.6x faster.
-    update_split_min: ClassVar[int] = 1 << 19
     threads: int | None
     blas_in_kernels: bool
     _pool: ThreadPoolExecutor | None = None
     _pool_workers: int = 0
-    _plans: dict[tuple[tuple[int, ...], int], list[list[tuple[int, int, int]]]] | None = None
 
     def _parts(self, batch: int) -> int:
         """How many threads share the gradients of a batch of ``batch`` rows (1: not split).
@@ -62,61 +56,6 @@ class RowSplit:
             return 1
         n = self.threads if self.threads is not None else current
         return max(1, min(n, batch // self.split_min_rows))
-
-    def _update_parts(self, total: int) -> int:
-        """How many threads share an optimizer pass over ``total`` elements (1: not split):
-        as many as BLAS would use, each with at least :attr:`update_split_min` elements."""
-        if total < 2 * self.update_split_min:
-            return 1
-        n = self.threads if self.threads is not None else numba_blas.blas_threads()
-        if n is None:
-            return 1
-        return max(1, min(n, total // self.update_split_min))
-
-    def _map_ranges(
-        self, kernel: Any, tensors: list[tuple[Any, ...]], scalars: tuple[Any, ...]
-    ) -> list[tuple[int, Any]]:
-        """``kernel(*tensors[i], lo, hi, *scalars)`` over every element of every tensor (flat
-        arrays, the first of each tuple giving the size); every call's ``(i, result)``.
-
-        Above :attr:`update_split_min` elements per thread the elements, all tensors laid end
-        to end, are cut into equal contiguous parts, one per thread (the calling thread takes
-        the first); the kernels release the GIL.
-        """
-        sizes = tuple(int(t[0].shape[0]) for t in tensors)
-        parts = self._update_parts(sum(sizes))
-        if parts == 1:
-            return [(i, kernel(*t, 0, sizes[i], *scalars)) for i, t in enumerate(tensors)]
-        plan = self._plan(sizes, parts)
-        pool = self._executor(parts - 1)
-        futures = [pool.submit(_run, kernel, tensors, scalars, plan[t]) for t in range(1, parts)]
-        try:
-            results = _run(kernel, tensors, scalars, plan[0])
-        finally:
-            wait(futures)
-        for f in futures:
-            results += f.result()
-        return results
-
-    def _plan(self, sizes: tuple[int, ...], parts: int) -> list[list[tuple[int, int, int]]]:
-        """Per part, its ``(tensor, lo, hi)`` ranges: ``parts`` near-equal cuts of the tensors
-        laid end to end, at multiples of 64 elements (kept per ``(sizes, parts)``)."""
-        if self._plans is None:
-            self._plans = {}
-        plan = self._plans.get((sizes, parts))
-        if plan is None:
-            total = sum(sizes)
-            cuts = [total * t // parts // 64 * 64 for t in range(parts)] + [total]
-            plan = [[] for _ in range(parts)]
-            start = 0
-            for i, n in enumerate(sizes):
-                for t in range(parts):
-                    lo, hi = max(cuts[t], start), min(cuts[t + 1], start + n)
-                    if lo < hi:
-                        plan[t].append((i, lo - start, hi - start))
-                start += n
-            self._plans[(sizes, parts)] = plan
-        return plan
 
     def _executor(self, workers: int) -> ThreadPoolExecutor:
         """A persistent pool of ``workers`` threads (idle threads sleep on a queue: no spinning)."""
@@ -225,13 +164,3 @@ class RowSplit:
                 layers.hidden_delta(delta, weights[i], acts[i], aid, d, db[i - 1], none)
                 delta = d
         return float(value)
-
-
-def _run(
-    kernel: Any,
-    tensors: list[tuple[Any, ...]],
-    scalars: tuple[Any, ...],
-    ranges: list[tuple[int, int, int]],
-) -> list[tuple[int, Any]]:
-    """One part of :meth:`RowSplit._map_ranges`: each call's ``(i, result)``."""
-    return [(i, kernel(*tensors[i], lo, hi, *scalars)) for i, lo, hi in ranges]

@@ -1,16 +1,16 @@
 """The Numba backend's optimizer step: one write pass in the usual case, nothing changed on a
 rejected step.
 
-A step may write only if every new parameter and state value will be finite. The write pass
-(:mod:`.optim_kernels`) is preceded by no read pass when the proof of
-:func:`.optim_kernels.provably_finite` applies, which needs:
+A step may write only if every new parameter and state value will be finite. The whole step
+is one kernel call (:mod:`.checked`): the write pass (:mod:`.optim_kernels`) is preceded by no
+read pass when the proof applies, which needs:
 
 - ``G >= max |g|`` over every gradient. From :meth:`.step.NumbaStep.train_step`'s passes it comes
   for free: ``|dW^l| <= B max|delta^l| max|a^{l-1}|`` from the maxima the elementwise passes
   take while they write (``max |a|`` is inf if ``a`` holds NaN or infinity), and ``max |db|``
   from a read of the bias gradients (a few hundred numbers; ``db`` finite means every delta
   in its column is, so ``max|delta|`` is exact). Gradients from elsewhere (a data-parallel
-  all-reduce, a batch split over threads) are read once for it (:func:`.optim_kernels.absmax`).
+  all-reduce, a batch split over threads) are read once for it, inside the same kernel call.
 - The optimizer state's maxima, which the previous write pass returned. They are kept in the
   state dict itself, under :data:`~gpubp.backends.update.MAXIMA`, beside the arrays they
   describe: a state that is new, loaded or written by any other path has none (those paths
@@ -25,21 +25,24 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
+from ...optim import adam_scalars
 from ..update import MAXIMA, UpdateOps
+from . import checked as C
 from . import optim_kernels as O
 
 _UPDATE_OPS = ("sgd_update", "adam_update")
 
 
 class _Plan(NamedTuple):
-    """One checked step: the rule, its scalars in the dtype, the flat tensors ``(ps, gs,
-    *slots)``, the state's maxima (None: unknown) and the bound on ``max |g|`` (None: read)."""
+    """The checked step of one set of tensors: the rule ("sgd" or "adam"), the flat tensors
+    ``(ps, gs, *slots)``, the kernel of :mod:`.checked`, its chunk plan (none on one thread)
+    and the dtype's limits."""
 
     kind: str
-    scalars: tuple[Any, ...]
     cols: tuple[tuple[Any, ...], ...]
-    maxima: tuple[float, ...] | None
-    gmax: float | None
+    run: Any
+    extra: tuple[Any, ...]
+    limits: Any
 
 
 class NumbaUpdate:
@@ -49,12 +52,15 @@ class NumbaUpdate:
     update_par_min: ClassVar[int] = 1 << 15
     #: Elements per chunk of a parallel update pass (64 KiB of float32: a few fit in L1 + L2).
     update_chunk: ClassVar[int] = 1 << 14
+    #: Whether a step may be decided by the proof (False: the exact check pass always).
+    prove_updates: bool = True
+    #: Checked steps written so far, by what decided them ("proved" or "checked").
+    update_counts: dict[str, int]
     kernel_threads: Any
 
     _fits: Any
     _own_ops: Any
     _threads: Any
-    _map_ranges: Any
     _rejected: Any
 
     def sgd_update(
@@ -156,17 +162,14 @@ class NumbaUpdate:
     ) -> tuple[list[Any], dict[str, Any]]:
         """:meth:`checked_update` given ``gmax >= max |g|`` over every gradient (None: read it).
 
-        From ``update_par_min`` elements each pass runs in parallel over chunks of
-        ``update_chunk`` elements (:meth:`_one_call`). The write pass returns the new state's
-        maxima, kept in ``state`` for the next step.
+        One kernel call (:mod:`.checked`): the proof, the exact check pass where the proof does
+        not apply, and the write pass. From ``update_par_min`` elements each pass runs in
+        parallel over chunks of ``update_chunk`` elements. The write pass returns the new
+        state's maxima, kept in ``state`` for the next step.
         """
         slots = [state[s] for s in optimizer.slots]
-        dt = params[0].dtype
-        if (
-            optimizer.op not in _UPDATE_OPS
-            or not self._own_ops(_UPDATE_OPS)
-            or not self._fits(dt, *params, *grads, *(a for col in slots for a in col))
-        ):
+        plan = self._update_plan(optimizer, params, grads, slots)
+        if plan is None:
             return UpdateOps.checked_update(
                 self,  # type: ignore[arg-type]
                 value,
@@ -177,97 +180,67 @@ class NumbaUpdate:
                 scratch=scratch,
             )
         step = int(state["step"]) + 1
-        kind = "sgd" if optimizer.op == "sgd_update" else "adam"
-        plan = _Plan(
-            kind,
-            O.scalars(kind, dt, optimizer.op_arguments(step)),
-            self._columns(kind, params, grads, slots),
-            state.pop(MAXIMA, None) if slots else (),
-            gmax,
-        )
+        args = optimizer.op_arguments(step)
+        wide = np.array(args if plan.kind == "sgd" else adam_scalars(*args), dtype=np.float64)
+        known = np.zeros(4)
+        maxima = state.pop(MAXIMA, None) if slots else ()
+        if maxima is not None and self.prove_updates:
+            known[0] = 1.0
+            known[1 : 1 + len(maxima)] = maxima
+        G = -1.0 if gmax is None else float(gmax)
         with self._threads():
-            new = self._one_call(value, params, grads, optimizer, plan)
+            status = plan.run(*plan.cols, wide, G, known, plan.limits, *plan.extra)
+        if status >= 0:
+            raise self._rejected(value, params, grads, optimizer, int(status))
+        self.update_counts["proved" if status == C.PROVED else "checked"] += 1
         if slots:
-            state[MAXIMA] = new
+            state[MAXIMA] = (
+                (float(known[1]),) if plan.kind == "sgd" else tuple(map(float, known[1:]))
+            )
         state["step"] = step
         return params, state
 
-    def _columns(
-        self, kind: str, params: list[Any], grads: list[Any], slots: list[list[Any]]
-    ) -> tuple[tuple[Any, ...], ...]:
-        """``(ps, gs, *slots)``: flat views of every tensor, as tuples (kept for the last few
-        sets of arrays: the views hold their arrays, so an ``id`` cannot be reused meanwhile).
-        SGD without momentum passes ``ps`` as its buffer."""
-        key = (kind, *map(id, params), *map(id, grads), *(id(a) for col in slots for a in col))
-        cache = self.__dict__.setdefault("_columns_cache", {})
-        cols = cache.get(key)
-        if cols is None:
-            flat = [tuple(a.reshape(-1) for a in col) for col in (params, grads, *slots)]
-            if kind == "sgd" and not slots:
-                flat.append(flat[0])
-            cols = cache[key] = tuple(flat)
-            while len(cache) > 2:
-                cache.pop(next(iter(cache)))
-        return cols
-
-    def _one_call(
-        self, value: Any, params: list[Any], grads: list[Any], optimizer: Any, plan: _Plan
-    ) -> tuple[float, ...]:
-        """The check (unless proved) and the write pass over every tensor, one kernel call each
-        (:func:`.optim_kernels.sgd_all`, :func:`~.optim_kernels.adam_all`); the new maxima."""
-        wide = np.array([float(x) for x in plan.scalars])
-        chunks = self._chunks(plan.cols[0])
-        if chunks is None:
-            run: Any = O.sgd_all if plan.kind == "sgd" else O.adam_all
-            extra: tuple[Any, ...] = ()
-        else:
-            run, extra = (O.sgd_all_par if plan.kind == "sgd" else O.adam_all_par), (chunks,)
-        if not self._proved_plan(params, plan):
-            bad = run(*plan.cols, wide, False, *extra)
-            first = int(bad if plan.kind == "sgd" else bad[0])
-            if first >= 0:
-                raise self._rejected(value, params, grads, optimizer, first)
-        got = run(*plan.cols, wide, True, *extra)
-        return (float(got),) if plan.kind == "sgd" else tuple(float(x) for x in got)
-
-    def _chunks(self, ps: tuple[Any, ...]) -> Any:
-        """The chunk plan of a parallel pass over tensors of ``ps``'s sizes (kept per sizes),
-        or None where one thread does it: one thread set, or fewer than
-        :attr:`update_par_min` elements."""
-        sizes = [int(p.shape[0]) for p in ps]
-        if self.kernel_threads() < 2 or sum(sizes) < self.update_par_min:
+    def _update_plan(
+        self, optimizer: Any, params: list[Any], grads: list[Any], slots: list[list[Any]]
+    ) -> _Plan | None:
+        """The kernel, flat views ``(ps, gs, *slots)`` (SGD without momentum passes ``ps`` as
+        its buffer) and chunk plan of this step's tensors, kept for the last few sets of arrays
+        (the views hold their arrays, so an ``id`` cannot be reused meanwhile); None where the
+        update is not this backend's own or the tensors are not C-contiguous of one float
+        dtype."""
+        threads = self.kernel_threads()
+        key = (
+            optimizer.op,
+            threads,
+            *map(id, params),
+            *map(id, grads),
+            *(id(a) for col in slots for a in col),
+        )
+        cache = self.__dict__.setdefault("_update_plans", {})
+        plan = cache.get(key)
+        if plan is not None:
+            return plan
+        dt = params[0].dtype
+        if (
+            optimizer.op not in _UPDATE_OPS
+            or not self._own_ops(_UPDATE_OPS)
+            or not self._fits(dt, *params, *grads, *(a for col in slots for a in col))
+        ):
             return None
-        cache = self.__dict__.setdefault("_chunk_plans", {})
-        key = tuple(sizes)
-        if key not in cache:
-            cache[key] = O.chunk_plan(sizes, self.update_chunk)
-        return cache[key]
-
-    def _proved_plan(self, params: list[Any], plan: _Plan) -> bool:
-        if plan.maxima is None:
-            return False
-        cols = [list(c) for c in plan.cols]
-        return self._proved(plan.kind, cols, plan.scalars, params[0].dtype, plan.maxima, plan.gmax)
-
-    def _proved(
-        self,
-        kind: str,
-        cols: list[list[Any]],
-        scalars: tuple[Any, ...],
-        dt: Any,
-        maxima: tuple[float, ...],
-        gmax: float | None,
-    ) -> bool:
-        """Whether :func:`.optim_kernels.provably_finite` proves this step, given the state's
-        ``maxima`` and ``gmax`` (``max |g|`` is read where it is None; ``max |p|`` where the
-        proof needs it)."""
-
-        def biggest(col: list[Any]) -> float:
-            return max(float(r) for _, r in self._map_ranges(O.absmax, [(a,) for a in col], ()))
-
-        G = biggest(cols[1]) if gmax is None else gmax
-        P = biggest(cols[0]) if O.needs_parameter_bound(kind, scalars) else 0.0
-        return O.provably_finite(kind, scalars, dt, G, P, maxima)
+        kind = "sgd" if optimizer.op == "sgd_update" else "adam"
+        flat = [tuple(a.reshape(-1) for a in col) for col in (params, grads, *slots)]
+        if kind == "sgd" and not slots:
+            flat.append(flat[0])
+        sizes = [int(p.size) for p in params]
+        if threads < 2 or sum(sizes) < self.update_par_min:
+            run, extra = (C.sgd_step if kind == "sgd" else C.adam_step), ()
+        else:
+            run = C.sgd_step_par if kind == "sgd" else C.adam_step_par
+            extra = (C.chunk_plan(sizes, self.update_chunk),)
+        plan = cache[key] = _Plan(kind, tuple(flat), run, extra, C.limits(dt))
+        while len(cache) > 2:
+            cache.pop(next(iter(cache)))
+        return plan
 
 
 def gradient_bound(bounds: list[float], dbs: list[Any]) -> float:
