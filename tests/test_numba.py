@@ -243,17 +243,14 @@ def test_folded_sgd_step_matches_reference(dtype, rng, wd):
 
 
 def test_fold_falls_back_when_the_bound_is_not_met(rng, monkeypatch):
-    """With lr = 1e30 the bound ``lr B max|delta| max|a|`` fails: dW is computed and applied by
-    the update kernel, exactly as the unfolded path does (bit for bit). At a normal lr the
-    update kernel only sees the biases: the weights were updated inside the GEMM."""
+    """With lr = 1e30 the bound ``lr B max|delta| max|a|`` fails: nothing is folded, and dW is
+    computed and applied by the checked update, exactly as the unfolded path does (bit for
+    bit). At a normal lr the checked update never runs: the one kernel call of the fold updated
+    the weights inside the GEMM and the biases after it."""
     W, b, x, y = _problem("float32", rng)
     be = NumbaBackend()
     updated = []
-    kernel, every = O.sgd_apply, C.sgd_step
-
-    def spy(p, *args):
-        updated.append(p.size)
-        return kernel(p, *args)
+    every = C.sgd_step
 
     def spy_all(ps, gs, bufs, *args):  # the checked update over every tensor at once
         status = every(ps, gs, bufs, *args)
@@ -261,10 +258,7 @@ def test_fold_falls_back_when_the_bound_is_not_met(rng, monkeypatch):
             updated.extend(p.size for p in ps)
         return status
 
-    from gpubp.backends.numba import step
-
-    monkeypatch.setattr(step, "sgd_apply", spy)  # the folded step's bias update
-    monkeypatch.setattr(C, "sgd_step", spy_all)  # the checked update, every tensor in one call
+    monkeypatch.setattr(C, "sgd_step", spy_all)
     got = _step(be, be.train_step, W, b, x, y, optim.SGD(lr=1e30))
     assert sorted(updated) == sorted(p.size for p in W + b)
     plain = _step(be, lambda *a: Backend.train_step(be, *a), W, b, x, y, optim.SGD(lr=1e30))
@@ -272,8 +266,10 @@ def test_fold_falls_back_when_the_bound_is_not_met(rng, monkeypatch):
         np.testing.assert_array_equal(p, q)
     updated.clear()
     folded = _step(be, be.train_step, W, b, x, y, optim.SGD(lr=1e-3))
-    assert updated == [v.size for v in b]  # biases only: the fold was taken
+    assert updated == []  # the fold was taken
+    assert any((p != q).any() for p, q in zip(folded[1] + folded[2], W + b))
     unfolded = _step(be, lambda *a: Backend.train_step(be, *a), W, b, x, y, optim.SGD(lr=1e-3))
+    assert updated  # (the spy sees the plain path)
     for p, q in zip(folded[1] + folded[2], unfolded[1] + unfolded[2]):
         np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-7)
 
@@ -400,17 +396,17 @@ def test_threads_applies_during_calls_and_restores(rng):
     W, b, x, y = _problem("float64", rng)
     one = NumbaBackend(threads=1)
     seen = []
-    orig = K.output_delta
+    orig = layers.backprop_fold  # the whole folded SGD step, one kernel call
 
     def spy(*args):
         seen.append(numba_blas.blas_threads())
         return orig(*args)
 
-    K.output_delta = spy
+    layers.backprop_fold = spy
     try:
         got = _step(one, one.train_step, W, b, x, y, optim.SGD(lr=0.1))
     finally:
-        K.output_delta = orig
+        layers.backprop_fold = orig
     assert seen == [1]
     assert numba_blas.blas_threads() == before
     default = NumbaBackend()
@@ -513,11 +509,11 @@ def test_second_process_loads_kernels_from_the_cache(tmp_path):
     """A fresh process compiles (and caches); the next one only loads: no new compilation."""
     code = (
         "import numpy as np, gpubp\n"
-        "from gpubp.backends.numba import kernels as K\n"
+        "from gpubp.backends.numba import layers\n"
         "m = gpubp.MLP([5, 7, 3], backend='numba', dtype='float32', seed=0)\n"
         "m.train_step(np.ones((4, 5)), np.array([0, 1, 2, 0]), gpubp.optim.SGD(lr=0.1))\n"
-        "print(sum(K.output_delta.stats.cache_misses.values()),"
-        " sum(K.output_delta.stats.cache_hits.values()))\n"
+        "k = layers.backprop_fold  # the whole SGD step, one kernel\n"
+        "print(sum(k.stats.cache_misses.values()), sum(k.stats.cache_hits.values()))\n"
     )
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])

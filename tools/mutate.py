@@ -74,8 +74,8 @@ NUMPY_CHECKS = (
 )
 #: (not the on-disk cache and allocation tests: slow, and about neither numbers nor checks)
 NOT_NUMBA = "not numpy and not cupy and not cache and not allocates"
-# test_backends.py first: its train steps compile the optimizer kernels before test_numba.py's
-# spy on optim_kernels.sgd_apply does (a cold compile of checked.sgd_step under the spy fails to type)
+# test_backends.py first: its train steps compile the kernels before test_numba.py's spies
+# replace one (a cold compile under a spy fails to type)
 NUMBA = f"tests/test_backends.py tests/test_numba.py -k '{NOT_NUMBA}'"
 NUMBA_UPDATE = (
     "tests/test_optim.py tests/test_bad_input.py tests/test_update_proof.py "

@@ -29,9 +29,8 @@ default is the cores this process may run on.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
+import threading
 from typing import Any, ClassVar
 
 import numpy as np
@@ -53,6 +52,39 @@ _EMPTY_I64 = np.empty(0, dtype=np.int64)
 _GRADIENT_OPS = ("forward_layer", "output_delta", "hidden_delta", "parameter_gradients")
 #: Settings of the BLAS's threads that a default backend leaves alone.
 _THREAD_VARIABLES = ("MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+_local = threading.local()
+
+
+class _ThreadScope:
+    """The scope of :meth:`NumbaBackend._threads` (a class, not a generator: a step enters it
+    once or twice, and a generator-based context costs a few microseconds each time)."""
+
+    __slots__ = ("before", "threads")
+
+    def __init__(self, threads: int | None) -> None:
+        self.threads: int | None = threads
+        self.before: int | None = None
+
+    def __enter__(self) -> None:
+        depth = getattr(_local, "depth", 0)
+        _local.depth = depth + 1
+        n = self.threads
+        if depth or n is None:
+            return
+        if getattr(_local, "kernel_threads", None) != n:  # Numba's count is per thread
+            pool.set_threads(n)
+            _local.kernel_threads = n
+        before = numba_blas.blas_threads()
+        if before is not None and before != n:
+            numba_blas.set_blas_threads(n)
+            self.before = before
+
+    def __exit__(self, *exc: object) -> None:
+        _local.depth -= 1
+        if self.before is not None:
+            numba_blas.set_blas_threads(self.before)
 
 
 class NumbaBackend(NumbaStep, RowSplit, NumbaUpdate, Backend):
@@ -87,21 +119,11 @@ class NumbaBackend(NumbaStep, RowSplit, NumbaUpdate, Backend):
         self.blas_in_kernels = numba_blas.AVAILABLE
         self.update_counts = {"proved": 0, "checked": 0}
 
-    @contextlib.contextmanager
-    def _threads(self) -> Iterator[None]:
+    def _threads(self) -> _ThreadScope:
         """Inside, the GEMM provider and the parallel kernels use :attr:`threads` (the
-        provider's setting is put back after; the kernels' is this thread's own)."""
-        if self.threads is not None and pool.get_threads() != self.threads:
-            pool.set_threads(self.threads)
-        before = numba_blas.blas_threads() if self.threads is not None else None
-        if before is None or before == self.threads:
-            yield
-            return
-        numba_blas.set_blas_threads(self.threads)  # type: ignore[arg-type]
-        try:
-            yield
-        finally:
-            numba_blas.set_blas_threads(before)
+        provider's setting is put back after; the kernels' is this thread's own). Nested
+        scopes of one thread do nothing: the outermost one set them."""
+        return _ThreadScope(self.threads)
 
     def kernel_threads(self) -> int:
         """Threads the parallel kernels get: :attr:`threads`, or the pool's setting."""

@@ -25,7 +25,15 @@ from .gemm import PROVIDER
 #: function it loads, not of the kernels inlined into it from other modules, so the folder is
 #: named by a hash of all of them (and by the GEMM provider the kernels call): a change to any
 #: starts a fresh cache.
-KERNEL_MODULES = ("exp.py", "kernels.py", "layers.py", "optim_kernels.py", "gemm.py", "pool.py")
+KERNEL_MODULES = (
+    "exp.py",
+    "kernels.py",
+    "layers.py",
+    "optim_kernels.py",
+    "checked.py",
+    "gemm.py",
+    "pool.py",
+)
 
 
 def _sources_hash() -> str:

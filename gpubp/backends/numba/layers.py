@@ -15,6 +15,7 @@ from numba import njit
 from . import cache  # noqa: F401 - before any kernel: the cache goes to the user's folder
 from .gemm import gemm
 from .kernels import IDENTITY, absmax, bias_act, dact_mul, output_delta
+from .optim_kernels import sgd_apply, sgd_check
 
 _jit = njit(cache=True, nogil=True, error_model="numpy")
 _inline = njit(inline="always", cache=True, nogil=True, error_model="numpy")
@@ -70,6 +71,18 @@ def matmul(a, b, out, ta, tb):  # type: ignore[no-untyped-def]
 # the layers as tuples, so one call runs every layer.
 
 
+@_inline
+def _forward(a0, Ws, bs, acts, z, hid, cm, amax):  # type: ignore[no-untyped-def]
+    """Every layer's forward pass, ``max |a^l|`` into ``amax`` (``a^0`` included)."""
+    L = len(Ws)
+    amax[0] = absmax(a0, cm)
+    prev = a0
+    for i in range(L - 1):
+        amax[i + 1] = forward_layer(prev, Ws[i], bs[i], hid, acts[i], cm)
+        prev = acts[i]
+    forward_layer(prev, Ws[L - 1], bs[L - 1], IDENTITY, z, cm[:0])
+
+
 @_jit
 def backprop(a0, labels, Y, Ws, bs, acts, z, ds, dWs, dbs, hid, out_act, loss, cm, batch):  # type: ignore[no-untyped-def]
     """Forward, ``delta^L``, every delta and every ``dW``, ``db`` in one call; returns
@@ -82,14 +95,8 @@ def backprop(a0, labels, Y, Ws, bs, acts, z, ds, dWs, dbs, hid, out_act, loss, c
     ``max |db|`` exactly (a finite ``db`` column means finite deltas in it).
     """
     L = len(Ws)
-    no_max = cm[:0]
     amax = np.empty(L)
-    amax[0] = absmax(a0, cm)
-    prev = a0
-    for i in range(L - 1):
-        amax[i + 1] = forward_layer(prev, Ws[i], bs[i], hid, acts[i], cm)
-        prev = acts[i]
-    forward_layer(prev, Ws[L - 1], bs[L - 1], IDENTITY, z, no_max)
+    _forward(a0, Ws, bs, acts, z, hid, cm, amax)
     value, dmax = output_delta(z, Y, labels, out_act, loss, z, dbs[L - 1], batch)
     G = 0.0
     delta = z
@@ -104,6 +111,52 @@ def backprop(a0, labels, Y, Ws, bs, acts, z, ds, dWs, dbs, hid, out_act, loss, c
         db = dbs[i]
         G = _at_least(G, absmax(db.reshape((1, db.shape[0])), cm))
     return value, G
+
+
+@_jit
+def backprop_fold(a0, labels, Y, Ws, bs, acts, z, ds, dbs, hid, out_act, loss, cm, batch, sgd):  # type: ignore[no-untyped-def]
+    """Plain SGD folded into the gradient GEMMs, ``W = -lr delta.T @ a_prev + (1 - lr wd) W``,
+    in one call: forward, every delta and ``db``, then, only where it provably cannot produce
+    NaN or infinity, every layer's weights and biases updated. Returns ``(C, done)``; where
+    ``done`` is false nothing was written, and the deltas and ``db`` are left for the plain
+    update.
+
+    ``sgd``: float64 ``(lr, weight_decay, lr_ok, change)``: ``lr_ok`` 1 where ``lr`` is a finite
+    number of the dtype (``-lr`` is the GEMM's alpha), ``change`` the dtype's bound on a change
+    (``2^-60`` of its largest number). Safe means: the loss and every new bias are finite (so
+    every ``db`` and delta is), and ``lr B max|delta^l| max|a^{l-1}|`` and
+    ``B max|delta^l| max|a^{l-1}|`` are at most ``change`` for every layer (so ``|W - lr dW|``
+    cannot round past the largest number).
+    """
+    L = len(Ws)
+    amax = np.empty(L)
+    _forward(a0, Ws, bs, acts, z, hid, cm, amax)
+    value, dmax = output_delta(z, Y, labels, out_act, loss, z, dbs[L - 1], batch)
+    lr, wd, lr_ok, limit = sgd[0], sgd[1], sgd[2] != 0.0, sgd[3]
+    safe = lr_ok and value - value == 0.0
+    delta = z
+    for i in range(L - 1, -1, -1):
+        bound = batch * dmax * amax[i]
+        safe = safe and bound <= limit and lr * bound <= limit
+        if i > 0:
+            dmax = hidden_delta(delta, Ws[i], acts[i - 1], hid, ds[i - 1], dbs[i - 1], cm)
+            delta = ds[i - 1]
+    s = np.empty(2, Ws[0].dtype)
+    s[0], s[1] = lr, wd
+    zero = s[0] - s[0]
+    for i in range(L):  # the new biases are checked (nothing written) before anything changes
+        b = bs[i]
+        if safe and sgd_check(b, dbs[i], b, 0, b.shape[0], s[0], zero, False, s[1]):
+            safe = False
+    if not safe:
+        return value, False
+    shrink = 1.0 - lr * wd
+    for i in range(L):
+        delta = z if i == L - 1 else ds[i]
+        weight_gradient(delta, a0 if i == 0 else acts[i - 1], Ws[i], -lr, shrink)
+        b = bs[i]
+        sgd_apply(b, dbs[i], b, 0, b.shape[0], s[0], zero, False, s[1])
+    return value, True
 
 
 @_inline

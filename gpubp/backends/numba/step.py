@@ -4,7 +4,7 @@ gradient GEMM (a mixin of :class:`~.backend.NumbaBackend`)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -12,7 +12,7 @@ from ... import activations as act
 from ..base import Backend
 from . import kernels as K
 from . import layers
-from .optim_kernels import sgd_apply, sgd_check, sgd_scalars
+from .checked import limits
 from .update import gradient_bound
 from .workspace import NumbaWorkspace
 
@@ -34,20 +34,121 @@ _STEP_OPS = (
 FOLD_MAX_BATCH = 512
 
 
+class _Net(NamedTuple):
+    """A network's arrays as the one-call kernels take them, for one batch size: kept per set
+    of arrays (it holds them, so an ``id`` cannot be reused meanwhile)."""
+
+    ws: NumbaWorkspace
+    Ws: tuple[Any, ...]
+    bs: tuple[Any, ...]
+    acts: tuple[Any, ...]
+    ds: tuple[Any, ...]
+    dWs: tuple[Any, ...]
+    dbs: tuple[Any, ...]
+    params: list[Any]
+    grads: list[Any]
+    #: hidden activation, output activation and loss, as the kernels number them
+    ids: tuple[int, int, int]
+    #: the dtype's bound on a parameter's change (see :func:`.checked.limits`) and its largest
+    change: float
+    largest: float
+
+
 class NumbaStep:
     """``train_step`` of the Numba backend; the host provides the ops, the workspace, the
     thread setting and the checked update."""
 
     blas_in_kernels: bool
+    split_min_rows: int
     _own_ops: Any
     _fits: Any
     _parts: Any
     _threads: Any
-    _staged: Any
+    _stage: Any
     _backprop: Any
+    _split_targets: Any
+    workspace_for: Any
     check_loss: Any
     apply_update: Any
     checked_update_bounded: Any
+
+    def _net(
+        self,
+        weights: list[Any],
+        biases: list[Any],
+        x: Any,
+        activation: str,
+        output: str,
+        loss: str,
+    ) -> _Net | None:
+        """This network's :class:`_Net` for ``x``'s batch size, or None where the one-call
+        step does not apply (an op overridden, an activation or loss without a kernel, arrays
+        that are not C-contiguous of one float dtype, no hidden layer, a batch split over
+        threads). Kept for the last few networks and batch sizes, so a step's Python is a
+        lookup."""
+        B = x.shape[0]
+        key = (*map(id, weights), *map(id, biases), B, activation, output, loss)
+        nets = self.__dict__.setdefault("_nets", {})
+        net = nets.get(key, False)
+        if net is False:
+            net = self._make_net(weights, biases, x, activation, output, loss)
+            nets[key] = net
+            while len(nets) > 4:
+                nets.pop(next(iter(nets)))
+        if net is not None and B >= 2 * self.split_min_rows and self._parts(B) != 1:
+            return None
+        return net
+
+    def _make_net(
+        self,
+        weights: list[Any],
+        biases: list[Any],
+        x: Any,
+        activation: str,
+        output: str,
+        loss: str,
+    ) -> _Net | None:
+        if not (
+            self.blas_in_kernels
+            and self._own_ops(_STEP_OPS)
+            and activation in _HIDDEN
+            and loss in K.LOSS_IDS
+            and len(weights) >= 2
+            and self._fits(weights[0].dtype, *weights, *biases)
+        ):
+            return None
+        ws = self.workspace_for(weights, x)
+        assert isinstance(ws, NumbaWorkspace)
+        lim = limits(weights[0].dtype)
+        return _Net(
+            ws,
+            tuple(weights),
+            tuple(biases),
+            tuple(ws.a[1:]),
+            tuple(ws.d[1:]),
+            tuple(ws.dW),
+            tuple(ws.db),
+            [*weights, *biases],
+            [*ws.dW, *ws.db],
+            (_HIDDEN[activation], act.ACTIVATION_IDS[output], K.LOSS_IDS[loss]),
+            float(lim[1]),
+            float(np.finfo(weights[0].dtype).max),
+        )
+
+    def _one_layer(
+        self, weights: list[Any], biases: list[Any], x: Any, activation: str, loss: str
+    ) -> bool:
+        """Whether a network without hidden layers takes this class's step (layer by layer,
+        with the bound for the checked update), as :meth:`_make_net` asks of deeper ones."""
+        return (
+            len(weights) == 1
+            and self.blas_in_kernels
+            and self._own_ops(_STEP_OPS)
+            and activation in _HIDDEN
+            and loss in K.LOSS_IDS
+            and self._fits(weights[0].dtype, *weights, *biases)
+            and self._parts(x.shape[0]) == 1
+        )
 
     def _fused_backprop(
         self,
@@ -59,33 +160,28 @@ class NumbaStep:
         output: str,
         loss: str,
     ) -> tuple[NumbaWorkspace, float, float]:
-        """``(ws, C, G)``: :meth:`_backprop` with ``dW`` and the bound ``G >= max |g|``, all
-        layers in one kernel call (:func:`.layers.backprop`), from Python only the staging."""
-        ws, a0, labels, Y = self._staged(weights, x, y)
-        L = len(weights)
-        if L < 2:  # no hidden layer: nothing to put in the tuples of hidden buffers
-            _, _, value, bounds = self._backprop(
+        """``(ws, C, G)``: every layer's ``dW``, ``db`` and the bound ``G >= max |g|`` into the
+        workspace, all layers in one kernel call (:func:`.layers.backprop`) where
+        :meth:`_net` allows, else layer by layer (:meth:`_backprop`)."""
+        net = self._net(weights, biases, x, activation, output, loss)
+        if net is None:
+            ws, _, value, bounds = self._backprop(
                 weights, biases, x, y, activation, output, loss, False, True
             )
             return ws, value, gradient_bound(bounds, ws.db)
+        ws, a0, labels, Y = self._net_inputs(net, x, y)
         value, gmax = layers.backprop(
-            a0,
-            labels,
-            Y,
-            tuple(weights),
-            tuple(biases),
-            tuple(ws.a[1:]),
-            ws.z_out,
-            tuple(ws.d[1:]),
-            tuple(ws.dW),
-            tuple(ws.db),
-            _HIDDEN[activation],
-            act.ACTIVATION_IDS[output],
-            K.LOSS_IDS[loss],
-            ws.cm,
-            float(ws.batch),
-        )
+            a0, labels, Y, net.Ws, net.bs, net.acts, ws.z_out, net.ds, net.dWs, net.dbs,
+            *net.ids, ws.cm, float(ws.batch),
+        )  # fmt: skip
         return ws, float(value), float(gmax)
+
+    def _net_inputs(self, net: _Net, x: Any, y: Any) -> tuple[NumbaWorkspace, Any, Any, Any]:
+        """``(ws, a0, labels, Y)``: ``x`` staged into the workspace and the targets as
+        :meth:`_split_targets` gives them."""
+        ws = net.ws
+        labels, Y = self._split_targets(y, net.Ws[-1].shape[0], ws.dtype, ws)
+        return ws, self._stage(x, ws.a[0]), labels, Y
 
     def train_step(
         self,
@@ -102,53 +198,48 @@ class NumbaStep:
         """Forward, loss, backward and update; ``(C, weights, biases, state)``, updated in place.
 
         Plain SGD (no momentum) up to :data:`FOLD_MAX_BATCH` rows folds the update into the
-        gradient GEMM (:meth:`_folded_step`). Otherwise every gradient is computed with the
-        bound on ``max |g|`` the passes give, and the checked update of
-        :mod:`.update` needs no read pass before it writes when its proof applies. A batch
-        split over threads takes the base class's step. Either way, if the loss, a gradient
-        or a new parameter or state value is not finite,
-        :class:`~gpubp.errors.NonFiniteLossError` is raised with nothing changed.
+        gradient GEMMs (:func:`.layers.backprop_fold`). Otherwise every gradient is computed
+        with the bound on ``max |g|`` the passes give (:func:`.layers.backprop`), and the
+        checked update of :mod:`.update` needs no read pass before it writes when its proof
+        applies: two kernel calls a step. A batch split over threads takes the base class's
+        step. Either way, if the loss, a gradient or a new parameter or state value is not
+        finite, :class:`~gpubp.errors.NonFiniteLossError` is raised with nothing changed.
         """
-        own = (
-            self.blas_in_kernels
-            and self._own_ops(_STEP_OPS)
-            and activation in _HIDDEN
-            and loss in K.LOSS_IDS
-            and self._fits(weights[0].dtype, *weights, *biases)
-            and self._parts(x.shape[0]) == 1
-        )
-        if not own:  # (a batch split over threads computes dW and updates as here)
-            return Backend.train_step(
-                self,  # type: ignore[arg-type]
-                weights,
-                biases,
-                x,
-                y,
-                activation,
-                output,
-                loss,
-                optimizer,
-                state,
-            )
-        args = (weights, biases, x, y, activation, output, loss)
+        net = self._net(weights, biases, x, activation, output, loss)
+        args = (weights, biases, x, y, activation, output, loss, optimizer, state)
+        if net is None:  # (a batch split over threads computes dW and updates as here)
+            if not self._one_layer(weights, biases, x, activation, loss):
+                return Backend.train_step(self, *args)  # type: ignore[arg-type]
+            with self._threads():
+                ws, value, gmax = self._fused_backprop(*args[:7])
+                self.check_loss(value)
+                grads = [*ws.dW, *ws.db]
+                self.checked_update_bounded(
+                    value, [*weights, *biases], grads, optimizer, state, gmax, scratch=ws.pscratch
+                )
+            return value, weights, biases, state
         if (
             optimizer.kind == "sgd"
             and not optimizer.momentum
             and optimizer.lr * optimizer.weight_decay <= 1.0
             and x.shape[0] <= FOLD_MAX_BATCH
         ):
-            return self._folded_step(*args, optimizer, state)
+            return self._folded_step(net, *args)
         with self._threads():
-            ws, value, gmax = self._fused_backprop(*args)
+            ws, a0, labels, Y = self._net_inputs(net, x, y)
+            value, gmax = layers.backprop(
+                a0, labels, Y, net.Ws, net.bs, net.acts, ws.z_out, net.ds, net.dWs, net.dbs,
+                *net.ids, ws.cm, float(ws.batch),
+            )  # fmt: skip
             self.check_loss(value)
-            grads = [*ws.dW, *ws.db]
             self.checked_update_bounded(
-                value, [*weights, *biases], grads, optimizer, state, gmax, scratch=ws.pscratch
+                value, net.params, net.grads, optimizer, state, float(gmax), scratch=ws.pscratch
             )
         return value, weights, biases, state
 
     def _folded_step(
         self,
+        net: _Net,
         weights: list[Any],
         biases: list[Any],
         x: Any,
@@ -159,45 +250,25 @@ class NumbaStep:
         optimizer: Any,
         state: dict[str, Any],
     ) -> tuple[Any, list[Any], list[Any], dict[str, Any]]:
-        """Plain SGD folded into the gradient GEMM,
-        ``W = -lr delta.T @ a_prev + (1 - lr wd) W``, so ``dW`` is never written nor read back.
-
-        Done only when it provably cannot produce NaN or infinity: the loss and every new bias
-        are finite (so every ``db`` and delta is), ``lr`` is a finite number of the dtype, and
-        ``lr B max|delta| max|a|`` is far below the dtype's largest number for every layer (so
-        ``|W - lr dW|`` cannot round past it: the change is far below half a unit in the last
-        place of the largest finite number). Otherwise ``dW`` is computed and
-        :meth:`apply_update` checks and applies it.
-        """
+        """Plain SGD folded into the gradient GEMMs, ``W = -lr delta.T @ a_prev + (1 - lr wd)
+        W``, so ``dW`` is never written nor read back: one kernel call
+        (:func:`.layers.backprop_fold`), which writes only where that provably cannot produce
+        NaN or infinity. Otherwise ``dW`` is computed from the deltas it left and
+        :meth:`apply_update` checks and applies it."""
+        lr, wd = float(optimizer.lr), float(optimizer.weight_decay)
+        sgd = np.array([lr, wd, 1.0 if lr <= net.largest else 0.0, net.change])
         with self._threads():
-            ws, a0, value, bounds = self._backprop(
-                weights, biases, x, y, activation, output, loss, True
-            )
-            L = len(weights)
-            lr, wd = float(optimizer.lr), float(optimizer.weight_decay)
-            dt = weights[0].dtype
-            limit = float(np.finfo(dt).max) * 2.0**-60
-            safe = (
-                np.isfinite(value)
-                and lr <= float(np.finfo(dt).max)  # -lr, the GEMM's alpha, is a finite number
-                and all((bd <= limit and lr * bd <= limit) for bd in bounds)
-            )
-            # the biases' new values are checked (nothing written) before any weight changes;
-            # a non-finite db makes its new bias non-finite, so this checks db too
-            scalars = sgd_scalars(dt, lr, 0.0, False, wd)
-            flat_b = [(b.reshape(-1), db, b.reshape(-1)) for b, db in zip(biases, ws.db)]
-            if safe:
-                safe = not any(sgd_check(*t, 0, t[0].size, *scalars) for t in flat_b)
-            if not safe:  # compute dW the plain way; apply_update raises if anything is off
+            ws, a0, labels, Y = self._net_inputs(net, x, y)
+            value, done = layers.backprop_fold(
+                a0, labels, Y, net.Ws, net.bs, net.acts, ws.z_out, net.ds, net.dbs,
+                *net.ids, ws.cm, float(ws.batch), sgd,
+            )  # fmt: skip
+            if not done:  # compute dW the plain way; apply_update raises if anything is off
+                L = len(weights)
                 for i in range(L):
                     delta = ws.z_out if i == L - 1 else ws.d[i + 1]
                     layers.weight_gradient(delta, a0 if i == 0 else ws.a[i], ws.dW[i], 1.0, 0.0)
-                self.apply_update(value, [*weights, *biases], [*ws.dW, *ws.db], optimizer, state)
+                self.apply_update(value, net.params, net.grads, optimizer, state)
                 return value, weights, biases, state
-            shrink = 1.0 - lr * wd
-            for i in range(L):
-                delta = ws.z_out if i == L - 1 else ws.d[i + 1]
-                layers.weight_gradient(delta, a0 if i == 0 else ws.a[i], weights[i], -lr, shrink)
-                sgd_apply(*flat_b[i], 0, biases[i].size, *scalars)
-            state["step"] = int(state["step"]) + 1
+        state["step"] = int(state["step"]) + 1
         return value, weights, biases, state

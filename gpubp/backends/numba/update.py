@@ -214,7 +214,7 @@ class NumbaUpdate:
             threads,
             *map(id, params),
             *map(id, grads),
-            *(id(a) for col in slots for a in col),
+            *(i for col in slots for i in map(id, col)),
         )
         cache = self.__dict__.setdefault("_update_plans", {})
         plan = cache.get(key)
@@ -232,8 +232,10 @@ class NumbaUpdate:
         if kind == "sgd" and not slots:
             flat.append(flat[0])
         sizes = [int(p.size) for p in params]
+        extra: tuple[Any, ...] = ()
+        run: Any
         if threads < 2 or sum(sizes) < self.update_par_min:
-            run, extra = (C.sgd_step if kind == "sgd" else C.adam_step), ()
+            run = C.sgd_step if kind == "sgd" else C.adam_step
         else:
             run = C.sgd_step_par if kind == "sgd" else C.adam_step_par
             extra = (C.chunk_plan(sizes, self.update_chunk),)
