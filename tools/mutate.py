@@ -441,8 +441,8 @@ MUTANTS: list[Mutant] = [
     M(
         "numba proof: never reads |p| for SGD weight decay",
         "gpubp/backends/numba/checked.py",
-        '        return s[7] != 0.0 or not abs(s[6]) <= 1.0\n    return s[3] != 0.0',
-        '        return s[7] != 0.0 or not abs(s[6]) <= 1.0\n    return False',
+        "        return s[7] != 0.0 or not abs(s[6]) <= 1.0\n    return s[3] != 0.0",
+        "        return s[7] != 0.0 or not abs(s[6]) <= 1.0\n    return False",
         NUMBA_UPDATE,
     ),
     # the epoch loop
