@@ -71,7 +71,10 @@ class _ThreadScope:
         depth = getattr(_local, "depth", 0)
         _local.depth = depth + 1
         n = self.threads
-        if depth or n is None:
+        if depth:
+            return
+        _local.current = pool.get_threads() if n is None else n
+        if n is None:
             return
         if getattr(_local, "kernel_threads", None) != n:  # Numba's count is per thread
             pool.set_threads(n)
@@ -112,21 +115,28 @@ class NumbaBackend(NumbaStep, RowSplit, NumbaUpdate, Backend):
                 f"threads must be a positive int (BLAS threads) or None to leave BLAS as it is, "
                 f"got {threads!r}"
             )
+        #: Whether each step's thread count is tuned from the step times (:mod:`.tuner`):
+        #: when no count was asked for, here or in the environment.
+        self.adaptive_threads = False
         if threads is None and not any(os.environ.get(v) for v in _THREAD_VARIABLES):
             threads = usable_cores()
+            self.adaptive_threads = True
         self.threads = None if threads is None else int(threads)
         #: Whether GEMMs run inside the kernels (a provider found) or through numpy.matmul.
         self.blas_in_kernels = numba_blas.AVAILABLE
         self.update_counts = {"proved": 0, "checked": 0}
 
-    def _threads(self) -> _ThreadScope:
-        """Inside, the GEMM provider and the parallel kernels use :attr:`threads` (the
-        provider's setting is put back after; the kernels' is this thread's own). Nested
-        scopes of one thread do nothing: the outermost one set them."""
-        return _ThreadScope(self.threads)
+    def _threads(self, n: int | None = None) -> _ThreadScope:
+        """Inside, the GEMM provider and the parallel kernels use ``n`` threads (default
+        :attr:`threads`; the provider's setting is put back after, the kernels' is this
+        thread's own). Nested scopes of one thread do nothing: the outermost one set them."""
+        return _ThreadScope(self.threads if n is None else n)
 
     def kernel_threads(self) -> int:
-        """Threads the parallel kernels get: :attr:`threads`, or the pool's setting."""
+        """Threads the parallel kernels get: inside :meth:`_threads`, its count; else
+        :attr:`threads`, or the pool's setting."""
+        if getattr(_local, "depth", 0):
+            return int(_local.current)
         return self.threads if self.threads is not None else pool.get_threads()
 
     # --- helpers ----------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from .pool import OMP
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _MKL_THREADING_GNU = 3  # MKL_THREADING_GNU in mkl_service.h
+_MKL_CBWR_AUTO, _MKL_CBWR_STRICT, _MKL_CBWR_SUCCESS = 2, 0x10000, 0  # mkl_cbwr.h
 
 #: Accepted values of ``GPUBP_GEMM``.
 CHOICES = ("mkl", "openblas", "matmul")
@@ -60,6 +61,9 @@ class Provider:
     dgemm: int
     get_threads: Any
     set_threads: Any
+    #: whether a GEMM gives the same bits at every thread count (so the thread count of a
+    #: step may change under a run, :mod:`.tuner`): MKL in its strict reproducible mode
+    same_at_any_threads: bool = False
 
     def threads(self) -> int:
         """How many threads a GEMM uses now (process-wide)."""
@@ -139,6 +143,7 @@ def _mkl() -> Provider | None:
         if not (s and d):
             continue
         threading = _mkl_threading(lib)  # before any other MKL call: the first one fixes it
+        strict = _mkl_strict(lib)
         get = _int_function(lib, "MKL_Get_Max_Threads", [], ctypes.c_int)
         # the calling thread's own count: it wins over a process-wide one (threadpoolctl's)
         put = _int_function(lib, "MKL_Set_Num_Threads_Local", [ctypes.c_int], ctypes.c_int)
@@ -148,8 +153,21 @@ def _mkl() -> Provider | None:
         )
         text = buf.value.decode(errors="replace")
         version = text.split("Version ", 1)[-1].split("-", 1)[0].strip() or text
-        return Provider("mkl", str(path), version, threading, s, d, get, put)
+        return Provider("mkl", str(path), version, threading, s, d, get, put, strict)
     return None
+
+
+def _mkl_strict(lib: Any) -> bool:
+    """MKL in its strict conditional numerical reproducibility mode (``MKL_CBWR=AUTO,STRICT``:
+    the code path MKL picks for this CPU, with results that do not depend on the thread count;
+    measured no slower on the step's shapes), unless the user set ``MKL_CBWR``. Whether set."""
+    if os.environ.get("MKL_CBWR"):
+        return "STRICT" in os.environ["MKL_CBWR"].upper()
+    try:
+        fn = _int_function(lib, "MKL_CBWR_Set", [ctypes.c_int], ctypes.c_int)
+    except AttributeError:
+        return False
+    return bool(fn(_MKL_CBWR_AUTO | _MKL_CBWR_STRICT) == _MKL_CBWR_SUCCESS)
 
 
 def _mkl_threading(lib: Any) -> str:

@@ -4,15 +4,18 @@ gradient GEMM (a mixin of :class:`~.backend.NumbaBackend`)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from ... import activations as act
 from ..base import Backend
+from . import gemm as numba_blas
 from . import kernels as K
 from . import layers
 from .checked import limits
+from .tuner import ThreadTuner
 from .update import gradient_bound
 from .workspace import NumbaWorkspace
 
@@ -52,6 +55,8 @@ class _Net(NamedTuple):
     #: the dtype's bound on a parameter's change (see :func:`.checked.limits`) and its largest
     change: float
     largest: float
+    #: the thread count of each step, where it is tuned (:mod:`.tuner`)
+    tuner: ThreadTuner | None
 
 
 class NumbaStep:
@@ -60,6 +65,8 @@ class NumbaStep:
 
     blas_in_kernels: bool
     split_min_rows: int
+    threads: int | None
+    adaptive_threads: bool
     _own_ops: Any
     _fits: Any
     _parts: Any
@@ -133,6 +140,7 @@ class NumbaStep:
             (_HIDDEN[activation], act.ACTIVATION_IDS[output], K.LOSS_IDS[loss]),
             float(lim[1]),
             float(np.finfo(weights[0].dtype).max),
+            ThreadTuner(self.threads) if self._tunable() else None,
         )
 
     def _one_layer(
@@ -149,6 +157,12 @@ class NumbaStep:
             and self._fits(weights[0].dtype, *weights, *biases)
             and self._parts(x.shape[0]) == 1
         )
+
+    def _tunable(self) -> bool:
+        """Whether a step's thread count may be tuned: more than one thread, and a GEMM
+        provider whose results do not depend on the count (the elementwise passes' do not)."""
+        provider = numba_blas.PROVIDER
+        return bool(self.threads and self.threads > 1 and provider and provider.same_at_any_threads)
 
     def _fused_backprop(
         self,
@@ -225,7 +239,9 @@ class NumbaStep:
             and x.shape[0] <= FOLD_MAX_BATCH
         ):
             return self._folded_step(net, *args)
-        with self._threads():
+        tuner = net.tuner if self.adaptive_threads else None
+        start = time.perf_counter()
+        with self._threads(None if tuner is None else tuner.threads()):
             ws, a0, labels, Y = self._net_inputs(net, x, y)
             value, gmax = layers.backprop(
                 a0, labels, Y, net.Ws, net.bs, net.acts, ws.z_out, net.ds, net.dWs, net.dbs,
@@ -235,6 +251,8 @@ class NumbaStep:
             self.checked_update_bounded(
                 value, net.params, net.grads, optimizer, state, float(gmax), scratch=ws.pscratch
             )
+        if tuner is not None:
+            tuner.record(time.perf_counter() - start, x.shape[0])
         return value, weights, biases, state
 
     def _folded_step(
@@ -257,7 +275,9 @@ class NumbaStep:
         :meth:`apply_update` checks and applies it."""
         lr, wd = float(optimizer.lr), float(optimizer.weight_decay)
         sgd = np.array([lr, wd, 1.0 if lr <= net.largest else 0.0, net.change])
-        with self._threads():
+        tuner = net.tuner if self.adaptive_threads else None
+        start = time.perf_counter()
+        with self._threads(None if tuner is None else tuner.threads()):
             ws, a0, labels, Y = self._net_inputs(net, x, y)
             value, done = layers.backprop_fold(
                 a0, labels, Y, net.Ws, net.bs, net.acts, ws.z_out, net.ds, net.dbs,
@@ -271,4 +291,6 @@ class NumbaStep:
                 self.apply_update(value, net.params, net.grads, optimizer, state)
                 return value, weights, biases, state
         state["step"] = int(state["step"]) + 1
+        if tuner is not None:
+            tuner.record(time.perf_counter() - start, x.shape[0])
         return value, weights, biases, state
