@@ -64,7 +64,7 @@ def test_a_busy_core_moves_the_step_to_the_free_one_and_back(told):
     assert first_one <= 2 * tuner.window
     machine.busy = 0.0
     counts = run(tuner, quiet, 3 * tuner.longest)  # the other process ended
-    assert counts[-1] == 2 and tuner.current == 2
+    assert tuner.current == 2 and counts[-1000:].count(2) > 950
 
 
 @pytest.mark.parametrize("best", [1, 3, 6])
