@@ -67,7 +67,7 @@ class ThreadTuner:
         self._probe_times: list[float] = []
         self._since = 0  # steps since the current count was chosen or last probed
         self.steps = 0
-        #: ``(step, count)`` at every change of the current count
+        #: ``(step, count)`` at the last 100 changes of the current count
         self.history: list[tuple[int, int]] = []
 
     def threads(self) -> int:
@@ -130,7 +130,7 @@ class ThreadTuner:
         if tried <= mine * GAIN:  # take it, and look further the same way
             self.current, self.baseline = self.probe, tried
             self._recent = self._probe_times[-self.window :]
-            self.history.append((self.steps, self.current))
+            self.history = [*self.history[-99:], (self.steps, self.current)]
             self.hold = self.shortest
             self.probe = None
             if 1 <= self.current + self.direction <= self.most:

@@ -240,7 +240,7 @@ class NumbaUpdate:
             run = C.sgd_step_par if kind == "sgd" else C.adam_step_par
             extra = (C.chunk_plan(sizes, self.update_chunk),)
         plan = cache[key] = _Plan(kind, tuple(flat), run, extra, C.limits(dt))
-        while len(cache) > 2:
+        while len(cache) > 4:  # (two thread counts of two sets of tensors)
             cache.pop(next(iter(cache)))
         return plan
 
