@@ -140,7 +140,7 @@ class NumbaStep:
             (_HIDDEN[activation], act.ACTIVATION_IDS[output], K.LOSS_IDS[loss]),
             float(lim[1]),
             float(np.finfo(weights[0].dtype).max),
-            ThreadTuner(self.threads) if self._tunable() else None,
+            ThreadTuner(self.threads or 1) if self._tunable() else None,
         )
 
     def _one_layer(
