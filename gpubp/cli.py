@@ -13,6 +13,7 @@ from typing import Any
 
 from . import __version__, machine
 from .arguments import (
+    add_data_dir_options,
     add_gradflow_options,
     add_train_options,
     given_options,
@@ -237,6 +238,7 @@ def _cmd_gradflow(args: argparse.Namespace) -> int:
                 backend=args.backend,
                 seed=args.seed,
                 data_dir=args.data_dir,
+                download=args.download,
                 plot_path=args.plot or None,
                 json_path=args.json,
                 progress=not args.quiet,
@@ -261,7 +263,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model = MLP.load(args.model, backend=args.backend)
-            record = evaluate_model(model, args.dataset, args.data_dir, where=args.model)
+            record = evaluate_model(
+                model, args.dataset, args.data_dir, where=args.model, download=args.download
+            )
         _print_warnings(caught)
         record["model"] = args.model
         if args.json is not None:
@@ -311,7 +315,7 @@ def _add_evaluate_parser(sub: Any) -> None:
         choices=DATASET_NAMES,
         help="the dataset to score on (default: the one the model was trained on)",
     )
-    p.add_argument("--data-dir", help="folder with the IDX files (also $GPUBP_DATA)")
+    add_data_dir_options(p)
     p.add_argument("--backend", default="auto", choices=("auto", *BACKEND_NAMES))
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     show_defaults(p)
