@@ -110,6 +110,21 @@ def test_ci_runs_the_readme_quickstart_commands_verbatim_and_in_order():
     assert where == sorted(where), "the Quickstart commands run out of order in .ci/run"
 
 
+def test_the_quickstart_install_has_what_the_next_commands_need():
+    """The README's next commands (``--plot``, ``gpubp gradflow``) need matplotlib: the
+    Quickstart's install asks for an extra that brings it, besides numba and scikit-learn."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    install = _quickstart_commands()[0]
+    asked = re.search(r'pip install "\.\[([a-z0-9,]+)\]"', install)
+    assert asked, install
+    wanted = " ".join(" ".join(extras[name]) for name in asked.group(1).split(","))
+    for package in ("numba", "scikit-learn", "matplotlib"):
+        assert package in wanted, f"the Quickstart's install does not bring {package}"
+
+
 def test_ci_tries_the_first_hour_outside_the_checkout():
     """After the Quickstart, .ci/run runs ``gpubp info``, ``gpubp train --help`` and the README's
     Python example from a temporary folder, failing if any fails."""
