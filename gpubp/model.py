@@ -474,7 +474,14 @@ class MLP(InputChecks):
         activation modules; ``loss`` defaults to ``cross_entropy`` after a softmax,
         ``binary_cross_entropy`` after a sigmoid, ``mse`` otherwise; ``dtype`` to the weights'
         (see :func:`gpubp.interop.read_sequential`). Nothing is built until all of ``seq`` has
-        been read."""
+        been read.
+
+        A usual PyTorch classifier ends in ``Linear`` (its softmax is inside
+        ``CrossEntropyLoss``); ``loss`` then gives the output activation::
+
+            seq = torch.nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+            model = MLP.from_torch(seq, loss="cross_entropy")  # softmax output
+        """
         net = interop.read_sequential(seq, loss=loss, dtype=dtype)
         model = cls(
             net.layer_sizes,

@@ -125,6 +125,24 @@ def test_the_quickstart_install_has_what_the_next_commands_need():
         assert package in wanted, f"the Quickstart's install does not bring {package}"
 
 
+def test_the_expected_warnings_are_filtered():
+    """The suite's deliberate float32 overflows and short fits print no warning lines."""
+    import warnings
+
+    import numpy as np
+
+    with warnings.catch_warnings(record=True) as caught:
+        big = np.full((2, 2), 3e38, np.float32)
+        _ = big @ big
+        warnings.warn(
+            "Stochastic Optimizer: Maximum iterations (3) reached and the optimization hasn't "
+            "converged yet.",
+            UserWarning,
+            stacklevel=1,
+        )
+    assert not [str(w.message) for w in caught]
+
+
 def test_ci_tries_the_first_hour_outside_the_checkout():
     """After the Quickstart, .ci/run runs ``gpubp info``, ``gpubp train --help`` and the README's
     Python example from a temporary folder, failing if any fails."""
