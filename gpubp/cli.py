@@ -20,10 +20,21 @@ from .arguments import (
     seed_value,
     show_defaults,
 )
-from .backends import BACKEND_NAMES, available_backends, backend_status, get_backend, use_backend
+from .backends import (
+    BACKEND_NAMES,
+    EMULATED,
+    EMULATOR_HINT,
+    auto_order,
+    available_backends,
+    backend_status,
+    get_backend,
+    use_backend,
+)
+from .backends.cuda.cupy_module import injected
 from .bench import add_arguments as add_bench_arguments
 from .bench import main as bench_main
 from .check import DEFAULT_SHAPES, TOLERANCE, CheckResult, format_failures, format_table, run_checks
+from .cli_errors import Parser, wrong_file_hint
 from .distributed import DistributedError
 from .errors import (
     BackendUnavailableError,
@@ -85,8 +96,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     print(f"gpubp {__version__}  (Python {platform.python_version()}, {platform.platform()})")
     print("\nbackends (best first; 'auto' picks the first available):")
-    for name, why in backend_status().items():
-        print(f"  {name:6} {'available' if why is None else 'unavailable: ' + why}")
+    status = backend_status()
+    for name in auto_order():
+        why = status[name]
+        said = "available" if why is None else "unavailable: " + why
+        if name == "cupy" and injected() and why is None:
+            said = f"available: {EMULATED}; auto never picks it, --backend cupy does"
+        print(f"  {name:6} {said}")
+    if status["cupy"] is not None and not injected():
+        print(f"  ({EMULATOR_HINT})")
     print("\nlibraries:")
     for dist in machine.LIBRARIES:
         print(f"  {dist:14} {machine.version(dist)}")
@@ -122,6 +140,8 @@ def _message(exc: BaseException) -> str:
     """The error's text in the command line's words: an output path's error names its option
     (``--save``, not ``save_path=``), and an unavailable backend's way out is ``--backend auto``;
     both errors carry what they concern."""
+    if isinstance(exc, BackendUnavailableError) and exc.backend == "cupy" and not injected():
+        return f"{exc.command_line_message()}; {EMULATOR_HINT}"
     if isinstance(exc, (OutputPathError, BackendUnavailableError)):
         return exc.command_line_message()
     return str(exc)
@@ -198,6 +218,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 message += " with --override lr (a resume keeps the checkpoint's lr otherwise)"
         elif isinstance(exc, (*_RUN_ERRORS, OSError)):  # OSError: an output path not writable
             message = _message(exc)
+            if isinstance(exc, ModelFileError) and args.resume is not None:
+                message = wrong_file_hint(args.resume, "checkpoint") or message
         elif comm is None or isinstance(exc, SystemExit):
             raise
         else:  # an unexpected error on one rank: say which, with the traceback, then end all
@@ -271,7 +293,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if args.json is not None:
             write_json(args.json, record)
     except (*_RUN_ERRORS, OSError) as exc:
-        print(f"gpubp evaluate: {_message(exc)}", file=sys.stderr)
+        message = _message(exc)
+        if isinstance(exc, ModelFileError):
+            message = wrong_file_hint(args.model, "model") or message
+        print(f"gpubp evaluate: {message}", file=sys.stderr)
         return 1
     accuracy = "n/a" if record["accuracy"] is None else f"{record['accuracy']:.4f}"
     trained = record["trained_on"] or "an unrecorded dataset"
@@ -352,7 +377,7 @@ def _add_gradflow_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gpubp",
         description="Backpropagation for fully connected networks on NumPy, Numba and CUDA.",
     )
@@ -375,7 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=seed_value, default=0, help="seed of the random problems")
     show_defaults(check)
     check.set_defaults(func=_cmd_check)
-    info = sub.add_parser("info", help="list backends, devices and library versions")
+    info = sub.add_parser(
+        "info",
+        help="list backends, devices and library versions",
+        description="Print gpubp's version, every backend in the order --backend auto considers "
+        "them (and why one cannot run here), the versions of the libraries gpubp uses, the CPU "
+        "and the cores this process may use, NumPy's BLAS and its threads, the numba backend's "
+        "GEMM provider, and the GPUs.",
+    )
     info.set_defaults(func=_cmd_info)
     bench = sub.add_parser(
         "bench",
@@ -386,13 +418,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_bench_arguments(bench)
     bench.set_defaults(func=bench_main)
+    for command in sub.choices.values():  # whose options an unknown one is compared with
+        command.set_defaults(command_parser=command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's parser, which knows the options it could have meant
+        getattr(args, "command_parser", parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}"
+        )
     if args.command is None:
         parser.print_help()
         return 2

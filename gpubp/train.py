@@ -29,11 +29,9 @@ from typing import Any
 import numpy as np
 
 from . import datasets as data
-from . import plots
-from .backends import backend_status
+from .backends import backend_label, backend_status, get_backend
 from .checkpoint import (
     Checkpoint,
-    check_overrides,
     check_position,
     check_resume,
     load_checkpoint,
@@ -46,18 +44,16 @@ from .config import (
     DEFAULT_LR,
     OPTIMIZERS,
     SCHEDULES,
-    SMALL_DATA,
-    SMALL_DATA_BATCH,
     TrainConfig,
 )
 from .distributed import DataParallel
-from .errors import CheckpointError, CheckpointMismatchError, DatasetError, OutputWriteError
+from .errors import CheckpointError, CheckpointMismatchError, OutputWriteError
 from .evaluate import dataset_preprocessing, raw_test_split
-from .files import check_outputs
 from .gradflow import PROBE_SAMPLES, gradflow, gradient_norms
 from .loop import BatchGather, EpochEnd, EpochLoop, Position, StopRequest
 from .model import MLP
 from .outputs import TrainResult, final_line, write_outputs
+from .train_inputs import check_before_the_run, check_resume_settings, load_data
 
 # TrainConfig and its names are re-exported: the README writes gpubp.train.TrainConfig
 __all__ = [
@@ -194,7 +190,7 @@ class _Run:
         lines = [
             f"model: {list(m.layer_sizes)} {c.activation}, {m.n_parameters:,} "
             f"parameters | {c.optimizer} lr {c.peak_lr:g} ({c.schedule}) | batch "
-            f"{c.batch_size} | backend {m.backend.name} {m.dtype.name}"
+            f"{c.batch_size} | backend {backend_label(m.backend)} {m.dtype.name}"
         ]
         why_numba = backend_status()["numba"]
         if c.backend in (None, "auto") and m.backend.name == "numpy" and why_numba:
@@ -359,33 +355,8 @@ class _Run:
         if self.comm is not None:
             result.extra["mpi_ranks"] = self.comm.size
         if self.resumed:  # the training time and samples/s count every session since epoch 1
-            result.extra["sessions"] = "in all sessions of this run"
+            result.extra["sessions"] = "over all sessions of this run"
         return result
-
-
-def _load_data(
-    config: TrainConfig, ckpt: Checkpoint | None, progress: bool, log: Log
-) -> tuple[data.Dataset, TrainConfig, tuple[np.ndarray, ...]]:
-    """The dataset (the checkpoint's when ``auto`` resumes), its train/validation split, and
-    ``config`` with the batch size chosen for the data when not given."""
-    requested = config.dataset
-    if ckpt is not None and requested == "auto":
-        requested = ckpt.train_config.get("dataset", "auto")  # the data it was trained on
-    ds = data.load_dataset(requested, config.data_dir, config.download, config.seed, progress)
-    how = " (auto: the largest dataset found here)" if config.dataset == "auto" else ""
-    log(f"dataset: {ds.describe()}{how}")
-    if ds.x_test.ndim != 2 or ds.x_test.shape[1] != ds.x_train.shape[1]:  # found now, not after
-        raise DatasetError(
-            f"{ds.source}: the test set has {ds.x_test.shape[1:]} features per sample and the "
-            f"training set {ds.x_train.shape[1]}; both must be the same width"
-        )
-    split = data.train_val_split(ds.x_train, ds.y_train, config.val_fraction, config.seed)
-    if config.batch_size is None:
-        small = len(split[0]) < SMALL_DATA
-        config = dataclasses.replace(
-            config, batch_size=SMALL_DATA_BATCH if small else DEFAULT_BATCH
-        )
-    return ds, config, split
 
 
 def train(
@@ -449,8 +420,11 @@ def train(
         "json_path": json_path,
         "plot_path": plot_path,
     }
-    ckpt = _check_before_the_run(outputs, resume, override, rank0=comm is None or comm.rank == 0)
-    ds, config, split = _load_data(config, ckpt, progress, log)
+    ckpt = check_before_the_run(outputs, resume, override, rank0=comm is None or comm.rank == 0)
+    if ckpt is not None:  # the settings first, before any data is read; the widths after
+        check_resume_settings(ckpt, config, track_gradients, override)
+    get_backend(config.backend)  # one that cannot run here is refused before the data is read
+    ds, config, split = load_data(config, ckpt, progress, log)
     run = _Run(config, ds, split, track_gradients, outputs["checkpoint"], log, comm)
     if ckpt is not None:
         run.resume_from(ckpt, override)
@@ -465,26 +439,3 @@ def train(
     log(final_line(result, len(ds.x_test), trained))
     write_outputs(result, save_path, json_path, plot_path, log)
     return result
-
-
-def _check_before_the_run(
-    outputs: dict[str, str | os.PathLike[str] | None],
-    resume: str | os.PathLike[str] | None,
-    override: Sequence[str],
-    rank0: bool,
-) -> Checkpoint | None:
-    """Check the overrides and the output paths (and a plot's name and matplotlib), and read the
-    checkpoint resumed from, whose path becomes ``outputs["checkpoint"]`` when none is given
-    (on rank 0): all before any data is loaded, so a run fails now, not after the training it
-    would have saved."""
-    check_overrides(override, resume)
-    check_outputs(outputs, {"resume": resume})
-    plot_path = outputs["plot_path"]
-    if plot_path is not None:
-        plots.check_png(plot_path)
-        plots.require_matplotlib()
-    ckpt = load_checkpoint(resume) if resume is not None else None
-    if ckpt is not None and outputs["checkpoint"] is None and rank0:
-        outputs["checkpoint"] = resume  # a resumed run goes on writing its checkpoint
-        check_outputs(outputs, {"resume": resume})
-    return ckpt
