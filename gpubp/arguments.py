@@ -156,6 +156,35 @@ def add_data_dir_options(g: Any) -> None:
     )
 
 
+def add_file_data_options(g: Any) -> None:
+    """``gpubp train``'s options for your own data file."""
+    g.add_argument(
+        "--data",
+        metavar="PATH",
+        help="train on your own file instead: CSV or TSV (header or not), .npz (X, y), .npy "
+        "(X*.npy with y*.npy) or .parquet",
+    )
+    g.add_argument(
+        "--target",
+        metavar="COLUMN",
+        help="with --data: the target column (default: y, target, label or class, else the "
+        "last column; without a header columns are 1, 2, ...; for .npy the labels file)",
+    )
+    g.add_argument("--test-data", metavar="PATH", help="with --data: the test rows, another file")
+    g.add_argument(
+        "--test-fraction",
+        type=fraction_value,
+        metavar="F",
+        help="with --data: the seeded share of its rows held out for testing (default: 0.2)",
+    )
+    g.add_argument(
+        "--task",
+        choices=("classification", "regression"),
+        help="with --data (default: from the target: floats are regression, integers, strings "
+        "and booleans classification)",
+    )
+
+
 QUIET_HELP = "no live progress bar (the epoch lines and the summary stay)"
 
 
@@ -173,6 +202,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         help="auto: the largest dataset found locally (it says which)",
     )
     add_data_dir_options(g)
+    add_file_data_options(g)
     g.add_argument(
         "--val-fraction",
         type=fraction_value,

@@ -144,6 +144,9 @@ class Dataset:
     #: intensities 0..16), before any scaling: what a saved model, which carries its
     #: preprocessing, is scored on; None for a dataset built by hand
     x_test_raw: np.ndarray | None = None
+    #: a dataset read from your own file (:mod:`gpubp.filedata`): its task, column names,
+    #: standardisation and fingerprints; None for the built-in datasets
+    file: Any = None
 
     @property
     def n_features(self) -> int:
@@ -154,6 +157,13 @@ class Dataset:
         return len(self.classes)
 
     def describe(self) -> str:
+        if self.file is not None:
+            what = f"{self.n_classes} classes" if self.file.task == "classification" else "a value"
+            return (
+                f"{self.name}: {len(self.x_train)} training and {len(self.x_test)} test rows, "
+                f"{self.n_features} features, target {self.file.target!r}: {self.file.task}, "
+                f"{what} (from {self.source})"
+            )
         return (
             f"{self.name}: {len(self.x_train)} training and {len(self.x_test)} test samples, "
             f"{self.n_features} features, {self.n_classes} classes (from {self.source})"

@@ -76,6 +76,9 @@ def raw_test_split(
 def dataset_preprocessing(ds: data.Dataset) -> Preprocessing:
     """The standardisation :func:`gpubp.datasets.load_dataset` applied to ``ds``, as a map on raw
     inputs (see the module's table): ``x' = (x - r mean) / (r std)`` with ``r = RAW_SCALE``."""
+    if ds.file is not None:  # your own file: each feature's own statistics
+        pre: Preprocessing = ds.file.preprocessing
+        return pre
     r = RAW_SCALE.get(ds.name, 1.0)
     mean, std = ds.normalization["mean"] * r, ds.normalization["std"] * r
     units = _RAW_UNITS.get(ds.name, "the values gpubp.datasets loads")

@@ -116,6 +116,9 @@ class MLP(InputChecks):
         #: the dataset the model was trained on and its label names, if known (saved with it)
         self.dataset: str | None = None
         self.labels: tuple[str, ...] | None = None
+        #: the input columns' and the target's names, for a model trained on a file (saved)
+        self.features: tuple[str, ...] | None = None
+        self.target: str | None = None
 
     # --- construction -----------------------------------------------------------------------
 
@@ -417,9 +420,9 @@ class MLP(InputChecks):
         """Write the configuration and parameters to ``path`` (a NumPy ``.npz``, no pickle).
 
         The file also holds the :attr:`preprocessing` (two float64 arrays), and the
-        :attr:`dataset` and :attr:`labels` names. It is written beside its destination and
-        renamed into place, so an interrupted save never leaves a half-written file under
-        ``path``.
+        :attr:`dataset`, :attr:`labels`, :attr:`features` and :attr:`target` names. It is
+        written beside its destination and renamed into place, so an interrupted save never
+        leaves a half-written file under ``path``.
         """
         labels = self.labels
         if labels is not None and len(labels) != self.n_outputs:
@@ -428,7 +431,17 @@ class MLP(InputChecks):
                 "set model.labels to one name per output, or None"
             )
         weights, biases = self.get_parameters()
-        modelfile.save_model(path, self.config(), weights, biases, self._pre, self.dataset, labels)
+        modelfile.save_model(
+            path,
+            self.config(),
+            weights,
+            biases,
+            self._pre,
+            self.dataset,
+            labels,
+            features=self.features,
+            target=self.target,
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], backend: str | Backend = "auto") -> MLP:
@@ -443,6 +456,7 @@ class MLP(InputChecks):
             raise ModelFileError(f"{path}: the saved configuration is invalid: {exc}") from None
         pre = modelfile.read_preprocessing(arrays, meta, path)
         model.dataset, model.labels = modelfile.read_model_info(meta, model.n_outputs, path)
+        model.features, model.target = modelfile.read_column_names(meta, model.n_inputs, path)
         try:
             model.set_parameters(weights, biases)
         except (TypeError, ValueError) as exc:

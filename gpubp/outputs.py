@@ -84,6 +84,11 @@ def final_line(result: TrainResult, n_test: int, trained: bool) -> str:
     time (with the training's speed when the process ``trained``), the backend."""
     if result.interrupted:
         test = "test evaluation skipped (interrupted)"
+    elif "test_rmse" in result.extra:  # a regression: the error in the target's units
+        test = (
+            f"test RMSE {result.extra['test_rmse']:.4g} (loss {result.test_loss:.4g}) on "
+            f"{n_test} {result.dataset} test rows"
+        )
     else:
         test = (
             f"test accuracy {result.test_accuracy:.4f} (loss {result.test_loss:.4f}) on "

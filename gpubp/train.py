@@ -49,6 +49,7 @@ from .config import (
 from .distributed import DataParallel
 from .errors import CheckpointError, CheckpointMismatchError, OutputWriteError
 from .evaluate import dataset_preprocessing, raw_test_split
+from .filedata import take_on_file_data
 from .gradflow import PROBE_SAMPLES, gradflow, gradient_norms
 from .loop import BatchGather, EpochEnd, EpochLoop, Position, StopRequest
 from .model import MLP
@@ -105,9 +106,12 @@ class _Run:
         self.config, self.ds, self.log, self.comm = config, ds, log, comm
         self.track_gradients, self.checkpoint = track_gradients, checkpoint
         x_tr, y_tr, x_val, y_val = split
-        self.model = model = MLP(
-            [ds.n_features, *config.layers, ds.n_classes],
+        regression = ds.file is not None and ds.file.task == "regression"
+        self.model = model = MLP(  # a regression: one identity output and MSE
+            [ds.n_features, *config.layers, 1 if regression else ds.n_classes],
             activation=config.activation,
+            output="identity" if regression else "softmax",
+            loss="mse" if regression else "cross_entropy",
             backend=config.backend,
             dtype=config.dtype,
             seed=config.seed,
@@ -144,7 +148,8 @@ class _Run:
     def resume_from(self, ckpt: Checkpoint, override: Sequence[str] = ()) -> None:
         """Continue where ``ckpt`` stopped (checked against this run first; the settings named
         in ``override`` may differ)."""
-        check_resume(ckpt, self.config, self.ds.name, self.model, self.track_gradients, override)
+        name = self.ds.name if self.ds.file is None else "auto"  # a file: its fingerprints
+        check_resume(ckpt, self.config, name, self.model, self.track_gradients, override)
         saved = ckpt.preprocessing
         if saved is not None and not saved.equals(self.preprocessing, rtol=1e-6):
             raise CheckpointMismatchError(
@@ -244,13 +249,14 @@ class _Run:
         h["epoch"].append(end.epoch)
         h["loss"].append(end.loss)
         h["lr"].append(opt.lr)
-        h["accuracy"].append(
-            model.evaluate(self.X[:TRAIN_EVAL_SAMPLES], self.Y[:TRAIN_EVAL_SAMPLES])["accuracy"]
-        )
+        train_ev = model.evaluate(self.X[:TRAIN_EVAL_SAMPLES], self.Y[:TRAIN_EVAL_SAMPLES])
+        if train_ev["accuracy"] is not None:  # None: a regression, which has no accuracy
+            h["accuracy"].append(train_ev["accuracy"])
         if self.X_val is not None:
             ev = model.evaluate(self.X_val, self.Y_val)
             h["val_loss"].append(ev["loss"])
-            h["val_accuracy"].append(ev["accuracy"])
+            if ev["accuracy"] is not None:
+                h["val_accuracy"].append(ev["accuracy"])
         h["seconds"].append(time.perf_counter() - end.t0)
         if self.track_gradients:
             norms = gradient_norms(model, *self.probe)
@@ -258,9 +264,12 @@ class _Run:
             h["dW_norm"].append(norms["dW"])
         if self.dp is not None:
             self.dp.check_in_sync(f"epoch {end.epoch}")
-        parts = [f"loss {h['loss'][-1]:.4f}", f"train acc {h['accuracy'][-1]:.4f}"]
-        if h["val_accuracy"]:
+        parts = [f"loss {h['loss'][-1]:.4f}"]
+        if h["accuracy"]:
+            parts.append(f"train acc {h['accuracy'][-1]:.4f}")
+        if self.X_val is not None:
             parts.append(f"val loss {h['val_loss'][-1]:.4f}")
+        if h["val_accuracy"]:
             parts.append(f"val acc {h['val_accuracy'][-1]:.4f}")
         parts.append(f"{h['seconds'][-1]:.1f} s")
         return "  ".join(parts)
@@ -290,6 +299,9 @@ class _Run:
         rng_state = self.epoch_rng_state if mid_epoch else self.rng.bit_generator.state
         train_cfg = self.config.as_dict()
         train_cfg["dataset"] = self.ds.name  # "auto" resolved, so a resume finds the same data
+        if self.ds.file is not None:  # your own file: "auto", and what the file was
+            train_cfg["dataset"] = "auto"
+            train_cfg["data_files"] = self.ds.file.fingerprints
         train_cfg["track_gradients"] = bool(self.track_gradients)  # the history depends on it
         train_cfg["backend"] = self.model.backend.name  # bit-for-bit resumes need the same one
         train_cfg["mpi_ranks"] = 1 if self.comm is None else int(self.comm.size)
@@ -339,7 +351,9 @@ class _Run:
         )
         model = self.model  # from here on a model of raw inputs, as it is saved
         model.preprocessing = self.preprocessing
-        model.dataset, model.labels = ds.name, tuple(ds.classes)
+        model.dataset, model.labels = ds.name, tuple(ds.classes) or None
+        if ds.file is not None:
+            take_on_file_data(model, ds.file)
         if interrupted:
             where = result.checkpoint
             self.log(
@@ -352,6 +366,8 @@ class _Run:
                 x_raw = raw_test_split(ds.name, ds.source if ds.name in data.DATASETS else None).x
             ev = model.evaluate(x_raw, ds.y_test)
             result.test_loss, result.test_accuracy = ev["loss"], ev["accuracy"]
+            if ev["accuracy"] is None:  # a regression: the MSE loss is half the mean square
+                result.extra["test_rmse"] = float(np.sqrt(2.0 * float(ev["loss"] or 0.0)))
         if self.comm is not None:
             result.extra["mpi_ranks"] = self.comm.size
         if self.resumed:  # the training time and samples/s count every session since epoch 1

@@ -17,8 +17,10 @@ from . import datasets as data
 from . import plots
 from .checkpoint import Checkpoint, check_overrides, check_resume, load_checkpoint
 from .config import DEFAULT_BATCH, SMALL_DATA, SMALL_DATA_BATCH, TrainConfig
-from .errors import DatasetError
+from .errors import CheckpointMismatchError, DatasetError
+from .filedata import load_file_dataset
 from .files import check_outputs
+from .tables import fingerprint
 
 __all__ = ["check_before_the_run", "check_resume_settings", "load_data"]
 
@@ -33,9 +35,22 @@ def load_data(
     requested = config.dataset
     if ckpt is not None and requested == "auto":
         requested = ckpt.train_config.get("dataset", "auto")  # the data it was trained on
-    ds = data.load_dataset(requested, config.data_dir, config.download, config.seed, progress)
-    how = " (auto: the largest dataset found here)" if config.dataset == "auto" else ""
-    log(f"dataset: {ds.describe()}{how}")
+    if config.data is not None:
+        ds = load_file_dataset(
+            config.data,
+            config.target,
+            config.test_data,
+            config.test_fraction,
+            config.task,
+            config.dtype,
+            config.seed,
+        )
+        how = "" if config.task is None else " (--task)"
+        log(f"data: {ds.describe()}{how}")
+    else:
+        ds = data.load_dataset(requested, config.data_dir, config.download, config.seed, progress)
+        how = " (auto: the largest dataset found here)" if config.dataset == "auto" else ""
+        log(f"dataset: {ds.describe()}{how}")
     if ds.x_test.ndim != 2 or ds.x_test.shape[1] != ds.x_train.shape[1]:  # found now, not after
         raise DatasetError(
             f"{ds.source}: the test set has {ds.x_test.shape[1:]} features per sample and the "
@@ -63,6 +78,33 @@ def check_resume_settings(
     sizes = list(ckpt.meta["config"].get("layer_sizes", [0, 0]))
     stand_in: Any = types.SimpleNamespace(layer_sizes=[sizes[0], *config.layers, sizes[-1]])
     check_resume(ckpt, config, str(dataset), stand_in, track_gradients, override)
+    _check_data_files(ckpt, config)
+
+
+def _check_data_files(ckpt: Checkpoint, config: TrainConfig) -> None:
+    """A run on a file resumes on the same file, unchanged (its size and SHA-256 as the
+    checkpoint recorded them), with the same target, test rows and task."""
+    saved = ckpt.train_config
+    keys = ("data", "target", "test_data", "test_fraction", "task")
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, this run {getattr(config, k)!r}"
+        for k in keys
+        if saved.get(k) != getattr(config, k)
+    ]
+    if diffs:
+        raise CheckpointMismatchError(
+            f"{ckpt.path} does not match the requested run ({'; '.join(diffs)}). Resume with "
+            "the data options the checkpoint was written with, or start afresh without --resume"
+        )
+    for then in saved.get("data_files") or []:
+        now = fingerprint(then["name"]) if os.path.isfile(then["name"]) else None
+        if now is None or (now["size"], now["sha256"]) != (then["size"], then["sha256"]):
+            raise CheckpointMismatchError(
+                f"{then['name']} has changed since {ckpt.path} was written (then "
+                f"{then['size']} bytes, SHA-256 {then['sha256'][:12]}...; now "
+                + ("missing" if now is None else f"{now['size']} bytes, {now['sha256'][:12]}...")
+                + "); resume on the data the run started with, or start afresh without --resume"
+            )
 
 
 def check_before_the_run(
