@@ -13,7 +13,6 @@ from typing import Any
 
 from . import __version__, machine
 from .arguments import (
-    add_data_dir_options,
     add_gradflow_options,
     add_train_options,
     given_options,
@@ -34,17 +33,13 @@ from .backends.cuda.cupy_module import injected
 from .bench import add_arguments as add_bench_arguments
 from .bench import main as bench_main
 from .check import DEFAULT_SHAPES, TOLERANCE, CheckResult, format_failures, format_table, run_checks
-from .cli_errors import Parser, wrong_file_hint
-from .distributed import DistributedError
+from .cli_errors import RUN_ERRORS, Parser, command_line_message, wrong_file_hint
+from .cli_models import add_evaluate_parser, add_predict_parser
 from .errors import (
     BackendUnavailableError,
-    DatasetError,
-    DatasetNotFoundError,
     ModelFileError,
     NonFiniteLossError,
-    OutputPathError,
 )
-from .plots import PlotUnavailableError
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -124,29 +119,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-#: What makes a run fail without being a bug: the message says what to do; exit status 1.
-_RUN_ERRORS = (
-    BackendUnavailableError,
-    DatasetError,
-    DatasetNotFoundError,
-    DistributedError,
-    ModelFileError,
-    OutputPathError,
-    PlotUnavailableError,
-)
-
-
-def _message(exc: BaseException) -> str:
-    """The error's text in the command line's words: an output path's error names its option
-    (``--save``, not ``save_path=``), and an unavailable backend's way out is ``--backend auto``;
-    both errors carry what they concern."""
-    if isinstance(exc, BackendUnavailableError) and exc.backend == "cupy" and not injected():
-        return f"{exc.command_line_message()}; {EMULATOR_HINT}"
-    if isinstance(exc, (OutputPathError, BackendUnavailableError)):
-        return exc.command_line_message()
-    return str(exc)
-
-
 def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The run's settings: the options given, and with --resume the checkpoint's for the rest
     (its backend only where that can run here)."""
@@ -192,7 +164,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             config = TrainConfig(**settings)
             threads = _threads_context(config.backend, args.threads)
         except ValueError as exc:  # e.g. --lr beyond the range of --dtype
-            print(f"gpubp train: {_message(exc)}", file=sys.stderr)
+            print(f"gpubp train: {command_line_message(exc)}", file=sys.stderr)
             return 2
         if args.distributed:
             from .distributed import init
@@ -216,8 +188,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             message = f"{exc}; try a smaller --lr"
             if args.resume is not None and "lr" not in (args.override or ()):
                 message += " with --override lr (a resume keeps the checkpoint's lr otherwise)"
-        elif isinstance(exc, (*_RUN_ERRORS, OSError)):  # OSError: an output path not writable
-            message = _message(exc)
+        elif isinstance(exc, (*RUN_ERRORS, OSError)):  # OSError: an output path not writable
+            message = command_line_message(exc)
             if isinstance(exc, ModelFileError) and args.resume is not None:
                 message = wrong_file_hint(args.resume, "checkpoint") or message
         elif comm is None or isinstance(exc, SystemExit):
@@ -245,7 +217,7 @@ def _cmd_gradflow(args: argparse.Namespace) -> int:
         print(f"gpubp gradflow: {exc}", file=sys.stderr)
         return 2
     except BackendUnavailableError as exc:
-        print(f"gpubp gradflow: {_message(exc)}", file=sys.stderr)
+        print(f"gpubp gradflow: {command_line_message(exc)}", file=sys.stderr)
         return 1
     try:
         with threads:
@@ -265,86 +237,13 @@ def _cmd_gradflow(args: argparse.Namespace) -> int:
                 json_path=args.json,
                 progress=not args.quiet,
             )
-    except (*_RUN_ERRORS, OSError) as exc:
-        print(f"gpubp gradflow: {_message(exc)}", file=sys.stderr)
+    except (*RUN_ERRORS, OSError) as exc:
+        print(f"gpubp gradflow: {command_line_message(exc)}", file=sys.stderr)
         return 1
     except NonFiniteLossError as exc:
         print(f"gpubp gradflow: {exc}; try a smaller --lr", file=sys.stderr)
         return 1
     return 0
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import warnings
-
-    from .evaluate import evaluate_model
-    from .files import write_json
-    from .model import MLP
-
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model = MLP.load(args.model, backend=args.backend)
-            record = evaluate_model(
-                model, args.dataset, args.data_dir, where=args.model, download=args.download
-            )
-        _print_warnings(caught)
-        record["model"] = args.model
-        if args.json is not None:
-            write_json(args.json, record)
-    except (*_RUN_ERRORS, OSError) as exc:
-        message = _message(exc)
-        if isinstance(exc, ModelFileError):
-            message = wrong_file_hint(args.model, "model") or message
-        print(f"gpubp evaluate: {message}", file=sys.stderr)
-        return 1
-    accuracy = "n/a" if record["accuracy"] is None else f"{record['accuracy']:.4f}"
-    trained = record["trained_on"] or "an unrecorded dataset"
-    print(
-        f"test accuracy {accuracy} (loss {record['loss']:.4f}) on {record['test_samples']} "
-        f"{record['dataset']} test samples | {args.model}: {record['layer_sizes']}, trained on "
-        f"{trained} | backend {record['backend']} {record['dtype']}"
-    )
-    return 0
-
-
-def _print_warnings(caught: list[Any]) -> None:
-    """The warnings of ``gpubp evaluate`` on stderr; of the two a model without preprocessing
-    can raise (the old file on load, the raw images at scoring), the first alone."""
-    from .errors import NoPreprocessingWarning
-
-    said_no_preprocessing = False
-    for w in caught:
-        if issubclass(w.category, NoPreprocessingWarning):
-            if said_no_preprocessing:
-                continue
-            said_no_preprocessing = True
-        print(f"gpubp evaluate: warning: {w.message}", file=sys.stderr)
-
-
-def _add_evaluate_parser(sub: Any) -> None:
-    from .datasets import DATASET_NAMES
-
-    p = sub.add_parser(
-        "evaluate",
-        help="score a saved model on a dataset's test split",
-        description="Load a model saved by gpubp train --save (or MLP.save) and print its "
-        "accuracy and loss on the raw test images of a dataset (pixel values 0..255 for "
-        "MNIST and Fashion-MNIST, 0..16 for digits), through the preprocessing saved in the "
-        "model. Warns when the model carries none (a file from an older gpubp) or was trained "
-        "on another dataset.",
-    )
-    p.add_argument("model", metavar="MODEL", help="the model file (.npz)")
-    p.add_argument(
-        "--dataset",
-        choices=DATASET_NAMES,
-        help="the dataset to score on (default: the one the model was trained on)",
-    )
-    add_data_dir_options(p)
-    p.add_argument("--backend", default="auto", choices=("auto", *BACKEND_NAMES))
-    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
-    show_defaults(p)
-    p.set_defaults(func=_cmd_evaluate)
 
 
 def _add_train_parser(sub: Any) -> None:
@@ -384,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gpubp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train_parser(sub)
-    _add_evaluate_parser(sub)
+    add_evaluate_parser(sub)
+    add_predict_parser(sub)
     _add_gradflow_parser(sub)
     check = sub.add_parser(
         "check",

@@ -14,9 +14,28 @@ import sys
 import zipfile
 from typing import Any, NoReturn
 
+from .backends import EMULATOR_HINT
+from .backends.cuda.cupy_module import injected
+from .distributed import DistributedError
+from .errors import (
+    BackendUnavailableError,
+    DatasetError,
+    DatasetNotFoundError,
+    ModelFileError,
+    OutputPathError,
+)
 from .npzfile import CHECKPOINT_FORMAT, FORMAT
+from .plots import PlotUnavailableError
 
-__all__ = ["Parser", "did_you_mean", "file_format", "wrong_file_hint"]
+__all__ = [
+    "RUN_ERRORS",
+    "Parser",
+    "command_line_message",
+    "did_you_mean",
+    "file_format",
+    "print_error",
+    "wrong_file_hint",
+]
 
 
 def did_you_mean(word: str, candidates: Any) -> str:
@@ -86,3 +105,26 @@ def wrong_file_hint(path: str | os.PathLike[str], wanted: str) -> str | None:
 def print_error(command: str, message: str) -> None:
     """``gpubp <command>: <message>`` on stderr."""
     print(f"gpubp {command}: {message}", file=sys.stderr)
+
+
+#: What makes a run fail without being a bug: the message says what to do; exit status 1.
+RUN_ERRORS = (
+    BackendUnavailableError,
+    DatasetError,
+    DatasetNotFoundError,
+    DistributedError,
+    ModelFileError,
+    OutputPathError,
+    PlotUnavailableError,
+)
+
+
+def command_line_message(exc: BaseException) -> str:
+    """The error's text in the command line's words: an output path's error names its option
+    (``--save``, not ``save_path=``), and an unavailable backend's way out is ``--backend auto``;
+    both errors carry what they concern."""
+    if isinstance(exc, BackendUnavailableError) and exc.backend == "cupy" and not injected():
+        return f"{exc.command_line_message()}; {EMULATOR_HINT}"
+    if isinstance(exc, (OutputPathError, BackendUnavailableError)):
+        return exc.command_line_message()
+    return str(exc)

@@ -270,6 +270,17 @@ def _from_columns(
     need_target: bool,
 ) -> Table:
     names = list(columns)
+    numbered = names == [str(j + 1) for j in range(len(names))]  # a file without a header
+    if features is not None and not numbered and not set(features) <= set(names):
+        missing = [f for f in features if f not in names]
+        raise DatasetError(
+            f"{path}: has no column {', '.join(map(repr, missing))} of those the model was "
+            f"trained on ({', '.join(features)}); its columns are {', '.join(names)}"
+        )
+    if features is not None and numbered and target not in names:
+        target = None  # by position: the model's features, then the target (if any) last
+        if len(names) == len(features) + 1:
+            target = names[-1]
     if features is not None and set(features) <= set(names):  # a model's columns, by name
         chosen = list(features)
         tname = target if target in names else None
