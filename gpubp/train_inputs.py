@@ -57,6 +57,8 @@ def load_data(
             f"training set {ds.x_train.shape[1]}; both must be the same width"
         )
     split = data.train_val_split(ds.x_train, ds.y_train, config.val_fraction, config.seed)
+    if ds.file is not None:  # your own file: its rows held once, as the split's parts
+        ds.x_train, ds.y_train = split[0], split[1]
     if config.batch_size is None:
         small = len(split[0]) < SMALL_DATA
         config = dataclasses.replace(

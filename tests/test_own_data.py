@@ -222,3 +222,16 @@ def test_train_config_takes_a_data_file(csv_files):
         TrainConfig(data="x.csv", test_data="t.csv", test_fraction=0.2)
     with pytest.raises(ValueError, match="only applies with data"):
         TrainConfig(target="y")
+
+
+def test_distributed_training_on_a_file(csv_files):
+    """``--distributed`` with ``--data``: two MPI ranks, one model with the file's label names."""
+    from .test_distributed import _mpi_ready, _mpirun
+
+    if _mpi_ready() is not None:
+        pytest.skip(str(_mpi_ready()))
+    argv = ["-m", "gpubp", "train", "--data", "train.csv", "--epochs", "1", *FAST]
+    two = _mpirun(2, [*argv, "--distributed", "--save", "m.npz"], csv_files)
+    assert two.returncode == 0, two.stderr
+    assert "data parallel over 2 MPI rank(s)" in two.stdout
+    assert gpubp.MLP.load(csv_files / "m.npz").labels == ("cat", "dog", "eel")
