@@ -1,5 +1,5 @@
-"""The ``gpubp`` command line: ``train``, ``evaluate``, ``gradflow``, ``bench``, ``check`` and
-``info``."""
+"""The ``gpubp`` command line: ``train``, ``evaluate``, ``predict``, ``gradflow``, ``bench``,
+``check`` and ``info``."""
 
 from __future__ import annotations
 

@@ -157,6 +157,35 @@ def test_ci_tries_the_first_hour_outside_the_checkout():
     assert "python readme_example.py || fail" in outside
 
 
+def _own_data_commands() -> list[str]:
+    section = _section((ROOT / "README.md").read_text(), "### Your own data")
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    return [line for block in blocks for line in block.splitlines() if line.startswith("gpubp ")]
+
+
+def test_ci_runs_the_readme_own_data_commands_outside_the_checkout():
+    ci = (ROOT / ".ci" / "run").read_text()
+    outside = ci[ci.index('cd "$outside"') : ci.index('cd "$checkout"')]
+    assert '"### Your own data"' in outside and "bash own_data.sh || fail" in outside
+    commands = _own_data_commands()
+    for piece in ("train --data", "--resume", "evaluate", "predict", ".parquet"):
+        assert any(piece in c for c in commands), piece
+
+
+def test_readme_own_data_commands_name_options_that_exist():
+    """Each ``gpubp COMMAND --option`` of the README's own-data section parses."""
+    import shlex
+
+    from gpubp import cli
+
+    commands = _own_data_commands()
+    assert len(commands) >= 5
+    for line in commands:
+        words = shlex.split(line)[1:]
+        args = cli.build_parser().parse_args(words)  # SystemExit on an unknown option
+        assert args.command == words[0]
+
+
 def test_python_dash_m_gpubp():
     out = subprocess.run(
         [sys.executable, "-m", "gpubp", "--version"], capture_output=True, text=True, check=True
