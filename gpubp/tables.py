@@ -18,6 +18,7 @@ import csv
 import hashlib
 import math
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,13 +97,21 @@ def read_table(
             f"{path}: no such file; pass the path of a CSV, TSV, .npz, .npy or .parquet file"
         )
     kind = table_kind(path)
-    if kind == "npz":
-        return _from_arrays(path, *_npz(path), dtype, features, need_target)
-    if kind == "npy":
-        return _from_arrays(
-            path, *_npy_pair(path, target, need_target), dtype, features, need_target
-        )
-    columns = _columns(path, kind)
+    try:
+        if kind == "npz":
+            return _from_arrays(path, *_npz(path), dtype, features, need_target)
+        if kind == "npy":
+            x, y = _npy_pair(path, target, need_target)
+            return _from_arrays(path, x, y, dtype, features, need_target)
+        columns = _columns(path, kind)
+    except (UnicodeDecodeError, csv.Error, zipfile.BadZipFile, EOFError) as exc:
+        raise DatasetError(f"{path}: cannot be read as {kind} ({exc})") from None
+    except ValueError as exc:  # NumPy's refusals: not an .npy, an object array
+        if isinstance(exc, DatasetError):
+            raise
+        raise DatasetError(f"{path}: cannot be read as {kind} ({exc})") from None
+    if not columns:
+        raise DatasetError(f"{path}: holds no columns; expected a header or rows of numbers")
     return _from_columns(path, columns, target, dtype, features, need_target)
 
 

@@ -235,3 +235,11 @@ def test_distributed_training_on_a_file(csv_files):
     assert two.returncode == 0, two.stderr
     assert "data parallel over 2 MPI rank(s)" in two.stdout
     assert gpubp.MLP.load(csv_files / "m.npz").labels == ("cat", "dog", "eel")
+
+
+@pytest.mark.parametrize("name", ["bad.csv", "bad.npz", "bad.npy", "empty.csv"])
+def test_an_unreadable_file_is_a_dataset_error_naming_it(tmp_path, monkeypatch, name):
+    monkeypatch.setattr(tables, "_pyarrow", lambda: None)
+    (tmp_path / name).write_bytes(b"" if name.startswith("empty") else b"\xff\xfe\x00garbage\x9c")
+    with pytest.raises(DatasetError, match=name):
+        tables.read_table(tmp_path / name)
