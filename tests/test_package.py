@@ -134,6 +134,8 @@ def test_the_expected_warnings_are_filtered():
     with warnings.catch_warnings(record=True) as caught:
         big = np.full((2, 2), 3e38, np.float32)
         _ = big @ big
+        _ = np.full((2, 2), np.inf) @ np.zeros((2, 2))  # inf * 0: invalid
+        _ = np.add.reduce(np.array([np.inf, -np.inf]))
         warnings.warn(
             "Stochastic Optimizer: Maximum iterations (3) reached and the optimization hasn't "
             "converged yet.",
