@@ -249,9 +249,10 @@ def _cmd_gradflow(args: argparse.Namespace) -> int:
 def _add_train_parser(sub: Any) -> None:
     p = sub.add_parser(
         "train",
-        help="train an MLP on real data (digits, MNIST, Fashion-MNIST) and report accuracy",
-        description="Train a classifier on a real dataset with progress shown, then print the "
-        "test accuracy, the wall time, samples per second and the backend. The same seed "
+        help="train an MLP on a dataset (digits, MNIST, Fashion-MNIST) or your own file",
+        description="Train a classifier on a real dataset, or with --data a classifier or a "
+        "regression on your own file, with progress shown, then print the test accuracy (a "
+        "regression's RMSE), the wall time, samples per second and the backend. The same seed "
         "gives the same numbers on the same backend. Exit status 130 when stopped by Ctrl-C "
         "(a checkpoint is written first). With --resume, every option not given is the "
         "checkpoint's.",

@@ -125,6 +125,19 @@ def test_the_quickstart_install_has_what_the_next_commands_need():
         assert package in wanted, f"the Quickstart's install does not bring {package}"
 
 
+def test_the_readme_says_what_the_test_suite_costs_and_prints():
+    """After the test command: its time on 2 cores, that skips and xfails are expected, and a
+    quick subset whose files exist."""
+    section = _section((ROOT / "README.md").read_text(), "## Quickstart")
+    after = section[section.index(_quickstart_commands()[1]) :]
+    for said in ("minutes", "2 cores", "skips", "xfails", "expected", "filtered"):
+        assert said in after, said
+    quick = re.search(r"```\n(pytest -q [^\n]+)\n```", after)
+    assert quick, "no quick subset"
+    files = [w for w in quick.group(1).split() if w.startswith("tests/")]
+    assert files and all((ROOT / f).is_file() for f in files), files
+
+
 def test_the_expected_warnings_are_filtered():
     """The suite's deliberate float32 overflows and short fits print no warning lines."""
     import warnings
