@@ -334,7 +334,12 @@ class MLP(InputChecks):
         and, with ``validation_data``, ``val_loss`` and ``val_accuracy``. The default optimizer
         is ``Adam(lr=1e-3)``. ``progress`` prints a line per epoch on stdout, with a live bar on
         stderr when that is a terminal. ``X`` is raw: a model with a :attr:`preprocessing`
-        applies it to all of ``X`` once, before the first epoch (a copy of ``X``), not per step.
+        applies it to all of ``X`` once, before the first epoch (a copy of ``X``), not per step;
+        a model without one trains on ``X`` as given, so give it one
+        (``model.preprocessing = Preprocessing.standardize(X)``: ``x' = (x - mean) / std`` per
+        feature) or standardise ``X`` yourself when its features have different scales. ``y``:
+        integer class labels (whole-number floats and booleans too) or one-hot rows for a
+        classifier, float targets ``(N, n_L)`` for a regression.
         """
         check_positive_int("epochs", epochs)
         check_positive_int("batch_size", batch_size)
