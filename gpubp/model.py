@@ -113,10 +113,9 @@ class MLP(InputChecks):
         self._pre: Preprocessing | None = None
         self._pre_arrays: tuple[Any, Any] | None = None
         self.preprocessing = preprocessing
-        #: the dataset the model was trained on and its label names, if known (saved with it)
+        #: the dataset it was trained on, its label names and (a file's) feature and target names
         self.dataset: str | None = None
         self.labels: tuple[str, ...] | None = None
-        #: the input columns' and the target's names, for a model trained on a file (saved)
         self.features: tuple[str, ...] | None = None
         self.target: str | None = None
 
@@ -333,14 +332,10 @@ class MLP(InputChecks):
         Returns a history: ``loss`` (mean training loss per epoch), ``time`` (seconds per epoch)
         and, with ``validation_data``, ``val_loss`` and ``val_accuracy``. The default optimizer
         is ``Adam(lr=1e-3)``. ``progress`` prints a line per epoch on stdout, with a live bar on
-        stderr when that is a terminal. ``X`` is raw: a model with a :attr:`preprocessing`
-        applies it to all of ``X`` once, before the first epoch (a copy of ``X``), not per step;
-        a model without one trains on ``X`` as given, so give it one
-        (``model.preprocessing = Preprocessing.standardize(X)``: ``x' = (x - mean) / std`` per
-        feature) or standardise ``X`` yourself when its features have different scales. ``y``:
-        integer class labels (whole-number floats and booleans too) or one-hot rows for a
-        classifier, float targets ``(N, n_L)`` for a regression.
-        """
+        stderr when that is a terminal. ``X`` is raw: a :attr:`preprocessing` is applied to all
+        of it once (a copy), not per step; without one (set ``Preprocessing.standardize(X)`` for
+        features of different scales) it is used as given. ``y``: integer (or whole-number
+        float) class labels or one-hot rows; float targets for a regression."""
         check_positive_int("epochs", epochs)
         check_positive_int("batch_size", batch_size)
         optimizer = Adam(lr=1e-3) if optimizer is None else _check_optimizer(optimizer)
@@ -436,17 +431,8 @@ class MLP(InputChecks):
                 "set model.labels to one name per output, or None"
             )
         weights, biases = self.get_parameters()
-        modelfile.save_model(
-            path,
-            self.config(),
-            weights,
-            biases,
-            self._pre,
-            self.dataset,
-            labels,
-            features=self.features,
-            target=self.target,
-        )
+        names = (self.dataset, labels, self.features, self.target)
+        modelfile.save_model(path, self.config(), weights, biases, self._pre, *names)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], backend: str | Backend = "auto") -> MLP:
@@ -493,14 +479,9 @@ class MLP(InputChecks):
         activation modules; ``loss`` defaults to ``cross_entropy`` after a softmax,
         ``binary_cross_entropy`` after a sigmoid, ``mse`` otherwise; ``dtype`` to the weights'
         (see :func:`gpubp.interop.read_sequential`). Nothing is built until all of ``seq`` has
-        been read.
-
-        A usual PyTorch classifier ends in ``Linear`` (its softmax is inside
-        ``CrossEntropyLoss``); ``loss`` then gives the output activation::
-
-            seq = torch.nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
-            model = MLP.from_torch(seq, loss="cross_entropy")  # softmax output
-        """
+        been read. A usual PyTorch classifier ends in ``Linear`` (its softmax inside
+        ``CrossEntropyLoss``): ``from_torch(seq, loss="cross_entropy")`` gives it a softmax
+        output (``binary_cross_entropy``: a sigmoid one)."""
         net = interop.read_sequential(seq, loss=loss, dtype=dtype)
         model = cls(
             net.layer_sizes,
