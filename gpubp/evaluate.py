@@ -114,6 +114,12 @@ def evaluate_model(
             f"{where} does not say which dataset it was trained on; pass the dataset to score "
             f"it on (one of {', '.join(data.DATASET_NAMES)})"
         )
+    if dataset is None and name not in ("digits", *data.DATASETS):
+        raise ModelFileError(
+            f"{where} was trained on your own file ({name}), not on a built-in dataset; score "
+            f"it on a file: gpubp evaluate {where} --data PATH (gpubp.predict.evaluate_file in "
+            "Python)"
+        )
     split = raw_test_split(name, data_dir, download)
     n_features, n_classes = split.x.shape[1], len(split.classes)
     trained = f"it was trained on {model.dataset}" if model.dataset else "another dataset?"

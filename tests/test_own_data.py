@@ -72,6 +72,8 @@ def test_csv_with_a_string_target_trains_resumes_evaluates_and_predicts(csv_file
     model = gpubp.MLP.load(d / "m.npz")
     assert model.labels == ("cat", "dog", "eel") and model.features == ("a", "b", "c")
     assert model.target == "species" and model.preprocessing is not None
+    assert cli.main(["evaluate", str(d / "m.npz")]) == 1  # no built-in dataset to score on
+    assert f"gpubp evaluate {d / 'm.npz'} --data PATH" in capsys.readouterr().err
     assert (
         cli.main(
             ["evaluate", str(d / "m.npz"), "--data", str(d / "test.csv"), "--target", "species"]
