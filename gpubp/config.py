@@ -161,14 +161,18 @@ class TrainConfig:
             names = ("target", "test_data", "test_fraction", "task")
             given = [k for k in names if getattr(self, k) is not None]
             if given:
-                raise ValueError(f"{given[0]}= only applies with data= (--data PATH)")
+                option = "--" + given[0].replace("_", "-")
+                raise ValueError(f"{given[0]}= ({option}) only applies with data= (--data PATH)")
             return
         if self.dataset != "auto":
             raise ValueError(
-                f"dataset={self.dataset!r} and data={self.data!r}: pass one of them, not both"
+                f"dataset={self.dataset!r} (--dataset) and data={self.data!r} (--data): pass one "
+                "of them, not both"
             )
         if self.test_data is not None and self.test_fraction is not None:
-            raise ValueError("pass test_data= or test_fraction=, not both")
+            raise ValueError(
+                "pass test_data= (--test-data) or test_fraction= (--test-fraction), not both"
+            )
         if self.test_fraction is not None:
             check_fraction("test_fraction", self.test_fraction)
         if self.task not in (None, "classification", "regression"):

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DatasetError
+from .errors import DatasetError, OutputPathError
 from .filedata import encode_labels
 from .files import check_outputs, write_atomic
 from .losses import is_classifier
@@ -99,7 +99,13 @@ def predict_file(
     """Write one row of predictions per row of ``path`` to ``output`` (CSV, or Parquet by the
     suffix ``.parquet``; stdout when None); returns the number of rows."""
     if output is not None:
-        check_outputs({"output": output}, {"data": path})
+        try:
+            check_outputs({"output": output}, {"data": path})
+        except OutputPathError as exc:  # the command line's words: --output, --data
+            options = {"output": "--output", "data": "--data"}
+            exc.option = exc.option or options.get(exc.argument)
+            exc.other_option = exc.other_option or options.get(exc.other or "")
+            raise
         if Path(output).suffix.lower() in (".parquet", ".pq"):
             _require_pyarrow(output)
     table = _read(model, path, None, False)

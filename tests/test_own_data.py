@@ -245,3 +245,18 @@ def test_an_unreadable_file_is_a_dataset_error_naming_it(tmp_path, monkeypatch, 
     (tmp_path / name).write_bytes(b"" if name.startswith("empty") else b"\xff\xfe\x00garbage\x9c")
     with pytest.raises(DatasetError, match=name):
         tables.read_table(tmp_path / name)
+
+
+def test_predict_refuses_to_write_over_its_data_and_names_the_options(csv_files, capsys):
+    d = csv_files
+    m = str(d / "m.npz")
+    assert (
+        cli.main(["train", "--data", str(d / "train.csv"), "--epochs", "1", *FAST, "--save", m])
+        == 0
+    )
+    before = (d / "new.csv").read_bytes()
+    assert (
+        cli.main(["predict", m, "--data", str(d / "new.csv"), "--output", str(d / "new.csv")]) == 1
+    )
+    err = capsys.readouterr().err
+    assert "--output" in err and "--data file" in err and (d / "new.csv").read_bytes() == before
