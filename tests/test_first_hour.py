@@ -181,3 +181,16 @@ def test_a_run_on_the_emulator_says_so():
     emulated = be.xp.__name__.startswith("cudaemu")
     assert ("emulated GPU: correctness only, not speed" in backend_label(be)) == emulated
     assert backend_label(get_backend("numpy")) == "numpy"
+
+
+def test_backend_cupy_refused_says_how_to_run_the_emulator(monkeypatch, capsys):
+    from gpubp import datasets
+    from gpubp.backends import backend_status
+
+    monkeypatch.setenv("GPUBP_CUPY_MODULE", "cupy")  # the real one only
+    if backend_status()["cupy"] is None:
+        pytest.skip("a real GPU is here")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("data read"))
+    assert cli.main(["train", "--backend", "cupy", "--dataset", "digits"]) == 1
+    err = capsys.readouterr().err
+    assert "GPUBP_CUPY_MODULE=cudaemu.cupy" in err and "--backend auto" in err
