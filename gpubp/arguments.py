@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from .config import TrainConfig
 
 __all__ = [
+    "DATA_DIR_HELP",
     "QUIET_HELP",
+    "add_data_dir_options",
     "add_gradflow_options",
     "add_threads_option",
     "add_train_options",
@@ -137,6 +139,52 @@ def add_threads_option(parser: Any, also: str = "") -> None:
     )
 
 
+DATA_DIR_HELP = (
+    "folder with the IDX files: when given, the only place looked (default: $GPUBP_DATA, "
+    "the cache, system folders)"
+)
+
+
+def add_data_dir_options(g: Any) -> None:
+    """``--data-dir`` and ``--download``: where the IDX files are, and fetching them."""
+    g.add_argument("--data-dir", help=DATA_DIR_HELP)
+    g.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch a missing MNIST/Fashion-MNIST (SHA-256 checked) into --data-dir, else the "
+        "cache",
+    )
+
+
+def add_file_data_options(g: Any) -> None:
+    """``gpubp train``'s options for your own data file."""
+    g.add_argument(
+        "--data",
+        metavar="PATH",
+        help="train on your own file instead: CSV or TSV (header or not), .npz (X, y), .npy "
+        "(X*.npy with y*.npy) or .parquet",
+    )
+    g.add_argument(
+        "--target",
+        metavar="COLUMN",
+        help="with --data: the target column (default: y, target, label or class, else the "
+        "last column; without a header columns are 1, 2, ...; for .npy the labels file)",
+    )
+    g.add_argument("--test-data", metavar="PATH", help="with --data: the test rows, another file")
+    g.add_argument(
+        "--test-fraction",
+        type=fraction_value,
+        metavar="F",
+        help="with --data: the seeded share of its rows held out for testing (default: 0.2)",
+    )
+    g.add_argument(
+        "--task",
+        choices=("classification", "regression"),
+        help="with --data (default: from the target: floats are regression, integers, strings "
+        "and booleans classification)",
+    )
+
+
 QUIET_HELP = "no live progress bar (the epoch lines and the summary stay)"
 
 
@@ -153,12 +201,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         choices=("auto", *DATASET_NAMES),
         help="auto: the largest dataset found locally (it says which)",
     )
-    g.add_argument("--data-dir", help="folder with the IDX files (also $GPUBP_DATA)")
-    g.add_argument(
-        "--download",
-        action="store_true",
-        help="fetch a missing MNIST/Fashion-MNIST into the cache (SHA-256 checked)",
-    )
+    add_data_dir_options(g)
+    add_file_data_options(g)
     g.add_argument(
         "--val-fraction",
         type=fraction_value,
@@ -253,7 +297,7 @@ def add_gradflow_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=positive_int_value, default=8, help="hidden layers")
     p.add_argument("--width", type=positive_int_value, default=64, help="units per hidden layer")
     p.add_argument("--dataset", default="auto", choices=("auto", *DATASET_NAMES))
-    p.add_argument("--data-dir", help="folder with the IDX files (also $GPUBP_DATA)")
+    add_data_dir_options(p)
     p.add_argument("--steps", type=positive_int_value, default=200, help="SGD steps per network")
     p.add_argument("--batch-size", type=positive_int_value, default=64)
     p.add_argument("--lr", type=positive_float, default=0.05)

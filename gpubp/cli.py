@@ -1,5 +1,5 @@
-"""The ``gpubp`` command line: ``train``, ``evaluate``, ``gradflow``, ``bench``, ``check`` and
-``info``."""
+"""The ``gpubp`` command line: ``train``, ``evaluate``, ``predict``, ``gradflow``, ``bench``,
+``check`` and ``info``."""
 
 from __future__ import annotations
 
@@ -19,20 +19,27 @@ from .arguments import (
     seed_value,
     show_defaults,
 )
-from .backends import BACKEND_NAMES, available_backends, backend_status, get_backend, use_backend
+from .backends import (
+    BACKEND_NAMES,
+    EMULATED,
+    EMULATOR_HINT,
+    auto_order,
+    available_backends,
+    backend_status,
+    get_backend,
+    use_backend,
+)
+from .backends.cuda.cupy_module import injected
 from .bench import add_arguments as add_bench_arguments
 from .bench import main as bench_main
 from .check import DEFAULT_SHAPES, TOLERANCE, CheckResult, format_failures, format_table, run_checks
-from .distributed import DistributedError
+from .cli_errors import RUN_ERRORS, Parser, command_line_message, wrong_file_hint
+from .cli_models import add_evaluate_parser, add_predict_parser
 from .errors import (
     BackendUnavailableError,
-    DatasetError,
-    DatasetNotFoundError,
     ModelFileError,
     NonFiniteLossError,
-    OutputPathError,
 )
-from .plots import PlotUnavailableError
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -84,8 +91,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     print(f"gpubp {__version__}  (Python {platform.python_version()}, {platform.platform()})")
     print("\nbackends (best first; 'auto' picks the first available):")
-    for name, why in backend_status().items():
-        print(f"  {name:6} {'available' if why is None else 'unavailable: ' + why}")
+    status = backend_status()
+    for name in auto_order():
+        why = status[name]
+        said = "available" if why is None else "unavailable: " + why
+        if name == "cupy" and injected() and why is None:
+            said = f"available: {EMULATED}; auto never picks it, --backend cupy does"
+        print(f"  {name:6} {said}")
+    if status["cupy"] is not None and not injected():
+        print(f"  ({EMULATOR_HINT})")
     print("\nlibraries:")
     for dist in machine.LIBRARIES:
         print(f"  {dist:14} {machine.version(dist)}")
@@ -103,27 +117,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if why is not None:
         print(f"  GPU: {why}")
     return 0
-
-
-#: What makes a run fail without being a bug: the message says what to do; exit status 1.
-_RUN_ERRORS = (
-    BackendUnavailableError,
-    DatasetError,
-    DatasetNotFoundError,
-    DistributedError,
-    ModelFileError,
-    OutputPathError,
-    PlotUnavailableError,
-)
-
-
-def _message(exc: BaseException) -> str:
-    """The error's text in the command line's words: an output path's error names its option
-    (``--save``, not ``save_path=``), and an unavailable backend's way out is ``--backend auto``;
-    both errors carry what they concern."""
-    if isinstance(exc, (OutputPathError, BackendUnavailableError)):
-        return exc.command_line_message()
-    return str(exc)
 
 
 def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -171,7 +164,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             config = TrainConfig(**settings)
             threads = _threads_context(config.backend, args.threads)
         except ValueError as exc:  # e.g. --lr beyond the range of --dtype
-            print(f"gpubp train: {_message(exc)}", file=sys.stderr)
+            print(f"gpubp train: {command_line_message(exc)}", file=sys.stderr)
             return 2
         if args.distributed:
             from .distributed import init
@@ -195,8 +188,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             message = f"{exc}; try a smaller --lr"
             if args.resume is not None and "lr" not in (args.override or ()):
                 message += " with --override lr (a resume keeps the checkpoint's lr otherwise)"
-        elif isinstance(exc, (*_RUN_ERRORS, OSError)):  # OSError: an output path not writable
-            message = _message(exc)
+        elif isinstance(exc, (*RUN_ERRORS, OSError)):  # OSError: an output path not writable
+            message = command_line_message(exc)
+            if isinstance(exc, ModelFileError) and args.resume is not None:
+                message = wrong_file_hint(args.resume, "checkpoint") or message
         elif comm is None or isinstance(exc, SystemExit):
             raise
         else:  # an unexpected error on one rank: say which, with the traceback, then end all
@@ -222,7 +217,7 @@ def _cmd_gradflow(args: argparse.Namespace) -> int:
         print(f"gpubp gradflow: {exc}", file=sys.stderr)
         return 2
     except BackendUnavailableError as exc:
-        print(f"gpubp gradflow: {_message(exc)}", file=sys.stderr)
+        print(f"gpubp gradflow: {command_line_message(exc)}", file=sys.stderr)
         return 1
     try:
         with threads:
@@ -237,12 +232,13 @@ def _cmd_gradflow(args: argparse.Namespace) -> int:
                 backend=args.backend,
                 seed=args.seed,
                 data_dir=args.data_dir,
+                download=args.download,
                 plot_path=args.plot or None,
                 json_path=args.json,
                 progress=not args.quiet,
             )
-    except (*_RUN_ERRORS, OSError) as exc:
-        print(f"gpubp gradflow: {_message(exc)}", file=sys.stderr)
+    except (*RUN_ERRORS, OSError) as exc:
+        print(f"gpubp gradflow: {command_line_message(exc)}", file=sys.stderr)
         return 1
     except NonFiniteLossError as exc:
         print(f"gpubp gradflow: {exc}; try a smaller --lr", file=sys.stderr)
@@ -250,80 +246,13 @@ def _cmd_gradflow(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import warnings
-
-    from .evaluate import evaluate_model
-    from .files import write_json
-    from .model import MLP
-
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model = MLP.load(args.model, backend=args.backend)
-            record = evaluate_model(model, args.dataset, args.data_dir, where=args.model)
-        _print_warnings(caught)
-        record["model"] = args.model
-        if args.json is not None:
-            write_json(args.json, record)
-    except (*_RUN_ERRORS, OSError) as exc:
-        print(f"gpubp evaluate: {_message(exc)}", file=sys.stderr)
-        return 1
-    accuracy = "n/a" if record["accuracy"] is None else f"{record['accuracy']:.4f}"
-    trained = record["trained_on"] or "an unrecorded dataset"
-    print(
-        f"test accuracy {accuracy} (loss {record['loss']:.4f}) on {record['test_samples']} "
-        f"{record['dataset']} test samples | {args.model}: {record['layer_sizes']}, trained on "
-        f"{trained} | backend {record['backend']} {record['dtype']}"
-    )
-    return 0
-
-
-def _print_warnings(caught: list[Any]) -> None:
-    """The warnings of ``gpubp evaluate`` on stderr; of the two a model without preprocessing
-    can raise (the old file on load, the raw images at scoring), the first alone."""
-    from .errors import NoPreprocessingWarning
-
-    said_no_preprocessing = False
-    for w in caught:
-        if issubclass(w.category, NoPreprocessingWarning):
-            if said_no_preprocessing:
-                continue
-            said_no_preprocessing = True
-        print(f"gpubp evaluate: warning: {w.message}", file=sys.stderr)
-
-
-def _add_evaluate_parser(sub: Any) -> None:
-    from .datasets import DATASET_NAMES
-
-    p = sub.add_parser(
-        "evaluate",
-        help="score a saved model on a dataset's test split",
-        description="Load a model saved by gpubp train --save (or MLP.save) and print its "
-        "accuracy and loss on the raw test images of a dataset (pixel values 0..255 for "
-        "MNIST and Fashion-MNIST, 0..16 for digits), through the preprocessing saved in the "
-        "model. Warns when the model carries none (a file from an older gpubp) or was trained "
-        "on another dataset.",
-    )
-    p.add_argument("model", metavar="MODEL", help="the model file (.npz)")
-    p.add_argument(
-        "--dataset",
-        choices=DATASET_NAMES,
-        help="the dataset to score on (default: the one the model was trained on)",
-    )
-    p.add_argument("--data-dir", help="folder with the IDX files (also $GPUBP_DATA)")
-    p.add_argument("--backend", default="auto", choices=("auto", *BACKEND_NAMES))
-    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
-    show_defaults(p)
-    p.set_defaults(func=_cmd_evaluate)
-
-
 def _add_train_parser(sub: Any) -> None:
     p = sub.add_parser(
         "train",
-        help="train an MLP on real data (digits, MNIST, Fashion-MNIST) and report accuracy",
-        description="Train a classifier on a real dataset with progress shown, then print the "
-        "test accuracy, the wall time, samples per second and the backend. The same seed "
+        help="train an MLP on a dataset (digits, MNIST, Fashion-MNIST) or your own file",
+        description="Train a classifier on a real dataset, or with --data a classifier or a "
+        "regression on your own file, with progress shown, then print the test accuracy (a "
+        "regression's RMSE), the wall time, samples per second and the backend. The same seed "
         "gives the same numbers on the same backend. Exit status 130 when stopped by Ctrl-C "
         "(a checkpoint is written first). With --resume, every option not given is the "
         "checkpoint's.",
@@ -348,14 +277,15 @@ def _add_gradflow_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gpubp",
         description="Backpropagation for fully connected networks on NumPy, Numba and CUDA.",
     )
     parser.add_argument("--version", action="version", version=f"gpubp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train_parser(sub)
-    _add_evaluate_parser(sub)
+    add_evaluate_parser(sub)
+    add_predict_parser(sub)
     _add_gradflow_parser(sub)
     check = sub.add_parser(
         "check",
@@ -371,7 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=seed_value, default=0, help="seed of the random problems")
     show_defaults(check)
     check.set_defaults(func=_cmd_check)
-    info = sub.add_parser("info", help="list backends, devices and library versions")
+    info = sub.add_parser(
+        "info",
+        help="list backends, devices and library versions",
+        description="Print gpubp's version, every backend in the order --backend auto considers "
+        "them (and why one cannot run here), the versions of the libraries gpubp uses, the CPU "
+        "and the cores this process may use, NumPy's BLAS and its threads, the numba backend's "
+        "GEMM provider, and the GPUs.",
+    )
     info.set_defaults(func=_cmd_info)
     bench = sub.add_parser(
         "bench",
@@ -382,13 +319,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_bench_arguments(bench)
     bench.set_defaults(func=bench_main)
+    for command in sub.choices.values():  # whose options an unknown one is compared with
+        command.set_defaults(command_parser=command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's parser, which knows the options it could have meant
+        getattr(args, "command_parser", parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}"
+        )
     if args.command is None:
         parser.print_help()
         return 2

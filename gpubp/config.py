@@ -79,6 +79,19 @@ class TrainConfig:
         Where to look for IDX files first (then ``$GPUBP_DATA``, the cache, system folders).
     download : bool
         Fetch a missing MNIST / Fashion-MNIST (checksums verified) into the cache.
+    data : str or None
+        Train on this file instead of a dataset: CSV, TSV, ``.npz`` (``X``, ``y``), ``.npy``
+        pairs or Parquet (see :mod:`gpubp.tables` and :mod:`gpubp.filedata`).
+    target : str or None
+        The target column of ``data`` (default: a column named ``y``, ``target``, ``label`` or
+        ``class``, else the last); for ``.npy``, the labels file.
+    test_data : str or None
+        The test rows, from another file with the same columns.
+    test_fraction : float or None
+        Without ``test_data``: the seeded share of ``data``'s rows held out as the test set
+        (default 0.2).
+    task : str or None
+        ``classification`` or ``regression``; default: from the target (floats: regression).
     """
 
     dataset: str = "auto"
@@ -96,6 +109,11 @@ class TrainConfig:
     seed: int = 0
     data_dir: str | None = None
     download: bool = False
+    data: str | None = None
+    target: str | None = None
+    test_data: str | None = None
+    test_fraction: float | None = None
+    task: str | None = None
 
     def __post_init__(self) -> None:
         self.layers = tuple(self.layers)
@@ -135,6 +153,32 @@ class TrainConfig:
             check_non_negative_number("weight_decay", self.weight_decay)
         check_fraction("val_fraction", self.val_fraction)
         check_int("seed", self.seed)
+        self._check_data()
+
+    def _check_data(self) -> None:
+        """The options of a run on your own file, which only make sense with ``data``."""
+        if self.data is None:
+            names = ("target", "test_data", "test_fraction", "task")
+            given = [k for k in names if getattr(self, k) is not None]
+            if given:
+                option = "--" + given[0].replace("_", "-")
+                raise ValueError(f"{given[0]}= ({option}) only applies with data= (--data PATH)")
+            return
+        if self.dataset != "auto":
+            raise ValueError(
+                f"dataset={self.dataset!r} (--dataset) and data={self.data!r} (--data): pass one "
+                "of them, not both"
+            )
+        if self.test_data is not None and self.test_fraction is not None:
+            raise ValueError(
+                "pass test_data= (--test-data) or test_fraction= (--test-fraction), not both"
+            )
+        if self.test_fraction is not None:
+            check_fraction("test_fraction", self.test_fraction)
+        if self.task not in (None, "classification", "regression"):
+            raise ValueError(
+                f"task={self.task!r} is not known; expected classification or regression"
+            )
 
     @property
     def peak_lr(self) -> float:

@@ -4,7 +4,8 @@
 bundled 8x8 set. Where the IDX files are looked for, in order (the first folder holding all four
 files wins):
 
-1. the ``data_dir`` argument (``--data-dir`` on the command line);
+1. the ``data_dir`` argument (``--data-dir`` on the command line): when given, the only place
+   looked (``data_dir/<name>``, then ``data_dir``), and where ``--download`` writes;
 2. ``$GPUBP_DATA/<name>`` and ``$GPUBP_DATA`` itself;
 3. the cache, ``~/.cache/gpubp/<name>`` (``$XDG_CACHE_HOME`` respected), where ``--download``
    writes;
@@ -143,6 +144,9 @@ class Dataset:
     #: intensities 0..16), before any scaling: what a saved model, which carries its
     #: preprocessing, is scored on; None for a dataset built by hand
     x_test_raw: np.ndarray | None = None
+    #: a dataset read from your own file (:mod:`gpubp.filedata`): its task, column names,
+    #: standardisation and fingerprints; None for the built-in datasets
+    file: Any = None
 
     @property
     def n_features(self) -> int:
@@ -153,6 +157,13 @@ class Dataset:
         return len(self.classes)
 
     def describe(self) -> str:
+        if self.file is not None:
+            what = f"{self.n_classes} classes" if self.file.task == "classification" else "a value"
+            return (
+                f"{self.name}: {len(self.x_train)} training and {len(self.x_test)} test rows, "
+                f"{self.n_features} features, target {self.file.target!r}: {self.file.task}, "
+                f"{what} (from {self.source})"
+            )
         return (
             f"{self.name}: {len(self.x_train)} training and {len(self.x_test)} test samples, "
             f"{self.n_features} features, {self.n_classes} classes (from {self.source})"
@@ -163,10 +174,12 @@ class Dataset:
 
 
 def search_dirs(name: str, data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
-    """The folders searched for ``name``'s files, in order."""
+    """The folders searched for ``name``'s files, in order: with ``data_dir`` only
+    ``data_dir/<name>`` and ``data_dir`` (a folder given explicitly is never passed over for
+    another copy)."""
+    if data_dir is not None:  # given explicitly: there and nowhere else
+        return [Path(data_dir) / name, Path(data_dir)]
     dirs: list[Path] = []
-    if data_dir is not None:
-        dirs += [Path(data_dir) / name, Path(data_dir)]
     env = os.environ.get("GPUBP_DATA")
     if env:
         dirs += [Path(env) / name, Path(env)]
@@ -202,12 +215,22 @@ def find_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> P
     return None
 
 
-def _how_to_get(name: str) -> str:
-    steps = [f"run with --download to fetch the official files into {cache_dir() / name}"]
+def _how_to_get(name: str, data_dir: str | os.PathLike[str] | None = None) -> str:
+    into = _download_dir(name, data_dir)
+    steps = [f"run with --download to fetch the official files into {into}"]
+    if data_dir is not None:
+        steps.append(f"or put the four IDX files in {data_dir}")
+        steps.append("or leave out --data-dir to search $GPUBP_DATA, the cache and system folders")
+        return "; ".join(steps)
     if name == "fashion-mnist":
         steps.append("or, on Debian/Ubuntu, apt-get install dataset-fashion-mnist")
     steps.append("or put the four IDX files in a folder and pass --data-dir (or set GPUBP_DATA)")
     return "; ".join(steps)
+
+
+def _download_dir(name: str, data_dir: str | os.PathLike[str] | None) -> Path:
+    """Where ``--download`` writes: ``data_dir/<name>`` when a folder is given, else the cache."""
+    return Path(data_dir) / name if data_dir is not None else cache_dir() / name
 
 
 def load_idx_dataset(
@@ -246,12 +269,13 @@ def load_idx_dataset(
 
 
 def read_test_split(
-    name: str, data_dir: str | os.PathLike[str] | None = None
+    name: str, data_dir: str | os.PathLike[str] | None = None, download_missing: bool = False
 ) -> tuple[np.ndarray, np.ndarray, Path]:
     """The test split of the IDX dataset ``name`` as stored: images ``(N, rows * cols)``
     (uint8 pixels for MNIST and Fashion-MNIST), int64 labels ``(N,)`` and the folder, checked
-    as :func:`load_idx_dataset` checks them; only the two test files are read."""
-    folder = _locate(name, data_dir)
+    as :func:`load_idx_dataset` checks them; only the two test files are read (all four are
+    fetched first with ``download_missing`` when absent)."""
+    folder = _locate(name, data_dir, download_missing)
     images, labels = (read_idx_in(folder, stem) for stem in IDX_NAMES[2:])
     check_idx_split(folder, images, labels, "t10k", DATASETS[name].classes)
     return images.reshape(len(images), -1), labels.astype(np.int64), folder
@@ -267,12 +291,13 @@ def _locate(
     :class:`~gpubp.errors.DatasetNotFoundError` saying where it looked and how to get them."""
     folder = find_dataset(name, data_dir)
     if folder is None and download_missing:
-        folder = download(name, progress=progress)
+        folder = download(name, _download_dir(name, data_dir), progress=progress)
     if folder is None:
         looked = "\n  ".join(str(d) for d in search_dirs(name, data_dir))
+        where = "" if data_dir is None else f" in --data-dir {data_dir}"
         raise DatasetNotFoundError(
-            f"{DATASETS[name].title} was not found. Looked in:\n  {looked}\nTo get it: "
-            f"{_how_to_get(name)}"
+            f"{DATASETS[name].title} was not found{where}. Looked in:\n  {looked}\nTo get it: "
+            f"{_how_to_get(name, data_dir)}"
         )
     return folder
 
@@ -334,6 +359,12 @@ def load_dataset(
     """
     if name == "auto":
         found = local_datasets(data_dir)
+        if data_dir is not None and not set(found) & set(DATASETS):
+            raise DatasetNotFoundError(
+                f"--data-dir {data_dir} holds neither Fashion-MNIST's nor MNIST's four IDX "
+                f"files (looked in {Path(data_dir)}/<name> and {data_dir}); put them there, "
+                "or leave out --data-dir (auto then falls back to scikit-learn's digits)"
+            )
         if not found:
             raise DatasetNotFoundError(
                 "no dataset was found locally: neither Fashion-MNIST nor MNIST IDX files, nor "

@@ -52,11 +52,14 @@ class RawSplit:
     source: str
 
 
-def raw_test_split(name: str, data_dir: str | os.PathLike[str] | None = None) -> RawSplit:
+def raw_test_split(
+    name: str, data_dir: str | os.PathLike[str] | None = None, download: bool = False
+) -> RawSplit:
     """The test split of ``name`` (``mnist``, ``fashion-mnist`` or ``digits``), unscaled.
 
     IDX datasets are looked for where :func:`gpubp.datasets.find_dataset` looks (``data_dir``
-    first); digits is the same stratified split :func:`gpubp.datasets.load_dataset` makes.
+    first; fetched there with ``download`` when missing); digits is the same stratified split
+    :func:`gpubp.datasets.load_dataset` makes.
     """
     if name == "digits":
         ds = data.load_digits_dataset()
@@ -66,13 +69,16 @@ def raw_test_split(name: str, data_dir: str | os.PathLike[str] | None = None) ->
         raise ValueError(
             f"dataset={name!r} is not known; expected one of {', '.join(data.DATASET_NAMES)}"
         )
-    x, y, folder = data.read_test_split(name, data_dir)
+    x, y, folder = data.read_test_split(name, data_dir, download)
     return RawSplit(name, x, y, data.DATASETS[name].classes, str(folder))
 
 
 def dataset_preprocessing(ds: data.Dataset) -> Preprocessing:
     """The standardisation :func:`gpubp.datasets.load_dataset` applied to ``ds``, as a map on raw
     inputs (see the module's table): ``x' = (x - r mean) / (r std)`` with ``r = RAW_SCALE``."""
+    if ds.file is not None:  # your own file: each feature's own statistics
+        pre: Preprocessing = ds.file.preprocessing
+        return pre
     r = RAW_SCALE.get(ds.name, 1.0)
     mean, std = ds.normalization["mean"] * r, ds.normalization["std"] * r
     units = _RAW_UNITS.get(ds.name, "the values gpubp.datasets loads")
@@ -91,9 +97,11 @@ def evaluate_model(
     dataset: str | None = None,
     data_dir: str | os.PathLike[str] | None = None,
     where: str = "the model",
+    download: bool = False,
 ) -> dict[str, Any]:
     """Loss and accuracy of ``model`` on ``dataset``'s raw test split (default: the dataset the
-    model was trained on), through the model's own preprocessing.
+    model was trained on), through the model's own preprocessing; ``download`` fetches a
+    missing MNIST or Fashion-MNIST first.
 
     Raises :class:`~gpubp.errors.ModelFileError` when the model cannot take the dataset (input
     width, too few outputs); warns when it carries no preprocessing
@@ -106,7 +114,13 @@ def evaluate_model(
             f"{where} does not say which dataset it was trained on; pass the dataset to score "
             f"it on (one of {', '.join(data.DATASET_NAMES)})"
         )
-    split = raw_test_split(name, data_dir)
+    if dataset is None and name not in ("digits", *data.DATASETS):
+        raise ModelFileError(
+            f"{where} was trained on your own file ({name}), not on a built-in dataset; score "
+            f"it on a file: gpubp evaluate {where} --data PATH (gpubp.predict.evaluate_file in "
+            "Python)"
+        )
+    split = raw_test_split(name, data_dir, download)
     n_features, n_classes = split.x.shape[1], len(split.classes)
     trained = f"it was trained on {model.dataset}" if model.dataset else "another dataset?"
     if model.n_inputs != n_features:

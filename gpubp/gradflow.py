@@ -72,6 +72,7 @@ def gradflow(
     progress: bool = True,
     log: Log = _print,
     threads: int | None = None,
+    download: bool = False,
 ) -> dict[str, dict[str, list[float]]]:
     """Train one network per activation briefly and measure gradient norms layer by layer.
 
@@ -80,13 +81,14 @@ def gradflow(
     (:func:`gradient_norms`). With sigmoid, ``f' <= 1/4`` shrinks ``||delta^l||`` roughly
     geometrically towards the input, so the first layers barely learn; ReLU keeps it level.
 
-    ``threads``: the backend's thread count (see :func:`gpubp.get_backend`).
+    ``threads``: the backend's thread count (see :func:`gpubp.get_backend`); ``download``:
+    fetch a missing MNIST or Fashion-MNIST (see :func:`gpubp.datasets.load_dataset`).
 
     Returns ``{activation: {"delta", "dW", "delta_init", "dW_init"}}``, lists from layer 1.
     """
     _check_arguments(activations, depth, width, steps, plot_path, json_path)
     be = get_backend(backend, threads=threads)
-    ds = data.load_dataset(dataset, data_dir, False, seed, progress)
+    ds = data.load_dataset(dataset, data_dir, download, seed, progress)
     log(f"dataset: {ds.describe()}")
     rng = np.random.default_rng(seed)
     probe = rng.choice(len(ds.x_train), size=min(PROBE_SAMPLES, len(ds.x_train)), replace=False)

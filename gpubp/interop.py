@@ -196,6 +196,10 @@ def _check_layers(linears: list[Any], hidden: list[str]) -> None:
             )
 
 
+#: the output activation a loss brings to a ``Sequential`` that ends in ``Linear``
+_LOSS_OUTPUT = {"cross_entropy": "softmax", "binary_cross_entropy": "sigmoid"}
+
+
 def read_sequential(seq: Any, loss: str | None = None, dtype: str | None = None) -> TorchNetwork:
     """The layers and weights of ``seq``, a ``torch.nn.Sequential`` of ``Linear`` layers with an
     activation module after each (none: identity).
@@ -203,9 +207,12 @@ def read_sequential(seq: Any, loss: str | None = None, dtype: str | None = None)
     The hidden layers must share one activation (gpubp has one hidden activation); the module
     after the last ``Linear`` is the output activation. ``loss`` is not part of a
     ``Sequential``: by default ``cross_entropy`` for a softmax output, ``binary_cross_entropy``
-    for a sigmoid output, ``mse`` otherwise. ``dtype`` defaults to the weights' (float32 or
-    float64). Anything else in ``seq`` (dropout, normalisation, a LogSoftmax) is refused with a
-    ValueError naming it.
+    for a sigmoid output, ``mse`` otherwise. A ``seq`` that ends in ``Linear`` (the usual
+    PyTorch classifier, trained with ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``, which hold
+    the softmax or sigmoid) takes its output from ``loss``: ``cross_entropy`` gives a softmax
+    output, ``binary_cross_entropy`` a sigmoid one, anything else (or none) identity. ``dtype``
+    defaults to the weights' (float32 or float64). Anything else in ``seq`` (dropout,
+    normalisation, a LogSoftmax) is refused with a ValueError naming it.
     """
     torch = import_torch()
     nn = torch.nn
@@ -216,7 +223,9 @@ def read_sequential(seq: Any, loss: str | None = None, dtype: str | None = None)
         )
     linears, acts = _layers(nn, seq)
     hidden = [a or "identity" for a in acts[:-1]]
-    output = acts[-1] or "identity"
+    # a PyTorch classifier ends in Linear, the softmax (sigmoid) inside CrossEntropyLoss
+    # (BCEWithLogitsLoss): the loss asked for brings its output activation
+    output = acts[-1] or _LOSS_OUTPUT.get(loss or "", "identity")
     _check_layers(linears, hidden)
     dtypes = {str(lin.weight.dtype).removeprefix("torch.") for lin in linears}
     if dtype is None:

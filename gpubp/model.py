@@ -113,9 +113,11 @@ class MLP(InputChecks):
         self._pre: Preprocessing | None = None
         self._pre_arrays: tuple[Any, Any] | None = None
         self.preprocessing = preprocessing
-        #: the dataset the model was trained on and its label names, if known (saved with it)
+        #: the dataset it was trained on, its label names and (a file's) feature and target names
         self.dataset: str | None = None
         self.labels: tuple[str, ...] | None = None
+        self.features: tuple[str, ...] | None = None
+        self.target: str | None = None
 
     # --- construction -----------------------------------------------------------------------
 
@@ -330,9 +332,10 @@ class MLP(InputChecks):
         Returns a history: ``loss`` (mean training loss per epoch), ``time`` (seconds per epoch)
         and, with ``validation_data``, ``val_loss`` and ``val_accuracy``. The default optimizer
         is ``Adam(lr=1e-3)``. ``progress`` prints a line per epoch on stdout, with a live bar on
-        stderr when that is a terminal. ``X`` is raw: a model with a :attr:`preprocessing`
-        applies it to all of ``X`` once, before the first epoch (a copy of ``X``), not per step.
-        """
+        stderr when that is a terminal. ``X`` is raw: a :attr:`preprocessing` is applied to all
+        of it once (a copy), not per step; without one (set ``Preprocessing.standardize(X)`` for
+        features of different scales) it is used as given. ``y``: integer (or whole-number
+        float) class labels or one-hot rows; float targets for a regression."""
         check_positive_int("epochs", epochs)
         check_positive_int("batch_size", batch_size)
         optimizer = Adam(lr=1e-3) if optimizer is None else _check_optimizer(optimizer)
@@ -417,9 +420,9 @@ class MLP(InputChecks):
         """Write the configuration and parameters to ``path`` (a NumPy ``.npz``, no pickle).
 
         The file also holds the :attr:`preprocessing` (two float64 arrays), and the
-        :attr:`dataset` and :attr:`labels` names. It is written beside its destination and
-        renamed into place, so an interrupted save never leaves a half-written file under
-        ``path``.
+        :attr:`dataset`, :attr:`labels`, :attr:`features` and :attr:`target` names. It is
+        written beside its destination and renamed into place, so an interrupted save never
+        leaves a half-written file under ``path``.
         """
         labels = self.labels
         if labels is not None and len(labels) != self.n_outputs:
@@ -428,7 +431,8 @@ class MLP(InputChecks):
                 "set model.labels to one name per output, or None"
             )
         weights, biases = self.get_parameters()
-        modelfile.save_model(path, self.config(), weights, biases, self._pre, self.dataset, labels)
+        names = (self.dataset, labels, self.features, self.target)
+        modelfile.save_model(path, self.config(), weights, biases, self._pre, *names)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], backend: str | Backend = "auto") -> MLP:
@@ -443,6 +447,7 @@ class MLP(InputChecks):
             raise ModelFileError(f"{path}: the saved configuration is invalid: {exc}") from None
         pre = modelfile.read_preprocessing(arrays, meta, path)
         model.dataset, model.labels = modelfile.read_model_info(meta, model.n_outputs, path)
+        model.features, model.target = modelfile.read_column_names(meta, model.n_inputs, path)
         try:
             model.set_parameters(weights, biases)
         except (TypeError, ValueError) as exc:
@@ -474,7 +479,9 @@ class MLP(InputChecks):
         activation modules; ``loss`` defaults to ``cross_entropy`` after a softmax,
         ``binary_cross_entropy`` after a sigmoid, ``mse`` otherwise; ``dtype`` to the weights'
         (see :func:`gpubp.interop.read_sequential`). Nothing is built until all of ``seq`` has
-        been read."""
+        been read. A usual PyTorch classifier ends in ``Linear`` (its softmax inside
+        ``CrossEntropyLoss``): ``from_torch(seq, loss="cross_entropy")`` gives it a softmax
+        output (``binary_cross_entropy``: a sigmoid one)."""
         net = interop.read_sequential(seq, loss=loss, dtype=dtype)
         model = cls(
             net.layer_sizes,

@@ -69,9 +69,11 @@ class InputChecks:
 
     # --- input checks -----------------------------------------------------------------------
 
-    def _array(self, value: Any, argument: str) -> Any:
+    def _array(self, value: Any, argument: str, labels: bool = False) -> Any:
         """``value`` as an array of this backend (NumPy arrays, lists, backend arrays, or any
-        DLPack array: a view where it lives on the backend's device, see :mod:`gpubp.dlpack`)."""
+        DLPack array: a view where it lives on the backend's device, see :mod:`gpubp.dlpack`);
+        ``labels``: it holds targets, and a non-numeric dtype is refused with the way to map
+        class names to integers."""
         be = self.backend
         if be.owns(value):
             arr = value
@@ -90,6 +92,13 @@ class InputChecks:
             else:
                 arr = host
         kind = arr.dtype.kind
+        if kind not in "biuf" and labels:
+            raise TypeError(
+                f"{argument} has dtype {arr.dtype}; class labels must be integers 0..k-1. Map "
+                f"names (strings or other values) to them with classes, {argument} = "
+                f"np.unique({argument}, return_inverse=True), or use "
+                "gpubp.sklearn.MLPClassifier, which takes labels of any type"
+            )
         if kind not in "biuf":
             raise TypeError(
                 f"{argument} has dtype {arr.dtype}; expected real numbers (float or int). "
@@ -155,7 +164,7 @@ class InputChecks:
     def check_y(self, y: Any, batch: int, argument: str = "y") -> Any:
         """Validated targets for a batch of ``batch`` rows: integer labels ``(B,)`` or float
         targets ``(B, n_out)`` in the model's dtype, on its backend."""
-        arr = self._array(y, argument)
+        arr = self._array(y, argument, labels=True)
         n = self.n_outputs
         xp = self.backend.xp
         if arr.shape[:1] != (batch,):
@@ -166,6 +175,8 @@ class InputChecks:
         labels_ok = self.loss == "cross_entropy" or (self.loss == "mse" and n > 1)
         if arr.dtype.kind == "b":  # True/False: class labels 1/0, or targets 1.0/0.0
             arr = arr.astype(np.int64 if arr.ndim == 1 and labels_ok else self.dtype)
+        if arr.ndim == 1 and arr.dtype.kind == "f" and labels_ok:
+            arr = self._whole_labels(arr, argument)
         if arr.ndim == 1 and arr.dtype.kind in "iu" and labels_ok:
             lo, hi = int(xp.min(arr)), int(xp.max(arr))
             if lo < 0 or hi >= n:
@@ -197,6 +208,20 @@ class InputChecks:
                     f"cross_entropy; pass integer labels of shape ({batch},) otherwise"
                 )
         return arr
+
+    def _whole_labels(self, arr: Any, argument: str) -> Any:
+        """Float class labels ``(B,)`` (as ``np.loadtxt`` reads them) as int64, when every value
+        is a whole number; else :class:`ValueError` naming the first that is not."""
+        xp = self.backend.xp
+        whole = xp.isfinite(arr) & (xp.floor(arr) == arr)
+        if not bool(whole.all()):
+            row = int(xp.argmin(whole))
+            raise ValueError(
+                f"{argument}[{row}] is {float(arr[row])!r}; class labels must be whole numbers "
+                f"in [0, {self.n_outputs - 1}] (floats such as 3.0 are taken as 3). For "
+                "regression targets use a model with output='identity', loss='mse'"
+            )
+        return arr.astype(np.int64)
 
     def _y_expectation(self) -> str:
         n = self.n_outputs

@@ -59,6 +59,8 @@ def save_model(
     preprocessing: Preprocessing | None = None,
     dataset: str | None = None,
     labels: Sequence[str] | None = None,
+    features: Sequence[str] | None = None,
+    target: str | None = None,
 ) -> None:
     """Write a model file atomically: its configuration, parameters, input preprocessing
     (``None``: the model has none, recorded as such), and the dataset and label names it was
@@ -67,6 +69,9 @@ def save_model(
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": config, **entry}
     meta["dataset"] = dataset
     meta["labels"] = None if labels is None else list(labels)
+    if features is not None or target is not None:  # a model trained on a file's columns
+        meta["features"] = None if features is None else list(features)
+        meta["target"] = target
     write_npz(path, meta, arrays)
 
 
@@ -159,3 +164,23 @@ def read_model_info(
             f"{path}: the metadata names {len(labels)} labels for a model with {n_outputs} outputs"
         )
     return dataset, tuple(labels)
+
+
+def read_column_names(
+    meta: dict[str, Any], n_inputs: int, path: Any
+) -> tuple[tuple[str, ...] | None, str | None]:
+    """``(features, target)``: the column names a model trained on a file records (``None``
+    where absent), checked: one feature name per input, a target name."""
+    features, target = meta.get("features"), meta.get("target")
+    if target is not None and not isinstance(target, str):
+        raise ModelFileError(f"{path}: the metadata's 'target' must be a name or null")
+    if features is None:
+        return None, target
+    if not isinstance(features, list) or not all(isinstance(v, str) for v in features):
+        raise ModelFileError(f"{path}: the metadata's 'features' must be a list of names or null")
+    if len(features) != n_inputs:
+        raise ModelFileError(
+            f"{path}: the metadata names {len(features)} features for a model with {n_inputs} "
+            "inputs"
+        )
+    return tuple(features), target

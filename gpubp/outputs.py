@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import plots
+from .backends import backend_label
 from .config import TrainConfig
 from .errors import OutputWriteError
 from .files import write_json
@@ -83,26 +84,33 @@ def final_line(result: TrainResult, n_test: int, trained: bool) -> str:
     time (with the training's speed when the process ``trained``), the backend."""
     if result.interrupted:
         test = "test evaluation skipped (interrupted)"
+    elif "test_rmse" in result.extra:  # a regression: the error in the target's units
+        test = (
+            f"test RMSE {result.extra['test_rmse']:.4g} (loss {result.test_loss:.4g}) on "
+            f"{n_test} {result.dataset} test rows"
+        )
     else:
         test = (
             f"test accuracy {result.test_accuracy:.4f} (loss {result.test_loss:.4f}) on "
             f"{n_test} {result.dataset} test samples"
         )
-    timing = f"wall time {result.wall_seconds:.1f} s"
+    resumed = "sessions" in result.extra  # the training counts every session, the wall one
+    timing = f"wall time {result.wall_seconds:.1f} s" + (" in this session" if resumed else "")
     if trained:
         timing += f" (training {result.train_seconds:.1f} s"
-        if "sessions" in result.extra:
+        if resumed:
             timing += f" {result.extra['sessions']}"
         if result.first_step_seconds > 0:
-            timing += f" of which the first step {result.first_step_seconds:.1f} s"
-        timing += f", {result.samples_per_second:,.0f} samples/s"
+            timing += f", of which the first step {result.first_step_seconds:.1f} s"
+        timing += f"; {result.samples_per_second:,.0f} samples/s"
         if result.first_step_seconds > 0:
             timing += " after the first step"
         timing += ")"
     model, ranks = result.model, result.extra.get("mpi_ranks")
     return (
-        f"{test} | {result.epochs_done} epoch(s), {timing} | backend {model.backend.name} "
-        f"{model.dtype.name}" + (f" x {ranks} MPI ranks" if ranks is not None else "")
+        f"{test} | {result.epochs_done} epoch(s), {timing} | backend "
+        f"{backend_label(model.backend)} {model.dtype.name}"
+        + (f" x {ranks} MPI ranks" if ranks is not None else "")
     )
 
 

@@ -60,7 +60,8 @@ def training_curves(
     if history.get("val_loss"):
         ax_loss.plot(epochs, history["val_loss"], "s-", label="validation")
     ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("cross-entropy loss")
+    classifier = bool(history.get("accuracy")) or test_accuracy is not None
+    ax_loss.set_ylabel("cross-entropy loss" if classifier else "MSE loss (standardised target)")
     ax_loss.set_yscale("log")
     ax_loss.legend()
     ax_loss.grid(True, alpha=0.3)
@@ -72,7 +73,10 @@ def training_curves(
         ax_acc.axhline(test_accuracy, color="k", ls="--", lw=1, label=f"test {test_accuracy:.4f}")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy")
-    ax_acc.legend()
+    if classifier:
+        ax_acc.legend()
+    else:  # a regression has no accuracy
+        ax_acc.text(0.5, 0.5, "regression: no accuracy", ha="center", transform=ax_acc.transAxes)
     ax_acc.grid(True, alpha=0.3)
     if title:
         fig.suptitle(title)

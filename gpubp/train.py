@@ -29,11 +29,9 @@ from typing import Any
 import numpy as np
 
 from . import datasets as data
-from . import plots
-from .backends import backend_status
+from .backends import backend_label, backend_status, get_backend
 from .checkpoint import (
     Checkpoint,
-    check_overrides,
     check_position,
     check_resume,
     load_checkpoint,
@@ -46,18 +44,17 @@ from .config import (
     DEFAULT_LR,
     OPTIMIZERS,
     SCHEDULES,
-    SMALL_DATA,
-    SMALL_DATA_BATCH,
     TrainConfig,
 )
 from .distributed import DataParallel
-from .errors import CheckpointError, CheckpointMismatchError, DatasetError, OutputWriteError
+from .errors import CheckpointError, CheckpointMismatchError, OutputWriteError
 from .evaluate import dataset_preprocessing, raw_test_split
-from .files import check_outputs
+from .filedata import take_on_file_data
 from .gradflow import PROBE_SAMPLES, gradflow, gradient_norms
 from .loop import BatchGather, EpochEnd, EpochLoop, Position, StopRequest
 from .model import MLP
 from .outputs import TrainResult, final_line, write_outputs
+from .train_inputs import check_before_the_run, check_resume_settings, load_data
 
 # TrainConfig and its names are re-exported: the README writes gpubp.train.TrainConfig
 __all__ = [
@@ -109,9 +106,12 @@ class _Run:
         self.config, self.ds, self.log, self.comm = config, ds, log, comm
         self.track_gradients, self.checkpoint = track_gradients, checkpoint
         x_tr, y_tr, x_val, y_val = split
-        self.model = model = MLP(
-            [ds.n_features, *config.layers, ds.n_classes],
+        regression = ds.file is not None and ds.file.task == "regression"
+        self.model = model = MLP(  # a regression: one identity output and MSE
+            [ds.n_features, *config.layers, 1 if regression else ds.n_classes],
             activation=config.activation,
+            output="identity" if regression else "softmax",
+            loss="mse" if regression else "cross_entropy",
             backend=config.backend,
             dtype=config.dtype,
             seed=config.seed,
@@ -148,7 +148,8 @@ class _Run:
     def resume_from(self, ckpt: Checkpoint, override: Sequence[str] = ()) -> None:
         """Continue where ``ckpt`` stopped (checked against this run first; the settings named
         in ``override`` may differ)."""
-        check_resume(ckpt, self.config, self.ds.name, self.model, self.track_gradients, override)
+        name = self.ds.name if self.ds.file is None else "auto"  # a file: its fingerprints
+        check_resume(ckpt, self.config, name, self.model, self.track_gradients, override)
         saved = ckpt.preprocessing
         if saved is not None and not saved.equals(self.preprocessing, rtol=1e-6):
             raise CheckpointMismatchError(
@@ -194,7 +195,7 @@ class _Run:
         lines = [
             f"model: {list(m.layer_sizes)} {c.activation}, {m.n_parameters:,} "
             f"parameters | {c.optimizer} lr {c.peak_lr:g} ({c.schedule}) | batch "
-            f"{c.batch_size} | backend {m.backend.name} {m.dtype.name}"
+            f"{c.batch_size} | backend {backend_label(m.backend)} {m.dtype.name}"
         ]
         why_numba = backend_status()["numba"]
         if c.backend in (None, "auto") and m.backend.name == "numpy" and why_numba:
@@ -248,13 +249,14 @@ class _Run:
         h["epoch"].append(end.epoch)
         h["loss"].append(end.loss)
         h["lr"].append(opt.lr)
-        h["accuracy"].append(
-            model.evaluate(self.X[:TRAIN_EVAL_SAMPLES], self.Y[:TRAIN_EVAL_SAMPLES])["accuracy"]
-        )
+        train_ev = model.evaluate(self.X[:TRAIN_EVAL_SAMPLES], self.Y[:TRAIN_EVAL_SAMPLES])
+        if train_ev["accuracy"] is not None:  # None: a regression, which has no accuracy
+            h["accuracy"].append(train_ev["accuracy"])
         if self.X_val is not None:
             ev = model.evaluate(self.X_val, self.Y_val)
             h["val_loss"].append(ev["loss"])
-            h["val_accuracy"].append(ev["accuracy"])
+            if ev["accuracy"] is not None:
+                h["val_accuracy"].append(ev["accuracy"])
         h["seconds"].append(time.perf_counter() - end.t0)
         if self.track_gradients:
             norms = gradient_norms(model, *self.probe)
@@ -262,9 +264,12 @@ class _Run:
             h["dW_norm"].append(norms["dW"])
         if self.dp is not None:
             self.dp.check_in_sync(f"epoch {end.epoch}")
-        parts = [f"loss {h['loss'][-1]:.4f}", f"train acc {h['accuracy'][-1]:.4f}"]
-        if h["val_accuracy"]:
+        parts = [f"loss {h['loss'][-1]:.4f}"]
+        if h["accuracy"]:
+            parts.append(f"train acc {h['accuracy'][-1]:.4f}")
+        if self.X_val is not None:
             parts.append(f"val loss {h['val_loss'][-1]:.4f}")
+        if h["val_accuracy"]:
             parts.append(f"val acc {h['val_accuracy'][-1]:.4f}")
         parts.append(f"{h['seconds'][-1]:.1f} s")
         return "  ".join(parts)
@@ -294,6 +299,9 @@ class _Run:
         rng_state = self.epoch_rng_state if mid_epoch else self.rng.bit_generator.state
         train_cfg = self.config.as_dict()
         train_cfg["dataset"] = self.ds.name  # "auto" resolved, so a resume finds the same data
+        if self.ds.file is not None:  # your own file: "auto", and what the file was
+            train_cfg["dataset"] = "auto"
+            train_cfg["data_files"] = self.ds.file.fingerprints
         train_cfg["track_gradients"] = bool(self.track_gradients)  # the history depends on it
         train_cfg["backend"] = self.model.backend.name  # bit-for-bit resumes need the same one
         train_cfg["mpi_ranks"] = 1 if self.comm is None else int(self.comm.size)
@@ -343,7 +351,9 @@ class _Run:
         )
         model = self.model  # from here on a model of raw inputs, as it is saved
         model.preprocessing = self.preprocessing
-        model.dataset, model.labels = ds.name, tuple(ds.classes)
+        model.dataset, model.labels = ds.name, tuple(ds.classes) or None
+        if ds.file is not None:
+            take_on_file_data(model, ds.file)
         if interrupted:
             where = result.checkpoint
             self.log(
@@ -356,36 +366,13 @@ class _Run:
                 x_raw = raw_test_split(ds.name, ds.source if ds.name in data.DATASETS else None).x
             ev = model.evaluate(x_raw, ds.y_test)
             result.test_loss, result.test_accuracy = ev["loss"], ev["accuracy"]
+            if ev["accuracy"] is None:  # a regression: the MSE loss is half the mean square
+                result.extra["test_rmse"] = float(np.sqrt(2.0 * float(ev["loss"] or 0.0)))
         if self.comm is not None:
             result.extra["mpi_ranks"] = self.comm.size
         if self.resumed:  # the training time and samples/s count every session since epoch 1
-            result.extra["sessions"] = "in all sessions of this run"
+            result.extra["sessions"] = "over all sessions of this run"
         return result
-
-
-def _load_data(
-    config: TrainConfig, ckpt: Checkpoint | None, progress: bool, log: Log
-) -> tuple[data.Dataset, TrainConfig, tuple[np.ndarray, ...]]:
-    """The dataset (the checkpoint's when ``auto`` resumes), its train/validation split, and
-    ``config`` with the batch size chosen for the data when not given."""
-    requested = config.dataset
-    if ckpt is not None and requested == "auto":
-        requested = ckpt.train_config.get("dataset", "auto")  # the data it was trained on
-    ds = data.load_dataset(requested, config.data_dir, config.download, config.seed, progress)
-    how = " (auto: the largest dataset found here)" if config.dataset == "auto" else ""
-    log(f"dataset: {ds.describe()}{how}")
-    if ds.x_test.ndim != 2 or ds.x_test.shape[1] != ds.x_train.shape[1]:  # found now, not after
-        raise DatasetError(
-            f"{ds.source}: the test set has {ds.x_test.shape[1:]} features per sample and the "
-            f"training set {ds.x_train.shape[1]}; both must be the same width"
-        )
-    split = data.train_val_split(ds.x_train, ds.y_train, config.val_fraction, config.seed)
-    if config.batch_size is None:
-        small = len(split[0]) < SMALL_DATA
-        config = dataclasses.replace(
-            config, batch_size=SMALL_DATA_BATCH if small else DEFAULT_BATCH
-        )
-    return ds, config, split
 
 
 def train(
@@ -449,8 +436,11 @@ def train(
         "json_path": json_path,
         "plot_path": plot_path,
     }
-    ckpt = _check_before_the_run(outputs, resume, override, rank0=comm is None or comm.rank == 0)
-    ds, config, split = _load_data(config, ckpt, progress, log)
+    ckpt = check_before_the_run(outputs, resume, override, rank0=comm is None or comm.rank == 0)
+    if ckpt is not None:  # the settings first, before any data is read; the widths after
+        check_resume_settings(ckpt, config, track_gradients, override)
+    get_backend(config.backend)  # one that cannot run here is refused before the data is read
+    ds, config, split = load_data(config, ckpt, progress, log)
     run = _Run(config, ds, split, track_gradients, outputs["checkpoint"], log, comm)
     if ckpt is not None:
         run.resume_from(ckpt, override)
@@ -465,26 +455,3 @@ def train(
     log(final_line(result, len(ds.x_test), trained))
     write_outputs(result, save_path, json_path, plot_path, log)
     return result
-
-
-def _check_before_the_run(
-    outputs: dict[str, str | os.PathLike[str] | None],
-    resume: str | os.PathLike[str] | None,
-    override: Sequence[str],
-    rank0: bool,
-) -> Checkpoint | None:
-    """Check the overrides and the output paths (and a plot's name and matplotlib), and read the
-    checkpoint resumed from, whose path becomes ``outputs["checkpoint"]`` when none is given
-    (on rank 0): all before any data is loaded, so a run fails now, not after the training it
-    would have saved."""
-    check_overrides(override, resume)
-    check_outputs(outputs, {"resume": resume})
-    plot_path = outputs["plot_path"]
-    if plot_path is not None:
-        plots.check_png(plot_path)
-        plots.require_matplotlib()
-    ckpt = load_checkpoint(resume) if resume is not None else None
-    if ckpt is not None and outputs["checkpoint"] is None and rank0:
-        outputs["checkpoint"] = resume  # a resumed run goes on writing its checkpoint
-        check_outputs(outputs, {"resume": resume})
-    return ckpt

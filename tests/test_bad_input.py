@@ -220,10 +220,10 @@ BAD_Y = [
     ),
     pytest.param(
         "cross_entropy",
-        np.array([0.0, 1.0, 2.0, 0.0, 1.0]),
+        np.array([0.0, 1.0, 2.5, 0.0, 1.0]),
         ValueError,
-        ("integer labels",),
-        id="ce-float-1d-labels",
+        (r"y\[2\] is 2.5", "whole numbers", "loss='mse'"),
+        id="ce-fractional-float-labels",
     ),
     pytest.param("cross_entropy", ONE_HOT * 2, ValueError, ("one-hot",), id="ce-rows-sum-2"),
     pytest.param(
@@ -239,7 +239,13 @@ BAD_Y = [
     pytest.param(
         "cross_entropy", _with(ONE_HOT, (3, 2), np.nan), ValueError, ("NaN",), id="ce-nan"
     ),
-    pytest.param("cross_entropy", np.full(B, "a"), TypeError, ("dtype",), id="ce-strings"),
+    pytest.param(
+        "cross_entropy",
+        np.full(B, "a"),
+        TypeError,
+        ("dtype", r"np.unique\(y, return_inverse=True\)", "MLPClassifier"),
+        id="ce-strings",
+    ),
     pytest.param(
         "cross_entropy", np.zeros(B, np.complex128), TypeError, ("dtype",), id="ce-complex"
     ),
@@ -286,7 +292,7 @@ BAD_Y = [
         "binary_cross_entropy", np.zeros((B - 2, N_OUT)), ValueError, ("rows",), id="bce-few-rows"
     ),
     # MSE with 3 outputs: (B, 3) floats or (B,) integer labels
-    pytest.param("mse", np.zeros(B), ValueError, (r"\(batch, 3\)",), id="mse-float-1d"),
+    pytest.param("mse", np.full(B, 0.5), ValueError, ("whole numbers",), id="mse-float-1d"),
     pytest.param("mse", np.zeros((B, 2)), ValueError, (r"\(batch, 3\)",), id="mse-2-cols"),
     pytest.param(
         "mse", np.array([0, 1, 2, 3, 0]), ValueError, (r"\[0, 2\]",), id="mse-label-out-of-range"
@@ -586,6 +592,20 @@ def test_non_finite_first_step_leaves_a_fresh_optimizer_fresh(opt_name):
     for slot, arrays in state.items():
         if slot != "step":
             assert all(not a.any() for a in arrays), f"{slot} should still be zero"
+
+
+def test_whole_number_float_labels_are_class_labels():
+    """``np.loadtxt`` reads labels as float64: whole numbers are class labels, exactly as the
+    same integers; a string label's hint leads to integers, never to floats."""
+    x = np.random.default_rng(0).normal(size=(6, N_IN)).astype(np.float32)
+    labels = np.array([0, 2, 1, 1, 0, 2])
+    m, twin = gpubp.MLP([N_IN, 4, 3], seed=0), gpubp.MLP([N_IN, 4, 3], seed=0)
+    assert m.train_step(x, labels.astype(np.float64), optim.SGD(lr=0.1)) == twin.train_step(
+        x, labels, optim.SGD(lr=0.1)
+    )
+    with pytest.raises(TypeError) as info:
+        m.fit(x, np.array(list("abcabc")), epochs=1, progress=False)
+    assert "float32" not in str(info.value)
 
 
 def test_boolean_labels_are_class_labels():

@@ -213,6 +213,29 @@ def test_from_torch_reads_a_sequential(hidden, output, dtype, rng):
     close(model.forward(x), want, dtype)
 
 
+@pytest.mark.parametrize(
+    ("loss", "output", "torch_loss"),
+    [("cross_entropy", "softmax", "CrossEntropyLoss"), ("binary_cross_entropy", "sigmoid", None)],
+)
+def test_from_torch_of_a_usual_classifier_takes_its_output_from_the_loss(
+    loss, output, torch_loss, rng
+):
+    """A PyTorch classifier ends in Linear (the softmax is inside CrossEntropyLoss): asked for
+    cross_entropy, gpubp gives it a softmax output, and the loss equals PyTorch's."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    n_out = 3 if output == "softmax" else 1
+    seq = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, n_out)).double()
+    m = gpubp.MLP.from_torch(seq, loss=loss, backend="numpy")
+    assert (m.output, m.loss) == (output, loss)
+    if torch_loss is not None:
+        x = rng.normal(size=(5, 4))
+        y = np.array([0, 2, 1, 1, 0])
+        with torch.no_grad():
+            want = getattr(nn, torch_loss)()(seq(torch.tensor(x)), torch.tensor(y)).item()
+        close(np.array(m.evaluate(x, y)["loss"]), np.array(want), "float64")
+
+
 def test_from_torch_round_trip_and_defaults(rng):
     torch = pytest.importorskip("torch")
     nn = torch.nn

@@ -110,6 +110,54 @@ def test_ci_runs_the_readme_quickstart_commands_verbatim_and_in_order():
     assert where == sorted(where), "the Quickstart commands run out of order in .ci/run"
 
 
+def test_the_quickstart_install_has_what_the_next_commands_need():
+    """The README's next commands (``--plot``, ``gpubp gradflow``) need matplotlib: the
+    Quickstart's install asks for an extra that brings it, besides numba and scikit-learn."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    install = _quickstart_commands()[0]
+    asked = re.search(r'pip install "\.\[([a-z0-9,]+)\]"', install)
+    assert asked, install
+    wanted = " ".join(" ".join(extras[name]) for name in asked.group(1).split(","))
+    for package in ("numba", "scikit-learn", "matplotlib"):
+        assert package in wanted, f"the Quickstart's install does not bring {package}"
+
+
+def test_the_readme_says_what_the_test_suite_costs_and_prints():
+    """After the test command: its time on 2 cores, that skips and xfails are expected, and a
+    quick subset whose files exist."""
+    section = _section((ROOT / "README.md").read_text(), "## Quickstart")
+    after = section[section.index(_quickstart_commands()[1]) :]
+    for said in ("minutes", "2 cores", "skips", "xfails", "expected", "filtered"):
+        assert said in after, said
+    quick = re.search(r"```\n(pytest -q [^\n]+)\n```", after)
+    assert quick, "no quick subset"
+    files = [w for w in quick.group(1).split() if w.startswith("tests/")]
+    assert files and all((ROOT / f).is_file() for f in files), files
+
+
+def test_the_expected_warnings_are_filtered():
+    """The suite's deliberate float32 overflows and short fits print no warning lines."""
+    import warnings
+
+    import numpy as np
+
+    with warnings.catch_warnings(record=True) as caught:
+        big = np.full((2, 2), 3e38, np.float32)
+        _ = big @ big
+        _ = np.full((2, 2), np.inf) @ np.zeros((2, 2))  # inf * 0: invalid
+        _ = np.add.reduce(np.array([np.inf, -np.inf]))
+        warnings.warn(
+            "Stochastic Optimizer: Maximum iterations (3) reached and the optimization hasn't "
+            "converged yet.",
+            UserWarning,
+            stacklevel=1,
+        )
+    assert not [str(w.message) for w in caught]
+
+
 def test_ci_tries_the_first_hour_outside_the_checkout():
     """After the Quickstart, .ci/run runs ``gpubp info``, ``gpubp train --help`` and the README's
     Python example from a temporary folder, failing if any fails."""
@@ -122,6 +170,35 @@ def test_ci_tries_the_first_hour_outside_the_checkout():
     for step in ("gpubp info ||", "gpubp train --help", "## Your own training loop"):
         assert step in outside, step
     assert "python readme_example.py || fail" in outside
+
+
+def _own_data_commands() -> list[str]:
+    section = _section((ROOT / "README.md").read_text(), "### Your own data")
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    return [line for block in blocks for line in block.splitlines() if line.startswith("gpubp ")]
+
+
+def test_ci_runs_the_readme_own_data_commands_outside_the_checkout():
+    ci = (ROOT / ".ci" / "run").read_text()
+    outside = ci[ci.index('cd "$outside"') : ci.index('cd "$checkout"')]
+    assert '"### Your own data"' in outside and "bash own_data.sh || fail" in outside
+    commands = _own_data_commands()
+    for piece in ("train --data", "--resume", "evaluate", "predict", ".parquet"):
+        assert any(piece in c for c in commands), piece
+
+
+def test_readme_own_data_commands_name_options_that_exist():
+    """Each ``gpubp COMMAND --option`` of the README's own-data section parses."""
+    import shlex
+
+    from gpubp import cli
+
+    commands = _own_data_commands()
+    assert len(commands) >= 5
+    for line in commands:
+        words = shlex.split(line)[1:]
+        args = cli.build_parser().parse_args(words)  # SystemExit on an unknown option
+        assert args.command == words[0]
 
 
 def test_python_dash_m_gpubp():

@@ -320,7 +320,10 @@ def test_a_partial_data_dir_is_an_error_not_a_fallback(fake_mnist, tmp_path, mon
     (partial / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DatasetError, match="missing t10k-labels-idx1-ubyte"):
         data.find_dataset("mnist", partial)
-    assert data.find_dataset("mnist", tmp_path / "empty") == fake_mnist / "mnist"
+    # a folder given explicitly is the only place looked: none there is not found, not found
+    # elsewhere (an empty --data-dir once fell back to $GPUBP_DATA without a word)
+    assert data.find_dataset("mnist", tmp_path / "empty") is None
+    assert data.find_dataset("mnist") == fake_mnist / "mnist"
 
 
 # --- failed writes after training ------------------------------------------------------------

@@ -21,9 +21,13 @@ from .numpy_backend import NumpyBackend
 
 __all__ = [
     "BACKEND_NAMES",
+    "EMULATED",
+    "EMULATOR_HINT",
     "OPS",
     "Backend",
+    "auto_order",
     "available_backends",
+    "backend_label",
     "backend_status",
     "get_backend",
     "to_numpy",
@@ -110,6 +114,31 @@ def _best() -> str:
     (``GPUBP_CUPY_MODULE``: a module checking the GPU code, such as a CPU emulation, far slower
     than numba or numpy; name ``cupy`` to use it)."""
     return next(n for n in available_backends() if not (n == "cupy" and injected()))
+
+
+#: what a run on a stand-in for CuPy says of it (the CPU emulation of ``cudaemu/``)
+EMULATED = "emulated GPU: correctness only, not speed"
+#: how to run the CUDA backend without a GPU, for ``gpubp info`` and a refused ``--backend cupy``
+EMULATOR_HINT = (
+    "without a GPU, a checkout of gpubp runs the CUDA kernels on an emulated GPU (needs g++): "
+    f"{CUPY_MODULE_ENV}=cudaemu.cupy with --backend cupy; correctness only, not speed"
+)
+
+
+def auto_order() -> list[str]:
+    """The backend names in the order ``auto`` considers them: :data:`BACKEND_NAMES`, with a
+    stand-in for CuPy (which ``auto`` never picks) last."""
+    if not injected():
+        return list(BACKEND_NAMES)
+    return [n for n in BACKEND_NAMES if n != "cupy"] + ["cupy"]
+
+
+def backend_label(backend: Backend) -> str:
+    """``backend``'s name as a run reports it: ``cupy (emulated GPU: ...)`` on a stand-in."""
+    xp = getattr(backend, "xp", None)
+    if backend.name == "cupy" and getattr(xp, "__name__", "cupy").split(".")[0] != "cupy":
+        return f"cupy ({EMULATED})"
+    return backend.name
 
 
 def get_backend(name: str | Backend | None = None, *, threads: int | None = None) -> Backend:

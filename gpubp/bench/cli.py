@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quick",
         action="store_true",
         help=f"{QUICK_REPEATS} samples of >= {QUICK_MIN_TIME:g} s (default {DEFAULT_REPEATS} of "
-        f">= {DEFAULT_MIN_TIME:g} s): a rough look in a few seconds",
+        f">= {DEFAULT_MIN_TIME:g} s) per candidate: rougher timings; each candidate's check "
+        "against the float64 reference, run first, is the same",
     )
     parser.add_argument("--repeats", type=int, help="samples per candidate (overrides --quick)")
     parser.add_argument(

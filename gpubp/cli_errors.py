@@ -1,0 +1,130 @@
+"""How the command line says what went wrong: one usage line (not the whole usage) before an
+argparse error, "did you mean" for a mistyped option, choice or command, and the right option
+for a checkpoint given where a model file is wanted (and the reverse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import re
+import sys
+import zipfile
+from typing import Any, NoReturn
+
+from .backends import EMULATOR_HINT
+from .backends.cuda.cupy_module import injected
+from .distributed import DistributedError
+from .errors import (
+    BackendUnavailableError,
+    DatasetError,
+    DatasetNotFoundError,
+    ModelFileError,
+    OutputPathError,
+)
+from .npzfile import CHECKPOINT_FORMAT, FORMAT
+from .plots import PlotUnavailableError
+
+__all__ = [
+    "RUN_ERRORS",
+    "Parser",
+    "command_line_message",
+    "did_you_mean",
+    "file_format",
+    "print_error",
+    "wrong_file_hint",
+]
+
+
+def did_you_mean(word: str, candidates: Any) -> str:
+    """``"; did you mean X?"`` for the closest of ``candidates`` to ``word``, or ``""``."""
+    close = difflib.get_close_matches(word, [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+class Parser(argparse.ArgumentParser):
+    """An :class:`argparse.ArgumentParser` whose errors are two lines: a one-line usage that
+    points at ``--help``, and the error with a "did you mean" where a close match exists.
+    Subparsers made by :meth:`add_subparsers` are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        message += self._suggestion(message)
+        self.exit(2, f"usage: {self.prog} ... (see {self.prog} --help)\n{self.prog}: {message}\n")
+
+    def _suggestion(self, message: str) -> str:
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            return did_you_mean(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)))
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            options = [o for o in self._option_string_actions if o.startswith("--")]
+            for word in unknown.group(1).split():
+                if word.startswith("--"):
+                    hint = did_you_mean(word.split("=")[0], options)
+                    if hint:
+                        return hint
+        return ""
+
+
+def file_format(path: str | os.PathLike[str]) -> str | None:
+    """The gpubp format a ``.npz`` file's metadata names (:data:`~gpubp.npzfile.FORMAT` or
+    :data:`~gpubp.npzfile.CHECKPOINT_FORMAT`), or None where it names none or cannot be read;
+    only the small ``meta`` member is read."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("meta.npy") as f:
+            import numpy as np
+
+            raw = np.lib.format.read_array(f, allow_pickle=False)
+        meta = json.loads(raw.tobytes().decode("utf-8"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, UnicodeDecodeError):
+        return None
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    return fmt if fmt in (FORMAT, CHECKPOINT_FORMAT) else None
+
+
+def wrong_file_hint(path: str | os.PathLike[str], wanted: str) -> str | None:
+    """What to say when ``path`` is the other kind of gpubp file than ``wanted`` (``"model"``
+    or ``"checkpoint"``), naming the option that takes it; None when it is not."""
+    fmt, name = file_format(path), os.fspath(path)
+    if wanted == "model" and fmt == CHECKPOINT_FORMAT:
+        return (
+            f"{name} is a checkpoint of gpubp train, not a model file: continue the run with "
+            f"gpubp train --resume {name}; a run writes its model with --save PATH"
+        )
+    if wanted == "checkpoint" and fmt == FORMAT:
+        return (
+            f"{name} is a model file (written by --save or MLP.save), not a checkpoint: "
+            "--resume takes the file a run wrote with --checkpoint; score this model with "
+            f"gpubp evaluate {name}"
+        )
+    return None
+
+
+def print_error(command: str, message: str) -> None:
+    """``gpubp <command>: <message>`` on stderr."""
+    print(f"gpubp {command}: {message}", file=sys.stderr)
+
+
+#: What makes a run fail without being a bug: the message says what to do; exit status 1.
+RUN_ERRORS = (
+    BackendUnavailableError,
+    DatasetError,
+    DatasetNotFoundError,
+    DistributedError,
+    ModelFileError,
+    OutputPathError,
+    PlotUnavailableError,
+)
+
+
+def command_line_message(exc: BaseException) -> str:
+    """The error's text in the command line's words: an output path's error names its option
+    (``--save``, not ``save_path=``), and an unavailable backend's way out is ``--backend auto``;
+    both errors carry what they concern."""
+    if isinstance(exc, BackendUnavailableError) and exc.backend == "cupy" and not injected():
+        return f"{exc.command_line_message()}; {EMULATOR_HINT}"
+    if isinstance(exc, (OutputPathError, BackendUnavailableError)):
+        return exc.command_line_message()
+    return str(exc)
