@@ -226,6 +226,8 @@ def describe() -> str:
     if PROVIDER is None:
         return f"numpy.matmul (no BLAS callable from the kernels; {MISSING})"
     line = f"{PROVIDER.name} {PROVIDER.version}, {PROVIDER.threading}, {PROVIDER.threads()} threads"
+    if PROVIDER.same_at_any_threads:
+        line += ", the same results at any thread count (MKL_CBWR strict)"
     return f"{line} ({MISSING})" if MISSING else line
 
 
