@@ -184,10 +184,11 @@ def test_a_run_on_the_emulator_says_so():
 
 
 def test_backend_cupy_refused_says_how_to_run_the_emulator(monkeypatch, capsys):
-    from gpubp import datasets
+    from gpubp import backends, datasets
     from gpubp.backends import backend_status
 
     monkeypatch.setenv("GPUBP_CUPY_MODULE", "cupy")  # the real one only
+    monkeypatch.delitem(backends._instances, "cupy", raising=False)  # not an emulated one made
     if backend_status()["cupy"] is None:
         pytest.skip("a real GPU is here")
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("data read"))
