@@ -256,6 +256,67 @@ def test_a_zip_bomb_is_refused(tmp_path, kind):
 
 
 @pytest.mark.parametrize(
+    ("method", "name"), [(zipfile.ZIP_BZIP2, "bzip2"), (zipfile.ZIP_LZMA, "LZMA")]
+)
+def test_bzip2_and_lzma_members_are_refused_unread(tmp_path, kind, method, name):
+    """zipfile inflates a whole bzip2 or LZMA chunk at once, with no cap: refused by method."""
+    data, loader, error = kind
+    assert name in refused(tmp_path, rezip(members(data), method), loader, error)
+
+
+def with_deflated_zeros(meta: dict[str, Any], shape: tuple[int, ...]) -> bytes:
+    """An archive of ``meta`` and ``W0.npy``: a float64 header of ``shape`` and zeros,
+    deflated as they are written (never all in memory)."""
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        head, {"descr": "<f8", "fortran_order": False, "shape": shape}
+    )
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("meta.npy", npy(np.frombuffer(json.dumps(meta).encode(), np.uint8)))
+        with zf.open("W0.npy", "w", force_zip64=True) as out:
+            out.write(head.getvalue())
+            zeros = bytes(1 << 20)
+            for _ in range(8 * int(np.prod(shape)) >> 20):
+                out.write(zeros)
+    return buf.getvalue()
+
+
+def test_a_model_beyond_the_memory_budget_is_refused_before_it_is_read(tmp_path, kind, monkeypatch):
+    """A 16 MiB W0 (deflated to 16 KiB) under a 24 MiB budget: refused, with the number and
+    how to raise the limit, before the member is inflated; under 64 MiB it is read."""
+    data, loader, error = kind
+    meta = meta_of(data)
+    meta["config"]["layer_sizes"] = [8, 1 << 18, 3]
+    blob = with_deflated_zeros(meta, (1 << 18, 8))
+    monkeypatch.setenv("GPUBP_MEMORY_LIMIT", "24M")
+    tracemalloc.start()
+    try:
+        message = refused(tmp_path, blob, loader, error)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "GPUBP_MEMORY_LIMIT=" in message and peak < 8 << 20, message
+    monkeypatch.setenv("GPUBP_MEMORY_LIMIT", "64M")  # within the budget: read, then found
+    assert "missing the parameter arrays" in refused(tmp_path, blob, loader, error)  # incomplete
+
+
+def test_oversized_metadata_is_refused_before_it_is_parsed(tmp_path, kind):
+    """9 MiB of JSON (valid, mostly spaces; deflated to 9 KiB): refused by its declared size."""
+    data, loader, error = kind
+    raw = json.dumps(meta_of(data)).encode() + b" " * (9 << 20)
+    parts = members(data)
+    parts["meta.npy"] = npy(np.frombuffer(raw, np.uint8))
+    tracemalloc.start()
+    try:
+        message = refused(tmp_path, rezip(parts, zipfile.ZIP_DEFLATED), loader, error)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "meta" in message and peak < 4 << 20
+
+
+@pytest.mark.parametrize(
     ("dtype", "what"),
     [
         (np.int64, "int64"),
@@ -294,6 +355,8 @@ def test_non_finite_parameters_are_refused(tmp_path, kind, member, value):
         ("sub/W0.npy", npy(np.zeros((5, 7), np.float32))),
         ("meta.npy", npy(np.zeros(3, np.float32))),
         ("meta.npy", npy(np.zeros((2, 2), np.uint8))),
+        ("meta.npy", npy(header={"descr": "|u1", "fortran_order": False, "shape": (True,)})),
+        ("b0.npy", npy(header={"descr": "<f4", "fortran_order": False, "shape": (True, 5)})),
     ],
 )
 def test_wrong_members_are_refused(tmp_path, kind, member, blob):
