@@ -20,6 +20,7 @@ from .errors import MemoryBudgetError
 __all__ = [
     "LIMIT_VARIABLE",
     "check_memory",
+    "check_network",
     "format_bytes",
     "memory_limit",
     "network_bytes",
@@ -28,6 +29,7 @@ __all__ = [
 
 #: The environment variable that sets the budget (bytes, or e.g. ``64G``).
 LIMIT_VARIABLE = "GPUBP_MEMORY_LIMIT"
+_LAYER_OVERHEAD = 2048
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -105,8 +107,29 @@ def network_bytes(layer_sizes: Sequence[int], itemsize: int, batch: int = 0, slo
     ``P = sum(n_{l+1} (n_l + 1))`` in float64 while they are drawn, then ``(2 + slots) P``
     values of ``itemsize`` bytes (parameters, gradients, optimizer slots), and for a batch of
     ``batch`` rows ``4 batch sum(n_l)`` values (pre-activations, activations, deltas and a
-    gathered batch)."""
+    gathered batch), plus 2 KiB of Python objects per layer (its arrays' headers)."""
     sizes = [int(n) for n in layer_sizes]
     params = sum(sizes[i + 1] * (sizes[i] + 1) for i in range(len(sizes) - 1))
     largest = max((sizes[i + 1] * sizes[i] for i in range(len(sizes) - 1)), default=0)
-    return 8 * largest + itemsize * ((2 + slots) * params + 4 * batch * sum(sizes))
+    overhead = _LAYER_OVERHEAD * (len(sizes) - 1)
+    return overhead + 8 * largest + itemsize * ((2 + slots) * params + 4 * batch * sum(sizes))
+
+
+def check_network(
+    layer_sizes: Sequence[int],
+    itemsize: int,
+    batch: int = 0,
+    slots: int = 0,
+    fix: str = "choose smaller layer_sizes",
+) -> None:
+    """:func:`check_memory` of :func:`network_bytes`: a network too large for this machine is
+    refused, naming its sizes, before any of it is allocated."""
+    sizes = [int(n) for n in layer_sizes]
+    params = sum(sizes[i + 1] * (sizes[i] + 1) for i in range(len(sizes) - 1))
+    shown = str(sizes) if len(sizes) <= 8 else f"[{sizes[0]}, ... {len(sizes) - 2} layers ...]"
+    rows = f", trained in batches of {batch} rows" if batch else ""
+    check_memory(
+        network_bytes(sizes, itemsize, batch, slots),
+        f"a network of layer_sizes {shown} ({params:,} parameters{rows})",
+        fix,
+    )

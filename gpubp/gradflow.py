@@ -18,6 +18,7 @@ from . import plots, reference
 from ._checks import check_positive_int
 from .activations import HIDDEN_ACTIVATIONS
 from .backends import get_backend
+from .budget import check_network
 from .files import check_output_folders, write_json
 from .loop import EpochEnd, EpochLoop
 from .model import MLP
@@ -85,6 +86,14 @@ def gradflow(
     Returns ``{activation: {"delta", "dW", "delta_init", "dW_init"}}``, lists from layer 1.
     """
     _check_arguments(activations, depth, width, steps, plot_path, json_path)
+    check_positive_int("batch_size", batch_size)
+    check_network(  # the widest input gpubp's datasets have, 784, and 10 classes
+        [784, *([width] * depth), 10],
+        4,
+        min(batch_size, 60_000),
+        0,
+        "choose a smaller depth or width (--depth, --width)",
+    )
     be = get_backend(backend, threads=threads)
     ds = data.load_dataset(dataset, data_dir, False, seed, progress)
     log(f"dataset: {ds.describe()}")

@@ -31,6 +31,7 @@ import numpy as np
 from . import datasets as data
 from . import plots
 from .backends import backend_status
+from .budget import check_network
 from .checkpoint import (
     Checkpoint,
     check_overrides,
@@ -109,8 +110,12 @@ class _Run:
         self.config, self.ds, self.log, self.comm = config, ds, log, comm
         self.track_gradients, self.checkpoint = track_gradients, checkpoint
         x_tr, y_tr, x_val, y_val = split
+        sizes, opt_slots = [ds.n_features, *config.layers, ds.n_classes], config.make_optimizer()
+        batch = min(config.batch_size or DEFAULT_BATCH, len(x_tr))
+        fix = "choose smaller layers (--layers) or batch_size (--batch-size)"
+        check_network(sizes, np.dtype(config.dtype).itemsize, batch, len(opt_slots.slots), fix)
         self.model = model = MLP(
-            [ds.n_features, *config.layers, ds.n_classes],
+            sizes,
             activation=config.activation,
             backend=config.backend,
             dtype=config.dtype,

@@ -1,0 +1,169 @@
+"""Hostile options and concurrent use: sizes from options checked against the memory budget
+before anything that large is allocated (gpubp.budget), batch buffers no larger than the data,
+and one thread at a time in a model's training calls.
+
+Every refusal is a gpubp error naming the option or argument, with the number and how to raise
+the limit (``GPUBP_MEMORY_LIMIT``), and costs far less than the size it refuses.
+"""
+
+from __future__ import annotations
+
+import threading
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from gpubp import MLP, cli
+from gpubp.budget import check_memory, memory_limit, parse_size
+from gpubp.errors import ConcurrentUseError, MemoryBudgetError
+from gpubp.loop import BatchGather
+from gpubp.optim import Adam
+
+from .idx_files import write_fake_idx_dataset
+
+
+@pytest.fixture
+def data_dir(tmp_path, rng):
+    write_fake_idx_dataset(tmp_path / "data" / "mnist", rng, n_train=60, n_test=20)
+    return tmp_path / "data"
+
+
+def traced(call):
+    """``call()``'s exception and the peak of memory traced while it ran."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(Exception) as info:
+            call()
+        return info.value, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+# --- the budget -------------------------------------------------------------------------------
+
+
+def test_the_limit_and_its_override(monkeypatch):
+    monkeypatch.delenv("GPUBP_MEMORY_LIMIT", raising=False)
+    limit, source = memory_limit()
+    assert limit is None or (limit > 1 << 20 and "machine" in source)
+    monkeypatch.setenv("GPUBP_MEMORY_LIMIT", "1.5G")
+    assert memory_limit()[0] == 3 << 29
+    assert parse_size("512MiB") == 512 << 20 and parse_size("4096") == 4096
+    for bad in ("", "-1G", "lots", "nanG", "1e30T"):
+        with pytest.raises(ValueError, match="GPUBP_MEMORY_LIMIT"):
+            parse_size(bad)
+    with pytest.raises(MemoryBudgetError, match=r"GPUBP_MEMORY_LIMIT=1\.9G") as info:
+        check_memory((3 << 29) + 1, "the thing", "make it smaller")
+    assert "the thing needs about 1.5 GiB" in str(info.value)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, MemoryError)
+
+
+@pytest.mark.parametrize("sizes", [[4, 10**9, 3], [4, 100_000, 100_000, 3], [4, *[8] * 200_000, 3]])
+def test_a_network_beyond_the_budget_is_refused_before_it_is_built(sizes, monkeypatch):
+    monkeypatch.setenv("GPUBP_MEMORY_LIMIT", "256M")
+    exc, peak = traced(lambda: MLP(sizes, backend="numpy"))
+    assert type(exc) is MemoryBudgetError and "layer_sizes" in str(exc)
+    assert peak < 64 << 20  # the sizes list itself, no parameters
+
+
+def test_a_batch_size_beyond_the_data_allocates_the_data_only():
+    X = np.arange(20.0).reshape(10, 2)
+    Y = np.arange(10)
+    gather = BatchGather(X, Y, 10**12)
+    xb, yb = gather(np.array([3, 1, 9]))
+    assert gather._bufs is not None and gather._bufs[0].shape == (10, 2)
+    np.testing.assert_array_equal(xb, X[[3, 1, 9]])
+    np.testing.assert_array_equal(yb, Y[[3, 1, 9]])
+
+
+def test_fit_with_an_enormous_batch_size_trains_on_all_the_data(rng):
+    x = rng.normal(size=(40, 5))
+    y = rng.integers(0, 3, 40)
+    big, whole = MLP([5, 6, 3], backend="numpy"), MLP([5, 6, 3], backend="numpy")
+    tracemalloc.start()
+    try:
+        big.fit(x, y, epochs=2, batch_size=10**12, progress=False, shuffle=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    whole.fit(x, y, epochs=2, batch_size=40, progress=False, shuffle=False)
+    for a, b in zip(big.get_parameters()[0], whole.get_parameters()[0]):
+        np.testing.assert_array_equal(a, b)
+    assert peak < 16 << 20
+
+
+def test_train_refuses_layers_beyond_the_budget(data_dir, capsys, monkeypatch):
+    monkeypatch.setenv("GPUBP_MEMORY_LIMIT", "256M")
+    base = ["train", "--dataset", "mnist", "--data-dir", str(data_dir), "--quiet"]
+    for layers in ("1000000000", "100000,100000"):
+        assert cli.main([*base, "--layers", layers]) == 1
+        err = capsys.readouterr().err
+        assert "--layers" in err and "GPUBP_MEMORY_LIMIT=" in err and "Traceback" not in err
+
+
+def test_train_takes_a_batch_size_beyond_the_data(data_dir, tmp_path, capsys):
+    argv = ["train", "--dataset", "mnist", "--data-dir", str(data_dir), "--layers", "5"]
+    assert cli.main([*argv, "--batch-size", "1000000000000", "--epochs", "1", "--quiet"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option", [["--depth", "100000"], ["--width", "1000000000"]])
+def test_gradflow_refuses_sizes_beyond_the_budget(option, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GPUBP_MEMORY_LIMIT", "512M")
+    argv = ["gradflow", *option, "--plot", "", "--data-dir", str(tmp_path / "none"), "--quiet"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert option[0] in err and "GPUBP_MEMORY_LIMIT=" in err and "Traceback" not in err
+
+
+# --- one thread at a time --------------------------------------------------------------------
+
+
+class _HeldAdam(Adam):
+    """Adam whose first bind signals ``inside`` and waits for ``release``: a fit held inside
+    its first step while another thread calls in."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.01)
+        self.inside, self.release = threading.Event(), threading.Event()
+
+    def bind(self, *args, **kwargs):
+        if not self.inside.is_set():
+            self.inside.set()
+            assert self.release.wait(30)
+        return super().bind(*args, **kwargs)
+
+
+def test_a_second_thread_is_refused_while_one_trains(rng):
+    model = MLP([5, 7, 3], backend="numpy", seed=1)
+    x, y = rng.normal(size=(32, 5)), rng.integers(0, 3, 32)
+    held = _HeldAdam()
+    errors: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            model.fit(x, y, epochs=2, batch_size=8, optimizer=held, progress=False)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert held.inside.wait(30)
+        before = model.get_parameters()
+        calls = {
+            "train_step": lambda: model.train_step(x[:4], y[:4], Adam()),
+            "fit": lambda: model.fit(x, y, epochs=1, progress=False),
+            "set_parameters": lambda: model.set_parameters(*before),
+        }
+        for name, call in calls.items():
+            with pytest.raises(ConcurrentUseError, match=f"^{name}: .*another thread"):
+                call()
+    finally:
+        held.release.set()
+        thread.join(60)
+    assert not errors
+    W, b = model.get_parameters()
+    assert all(np.isfinite(a).all() for a in W + b)
+    model.train_step(x[:4], y[:4], Adam())  # free again once the fit returned
