@@ -29,7 +29,14 @@ import numpy as np
 
 from . import files
 from .errors import DatasetError, DatasetNotFoundError
-from .idx import IDX_NAMES, check_idx_arrays, check_idx_split, idx_file, read_idx_in
+from .idx import (
+    IDX_NAMES,
+    check_idx_arrays,
+    check_idx_headers,
+    check_idx_split,
+    idx_file,
+    read_idx_in,
+)
 from .preprocessing import pixel_statistics, pixels_to_float32, standardize_in_place
 
 __all__ = [
@@ -224,6 +231,7 @@ def load_idx_dataset(
     recorded in ``Dataset.normalization``), converted from the raw pixels in one pass.
     """
     folder = _locate(name, data_dir, download_missing, progress)
+    check_idx_headers(folder)  # sizes, shapes and memory, before any data is read
     arrays = [read_idx_in(folder, stem) for stem in IDX_NAMES]
     check_idx_arrays(folder, arrays, DATASETS[name].classes)
     xtr, ytr, xte, yte = arrays
@@ -252,6 +260,7 @@ def read_test_split(
     (uint8 pixels for MNIST and Fashion-MNIST), int64 labels ``(N,)`` and the folder, checked
     as :func:`load_idx_dataset` checks them; only the two test files are read."""
     folder = _locate(name, data_dir)
+    check_idx_headers(folder, IDX_NAMES[2:])
     images, labels = (read_idx_in(folder, stem) for stem in IDX_NAMES[2:])
     check_idx_split(folder, images, labels, "t10k", DATASETS[name].classes)
     return images.reshape(len(images), -1), labels.astype(np.int64), folder

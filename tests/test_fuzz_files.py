@@ -641,3 +641,95 @@ def test_idx_random_headers_and_bodies(tmp_path_factory, code, dims, body, gz):
         assert str(path) in str(exc)
         return
     assert arr.shape == tuple(dims) and arr.nbytes == len(body)
+
+
+# --- IDX datasets: headers checked together before any data is read ---------------------------
+
+
+def idx_head(code: int, shape: tuple[int, ...]) -> bytes:
+    return struct.pack(">BBBB", 0, 0, code, len(shape)) + b"".join(
+        struct.pack(">I", n) for n in shape
+    )
+
+
+@pytest.fixture(scope="module")
+def big_images_gz() -> bytes:
+    """Train images declaring (100000, 28, 28): 78 MB of zero pixels gzipped to about 80 KB."""
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1) as gz:
+        gz.write(idx_head(0x08, (100_000, 28, 28)))
+        zeros = bytes(28 * 28 * 1000)
+        for _ in range(100):
+            gz.write(zeros)
+    return out.getvalue()
+
+
+def idx_folder(tmp_path: Path, rng: Any, **replace: bytes) -> Path:
+    """A small MNIST-layout folder (gzipped files), some files replaced by ``replace``."""
+    from .idx_files import write_fake_idx_dataset
+
+    folder = tmp_path / "mnist"
+    write_fake_idx_dataset(folder, rng, n_train=30, n_test=10)
+    for stem, blob in replace.items():
+        (folder / f"{stem.replace('_', '-')}.gz").write_bytes(gzip.compress(blob, 1))
+    return folder
+
+
+def dataset_refused(folder: Path, limit: str | None = None) -> tuple[str, int]:
+    """Load ``folder`` as MNIST: exactly DatasetError; its message and the traced peak."""
+    from gpubp import datasets
+
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    tracemalloc.start()
+    try:
+        with pytest.raises(Exception) as info:
+            datasets.load_dataset("mnist", data_dir=folder.parent)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert type(info.value) is DatasetError, f"{type(info.value).__name__}: {info.value}"
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    return str(info.value), peak
+
+
+def test_idx_images_and_labels_that_disagree_are_refused_unread(tmp_path, rng, big_images_gz):
+    folder = idx_folder(tmp_path, rng)
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(big_images_gz)
+    message, peak = dataset_refused(folder)
+    assert "do not match" in message and peak < 4 << 20
+
+
+def test_idx_data_beyond_the_memory_budget_is_refused_unread(
+    tmp_path, rng, big_images_gz, monkeypatch
+):
+    labels = idx_head(0x08, (100_000,)) + bytes(100_000)
+    folder = idx_folder(tmp_path, rng, train_labels_idx1_ubyte=labels)
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(big_images_gz)
+    monkeypatch.setenv("GPUBP_MEMORY_LIMIT", "64M")
+    message, peak = dataset_refused(folder)
+    assert "GPUBP_MEMORY_LIMIT=" in message and str(folder) in message and peak < 4 << 20
+
+
+def test_idx_sizes_a_file_cannot_hold_are_refused_unread(tmp_path, rng):
+    """(4000000, 28, 28) declared by a 2 KB gzip file (labels to match): beyond deflate's most."""
+    images = idx_head(0x08, (4_000_000, 28, 28)) + bytes(1 << 20)
+    labels = idx_head(0x08, (4_000_000,)) + bytes(1 << 16)
+    folder = idx_folder(
+        tmp_path, rng, train_images_idx3_ubyte=images, train_labels_idx1_ubyte=labels
+    )
+    message, peak = dataset_refused(folder)
+    assert "cannot hold" in message and peak < 4 << 20
+
+
+@pytest.mark.parametrize(
+    ("images", "words"),
+    [
+        (idx_head(0x08, (30, 0, 28)), "at least 1"),  # zero-width images
+        (idx_head(0x0E, (30, 28, 28)) + np.full(30 * 784, 1e308, ">f8").tobytes(), "range"),
+        (idx_head(0x0E, (30, 28, 28)) + np.full(30 * 784, -np.inf, ">f8").tobytes(), "range"),
+    ],
+    ids=["zero-width", "1e308", "-inf"],
+)
+def test_idx_images_of_no_pixels_or_absurd_values_are_refused(tmp_path, rng, images, words):
+    folder = idx_folder(tmp_path, rng, train_images_idx3_ubyte=images)
+    assert words in dataset_refused(folder)[0]
