@@ -255,11 +255,14 @@ def _cmd_gradflow(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import warnings
 
+    from .datasets import input_files
     from .evaluate import evaluate_model
-    from .files import write_json
+    from .files import check_outputs, write_json
     from .model import MLP
 
-    try:
+    try:  # the output is never the model or a dataset file, and can be written: known now
+        inputs = {"model": args.model, **input_files(args.data_dir)}
+        check_outputs({"json_path": args.json}, inputs)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model = MLP.load(args.model, backend=args.backend)

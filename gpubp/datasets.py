@@ -35,6 +35,7 @@ from .idx import (
     check_idx_headers,
     check_idx_split,
     idx_file,
+    idx_paths,
     read_idx_in,
 )
 from .preprocessing import pixel_statistics, pixels_to_float32, standardize_in_place
@@ -47,6 +48,7 @@ __all__ = [
     "cache_dir",
     "download",
     "find_dataset",
+    "input_files",
     "load_dataset",
     "load_digits_dataset",
     "load_idx_dataset",
@@ -207,6 +209,16 @@ def find_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> P
         if all(idx_file(folder, stem) for stem in IDX_NAMES):
             return folder
     return None
+
+
+def input_files(data_dir: str | os.PathLike[str] | None = None) -> dict[str, Path]:
+    """Every IDX file a dataset could be read from (each searched folder of each dataset), by
+    a name for messages: files an output must never overwrite."""
+    found: dict[str, Path] = {}
+    for name in DATASETS:
+        for folder in search_dirs(name, data_dir):
+            found.update({f"{k} in {folder}": p for k, p in idx_paths(folder).items()})
+    return found
 
 
 def _how_to_get(name: str) -> str:

@@ -29,6 +29,7 @@ __all__ = [
     "check_idx_headers",
     "check_idx_split",
     "idx_file",
+    "idx_paths",
     "read_idx",
     "read_idx_header",
     "read_idx_in",
@@ -197,7 +198,7 @@ def check_idx_headers(folder: Path, stems: tuple[str, ...] = IDX_NAMES) -> None:
     if len(sizes) > 1:
         raise DatasetError(
             f"{folder}: the splits' images have different sizes {sorted(sizes)}; both splits "
-            "must have the same rows x cols"
+            "must have the same size (rows x cols)"
         )
     data = sum(h[2] for h in heads.values())
     pixels = sum(math.prod(heads[s][0]) for s in stems[::2])
@@ -260,6 +261,13 @@ def idx_file(folder: Path, stem: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def idx_paths(folder: Path) -> dict[str, Path]:
+    """The IDX files of a dataset in ``folder``, by a name for messages (``dataset's
+    train-images-idx3-ubyte.gz``): the inputs no output may overwrite."""
+    found = [folder / f"{stem}{gz}" for stem in IDX_NAMES for gz in (".gz", "")]
+    return {f"dataset's {p.name}": p for p in found if p.is_file()}
 
 
 def read_idx_in(folder: Path, stem: str) -> np.ndarray:

@@ -24,6 +24,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,7 @@ from .errors import CheckpointError, CheckpointMismatchError, DatasetError, Outp
 from .evaluate import dataset_preprocessing, raw_test_split
 from .files import check_outputs
 from .gradflow import PROBE_SAMPLES, gradflow, gradient_norms
+from .idx import idx_paths
 from .loop import BatchGather, EpochEnd, EpochLoop, Position, StopRequest
 from .model import MLP
 from .outputs import TrainResult, final_line, write_outputs
@@ -456,6 +458,8 @@ def train(
     }
     ckpt = _check_before_the_run(outputs, resume, override, rank0=comm is None or comm.rank == 0)
     ds, config, split = _load_data(config, ckpt, progress, log)
+    if ds.name in data.DATASETS:  # its files are inputs: no output may overwrite one
+        check_outputs(outputs, {"resume": resume, **idx_paths(Path(ds.source))})
     run = _Run(config, ds, split, track_gradients, outputs["checkpoint"], log, comm)
     if ckpt is not None:
         run.resume_from(ckpt, override)

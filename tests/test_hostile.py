@@ -167,3 +167,79 @@ def test_a_second_thread_is_refused_while_one_trains(rng):
     W, b = model.get_parameters()
     assert all(np.isfinite(a).all() for a in W + b)
     model.train_step(x[:4], y[:4], Adam())  # free again once the fit returned
+
+
+# --- outputs are never inputs ----------------------------------------------------------------
+
+
+def _snapshot(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("option", "target"),
+    [
+        ("--save", "train-images-idx3-ubyte.gz"),
+        ("--checkpoint", "t10k-labels-idx1-ubyte.gz"),
+        ("--json", "hardlink"),
+        ("--plot", "symlink.png"),
+    ],
+)
+def test_train_never_writes_over_a_dataset_file(data_dir, tmp_path, capsys, option, target):
+    folder = data_dir / "mnist"
+    (folder / "hardlink").hardlink_to(folder / "train-labels-idx1-ubyte.gz")
+    (tmp_path / "symlink.png").symlink_to(folder / "t10k-images-idx3-ubyte.gz")
+    path = tmp_path / target if target.startswith("symlink") else folder / target
+    before = _snapshot(data_dir)
+    argv = ["train", "--dataset", "mnist", "--data-dir", str(data_dir), "--layers", "5"]
+    assert cli.main([*argv, "--epochs", "1", "--quiet", option, str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{option} " in err and "dataset's" in err and "destroy" in err
+    assert _snapshot(data_dir) == before
+
+
+def test_evaluate_never_writes_its_json_over_its_inputs(data_dir, tmp_path, capsys):
+    model = tmp_path / "m.npz"
+    MLP([784, 5, 10], backend="numpy").save(model)
+    saved = model.read_bytes()
+    data_file = data_dir / "mnist" / "t10k-images-idx3-ubyte.gz"
+    before = _snapshot(data_dir)
+    base = ["evaluate", str(model), "--dataset", "mnist", "--data-dir", str(data_dir)]
+    for target, words in ((model, "model file"), (data_file, "dataset's")):
+        assert cli.main([*base, "--json", str(target)]) == 1
+        err = capsys.readouterr().err
+        assert "--json" in err and words in err and "destroy" in err
+    assert model.read_bytes() == saved and _snapshot(data_dir) == before
+
+
+def test_bench_checks_its_json_before_it_runs_and_writes_it_atomically(tmp_path, capsys):
+    tiny = ["bench", "--shapes", "5-4-3@2", "--backends", "numpy", "--repeats", "3"]
+    tiny += ["--min-time", "0", "--settle", "0", "--no-progress", "--no-torch"]
+    missing = tmp_path / "no" / "such" / "bench.json"
+    assert cli.main([*tiny, "--json", str(missing)]) == 1
+    out, err = capsys.readouterr()
+    assert "--json" in err and "does not exist" in err and "median" not in out  # nothing ran
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    link = tmp_path / "bench.json"
+    link.symlink_to(victim)  # a planted link: replaced, never written through
+    assert cli.main([*tiny, "--json", str(link)]) == 0
+    assert victim.read_text() == "keep me" and not link.is_symlink()
+    assert "rows" in link.read_text()
+
+
+def test_the_output_check_writes_real_bytes_and_follows_no_link(tmp_path, monkeypatch):
+    from gpubp import files
+    from gpubp.errors import OutputWriteError
+
+    dangling = tmp_path / "out.json"
+    dangling.symlink_to(tmp_path / "gone" / "nowhere.json")  # the write replaces the link
+    files.check_outputs({"json_path": dangling})
+
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "write", full)  # a full disk with inodes left
+    with pytest.raises(OutputWriteError, match="full"):
+        files.check_outputs({"json_path": tmp_path / "x.json"})
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x.json")]
