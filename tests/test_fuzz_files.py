@@ -288,6 +288,8 @@ def test_a_model_beyond_the_memory_budget_is_refused_before_it_is_read(tmp_path,
     data, loader, error = kind
     meta = meta_of(data)
     meta["config"]["layer_sizes"] = [8, 1 << 18, 3]
+    if "train" in meta:
+        meta["train"]["layers"] = [1 << 18]
     blob = with_deflated_zeros(meta, (1 << 18, 8))
     monkeypatch.setenv("GPUBP_MEMORY_LIMIT", "24M")
     tracemalloc.start()
@@ -418,6 +420,15 @@ def test_optional_preprocessing_members_are_read(tmp_path):
 # --- checkpoint fields -----------------------------------------------------------------------
 
 
+def pcg64_state(**change: Any) -> dict[str, Any]:
+    """A valid PCG64 state with ``change`` applied (``state`` and ``inc`` inside ``state``)."""
+    out = dict(np.random.default_rng([0, 1]).bit_generator.state)
+    out["state"] = dict(out["state"])
+    for key, value in change.items():
+        (out["state"] if key in ("state", "inc") else out)[key] = value
+    return out
+
+
 @pytest.mark.parametrize(
     ("section", "key", "value"),
     [
@@ -441,6 +452,25 @@ def test_optional_preprocessing_members_are_read(tmp_path):
         ("train", "optimizer", "rmsprop"),
         (None, "train", []),
         (None, "position", None),
+        ("position", "rng_state", pcg64_state(state=2**200)),
+        ("position", "rng_state", pcg64_state(inc=-5)),
+        ("position", "rng_state", pcg64_state(state=10**1000)),
+        ("position", "rng_state", pcg64_state(has_uint32=True)),
+        ("position", "rng_state", pcg64_state(uinteger=2**32)),
+        ("position", "rng_state", pcg64_state(bit_generator="MT19937")),
+        ("position", "seen", 10**400),
+        ("optimizer", "step", 10**400),
+        ("optimizer", "step", 2**53 + 1),
+        ("train", "seed", -1),
+        ("train", "data_dir", 5),
+        ("train", "data_dir", ["a"]),
+        ("train", "layers", [10**9]),  # not the model's hidden widths
+        ("train", "batch_size", 10**16),
+        ("history", "loss", [1.0]),  # an entry for an epoch that never finished
+        ("history", "epoch", ["one"]),
+        ("history", "seconds", [None]),
+        ("history", "delta_norm", [[1.0]]),
+        ("history", "surprise", []),
     ],
 )
 def test_checkpoint_fields_of_the_wrong_type_are_refused(tmp_path, section, key, value):
@@ -453,7 +483,7 @@ def test_checkpoint_fields_of_the_wrong_type_are_refused(tmp_path, section, key,
     refused(tmp_path, with_meta(data, meta), load_checkpoint, CheckpointError)
 
 
-@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -1e-30])
 def test_non_finite_optimizer_state_is_refused(tmp_path, value):
     parts = members(checkpoint_bytes(tmp_path))
     arr = np.load(io.BytesIO(parts["opt_exp_avg_sq_2.npy"]))

@@ -243,3 +243,51 @@ def test_the_output_check_writes_real_bytes_and_follows_no_link(tmp_path, monkey
     with pytest.raises(OutputWriteError, match="full"):
         files.check_outputs({"json_path": tmp_path / "x.json"})
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x.json")]
+
+
+# --- checkpoints and optimizer state --------------------------------------------------------
+
+
+def test_a_resume_never_takes_download_from_the_checkpoint(data_dir, tmp_path, monkeypatch):
+    """A checkpoint saying download=true: the resume's settings leave it out, so nothing is
+    fetched unless --download is typed."""
+    from gpubp.checkpoint import load_checkpoint, resume_settings
+    from gpubp.config import TrainConfig
+    from gpubp.train import train
+
+    ckpt = tmp_path / "run.ckpt"
+    config = TrainConfig(dataset="mnist", data_dir=str(data_dir), layers=(5,), epochs=1)
+    train(config, checkpoint=ckpt, progress=False, log=lambda _: None)
+    loaded = load_checkpoint(ckpt)
+    loaded.meta["train"]["download"] = True
+    assert "download" not in resume_settings(loaded)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"step": 10**400}, "2\\*\\*53"),
+        ({"exp_avg_sq": -1.0}, "negative"),
+        ({"exp_avg": np.nan}, "finite"),
+        ({"exp_avg_sq": np.inf}, "finite"),
+    ],
+)
+def test_load_state_dict_checks_the_invariants_and_changes_nothing(change, words, rng):
+    model = MLP([4, 6, 3], backend="numpy", seed=0)
+    opt = Adam(lr=0.01)
+    x, y = rng.normal(size=(8, 4)), rng.integers(0, 3, 8)
+    model.train_step(x, y, opt)
+    saved = opt.state_dict()
+    before = opt.state_dict()
+    for key, value in change.items():
+        if key == "step":
+            saved["step"] = value
+        else:
+            saved[key][1].flat[0] = value
+    with pytest.raises(ValueError, match=words):
+        opt.load_state_dict(saved, model, model.backend, model.parameter_shapes, model.dtype)
+    after = opt.state_dict()
+    assert after["step"] == before["step"]
+    for slot in opt.slots:
+        for a, b in zip(after[slot], before[slot]):
+            np.testing.assert_array_equal(a, b)
