@@ -19,8 +19,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import sys
-import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import numpy as np
 
 from . import files
 from .errors import DatasetError, DatasetNotFoundError
+from .fetch import fetch
 from .idx import (
     IDX_NAMES,
     check_idx_arrays,
@@ -99,10 +99,7 @@ DATASETS: dict[str, IdxSource] = {
     "fashion-mnist": IdxSource(
         "fashion-mnist",
         "Fashion-MNIST (Zalando Research, MIT licence)",
-        (
-            "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
-            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-        ),
+        ("https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",),
         (
             "T-shirt/top",
             "Trouser",
@@ -413,29 +410,14 @@ def _content_checks(
         yield ("sha256", src.content_sha256[stem], content)
 
 
-def _fetch(url: str, progress: bool) -> bytes:
-    with urllib.request.urlopen(url, timeout=60) as resp:
-        total = int(resp.headers.get("Content-Length") or 0)
-        chunks, done = [], 0
-        while True:
-            chunk = resp.read(1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            done += len(chunk)
-            if progress and total:
-                sys.stderr.write(f"\r  {url.rsplit('/', 1)[-1]}: {done * 100 // total}%")
-        if progress and total:
-            sys.stderr.write("\n")
-        return b"".join(chunks)
-
-
 def download(name: str, dest: str | os.PathLike[str] | None = None, progress: bool = True) -> Path:
     """Fetch ``name``'s four official files into ``dest`` (default: the cache), verified.
 
     Each file is checked against its pinned digests before it is written, then written to a
     temporary name, flushed, fsynced and renamed, so the cache never holds a half-written or
-    unverified file. Mirrors are tried in turn. Returns the folder.
+    unverified file. Mirrors are tried in turn, over https only, each file at most 64 MiB and
+    within 10 minutes (:func:`gpubp.fetch.fetch`). Returns the folder; every failure is a
+    :class:`~gpubp.errors.DatasetNotFoundError` listing what each mirror answered.
     """
     src = DATASETS[name]
     folder = Path(dest) if dest is not None else cache_dir() / name
@@ -447,9 +429,9 @@ def download(name: str, dest: str | os.PathLike[str] | None = None, progress: bo
         errors = []
         for base in src.urls:
             try:
-                data = _fetch(base + filename, progress)
+                data = fetch(base + filename, progress)
                 verify(name, filename, data)
-            except (OSError, DatasetError) as exc:  # URLError is an OSError
+            except (OSError, EOFError, zlib.error, DatasetError) as exc:  # a damaged gzip too
                 errors.append(f"{base}{filename}: {exc}")
                 continue
             files.write_atomic(folder / filename, data)

@@ -291,3 +291,88 @@ def test_load_state_dict_checks_the_invariants_and_changes_nothing(change, words
     for slot in opt.slots:
         for a, b in zip(after[slot], before[slot]):
             np.testing.assert_array_equal(a, b)
+
+
+# --- downloads -------------------------------------------------------------------------------
+
+
+class _Body:
+    """A fake HTTP response: ``chunk`` bytes per read, ``times`` reads (None: forever)."""
+
+    def __init__(self, chunk: bytes, times: int | None = None, length: int | None = None):
+        self.chunk, self.left = chunk, times
+        self.headers = {} if length is None else {"Content-Length": str(length)}
+
+    def read(self, n: int) -> bytes:
+        if self.left is not None:
+            if self.left == 0:
+                return b""
+            self.left -= 1
+        return self.chunk[:n]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_downloads_are_https_only_bounded_and_fail_as_dataset_errors(monkeypatch):
+    import http.client
+    import urllib.error
+
+    from gpubp import fetch
+    from gpubp.errors import DatasetError
+
+    def never(url, timeout):  # pragma: no cover - must not be reached
+        raise AssertionError("opened")
+
+    monkeypatch.setattr(fetch, "_open", never)
+    with pytest.raises(DatasetError, match="https only"):
+        fetch.fetch("http://example.invalid/x.gz")
+
+    def raises(exc: Exception):
+        def opener(url, timeout):
+            raise exc
+
+        return opener
+
+    cases = {
+        "more than": lambda url, timeout: _Body(bytes(1 << 16)),  # a body that never ends
+        "declares": lambda url, timeout: _Body(b"", 0, length=1 << 40),
+        "IncompleteRead": raises(http.client.IncompleteRead(b"")),
+        "URLError": raises(urllib.error.URLError("no route")),
+        "TimeoutError": raises(TimeoutError("timed out")),
+    }
+    for words, opener in cases.items():
+        monkeypatch.setattr(fetch, "_open", opener)
+        with pytest.raises(DatasetError, match=words) as info:
+            fetch.fetch("https://example.invalid/x.gz", max_bytes=1 << 20)
+        assert "https://example.invalid/x.gz" in str(info.value)
+    clock = iter(range(0, 10**6, 5))  # a byte every 5 s: stopped at the deadline
+    monkeypatch.setattr(fetch.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(fetch, "_open", lambda url, timeout: _Body(b"x"))
+    with pytest.raises(DatasetError, match="not done after 600 s"):
+        fetch.fetch("https://example.invalid/x.gz")
+
+
+def test_a_redirect_to_http_is_refused():
+    from gpubp.errors import DatasetError
+    from gpubp.fetch import _HttpsOnlyRedirects
+
+    class Req:
+        full_url = "https://example.invalid/a"
+
+    with pytest.raises(DatasetError, match="not https"):
+        _HttpsOnlyRedirects().redirect_request(Req(), None, 302, "", {}, "http://evil/a")
+
+
+def test_an_endless_download_ends_in_a_gpubp_error_within_the_budget(tmp_path, monkeypatch):
+    from gpubp import datasets, fetch
+    from gpubp.errors import DatasetNotFoundError
+
+    monkeypatch.setattr(fetch, "_open", lambda url, timeout: _Body(bytes(1 << 16)))
+    exc, peak = traced(lambda: datasets.download("mnist", tmp_path / "dl", progress=False))
+    assert type(exc) is DatasetNotFoundError and "more than" in str(exc)
+    assert peak < 128 << 20 and not any((tmp_path / "dl").iterdir())
+    assert all(u.startswith("https://") for s in datasets.DATASETS.values() for u in s.urls)
