@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends import BACKEND_NAMES
 from .config import DEFAULT_LR, TrainConfig
 from .errors import CheckpointError, CheckpointMismatchError
 from .model import MLP
@@ -245,6 +246,11 @@ def _check_meta(meta: dict[str, Any], path: Any) -> None:
         if not _finite(value) or value < 0:
             raise bad(f"counters.{key} must be a finite number >= 0, got {value!r:.80}")
     _check_history(meta, bad)
+    train = meta["train"]
+    if train.get("backend", "auto") not in ("auto", *BACKEND_NAMES):
+        raise bad(f"train.backend {train.get('backend')!r:.80} is not a backend's name")
+    if not _count(train.get("mpi_ranks", 1)):
+        raise bad(f"train.mpi_ranks must be a count, got {train.get('mpi_ranks')!r:.80}")
     settings = _settings(meta["train"])
     settings.pop("track_gradients", None)
     try:

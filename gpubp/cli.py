@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__, machine
+from ._checks import printable
 from .arguments import (
     add_gradflow_options,
     add_train_options,
@@ -272,15 +273,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if args.json is not None:
             write_json(args.json, record)
     except (*_RUN_ERRORS, OSError) as exc:
-        print(f"gpubp evaluate: {_message(exc)}", file=sys.stderr)
+        print(f"gpubp evaluate: {printable(_message(exc), newlines=True)}", file=sys.stderr)
         return 1
     accuracy = "n/a" if record["accuracy"] is None else f"{record['accuracy']:.4f}"
     trained = record["trained_on"] or "an unrecorded dataset"
-    print(
+    line = (  # one line, whatever the file's strings hold: control characters escaped
         f"test accuracy {accuracy} (loss {record['loss']:.4f}) on {record['test_samples']} "
         f"{record['dataset']} test samples | {args.model}: {record['layer_sizes']}, trained on "
         f"{trained} | backend {record['backend']} {record['dtype']}"
     )
+    print(printable(line))
     return 0
 
 
@@ -295,7 +297,7 @@ def _print_warnings(caught: list[Any]) -> None:
             if said_no_preprocessing:
                 continue
             said_no_preprocessing = True
-        print(f"gpubp evaluate: warning: {w.message}", file=sys.stderr)
+        print(f"gpubp evaluate: warning: {printable(str(w.message))}", file=sys.stderr)
 
 
 def _add_evaluate_parser(sub: Any) -> None:

@@ -106,6 +106,11 @@ def evaluate_model(
             f"{where} does not say which dataset it was trained on; pass the dataset to score "
             f"it on (one of {', '.join(data.DATASET_NAMES)})"
         )
+    if name not in data.DATASET_NAMES:  # a model file's string: no path, no arbitrary text
+        raise ModelFileError(
+            f"{where} says it was trained on {name!r:.80}, which is no dataset gpubp knows; "
+            f"pass the dataset to score it on (one of {', '.join(data.DATASET_NAMES)})"
+        )
     split = raw_test_split(name, data_dir)
     n_features, n_classes = split.x.shape[1], len(split.classes)
     trained = f"it was trained on {model.dataset}" if model.dataset else "another dataset?"
@@ -132,7 +137,13 @@ def evaluate_model(
             f"{where}'s label names {list(model.labels)} are not {name}'s {list(split.classes)}",
             stacklevel=2,
         )
-    ev = model.evaluate(split.x, split.y)
+    try:
+        ev = model.evaluate(split.x, split.y)
+    except ValueError as exc:  # e.g. a sigmoid/BCE model, whose targets are not class labels
+        raise ModelFileError(
+            f"{where} ({model.output} outputs, {model.loss} loss) cannot be scored on {name}'s "
+            f"class labels: {exc}"
+        ) from None
     return {
         "dataset": name,
         "test_samples": len(split.y),

@@ -471,6 +471,8 @@ def pcg64_state(**change: Any) -> dict[str, Any]:
         ("history", "seconds", [None]),
         ("history", "delta_norm", [[1.0]]),
         ("history", "surprise", []),
+        ("train", "backend", "\x1b[2Jnumpy"),
+        ("train", "mpi_ranks", -2),
     ],
 )
 def test_checkpoint_fields_of_the_wrong_type_are_refused(tmp_path, section, key, value):

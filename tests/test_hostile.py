@@ -376,3 +376,39 @@ def test_an_endless_download_ends_in_a_gpubp_error_within_the_budget(tmp_path, m
     assert type(exc) is DatasetNotFoundError and "more than" in str(exc)
     assert peak < 128 << 20 and not any((tmp_path / "dl").iterdir())
     assert all(u.startswith("https://") for s in datasets.DATASETS.values() for u in s.urls)
+
+
+# --- what evaluate prints ----------------------------------------------------------------------
+
+
+def test_evaluate_escapes_what_a_model_file_says(data_dir, tmp_path, capsys):
+    model = MLP([784, 5, 10], backend="numpy")
+    model.dataset = "mnist\x1b[2J\r\ntest accuracy 1.0000 (loss 0.0000) \u202e"
+    path = tmp_path / "m.npz"
+    model.save(path)
+    argv = ["evaluate", str(path), "--dataset", "mnist", "--data-dir", str(data_dir)]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1 and out.startswith("test accuracy")  # no faked line
+    for raw in ("\x1b", "\r", "\u202e"):
+        assert raw not in out and raw not in err
+    assert "\\x1b[2J" in out
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "dataset", "words"),
+    [
+        ({}, "../../etc/passwd", "no dataset gpubp knows"),
+        ({"output": "sigmoid", "loss": "binary_cross_entropy"}, "mnist", "cannot be scored"),
+    ],
+)
+def test_evaluate_refuses_models_it_cannot_score_with_a_gpubp_error(
+    data_dir, tmp_path, capsys, kwargs, dataset, words
+):
+    model = MLP([784, 5, 10], backend="numpy", **kwargs)
+    model.dataset = dataset
+    path = tmp_path / "m.npz"
+    model.save(path)
+    assert cli.main(["evaluate", str(path), "--data-dir", str(data_dir)]) == 1
+    err = capsys.readouterr().err
+    assert words in err and str(path) in err and "Traceback" not in err
