@@ -454,5 +454,10 @@ def train_val_split(
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     order = np.random.default_rng(seed).permutation(len(x))
     n_val = round(len(x) * val_fraction)
+    if n_val >= len(x):  # a DatasetError is a ValueError
+        raise DatasetError(
+            f"val_fraction={val_fraction!r} (--val-fraction) holds out all {len(x)} training "
+            "samples, leaving none to train on; choose a smaller fraction"
+        )
     val, train = order[:n_val], order[n_val:]
     return x[train], y[train], x[val], y[val]

@@ -412,3 +412,26 @@ def test_evaluate_refuses_models_it_cannot_score_with_a_gpubp_error(
     assert cli.main(["evaluate", str(path), "--data-dir", str(data_dir)]) == 1
     err = capsys.readouterr().err
     assert words in err and str(path) in err and "Traceback" not in err
+
+
+# --- the rest of the probe's raw tracebacks ---------------------------------------------------
+
+
+def test_a_validation_fraction_that_leaves_no_training_data_is_refused(data_dir, capsys):
+    argv = ["train", "--dataset", "mnist", "--data-dir", str(data_dir), "--quiet"]
+    assert cli.main([*argv, "--val-fraction", "0.9999"]) == 1
+    err = capsys.readouterr().err
+    assert "--val-fraction" in err and "none to train on" in err and "Traceback" not in err
+
+
+def test_pytorch_interop_checks_sizes_and_devices_first(monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setenv("GPUBP_MEMORY_LIMIT", "1G")
+    huge = torch.nn.Sequential(torch.nn.Linear(10**6, 10**6, device="meta"))
+    exc, peak = traced(lambda: MLP.from_torch(huge, backend="numpy"))
+    assert type(exc) is MemoryBudgetError and peak < 16 << 20
+    small = torch.nn.Sequential(torch.nn.Linear(3, 2, device="meta"))
+    with pytest.raises(ValueError, match="meta device"):
+        MLP.from_torch(small, backend="numpy")
+    with pytest.raises(ValueError, match="device='nope'"):
+        MLP([3, 4, 2], backend="numpy").to_torch(device="nope")
