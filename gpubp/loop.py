@@ -13,13 +13,12 @@ when the bar is redrawn or the epoch ends, so the loop never waits for the devic
 
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -130,27 +129,42 @@ class OneCaller:
     """One thread at a time in an object's mutating calls: a second thread is refused at once
     with :class:`~gpubp.errors.ConcurrentUseError` (never blocked, never interleaved: two
     threads updating the same parameters in place would mix their updates, NaN included). The
-    thread inside may call in again (``fit`` runs ``step``). Pickles as a fresh, free guard."""
+    thread inside may call in again (``fit`` runs ``step``). Pickles as a fresh, free guard.
+    ``with guard("fit"):`` holds it; a per-step caller may use :attr:`lock` and
+    :meth:`refusal` inline."""
 
     def __init__(self, what: str = "model") -> None:
         self.what = what
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()  # reentrant: the holder may call in again
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.what,))
 
-    @contextlib.contextmanager
-    def __call__(self, call: str) -> Iterator[None]:
-        if not self._lock.acquire(blocking=False):
-            raise ConcurrentUseError(
-                f"{call}: this {self.what} is being trained or updated by another thread; one "
-                f"{self.what} takes one fit, train_step or set_parameters at a time: wait for "
-                "that call to return, or give each thread its own model"
-            )
-        try:
-            yield
-        finally:
-            self._lock.release()
+    def __call__(self, call: str) -> _Held:
+        return _Held(self, call)
+
+    def refusal(self, call: str) -> ConcurrentUseError:
+        return ConcurrentUseError(
+            f"{call}: this {self.what} is being trained or updated by another thread; one "
+            f"{self.what} takes one fit, train_step or set_parameters at a time: wait for "
+            "that call to return, or give each thread its own model"
+        )
+
+
+class _Held:
+    """``with guard(call):``: the guard's lock held inside, or the refusal raised."""
+
+    __slots__ = ("call", "guard")
+
+    def __init__(self, guard: OneCaller, call: str) -> None:
+        self.guard, self.call = guard, call
+
+    def __enter__(self) -> None:
+        if not self.guard.lock.acquire(blocking=False):
+            raise self.guard.refusal(self.call)
+
+    def __exit__(self, *exc: object) -> None:
+        self.guard.lock.release()
 
 
 class LossSum:

@@ -305,11 +305,16 @@ class MLP(InputChecks):
         Returns the loss as the backend gives it, unread: on a GPU a device scalar, so a loop of
         steps never waits for the device (read it with ``float`` or :class:`gpubp.loop.LossSum`).
         """
-        with self._busy("step"):
+        busy = self._busy.lock  # held inline: this runs once per training step
+        if not busy.acquire(blocking=False):
+            raise self._busy.refusal("step")
+        try:
             state = optimizer.bind(self, self.backend, self.parameter_shapes, self.dtype)
             value, _, _, _ = self.backend.train_step(
                 self._W, self._b, x, y, self.activation, self.output, self.loss, optimizer, state
             )
+        finally:
+            busy.release()
         return value
 
     def fit(
