@@ -18,6 +18,7 @@ raises the given error naming the file: never another exception.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -28,7 +29,7 @@ from typing import IO, Any
 import numpy as np
 
 from .budget import check_memory
-from .errors import ModelFileError
+from .errors import ModelFileError, OutputWriteError
 from .files import open_regular, write_atomic
 from .optim import make_optimizer
 
@@ -442,6 +443,15 @@ def write_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]
 def write_npz(
     path: str | os.PathLike[str], meta: dict[str, Any], arrays: dict[str, np.ndarray]
 ) -> None:
-    """Write ``arrays`` and ``meta`` (as the uint8 JSON member ``meta``) atomically."""
+    """Write ``arrays`` and ``meta`` (as the uint8 JSON member ``meta``) atomically; a ``meta``
+    larger than :data:`META_MAX_BYTES`, which :func:`read_npz` would refuse, is an
+    :class:`~gpubp.errors.OutputWriteError` and nothing is written."""
     encoded = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    if encoded.size > META_MAX_BYTES:
+        raise OutputWriteError(
+            errno.EFBIG,
+            f"could not write {os.fspath(path)}: its metadata (configuration and history) is "
+            f"{encoded.size} bytes, more than the {META_MAX_BYTES} a gpubp file may hold; "
+            "nothing was written",
+        )
     write_npz_atomic(path, {**arrays, "meta": encoded})

@@ -765,3 +765,13 @@ def test_idx_sizes_a_file_cannot_hold_are_refused_unread(tmp_path, rng):
 def test_idx_images_of_no_pixels_or_absurd_values_are_refused(tmp_path, rng, images, words):
     folder = idx_folder(tmp_path, rng, train_images_idx3_ubyte=images)
     assert words in dataset_refused(folder)[0]
+
+
+def test_metadata_too_large_to_read_back_is_never_written(tmp_path):
+    from gpubp.errors import OutputWriteError
+    from gpubp.npzfile import META_MAX_BYTES, write_npz
+
+    path = tmp_path / "big.npz"
+    with pytest.raises(OutputWriteError, match="nothing was written"):
+        write_npz(path, {"history": "x" * META_MAX_BYTES}, {})
+    assert list(tmp_path.iterdir()) == []
