@@ -18,7 +18,7 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -270,8 +270,8 @@ def _probe(what: str, path: str | os.PathLike[str], folder: str) -> None:
 
 
 def check_outputs(
-    paths: dict[str, str | os.PathLike[str] | None],
-    inputs: dict[str, str | os.PathLike[str] | None] | None = None,
+    paths: Mapping[str, str | os.PathLike[str] | None],
+    inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
 ) -> None:
     """Check, before a run, that every output can be written and destroys no input.
 

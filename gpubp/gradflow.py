@@ -19,7 +19,7 @@ from ._checks import check_positive_int
 from .activations import HIDDEN_ACTIVATIONS
 from .backends import get_backend
 from .budget import check_network
-from .files import check_output_folders, write_json
+from .files import check_output_folders, check_outputs, write_json
 from .loop import EpochEnd, EpochLoop
 from .model import MLP
 from .optim import make_optimizer
@@ -86,6 +86,8 @@ def gradflow(
     Returns ``{activation: {"delta", "dW", "delta_init", "dW_init"}}``, lists from layer 1.
     """
     _check_arguments(activations, depth, width, steps, plot_path, json_path)
+    outputs = {"plot_path": plot_path, "json_path": json_path}
+    check_outputs(outputs, data.input_files(data_dir))  # writable, and no dataset file
     check_positive_int("batch_size", batch_size)
     check_network(  # the widest input gpubp's datasets have, 784, and 10 classes
         [784, *([width] * depth), 10],

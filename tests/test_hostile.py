@@ -435,3 +435,12 @@ def test_pytorch_interop_checks_sizes_and_devices_first(monkeypatch):
         MLP.from_torch(small, backend="numpy")
     with pytest.raises(ValueError, match="device='nope'"):
         MLP([3, 4, 2], backend="numpy").to_torch(device="nope")
+
+
+def test_gradflow_never_writes_over_a_dataset_file(data_dir, capsys):
+    target = data_dir / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    before = _snapshot(data_dir)
+    argv = ["gradflow", "--dataset", "mnist", "--data-dir", str(data_dir), "--plot", ""]
+    assert cli.main([*argv, "--json", str(target), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "--json" in err and "dataset's" in err and _snapshot(data_dir) == before
