@@ -89,13 +89,8 @@ def gradflow(
     outputs = {"plot_path": plot_path, "json_path": json_path}
     check_outputs(outputs, data.input_files(data_dir))  # writable, and no dataset file
     check_positive_int("batch_size", batch_size)
-    check_network(  # the widest input gpubp's datasets have, 784, and 10 classes
-        [784, *([width] * depth), 10],
-        4,
-        min(batch_size, 60_000),
-        0,
-        "choose a smaller depth or width (--depth, --width)",
-    )
+    fix = "choose a smaller depth or width (--depth, --width)"  # 784 inputs at most, 10 classes
+    check_network([784, *([width] * depth), 10], 4, min(batch_size, 60_000), 0, fix)
     be = get_backend(backend, threads=threads)
     ds = data.load_dataset(dataset, data_dir, False, seed, progress)
     log(f"dataset: {ds.describe()}")
