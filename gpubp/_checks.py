@@ -74,3 +74,17 @@ def check_fraction(name: str, value: object) -> float:
     if not fraction(value):
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     return float(value)  # type: ignore[arg-type]
+
+
+def printable(text: str, newlines: bool = False) -> str:
+    """``text`` safe to print on a terminal: control and format characters (ANSI escapes,
+    carriage returns, bidirectional overrides; newlines too unless ``newlines``) escaped as
+    ``\\x1b``, ``\\u202e``..., so a string read from a file cannot fake or hide output."""
+    import unicodedata
+
+    return "".join(
+        c
+        if (c == "\n" and newlines) or unicodedata.category(c) not in ("Cc", "Cf", "Zl", "Zp", "Cs")
+        else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+        for c in text
+    )

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends import BACKEND_NAMES
 from .config import DEFAULT_LR, TrainConfig
 from .errors import CheckpointError, CheckpointMismatchError
 from .model import MLP
@@ -153,13 +154,70 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             raise CheckpointError(f"{path}: the checkpoint has no valid {key!r} section")
     _check_meta(meta, path)
     saved_parameters(arrays, meta, path, CheckpointError)
+    for name, arr in arrays.items():  # the second moments of Adam are sums of squares
+        if name.startswith("opt_exp_avg_sq_") and not (arr >= 0).all():
+            raise CheckpointError(
+                f"{path}: {name} holds negative values; Adam's exp_avg_sq is a mean of squares "
+                "(>= 0): the checkpoint is damaged"
+            )
     ckpt = Checkpoint(os.fspath(path), meta, arrays)
     _ = ckpt.preprocessing  # checked now: a bad block fails the load, not the end of the run
     return ckpt
 
 
+#: The largest count a checkpoint may hold (epochs, batches, samples, optimizer steps): exact
+#: in float64, so Adam's ``beta ** step`` and every position sum stay finite and exact.
+MAX_COUNT = 2**53
+#: The run's history: one number per finished epoch (``val_*`` none without validation), and
+#: with --track-gradients one list of per-layer norms per epoch.
+_EPOCH_ENTRIES = ("epoch", "loss", "lr", "seconds")
+#: one per finished epoch, or none (validation; accuracy, which a regression has not)
+_VAL_ENTRIES = ("accuracy", "val_loss", "val_accuracy")
+_NORM_ENTRIES = ("delta_norm", "dW_norm")
+
+
 def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
+
+
+def _uint(value: Any, bits: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**bits
+
+
+def _pcg64_state(state: Any) -> bool:
+    """Whether ``state`` is a PCG64 state NumPy takes: 128-bit ``state`` and ``inc``, a
+    ``has_uint32`` flag and a 32-bit ``uinteger``."""
+    inner = state.get("state") if isinstance(state, dict) else None
+    return (
+        isinstance(inner, dict)
+        and state.get("bit_generator") == "PCG64"
+        and all(_uint(inner.get(key), 128) for key in ("state", "inc"))
+        and _uint(state.get("has_uint32"), 1)
+        and _uint(state.get("uinteger"), 32)
+    )
+
+
+def _check_history(meta: dict[str, Any], bad: Any) -> None:
+    """Each history entry a list of finite numbers (lists of one per layer for the norms), one
+    per finished epoch (``val_*``: or none): what a resumed run appends to and plots."""
+    epochs, n_layers = meta["position"]["epoch"], len(meta["config"]["layer_sizes"]) - 1
+    history = meta["history"]
+    for key, value in history.items():
+        if key not in (*_EPOCH_ENTRIES, *_VAL_ENTRIES, *_NORM_ENTRIES):
+            raise bad(f"history holds an unknown entry {key!r:.40}")
+        if key in _NORM_ENTRIES:
+            ok = isinstance(value, list) and all(
+                isinstance(row, list) and len(row) == n_layers and all(map(_finite, row))
+                for row in value
+            )
+        else:
+            ok = isinstance(value, list) and all(map(_finite, value))
+        if not ok:
+            raise bad(f"history.{key} must be a list of finite numbers")
+    for key in (*_EPOCH_ENTRIES, *_VAL_ENTRIES, *_NORM_ENTRIES):
+        n = len(history.get(key, []))
+        if n != epochs and not (n == 0 and key not in _EPOCH_ENTRIES):
+            raise bad(f"history.{key} holds {n} entries for {epochs} finished epoch(s)")
 
 
 def _finite(value: Any) -> bool:
@@ -176,35 +234,44 @@ def _check_meta(meta: dict[str, Any], path: Any) -> None:
     pos, opt = meta["position"], meta["optimizer"]
     for key in ("epoch", "batch", "seen"):
         if not _count(pos.get(key)):
-            raise bad(f"position.{key} must be an int >= 0, got {pos.get(key)!r:.80}")
+            raise bad(f"position.{key} must be an int in [0, 2**53], got {pos.get(key)!r:.80}")
     if not _finite(pos.get("loss_sum")):
         raise bad(f"position.loss_sum must be a finite number, got {pos.get('loss_sum')!r:.80}")
-    if not isinstance(pos.get("rng_state"), dict):
-        raise bad("the checkpoint has no shuffling RNG state")
+    if not _pcg64_state(pos.get("rng_state")):
+        raise bad("position.rng_state is not a PCG64 state (128-bit state and inc)")
     if not _count(opt.get("step")):
-        raise bad(f"optimizer.step must be an int >= 0, got {opt.get('step')!r:.80}")
+        raise bad(f"optimizer.step must be an int in [0, 2**53], got {opt.get('step')!r:.80}")
     if opt.get("kind") != meta["train"].get("optimizer"):
         raise bad(f"optimizer.kind {opt.get('kind')!r:.80} is not the run's optimizer")
     for key, value in meta["counters"].items():
         if not _finite(value) or value < 0:
             raise bad(f"counters.{key} must be a finite number >= 0, got {value!r:.80}")
-    for key, value in meta["history"].items():
-        if not isinstance(value, list):
-            raise bad(f"history.{key} must be a list")
+    _check_history(meta, bad)
+    train = meta["train"]
+    if train.get("backend", "auto") not in ("auto", *BACKEND_NAMES):
+        raise bad(f"train.backend {train.get('backend')!r:.80} is not a backend's name")
+    if not _count(train.get("mpi_ranks", 1)):
+        raise bad(f"train.mpi_ranks must be a count, got {train.get('mpi_ranks')!r:.80}")
     settings = _settings(meta["train"])
     settings.pop("track_gradients", None)
     try:
-        TrainConfig(**settings)
+        config = TrainConfig(**settings)
     except (TypeError, ValueError) as exc:
         raise bad(f"its training settings are invalid ({str(exc)[:200]})") from None
+    if list(config.layers) != list(meta["config"]["layer_sizes"][1:-1]):
+        raise bad(f"train.layers {list(config.layers)!r:.80} are not its model's hidden widths")
+    if not _count(config.batch_size or 0):
+        raise bad(f"train.batch_size must be at most 2**53, got {config.batch_size!r:.80}")
 
 
 # --- resuming --------------------------------------------------------------------------------
 
 
 def _settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resume takes from a checkpoint: never ``download`` (a file must not open
+    network connections that were not asked for)."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)} | {"track_gradients"}
-    out = {k: v for k, v in saved.items() if k in fields}
+    out = {k: v for k, v in saved.items() if k in fields and k != "download"}
     if "layers" in out:
         out["layers"] = tuple(out["layers"])
     return out

@@ -21,6 +21,7 @@ from .errors import (
     BackendUnavailableError,
     DatasetError,
     DatasetNotFoundError,
+    MemoryBudgetError,
     ModelFileError,
     OutputPathError,
 )
@@ -113,6 +114,7 @@ RUN_ERRORS = (
     DatasetError,
     DatasetNotFoundError,
     DistributedError,
+    MemoryBudgetError,
     ModelFileError,
     OutputPathError,
     PlotUnavailableError,

@@ -7,6 +7,7 @@ import argparse
 import sys
 from typing import Any
 
+from ._checks import printable
 from .arguments import add_data_dir_options, show_defaults
 from .backends import BACKEND_NAMES
 from .cli_errors import RUN_ERRORS, command_line_message, wrong_file_hint
@@ -18,11 +19,16 @@ __all__ = ["add_evaluate_parser", "add_predict_parser"]
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import warnings
 
+    from .datasets import input_files
     from .evaluate import evaluate_model
-    from .files import write_json
+    from .files import check_outputs, write_json
     from .model import MLP
 
-    try:
+    try:  # the output is never the model or a data file, and can be written: known now
+        inputs = {"model": args.model, **input_files(args.data_dir)}
+        if args.data is not None:
+            inputs["data"] = args.data
+        check_outputs({"json_path": args.json}, inputs)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model = MLP.load(args.model, backend=args.backend)
@@ -39,15 +45,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         message = command_line_message(exc)
         if isinstance(exc, ModelFileError):
             message = wrong_file_hint(args.model, "model") or message
-        print(f"gpubp evaluate: {message}", file=sys.stderr)
+        print(f"gpubp evaluate: {printable(message, newlines=True)}", file=sys.stderr)
         return 1
     accuracy = "n/a" if record["accuracy"] is None else f"{record['accuracy']:.4f}"
     trained = record["trained_on"] or "an unrecorded dataset"
-    print(
+    line = (  # one line, whatever the file's strings hold: control characters escaped
         f"test accuracy {accuracy} (loss {record['loss']:.4f}) on {record['test_samples']} "
         f"{record['dataset']} test samples | {args.model}: {record['layer_sizes']}, trained on "
         f"{trained} | backend {record['backend']} {record['dtype']}"
     )
+    print(printable(line))
     return 0
 
 
@@ -62,7 +69,7 @@ def _print_warnings(caught: list[Any]) -> None:
             if said_no_preprocessing:
                 continue
             said_no_preprocessing = True
-        print(f"gpubp evaluate: warning: {w.message}", file=sys.stderr)
+        print(f"gpubp evaluate: warning: {printable(str(w.message))}", file=sys.stderr)
 
 
 def add_evaluate_parser(sub: Any) -> None:

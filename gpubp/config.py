@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +154,12 @@ class TrainConfig:
             check_non_negative_number("weight_decay", self.weight_decay)
         check_fraction("val_fraction", self.val_fraction)
         check_int("seed", self.seed)
+        if self.seed < 0:  # numpy's generators take seeds >= 0
+            raise ValueError(f"seed={self.seed!r}: expected an integer >= 0")
+        if self.data_dir is not None and not isinstance(self.data_dir, (str, os.PathLike)):
+            raise ValueError(f"data_dir={self.data_dir!r:.80}: expected a folder's path or None")
+        if not isinstance(self.download, bool):
+            raise ValueError(f"download={self.download!r:.80}: expected True or False")
         self._check_data()
 
     def _check_data(self) -> None:

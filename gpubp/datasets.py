@@ -20,8 +20,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import sys
-import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,16 @@ import numpy as np
 
 from . import files
 from .errors import DatasetError, DatasetNotFoundError
-from .idx import IDX_NAMES, check_idx_arrays, check_idx_split, idx_file, read_idx_in
+from .fetch import fetch
+from .idx import (
+    IDX_NAMES,
+    check_idx_arrays,
+    check_idx_headers,
+    check_idx_split,
+    idx_file,
+    idx_paths,
+    read_idx_in,
+)
 from .preprocessing import pixel_statistics, pixels_to_float32, standardize_in_place
 
 __all__ = [
@@ -41,6 +49,7 @@ __all__ = [
     "cache_dir",
     "download",
     "find_dataset",
+    "input_files",
     "load_dataset",
     "load_digits_dataset",
     "load_idx_dataset",
@@ -91,10 +100,7 @@ DATASETS: dict[str, IdxSource] = {
     "fashion-mnist": IdxSource(
         "fashion-mnist",
         "Fashion-MNIST (Zalando Research, MIT licence)",
-        (
-            "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
-            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-        ),
+        ("https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",),
         (
             "T-shirt/top",
             "Trouser",
@@ -215,6 +221,16 @@ def find_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> P
     return None
 
 
+def input_files(data_dir: str | os.PathLike[str] | None = None) -> dict[str, Path]:
+    """Every IDX file a dataset could be read from (each searched folder of each dataset), by
+    a name for messages: files an output must never overwrite."""
+    found: dict[str, Path] = {}
+    for name in DATASETS:
+        for folder in search_dirs(name, data_dir):
+            found.update({f"{k} in {folder}": p for k, p in idx_paths(folder).items()})
+    return found
+
+
 def _how_to_get(name: str, data_dir: str | os.PathLike[str] | None = None) -> str:
     into = _download_dir(name, data_dir)
     steps = [f"run with --download to fetch the official files into {into}"]
@@ -247,6 +263,7 @@ def load_idx_dataset(
     recorded in ``Dataset.normalization``), converted from the raw pixels in one pass.
     """
     folder = _locate(name, data_dir, download_missing, progress)
+    check_idx_headers(folder)  # sizes, shapes and memory, before any data is read
     arrays = [read_idx_in(folder, stem) for stem in IDX_NAMES]
     check_idx_arrays(folder, arrays, DATASETS[name].classes)
     xtr, ytr, xte, yte = arrays
@@ -276,6 +293,7 @@ def read_test_split(
     as :func:`load_idx_dataset` checks them; only the two test files are read (all four are
     fetched first with ``download_missing`` when absent)."""
     folder = _locate(name, data_dir, download_missing)
+    check_idx_headers(folder, IDX_NAMES[2:])
     images, labels = (read_idx_in(folder, stem) for stem in IDX_NAMES[2:])
     check_idx_split(folder, images, labels, "t10k", DATASETS[name].classes)
     return images.reshape(len(images), -1), labels.astype(np.int64), folder
@@ -423,29 +441,14 @@ def _content_checks(
         yield ("sha256", src.content_sha256[stem], content)
 
 
-def _fetch(url: str, progress: bool) -> bytes:
-    with urllib.request.urlopen(url, timeout=60) as resp:
-        total = int(resp.headers.get("Content-Length") or 0)
-        chunks, done = [], 0
-        while True:
-            chunk = resp.read(1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            done += len(chunk)
-            if progress and total:
-                sys.stderr.write(f"\r  {url.rsplit('/', 1)[-1]}: {done * 100 // total}%")
-        if progress and total:
-            sys.stderr.write("\n")
-        return b"".join(chunks)
-
-
 def download(name: str, dest: str | os.PathLike[str] | None = None, progress: bool = True) -> Path:
     """Fetch ``name``'s four official files into ``dest`` (default: the cache), verified.
 
     Each file is checked against its pinned digests before it is written, then written to a
     temporary name, flushed, fsynced and renamed, so the cache never holds a half-written or
-    unverified file. Mirrors are tried in turn. Returns the folder.
+    unverified file. Mirrors are tried in turn, over https only, each file at most 64 MiB and
+    within 10 minutes (:func:`gpubp.fetch.fetch`). Returns the folder; every failure is a
+    :class:`~gpubp.errors.DatasetNotFoundError` listing what each mirror answered.
     """
     src = DATASETS[name]
     folder = Path(dest) if dest is not None else cache_dir() / name
@@ -457,9 +460,9 @@ def download(name: str, dest: str | os.PathLike[str] | None = None, progress: bo
         errors = []
         for base in src.urls:
             try:
-                data = _fetch(base + filename, progress)
+                data = fetch(base + filename, progress)
                 verify(name, filename, data)
-            except (OSError, DatasetError) as exc:  # URLError is an OSError
+            except (OSError, EOFError, zlib.error, DatasetError) as exc:  # a damaged gzip too
                 errors.append(f"{base}{filename}: {exc}")
                 continue
             files.write_atomic(folder / filename, data)
@@ -482,5 +485,10 @@ def train_val_split(
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     order = np.random.default_rng(seed).permutation(len(x))
     n_val = round(len(x) * val_fraction)
+    if n_val >= len(x):  # a DatasetError is a ValueError
+        raise DatasetError(
+            f"val_fraction={val_fraction!r} (--val-fraction) holds out all {len(x)} training "
+            "samples, leaving none to train on; choose a smaller fraction"
+        )
     val, train = order[:n_val], order[n_val:]
     return x[train], y[train], x[val], y[val]

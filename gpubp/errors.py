@@ -125,6 +125,18 @@ class DeviceOutOfMemoryError(MemoryError):
     batch size that would fit."""
 
 
+class MemoryBudgetError(ValueError, MemoryError):
+    """An input (a file's declared shapes, an option such as ``--batch-size`` or ``--layers``)
+    asks for more memory than this machine can hold; refused before anything is allocated. The
+    message gives the bytes, the limit and how to raise it (``GPUBP_MEMORY_LIMIT``). A
+    :class:`ValueError` (a bad argument) and a :class:`MemoryError`."""
+
+
+class ConcurrentUseError(RuntimeError):
+    """A model is already being trained or updated by another thread; one model takes one
+    training call at a time (use one model per thread)."""
+
+
 class DistributedError(RuntimeError):
     """MPI is missing, or the ranks disagree (parameters out of sync)."""
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import datasets as data
+from ._checks import printable
 from .errors import ModelFileError, NoPreprocessingWarning
 from .model import MLP
 from .preprocessing import Preprocessing
@@ -114,11 +115,16 @@ def evaluate_model(
             f"{where} does not say which dataset it was trained on; pass the dataset to score "
             f"it on (one of {', '.join(data.DATASET_NAMES)})"
         )
-    if dataset is None and name not in ("digits", *data.DATASETS):
+    if dataset is None and model.target is not None and name not in data.DATASET_NAMES:
         raise ModelFileError(
-            f"{where} was trained on your own file ({name}), not on a built-in dataset; score "
-            f"it on a file: gpubp evaluate {where} --data PATH (gpubp.predict.evaluate_file in "
-            "Python)"
+            f"{where} was trained on your own file ({printable(name):.80}), not on a built-in "
+            f"dataset; score it on a file: gpubp evaluate {where} --data PATH "
+            "(gpubp.predict.evaluate_file in Python)"
+        )
+    if name not in data.DATASET_NAMES:  # a model file's string: no path, no arbitrary text
+        raise ModelFileError(
+            f"{where} says it was trained on {name!r:.80}, which is no dataset gpubp knows; "
+            f"pass the dataset to score it on (one of {', '.join(data.DATASET_NAMES)})"
         )
     split = raw_test_split(name, data_dir, download)
     n_features, n_classes = split.x.shape[1], len(split.classes)
@@ -146,7 +152,13 @@ def evaluate_model(
             f"{where}'s label names {list(model.labels)} are not {name}'s {list(split.classes)}",
             stacklevel=2,
         )
-    ev = model.evaluate(split.x, split.y)
+    try:
+        ev = model.evaluate(split.x, split.y)
+    except ValueError as exc:  # e.g. a sigmoid/BCE model, whose targets are not class labels
+        raise ModelFileError(
+            f"{where} ({model.output} outputs, {model.loss} loss) cannot be scored on {name}'s "
+            f"class labels: {exc}"
+        ) from None
     return {
         "dataset": name,
         "test_samples": len(split.y),

@@ -18,7 +18,7 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -31,6 +31,7 @@ __all__ = [
     "check_outputs",
     "open_regular",
     "remove_stale_temps",
+    "same_file",
     "write_atomic",
     "write_json",
 ]
@@ -232,21 +233,59 @@ def check_output_folders(**paths: str | os.PathLike[str] | None) -> None:
             _check_folder(what, path, os.path.abspath(path))
 
 
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same path once links are resolved, or (both
+    existing) the same inode, which a hard link shares."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+#: Bytes the pre-check writes into its probe file: a full disk with inodes left fails now.
+_PROBE_BYTES = 1 << 16
+
+
+def _probe(what: str, path: str | os.PathLike[str], folder: str) -> None:
+    """Create a file in ``folder``, write :data:`_PROBE_BYTES` into it and fsync, remove it."""
+    name = os.path.basename(os.path.abspath(path))
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{name}.", suffix=TMP_SUFFIX, dir=folder)
+    except OSError as exc:
+        raise write_error(
+            path, exc, f"{what} cannot be written there: choose another folder"
+        ) from None
+    try:
+        os.write(fd, bytes(_PROBE_BYTES))
+        os.fsync(fd)
+    except OSError as exc:
+        raise write_error(
+            path, exc, f"{what} cannot be written there: choose another folder"
+        ) from None
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
 def check_outputs(
-    paths: dict[str, str | os.PathLike[str] | None],
-    inputs: dict[str, str | os.PathLike[str] | None] | None = None,
+    paths: Mapping[str, str | os.PathLike[str] | None],
+    inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
 ) -> None:
-    """Check, before a run, that every output can be written.
+    """Check, before a run, that every output can be written and destroys no input.
 
     Parameters
     ----------
     paths : dict
-        Argument name -> output path (None: not written). Each folder must exist and take a
-        new file (a temporary one is created and removed), no path may be a folder, and no two
-        outputs may share a file.
+        Argument name -> output path (None: not written). Each folder (that of the path itself:
+        a link there is replaced, not followed) must exist and take a new file with real bytes
+        in it (a probe file is written, fsynced and removed), no path may be a folder, and no
+        two outputs may share a file.
     inputs : dict, optional
-        Argument name -> a file the run reads (the checkpoint resumed from): no output but
-        ``checkpoint`` may be one of them.
+        Name -> a file the run reads (the checkpoint resumed from, the dataset's files, the
+        model evaluated): no output may be one of them (the same path, through links, or a hard
+        link), except that ``checkpoint`` may be the ``resume`` file it continues.
 
     Raises
     ------
@@ -258,28 +297,31 @@ def check_outputs(
     OutputWriteError
         An output's folder is read-only or full.
     """
-    seen: dict[str, str] = {}
+    seen: dict[str, str | os.PathLike[str]] = {}
     for what, path in paths.items():
         if path is None:
             continue
-        target = os.path.realpath(path)
-        _check_folder(what, path, target)
-        if os.path.isdir(target):
+        where = os.path.abspath(path)  # where the write goes: a link there is replaced
+        _check_folder(what, path, where)
+        if os.path.isdir(where):
             raise OutputPathError(
                 what, path, " is a folder; give a file name inside it", options=OUTPUT_OPTIONS
             )
-        if target in seen:
-            raise OutputPathError(
-                what,
-                path,
-                " is the same file as {other}; one would overwrite the other: give each "
-                "output its own path",
-                other=seen[target],
-                options=OUTPUT_OPTIONS,
-            )
-        seen[target] = what
+        for other, before in seen.items():
+            if same_file(before, path):
+                raise OutputPathError(
+                    what,
+                    path,
+                    " is the same file as {other}; one would overwrite the other: give each "
+                    "output its own path",
+                    other=other,
+                    options=OUTPUT_OPTIONS,
+                )
+        seen[what] = path
         for name, source in (inputs or {}).items():
-            if what != "checkpoint" and source is not None and os.path.realpath(source) == target:
+            if (what, name) == ("checkpoint", "resume") or source is None:
+                continue
+            if same_file(source, path):
                 raise OutputPathError(
                     what,
                     path,
@@ -288,16 +330,7 @@ def check_outputs(
                     other=name,
                     options=OUTPUT_OPTIONS,
                 )
-        try:
-            fd, probe = tempfile.mkstemp(
-                prefix=f".{Path(target).name}.", suffix=TMP_SUFFIX, dir=os.path.dirname(target)
-            )
-        except OSError as exc:
-            raise write_error(
-                path, exc, f"{what} cannot be written there: choose another folder"
-            ) from None
-        os.close(fd)
-        os.unlink(probe)
+        _probe(what, path, os.path.dirname(where))
 
 
 def write_json(path: str | os.PathLike[str], record: dict[str, Any]) -> None:

@@ -18,7 +18,8 @@ from . import plots, reference
 from ._checks import check_positive_int
 from .activations import HIDDEN_ACTIVATIONS
 from .backends import get_backend
-from .files import check_output_folders, write_json
+from .budget import check_network
+from .files import check_output_folders, check_outputs, write_json
 from .loop import EpochEnd, EpochLoop
 from .model import MLP
 from .optim import make_optimizer
@@ -87,6 +88,11 @@ def gradflow(
     Returns ``{activation: {"delta", "dW", "delta_init", "dW_init"}}``, lists from layer 1.
     """
     _check_arguments(activations, depth, width, steps, plot_path, json_path)
+    outputs = {"plot_path": plot_path, "json_path": json_path}
+    check_outputs(outputs, data.input_files(data_dir))  # writable, and no dataset file
+    check_positive_int("batch_size", batch_size)
+    fix = "choose a smaller depth or width (--depth, --width)"  # 784 inputs at most, 10 classes
+    check_network([784, *([width] * depth), 10], 4, min(batch_size, 60_000), 0, fix)
     be = get_backend(backend, threads=threads)
     ds = data.load_dataset(dataset, data_dir, download, seed, progress)
     log(f"dataset: {ds.describe()}")

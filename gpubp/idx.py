@@ -10,6 +10,7 @@ folder (:data:`IDX_NAMES`), each gzipped (``train-images-idx3-ubyte.gz``) or not
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -18,15 +19,19 @@ from typing import Any
 import numpy as np
 
 from . import files
+from .budget import check_memory
 from .errors import DatasetError
 
 __all__ = [
     "IDX_MAX_DIMS",
     "IDX_NAMES",
     "check_idx_arrays",
+    "check_idx_headers",
     "check_idx_split",
     "idx_file",
+    "idx_paths",
     "read_idx",
+    "read_idx_header",
     "read_idx_in",
 ]
 
@@ -104,6 +109,22 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def _parse_idx(path: Path, stream: Any) -> np.ndarray:
+    shape, dtype = _parse_header(path, stream)
+    nbytes = dtype.itemsize
+    for n in shape:  # Python ints: no overflow, however large the declared sizes
+        nbytes *= n
+    body = _read_up_to(stream, nbytes + 1)  # one byte more shows a file longer than declared
+    if len(body) != nbytes:
+        what = "truncated" if len(body) < nbytes else "longer than its header says"
+        raise DatasetError(
+            f"{path}: {what}: the header declares shape {shape} ({nbytes} bytes of data) but the "
+            f"file holds {'more' if len(body) > nbytes else len(body)}; delete it and fetch it "
+            "again"
+        )
+    return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _parse_header(path: Path, stream: Any) -> tuple[tuple[int, ...], np.dtype[Any]]:
     head = _read_up_to(stream, 4)
     if len(head) < 4 or head[0] != 0 or head[1] != 0:
         raise DatasetError(
@@ -120,21 +141,72 @@ def _parse_idx(path: Path, stream: Any) -> np.ndarray:
     if len(dims) < 4 * ndim:
         raise DatasetError(f"{path}: truncated in its header ({4 + len(dims)} bytes)")
     shape = tuple(int.from_bytes(dims[4 * i : 4 * i + 4], "big") for i in range(ndim))
-    if shape[0] == 0:
-        raise DatasetError(f"{path}: holds no samples (its header declares shape {shape})")
-    dtype = np.dtype(_IDX_TYPES[code])
-    nbytes = dtype.itemsize
-    for n in shape:  # Python ints: no overflow, however large the declared sizes
-        nbytes *= n
-    body = _read_up_to(stream, nbytes + 1)  # one byte more shows a file longer than declared
-    if len(body) != nbytes:
-        what = "truncated" if len(body) < nbytes else "longer than its header says"
+    if 0 in shape:
         raise DatasetError(
-            f"{path}: {what}: the header declares shape {shape} ({nbytes} bytes of data) but the "
-            f"file holds {'more' if len(body) > nbytes else len(body)}; delete it and fetch it "
-            "again"
+            f"{path}: its header declares shape {shape}; every size must be at least 1 (no "
+            "samples, or samples of no pixels)"
         )
-    return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    return shape, np.dtype(_IDX_TYPES[code])
+
+
+def read_idx_header(path: str | os.PathLike[str]) -> tuple[tuple[int, ...], np.dtype[Any], int]:
+    """``(shape, dtype, data bytes)`` an IDX file's header declares, checked against the file's
+    size (exactly, or for a gzip stream against deflate's most, about 1032:1) without reading
+    its data. :class:`~gpubp.errors.DatasetError` naming the file otherwise."""
+    path = Path(path)
+    with files.open_regular(path, DatasetError) as raw:
+        size = os.fstat(raw.fileno()).st_size
+        try:
+            gzipped = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            shape, dtype = _parse_header(path, gzip.GzipFile(fileobj=raw) if gzipped else raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DatasetError(
+                f"{path}: the gzip stream is damaged ({exc}); delete the file and fetch it again"
+            ) from None
+    nbytes = dtype.itemsize * math.prod(shape)
+    header = 4 + 4 * len(shape)
+    if (not gzipped and size != header + nbytes) or (gzipped and nbytes > 1032 * size + 1024):
+        raise DatasetError(
+            f"{path}: its header declares shape {shape} ({nbytes} bytes of data), which a file "
+            f"of {size} bytes{' (gzipped)' if gzipped else ''} cannot hold; delete it and fetch "
+            "it again"
+        )
+    return shape, dtype, nbytes
+
+
+def check_idx_headers(folder: Path, stems: tuple[str, ...] = IDX_NAMES) -> None:
+    """Check the headers of ``folder``'s IDX files ``stems`` (images and labels in pairs, as in
+    :data:`IDX_NAMES`) against their sizes, against each other (``(N, rows, cols)`` images and
+    ``(N,)`` labels, the same ``rows x cols`` in every split) and their data against the memory
+    budget (:func:`gpubp.budget.check_memory`), before any data is read."""
+    heads = {}
+    for stem in stems:
+        path = idx_file(folder, stem)
+        if path is None:
+            raise DatasetError(f"{folder}: no {stem} (gzipped or not)")
+        heads[stem] = read_idx_header(path)
+    sizes = set()
+    for images, labels in zip(stems[::2], stems[1::2]):
+        x, y = heads[images][0], heads[labels][0]
+        if len(x) != 3 or len(y) != 1 or x[0] != y[0]:
+            raise DatasetError(
+                f"{folder}: {images} declares {x} and {labels} {y}: they do not match "
+                "(expected images (N, rows, cols) and labels (N,) of the same N)"
+            )
+        sizes.add(x[1:])
+    if len(sizes) > 1:
+        raise DatasetError(
+            f"{folder}: the splits' images have different sizes {sorted(sizes)}; both splits "
+            "must have the same size (rows x cols)"
+        )
+    data = sum(h[2] for h in heads.values())
+    pixels = sum(math.prod(heads[s][0]) for s in stems[::2])
+    check_memory(  # the data as read, and its float32 features
+        data + 4 * pixels,
+        f"{folder}: its IDX files ({data} bytes of data declared)",
+        error=DatasetError,
+    )
 
 
 def check_idx_split(
@@ -149,8 +221,13 @@ def check_idx_split(
             f"{folder}: {split} images {x.shape} and labels {y.shape} do not match (expected "
             "images (N, rows, cols) and labels (N,))"
         )
-    if x.dtype.kind == "f" and not np.isfinite(x).all():
-        raise DatasetError(f"{folder}: {split} images hold NaN or infinite pixels")
+    if x.size == 0:
+        raise DatasetError(f"{folder}: {split} images {x.shape} hold no pixels")
+    if x.dtype.kind == "f" and not (np.abs(x) <= np.finfo(np.float32).max).all():
+        raise DatasetError(
+            f"{folder}: {split} images hold NaN, infinite or out-of-range pixels (beyond "
+            "float32's 3.4e38)"
+        )
     if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.floor(y)).all()):
         raise DatasetError(
             f"{folder}: {split} labels are not all whole numbers; expected class indices "
@@ -184,6 +261,13 @@ def idx_file(folder: Path, stem: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def idx_paths(folder: Path) -> dict[str, Path]:
+    """The IDX files of a dataset in ``folder``, by a name for messages (``dataset's
+    train-images-idx3-ubyte.gz``): the inputs no output may overwrite."""
+    found = [folder / f"{stem}{gz}" for stem in IDX_NAMES for gz in (".gz", "")]
+    return {f"dataset's {p.name}": p for p in found if p.is_file()}
 
 
 def read_idx_in(folder: Path, stem: str) -> np.ndarray:

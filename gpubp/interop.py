@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .activations import LEAKY_SLOPE
+from .budget import check_network
 from .preprocessing import Preprocessing
 
 __all__ = ["TorchNetwork", "import_torch", "read_sequential", "to_sequential"]
@@ -63,6 +64,10 @@ def to_sequential(
     """
     torch = import_torch()
     nn = torch.nn
+    try:  # a bad device is named now, as gpubp's error, before anything is built
+        target = None if device is None else torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"device={device!r:.80} is not a torch device ({exc})") from None
     tdtype = torch.float32 if weights[0].dtype == np.float32 else torch.float64
     weights, biases = list(weights), list(biases)
     if preprocessing is not None:
@@ -81,7 +86,10 @@ def to_sequential(
         elif output != "identity":
             layers.append(_activation_module(nn, output))
     seq = nn.Sequential(*layers)
-    return seq if device is None else seq.to(device)
+    try:
+        return seq if target is None else seq.to(target)
+    except (RuntimeError, AssertionError) as exc:  # e.g. cuda in a CPU-only PyTorch
+        raise ValueError(f"device={device!r:.80} cannot be used here ({exc})") from None
 
 
 _READS = (
@@ -227,6 +235,10 @@ def read_sequential(seq: Any, loss: str | None = None, dtype: str | None = None)
     # (BCEWithLogitsLoss): the loss asked for brings its output activation
     output = acts[-1] or _LOSS_OUTPUT.get(loss or "", "identity")
     _check_layers(linears, hidden)
+    sizes = [linears[0].in_features, *(lin.out_features for lin in linears)]
+    check_network(sizes, 8)  # before a weight is read or copied
+    if any(p.is_meta for lin in linears for p in lin.parameters()):
+        raise ValueError("seq holds parameters on the meta device, which hold no values")
     dtypes = {str(lin.weight.dtype).removeprefix("torch.") for lin in linears}
     if dtype is None:
         if len(dtypes) != 1 or not dtypes <= {"float32", "float64"}:
@@ -238,7 +250,7 @@ def read_sequential(seq: Any, loss: str | None = None, dtype: str | None = None)
     if loss is None:
         loss = {"softmax": "cross_entropy", "sigmoid": "binary_cross_entropy"}.get(output, "mse")
     return TorchNetwork(
-        layer_sizes=[linears[0].in_features, *(lin.out_features for lin in linears)],
+        layer_sizes=sizes,
         activation=hidden[0] if hidden else "relu",
         output=output,
         loss=loss,

@@ -26,12 +26,14 @@ from typing import Any
 import numpy as np
 
 from .backends import Backend
+from .errors import ConcurrentUseError
 
 __all__ = [
     "BatchGather",
     "EpochEnd",
     "EpochLoop",
     "LossSum",
+    "OneCaller",
     "Position",
     "Progress",
     "StopRequest",
@@ -56,13 +58,14 @@ def _kernels_cached(name: str) -> bool:
 class BatchGather:
     """A batch's rows, ``(X[idx], Y[idx])``, gathered into buffers reused from step to step.
 
-    ``X`` is ``(N, n_0)`` and ``Y`` ``(N,)`` or ``(N, n_L)``; ``idx`` holds ``B <= batch_size``
-    row indices in ``[0, N)``. For NumPy arrays (the CPU backends) the rows are copied with
-    ``np.take(..., out=)`` into one ``(batch_size, ...)`` buffer per array, allocated on first
-    use, and the batch is its first ``B`` rows: no allocation and no fresh pages per step, where
-    ``X[idx]`` allocates ``B * n_0`` new values every step. The returned arrays are views of the
-    buffers, overwritten by the next call: a step must be done with them (the CPU backends are
-    synchronous) before the next batch is gathered. Arrays on a device are indexed as
+    ``X`` is ``(N, n_0)`` and ``Y`` ``(N,)`` or ``(N, n_L)``; ``idx`` holds
+    ``B <= min(batch_size, N)`` row indices in ``[0, N)``. For NumPy arrays (the CPU backends)
+    the rows are copied with ``np.take(..., out=)`` into one ``(min(batch_size, N), ...)``
+    buffer per array (a batch size beyond the data costs no more than the data), allocated on
+    first use, and the batch is its first ``B`` rows: no allocation and no fresh pages per
+    step, where ``X[idx]`` allocates ``B * n_0`` new values every step. The returned arrays are
+    views of the buffers, overwritten by the next call: a step must be done with them (the CPU
+    backends are synchronous) before the next batch is gathered. Arrays on a device are indexed as
     ``X[idx]`` there (the gather is one queued kernel; the host waits for nothing).
     """
 
@@ -72,7 +75,8 @@ class BatchGather:
                 f"X has {X.shape[0]} rows and Y {Y.shape[0]}; expected one target row per "
                 "sample of X"
             )
-        self.X, self.Y, self.batch_size = X, Y, int(batch_size)
+        self.X, self.Y = X, Y
+        self.batch_size = min(int(batch_size), int(X.shape[0]))  # no more rows than there are
         self.host = isinstance(X, np.ndarray) and isinstance(Y, np.ndarray)
         self._bufs: tuple[np.ndarray, np.ndarray] | None = None
         self._checked: np.ndarray | None = None  # the last order whose bounds were checked
@@ -119,6 +123,48 @@ class BatchGather:
             )
         if base is not None:
             self._checked = base  # kept alive here, so its identity cannot be reused
+
+
+class OneCaller:
+    """One thread at a time in an object's mutating calls: a second thread is refused at once
+    with :class:`~gpubp.errors.ConcurrentUseError` (never blocked, never interleaved: two
+    threads updating the same parameters in place would mix their updates, NaN included). The
+    thread inside may call in again (``fit`` runs ``step``). Pickles as a fresh, free guard.
+    ``with guard("fit"):`` holds it; a per-step caller may use :attr:`lock` and
+    :meth:`refusal` inline."""
+
+    def __init__(self, what: str = "model") -> None:
+        self.what = what
+        self.lock = threading.RLock()  # reentrant: the holder may call in again
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.what,))
+
+    def __call__(self, call: str) -> _Held:
+        return _Held(self, call)
+
+    def refusal(self, call: str) -> ConcurrentUseError:
+        return ConcurrentUseError(
+            f"{call}: this {self.what} is being trained or updated by another thread; one "
+            f"{self.what} takes one fit, train_step or set_parameters at a time: wait for "
+            "that call to return, or give each thread its own model"
+        )
+
+
+class _Held:
+    """``with guard(call):``: the guard's lock held inside, or the refusal raised."""
+
+    __slots__ = ("call", "guard")
+
+    def __init__(self, guard: OneCaller, call: str) -> None:
+        self.guard, self.call = guard, call
+
+    def __enter__(self) -> None:
+        if not self.guard.lock.acquire(blocking=False):
+            raise self.guard.refusal(self.call)
+
+    def __exit__(self, *exc: object) -> None:
+        self.guard.lock.release()
 
 
 class LossSum:

@@ -16,10 +16,11 @@ from . import activations as act
 from . import interop, modelfile
 from ._checks import check_int, check_positive_int
 from .backends import Backend, get_backend, to_numpy
+from .budget import check_network
 from .errors import ModelFileError
-from .loop import BatchGather, EpochEnd, EpochLoop
+from .loop import BatchGather, EpochEnd, EpochLoop, OneCaller
 from .losses import check_combination, is_classifier
-from .model_inputs import InputChecks
+from .model_inputs import InputChecks, check_dtype
 from .optim import Adam, Optimizer
 from .preprocessing import Preprocessing
 
@@ -33,17 +34,6 @@ def _check_optimizer(optimizer: object) -> Optimizer:
             f"{type(optimizer).__name__}"
         )
     return optimizer
-
-
-def _check_dtype(dtype: object) -> np.dtype[Any]:
-    try:
-        # None would mean float64 to NumPy; here it is a mistake, not a choice
-        dt = None if dtype is None else np.dtype(dtype)  # type: ignore[call-overload]
-    except TypeError:
-        dt = None
-    if dt is None or dt.name not in ("float32", "float64"):
-        raise ValueError(f"dtype={dtype!r} is not supported; expected 'float32' or 'float64'")
-    return dt
 
 
 class MLP(InputChecks):
@@ -76,6 +66,10 @@ class MLP(InputChecks):
     ``a^l = f(a^{l-1} @ W^l.T + b^l)`` on batches ``(B, n)``; losses are means over the batch.
     Inputs may be NumPy arrays, nested lists, or any DLPack array (PyTorch, JAX, CuPy): read
     without a copy where they live on the backend's device (:mod:`gpubp.dlpack`).
+
+    One thread at a time may train or update a model (:meth:`fit`, :meth:`train_step`,
+    :meth:`set_parameters`): a second is refused with
+    :class:`~gpubp.errors.ConcurrentUseError`; give each thread its own model.
     """
 
     def __init__(
@@ -103,9 +97,11 @@ class MLP(InputChecks):
                 "always 1); for a yes/no label use output='sigmoid', "
                 "loss='binary_cross_entropy'"
             )
-        self.dtype = _check_dtype(dtype)
+        self.dtype = check_dtype(dtype)
         self.seed = check_int("seed", seed, allow_none=True)
+        check_network(self.layer_sizes, self.dtype.itemsize)  # before any of it is allocated
         self.backend = get_backend(backend)
+        self._busy = OneCaller()  # one thread at a time in fit, step and set_parameters
         self._rng = np.random.default_rng(seed)
         weights, biases = self._initial_parameters(np.random.default_rng(seed))
         self._W = [self.backend.asarray(w, self.dtype) for w in weights]
@@ -289,7 +285,8 @@ class MLP(InputChecks):
         _check_optimizer(optimizer)
         x = self.prepare_x(x)
         y = self.check_y(y, x.shape[0])
-        return float(self.step(x, y, optimizer))
+        with self._busy("train_step"):
+            return float(self.step(x, y, optimizer))
 
     @property
     def parameters(self) -> tuple[list[Any], list[Any]]:
@@ -310,10 +307,16 @@ class MLP(InputChecks):
         Returns the loss as the backend gives it, unread: on a GPU a device scalar, so a loop of
         steps never waits for the device (read it with ``float`` or :class:`gpubp.loop.LossSum`).
         """
-        state = optimizer.bind(self, self.backend, self.parameter_shapes, self.dtype)
-        value, _, _, _ = self.backend.train_step(
-            self._W, self._b, x, y, self.activation, self.output, self.loss, optimizer, state
-        )
+        busy = self._busy.lock  # held inline: this runs once per training step
+        if not busy.acquire(blocking=False):
+            raise self._busy.refusal("step")
+        try:
+            state = optimizer.bind(self, self.backend, self.parameter_shapes, self.dtype)
+            value, _, _, _ = self.backend.train_step(
+                self._W, self._b, x, y, self.activation, self.output, self.loss, optimizer, state
+            )
+        finally:
+            busy.release()
         return value
 
     def fit(
@@ -371,12 +374,16 @@ class MLP(InputChecks):
             progress=progress,
             echo=_print if progress else None,
         )
-        gather = BatchGather(X, y, batch_size)  # reused buffers, no allocation per step
-        loop.run(
-            lambda idx: self.step(*gather(idx), optimizer),
-            lambda: self._rng.permutation(N) if shuffle else np.arange(N),
-            end_epoch,
+        check_network(
+            self.layer_sizes, self.dtype.itemsize, min(batch_size, N), len(optimizer.slots)
         )
+        gather = BatchGather(X, y, batch_size)  # min(batch_size, N) rows, reused every step
+        with self._busy("fit"):  # held for the whole fit: no other thread's step in between
+            loop.run(
+                lambda idx: self.step(*gather(idx), optimizer),
+                lambda: self._rng.permutation(N) if shuffle else np.arange(N),
+                end_epoch,
+            )
         return history
 
     # --- parameters -------------------------------------------------------------------------
@@ -407,12 +414,12 @@ class MLP(InputChecks):
                 if tuple(arr.shape) != shape:
                     raise ValueError(
                         f"{kind}[{i}] has shape {tuple(arr.shape)}; expected {shape} for "
-                        f"layer_sizes "
-                        f"{list(self.layer_sizes)}"
+                        f"layer_sizes {list(self.layer_sizes)}"
                     )
                 arr = self._cast_finite(arr, f"{kind}[{i}]", "pass finite parameters")
                 out.append(self.backend.asarray(arr).copy())
-        self._W, self._b = new_W, new_b
+        with self._busy("set_parameters"):
+            self._W, self._b = new_W, new_b
 
     # --- files ------------------------------------------------------------------------------
 

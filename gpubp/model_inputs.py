@@ -14,7 +14,19 @@ from . import dlpack
 from .backends import Backend, to_numpy
 from .preprocessing import Preprocessing
 
-__all__ = ["InputChecks"]
+__all__ = ["InputChecks", "check_dtype"]
+
+
+def check_dtype(dtype: object) -> np.dtype[Any]:
+    """``dtype`` as a NumPy dtype: float32 or float64, else :class:`ValueError`."""
+    try:
+        # None would mean float64 to NumPy; here it is a mistake, not a choice
+        dt = None if dtype is None else np.dtype(dtype)  # type: ignore[call-overload]
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in ("float32", "float64"):
+        raise ValueError(f"dtype={dtype!r} is not supported; expected 'float32' or 'float64'")
+    return dt
 
 
 class InputChecks:

@@ -200,15 +200,21 @@ class Optimizer:
         backend: Any,
         shapes: list[tuple[int, ...]],
         dtype: Any,
+        *,
+        check_values: bool = True,
     ) -> None:
         """Restore state written by :meth:`state_dict` for ``owner``'s parameters.
 
-        Everything is checked (step count, every slot and every shape) before anything is
-        replaced, so a bad ``saved`` leaves this optimizer as it was.
+        Everything is checked (step count ``<= 2**53``, every slot and every shape, and with
+        ``check_values`` every value finite and ``exp_avg_sq >= 0``, the invariants each update
+        relies on) before anything is replaced, so a bad ``saved`` leaves this optimizer as it
+        was. ``check_values=False`` is for tests that load out-of-range state on purpose.
         """
         step = saved.get("step")
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"saved optimizer state: step must be an int >= 0, got {step!r}")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step:
+            raise ValueError(f"saved optimizer state: step must be an int >= 0, got {step!r:.80}")
+        if step > 2**53:  # beta ** step must stay a float: b2 ** 10**400 overflows
+            raise ValueError("saved optimizer state: step must be at most 2**53")
         arrays: dict[str, list[np.ndarray]] = {}
         if step > 0:
             for slot in self.slots:
@@ -224,7 +230,10 @@ class Optimizer:
                             f"saved optimizer state: {slot}[{i}] has shape {np.shape(arr)}; "
                             f"expected {tuple(shape)}"
                         )
-                arrays[slot] = [np.asarray(a) for a in got]
+                arrays[slot] = [
+                    _checked_slot(slot, i, a) if check_values else np.asarray(a)
+                    for i, a in enumerate(got)
+                ]
         self.reset()
         if step == 0:
             return
@@ -245,6 +254,19 @@ class Optimizer:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
         return f"{type(self).__name__}({args})"
+
+
+def _checked_slot(slot: str, i: int, value: Any) -> np.ndarray:
+    """A saved state array as NumPy, refused unless real and finite, and for ``exp_avg_sq`` (a
+    mean of squares, whose square root the update takes) ``>= 0``: what every update assumes."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "fiu" or not np.isfinite(arr).all():
+        raise ValueError(f"saved optimizer state: {slot}[{i}] must hold finite real numbers")
+    if slot == "exp_avg_sq" and not (arr >= 0).all():
+        raise ValueError(
+            f"saved optimizer state: {slot}[{i}] holds negative values; a mean of squares is >= 0"
+        )
+    return arr
 
 
 class SGD(Optimizer):

@@ -24,12 +24,14 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import datasets as data
 from .backends import backend_label, backend_status, get_backend
+from .budget import check_network
 from .checkpoint import (
     Checkpoint,
     check_position,
@@ -50,7 +52,9 @@ from .distributed import DataParallel
 from .errors import CheckpointError, CheckpointMismatchError, OutputWriteError
 from .evaluate import dataset_preprocessing, raw_test_split
 from .filedata import take_on_file_data
+from .files import check_outputs
 from .gradflow import PROBE_SAMPLES, gradflow, gradient_norms
+from .idx import idx_paths
 from .loop import BatchGather, EpochEnd, EpochLoop, Position, StopRequest
 from .model import MLP
 from .outputs import TrainResult, final_line, write_outputs
@@ -107,8 +111,13 @@ class _Run:
         self.track_gradients, self.checkpoint = track_gradients, checkpoint
         x_tr, y_tr, x_val, y_val = split
         regression = ds.file is not None and ds.file.task == "regression"
+        sizes = [ds.n_features, *config.layers, 1 if regression else ds.n_classes]
+        batch = min(config.batch_size or DEFAULT_BATCH, len(x_tr))
+        fix = "choose smaller layers (--layers) or batch_size (--batch-size)"
+        slots = len(config.make_optimizer().slots)
+        check_network(sizes, np.dtype(config.dtype).itemsize, batch, slots, fix)
         self.model = model = MLP(  # a regression: one identity output and MSE
-            [ds.n_features, *config.layers, 1 if regression else ds.n_classes],
+            sizes,
             activation=config.activation,
             output="identity" if regression else "softmax",
             loss="mse" if regression else "cross_entropy",
@@ -440,7 +449,11 @@ def train(
     if ckpt is not None:  # the settings first, before any data is read; the widths after
         check_resume_settings(ckpt, config, track_gradients, override)
     get_backend(config.backend)  # one that cannot run here is refused before the data is read
+    files = {"data": config.data, "test_data": config.test_data}
+    check_outputs(outputs, {"resume": resume, **{k: v for k, v in files.items() if v}})
     ds, config, split = load_data(config, ckpt, progress, log)
+    if ds.name in data.DATASETS:  # its files are inputs: no output may overwrite one
+        check_outputs(outputs, {"resume": resume, **idx_paths(Path(ds.source))})
     run = _Run(config, ds, split, track_gradients, outputs["checkpoint"], log, comm)
     if ckpt is not None:
         run.resume_from(ckpt, override)

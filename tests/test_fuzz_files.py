@@ -256,6 +256,69 @@ def test_a_zip_bomb_is_refused(tmp_path, kind):
 
 
 @pytest.mark.parametrize(
+    ("method", "name"), [(zipfile.ZIP_BZIP2, "bzip2"), (zipfile.ZIP_LZMA, "LZMA")]
+)
+def test_bzip2_and_lzma_members_are_refused_unread(tmp_path, kind, method, name):
+    """zipfile inflates a whole bzip2 or LZMA chunk at once, with no cap: refused by method."""
+    data, loader, error = kind
+    assert name in refused(tmp_path, rezip(members(data), method), loader, error)
+
+
+def with_deflated_zeros(meta: dict[str, Any], shape: tuple[int, ...]) -> bytes:
+    """An archive of ``meta`` and ``W0.npy``: a float64 header of ``shape`` and zeros,
+    deflated as they are written (never all in memory)."""
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        head, {"descr": "<f8", "fortran_order": False, "shape": shape}
+    )
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("meta.npy", npy(np.frombuffer(json.dumps(meta).encode(), np.uint8)))
+        with zf.open("W0.npy", "w", force_zip64=True) as out:
+            out.write(head.getvalue())
+            zeros = bytes(1 << 20)
+            for _ in range(8 * int(np.prod(shape)) >> 20):
+                out.write(zeros)
+    return buf.getvalue()
+
+
+def test_a_model_beyond_the_memory_budget_is_refused_before_it_is_read(tmp_path, kind, monkeypatch):
+    """A 16 MiB W0 (deflated to 16 KiB) under a 24 MiB budget: refused, with the number and
+    how to raise the limit, before the member is inflated; under 64 MiB it is read."""
+    data, loader, error = kind
+    meta = meta_of(data)
+    meta["config"]["layer_sizes"] = [8, 1 << 18, 3]
+    if "train" in meta:
+        meta["train"]["layers"] = [1 << 18]
+    blob = with_deflated_zeros(meta, (1 << 18, 8))
+    monkeypatch.setenv("GPUBP_MEMORY_LIMIT", "24M")
+    tracemalloc.start()
+    try:
+        message = refused(tmp_path, blob, loader, error)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "GPUBP_MEMORY_LIMIT=" in message and peak < 8 << 20, message
+    monkeypatch.setenv("GPUBP_MEMORY_LIMIT", "64M")  # within the budget: read, then found
+    assert "missing the parameter arrays" in refused(tmp_path, blob, loader, error)  # incomplete
+
+
+def test_oversized_metadata_is_refused_before_it_is_parsed(tmp_path, kind):
+    """9 MiB of JSON (valid, mostly spaces; deflated to 9 KiB): refused by its declared size."""
+    data, loader, error = kind
+    raw = json.dumps(meta_of(data)).encode() + b" " * (9 << 20)
+    parts = members(data)
+    parts["meta.npy"] = npy(np.frombuffer(raw, np.uint8))
+    tracemalloc.start()
+    try:
+        message = refused(tmp_path, rezip(parts, zipfile.ZIP_DEFLATED), loader, error)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "meta" in message and peak < 4 << 20
+
+
+@pytest.mark.parametrize(
     ("dtype", "what"),
     [
         (np.int64, "int64"),
@@ -294,6 +357,8 @@ def test_non_finite_parameters_are_refused(tmp_path, kind, member, value):
         ("sub/W0.npy", npy(np.zeros((5, 7), np.float32))),
         ("meta.npy", npy(np.zeros(3, np.float32))),
         ("meta.npy", npy(np.zeros((2, 2), np.uint8))),
+        ("meta.npy", npy(header={"descr": "|u1", "fortran_order": False, "shape": (True,)})),
+        ("b0.npy", npy(header={"descr": "<f4", "fortran_order": False, "shape": (True, 5)})),
     ],
 )
 def test_wrong_members_are_refused(tmp_path, kind, member, blob):
@@ -355,6 +420,15 @@ def test_optional_preprocessing_members_are_read(tmp_path):
 # --- checkpoint fields -----------------------------------------------------------------------
 
 
+def pcg64_state(**change: Any) -> dict[str, Any]:
+    """A valid PCG64 state with ``change`` applied (``state`` and ``inc`` inside ``state``)."""
+    out = dict(np.random.default_rng([0, 1]).bit_generator.state)
+    out["state"] = dict(out["state"])
+    for key, value in change.items():
+        (out["state"] if key in ("state", "inc") else out)[key] = value
+    return out
+
+
 @pytest.mark.parametrize(
     ("section", "key", "value"),
     [
@@ -378,6 +452,27 @@ def test_optional_preprocessing_members_are_read(tmp_path):
         ("train", "optimizer", "rmsprop"),
         (None, "train", []),
         (None, "position", None),
+        ("position", "rng_state", pcg64_state(state=2**200)),
+        ("position", "rng_state", pcg64_state(inc=-5)),
+        ("position", "rng_state", pcg64_state(state=10**1000)),
+        ("position", "rng_state", pcg64_state(has_uint32=True)),
+        ("position", "rng_state", pcg64_state(uinteger=2**32)),
+        ("position", "rng_state", pcg64_state(bit_generator="MT19937")),
+        ("position", "seen", 10**400),
+        ("optimizer", "step", 10**400),
+        ("optimizer", "step", 2**53 + 1),
+        ("train", "seed", -1),
+        ("train", "data_dir", 5),
+        ("train", "data_dir", ["a"]),
+        ("train", "layers", [10**9]),  # not the model's hidden widths
+        ("train", "batch_size", 10**16),
+        ("history", "loss", [1.0]),  # an entry for an epoch that never finished
+        ("history", "epoch", ["one"]),
+        ("history", "seconds", [None]),
+        ("history", "delta_norm", [[1.0]]),
+        ("history", "surprise", []),
+        ("train", "backend", "\x1b[2Jnumpy"),
+        ("train", "mpi_ranks", -2),
     ],
 )
 def test_checkpoint_fields_of_the_wrong_type_are_refused(tmp_path, section, key, value):
@@ -390,7 +485,7 @@ def test_checkpoint_fields_of_the_wrong_type_are_refused(tmp_path, section, key,
     refused(tmp_path, with_meta(data, meta), load_checkpoint, CheckpointError)
 
 
-@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -1e-30])
 def test_non_finite_optimizer_state_is_refused(tmp_path, value):
     parts = members(checkpoint_bytes(tmp_path))
     arr = np.load(io.BytesIO(parts["opt_exp_avg_sq_2.npy"]))
@@ -578,3 +673,105 @@ def test_idx_random_headers_and_bodies(tmp_path_factory, code, dims, body, gz):
         assert str(path) in str(exc)
         return
     assert arr.shape == tuple(dims) and arr.nbytes == len(body)
+
+
+# --- IDX datasets: headers checked together before any data is read ---------------------------
+
+
+def idx_head(code: int, shape: tuple[int, ...]) -> bytes:
+    return struct.pack(">BBBB", 0, 0, code, len(shape)) + b"".join(
+        struct.pack(">I", n) for n in shape
+    )
+
+
+@pytest.fixture(scope="module")
+def big_images_gz() -> bytes:
+    """Train images declaring (100000, 28, 28): 78 MB of zero pixels gzipped to about 80 KB."""
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1) as gz:
+        gz.write(idx_head(0x08, (100_000, 28, 28)))
+        zeros = bytes(28 * 28 * 1000)
+        for _ in range(100):
+            gz.write(zeros)
+    return out.getvalue()
+
+
+def idx_folder(tmp_path: Path, rng: Any, **replace: bytes) -> Path:
+    """A small MNIST-layout folder (gzipped files), some files replaced by ``replace``."""
+    from .idx_files import write_fake_idx_dataset
+
+    folder = tmp_path / "mnist"
+    write_fake_idx_dataset(folder, rng, n_train=30, n_test=10)
+    for stem, blob in replace.items():
+        (folder / f"{stem.replace('_', '-')}.gz").write_bytes(gzip.compress(blob, 1))
+    return folder
+
+
+def dataset_refused(folder: Path, limit: str | None = None) -> tuple[str, int]:
+    """Load ``folder`` as MNIST: exactly DatasetError; its message and the traced peak."""
+    from gpubp import datasets
+
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    tracemalloc.start()
+    try:
+        with pytest.raises(Exception) as info:
+            datasets.load_dataset("mnist", data_dir=folder.parent)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert type(info.value) is DatasetError, f"{type(info.value).__name__}: {info.value}"
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    return str(info.value), peak
+
+
+def test_idx_images_and_labels_that_disagree_are_refused_unread(tmp_path, rng, big_images_gz):
+    folder = idx_folder(tmp_path, rng)
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(big_images_gz)
+    message, peak = dataset_refused(folder)
+    assert "do not match" in message and peak < 4 << 20
+
+
+def test_idx_data_beyond_the_memory_budget_is_refused_unread(
+    tmp_path, rng, big_images_gz, monkeypatch
+):
+    labels = idx_head(0x08, (100_000,)) + bytes(100_000)
+    folder = idx_folder(tmp_path, rng, train_labels_idx1_ubyte=labels)
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(big_images_gz)
+    monkeypatch.setenv("GPUBP_MEMORY_LIMIT", "64M")
+    message, peak = dataset_refused(folder)
+    assert "GPUBP_MEMORY_LIMIT=" in message and str(folder) in message and peak < 4 << 20
+
+
+def test_idx_sizes_a_file_cannot_hold_are_refused_unread(tmp_path, rng):
+    """(4000000, 28, 28) declared by a 2 KB gzip file (labels to match): beyond deflate's most."""
+    images = idx_head(0x08, (4_000_000, 28, 28)) + bytes(1 << 20)
+    labels = idx_head(0x08, (4_000_000,)) + bytes(1 << 16)
+    folder = idx_folder(
+        tmp_path, rng, train_images_idx3_ubyte=images, train_labels_idx1_ubyte=labels
+    )
+    message, peak = dataset_refused(folder)
+    assert "cannot hold" in message and peak < 4 << 20
+
+
+@pytest.mark.parametrize(
+    ("images", "words"),
+    [
+        (idx_head(0x08, (30, 0, 28)), "at least 1"),  # zero-width images
+        (idx_head(0x0E, (30, 28, 28)) + np.full(30 * 784, 1e308, ">f8").tobytes(), "range"),
+        (idx_head(0x0E, (30, 28, 28)) + np.full(30 * 784, -np.inf, ">f8").tobytes(), "range"),
+    ],
+    ids=["zero-width", "1e308", "-inf"],
+)
+def test_idx_images_of_no_pixels_or_absurd_values_are_refused(tmp_path, rng, images, words):
+    folder = idx_folder(tmp_path, rng, train_images_idx3_ubyte=images)
+    assert words in dataset_refused(folder)[0]
+
+
+def test_metadata_too_large_to_read_back_is_never_written(tmp_path):
+    from gpubp.errors import OutputWriteError
+    from gpubp.npzfile import META_MAX_BYTES, write_npz
+
+    path = tmp_path / "big.npz"
+    with pytest.raises(OutputWriteError, match="nothing was written"):
+        write_npz(path, {"history": "x" * META_MAX_BYTES}, {})
+    assert list(tmp_path.iterdir()) == []

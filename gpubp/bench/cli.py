@@ -228,6 +228,29 @@ def job_specs(args: argparse.Namespace) -> tuple[list[JobSpec], list[str]]:
     return [JobSpec(n, epochs, args.data_dir, args.threads) for n in names], absent
 
 
+def _outputs_refused(args: argparse.Namespace) -> bool:
+    """Check ``--json`` and ``--plot`` before anything runs (their folders exist and take a
+    file, neither is a folder, nor the other); print why not and return True if refused."""
+    from ..errors import OutputPathError, OutputWriteError
+    from ..files import check_outputs
+
+    paths = {"json_path": args.json or None, "plot_path": getattr(args, "plot", None) or None}
+    try:
+        check_outputs(paths)
+    except (OutputPathError, OutputWriteError) as exc:
+        text = exc.command_line_message() if isinstance(exc, OutputPathError) else str(exc)
+        print(f"gpubp bench: {text}", file=sys.stderr)
+        return True
+    return False
+
+
+def _write_json(path: str, record: dict[str, object]) -> None:
+    from ..files import write_atomic  # atomic, and no planted link followed
+
+    write_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
+    print(f"\nwrote {path}")
+
+
 def job_main(args: argparse.Namespace) -> int:
     """``gpubp bench --job``: train every job with every contender, print the tables."""
     try:
@@ -235,6 +258,8 @@ def job_main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"gpubp bench: {exc}", file=sys.stderr)
         return 2
+    if _outputs_refused(args):
+        return 1
     wanted = args.contenders
     if wanted is None and args.quick:  # a rough look in seconds, not a minute of compiling
         wanted = [c for c in CONTENDERS if c != "torch-compile"]
@@ -251,10 +276,8 @@ def job_main(args: argparse.Namespace) -> int:
         )
     )
     if args.json:
-        with open(args.json, "w") as fh:
-            record = to_json(results, absent, _job_command(args, specs), args.load, args.threads)
-            json.dump(record, fh, indent=1)
-        print(f"\nwrote {args.json}")
+        cmd = _job_command(args, specs)
+        _write_json(args.json, to_json(results, absent, cmd, args.load, args.threads))
     return 1 if any(row.error for r in results for row in r.rows) else 0
 
 
@@ -279,12 +302,12 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"gpubp bench: {exc}", file=sys.stderr)
         return 2
+    if _outputs_refused(args):
+        return 1
     report = run_bench(config, None if args.no_progress else sys.stderr)
     print(format_table(report))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report.to_json(), fh, indent=1)
-        print(f"\nwrote {args.json}")
+        _write_json(args.json, report.to_json())
     if args.plot:
         plot_sweep(report, args.plot)
         print(f"wrote {args.plot} ({config.sweep_shape.name if config.sweep_shape else ''})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -180,5 +181,8 @@ def plot_sweep(report: BenchReport, path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path)
+    from ..files import write_atomic  # atomic, and no planted link followed
+
+    fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+    write_atomic(path, lambda fh: fig.savefig(fh, format=fmt))
     plt.close(fig)
