@@ -201,8 +201,12 @@ def adam_step(ps, gs, ms, vs, wide, G, known, lim):  # type: ignore[no-untyped-d
 
 
 @_inline
-def _bounds_par(ps, gs, plan, read_g, read_p):  # type: ignore[no-untyped-def]
-    """``(max |g|, max |p|)`` over ``plan``'s chunks in parallel (0 for a bound not read)."""
+def _bounds_par(ps, gs, plan, G, read_p):  # type: ignore[no-untyped-def]
+    """``(G, P)`` for the proof: ``G`` as given where it is (``>= 0``), else ``max |g|`` read;
+    ``max |p|`` where ``read_p``, else 0; the reads over ``plan``'s chunks in parallel."""
+    read_g = G < 0.0
+    if not (read_g or read_p):
+        return G, 0.0
     rows = np.zeros((plan.shape[0], 2))
     for c in prange(plan.shape[0]):
         k, lo, hi = plan[c, 0], plan[c, 1], plan[c, 2]
@@ -210,7 +214,7 @@ def _bounds_par(ps, gs, plan, read_g, read_p):  # type: ignore[no-untyped-def]
             rows[c, 0] = float(absmax(gs[k], lo, hi))
         if read_p:
             rows[c, 1] = float(absmax(ps[k], lo, hi))
-    return rows[:, 0].max(), rows[:, 1].max()
+    return (rows[:, 0].max() if read_g else G), (rows[:, 1].max() if read_p else 0.0)
 
 
 @_par
@@ -223,12 +227,7 @@ def sgd_step_par(ps, gs, bufs, wide, G, known, lim, plan):  # type: ignore[no-un
     n = plan.shape[0]
     proved = False
     if known[0] != 0.0:
-        read_p = needs_p(False, s)
-        if G < 0.0 or read_p:
-            g_read, P = _bounds_par(ps, gs, plan, G < 0.0, read_p)
-            G = g_read if G < 0.0 else G
-        else:
-            P = 0.0
+        G, P = _bounds_par(ps, gs, plan, G, needs_p(False, s))
         proved = sgd_proved(
             float(lr), float(mu), nesterov, float(wd), G, P, known[1], lim[0], lim[1]
         )
@@ -255,12 +254,7 @@ def adam_step_par(ps, gs, ms, vs, wide, G, known, lim, plan):  # type: ignore[no
     n = plan.shape[0]
     proved = False
     if known[0] != 0.0:
-        read_p = needs_p(True, s)
-        if G < 0.0 or read_p:
-            g_read, P = _bounds_par(ps, gs, plan, G < 0.0, read_p)
-            G = g_read if G < 0.0 else G
-        else:
-            P = 0.0
+        G, P = _bounds_par(ps, gs, plan, G, needs_p(True, s))
         proved = _adam_proof(s, G, P, known, lim)
     rows = np.zeros((n, 3))
     if not proved:
