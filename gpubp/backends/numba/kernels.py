@@ -129,6 +129,7 @@ def bias_act(z, b, act, cm):  # type: ignore[no-untyped-def]
             _softmax_row(row)
         return 0.0
     with_max = cm.shape[0] >= 2 * n and n > 0
+    cmax, bad = cm[:n], cm[n : 2 * n]  # two views, two loops: one loop over both ran 10x slower
     if with_max:
         cm[: 2 * n] = 0
     for i in range(B):
@@ -150,13 +151,13 @@ def bias_act(z, b, act, cm):  # type: ignore[no-untyped-def]
                 row[j] += b[j]
         if with_max:
             for j in range(n):
-                a = abs(row[j])
-                cm[j] = max(cm[j], a)
-                cm[n + j] += a - a  # NaN exactly where the value is NaN or infinite
+                cmax[j] = max(cmax[j], abs(row[j]))
+            for j in range(n):
+                bad[j] += row[j] - row[j]  # NaN exactly where the value is NaN or infinite
     if not with_max:
         return 0.0
     for j in range(n):
-        if not cm[n + j] == 0:
+        if not bad[j] == 0:
             return np.inf
     return _max(cm[:n])
 
