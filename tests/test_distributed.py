@@ -301,7 +301,7 @@ def test_two_ranks_on_the_emulated_gpu_reproduce_one_process(job):
     """The NCCL path: each rank takes its own (emulated) GPU, the all-reduce goes over NCCL
     (emulated over MPI), and the result is the single-process run's."""
     if not EMULATED_GPU:
-        pytest.skip("a real GPU is here: the NCCL path runs on it in benchmarks/gpu_check.sh")
+        pytest.skip("a real GPU is here: this test runs two ranks on the emulated GPU only")
     env = {**_env(), "GPUBP_CUPY_MODULE": EMULATOR_MODULE, "GPUBP_EMU_DEVICES": "2"}
     args = [*TRAIN, "--backend", "cupy", "--epochs", "2"]
     one = subprocess.run(

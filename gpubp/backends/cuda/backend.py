@@ -151,6 +151,14 @@ class CupyBackend(Backend):
             return out
         return np.asarray(a)
 
+    def capture_report(self) -> dict[str, Any]:
+        """Whether this backend's train steps ran as CUDA graphs, and why not if they did not.
+
+        ``{"mode", "captured", "graph_steps", "eager_steps", "failures"}`` plus ``"why_not"``
+        when ``captured`` is false (see :class:`gpubp.backends.cuda.graph.CaptureLog`).
+        """
+        return self._steps.log.report()
+
     # --- checks ---------------------------------------------------------------------------------
 
     def _fits(self, *arrays: Any) -> bool:

@@ -24,7 +24,7 @@ capturing. If capture fails nonetheless, the steps run eagerly (said once, as a 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,48 @@ class StepSpec:
     labels: bool
     #: plain SGD's weight update folded into the gradient GEMM (see :func:`folds`)
     fold: bool
+
+
+@dataclass
+class CaptureLog:
+    """Whether a backend's train steps ran as CUDA graphs, counted over its life.
+
+    ``mode`` is ``"off"`` (graphs not asked for), ``"on"`` (captured where possible, eager with a
+    warning otherwise) or ``"require"`` (a failed capture is an error). ``graph_steps`` counts
+    the steps replayed from a graph, ``eager_steps`` those launched one kernel at a time (the
+    first step of every batch shape is one: it compiles and allocates what the capture must not),
+    ``failures`` the reasons captures failed, in order, each once.
+    """
+
+    mode: str
+    graph_steps: int = 0
+    eager_steps: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def report(self) -> dict[str, Any]:
+        """The counts, ``captured`` (some step replayed a graph and no capture failed) and, when
+        not captured, ``why_not`` in words."""
+        captured = self.graph_steps > 0 and not self.failures
+        out: dict[str, Any] = {
+            "mode": self.mode,
+            "captured": captured,
+            "graph_steps": self.graph_steps,
+            "eager_steps": self.eager_steps,
+            "failures": list(self.failures),
+        }
+        if not captured:
+            if self.mode == "off":
+                out["why_not"] = "CUDA graphs are off (graphs=False or GPUBP_CUDA_GRAPHS=0)"
+            elif self.failures:
+                out["why_not"] = f"the capture failed: {self.failures[0]}"
+            elif self.eager_steps:
+                out["why_not"] = (
+                    "no batch shape ran twice (the first step of each shape runs eagerly; "
+                    "the second is captured)"
+                )
+            else:
+                out["why_not"] = "no train step ran"
+        return out
 
 
 def folds(optimizer: Any) -> bool:
@@ -114,6 +156,8 @@ class TrainStep:
         Capture the step as a CUDA graph on its second run.
     on_eager : callable
         Called with the reason when the capture fails (the step then runs eagerly).
+    log : CaptureLog, optional
+        Where the step counts its graph and eager runs and a failed capture's reason.
     """
 
     def __init__(
@@ -129,8 +173,10 @@ class TrainStep:
         *,
         graphs: bool,
         on_eager: Callable[[str], None],
+        log: CaptureLog | None = None,
     ) -> None:
         cp = ctx.cp
+        self.log = log if log is not None else CaptureLog("on" if graphs else "off")
         self.ctx, self.kernels, self.buf = ctx, kernels, buf
         self.W, self.b = list(weights), list(biases)
         self.activation, self.output, self.loss = spec.activation, spec.output, spec.loss
@@ -180,8 +226,10 @@ class TrainStep:
             self.graph = self._capture()
         if self.graph is not None and self.graph is not False:
             self.graph.launch(stream=cp.cuda.get_current_stream())
+            self.log.graph_steps += 1
         else:
             self.record(self.status)
+            self.log.eager_steps += 1
         self.runs += 1
 
     def _capture(self) -> Any:
@@ -208,7 +256,10 @@ class TrainStep:
             stream.synchronize()
             return graph
         except Exception as exc:  # any capture failure: eager launches give the same results
-            self.on_eager(f"{type(exc).__name__}: {exc}")
+            why = f"{type(exc).__name__}: {exc}"
+            if why not in self.log.failures:
+                self.log.failures.append(why)
+            self.on_eager(why)
             return False
         finally:
             blas.set_stream(cp.cuda.get_current_stream().ptr)

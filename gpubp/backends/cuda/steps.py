@@ -15,7 +15,7 @@ from typing import Any
 
 from . import launch
 from .context import DeviceContext
-from .graph import StepBuffers, StepSpec, TrainStep, folds
+from .graph import CaptureLog, StepBuffers, StepSpec, TrainStep, folds
 
 #: Train steps kept captured (least recently used dropped first).
 MAX_GRAPHS = 4
@@ -54,6 +54,7 @@ class StepCache:
         self.graphs, self.fold_sgd = graphs, fold_sgd
         self._steps: OrderedDict[tuple[Any, ...], TrainStep] = OrderedDict()
         self._said_eager = False
+        self.log = CaptureLog("on" if graphs else "off")
 
     def values(self) -> list[TrainStep]:
         """The steps kept, least recently used first."""
@@ -99,7 +100,7 @@ class StepCache:
         buf = self._allocate(sizes, int(x.shape[0]), dtype)
         step = TrainStep(
             self._ctx, self._kernels, buf, weights, biases, spec, optimizer, slots,
-            graphs=self.graphs, on_eager=self._say_eager,
+            graphs=self.graphs, on_eager=self._say_eager, log=self.log,
         )  # fmt: skip
         self._steps[key] = step
         while len(self._steps) > MAX_GRAPHS:
