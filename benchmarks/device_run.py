@@ -236,6 +236,8 @@ class Runner:
 
     def phase_check(self, limit: float) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "gpubp", "check", "--backends", "cupy"]
+        if not self.args.no_require_graphs:
+            cmd.append("--require-graphs")
         status, log = self.child("check", cmd, limit)
         result = self._result("check", status, log, limit)
         m = re.search(r"all (\d+) configurations within tolerance", log)

@@ -28,6 +28,7 @@ from .errors import (
     BackendUnavailableError,
     DatasetError,
     DatasetNotFoundError,
+    GraphCaptureError,
     ModelFileError,
     NonFiniteLossError,
     OutputPathError,
@@ -61,14 +62,29 @@ def _cmd_check(args: argparse.Namespace) -> int:
         f"checking {', '.join(names)} against the float64 reference "
         f"({len(DEFAULT_SHAPES)} shapes x every activation/output/loss x {', '.join(dtypes)})"
     )
+    context: Any = contextlib.nullcontext()
+    if args.require_graphs and "cupy" in names:
+        from .backends.cuda import CupyBackend
+
+        context = use_backend(CupyBackend(graphs="require"))
     results: list[CheckResult] = []
-    for name in names:
-        for dt in dtypes:
-            print(f"  {name} {dt} ...", end="", flush=True)
-            batch = run_checks([name], [dt], seed=args.seed)
-            bad = sum(not r.ok for r in batch)
-            print(f" {len(batch)} configurations, {bad} failed")
-            results.extend(batch)
+    with context:
+        for name in names:
+            for dt in dtypes:
+                print(f"  {name} {dt} ...", end="", flush=True)
+                try:
+                    batch = run_checks([name], [dt], seed=args.seed)
+                except GraphCaptureError as exc:
+                    print(f"\ngpubp check: backend {name!r}: {exc}", file=sys.stderr)
+                    return 1
+                bad = sum(not r.ok for r in batch)
+                print(f" {len(batch)} configurations, {bad} failed")
+                results.extend(batch)
+        graphs = get_backend("cupy").capture_report() if "cupy" in names else None
+    if graphs is not None:
+        from .outputs import graphs_line
+
+        print(f"cupy: {graphs_line(graphs)}")
     print("\n" + format_table(results))
     failed = [r for r in results if not r.ok]
     if failed:
@@ -369,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--dtypes", default="float32,float64", help="default: float32,float64")
     check.add_argument("--seed", type=seed_value, default=0, help="seed of the random problems")
+    check.add_argument(
+        "--require-graphs",
+        action="store_true",
+        help="cupy: a train step that cannot be captured as a CUDA graph is an error naming the "
+        "call that broke the capture (as GPUBP_CUDA_GRAPHS=require)",
+    )
     show_defaults(check)
     check.set_defaults(func=_cmd_check)
     info = sub.add_parser("info", help="list backends, devices and library versions")

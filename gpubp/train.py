@@ -57,7 +57,7 @@ from .files import check_outputs
 from .gradflow import PROBE_SAMPLES, gradflow, gradient_norms
 from .loop import BatchGather, EpochEnd, EpochLoop, Position, StopRequest
 from .model import MLP
-from .outputs import TrainResult, final_line, write_outputs
+from .outputs import TrainResult, final_line, graphs_line, write_outputs
 
 # TrainConfig and its names are re-exported: the README writes gpubp.train.TrainConfig
 __all__ = [
@@ -224,6 +224,7 @@ class _Run:
         total_steps = config.epochs * loop.n_batches
         quiet_rank = self.comm is not None and self.comm.rank != 0
         gather = BatchGather(X, Y, loop.batch_size)  # reused buffers, no allocation per step
+        self.graphs_before = model.backend.capture_report()
         with StopRequest(also_sigterm=self.comm is not None, announce=not quiet_rank) as stop:
             dp = self.dp
 
@@ -356,6 +357,12 @@ class _Run:
                 x_raw = raw_test_split(ds.name, ds.source if ds.name in data.DATASETS else None).x
             ev = model.evaluate(x_raw, ds.y_test)
             result.test_loss, result.test_accuracy = ev["loss"], ev["accuracy"]
+        before = getattr(self, "graphs_before", None)
+        if before is not None:  # a backend with CUDA graphs: whether this run's steps were
+            graphs = self.model.backend.capture_report(since=before)
+            if graphs is not None:
+                result.extra["cuda_graphs"] = graphs
+                self.log(graphs_line(graphs))
         if self.comm is not None:
             result.extra["mpi_ranks"] = self.comm.size
         if self.resumed:  # the training time and samples/s count every session since epoch 1

@@ -42,6 +42,30 @@ from .steps import StepCache
 _CUDA_MEMCPY_DEVICE_TO_DEVICE = 3
 
 
+#: The environment variable that turns CUDA graphs off (``0``) or makes them required.
+GRAPHS_ENV = "GPUBP_CUDA_GRAPHS"
+_GRAPHS_WORDS = {"0": "off", "false": "off", "off": "off", "1": "on", "true": "on", "on": "on",
+                 "require": "require"}  # fmt: skip
+
+
+def graphs_mode(graphs: bool | str | None) -> str:
+    """``"off"``, ``"on"`` or ``"require"`` for the ``graphs`` argument (``None``: from
+    ``GPUBP_CUDA_GRAPHS``, default on). :class:`ValueError` names a value it cannot read."""
+    if graphs is None:
+        value = os.environ.get(GRAPHS_ENV, "1").strip().lower()
+        if value not in _GRAPHS_WORDS:
+            raise ValueError(
+                f"{GRAPHS_ENV}={value!r} is not understood; expected 0 (eager steps), 1 (graphs "
+                "where they can be captured, the default) or require (a failed capture is an error)"
+            )
+        return _GRAPHS_WORDS[value]
+    if isinstance(graphs, str):
+        if graphs != "require":
+            raise ValueError(f"graphs={graphs!r}: expected True, False or 'require'")
+        return "require"
+    return "on" if graphs else "off"
+
+
 class CupyBackend(Backend):
     """cuBLAS GEMMs, fused CUDA kernels and a CUDA-graph train step on an NVIDIA GPU.
 
@@ -50,9 +74,12 @@ class CupyBackend(Backend):
     tf32 : bool
         Allow TF32 tensor-core math in float32 GEMMs (about 10 mantissa bits; off by default, so
         float32 results meet the same tolerance as on the CPU).
-    graphs : bool
+    graphs : bool or "require"
         Capture the train step as a CUDA graph (default; the environment variable
-        ``GPUBP_CUDA_GRAPHS=0`` turns it off). Without, the same kernels run eagerly.
+        ``GPUBP_CUDA_GRAPHS=0`` turns it off). Without, the same kernels run eagerly. A step
+        that cannot be captured runs eagerly with a warning, or, with ``"require"``
+        (``GPUBP_CUDA_GRAPHS=require``), raises :class:`~gpubp.errors.GraphCaptureError`
+        naming the call that broke the capture. :meth:`capture_report` says what happened.
     fold_sgd : bool
         Fold plain SGD's weight update into the gradient GEMM (``dW`` never materialised; saves
         one write and two reads of the weights' size per step). Off by default because an
@@ -69,7 +96,7 @@ class CupyBackend(Backend):
     def __init__(
         self,
         tf32: bool = False,
-        graphs: bool | None = None,
+        graphs: bool | str | None = None,
         fold_sgd: bool = False,
         cupy: Any = None,
     ) -> None:
@@ -78,13 +105,12 @@ class CupyBackend(Backend):
         self.xp = cupy
         self._cp = cupy
         self._ctx = DeviceContext(cupy, tf32)
-        if graphs is None:
-            graphs = os.environ.get("GPUBP_CUDA_GRAPHS", "1") != "0"
-        self.graphs = bool(graphs)
+        mode = graphs_mode(graphs)
+        self.graphs = mode != "off"
         self.fold_sgd = bool(fold_sgd)
         self._errors = StepErrors(self._ctx)
         self._steps = StepCache(
-            self._ctx, self.kernel, self._allocate, graphs=self.graphs, fold_sgd=self.fold_sgd
+            self._ctx, self.kernel, self._allocate, graphs=mode, fold_sgd=self.fold_sgd
         )
 
     @property
@@ -151,13 +177,15 @@ class CupyBackend(Backend):
             return out
         return np.asarray(a)
 
-    def capture_report(self) -> dict[str, Any]:
+    def capture_report(self, since: dict[str, Any] | None = None) -> dict[str, Any]:
         """Whether this backend's train steps ran as CUDA graphs, and why not if they did not.
 
         ``{"mode", "captured", "graph_steps", "eager_steps", "failures"}`` plus ``"why_not"``
-        when ``captured`` is false (see :class:`gpubp.backends.cuda.graph.CaptureLog`).
+        when ``captured`` is false (see :class:`gpubp.backends.cuda.graph.CaptureLog`); over
+        the backend's life, or the steps after ``since`` (an earlier report).
         """
-        return self._steps.log.report()
+        log = self._steps.log
+        return log.report() if since is None else log.since(since)
 
     # --- checks ---------------------------------------------------------------------------------
 

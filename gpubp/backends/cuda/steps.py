@@ -35,8 +35,9 @@ class StepCache:
         The backend's kernel getter.
     allocate : callable
         Makes a step's buffers (:data:`Allocate`).
-    graphs : bool
-        Capture the steps as CUDA graphs.
+    graphs : str
+        ``"on"``: capture the steps as CUDA graphs (eager, with a warning, where that fails),
+        ``"require"``: a failed capture is an error, ``"off"``: eager steps.
     fold_sgd : bool
         Fold plain SGD's weight update into the gradient GEMM.
     """
@@ -47,14 +48,14 @@ class StepCache:
         kernels: launch.KernelGetter,
         allocate: Allocate,
         *,
-        graphs: bool,
+        graphs: str,
         fold_sgd: bool,
     ) -> None:
         self._ctx, self._kernels, self._allocate = ctx, kernels, allocate
-        self.graphs, self.fold_sgd = graphs, fold_sgd
+        self.graphs, self.fold_sgd = graphs != "off", fold_sgd
         self._steps: OrderedDict[tuple[Any, ...], TrainStep] = OrderedDict()
         self._said_eager = False
-        self.log = CaptureLog("on" if graphs else "off")
+        self.log = CaptureLog(graphs)
 
     def values(self) -> list[TrainStep]:
         """The steps kept, least recently used first."""
