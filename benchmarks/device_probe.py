@@ -93,8 +93,20 @@ def environment() -> tuple[bool, dict[str, Any]]:
     info["first_use"] = _try(lambda: _use_once(cp))
     info["nccl"] = _try(lambda: _nccl_version(cp))
     info["libraries"] = loaded_libraries()
+    info["cublas_gpubp_calls"] = _try(_cublas_path)
     info["nvidia_smi"] = _try(_nvidia_smi)
     return info["cupy_backend"] == "available", info
+
+
+def _cublas_path() -> str:
+    """The libcublas gpubp's binding calls: CuPy's own copy (a stand-in brings its own)."""
+    from gpubp.backends.cuda import cublas
+    from gpubp.backends.cuda.cupy_module import injected
+
+    if injected():
+        return "the stand-in's own"
+    path, why = cublas.cupy_cublas()
+    return path or f"none: {why}"
 
 
 def _nvidia_smi() -> str:

@@ -100,7 +100,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     print(f"gpubp {__version__}  (Python {platform.python_version()}, {platform.platform()})")
     print("\nbackends (best first; 'auto' picks the first available):")
-    for name, why in backend_status().items():
+    status = backend_status()
+    for name, why in status.items():
         print(f"  {name:6} {'available' if why is None else 'unavailable: ' + why}")
     print("\nlibraries:")
     for dist in machine.LIBRARIES:
@@ -118,7 +119,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"  GPU {i}: {name}, {gib:.1f} GiB")
     if why is not None:
         print(f"  GPU: {why}")
+    if status.get("cupy") is None:
+        print(f"  cuBLAS (cupy backend): {_cublas_in_use()}")
     return 0
+
+
+def _cublas_in_use() -> str:
+    """The libcublas the cupy backend calls: the one CuPy loaded (or a stand-in's own)."""
+    from .backends.cuda import cublas
+    from .backends.cuda.cupy_module import cupy_module_name, injected
+
+    if injected():
+        return f"the stand-in's own ({cupy_module_name()})"
+    path, why = cublas.cupy_cublas()
+    return path if path is not None else f"not loaded: {why}"
 
 
 #: What makes a run fail without being a bug: the message says what to do; exit status 1.
