@@ -368,7 +368,8 @@ class MLP(InputChecks):
             progress=progress,
             echo=_print if progress else None,
         )
-        gather = BatchGather(X, y, batch_size)  # reused buffers, no allocation per step
+        # reused buffers, no allocation per step (on the device too)
+        gather = BatchGather(X, y, batch_size, xp=self.backend.xp)
         loop.run(
             lambda idx: self.step(*gather(idx), optimizer),
             lambda: self._rng.permutation(N) if shuffle else np.arange(N),

@@ -223,7 +223,8 @@ class _Run:
         )
         total_steps = config.epochs * loop.n_batches
         quiet_rank = self.comm is not None and self.comm.rank != 0
-        gather = BatchGather(X, Y, loop.batch_size)  # reused buffers, no allocation per step
+        # reused buffers, no allocation per step (on the device too)
+        gather = BatchGather(X, Y, loop.batch_size, xp=model.backend.xp)
         self.graphs_before = model.backend.capture_report()
         with StopRequest(also_sigterm=self.comm is not None, announce=not quiet_rank) as stop:
             dp = self.dp

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import skip_unless_available
+from .conftest import EMULATED_GPU, skip_unless_available
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ["environment", "smoke", "check", "tests", "sanitizer", "benchmark"]
@@ -104,3 +104,14 @@ def test_the_benchmark_takes_the_device_runs_options(tiny):
     args = gpu_step.parse_args(["out", "--no-compile", *(["--tiny"] if tiny else ["--quick"])])
     assert args.no_compile and args.tiny == tiny
     assert set(gpu_step.TINY) <= set(gpu_step.QUICK)
+
+
+def test_a_gpu_train_step_allocates_only_its_loss_and_reads_nothing():
+    """Counted on the emulated GPU (benchmarks/host_work.py): the batch is gathered into reused
+    buffers, the step replays its graph, only the loss's 0-d array is new each step."""
+    if not EMULATED_GPU:
+        pytest.skip("counted by the emulated GPU")
+    skip_unless_available("cupy")
+    counts = _script("host_work").measure(4, "adam", schedule=True)
+    assert counts["graph_launch"] == 1 and counts["eager_launch"] == 0
+    assert counts["alloc"] == 1 and counts["get"] == 0 and counts["sync"] == 0

@@ -9,6 +9,8 @@ import gpubp
 from gpubp.loop import BatchGather, EpochLoop
 from gpubp.optim import Adam
 
+from .conftest import skip_unless_available
+
 
 def _data(rng, n, n_in, n_out, dtype=np.float32):
     X = (rng.normal(0, 3, (n, n_in)) * 10.0 ** rng.integers(-2, 3, (n, 1))).astype(dtype)
@@ -53,6 +55,32 @@ def test_gather_refuses_rows_outside_the_data(rng):
         gather(np.arange(5))
     with pytest.raises(ValueError, match="X has 10 rows and Y 9"):
         BatchGather(X, y[:9], 4)
+
+
+def test_the_device_gather_reuses_its_buffers_and_allocates_nothing_per_step(rng):
+    """On the (emulated) GPU: the rows of fancy indexing, in the same device buffers every
+    step, the indices uploaded into one index buffer; bounds checked on the host first."""
+    skip_unless_available("cupy")
+    from cudaemu import _common
+
+    be = gpubp.get_backend("cupy")
+    X, y = _data(rng, 53, 37, 5)
+    Xd, yd = be.asarray(X, "float32"), be.xp.asarray(y)
+    gather = BatchGather(Xd, yd, 8, xp=be.xp)
+    order = rng.permutation(len(X))
+    first = gather(order[:8])[0]
+    allocs = _common.stats["alloc"]
+    for start in range(0, len(X), 8):
+        idx = order[start : start + 8]
+        xb, yb = gather(idx)
+        np.testing.assert_array_equal(be.to_numpy(xb), X[idx])
+        np.testing.assert_array_equal(be.to_numpy(yb), y[idx])
+        assert xb.data.ptr == first.data.ptr  # the same buffer, partial batch included
+    assert _common.stats["alloc"] == allocs  # nothing allocated on the device per step
+    before = be.to_numpy(xb).copy()
+    with pytest.raises(IndexError, match=r"integers in \[0, 53\)"):
+        gather(np.array([0, 53]))
+    np.testing.assert_array_equal(be.to_numpy(xb), before)  # a refused batch changes nothing
 
 
 def test_an_order_is_checked_once_and_a_changed_order_again(rng):
