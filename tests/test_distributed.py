@@ -318,3 +318,30 @@ def test_two_ranks_on_the_emulated_gpu_reproduce_one_process(job):
     a, b = MLP.load(job / "one.npz"), MLP.load(job / "two.npz")
     for p, q in zip(flat(a), flat(b)):
         np.testing.assert_allclose(p, q, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("broken", ["missing", "unavailable", "communicator"])
+def test_nccl_missing_or_broken_is_a_distributed_error_naming_the_pip_package(broken):
+    """NCCL is not in CuPy's [ctk] extra: without nvidia-nccl-cu1x CuPy's nccl module lacks
+    get_unique_id (an AttributeError), says available = False, or fails to make a communicator."""
+    from types import SimpleNamespace
+
+    from gpubp.distributed import DistributedError, _NCCLReducer
+
+    def no_id():
+        raise AttributeError("module 'cupy.cuda.nccl' has no attribute 'get_unique_id'")
+
+    def no_comm(*args):
+        raise RuntimeError("NCCL_ERROR_UNHANDLED_CUDA_ERROR")
+
+    nccl = SimpleNamespace(get_unique_id=no_id if broken == "missing" else lambda: b"id",
+                           NcclCommunicator=no_comm)  # fmt: skip
+    if broken == "unavailable":
+        nccl.available = False
+    cupy = SimpleNamespace(
+        __name__="cupy",
+        cuda=SimpleNamespace(nccl=nccl, runtime=SimpleNamespace(runtimeGetVersion=lambda: 13000)),
+    )
+    comm = SimpleNamespace(rank=0, size=1, bcast=lambda value: value)
+    with pytest.raises(DistributedError, match=r"needs NCCL.*pip install nvidia-nccl-cu13"):
+        _NCCLReducer(comm, cupy)

@@ -18,7 +18,9 @@ each batch is copied into the captured input buffers, and the learning rate and 
 hyper-parameters live in device memory, so a schedule needs no recapture. The captured step calls
 only kernel launches and gpubp's own cuBLAS handle's ``cublasGemmEx`` (:mod:`.cublas`), whose
 stream is set before the capture begins; CuPy's cuBLAS wrappers would refuse to run while
-capturing. If capture fails nonetheless, the steps run eagerly (said once, as a warning).
+capturing. If capture fails nonetheless, the steps run eagerly (said once, as a warning), or,
+where graphs are required (``GPUBP_CUDA_GRAPHS=require``), :class:`~gpubp.errors.GraphCaptureError`
+names the call that broke the capture; :class:`CaptureLog` counts graph and eager steps.
 """
 
 from __future__ import annotations
