@@ -154,16 +154,25 @@ class LossSum:
 
     The values stay as the backend returned them (device scalars on a GPU) until :meth:`read`,
     which sums every pending one in a single synchronisation, so a training loop that reads the
-    running loss only when its progress bar is redrawn never waits for the device per step.
+    running loss only when its progress bar is redrawn never waits for the device per step. At
+    most ``fold`` values are kept pending: the next :meth:`add` reads them first (one
+    synchronisation per ``fold`` steps), so an epoch of 10^6 steps without a progress bar keeps
+    ``fold`` device scalars alive, not one per step. The sum is the same whenever it is read.
     """
 
-    def __init__(self, backend: Backend, total: float = 0.0) -> None:
+    #: Pending values at most (see the class docstring).
+    FOLD = 4096
+
+    def __init__(self, backend: Backend, total: float = 0.0, fold: int = FOLD) -> None:
         self.backend = backend
         self.total = float(total)
+        self.fold = int(fold)
         self.values: list[Any] = []
         self.weights: list[int] = []
 
     def add(self, value: Any, weight: int) -> None:
+        if len(self.values) >= self.fold:
+            self.read()
         self.values.append(value)
         self.weights.append(weight)
 

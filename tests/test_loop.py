@@ -117,3 +117,19 @@ def test_fit_with_gathered_batches_matches_fancy_indexing_bit_for_bit(rng, backe
     (Wf, bf), (Wp, bp) = fitted.get_parameters(), plain.get_parameters()
     for a, b in zip([*Wf, *bf], [*Wp, *bp]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_pending_losses_are_folded_every_so_often_into_the_same_sum(rng):
+    """At most ``fold`` values wait for a read (an epoch without a progress bar would keep one
+    device scalar per step), and the sum is bit for bit the one read at the end."""
+    from gpubp.loop import LossSum
+
+    be = gpubp.get_backend("numpy")
+    values = rng.normal(size=23) * 10.0 ** rng.integers(-8, 8, 23)
+    weights = rng.integers(1, 100, 23)
+    folded, once = LossSum(be, total=0.5, fold=4), LossSum(be, total=0.5, fold=10**9)
+    for v, w in zip(values, weights):
+        folded.add(v, int(w))
+        once.add(v, int(w))
+        assert len(folded.values) <= 4
+    assert folded.read() == once.read()
