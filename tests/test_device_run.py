@@ -106,12 +106,13 @@ def test_the_benchmark_takes_the_device_runs_options(tiny):
     assert set(gpu_step.TINY) <= set(gpu_step.QUICK)
 
 
-def test_a_gpu_train_step_allocates_only_its_loss_and_reads_nothing():
+def test_a_gpu_train_step_allocates_nothing_and_reads_nothing():
     """Counted on the emulated GPU (benchmarks/host_work.py): the batch is gathered into reused
-    buffers, the step replays its graph, only the loss's 0-d array is new each step."""
+    buffers, the step replays its graph, the losses take the slots of a block allocated once."""
     if not EMULATED_GPU:
         pytest.skip("counted by the emulated GPU")
     skip_unless_available("cupy")
-    counts = _script("host_work").measure(4, "adam", schedule=True)
+    counts = _script("host_work").measure(8, "adam", schedule=True)
     assert counts["graph_launch"] == 1 and counts["eager_launch"] == 0
-    assert counts["alloc"] == 1 and counts["get"] == 0 and counts["sync"] == 0
+    assert counts["alloc"] * 8 <= 1  # at most one block of losses (LOSS_BLOCK steps each)
+    assert counts["get"] == 0 and counts["sync"] == 0

@@ -120,3 +120,26 @@ def test_gpubp_train_prints_and_records_whether_steps_were_captured(
     assert graphs["captured"] and graphs["graph_steps"] == 6 - 1  # 7 batches: 6 of 16, one of 12
     assert any(line.startswith("CUDA graphs: captured (5 step(s)") for line in lines), lines
     assert result.summary()["cuda_graphs"] == graphs
+
+
+def test_every_loss_keeps_its_own_slot_across_loss_blocks(cupy_backend_class, monkeypatch):
+    """The losses come from blocks of LOSS_BLOCK slots, each slot handed out once: losses kept
+    unread over several blocks still read as they were when each step ran."""
+    from gpubp.backends.cuda import backend as backend_module
+
+    monkeypatch.setattr(backend_module, "LOSS_BLOCK", 2)
+    be = cupy_backend_class(graphs=True)
+    cp = be.xp
+    W, b, x, y = random_problem((7, 13, 3), 5, "cross_entropy", "softmax", np.random.default_rng(2))
+    Wd = [cp.asarray(w, "float32") for w in W]
+    bd = [cp.asarray(v, "float32") for v in b]
+    opt = SGD(lr=0.5)
+    state = opt.bind(None, be, [w.shape for w in W] + [v.shape for v in b], "float32")
+    xd, yd = cp.asarray(x, "float32"), cp.asarray(y)
+    kept, at_once = [], []
+    for _ in range(7):
+        value, *_ = be.train_step(Wd, bd, xd, yd, "relu", "softmax", "cross_entropy", opt, state)
+        kept.append(value)
+        at_once.append(float(value))
+    assert len(set(at_once)) == 7  # every step's loss differs, so a shared slot would show
+    assert be.read_losses(kept) == at_once

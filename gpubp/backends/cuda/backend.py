@@ -40,6 +40,8 @@ from .status import DeviceLoss, StepErrors
 from .steps import StepCache
 
 _CUDA_MEMCPY_DEVICE_TO_DEVICE = 3
+#: Losses per device allocation (see :meth:`CupyBackend._loss_slot`).
+LOSS_BLOCK = 256
 
 
 #: The environment variable that turns CUDA graphs off (``0``) or makes them required.
@@ -108,6 +110,7 @@ class CupyBackend(Backend):
         mode = graphs_mode(graphs)
         self.graphs = mode != "off"
         self.fold_sgd = bool(fold_sgd)
+        self._loss_blocks: dict[tuple[int, str], tuple[Any, int]] = {}
         self._errors = StepErrors(self._ctx)
         self._steps = StepCache(
             self._ctx, self.kernel, self._allocate, graphs=mode, fold_sgd=self.fold_sgd
@@ -408,7 +411,7 @@ class CupyBackend(Backend):
         step.set_hyperparameters(ck.hyperparameters(optimizer, step_no, weights[0].dtype))
         step.run()
         state["step"] = step_no
-        value = self._cp.empty((), dtype=weights[0].dtype)
+        value = self._loss_slot(weights[0].dtype)
         self._cp.cuda.runtime.memcpyAsync(
             value.data.ptr,
             step.buf.loss.data.ptr,
@@ -418,6 +421,17 @@ class CupyBackend(Backend):
         )
         self._errors.queued(state)  # after the loss's copy is queued: a check may synchronise
         return DeviceLoss(self, value), weights, biases, state
+
+    def _loss_slot(self, dtype: Any) -> Any:
+        """A fresh 0-d device array for one step's loss: the next element of a block of
+        :data:`LOSS_BLOCK` (one allocation per block, not per step). Each element is handed out
+        once; a block lives as long as a loss of it is referenced."""
+        key = (self._cp.cuda.Device().id, np.dtype(dtype).str)
+        block, used = self._loss_blocks.get(key, (None, LOSS_BLOCK))
+        if block is None or used >= LOSS_BLOCK:
+            block, used = self._cp.empty(LOSS_BLOCK, dtype=dtype), 0
+        self._loss_blocks[key] = (block, used + 1)
+        return block[used]
 
     def _allocate(self, sizes: tuple[int, ...], batch: int, dtype: Any) -> StepBuffers:
         """The step's buffers; out of memory is an error giving the bytes and a batch that fits."""
