@@ -143,3 +143,38 @@ def test_every_loss_keeps_its_own_slot_across_loss_blocks(cupy_backend_class, mo
         at_once.append(float(value))
     assert len(set(at_once)) == 7  # every step's loss differs, so a shared slot would show
     assert be.read_losses(kept) == at_once
+
+
+def test_the_hyperparameter_ring_waits_only_for_a_copy_still_queued(cupy_backend_class):
+    """A slot is reused after its copy finished: its event is asked, and waited for only when
+    the copy is still queued; one event per slot, recorded again (no event made per upload)."""
+    from types import SimpleNamespace
+
+    from gpubp.backends.cuda.context import HostRing
+
+    be = cupy_backend_class()
+    made, waits, pending = [], [], [False]
+
+    class Event:
+        def __init__(self, **kwargs):
+            made.append(self)
+
+        def record(self, stream):
+            pass
+
+        @property
+        def done(self):
+            return not pending[0]
+
+        def synchronize(self):
+            waits.append(self)
+
+    cuda = SimpleNamespace(alloc_pinned_memory=be.xp.cuda.alloc_pinned_memory, Event=Event,
+                           get_current_stream=be.xp.cuda.get_current_stream)  # fmt: skip
+    ring = HostRing(SimpleNamespace(cuda=cuda), slots=2)
+    dst = be.xp.zeros(16, np.float64)
+    for k in range(5):
+        pending[0] = k == 4  # the copy of the slot's last use is still queued at the 5th upload
+        ring.upload(np.full(16, float(k)), dst)
+        np.testing.assert_array_equal(dst.get(), np.full(16, float(k)))
+    assert len(made) == 2 and waits == [made[0]]
