@@ -272,14 +272,18 @@ class DataParallel:
             share = (hi - lo) / G
             for dst, g in zip(self.grads, [*dWs, *dbs]):
                 be.xp.multiply(g, share, out=dst)
-            self.flat[n] = float(value) * share
+            # on the device: float64 product, one rounding to the buffer's dtype, no host read
+            self.flat[n] = be.xp.asarray(value, dtype=np.float64) * share
             scratch = be.workspace_for(W, x).pscratch
         else:  # fewer samples than ranks in this batch: this rank contributes nothing
             self.flat[...] = 0
         self.flat[n + 1] = 1.0 if stop else 0.0
         self._allreduce()
-        value = float(self.flat[n])
-        self.stop_agreed = float(self.flat[n + 1]) > 0
+        tail = self.flat[n : n + 2]  # the loss and the stop flag in one read (not to_numpy's
+        if not isinstance(tail, np.ndarray):  # status checks: the next synchronisation does them)
+            tail = tail.get()
+        value = float(tail[0])
+        self.stop_agreed = float(tail[1]) > 0
         state = optimizer.bind(model, be, self.shapes, model.dtype)
         # the same loss and gradients on every rank, so the same verdict and the same update
         be.apply_update(value, [*W, *b], list(self.grads), optimizer, state, scratch=scratch)

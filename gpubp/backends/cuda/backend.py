@@ -326,6 +326,37 @@ class CupyBackend(Backend):
         state["step"] = step
         return params, state
 
+    def checked_update(
+        self,
+        value: Any,
+        params: list[Any],
+        grads: list[Any],
+        optimizer: Any,
+        state: dict[str, Any],
+        *,
+        scratch: Any = None,
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """:meth:`update_parameters` only if every new parameter and state value is finite,
+        checked on the device: the check kernel over the whole table, one read of its status
+        word, then the update kernel. Where the check fails the NumPy-path check runs instead,
+        which raises :class:`~gpubp.errors.NonFiniteLossError` naming the tensor; nothing is
+        changed. ``value`` is the loss, for the message."""
+        slots = [state[s] for s in optimizer.slots]
+        if not self._fits(*params, *grads, *(x for s in slots for x in s)):
+            return super().checked_update(value, params, grads, optimizer, state, scratch=scratch)
+        cp = self._cp
+        dtype = params[0].dtype
+        table, chunks = ck.build_table(table_entries(params, grads, slots))
+        args = (optimizer, dtype, cp.asarray(table), len(params), chunks)
+        hp = cp.asarray(ck.hyperparameters(optimizer, int(state["step"]) + 1, dtype))
+        status = cp.zeros(ck.STATUS_SLOTS, dtype=np.int32)
+        launch.check_update_table(self.kernel, *args, hp, status)
+        if int(status[ck.STATUS_BAD].get()) != 0:  # the one read
+            return super().checked_update(value, params, grads, optimizer, state, scratch=scratch)
+        launch.update_table(self.kernel, *args, hp, status)
+        state["step"] = int(state["step"]) + 1
+        return params, state
+
     # --- evaluation -------------------------------------------------------------------------------
 
     def argmax_correct(self, a: Any, y: Any = None) -> tuple[Any, Any]:
