@@ -130,8 +130,10 @@ class Runner:
         self.env["PYTHONUNBUFFERED"] = "1"
         if not args.no_require_graphs:
             self.env["GPUBP_CUDA_GRAPHS"] = "require"
-        if args.emulated:
-            self.env["GPUBP_CUPY_MODULE"] = "cudaemu.cupy"
+        # the real CuPy only on a device run: the tests must not fall back to the emulator
+        self.env["GPUBP_CUPY_MODULE"] = "cudaemu.cupy" if args.emulated else "cupy"
+        # and a cupy test that cannot run fails (-x stops there) instead of skipping
+        self.env["GPUBP_REQUIRE_EMULATOR"] = "1"
         self.meta: dict[str, Any] = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
             "mode": "emulated" if args.emulated else "device",
@@ -213,8 +215,9 @@ class Runner:
         if status == "timeout":
             result["reason"] = f"stopped at its time limit of {limit:.0f} s"
         elif status == "failed":
-            tail = [line for line in log.strip().splitlines() if line.strip()][-1:] or ["no output"]
-            result["reason"] = missing_module(log) or tail[0][:300]
+            lines = [line for line in log.strip().splitlines() if line.strip()] or ["no output"]
+            errors = [line[1:].strip() for line in lines if line.startswith("E ")]  # pytest's
+            result["reason"] = missing_module(log) or (errors or lines[-1:])[0][:300]
         return result
 
     def probe(self, name: str, limit: float) -> dict[str, Any]:
@@ -226,6 +229,9 @@ class Runner:
         if target.exists():
             found = json.loads(target.read_text())
             result.update({k: v for k, v in found.items() if k != "reason" or status != "passed"})
+        hint = missing_module(log)
+        if status != "passed" and hint is not None:
+            result["reason"] = hint
         return result
 
     def phase_environment(self, limit: float) -> dict[str, Any]:

@@ -68,6 +68,18 @@ def test_the_summary_is_written_after_every_phase_and_the_budget_is_kept(tmp_pat
     assert "0 s of the budget left" in summary["phases"]["tests"]["reason"]
 
 
+def test_a_device_run_tests_the_real_cupy_only_and_requires_graphs(tmp_path, monkeypatch):
+    """On a device, no test may fall back to the emulator or skip the cupy backend unnoticed,
+    and every phase runs with graphs required (unless --no-require-graphs)."""
+    monkeypatch.delenv("GPUBP_CUDA_GRAPHS", raising=False)
+    run = _script("device_run")
+    env = run.Runner(run.parse_args(["--out", str(tmp_path)])).env
+    assert env["GPUBP_CUPY_MODULE"] == "cupy" and env["GPUBP_REQUIRE_EMULATOR"] == "1"
+    assert env["GPUBP_CUDA_GRAPHS"] == "require"
+    env = run.Runner(run.parse_args(["--emulated", "--no-require-graphs"])).env
+    assert env["GPUBP_CUPY_MODULE"] == "cudaemu.cupy" and "GPUBP_CUDA_GRAPHS" not in env
+
+
 def test_no_git_is_a_fact_in_the_summary_not_a_crash(monkeypatch):
     run = _script("device_run")
 
