@@ -1,6 +1,6 @@
 """One train step on the GPU: gpubp's cupy backend against PyTorch, cuBLAS alone and copy bandwidth.
 
-Usage: python benchmarks/gpu_step.py OUTDIR [--quick]
+Usage: python benchmarks/gpu_step.py OUTDIR [--quick | --tiny] [--no-compile]
 
 For each standard shape of ``gpubp bench`` on a GPU (ReLU hidden layers, softmax +
 cross-entropy, plain SGD, float32 without TF32), every variant is first checked against the
@@ -18,7 +18,10 @@ count and round-robin timing as ``gpubp bench``), and the medians are reported:
 - ``copy_GBps``: device-to-device copy bandwidth, and each fused elementwise kernel's bandwidth
   (``launch.bias_activation``, ``launch.hidden_delta``) as a share of it.
 
-What only this script has: its presets (``--quick``), the variants above, the bandwidth
+``--no-compile`` leaves ``torch_compile`` out (a compile per shape costs about a minute);
+``--tiny`` runs one small shape once, the rehearsal of ``benchmarks/device_run.py --emulated``.
+
+What only this script has: its presets (``--quick``, ``--tiny``), the variants above, the bandwidth
 probe, and ``gpu_step.json`` / ``gpu_step.txt`` (a table of times and ratios) in OUTDIR.
 Needs no network.
 """
@@ -62,6 +65,7 @@ SHAPES: dict[str, int] = {
     name: s.gpu_batch for name, s in STANDARD_SHAPES.items() if s.gpu_batch is not None
 }
 QUICK: dict[str, int] = {"mnist-small": 64, "narrow-deep": 16384}
+TINY: dict[str, int] = {"mnist-small": 64}
 DTYPE = "float32"
 
 
@@ -123,8 +127,9 @@ def named(label: str, make: Callable[[], Candidate]) -> Maker:
     return Maker(label, make().kind, fresh)
 
 
-def makers() -> list[Maker]:
-    """gpubp's three variants, PyTorch's (where it has CUDA) and the cuBLAS floor."""
+def makers(compile: bool = True) -> list[Maker]:
+    """gpubp's three variants, PyTorch's (where it has CUDA; ``torch.compile`` only with
+    ``compile``) and the cuBLAS floor."""
     from gpubp.backends.cuda import CupyBackend
 
     out = [
@@ -144,19 +149,19 @@ def makers() -> list[Maker]:
     if torch is not None and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-        for mode in ("eager", "graph", "compile"):
+        for mode in ("eager", "graph", "compile") if compile else ("eager", "graph"):
             out.append(named(f"torch_{mode}", lambda m=mode: TorchCandidate(torch, GPU, m)))
     out.append(Maker("gemm_floor", "floor", CublasFloor))
     return out
 
 
-def bandwidth(repeats: int) -> dict[str, float]:
-    """Copy bandwidth and the fused elementwise kernels' bandwidth, in GB/s."""
+def bandwidth(repeats: int, rows: int = 262144) -> dict[str, float]:
+    """Copy bandwidth and the fused elementwise kernels' bandwidth, in GB/s (``(rows, 64)``)."""
     from gpubp.backends.cuda import CupyBackend, launch
 
     cp = cupy_module()
     be = CupyBackend()
-    rows, n = 262144, 64
+    n = 64
     a = cp.ones((rows, n), DTYPE)
     g = cp.ones((rows, n), DTYPE)
     b = cp.zeros(n, DTYPE)
@@ -179,7 +184,9 @@ def bandwidth(repeats: int) -> dict[str, float]:
     return {p.label: p.nbytes / stats[p.label].median / 1e9 for p in probes}
 
 
-def measure(label: str, batch: int, repeats: int, report: BenchReport) -> dict[str, Any]:
+def measure(
+    label: str, batch: int, repeats: int, report: BenchReport, compile: bool = True
+) -> dict[str, Any]:
     """One shape: every variant checked and timed by ``gpubp.bench``; the row of the JSON."""
     base = STANDARD_SHAPES[label]
     shape = BenchShape(label, base.sizes, batch, batch)
@@ -188,7 +195,7 @@ def measure(label: str, batch: int, repeats: int, report: BenchReport) -> dict[s
         batch,
         DTYPE,
         GPU,
-        makers(),
+        makers(compile),
         report,
         Progress(sys.stderr),
         repeats=repeats,
@@ -215,6 +222,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir")
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke test")
+    parser.add_argument("--tiny", action="store_true", help="one small shape once (a rehearsal)")
+    parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     parser.add_argument("--repeats", type=int, default=7)
     return parser.parse_args(argv)
 
@@ -243,10 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     meta = metadata()
     report = BenchReport(meta=meta)
     result: dict[str, Any] = {"meta": meta, "shapes": {}}
-    for label, batch in (QUICK if args.quick else SHAPES).items():
-        row = result["shapes"][label] = measure(label, batch, args.repeats, report)
+    shapes = TINY if args.tiny else QUICK if args.quick else SHAPES
+    repeats = 1 if args.tiny else args.repeats
+    for label, batch in shapes.items():
+        row = measure(label, batch, repeats, report, compile=not args.no_compile)
+        result["shapes"][label] = row
         print(label, json.dumps(row.get("ratios")), flush=True)
-    result["bandwidth_GBps"] = bandwidth(args.repeats)
+    result["bandwidth_GBps"] = bandwidth(repeats, rows=1024 if args.tiny else 262144)
     result["failures"], result["absent"] = report.failures, report.absent
     (out / "gpu_step.json").write_text(json.dumps(result, indent=2))
     (out / "gpu_step.txt").write_text(table(result))

@@ -1,10 +1,12 @@
 """A few small train steps through every kernel family, for compute-sanitizer (memcheck, racecheck).
 
-Usage: compute-sanitizer --tool memcheck python benchmarks/sanitize_step.py
+Usage: compute-sanitizer --tool memcheck python benchmarks/sanitize_step.py [--small]
 
 Awkward shapes (widths not multiples of 4, batch 1 and 7) so the scalar and vector paths and the
 row kernels all run; both the CUDA-graph and the eager step; every optimizer and output; the
-evaluation kernels. Exits non-zero if a result is not finite.
+evaluation kernels. Exits non-zero if a result is not finite. ``--small``: one configuration
+(float32, ReLU + softmax cross-entropy, SGD, batch 7, graph and eager), for a run with minutes to
+spare (``benchmarks/device_run.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def main() -> int:
+def main(small: bool = False) -> int:
     from gpubp.backends.cuda import CupyBackend
     from gpubp.backends.cuda.cupy_module import import_cupy
     from gpubp.check import random_problem
@@ -36,11 +38,14 @@ def main() -> int:
         lambda: SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
         lambda: Adam(lr=0.01, weight_decay=0.01, decoupled=True),
     ]
+    dtypes, cases = ("float32", "float64"), (((5, 33, 3), 7), ((8, 12, 2), 1))
+    if small:
+        configs, opts, dtypes, cases = configs[:1], opts[:1], dtypes[:1], cases[:1]
     for graphs in (True, False):
         be = CupyBackend(graphs=graphs)
-        for dtype in ("float32", "float64"):
+        for dtype in dtypes:
             for (activation, output, loss), make in zip(configs, opts * 2):
-                for sizes, batch in (((5, 33, 3), 7), ((8, 12, 2), 1)):
+                for sizes, batch in cases:
                     W, b, x, y = random_problem(
                         sizes, batch, loss, output, np.random.default_rng(0)
                     )
@@ -67,4 +72,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(small="--small" in sys.argv[1:]))

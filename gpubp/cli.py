@@ -37,6 +37,7 @@ from .cli_errors import RUN_ERRORS, Parser, command_line_message, wrong_file_hin
 from .cli_models import add_evaluate_parser, add_predict_parser
 from .errors import (
     BackendUnavailableError,
+    GraphCaptureError,
     ModelFileError,
     NonFiniteLossError,
 )
@@ -68,14 +69,29 @@ def _cmd_check(args: argparse.Namespace) -> int:
         f"checking {', '.join(names)} against the float64 reference "
         f"({len(DEFAULT_SHAPES)} shapes x every activation/output/loss x {', '.join(dtypes)})"
     )
+    context: Any = contextlib.nullcontext()
+    if args.require_graphs and "cupy" in names:
+        from .backends.cuda import CupyBackend
+
+        context = use_backend(CupyBackend(graphs="require"))
     results: list[CheckResult] = []
-    for name in names:
-        for dt in dtypes:
-            print(f"  {name} {dt} ...", end="", flush=True)
-            batch = run_checks([name], [dt], seed=args.seed)
-            bad = sum(not r.ok for r in batch)
-            print(f" {len(batch)} configurations, {bad} failed")
-            results.extend(batch)
+    with context:
+        for name in names:
+            for dt in dtypes:
+                print(f"  {name} {dt} ...", end="", flush=True)
+                try:
+                    batch = run_checks([name], [dt], seed=args.seed)
+                except GraphCaptureError as exc:
+                    print(f"\ngpubp check: backend {name!r}: {exc}", file=sys.stderr)
+                    return 1
+                bad = sum(not r.ok for r in batch)
+                print(f" {len(batch)} configurations, {bad} failed")
+                results.extend(batch)
+        graphs = get_backend("cupy").capture_report() if "cupy" in names else None
+    if graphs is not None:
+        from .outputs import graphs_line
+
+        print(f"cupy: {graphs_line(graphs)}")
     print("\n" + format_table(results))
     failed = [r for r in results if not r.ok]
     if failed:
@@ -116,7 +132,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"  GPU {i}: {name}, {gib:.1f} GiB")
     if why is not None:
         print(f"  GPU: {why}")
+    if status.get("cupy") is None:
+        print(f"  cuBLAS (cupy backend): {_cublas_in_use()}")
     return 0
+
+
+def _cublas_in_use() -> str:
+    """The libcublas the cupy backend calls: the one CuPy loaded (or a stand-in's own)."""
+    from .backends.cuda import cublas
+    from .backends.cuda.cupy_module import cupy_module_name
+
+    if injected():
+        return f"the stand-in's own ({cupy_module_name()})"
+    path, why = cublas.cupy_cublas()
+    return path if path is not None else f"not loaded: {why}"
 
 
 def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -299,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--dtypes", default="float32,float64", help="default: float32,float64")
     check.add_argument("--seed", type=seed_value, default=0, help="seed of the random problems")
+    check.add_argument(
+        "--require-graphs",
+        action="store_true",
+        help="cupy: a train step that cannot be captured as a CUDA graph is an error naming the "
+        "call that broke the capture (as GPUBP_CUDA_GRAPHS=require)",
+    )
     show_defaults(check)
     check.set_defaults(func=_cmd_check)
     info = sub.add_parser(

@@ -83,6 +83,29 @@ class MPICommunicator:
         self.comm.Abort(code)
 
 
+def _nccl_module(cupy: Any) -> Any:
+    """CuPy's NCCL module; ImportError where NCCL is not there (``available`` false)."""
+    nccl = getattr(cupy.cuda, "nccl", None)
+    if nccl is None:  # CuPy imports cupy.cuda.nccl only when asked
+        nccl = importlib.import_module(f"{cupy.__name__}.cuda.nccl")
+    if getattr(nccl, "available", True) is False:
+        raise ImportError("CuPy was built with NCCL support but found no NCCL library")
+    return nccl
+
+
+def _nccl_missing(cupy: Any, why: str | None) -> str:
+    """The error text for NCCL missing or broken: why, and the pip package of CuPy's CUDA."""
+    try:
+        major = int(cupy.cuda.runtime.runtimeGetVersion()) // 1000
+    except Exception:
+        major = 12
+    return (
+        f"data-parallel training on the cupy backend needs NCCL, which could not be used ({why}); "
+        f"install it with pip install nvidia-nccl-cu{major} (NCCL is not in CuPy's [ctk] "
+        "extra), or train on one GPU without --distributed"
+    )
+
+
 class _NCCLReducer:
     """Sum a CuPy buffer over ranks with NCCL; the unique id travels over MPI.
 
@@ -91,13 +114,23 @@ class _NCCLReducer:
     """
 
     def __init__(self, comm: MPICommunicator, cupy: Any) -> None:
-        nccl = getattr(cupy.cuda, "nccl", None)
-        if nccl is None:  # CuPy imports cupy.cuda.nccl only when asked
-            nccl = importlib.import_module(f"{cupy.__name__}.cuda.nccl")
+        uid, why = None, None
+        try:
+            nccl = _nccl_module(cupy)
+            if comm.rank == 0:
+                uid = nccl.get_unique_id()
+        except Exception as exc:  # NCCL missing or broken: AttributeError, ImportError, ...
+            nccl, why = None, f"{type(exc).__name__}: {exc}"
+        # every rank learns rank 0's outcome (none is left waiting for an id that never comes)
+        uid, why0 = comm.bcast((uid, why))
+        why = why or why0
+        if nccl is None or why is not None:
+            raise DistributedError(_nccl_missing(cupy, why))
         self.cupy, self.nccl = cupy, nccl
-        uid = nccl.get_unique_id() if comm.rank == 0 else None
-        uid = comm.bcast(uid)
-        self.comm = nccl.NcclCommunicator(comm.size, uid, comm.rank)
+        try:
+            self.comm = nccl.NcclCommunicator(comm.size, uid, comm.rank)
+        except Exception as exc:
+            raise DistributedError(_nccl_missing(cupy, f"{type(exc).__name__}: {exc}")) from exc
 
     def allreduce_sum(self, buf: Any) -> None:
         nccl = self.nccl
@@ -239,14 +272,18 @@ class DataParallel:
             share = (hi - lo) / G
             for dst, g in zip(self.grads, [*dWs, *dbs]):
                 be.xp.multiply(g, share, out=dst)
-            self.flat[n] = float(value) * share
+            # on the device: float64 product, one rounding to the buffer's dtype, no host read
+            self.flat[n] = be.xp.asarray(value, dtype=np.float64) * share
             scratch = be.workspace_for(W, x).pscratch
         else:  # fewer samples than ranks in this batch: this rank contributes nothing
             self.flat[...] = 0
         self.flat[n + 1] = 1.0 if stop else 0.0
         self._allreduce()
-        value = float(self.flat[n])
-        self.stop_agreed = float(self.flat[n + 1]) > 0
+        tail = self.flat[n : n + 2]  # the loss and the stop flag in one read (not to_numpy's
+        if not isinstance(tail, np.ndarray):  # status checks: the next synchronisation does them)
+            tail = tail.get()
+        value = float(tail[0])
+        self.stop_agreed = float(tail[1]) > 0
         state = optimizer.bind(model, be, self.shapes, model.dtype)
         # the same loss and gradients on every rank, so the same verdict and the same update
         be.apply_update(value, [*W, *b], list(self.grads), optimizer, state, scratch=scratch)

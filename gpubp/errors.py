@@ -141,6 +141,12 @@ class DistributedError(RuntimeError):
     """MPI is missing, or the ranks disagree (parameters out of sync)."""
 
 
+class GraphCaptureError(RuntimeError):
+    """The train step could not be captured as a CUDA graph where graphs were required
+    (``GPUBP_CUDA_GRAPHS=require``, ``CupyBackend(graphs="require")``); the message names the
+    first call that broke the capture. Nothing was updated."""
+
+
 class CublasError(RuntimeError):
     """A cuBLAS call returned a status other than ``CUBLAS_STATUS_SUCCESS``."""
 

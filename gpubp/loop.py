@@ -65,11 +65,15 @@ class BatchGather:
     first use, and the batch is its first ``B`` rows: no allocation and no fresh pages per
     step, where ``X[idx]`` allocates ``B * n_0`` new values every step. The returned arrays are
     views of the buffers, overwritten by the next call: a step must be done with them (the CPU
-    backends are synchronous) before the next batch is gathered. Arrays on a device are indexed as
-    ``X[idx]`` there (the gather is one queued kernel; the host waits for nothing).
+    backends are synchronous) before the next batch is gathered. Arrays on a device, given
+    their array module ``xp``, are gathered the same way there: the host indices (checked on
+    the host) uploaded into one reused device index buffer, then ``xp.take(..., out=)`` into
+    reused device buffers, all queued in stream order (no allocation, no host wait; a step
+    queued on the same stream reads a batch before the next gather overwrites it). Without
+    ``xp``, or with device indices, ``X[idx]`` is taken there.
     """
 
-    def __init__(self, X: Any, Y: Any, batch_size: int) -> None:
+    def __init__(self, X: Any, Y: Any, batch_size: int, xp: Any = None) -> None:
         if X.shape[0] != Y.shape[0]:
             raise ValueError(
                 f"X has {X.shape[0]} rows and Y {Y.shape[0]}; expected one target row per "
@@ -78,13 +82,17 @@ class BatchGather:
         self.X, self.Y = X, Y
         self.batch_size = min(int(batch_size), int(X.shape[0]))  # no more rows than there are
         self.host = isinstance(X, np.ndarray) and isinstance(Y, np.ndarray)
+        self.xp: Any = None if self.host else xp
         self._bufs: tuple[np.ndarray, np.ndarray] | None = None
+        self._device: tuple[Any, Any, Any] | None = None  # X rows, Y rows, indices
         self._checked: np.ndarray | None = None  # the last order whose bounds were checked
 
     def __call__(self, idx: Any) -> tuple[Any, Any]:
         """``(x_b, y_b)``: rows ``idx`` of ``X`` and ``Y``."""
         if not self.host:
-            return self.X[idx], self.Y[idx]
+            if self.xp is None or not isinstance(idx, np.ndarray):
+                return self.X[idx], self.Y[idx]
+            return self._on_device(idx)
         idx = np.asarray(idx)
         k = int(idx.shape[0])
         if k > self.batch_size:
@@ -101,6 +109,26 @@ class BatchGather:
         # copy, three times slower); the bounds were checked by _check
         np.take(self.X, idx, axis=0, out=xb, mode="wrap")
         np.take(self.Y, idx, axis=0, out=yb, mode="wrap")
+        return xb, yb
+
+    def _on_device(self, idx: np.ndarray) -> tuple[Any, Any]:
+        """The device gather: ``idx`` uploaded into the index buffer, rows taken into ``out``."""
+        xp, X, Y = self.xp, self.X, self.Y
+        k = int(idx.shape[0])
+        if k > self.batch_size:
+            raise ValueError(f"a batch of {k} rows; this gather was made for {self.batch_size}")
+        self._check(idx)
+        if self._device is None:
+            B = self.batch_size
+            self._device = (
+                xp.empty((B, *X.shape[1:]), dtype=X.dtype),
+                xp.empty((B, *Y.shape[1:]), dtype=Y.dtype),
+                xp.empty(B, dtype=np.int64),
+            )
+        xb, yb, ib = (a[:k] for a in self._device)
+        ib.set(np.ascontiguousarray(idx, dtype=np.int64))
+        xp.take(X, ib, axis=0, out=xb)
+        xp.take(Y, ib, axis=0, out=yb)
         return xb, yb
 
     def _check(self, idx: np.ndarray) -> None:
@@ -172,16 +200,25 @@ class LossSum:
 
     The values stay as the backend returned them (device scalars on a GPU) until :meth:`read`,
     which sums every pending one in a single synchronisation, so a training loop that reads the
-    running loss only when its progress bar is redrawn never waits for the device per step.
+    running loss only when its progress bar is redrawn never waits for the device per step. At
+    most ``fold`` values are kept pending: the next :meth:`add` reads them first (one
+    synchronisation per ``fold`` steps), so an epoch of 10^6 steps without a progress bar keeps
+    ``fold`` device scalars alive, not one per step. The sum is the same whenever it is read.
     """
 
-    def __init__(self, backend: Backend, total: float = 0.0) -> None:
+    #: Pending values at most (see the class docstring).
+    FOLD = 4096
+
+    def __init__(self, backend: Backend, total: float = 0.0, fold: int = FOLD) -> None:
         self.backend = backend
         self.total = float(total)
+        self.fold = int(fold)
         self.values: list[Any] = []
         self.weights: list[int] = []
 
     def add(self, value: Any, weight: int) -> None:
+        if len(self.values) >= self.fold:
+            self.read()
         self.values.append(value)
         self.weights.append(weight)
 

@@ -20,20 +20,11 @@ from .budget import check_network
 from .errors import ModelFileError
 from .loop import BatchGather, EpochEnd, EpochLoop, OneCaller
 from .losses import check_combination, is_classifier
-from .model_inputs import InputChecks, check_dtype
+from .model_inputs import InputChecks, check_dtype, check_layer_sizes, check_optimizer
 from .optim import Adam, Optimizer
 from .preprocessing import Preprocessing
 
 __all__ = ["MLP"]
-
-
-def _check_optimizer(optimizer: object) -> Optimizer:
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(
-            f"optimizer must be a gpubp.optim optimizer such as gpubp.optim.SGD(lr=0.1), got "
-            f"{type(optimizer).__name__}"
-        )
-    return optimizer
 
 
 class MLP(InputChecks):
@@ -83,7 +74,7 @@ class MLP(InputChecks):
         seed: int | None = 0,
         preprocessing: Preprocessing | None = None,
     ) -> None:
-        self.layer_sizes = self._check_sizes(layer_sizes)
+        self.layer_sizes = check_layer_sizes(layer_sizes)
         self.activation = act.check_activation(
             activation, argument="activation", allowed=act.HIDDEN_ACTIVATIONS
         )
@@ -116,21 +107,6 @@ class MLP(InputChecks):
         self.target: str | None = None
 
     # --- construction -----------------------------------------------------------------------
-
-    @staticmethod
-    def _check_sizes(layer_sizes: object) -> tuple[int, ...]:
-        msg = "layer_sizes must be a sequence of at least two positive ints, e.g. [784, 128, 10]"
-        if isinstance(layer_sizes, np.ndarray) and layer_sizes.ndim == 1:
-            layer_sizes = layer_sizes.tolist()
-        if isinstance(layer_sizes, (str, bytes)) or not isinstance(layer_sizes, Sequence):
-            raise TypeError(f"{msg}; got {layer_sizes!r}")
-        sizes = tuple(layer_sizes)
-        if len(sizes) < 2:
-            raise ValueError(f"{msg}; got {sizes!r}")
-        for i, n in enumerate(sizes):
-            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-                raise ValueError(f"{msg}; layer_sizes[{i}] is {n!r}")
-        return tuple(int(n) for n in sizes)
 
     def _initial_parameters(
         self, rng: np.random.Generator
@@ -282,7 +258,7 @@ class MLP(InputChecks):
         Raises :class:`~gpubp.errors.NonFiniteLossError` (parameters and optimizer state kept)
         when the loss or a gradient comes out NaN or infinite.
         """
-        _check_optimizer(optimizer)
+        check_optimizer(optimizer)
         x = self.prepare_x(x)
         y = self.check_y(y, x.shape[0])
         with self._busy("train_step"):
@@ -341,7 +317,7 @@ class MLP(InputChecks):
         float) class labels or one-hot rows; float targets for a regression."""
         check_positive_int("epochs", epochs)
         check_positive_int("batch_size", batch_size)
-        optimizer = Adam(lr=1e-3) if optimizer is None else _check_optimizer(optimizer)
+        optimizer = Adam(lr=1e-3) if optimizer is None else check_optimizer(optimizer)
         X = self.check_x(X, "X")
         y = self.check_y(y, X.shape[0])
         if validation_data is not None:
@@ -377,7 +353,8 @@ class MLP(InputChecks):
         check_network(
             self.layer_sizes, self.dtype.itemsize, min(batch_size, N), len(optimizer.slots)
         )
-        gather = BatchGather(X, y, batch_size)  # min(batch_size, N) rows, reused every step
+        # min(batch_size, N) rows in buffers reused every step (on the device too)
+        gather = BatchGather(X, y, batch_size, xp=self.backend.xp)
         with self._busy("fit"):  # held for the whole fit: no other thread's step in between
             loop.run(
                 lambda idx: self.step(*gather(idx), optimizer),

@@ -6,12 +6,14 @@ and preprocessed by the model's :attr:`~InputChecks.preprocessing`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from . import dlpack
 from .backends import Backend, to_numpy
+from .optim import Optimizer
 from .preprocessing import Preprocessing
 
 __all__ = ["InputChecks", "check_dtype"]
@@ -244,3 +246,29 @@ class InputChecks:
         if n == 1:
             return "float targets of shape (batch,) or (batch, 1)"
         return f"float targets of shape (batch, {n}) or integer class labels of shape (batch,)"
+
+
+def check_optimizer(optimizer: object) -> Optimizer:
+    """``optimizer`` itself if it is one of :mod:`gpubp.optim`'s, else a :class:`TypeError`."""
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"optimizer must be a gpubp.optim optimizer such as gpubp.optim.SGD(lr=0.1), got "
+            f"{type(optimizer).__name__}"
+        )
+    return optimizer
+
+
+def check_layer_sizes(layer_sizes: object) -> tuple[int, ...]:
+    """``layer_sizes`` as a tuple of at least two positive ints, or an error saying so."""
+    msg = "layer_sizes must be a sequence of at least two positive ints, e.g. [784, 128, 10]"
+    if isinstance(layer_sizes, np.ndarray) and layer_sizes.ndim == 1:
+        layer_sizes = layer_sizes.tolist()
+    if isinstance(layer_sizes, (str, bytes)) or not isinstance(layer_sizes, Sequence):
+        raise TypeError(f"{msg}; got {layer_sizes!r}")
+    sizes = tuple(layer_sizes)
+    if len(sizes) < 2:
+        raise ValueError(f"{msg}; got {sizes!r}")
+    for i, n in enumerate(sizes):
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"{msg}; layer_sizes[{i}] is {n!r}")
+    return tuple(int(n) for n in sizes)

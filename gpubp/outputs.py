@@ -114,6 +114,15 @@ def final_line(result: TrainResult, n_test: int, trained: bool) -> str:
     )
 
 
+def graphs_line(report: dict[str, Any]) -> str:
+    """The run's line on CUDA graphs, from :meth:`CupyBackend.capture_report`."""
+    counts = f"{report['graph_steps']} step(s) replayed as a graph, {report['eager_steps']} eager"
+    if report["captured"]:
+        first = "the first step of each batch shape and parameter set is eager"
+        return f"CUDA graphs: captured ({counts}; {first})"
+    return f"CUDA graphs: NOT captured ({counts}): {report['why_not']}"
+
+
 def fallback_paths(
     path: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None
 ) -> list[Path]:

@@ -24,7 +24,6 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,11 +53,10 @@ from .evaluate import dataset_preprocessing, raw_test_split
 from .filedata import take_on_file_data
 from .files import check_outputs
 from .gradflow import PROBE_SAMPLES, gradflow, gradient_norms
-from .idx import idx_paths
 from .loop import BatchGather, EpochEnd, EpochLoop, Position, StopRequest
 from .model import MLP
-from .outputs import TrainResult, final_line, write_outputs
-from .train_inputs import check_before_the_run, check_resume_settings, load_data
+from .outputs import TrainResult, final_line, graphs_line, write_outputs
+from .train_inputs import check_before_the_run, check_resume_settings, load_data, run_inputs
 
 # TrainConfig and its names are re-exported: the README writes gpubp.train.TrainConfig
 __all__ = [
@@ -233,7 +231,9 @@ class _Run:
         )
         total_steps = config.epochs * loop.n_batches
         quiet_rank = self.comm is not None and self.comm.rank != 0
-        gather = BatchGather(X, Y, loop.batch_size)  # reused buffers, no allocation per step
+        # reused buffers, no allocation per step (on the device too)
+        gather = BatchGather(X, Y, loop.batch_size, xp=model.backend.xp)
+        self.graphs_before = model.backend.capture_report()
         with StopRequest(also_sigterm=self.comm is not None, announce=not quiet_rank) as stop:
             dp = self.dp
 
@@ -377,6 +377,12 @@ class _Run:
             result.test_loss, result.test_accuracy = ev["loss"], ev["accuracy"]
             if ev["accuracy"] is None:  # a regression: the MSE loss is half the mean square
                 result.extra["test_rmse"] = float(np.sqrt(2.0 * float(ev["loss"] or 0.0)))
+        before = getattr(self, "graphs_before", None)
+        if before is not None:  # a backend with CUDA graphs: whether this run's steps were
+            graphs = self.model.backend.capture_report(since=before)
+            if graphs is not None:
+                result.extra["cuda_graphs"] = graphs
+                self.log(graphs_line(graphs))
         if self.comm is not None:
             result.extra["mpi_ranks"] = self.comm.size
         if self.resumed:  # the training time and samples/s count every session since epoch 1
@@ -439,21 +445,15 @@ def train(
     if comm is not None and comm.rank != 0:  # one voice and one writer: rank 0
         log, progress = _silent, False
         checkpoint = json_path = plot_path = save_path = None
-    outputs = {
-        "checkpoint": checkpoint,
-        "save_path": save_path,
-        "json_path": json_path,
-        "plot_path": plot_path,
-    }
+    outputs = dict(checkpoint=checkpoint, save_path=save_path, json_path=json_path)
+    outputs["plot_path"] = plot_path
     ckpt = check_before_the_run(outputs, resume, override, rank0=comm is None or comm.rank == 0)
     if ckpt is not None:  # the settings first, before any data is read; the widths after
         check_resume_settings(ckpt, config, track_gradients, override)
     get_backend(config.backend)  # one that cannot run here is refused before the data is read
-    files = {"data": config.data, "test_data": config.test_data}
-    check_outputs(outputs, {"resume": resume, **{k: v for k, v in files.items() if v}})
+    check_outputs(outputs, run_inputs(resume, config))  # no output may overwrite an input
     ds, config, split = load_data(config, ckpt, progress, log)
-    if ds.name in data.DATASETS:  # its files are inputs: no output may overwrite one
-        check_outputs(outputs, {"resume": resume, **idx_paths(Path(ds.source))})
+    check_outputs(outputs, run_inputs(resume, config, ds))  # (the dataset's files, found)
     run = _Run(config, ds, split, track_gradients, outputs["checkpoint"], log, comm)
     if ckpt is not None:
         run.resume_from(ckpt, override)

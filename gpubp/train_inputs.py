@@ -9,6 +9,7 @@ import dataclasses
 import os
 import types
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,9 +18,11 @@ from . import datasets as data
 from . import plots
 from .checkpoint import Checkpoint, check_overrides, check_resume, load_checkpoint
 from .config import DEFAULT_BATCH, SMALL_DATA, SMALL_DATA_BATCH, TrainConfig
+from .datasets import Dataset
 from .errors import CheckpointMismatchError, DatasetError
 from .filedata import load_file_dataset
 from .files import check_outputs
+from .idx import idx_paths
 from .tables import fingerprint
 
 __all__ = ["check_before_the_run", "check_resume_settings", "load_data"]
@@ -130,3 +133,14 @@ def check_before_the_run(
         outputs["checkpoint"] = resume  # a resumed run goes on writing its checkpoint
         check_outputs(outputs, {"resume": resume})
     return ckpt
+
+
+def run_inputs(
+    resume: str | os.PathLike[str] | None, config: TrainConfig, ds: Dataset | None = None
+) -> dict[str, Any]:
+    """The files a run reads, by option, which no output may overwrite: the checkpoint resumed
+    from, ``--data`` and ``--test-data``, and once found (``ds``) a dataset's IDX files."""
+    files: dict[str, Any] = {"resume": resume, "data": config.data, "test_data": config.test_data}
+    if ds is not None and ds.name in data.DATASETS:
+        files.update(idx_paths(Path(ds.source)))
+    return {k: v for k, v in files.items() if v}

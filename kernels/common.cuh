@@ -30,9 +30,9 @@ enum HyperSlot : int {
     HP_BETA1 = 3,
     HP_BETA2 = 4,
     HP_EPS = 5,
-    HP_STEP_SIZE = 6,     // lr / (1 - beta1^t)
-    HP_INV_SQRT_BC2 = 7,  // 1 / sqrt(1 - beta2^t)
-    HP_DECAY = 8,         // 1 - lr * weight_decay (AdamW)
+    HP_ALPHA = 6,         // Adam: lr sqrt(1 - beta2^t) / (1 - beta1^t) (optim.adam_scalars)
+    HP_EPS_HAT = 7,       // Adam: eps sqrt(1 - beta2^t)
+    HP_DECAY = 8,         // 1 - lr * weight_decay (AdamW's shrink; 1 for Adam)
     HP_LR_MOMENTUM = 9,   // lr * momentum (Nesterov)
     HP_NEG_LR = 10,       // -lr: the alpha of the folded SGD weight-update GEMM
     HP_ONE = 11,          // 1: GEMM alpha / beta

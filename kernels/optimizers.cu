@@ -7,7 +7,10 @@
 //          without momentum: p -= lr g
 //   Adam:  g = grad + wd p (L2)  or  p *= 1 - lr wd (AdamW, decoupled)
 //          m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
-//          p -= (lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+//          p -= (lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps), computed as
+//          p -= alpha m / (sqrt(v) + eps_hat), alpha = lr sqrt(1 - b2^t) / (1 - b1^t),
+//          eps_hat = eps sqrt(1 - b2^t): the scalars of gpubp.optim.adam_scalars, as NumPy's
+//          and Numba's Adam take them
 //
 // Hyper-parameters are read from the device block hp (HP_* slots), so a captured CUDA graph
 // follows a changing learning rate. Every kernel returns at once when STATUS_BAD is set: the
@@ -57,11 +60,11 @@ struct SgdRule {
 
 template <typename T, int DECOUPLED>
 struct AdamRule {
-    T wd, decay, b1, b2, omb1, omb2, eps, step_size, inv_sqrt_bc2;
+    T wd, decay, b1, b2, omb1, omb2, alpha, eps_hat;
     __device__ explicit AdamRule(const T* hp)
         : wd(hp[HP_WEIGHT_DECAY]), decay(hp[HP_DECAY]), b1(hp[HP_BETA1]), b2(hp[HP_BETA2]),
-          omb1(hp[HP_ONE_MINUS_BETA1]), omb2(hp[HP_ONE_MINUS_BETA2]), eps(hp[HP_EPS]),
-          step_size(hp[HP_STEP_SIZE]), inv_sqrt_bc2(hp[HP_INV_SQRT_BC2]) {}
+          omb1(hp[HP_ONE_MINUS_BETA1]), omb2(hp[HP_ONE_MINUS_BETA2]), alpha(hp[HP_ALPHA]),
+          eps_hat(hp[HP_EPS_HAT]) {}
     __device__ __forceinline__ void operator()(T& p, T grad, T& m, T& v) const {
         T g = grad;
         if constexpr (DECOUPLED) {
@@ -71,8 +74,8 @@ struct AdamRule {
         }
         m = m * b1 + g * omb1;
         v = v * b2 + (g * g) * omb2;
-        const T denom = sqrt(v) * inv_sqrt_bc2 + eps;
-        p = p - (m / denom) * step_size;
+        const T denom = sqrt(v) + eps_hat;
+        p = p - (m / denom) * alpha;
     }
 };
 

@@ -92,6 +92,19 @@ def test_info_lists_backends(capsys):
         assert name in out
 
 
+def test_info_names_the_cublas_the_cupy_backend_calls(capsys, monkeypatch):
+    from gpubp.backends.cuda import cublas
+
+    monkeypatch.setattr(cli, "backend_status", lambda: {"numpy": None, "numba": None, "cupy": None})
+    monkeypatch.setattr(cublas, "cupy_cublas", lambda: ("/opt/cu13/lib/libcublas.so.13", None))
+    monkeypatch.setenv("GPUBP_CUPY_MODULE", "cupy")
+    assert cli.main(["info"]) == 0
+    assert "cuBLAS (cupy backend): /opt/cu13/lib/libcublas.so.13" in capsys.readouterr().out
+    monkeypatch.setattr(cublas, "cupy_cublas", lambda: (None, "CuPy's cuBLAS module did not load"))
+    assert cli.main(["info"]) == 0
+    assert "cuBLAS (cupy backend): not loaded: CuPy's cuBLAS" in capsys.readouterr().out
+
+
 def test_no_command_prints_help(capsys):
     assert cli.main([]) == 2
     assert "check" in capsys.readouterr().out

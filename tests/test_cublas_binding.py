@@ -368,23 +368,58 @@ def test_gemm_refuses_what_cublas_cannot_take():
 
 def test_library_search_order_and_the_error_without_one(monkeypatch, tmp_path):
     monkeypatch.delenv("GPUBP_CUBLAS", raising=False)
-    monkeypatch.setattr(cublas, "_loaded_in_process", lambda: None)
+    monkeypatch.setattr(cublas, "cupy_cublas", lambda: (None, "no CuPy (ImportError)"))
     lib_dir = tmp_path / "nvidia" / "cublas" / "lib"
     lib_dir.mkdir(parents=True)
     for name in ("libcublasLt.so.12", "libcublas.so.12"):
         (lib_dir / name).write_bytes(b"")
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
-    assert cublas.find_library() == str(lib_dir / "libcublas.so.12")
+    assert cublas.find_library() == str(lib_dir / "libcublas.so.12")  # no CuPy: the wheels
     monkeypatch.setattr(cublas, "_in_wheels", lambda: None)
     monkeypatch.setattr(cublas.ctypes.util, "find_library", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install 'cupy-cuda12x\[ctk\]'"):
         cublas.find_library()
-    monkeypatch.setattr(cublas, "_loaded_in_process", lambda: "/opt/x/libcublas.so.13")
-    assert cublas.find_library() == "/opt/x/libcublas.so.13"  # CuPy's copy comes first
     monkeypatch.setenv("GPUBP_CUBLAS", str(tmp_path / "missing.so"))
     with pytest.raises(FileNotFoundError, match="GPUBP_CUBLAS"):
         cublas.find_library()
+
+
+def test_the_library_is_the_one_cupy_loaded_and_no_other(monkeypatch, tmp_path):
+    monkeypatch.delenv("GPUBP_CUBLAS", raising=False)
+    ours, other = tmp_path / "libcublas.so.13", tmp_path / "libcublas.so.12"
+    for f in (ours, other):
+        f.write_bytes(b"")
+    monkeypatch.setattr(cublas, "_in_wheels", lambda: str(other))  # never taken beside CuPy
+    monkeypatch.setattr(cublas, "cupy_cublas", lambda: (str(ours), None))
+    assert cublas.find_library() == str(ours)
+    monkeypatch.setenv("GPUBP_CUBLAS", str(ours))
+    assert cublas.find_library() == str(ours)  # the same file: fine
+    monkeypatch.setenv("GPUBP_CUBLAS", str(other))
+    with pytest.raises(cublas.CublasError, match=r"is not the libcublas CuPy uses.*unset"):
+        cublas.find_library()
+    # CuPy is there but its cuBLAS did not load: an error, not another copy in its place
+    monkeypatch.delenv("GPUBP_CUBLAS")
+    monkeypatch.setattr(cublas, "cupy_cublas", lambda: (None, "CuPy's cuBLAS module did not load"))
+    with pytest.raises(FileNotFoundError, match=r"CuPy uses could not be loaded.*did not load"):
+        cublas.find_library()
+
+
+def test_of_two_loaded_copies_the_one_of_cupys_cuda_version(monkeypatch, tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text(
+        "7f00-7f01 r-xp 0 08:01 1 /opt/torch/lib/libcublas.so.12\n"
+        "7f02-7f03 r-xp 0 08:01 2 /opt/nvidia/cu13/lib/libcublas.so.13\n"
+        "7f04-7f05 r-xp 0 08:01 3 /opt/nvidia/cu13/lib/libcublasLt.so.13\n"
+    )
+    real_open = open
+    monkeypatch.setattr(
+        "builtins.open",
+        lambda f, *a, **k: real_open(maps if f == "/proc/self/maps" else f, *a, **k),
+    )
+    assert cublas._loaded_in_process(13) == "/opt/nvidia/cu13/lib/libcublas.so.13"
+    assert cublas._loaded_in_process(12) == "/opt/torch/lib/libcublas.so.12"
+    assert cublas._loaded_in_process() == "/opt/torch/lib/libcublas.so.12"
 
 
 def test_only_libcublas_counts_not_libcublaslt():

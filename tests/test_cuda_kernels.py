@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from gpubp import activations as act
+from gpubp import optim
 from gpubp import reference as ref
 from gpubp.backends.cuda import catalogue as ck
 from gpubp.backends.cuda import launch, memory
@@ -273,8 +274,8 @@ def _apply_rule(opt, hp, p, g, s1, s2, dtype):
         gg = g + p * h["WEIGHT_DECAY"]
     s1 = s1 * h["BETA1"] + gg * h["ONE_MINUS_BETA1"]
     s2 = s2 * h["BETA2"] + (gg * gg) * h["ONE_MINUS_BETA2"]
-    denom = np.sqrt(s2) * h["INV_SQRT_BC2"] + h["EPS"]
-    return p - (s1 / denom) * h["STEP_SIZE"], s1, s2
+    denom = np.sqrt(s2) + h["EPS_HAT"]
+    return p - (s1 / denom) * h["ALPHA"], s1, s2
 
 
 @pytest.mark.parametrize(
@@ -308,6 +309,14 @@ def test_hyperparameter_block_and_update_rule_match_the_reference(opt, rng):
                                    opt.decoupled)  # fmt: skip
             for got, w in zip((got_p, got_1, got_2), want):
                 np.testing.assert_allclose(got, w, rtol=1e-12)
+    if opt.kind == "adam":  # the scalars are optim.adam_scalars', as NumPy's and Numba's
+        k = optim.adam_scalars(7, opt.lr, *opt.betas, opt.eps, opt.weight_decay, opt.decoupled)
+        hp = ck.hyperparameters(opt, 7, np.float64)
+        assert (hp[ck.HP["ALPHA"]], hp[ck.HP["EPS_HAT"]], hp[ck.HP["DECAY"]]) == (
+            k.alpha,
+            k.eps_hat,
+            k.shrink,
+        )
     hp32 = ck.hyperparameters(opt, 3, np.float32)
     assert hp32.dtype == np.float32 and hp32[ck.HP["ONE"]] == 1 and hp32[ck.HP["ZERO"]] == 0
     assert hp32[ck.HP["NEG_LR"]] == np.float32(-opt.lr)

@@ -301,7 +301,7 @@ def test_two_ranks_on_the_emulated_gpu_reproduce_one_process(job):
     """The NCCL path: each rank takes its own (emulated) GPU, the all-reduce goes over NCCL
     (emulated over MPI), and the result is the single-process run's."""
     if not EMULATED_GPU:
-        pytest.skip("a real GPU is here: the NCCL path runs on it in benchmarks/gpu_check.sh")
+        pytest.skip("a real GPU is here: this test runs two ranks on the emulated GPU only")
     env = {**_env(), "GPUBP_CUPY_MODULE": EMULATOR_MODULE, "GPUBP_EMU_DEVICES": "2"}
     args = [*TRAIN, "--backend", "cupy", "--epochs", "2"]
     one = subprocess.run(
@@ -318,3 +318,58 @@ def test_two_ranks_on_the_emulated_gpu_reproduce_one_process(job):
     a, b = MLP.load(job / "one.npz"), MLP.load(job / "two.npz")
     for p, q in zip(flat(a), flat(b)):
         np.testing.assert_allclose(p, q, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("broken", ["missing", "unavailable", "communicator"])
+def test_nccl_missing_or_broken_is_a_distributed_error_naming_the_pip_package(broken):
+    """NCCL is not in CuPy's [ctk] extra: without nvidia-nccl-cu1x CuPy's nccl module lacks
+    get_unique_id (an AttributeError), says available = False, or fails to make a communicator."""
+    from types import SimpleNamespace
+
+    from gpubp.distributed import DistributedError, _NCCLReducer
+
+    def no_id():
+        raise AttributeError("module 'cupy.cuda.nccl' has no attribute 'get_unique_id'")
+
+    def no_comm(*args):
+        raise RuntimeError("NCCL_ERROR_UNHANDLED_CUDA_ERROR")
+
+    nccl = SimpleNamespace(get_unique_id=no_id if broken == "missing" else lambda: b"id",
+                           NcclCommunicator=no_comm)  # fmt: skip
+    if broken == "unavailable":
+        nccl.available = False
+    cupy = SimpleNamespace(
+        __name__="cupy",
+        cuda=SimpleNamespace(nccl=nccl, runtime=SimpleNamespace(runtimeGetVersion=lambda: 13000)),
+    )
+    comm = SimpleNamespace(rank=0, size=1, bcast=lambda value: value)
+    with pytest.raises(DistributedError, match=r"needs NCCL.*pip install nvidia-nccl-cu13"):
+        _NCCLReducer(comm, cupy)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_a_data_parallel_gpu_step_reads_the_device_twice(rng, opt_name):
+    """On the (emulated) GPU: the loss share is scaled on the device, the loss and the stop flag
+    come back in one read, and the update is checked by one kernel and one read of its status
+    word (it was one read per tensor and state: 7 for SGD, 15 for Adam on two layers)."""
+    if not EMULATED_GPU:
+        pytest.skip("counted by the emulated GPU")
+    try:
+        from mpi4py import MPI
+    except Exception as exc:
+        pytest.skip(f"mpi4py cannot be used here: {exc}")
+    from cudaemu import _common
+    from gpubp import MLP
+    from gpubp.distributed import DataParallel, MPICommunicator
+    from gpubp.optim import SGD, Adam
+
+    model = MLP([20, 32, 5], backend="cupy", seed=0)
+    dp = DataParallel(MPICommunicator(MPI.COMM_SELF), model)
+    X = model.backend.asarray(rng.normal(size=(256, 20)), "float32")
+    Y = model.backend.xp.asarray(rng.integers(0, 5, 256))
+    opt = SGD(lr=0.05, momentum=0.9) if opt_name == "sgd" else Adam(lr=1e-3)
+    losses = [dp.step(X, Y, np.arange(64 * k, 64 * k + 64), opt) for k in range(2)]
+    reads = _common.stats["get"]
+    losses += [dp.step(X, Y, np.arange(64 * k, 64 * k + 64), opt) for k in range(2, 4)]
+    assert (_common.stats["get"] - reads) / 2 <= 2
+    assert all(np.isfinite(losses)) and opt.state["step"] == 4

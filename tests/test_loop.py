@@ -9,6 +9,8 @@ import gpubp
 from gpubp.loop import BatchGather, EpochLoop
 from gpubp.optim import Adam
 
+from .conftest import skip_unless_available
+
 
 def _data(rng, n, n_in, n_out, dtype=np.float32):
     X = (rng.normal(0, 3, (n, n_in)) * 10.0 ** rng.integers(-2, 3, (n, 1))).astype(dtype)
@@ -55,6 +57,32 @@ def test_gather_refuses_rows_outside_the_data(rng):
         BatchGather(X, y[:9], 4)
 
 
+def test_the_device_gather_reuses_its_buffers_and_allocates_nothing_per_step(rng):
+    """On the (emulated) GPU: the rows of fancy indexing, in the same device buffers every
+    step, the indices uploaded into one index buffer; bounds checked on the host first."""
+    skip_unless_available("cupy")
+    from cudaemu import _common
+
+    be = gpubp.get_backend("cupy")
+    X, y = _data(rng, 53, 37, 5)
+    Xd, yd = be.asarray(X, "float32"), be.xp.asarray(y)
+    gather = BatchGather(Xd, yd, 8, xp=be.xp)
+    order = rng.permutation(len(X))
+    first = gather(order[:8])[0]
+    allocs = _common.stats["alloc"]
+    for start in range(0, len(X), 8):
+        idx = order[start : start + 8]
+        xb, yb = gather(idx)
+        np.testing.assert_array_equal(be.to_numpy(xb), X[idx])
+        np.testing.assert_array_equal(be.to_numpy(yb), y[idx])
+        assert xb.data.ptr == first.data.ptr  # the same buffer, partial batch included
+    assert _common.stats["alloc"] == allocs  # nothing allocated on the device per step
+    before = be.to_numpy(xb).copy()
+    with pytest.raises(IndexError, match=r"integers in \[0, 53\)"):
+        gather(np.array([0, 53]))
+    np.testing.assert_array_equal(be.to_numpy(xb), before)  # a refused batch changes nothing
+
+
 def test_an_order_is_checked_once_and_a_changed_order_again(rng):
     X, y = _data(rng, 10, 4, 3)
     gather = BatchGather(X, y, 5)
@@ -89,3 +117,19 @@ def test_fit_with_gathered_batches_matches_fancy_indexing_bit_for_bit(rng, backe
     (Wf, bf), (Wp, bp) = fitted.get_parameters(), plain.get_parameters()
     for a, b in zip([*Wf, *bf], [*Wp, *bp]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_pending_losses_are_folded_every_so_often_into_the_same_sum(rng):
+    """At most ``fold`` values wait for a read (an epoch without a progress bar would keep one
+    device scalar per step), and the sum is bit for bit the one read at the end."""
+    from gpubp.loop import LossSum
+
+    be = gpubp.get_backend("numpy")
+    values = rng.normal(size=23) * 10.0 ** rng.integers(-8, 8, 23)
+    weights = rng.integers(1, 100, 23)
+    folded, once = LossSum(be, total=0.5, fold=4), LossSum(be, total=0.5, fold=10**9)
+    for v, w in zip(values, weights):
+        folded.add(v, int(w))
+        once.add(v, int(w))
+        assert len(folded.values) <= 4
+    assert folded.read() == once.read()

@@ -22,6 +22,10 @@
 
 #include <math.h>  // the C++ <math.h> brings the float overloads of exp, tanh, fmax... to ::
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>  // _mm_getcsr / _mm_setcsr: the flush-to-zero and denormals-are-zero bits
+#endif
+
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
@@ -561,6 +565,26 @@ inline void run_block(Block& b, int order, unsigned long long seed, Body body, v
 
 // --- a launch ------------------------------------------------------------------------------------------
 
+// CuPy compiles every kernel with -ftz=true: a float32 subnormal read or written by a float
+// instruction is zero. On x86 the MXCSR's FTZ (bit 15) and DAZ (bit 6) bits do that for the SSE
+// and AVX instructions, set for the launch of a float instantiation (its name has "<float") and
+// put back afterwards; threads made during the launch inherit them. They apply to the double
+// instructions of that launch too (a GPU keeps double subnormals; gpubp's float kernels use
+// doubles only for sums far from 1e-308). Elsewhere nothing is flushed (DESIGN.md).
+struct FlushSubnormals {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned saved;
+    explicit FlushSubnormals(bool on) : saved(_mm_getcsr()) {
+        if (on) _mm_setcsr(saved | 0x8040u);
+    }
+    ~FlushSubnormals() { _mm_setcsr(saved); }
+#else
+    explicit FlushSubnormals(bool) {}
+#endif
+    FlushSubnormals(const FlushSubnormals&) = delete;
+    FlushSubnormals& operator=(const FlushSubnormals&) = delete;
+};
+
 // Run body(ctx) as every thread of a grid of `grid` blocks of `block` threads. Returns 0, or 1
 // with the error written to err.
 inline int launch(const char* name, unsigned grid, unsigned block, int order,
@@ -575,6 +599,7 @@ inline int launch(const char* name, unsigned grid, unsigned block, int order,
     if (block < 1 || block > 1024) {
         return refuse("block of " + std::to_string(block) + " threads (CUDA allows 1 to 1024)");
     }
+    const FlushSubnormals ftz(std::strstr(name, "<float") != nullptr);
     g_kernel = name;
     g_gridDim = dim3{grid, 1, 1};
     g_blockDim = dim3{block, 1, 1};

@@ -118,6 +118,11 @@ class Backend(UpdateOps):
     def synchronize(self) -> None:
         """Wait until queued work is done (a no-op on the CPU)."""
 
+    def capture_report(self, since: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Whether the train steps ran as CUDA graphs (``None``: this backend has none; see
+        :meth:`gpubp.backends.cuda.CupyBackend.capture_report`)."""
+        return None
+
     def argmax_correct(self, a: Any, y: Any = None) -> tuple[Any, Any]:
         """``(pred, correct)``: the argmax of each row of ``a`` ``(B, n)`` (NumPy's rule: the
         first maximum, a NaN counts as the maximum) and, with targets ``y`` (``(B,)`` labels or

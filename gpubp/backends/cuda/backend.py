@@ -40,6 +40,32 @@ from .status import DeviceLoss, StepErrors
 from .steps import StepCache
 
 _CUDA_MEMCPY_DEVICE_TO_DEVICE = 3
+#: Losses per device allocation (see :meth:`CupyBackend._loss_slot`).
+LOSS_BLOCK = 256
+
+
+#: The environment variable that turns CUDA graphs off (``0``) or makes them required.
+GRAPHS_ENV = "GPUBP_CUDA_GRAPHS"
+_GRAPHS_WORDS = {"0": "off", "false": "off", "off": "off", "1": "on", "true": "on", "on": "on",
+                 "require": "require"}  # fmt: skip
+
+
+def graphs_mode(graphs: bool | str | None) -> str:
+    """``"off"``, ``"on"`` or ``"require"`` for the ``graphs`` argument (``None``: from
+    ``GPUBP_CUDA_GRAPHS``, default on). :class:`ValueError` names a value it cannot read."""
+    if graphs is None:
+        value = os.environ.get(GRAPHS_ENV, "1").strip().lower()
+        if value not in _GRAPHS_WORDS:
+            raise ValueError(
+                f"{GRAPHS_ENV}={value!r} is not understood; expected 0 (eager steps), 1 (graphs "
+                "where they can be captured, the default) or require (a failed capture is an error)"
+            )
+        return _GRAPHS_WORDS[value]
+    if isinstance(graphs, str):
+        if graphs != "require":
+            raise ValueError(f"graphs={graphs!r}: expected True, False or 'require'")
+        return "require"
+    return "on" if graphs else "off"
 
 
 class CupyBackend(Backend):
@@ -50,9 +76,12 @@ class CupyBackend(Backend):
     tf32 : bool
         Allow TF32 tensor-core math in float32 GEMMs (about 10 mantissa bits; off by default, so
         float32 results meet the same tolerance as on the CPU).
-    graphs : bool
+    graphs : bool or "require"
         Capture the train step as a CUDA graph (default; the environment variable
-        ``GPUBP_CUDA_GRAPHS=0`` turns it off). Without, the same kernels run eagerly.
+        ``GPUBP_CUDA_GRAPHS=0`` turns it off). Without, the same kernels run eagerly. A step
+        that cannot be captured runs eagerly with a warning, or, with ``"require"``
+        (``GPUBP_CUDA_GRAPHS=require``), raises :class:`~gpubp.errors.GraphCaptureError`
+        naming the call that broke the capture. :meth:`capture_report` says what happened.
     fold_sgd : bool
         Fold plain SGD's weight update into the gradient GEMM (``dW`` never materialised; saves
         one write and two reads of the weights' size per step). Off by default because an
@@ -69,7 +98,7 @@ class CupyBackend(Backend):
     def __init__(
         self,
         tf32: bool = False,
-        graphs: bool | None = None,
+        graphs: bool | str | None = None,
         fold_sgd: bool = False,
         cupy: Any = None,
     ) -> None:
@@ -78,13 +107,13 @@ class CupyBackend(Backend):
         self.xp = cupy
         self._cp = cupy
         self._ctx = DeviceContext(cupy, tf32)
-        if graphs is None:
-            graphs = os.environ.get("GPUBP_CUDA_GRAPHS", "1") != "0"
-        self.graphs = bool(graphs)
+        mode = graphs_mode(graphs)
+        self.graphs = mode != "off"
         self.fold_sgd = bool(fold_sgd)
+        self._loss_blocks: dict[tuple[int, str], tuple[Any, int]] = {}
         self._errors = StepErrors(self._ctx)
         self._steps = StepCache(
-            self._ctx, self.kernel, self._allocate, graphs=self.graphs, fold_sgd=self.fold_sgd
+            self._ctx, self.kernel, self._allocate, graphs=mode, fold_sgd=self.fold_sgd
         )
 
     @property
@@ -150,6 +179,16 @@ class CupyBackend(Backend):
             self.check_status()
             return out
         return np.asarray(a)
+
+    def capture_report(self, since: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Whether this backend's train steps ran as CUDA graphs, and why not if they did not.
+
+        ``{"mode", "captured", "graph_steps", "eager_steps", "failures"}`` plus ``"why_not"``
+        when ``captured`` is false (see :class:`gpubp.backends.cuda.graph.CaptureLog`); over
+        the backend's life, or the steps after ``since`` (an earlier report).
+        """
+        log = self._steps.log
+        return log.report() if since is None else log.since(since)
 
     # --- checks ---------------------------------------------------------------------------------
 
@@ -287,6 +326,37 @@ class CupyBackend(Backend):
         state["step"] = step
         return params, state
 
+    def checked_update(
+        self,
+        value: Any,
+        params: list[Any],
+        grads: list[Any],
+        optimizer: Any,
+        state: dict[str, Any],
+        *,
+        scratch: Any = None,
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """:meth:`update_parameters` only if every new parameter and state value is finite,
+        checked on the device: the check kernel over the whole table, one read of its status
+        word, then the update kernel. Where the check fails the NumPy-path check runs instead,
+        which raises :class:`~gpubp.errors.NonFiniteLossError` naming the tensor; nothing is
+        changed. ``value`` is the loss, for the message."""
+        slots = [state[s] for s in optimizer.slots]
+        if not self._fits(*params, *grads, *(x for s in slots for x in s)):
+            return super().checked_update(value, params, grads, optimizer, state, scratch=scratch)
+        cp = self._cp
+        dtype = params[0].dtype
+        table, chunks = ck.build_table(table_entries(params, grads, slots))
+        args = (optimizer, dtype, cp.asarray(table), len(params), chunks)
+        hp = cp.asarray(ck.hyperparameters(optimizer, int(state["step"]) + 1, dtype))
+        status = cp.zeros(ck.STATUS_SLOTS, dtype=np.int32)
+        launch.check_update_table(self.kernel, *args, hp, status)
+        if int(status[ck.STATUS_BAD].get()) != 0:  # the one read
+            return super().checked_update(value, params, grads, optimizer, state, scratch=scratch)
+        launch.update_table(self.kernel, *args, hp, status)
+        state["step"] = int(state["step"]) + 1
+        return params, state
+
     # --- evaluation -------------------------------------------------------------------------------
 
     def argmax_correct(self, a: Any, y: Any = None) -> tuple[Any, Any]:
@@ -372,7 +442,7 @@ class CupyBackend(Backend):
         step.set_hyperparameters(ck.hyperparameters(optimizer, step_no, weights[0].dtype))
         step.run()
         state["step"] = step_no
-        value = self._cp.empty((), dtype=weights[0].dtype)
+        value = self._loss_slot(weights[0].dtype)
         self._cp.cuda.runtime.memcpyAsync(
             value.data.ptr,
             step.buf.loss.data.ptr,
@@ -382,6 +452,17 @@ class CupyBackend(Backend):
         )
         self._errors.queued(state)  # after the loss's copy is queued: a check may synchronise
         return DeviceLoss(self, value), weights, biases, state
+
+    def _loss_slot(self, dtype: Any) -> Any:
+        """A fresh 0-d device array for one step's loss: the next element of a block of
+        :data:`LOSS_BLOCK` (one allocation per block, not per step). Each element is handed out
+        once; a block lives as long as a loss of it is referenced."""
+        key = (self._cp.cuda.Device().id, np.dtype(dtype).str)
+        block, used = self._loss_blocks.get(key, (None, LOSS_BLOCK))
+        if block is None or used >= LOSS_BLOCK:
+            block, used = self._cp.empty(LOSS_BLOCK, dtype=dtype), 0
+        self._loss_blocks[key] = (block, used + 1)
+        return block[used]
 
     def _allocate(self, sizes: tuple[int, ...], batch: int, dtype: Any) -> StepBuffers:
         """The step's buffers; out of memory is an error giving the bytes and a batch that fits."""

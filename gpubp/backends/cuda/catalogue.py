@@ -20,6 +20,7 @@ import numpy as np
 
 from ... import activations as act
 from ...kernel_sources import read_kernel
+from ...optim import adam_scalars
 
 #: Kernel family -> CUDA source file (one file per family).
 FAMILIES: dict[str, str] = {
@@ -43,8 +44,8 @@ HP = {
     "BETA1": 3,
     "BETA2": 4,
     "EPS": 5,
-    "STEP_SIZE": 6,
-    "INV_SQRT_BC2": 7,
+    "ALPHA": 6,
+    "EPS_HAT": 7,
     "DECAY": 8,
     "LR_MOMENTUM": 9,
     "NEG_LR": 10,
@@ -338,9 +339,12 @@ def hyperparameters(optimizer: object, step: int, dtype: object) -> np.ndarray:
         hp[HP["LR_MOMENTUM"]] = lr * mu
     else:
         b1, b2 = (float(b) for b in getattr(optimizer, "betas"))  # noqa: B009
-        hp[HP["BETA1"]], hp[HP["BETA2"]] = b1, b2
-        hp[HP["ONE_MINUS_BETA1"]], hp[HP["ONE_MINUS_BETA2"]] = 1.0 - b1, 1.0 - b2
-        hp[HP["EPS"]] = float(getattr(optimizer, "eps"))  # noqa: B009
-        hp[HP["STEP_SIZE"]] = lr / (1.0 - b1**step)
-        hp[HP["INV_SQRT_BC2"]] = 1.0 / math.sqrt(1.0 - b2**step)
+        eps = float(getattr(optimizer, "eps"))  # noqa: B009
+        decoupled = bool(getattr(optimizer, "decoupled", False))
+        k = adam_scalars(step, lr, b1, b2, eps, wd, decoupled)  # as NumPy's and Numba's Adam
+        hp[HP["BETA1"]], hp[HP["BETA2"]] = k.b1, k.b2
+        hp[HP["ONE_MINUS_BETA1"]], hp[HP["ONE_MINUS_BETA2"]] = k.omb1, k.omb2
+        hp[HP["EPS"]] = eps
+        hp[HP["ALPHA"]], hp[HP["EPS_HAT"]] = k.alpha, k.eps_hat
+        hp[HP["DECAY"]] = k.shrink
     return np.asarray(hp, dtype=np.dtype(dtype))  # type: ignore[call-overload]

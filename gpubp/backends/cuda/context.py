@@ -25,8 +25,9 @@ Entry = tuple[int, int, int, int, int]
 class HostRing:
     """Pinned host slots for the per-step hyper-parameter upload (asynchronous, never a sync).
 
-    A slot is reused only after the copy that read it has finished (its event), so the host
-    never overwrites values a queued copy has yet to read.
+    A slot is reused only after the copy that read it has finished (its event, asked first and
+    waited for only if that copy is still queued), so the host never overwrites values a queued
+    copy has yet to read. Each slot keeps one event, recorded again at each use.
     """
 
     def __init__(self, cp: Any, slots: int = 64, nbytes: int = ck.HP_SLOTS * 8) -> None:
@@ -34,21 +35,24 @@ class HostRing:
         self._mem = cp.cuda.alloc_pinned_memory(slots * nbytes)
         self._nbytes = nbytes
         self._events: list[Any] = [None] * slots
+        self._recorded = [False] * slots
         self._next = 0
 
     def upload(self, host: np.ndarray, dst: Any) -> None:
         """Copy ``host`` into the device array ``dst`` on the current stream, asynchronously."""
         k = self._next
         self._next = (k + 1) % len(self._events)
-        if self._events[k] is not None:
-            self._events[k].synchronize()
+        ev = self._events[k]
+        if ev is None:
+            ev = self._events[k] = self._cp.cuda.Event(block=False, disable_timing=True)
+        elif self._recorded[k] and not ev.done:
+            ev.synchronize()
         view = np.frombuffer(self._mem, dtype=np.uint8, count=self._nbytes, offset=k * self._nbytes)
         view[: host.nbytes] = host.view(np.uint8)
         stream = self._cp.cuda.get_current_stream()
         dst.data.copy_from_host_async(self._mem.ptr + k * self._nbytes, host.nbytes, stream)
-        ev = self._cp.cuda.Event(block=False, disable_timing=True)
         ev.record(stream)
-        self._events[k] = ev
+        self._recorded[k] = True
 
 
 class DeviceState:

@@ -100,17 +100,24 @@ def _is_cublas(name: str) -> bool:
     return name == "libcublas.so" or name.startswith("libcublas.so.")
 
 
-def _loaded_in_process() -> str | None:
-    """Path of a ``libcublas.so`` this process has loaded already (CuPy loads it), if any."""
+def _loaded_in_process(major: int | None = None) -> str | None:
+    """Path of a ``libcublas.so`` this process has loaded already (CuPy loads it), if any; with
+    ``major``, one of that CUDA major version (``libcublas.so.<major>``) first."""
     try:
         with open("/proc/self/maps") as maps:
+            found: list[str] = []
             for line in maps:
                 path = line.split(maxsplit=5)[-1].strip()
                 if path.startswith("/") and _is_cublas(os.path.basename(path)):
-                    return path
+                    if path not in found:
+                        found.append(path)
     except OSError:  # not Linux
-        pass
-    return None
+        return None
+    if major is not None:
+        for path in found:
+            if os.path.basename(path).startswith(f"libcublas.so.{major}"):
+                return path
+    return found[0] if found else None
 
 
 def _in_wheels() -> str | None:
@@ -125,24 +132,70 @@ def _in_wheels() -> str | None:
     return None
 
 
-def find_library() -> str:
-    """Path (or soname) of the cuBLAS shared library to load.
+def cupy_cublas() -> tuple[str | None, str | None]:
+    """``(path, why)``: the ``libcublas`` CuPy itself loaded, or ``None`` and why there is none.
 
-    In order: ``GPUBP_CUBLAS``; the ``libcublas.so`` already loaded in this process (CuPy's, so
-    both use one copy); the NVIDIA wheels (``nvidia/cublas/lib``, ``nvidia/cu13/lib``);
-    ``ctypes.util.find_library("cublas")``. Raises :class:`FileNotFoundError` saying what to
-    install if none is found.
+    CuPy is imported as a package first (CuPy 14 preloads the CUDA wheels' libraries there,
+    through ``cuda.pathfinder``), then its own cuBLAS module (``from cupy_backends.cuda.libs
+    import cublas``), which loads the ``libcublas`` of CuPy's CUDA version; the path is then read
+    from the process's memory map, of CuPy's CUDA major version where two are loaded (PyTorch
+    brings its own). ``why`` starts with ``"no CuPy"`` where CuPy cannot be imported at all.
+    """
+    try:
+        cupy = importlib.import_module("cupy")
+    except Exception as exc:
+        return None, f"no CuPy ({type(exc).__name__}: {exc})"
+    try:
+        from cupy_backends.cuda.libs import cublas as _cupy_cublas  # noqa: F401
+    except Exception as exc:
+        return None, f"CuPy's cuBLAS module did not load ({type(exc).__name__}: {exc})"
+    try:
+        major: int | None = int(cupy.cuda.runtime.runtimeGetVersion()) // 1000
+    except Exception:  # no driver: any copy CuPy loaded
+        major = None
+    path = _loaded_in_process(major)
+    if path is None:
+        return None, "CuPy's cuBLAS module loaded, but no libcublas.so is in the process's map"
+    return path, None
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def find_library() -> str:
+    """Path (or soname) of the cuBLAS shared library to load: the one CuPy uses.
+
+    :func:`cupy_cublas` (CuPy's own copy, as CuPy loads it); ``GPUBP_CUBLAS`` may name that same
+    file, and another copy is refused (:class:`CublasError`: two cuBLAS copies in one process
+    would each keep their own state, and a copy of another CUDA version may not run CuPy's
+    streams). Without CuPy at all: ``GPUBP_CUBLAS``, then the NVIDIA wheels
+    (``nvidia/cublas/lib``, ``nvidia/cu13/lib``), then ``ctypes.util.find_library("cublas")``.
+    Raises :class:`FileNotFoundError` saying what to install if none is found, or if CuPy is
+    there but its cuBLAS did not load (no other copy is taken in its place).
     """
     explicit = os.environ.get("GPUBP_CUBLAS")
+    if explicit and not Path(explicit).is_file():
+        raise FileNotFoundError(f"GPUBP_CUBLAS={explicit!r} is not a file")
+    path, why = cupy_cublas()
+    if path is not None:
+        if explicit and not _same_file(explicit, path):
+            raise CublasError(
+                f"GPUBP_CUBLAS={explicit!r} is not the libcublas CuPy uses ({path}); gpubp "
+                "calls the copy CuPy loaded, so that one process has one cuBLAS: unset "
+                f"GPUBP_CUBLAS or set it to {path}"
+            )
+        return path
     if explicit:
-        if not Path(explicit).is_file():
-            raise FileNotFoundError(f"GPUBP_CUBLAS={explicit!r} is not a file")
         return explicit
-    try:  # CuPy's own cuBLAS module loads the libcublas of its CUDA version: use that copy
-        importlib.import_module("cupy_backends.cuda.libs.cublas")
-    except Exception:  # no CuPy here (a stand-in, or a bare install): search on
-        pass
-    found = _loaded_in_process() or _in_wheels() or ctypes.util.find_library("cublas")
+    if why is not None and not why.startswith("no CuPy"):
+        raise FileNotFoundError(
+            f"the cuBLAS library CuPy uses could not be loaded: {why}; {_INSTALL}"
+        )
+    found = _in_wheels() or ctypes.util.find_library("cublas")
     if not found:
         raise FileNotFoundError(f"the cuBLAS library (libcublas.so) was not found; {_INSTALL}")
     return found

@@ -18,17 +18,22 @@ each batch is copied into the captured input buffers, and the learning rate and 
 hyper-parameters live in device memory, so a schedule needs no recapture. The captured step calls
 only kernel launches and gpubp's own cuBLAS handle's ``cublasGemmEx`` (:mod:`.cublas`), whose
 stream is set before the capture begins; CuPy's cuBLAS wrappers would refuse to run while
-capturing. If capture fails nonetheless, the steps run eagerly (said once, as a warning).
+capturing. If capture fails nonetheless, the steps run eagerly (said once, as a warning), or,
+where graphs are required (``GPUBP_CUDA_GRAPHS=require``), :class:`~gpubp.errors.GraphCaptureError`
+names the call that broke the capture; :class:`CaptureLog` counts graph and eager steps.
 """
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ...errors import GraphCaptureError
 from ..base import Workspace
 from . import catalogue as ck
 from . import launch
@@ -62,6 +67,92 @@ class StepSpec:
     labels: bool
     #: plain SGD's weight update folded into the gradient GEMM (see :func:`folds`)
     fold: bool
+
+
+@dataclass
+class CaptureLog:
+    """Whether a backend's train steps ran as CUDA graphs, counted over its life.
+
+    ``mode`` is ``"off"`` (graphs not asked for), ``"on"`` (captured where possible, eager with a
+    warning otherwise) or ``"require"`` (a failed capture is an error). ``graph_steps`` counts
+    the steps replayed from a graph, ``eager_steps`` those launched one kernel at a time (the
+    first step of every batch shape is one: it compiles and allocates what the capture must not),
+    ``failures`` the reasons captures failed, in order, each once.
+    """
+
+    mode: str
+    graph_steps: int = 0
+    eager_steps: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def report(self) -> dict[str, Any]:
+        """The counts, ``captured`` (some step replayed a graph and no capture failed) and, when
+        not captured, ``why_not`` in words."""
+        captured = self.graph_steps > 0 and not self.failures
+        out: dict[str, Any] = {
+            "mode": self.mode,
+            "captured": captured,
+            "graph_steps": self.graph_steps,
+            "eager_steps": self.eager_steps,
+            "failures": list(self.failures),
+        }
+        if not captured:
+            if self.mode == "off":
+                out["why_not"] = "CUDA graphs are off (graphs=False or GPUBP_CUDA_GRAPHS=0)"
+            elif self.failures:
+                out["why_not"] = f"the capture failed: {self.failures[0]}"
+            elif not self.eager_steps:
+                out["why_not"] = (
+                    "no whole train step ran (gradient-only calls and data-parallel steps run "
+                    "their kernels eagerly)"
+                )
+            else:
+                out["why_not"] = (
+                    "no batch shape ran twice (the first step of each shape runs eagerly; "
+                    "the second is captured)"
+                )
+        return out
+
+    def since(self, before: dict[str, Any]) -> dict[str, Any]:
+        """The report of what happened after ``before`` (an earlier :meth:`report`)."""
+        now = CaptureLog(self.mode, self.graph_steps - before["graph_steps"],
+                         self.eager_steps - before["eager_steps"],
+                         self.failures[len(before["failures"]):])  # fmt: skip
+        return now.report()
+
+
+#: The folder of the gpubp package, to find gpubp's own frame in a traceback.
+_PACKAGE = Path(__file__).resolve().parents[2]
+
+
+def _frame(f: traceback.FrameSummary) -> str:
+    path = Path(f.filename).resolve()
+    name = path.relative_to(_PACKAGE.parent) if path.is_relative_to(_PACKAGE.parent) else path
+    return f"{name}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+
+
+def _in_library(filename: str, library: Path | None) -> bool:
+    """Whether a frame is CuPy's own (a ``cupy*`` folder, or the stand-in's ``library``)."""
+    path = Path(filename)
+    if any(part.startswith("cupy") for part in path.parts[:-1]):
+        return True
+    return library is not None and path.resolve().is_relative_to(library)
+
+
+def offending_call(exc: BaseException, library: Path | None = None) -> str:
+    """Where ``exc`` came from: the innermost frame outside CuPy (or the stand-in whose folder
+    is ``library``) -- the call that broke a capture --, and the gpubp frame that led to it
+    where that is another; ``"unknown"`` without a traceback."""
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if not _in_library(f.filename, library)
+    ]
+    if not frames:
+        return "unknown"
+    where = _frame(frames[-1])
+    ours = [f for f in frames if Path(f.filename).resolve().is_relative_to(_PACKAGE)]
+    if ours and ours[-1] is not frames[-1]:
+        where += f" (called from {_frame(ours[-1])})"
+    return where
 
 
 def folds(optimizer: Any) -> bool:
@@ -114,6 +205,8 @@ class TrainStep:
         Capture the step as a CUDA graph on its second run.
     on_eager : callable
         Called with the reason when the capture fails (the step then runs eagerly).
+    log : CaptureLog, optional
+        Where the step counts its graph and eager runs and a failed capture's reason.
     """
 
     def __init__(
@@ -129,8 +222,10 @@ class TrainStep:
         *,
         graphs: bool,
         on_eager: Callable[[str], None],
+        log: CaptureLog | None = None,
     ) -> None:
         cp = ctx.cp
+        self.log = log if log is not None else CaptureLog("on" if graphs else "off")
         self.ctx, self.kernels, self.buf = ctx, kernels, buf
         self.W, self.b = list(weights), list(biases)
         self.activation, self.output, self.loss = spec.activation, spec.output, spec.loss
@@ -180,12 +275,15 @@ class TrainStep:
             self.graph = self._capture()
         if self.graph is not None and self.graph is not False:
             self.graph.launch(stream=cp.cuda.get_current_stream())
+            self.log.graph_steps += 1
         else:
             self.record(self.status)
+            self.log.eager_steps += 1
         self.runs += 1
 
     def _capture(self) -> Any:
-        """The step as a CUDA graph; ``False`` (and a warning, once) if it cannot be captured.
+        """The step as a CUDA graph; ``False`` (and a warning, once) if it cannot be captured,
+        or :class:`GraphCaptureError` naming the first offending call where graphs are required.
 
         The first run is eager: the cuBLAS handle, its workspace and the kernels are then made
         and compiled, which must not happen during capture. The handle's stream is set to the
@@ -195,23 +293,41 @@ class TrainStep:
         stream = cp.cuda.Stream(non_blocking=True)
         stream.wait_event(cp.cuda.get_current_stream().record())
         blas = self.ctx.cublas()
-        graph = None
+        first: Exception | None = None  # the first failure: the call that broke the capture
         try:
             blas.set_stream(stream.ptr)
             with stream:
                 stream.begin_capture()
                 try:
                     self.record(self.status)
+                except Exception as exc:
+                    first = exc
                 finally:
-                    graph = stream.end_capture()
-            graph.upload(stream)
-            stream.synchronize()
-            return graph
+                    try:
+                        graph = stream.end_capture()
+                    except Exception as exc:  # the capture invalidated (by ``first``)
+                        first = first or exc
+            if first is None:
+                graph.upload(stream)
+                stream.synchronize()
+                return graph
         except Exception as exc:  # any capture failure: eager launches give the same results
-            self.on_eager(f"{type(exc).__name__}: {exc}")
-            return False
+            first = first or exc
         finally:
             blas.set_stream(cp.cuda.get_current_stream().ptr)
+        module_file = getattr(cp, "__file__", None)
+        library = Path(module_file).resolve().parent if module_file else None
+        why = f"{type(first).__name__}: {first} (at {offending_call(first, library)})"
+        if why not in self.log.failures:
+            self.log.failures.append(why)
+        if self.log.mode == "require":
+            raise GraphCaptureError(
+                "the train step could not be captured as a CUDA graph, and graphs are required "
+                f"(GPUBP_CUDA_GRAPHS=require): {why}; nothing was updated. Run that call "
+                "outside the recorded step, or allow eager steps (GPUBP_CUDA_GRAPHS=1)"
+            ) from first
+        self.on_eager(why)
+        return False
 
     def record(self, status: Any) -> None:
         """Enqueue the whole step on the current stream (eagerly, or into a capture)."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import launch
 from .context import DeviceContext
-from .graph import StepBuffers, StepSpec, TrainStep, folds
+from .graph import CaptureLog, StepBuffers, StepSpec, TrainStep, folds
 
 #: Train steps kept captured (least recently used dropped first).
 MAX_GRAPHS = 4
@@ -35,8 +35,9 @@ class StepCache:
         The backend's kernel getter.
     allocate : callable
         Makes a step's buffers (:data:`Allocate`).
-    graphs : bool
-        Capture the steps as CUDA graphs.
+    graphs : str
+        ``"on"``: capture the steps as CUDA graphs (eager, with a warning, where that fails),
+        ``"require"``: a failed capture is an error, ``"off"``: eager steps.
     fold_sgd : bool
         Fold plain SGD's weight update into the gradient GEMM.
     """
@@ -47,13 +48,14 @@ class StepCache:
         kernels: launch.KernelGetter,
         allocate: Allocate,
         *,
-        graphs: bool,
+        graphs: str,
         fold_sgd: bool,
     ) -> None:
         self._ctx, self._kernels, self._allocate = ctx, kernels, allocate
-        self.graphs, self.fold_sgd = graphs, fold_sgd
+        self.graphs, self.fold_sgd = graphs != "off", fold_sgd
         self._steps: OrderedDict[tuple[Any, ...], TrainStep] = OrderedDict()
         self._said_eager = False
+        self.log = CaptureLog(graphs)
 
     def values(self) -> list[TrainStep]:
         """The steps kept, least recently used first."""
@@ -99,7 +101,7 @@ class StepCache:
         buf = self._allocate(sizes, int(x.shape[0]), dtype)
         step = TrainStep(
             self._ctx, self._kernels, buf, weights, biases, spec, optimizer, slots,
-            graphs=self.graphs, on_eager=self._say_eager,
+            graphs=self.graphs, on_eager=self._say_eager, log=self.log,
         )  # fmt: skip
         self._steps[key] = step
         while len(self._steps) > MAX_GRAPHS:

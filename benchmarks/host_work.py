@@ -1,0 +1,103 @@
+"""Host work per train step of the cupy backend, counted on the emulated GPU (not timed).
+
+Usage: python benchmarks/host_work.py [--steps N] [--optimizer sgd|adam] [--schedule]
+
+The emulator is no clock, so this counts what a step costs the host instead, per step, over
+``N`` steps after a warm-up, through the same calls as ``gpubp train`` (the device-resident
+data set gathered by :class:`gpubp.loop.BatchGather`, ``MLP.step``, the losses added to a
+:class:`gpubp.loop.LossSum`, the learning rate set every step when ``--schedule``):
+
+- ``cupy_calls``: calls from outside into the cupy module (array methods and functions, stream
+  and memory calls), and ``python_calls``: every Python function call of the step;
+- the emulated device's counters: ``alloc`` (device allocations), ``h2d`` (host-to-device
+  uploads), ``get`` (device-to-host reads), ``graph_launch``, ``eager_launch`` (kernels
+  launched one by one), ``memcpy`` (copies outside a graph).
+
+Runs on the emulated GPU only (it sets ``GPUBP_CUPY_MODULE=cudaemu.cupy``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+COUNTERS = ("alloc", "h2d", "get", "graph_launch", "eager_launch", "memcpy", "sync")
+
+
+def measure(steps: int, optimizer: str, schedule: bool) -> dict[str, float]:
+    """Counts per step (see the module docstring), averaged over ``steps`` steps."""
+    import numpy as np
+
+    from cudaemu import _common
+    from gpubp import MLP
+    from gpubp.loop import BatchGather, LossSum
+    from gpubp.optim import SGD, Adam
+
+    rng = np.random.default_rng(0)
+    model = MLP([20, 32, 5], backend="cupy", seed=0)
+    be = model.backend
+    n, batch = 1000, 64
+    X = be.asarray(rng.normal(size=(n, 20)), "float32")
+    Y = be.asarray(rng.integers(0, 5, n))
+    opt = Adam(lr=1e-3) if optimizer == "adam" else SGD(lr=0.05, momentum=0.9)
+    gather = BatchGather(X, Y, batch, xp=be.xp)  # as gpubp train and MLP.fit make it
+    losses = LossSum(be)
+    order = rng.permutation(n)
+
+    def step(k: int) -> None:
+        if schedule:
+            opt.lr = 1e-3 * (1 + np.cos(k / 100))  # a new learning rate every step
+        idx = order[(k * batch) % (n - batch) :][:batch]
+        losses.add(model.step(*gather(idx), opt), batch)
+
+    for k in range(3):  # warm-up: compile, allocate, capture
+        step(k)
+    emu = str(Path(_common.__file__).parent)
+    calls: collections.Counter[str] = collections.Counter()
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event != "call":
+            return
+        calls["python_calls"] += 1
+        code = frame.f_code
+        caller = frame.f_back.f_code.co_filename if frame.f_back is not None else ""
+        if code.co_filename.startswith(emu) and not caller.startswith(emu):
+            calls["cupy_calls"] += 1
+
+    before = collections.Counter(_common.stats)
+    sys.setprofile(profile)
+    try:
+        for k in range(3, 3 + steps):
+            step(k)
+    finally:
+        sys.setprofile(None)
+    after = collections.Counter(_common.stats)
+    out = {key: calls[key] / steps for key in ("cupy_calls", "python_calls")}
+    for key in COUNTERS:
+        out[key] = (after[key] - before[key]) / steps
+    losses.read()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ["GPUBP_CUPY_MODULE"] = "cudaemu.cupy"  # counted by the emulator, before any import
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
+    parser.add_argument("--schedule", action="store_true", help="a new lr every step")
+    args = parser.parse_args(argv)
+    counts = measure(args.steps, args.optimizer, args.schedule)
+    print(json.dumps({"optimizer": args.optimizer, "schedule": args.schedule, **counts}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The device run (``benchmarks/device_run.py``) without a GPU: its budget, its summary after every
+phase, and its smoke phase on the emulated GPU (CI runs the whole script in ``.ci/run``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import EMULATED_GPU, skip_unless_available
+
+ROOT = Path(__file__).resolve().parent.parent
+PHASES = ["environment", "smoke", "check", "tests", "sanitizer", "benchmark"]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_tiny_budget_skips_every_phase_and_names_it(tmp_path, capsys):
+    run = _script("device_run")
+    assert run.main(["--emulated", "--budget", "2", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["phases"]) == PHASES
+    for name, phase in summary["phases"].items():
+        assert phase["status"] == "skipped", name
+        assert phase["reason"], name
+    # the budget is why, except for a phase with no meaning on the emulated GPU
+    assert "needs at least" in summary["phases"]["smoke"]["reason"]
+    assert "emulated" in summary["phases"]["sanitizer"]["reason"]
+    assert "smoke" in (tmp_path / "summary.txt").read_text()
+    assert "== check: skipped" in capsys.readouterr().out
+
+
+def test_the_summary_is_written_after_every_phase_and_the_budget_is_kept(tmp_path, monkeypatch):
+    """A phase that uses up the budget: the next ones are skipped, and each phase finds the one
+    before it already in summary.json (a run stopped at its limit still returns them)."""
+    run = _script("device_run")
+    clock = [0.0]
+    monkeypatch.setattr(run.time, "monotonic", lambda: clock[0])
+    seen: list[dict] = []
+
+    def fake(name: str, cost: float):
+        def phase(self, limit: float) -> dict:
+            assert limit <= self.args.budget
+            seen.append(json.loads((tmp_path / "summary.json").read_text())["phases"])
+            clock[0] += cost
+            return {"status": "passed"}
+
+        return phase
+
+    for name, cost in [("environment", 2), ("smoke", 5), ("check", 200)]:
+        monkeypatch.setattr(run.Runner, f"phase_{name}", fake(name, cost))
+    assert run.main(["--emulated", "--budget", "100", "--out", str(tmp_path)]) == 0
+    assert [s["environment"]["status"] for s in seen] == ["pending", "passed", "passed"]
+    assert seen[2]["smoke"]["status"] == "passed"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [summary["phases"][n]["status"] for n in PHASES] == ["passed"] * 3 + ["skipped"] * 3
+    assert "0 s of the budget left" in summary["phases"]["tests"]["reason"]
+
+
+def test_a_device_run_tests_the_real_cupy_only_and_requires_graphs(tmp_path, monkeypatch):
+    """On a device, no test may fall back to the emulator or skip the cupy backend unnoticed,
+    and every phase runs with graphs required (unless --no-require-graphs)."""
+    monkeypatch.delenv("GPUBP_CUDA_GRAPHS", raising=False)
+    run = _script("device_run")
+    env = run.Runner(run.parse_args(["--out", str(tmp_path)])).env
+    assert env["GPUBP_CUPY_MODULE"] == "cupy" and env["GPUBP_REQUIRE_EMULATOR"] == "1"
+    assert env["GPUBP_CUDA_GRAPHS"] == "require"
+    env = run.Runner(run.parse_args(["--emulated", "--no-require-graphs"])).env
+    assert env["GPUBP_CUPY_MODULE"] == "cudaemu.cupy" and "GPUBP_CUDA_GRAPHS" not in env
+
+
+def test_no_git_is_a_fact_in_the_summary_not_a_crash(monkeypatch):
+    run = _script("device_run")
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(run.subprocess, "run", no_git)
+    assert run.git_commit() == "unknown (git not found)"
+    monkeypatch.setattr(run.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 128))
+    assert run.git_commit() == "unknown (not a git checkout)"
+
+
+def test_a_missing_package_is_named_with_its_pip_install():
+    run = _script("device_run")
+    assert run.missing_module("ModuleNotFoundError: No module named 'cupy'").startswith(
+        "pip install cupy-cuda12x"
+    )
+    assert run.missing_module("No module named 'pytest'") == "pip install pytest"
+    assert run.missing_module("all fine") is None
+
+
+def test_the_smoke_phase_captures_the_step_and_matches_eager_and_the_reference():
+    skip_unless_available("cupy")
+    ok, report = _script("device_probe").smoke()
+    assert report["captured"] is True, report
+    assert report["capture_graph"]["graph_steps"] == 2  # the first step of a shape is eager
+    assert report["capture_eager"]["why_not"].startswith("CUDA graphs are off")
+    assert ok, report
+
+
+@pytest.mark.parametrize("tiny", [False, True])
+def test_the_benchmark_takes_the_device_runs_options(tiny):
+    gpu_step = _script("gpu_step")
+    args = gpu_step.parse_args(["out", "--no-compile", *(["--tiny"] if tiny else ["--quick"])])
+    assert args.no_compile and args.tiny == tiny
+    assert set(gpu_step.TINY) <= set(gpu_step.QUICK)
+
+
+def test_a_gpu_train_step_allocates_nothing_and_reads_nothing():
+    """Counted on the emulated GPU (benchmarks/host_work.py): the batch is gathered into reused
+    buffers, the step replays its graph, the losses take the slots of a block allocated once."""
+    if not EMULATED_GPU:
+        pytest.skip("counted by the emulated GPU")
+    skip_unless_available("cupy")
+    counts = _script("host_work").measure(8, "adam", schedule=True)
+    assert counts["graph_launch"] == 1 and counts["eager_launch"] == 0
+    assert counts["alloc"] * 8 <= 1  # at most one block of losses (LOSS_BLOCK steps each)
+    assert counts["get"] == 0 and counts["sync"] == 0
