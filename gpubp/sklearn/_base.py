@@ -301,8 +301,8 @@ class BaseMLP(BaseEstimator):
                     )
         except KeyboardInterrupt:
             warnings.warn("Training interrupted by user.", stacklevel=3)
-        if self.early_stopping:
-            return self._best_coefs, self._best_intercepts
+        if self.early_stopping:  # copies: the kept best stays the kept best whatever happens
+            return [c.copy() for c in self._best_coefs], [b.copy() for b in self._best_intercepts]
         return net.coefs()
 
     def _solver_rule(self, net: Network, incremental: bool) -> SGDRule | AdamRule:

@@ -210,11 +210,16 @@ class Network:
         return [*self.W, *self.b]
 
     def coefs(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """``(coefs_, intercepts_)`` as NumPy copies in scikit-learn's layout."""
+        """``(coefs_, intercepts_)`` as NumPy copies in scikit-learn's layout.
+
+        Always fresh memory: ``to_numpy`` returns the live array itself on the CPU backends,
+        and the transpose of a ``(1, n)`` or ``(n, 1)`` matrix is already contiguous, so
+        ``ascontiguousarray`` would hand out a view that the next step changes.
+        """
         be = self.backend
         return (
-            [np.ascontiguousarray(be.to_numpy(W).T) for W in self.W],
-            [be.to_numpy(b).copy() for b in self.b],
+            [np.array(be.to_numpy(W).T, order="C", copy=True) for W in self.W],
+            [np.array(be.to_numpy(b), copy=True) for b in self.b],
         )
 
     def step(self, x: Any, y: Any, labels: Any, sw: Any, optimizer: Any) -> Any:
