@@ -32,14 +32,6 @@ GPUBP_IMPORT = "from gpubp.sklearn import MLPClassifier, MLPRegressor"
 #: test name (a shell pattern), optionally with a pattern over its parameters, e.g.
 #: ``test_x[numba-*]`` -> why it still fails on gpubp (see the module docstring).
 KNOWN_FAILURES: dict[str, str] = {
-    "test_gradient": "solver='lbfgs' not implemented yet",
-    "test_lbfgs_*": "solver='lbfgs' not implemented yet",
-    "test_multilabel_classification": "solver='lbfgs' not implemented yet",
-    "test_multioutput_regression": "solver='lbfgs' not implemented yet",
-    "test_predict_proba_multilabel": "solver='lbfgs' not implemented yet",
-    "test_warm_start": "solver='lbfgs' not implemented yet",
-    "test_mlp_warm_start_no_convergence[*-lbfgs-*]": "solver='lbfgs' not implemented yet",
-    "test_partial_fit_errors": "partial_fit is not hidden for solver='lbfgs' yet",
     "test_mlp_vs_poisson_glm_equivalent": "loss='poisson' (and lbfgs) not implemented yet",
     "test_sparse_matrices": "sparse X not implemented yet",
 }

@@ -9,6 +9,7 @@ import numpy as np
 from sklearn.base import ClassifierMixin, RegressorMixin
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.preprocessing import LabelBinarizer
+from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import type_of_target, unique_labels
 from sklearn.utils.validation import column_or_1d, validate_data
 
@@ -22,8 +23,9 @@ _DOC_PARAMETERS = """
         Widths of the hidden layers.
     activation : {'identity', 'logistic', 'tanh', 'relu'}, default='relu'
         Hidden activation.
-    solver : {'adam', 'sgd'}, default='adam'
-        scikit-learn's Adam or SGD rule ('lbfgs' is refused with what to use instead).
+    solver : {'adam', 'sgd', 'lbfgs'}, default='adam'
+        scikit-learn's Adam or SGD rule, or scipy's L-BFGS-B on the full batch (as
+        scikit-learn runs it: see :mod:`gpubp.sklearn._lbfgs`).
     alpha : float, default=1e-4
         L2 penalty on the weights (not the biases): each batch adds ``alpha W / S`` to the
         weight gradients and ``alpha / (2 S) sum ||W||^2`` to the loss, ``S`` the batch's
@@ -37,7 +39,7 @@ _DOC_PARAMETERS = """
     learning_rate_init : float, default=1e-3
     power_t : float, default=0.5
     max_iter : int, default=200
-        Epochs.
+        Epochs ('lbfgs': L-BFGS-B iterations).
     shuffle : bool, default=True
         Shuffle the samples each epoch.
     random_state : int, RandomState or None, default=None
@@ -59,8 +61,7 @@ _DOC_PARAMETERS = """
         ``-lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + epsilon)``.
     n_iter_no_change : int, default=10
     max_fun : int, default=15000
-        Only used by scikit-learn's 'lbfgs' solver, which gpubp refuses; accepted so that a
-        parameter set from scikit-learn's estimator (``get_params()``) carries over.
+        'lbfgs' only: the most loss evaluations L-BFGS-B may make.
     backend : str or Backend, default='auto'
         gpubp's backend: 'numpy', 'numba', 'cupy' or 'auto' (the best that runs here).
     dtype : {None, 'float32', 'float64'}, default=None
@@ -95,7 +96,7 @@ class MLPClassifier(ClassifierMixin, BaseMLP):
     """A multi-layer perceptron classifier: scikit-learn's ``MLPClassifier`` on gpubp.
 
     The same parameters, attributes and numbers as
-    ``sklearn.neural_network.MLPClassifier`` (solvers 'sgd' and 'adam'), with gpubp's
+    ``sklearn.neural_network.MLPClassifier`` (solvers 'sgd', 'adam' and 'lbfgs'), with gpubp's
     ``backend`` and ``dtype``. Minimises the log loss: softmax output for more than two
     classes (``-1/S sum_i w_i sum_j Y_ij log a_ij``), a logistic output per column for binary
     and multi-label targets (binary log loss summed over the columns), plus the L2 term.
@@ -160,6 +161,7 @@ class MLPClassifier(ClassifierMixin, BaseMLP):
         self._fit(X, y, sample_weight, incremental=False)
         return self
 
+    @available_if(lambda est: est._check_solver())
     def partial_fit(
         self, X: Any, y: Any, sample_weight: Any = None, classes: Any = None
     ) -> MLPClassifier:
@@ -215,7 +217,7 @@ class MLPRegressor(RegressorMixin, BaseMLP):
     """A multi-layer perceptron regressor: scikit-learn's ``MLPRegressor`` on gpubp.
 
     The same parameters, attributes and numbers as ``sklearn.neural_network.MLPRegressor``
-    (solvers 'sgd' and 'adam', ``loss='squared_error'``), with gpubp's ``backend`` and
+    (solvers 'sgd', 'adam' and 'lbfgs', ``loss='squared_error'``), with gpubp's ``backend`` and
     ``dtype``. Minimises ``1/S sum_i w_i ||a_i - y_i||^2 / (2 n_outputs)`` plus the L2 term,
     through an identity output (scikit-learn steps along the gradient of the sum over the
     outputs, and so does this).
@@ -342,8 +344,12 @@ class MLPRegressor(RegressorMixin, BaseMLP):
         self._fit(X, y, sample_weight, incremental=False)
         return self
 
+    # scikit-learn's regressor tests the method itself, not its result, so partial_fit stays
+    # visible for 'lbfgs' there (and runs a whole L-BFGS fit from the current weights): the same
+    @available_if(lambda est: bool(est._check_solver))
     def partial_fit(self, X: Any, y: Any, sample_weight: Any = None) -> MLPRegressor:
-        """One epoch over ``(X, y)`` from the current parameters and optimizer state."""
+        """One epoch over ``(X, y)`` from the current parameters and optimizer state (with
+        ``solver='lbfgs'``, as in scikit-learn: an L-BFGS fit from the current parameters)."""
         self._fit(X, y, sample_weight, incremental=True)
         return self
 

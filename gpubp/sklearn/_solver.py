@@ -222,15 +222,23 @@ class Network:
             [np.array(be.to_numpy(b), copy=True) for b in self.b],
         )
 
-    def step(self, x: Any, y: Any, labels: Any, sw: Any, optimizer: Any) -> Any:
-        """One scikit-learn step on the batch ``x`` ``(B, n_0)``: gradients, L2, update.
+    def loss_and_gradients(
+        self, x: Any, y: Any, labels: Any, sw: Any, *, clipped: bool = False
+    ) -> tuple[Any, list[Any], list[Any], float]:
+        """``(loss, dWs, dbs, l2)`` of the batch ``x`` ``(B, n_0)`` (see the module doc).
 
         ``y`` is ``(B, n_out)`` targets; ``labels`` the ``(B,)`` class indices standing for
-        them (softmax output) or None; ``sw`` ``(B,)`` sample weights or None. Returns the
-        batch's loss (a backend scalar) before the update.
+        them (softmax output) or None; ``sw`` ``(B,)`` sample weights or None. ``loss`` (a
+        backend scalar) includes the L2 term; the gradients do not: ``l2 = alpha / S`` times
+        ``W^l`` is still to be added to ``dW^l`` (0.0 without a penalty). The gradient arrays
+        may belong to the backend's workspace (the next call overwrites them).
+
+        ``clipped``: the log losses as scikit-learn evaluates them, on probabilities clipped
+        to ``[eps, 1 - eps]`` (``eps`` the dtype's machine epsilon), which differ from the
+        exact ones where outputs saturate (its L-BFGS line search compares these values).
         """
         xp = self.xp
-        if sw is None:
+        if sw is None and not clipped:
             target = labels if labels is not None else y
             value, dWs, dbs = self.backend.gradients(
                 self.W, self.b, x, target, self.activation, self.output, self.loss
@@ -239,31 +247,42 @@ class Network:
             if self.loss == "mse":
                 value = value / y.shape[1]
         else:
-            value, dWs, dbs, denom = self._weighted_gradients(x, y, sw)
-        L = len(self.W)
-        decay = [0.0] * (2 * L)
+            value, dWs, dbs, denom = self._weighted_gradients(x, y, sw, clipped)
+        l2 = 0.0
         if self.alpha:
             denom = float(denom)
-            decay[:L] = [self.alpha / denom] * L  # weights only
+            l2 = self.alpha / denom
             sq = sum(xp.vdot(W, W) for W in self.W)
             value = value + 0.5 * self.alpha * sq / denom
+        return value, dWs, dbs, l2
+
+    def step(self, x: Any, y: Any, labels: Any, sw: Any, optimizer: Any) -> Any:
+        """One scikit-learn step on the batch ``x`` ``(B, n_0)``: gradients, L2, update
+        (arguments as for :meth:`loss_and_gradients`). Returns the batch's loss (a backend
+        scalar) before the update."""
+        value, dWs, dbs, l2 = self.loss_and_gradients(x, y, labels, sw)
+        L = len(self.W)
+        decay = [l2] * L + [0.0] * L  # weights only
         optimizer.update(self.backend, self.params, [*dWs, *dbs], decay, self.scratch)
         return value
 
-    def _weighted_gradients(self, x: Any, y: Any, sw: Any) -> tuple[Any, list[Any], list[Any], Any]:
-        """Backpropagation with the output error of row ``i`` scaled by ``w_i / S``: the
-        backend's forward, Hadamard and gradient ops, layer by layer."""
+    def _weighted_gradients(
+        self, x: Any, y: Any, sw: Any, clipped: bool = False
+    ) -> tuple[Any, list[Any], list[Any], Any]:
+        """Backpropagation with the output error of row ``i`` scaled by ``w_i / S`` (``1 / B``
+        if ``sw`` is None): the backend's forward, Hadamard and gradient ops, layer by layer."""
         be, xp = self.backend, self.xp
         L = len(self.W)
         acts = [x]
         for i in range(L - 1):
             acts.append(be.forward_layer(acts[i], self.W[i], self.b[i], self.activation))
         z = be.forward_layer(acts[L - 1], self.W[L - 1], self.b[L - 1], "identity")
-        total = xp.sum(sw)
-        value = xp.vdot(self._row_losses(z, y), sw) / total
+        rows = self._row_losses(z, y, clipped)
+        total = x.shape[0] if sw is None else xp.sum(sw)
+        value = (xp.sum(rows) if sw is None else xp.vdot(rows, sw)) / total
         delta = act.apply_inplace(xp, z, self.output)
         delta -= y
-        delta *= (sw / total)[:, None]
+        delta *= 1.0 / total if sw is None else (sw / total)[:, None]
         dWs: list[Any] = [None] * L
         dbs: list[Any] = [None] * L
         for i in range(L - 1, -1, -1):
@@ -272,17 +291,26 @@ class Network:
                 delta = be.hidden_delta(delta, self.W[i], acts[i], self.activation)
         return value, dWs, dbs, total
 
-    def _row_losses(self, z: Any, y: Any) -> Any:
-        """Each row's loss ``(B,)`` from the output pre-activation ``z`` (see the module doc)."""
+    def _row_losses(self, z: Any, y: Any, clipped: bool = False) -> Any:
+        """Each row's loss ``(B,)`` from the output pre-activation ``z`` (see the module doc);
+        ``clipped``: the log losses with ``log a`` and ``log(1 - a)`` clipped to
+        ``[log eps, log(1 - eps)]``, as scikit-learn clips ``a``."""
         xp = self.xp
         if self.loss == "mse":
             r = z - y
             return xp.sum(r * r, axis=1) / (2 * y.shape[1])
+        eps = float(np.finfo(self.dtype).eps)
+        lo, hi = math.log(eps), math.log1p(-eps)
         if self.loss == "cross_entropy":
             m = xp.max(z, axis=1, keepdims=True)
             lse = xp.log(xp.sum(xp.exp(z - m), axis=1)) + m[:, 0]
+            if clipped:  # -sum_j Y_ij clip(log a_ij), log a_ij = z_ij - lse_i
+                return -xp.sum(y * xp.clip(z - lse[:, None], lo, hi), axis=1)
             return lse * xp.sum(y, axis=1) - xp.sum(y * z, axis=1)
         softplus = xp.maximum(z, 0) + xp.log1p(xp.exp(-xp.abs(z)))
+        if clipped:  # log a = z - softplus(z), log(1 - a) = -softplus(z)
+            log_a, log_1ma = xp.clip(z - softplus, lo, hi), xp.clip(-softplus, lo, hi)
+            return -xp.sum(y * log_a + (1 - y) * log_1ma, axis=1)
         return xp.sum(softplus - y * z, axis=1)
 
     def forward(self, x: Any, chunk: int = 4096) -> np.ndarray:
