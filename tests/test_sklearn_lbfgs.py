@@ -113,3 +113,12 @@ def test_lbfgs_loss_is_sklearns_on_saturated_outputs(backend):
     loss, grad = ours._loss_grad_lbfgs(theta, X, Y, None)
     assert loss == pytest.approx(want_loss, rel=1e-12)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-10, atol=1e-12 * np.abs(want_grad).max())
+
+
+def test_lbfgs_on_float32_input_ends_in_float64_as_sklearn():
+    """scipy evaluates a float32 start in float32 and answers in float64: scikit-learn's
+    L-BFGS on float32 input returns float64 weights (equal to float32 rounding here)."""
+    X, y = _data("multiclass", seed=15)
+    theirs, ours, _, _ = _fit_both("multiclass", "numpy", X.astype(np.float32), y, max_iter=5)
+    _assert_same(theirs, ours, rtol=1e-5)
+    assert ours.predict_proba(X.astype(np.float32)).dtype == np.float64

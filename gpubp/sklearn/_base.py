@@ -249,11 +249,15 @@ class BaseMLP(BaseEstimator):
         self, net: Network, X: np.ndarray, y: np.ndarray, sw: np.ndarray | None
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """scikit-learn's ``_fit_lbfgs``: L-BFGS-B on the full batch (:mod:`._lbfgs`) from
-        the current parameters; sets ``n_iter_`` and ``loss_``; the coefficients to keep."""
-        self.n_iter_, self.loss_ = minimize(
-            FullBatch(net, X, y, sw), self.max_iter, self.max_fun, self.tol, self.verbose
+        the current parameters; sets ``n_iter_`` and ``loss_``; the coefficients to keep.
+
+        With ``dtype=None`` these are scipy's answer in float64, as scikit-learn returns them
+        (scipy evaluates a float32 model in float32 but keeps its iterate in float64)."""
+        objective = FullBatch(net, X, y, sw)
+        self.n_iter_, self.loss_, theta = minimize(
+            objective, self.max_iter, self.max_fun, self.tol, self.verbose
         )
-        return net.coefs()
+        return objective.split(theta) if self.dtype is None else net.coefs()
 
     def _loss_grad_lbfgs(
         self, packed_coef_inter: np.ndarray, X: Any, y: Any, sample_weight: Any, *buffers: Any

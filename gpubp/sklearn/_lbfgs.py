@@ -55,10 +55,11 @@ class FullBatch:
         self.evaluations = 0
 
     def pack(self) -> np.ndarray:
-        """``theta`` of the network's current parameters, float64, scikit-learn's order."""
+        """``theta`` of the network's current parameters, scikit-learn's order, in the
+        network's dtype (scipy evaluates in the dtype of the start)."""
         be, xp = self.net.backend, self.net.xp
         flat = xp.concatenate([W.T.ravel() for W in self.net.W] + list(self.net.b))
-        return np.asarray(be.to_numpy(flat), dtype=np.float64)
+        return np.array(be.to_numpy(flat), copy=True)
 
     def unpack(self, theta: np.ndarray) -> None:
         """Copy ``theta`` into the network's parameters (one transfer to the backend)."""
@@ -69,6 +70,15 @@ class FullBatch:
             W[...] = t[start:stop].reshape(W.shape[1], W.shape[0]).T
         for b, (start, stop) in zip(net.b, self.slices[L:], strict=True):
             b[...] = t[start:stop]
+
+    def split(self, theta: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """``(coefs_, intercepts_)`` of ``theta`` in scikit-learn's layout (copies, its dtype)."""
+        L = len(self.net.W)
+        coefs = [
+            theta[start:stop].reshape(W.shape[1], W.shape[0]).copy()
+            for W, (start, stop) in zip(self.net.W, self.slices[:L], strict=True)
+        ]
+        return coefs, [theta[start:stop].copy() for start, stop in self.slices[L:]]
 
     def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         """``(f(theta), grad f(theta))``, float and float64 ``(n_params,)``."""
@@ -87,9 +97,10 @@ class FullBatch:
 
 def minimize(
     objective: FullBatch, max_iter: int, max_fun: int, tol: float, verbose: bool | int
-) -> tuple[int, float]:
+) -> tuple[int, float, np.ndarray]:
     """Run scikit-learn's L-BFGS-B from the network's parameters, leave the network at scipy's
-    answer; ``(n_iter_, loss_)`` (scikit-learn's ``ConvergenceWarning`` when not converged)."""
+    answer; ``(n_iter_, loss_, theta)`` (scikit-learn's ``ConvergenceWarning`` when not
+    converged), ``theta`` scipy's answer as it gives it (float64)."""
     iprint = 1 if verbose is True or verbose >= 1 else -1
     version = tuple(int(p) for p in scipy.__version__.split(".")[:2] if p.isdigit())
     options: dict[str, Any] = {"maxfun": max_fun, "maxiter": max_iter, "gtol": tol}
@@ -100,4 +111,4 @@ def minimize(
     )
     n_iter = int(_check_optimize_result("lbfgs", result, max_iter))
     objective.unpack(result.x)
-    return n_iter, float(result.fun)
+    return n_iter, float(result.fun), np.asarray(result.x)

@@ -238,7 +238,7 @@ class Network:
         exact ones where outputs saturate (its L-BFGS line search compares these values).
         """
         xp = self.xp
-        if sw is None and not clipped:
+        if sw is None and not (clipped and self.loss != "mse"):  # the fused pass
             target = labels if labels is not None else y
             value, dWs, dbs = self.backend.gradients(
                 self.W, self.b, x, target, self.activation, self.output, self.loss
