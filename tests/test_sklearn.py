@@ -309,7 +309,7 @@ def test_clear_errors_and_a_rejected_call_changes_nothing():
     X, y = _data("multiclass")
     with pytest.raises(ValueError, match=r"solver must be one of 'sgd', 'adam', 'lbfgs'"):
         MLPClassifier(solver="newton").fit(X, y)
-    with pytest.raises(ValueError, match="poisson"):
+    with pytest.raises(ValueError, match=r"loss='poisson' needs targets y >= 0"):
         MLPRegressor(loss="poisson").fit(*_data("single"))
     with pytest.raises(ValueError, match="hidden_layer_sizes="):
         MLPRegressor((5,)).fit(*_data("single"))

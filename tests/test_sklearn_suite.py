@@ -32,7 +32,6 @@ GPUBP_IMPORT = "from gpubp.sklearn import MLPClassifier, MLPRegressor"
 #: test name (a shell pattern), optionally with a pattern over its parameters, e.g.
 #: ``test_x[numba-*]`` -> why it still fails on gpubp (see the module docstring).
 KNOWN_FAILURES: dict[str, str] = {
-    "test_mlp_vs_poisson_glm_equivalent": "loss='poisson' (and lbfgs) not implemented yet",
     "test_sparse_matrices": "sparse X not implemented yet",
 }
 

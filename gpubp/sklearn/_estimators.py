@@ -217,10 +217,11 @@ class MLPRegressor(RegressorMixin, BaseMLP):
     """A multi-layer perceptron regressor: scikit-learn's ``MLPRegressor`` on gpubp.
 
     The same parameters, attributes and numbers as ``sklearn.neural_network.MLPRegressor``
-    (solvers 'sgd', 'adam' and 'lbfgs', ``loss='squared_error'``), with gpubp's ``backend`` and
-    ``dtype``. Minimises ``1/S sum_i w_i ||a_i - y_i||^2 / (2 n_outputs)`` plus the L2 term,
-    through an identity output (scikit-learn steps along the gradient of the sum over the
-    outputs, and so does this).
+    (solvers 'sgd', 'adam' and 'lbfgs', losses 'squared_error' and 'poisson'), with gpubp's
+    ``backend`` and ``dtype``. Minimises ``1/S sum_i w_i ||a_i - y_i||^2 / (2 n_outputs)`` plus
+    the L2 term, through an identity output (scikit-learn steps along the gradient of the sum
+    over the outputs, and so does this), or with ``loss='poisson'`` half the Poisson deviance
+    through an exponential output.
     """
 
     __doc__ = (
@@ -228,8 +229,10 @@ class MLPRegressor(RegressorMixin, BaseMLP):
         + """
     Parameters
     ----------
-    loss : {'squared_error'}, default='squared_error'
-        scikit-learn's 'poisson' is refused (gpubp has no exponential output).
+    loss : {'squared_error', 'poisson'}, default='squared_error'
+        Half the squared error through an identity output, or half the Poisson deviance
+        ``1/S sum_i w_i sum_j [y_ij log(y_ij / a_ij) - y_ij + a_ij]`` through an exponential
+        output ``a = exp(z)`` (targets ``y >= 0``), as scikit-learn defines them.
 """
         + _DOC_PARAMETERS.replace("    Parameters\n    ----------\n", "")
         + _DOC_ATTRIBUTES
@@ -295,19 +298,14 @@ class MLPRegressor(RegressorMixin, BaseMLP):
         )
 
     def _check_extra_params(self) -> None:
-        if self.loss == "poisson":
-            raise ValueError(
-                "loss='poisson' is not supported by gpubp (it needs an exponential output); "
-                "use loss='squared_error', or sklearn.neural_network.MLPRegressor for Poisson"
-            )
-        if self.loss != "squared_error":
+        if self.loss not in ("squared_error", "poisson"):
             hint = (
                 "; the first positional argument of MLPRegressor is loss (as in scikit-learn), "
                 "so pass the widths as hidden_layer_sizes=..."
                 if not isinstance(self.loss, str)
                 else ""
             )
-            raise ValueError(f"loss must be 'squared_error'; got {self.loss!r}{hint}")
+            raise ValueError(f"loss must be 'squared_error' or 'poisson'; got {self.loss!r}{hint}")
 
     def _validate_input(
         self, X: Any, y: Any, incremental: bool, reset: bool
@@ -323,10 +321,15 @@ class MLPRegressor(RegressorMixin, BaseMLP):
         )
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
+        if self.loss == "poisson" and np.any(y < 0):
+            raise ValueError(
+                "loss='poisson' needs targets y >= 0 (counts or rates); y has negative values. "
+                "Use loss='squared_error' for signed targets"
+            )
         return X, y
 
     def _output_activation(self) -> str:
-        return "identity"
+        return "exp" if self.loss == "poisson" else "identity"
 
     def _decode(self, y: np.ndarray) -> np.ndarray:
         return y

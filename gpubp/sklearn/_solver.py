@@ -8,8 +8,8 @@ scikit-learn's (see :class:`SGDRule` and :class:`AdamRule`).
 
 With ``B`` the batch, ``w`` the sample weights (all ones without them), ``S = sum_i w_i``, ``a``
 the output and ``Y`` the ``(B, n_out)`` targets (identity output with squared error, softmax
-with log loss, logistic with binary log loss: the canonical pairs, whose output error is
-``a - Y``):
+with log loss, logistic with binary log loss, exp with half the Poisson deviance: the canonical
+pairs, whose output error is ``a - Y``):
 
     delta^L  = diag(w) (a - Y) / S
     dW^l     = delta^l.T @ a^{l-1} + alpha W^l / S        (weights only; biases get no penalty)
@@ -17,7 +17,8 @@ with log loss, logistic with binary log loss: the canonical pairs, whose output 
 
 where ``l_i`` is row ``i``'s loss: ``1/(2 n_out) ||a_i - Y_i||^2`` (squared error, averaged
 over the outputs as scikit-learn reports it; its gradient is the sum's), ``-sum_j Y_ij log a_ij``
-(log loss) or ``-sum_j [Y_ij log a_ij + (1 - Y_ij) log(1 - a_ij)]`` (binary log loss), the log
+(log loss), ``-sum_j [Y_ij log a_ij + (1 - Y_ij) log(1 - a_ij)]`` (binary log loss) or
+``sum_j [Y_ij log(Y_ij / a_ij) - Y_ij + a_ij]`` (Poisson, ``0 log 0 = 0``), the log
 losses evaluated from the logits (so they stay finite where scikit-learn clips ``a`` to
 ``[eps, 1 - eps]``).
 
@@ -41,6 +42,7 @@ OUTPUTS: dict[str, tuple[str, str]] = {
     "identity": ("identity", "mse"),
     "softmax": ("softmax", "cross_entropy"),
     "logistic": ("sigmoid", "binary_cross_entropy"),
+    "exp": ("exp", "poisson"),
 }
 
 #: scikit-learn's hidden activation names -> gpubp's.
@@ -238,7 +240,7 @@ class Network:
         exact ones where outputs saturate (its L-BFGS line search compares these values).
         """
         xp = self.xp
-        if sw is None and not (clipped and self.loss != "mse"):  # the fused pass
+        if sw is None and not (clipped and self.loss in ("cross_entropy", "binary_cross_entropy")):
             target = labels if labels is not None else y
             value, dWs, dbs = self.backend.gradients(
                 self.W, self.b, x, target, self.activation, self.output, self.loss
@@ -299,6 +301,10 @@ class Network:
         if self.loss == "mse":
             r = z - y
             return xp.sum(r * r, axis=1) / (2 * y.shape[1])
+        if self.loss == "poisson":  # Y log Y - Y z - Y + exp(z), 0 log 0 = 0
+            y_log_y = y * xp.log(xp.where(y > 0, y, 1))
+            with np.errstate(over="ignore"):
+                return xp.sum(y_log_y - y * z - y + xp.exp(z), axis=1)
         eps = float(np.finfo(self.dtype).eps)
         lo, hi = math.log(eps), math.log1p(-eps)
         if self.loss == "cross_entropy":
