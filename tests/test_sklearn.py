@@ -336,9 +336,6 @@ def test_clear_errors_and_a_rejected_call_changes_nothing():
         clone(est).set_params(early_stopping=True).partial_fit(X, y, classes=np.unique(y))
     for a, b in zip(before, est.coefs_):
         np.testing.assert_array_equal(a, b)
-    scipy_sparse = pytest.importorskip("scipy.sparse")
-    with pytest.raises(TypeError, match="dense"):
-        MLPClassifier().fit(scipy_sparse.csr_matrix(X), y)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])

@@ -31,9 +31,7 @@ GPUBP_IMPORT = "from gpubp.sklearn import MLPClassifier, MLPRegressor"
 
 #: test name (a shell pattern), optionally with a pattern over its parameters, e.g.
 #: ``test_x[numba-*]`` -> why it still fails on gpubp (see the module docstring).
-KNOWN_FAILURES: dict[str, str] = {
-    "test_sparse_matrices": "sparse X not implemented yet",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def _suite_path() -> Path:

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.base import BaseEstimator, is_classifier
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import train_test_split
@@ -206,6 +207,7 @@ class BaseMLP(BaseEstimator):
                 "or use fit"
             )
         backend = get_backend(self.backend)
+        _check_sparse_backend(X, backend)
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
         X, y = self._validate_input(X, y, incremental, reset=first_pass)
         sw = None if sample_weight is None else check_sample_weight(sample_weight, X)
@@ -460,6 +462,19 @@ class BaseMLP(BaseEstimator):
     def _forward_pass_fast(self, X: Any) -> np.ndarray:
         """The output layer's activations ``(n_samples, n_outputs_)`` for ``X``."""
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=(np.float64, np.float32), reset=False)
+        X = validate_data(
+            self, X, accept_sparse=["csr", "csc"], dtype=(np.float64, np.float32), reset=False
+        )
+        _check_sparse_backend(X, get_backend(self.backend))
         net = self._network(get_backend(self.backend), self.coefs_[0].dtype, train=False)
         return net.forward(X)
+
+
+def _check_sparse_backend(X: Any, backend: Backend) -> None:
+    """Sparse ``X`` runs on the CPU backends (scipy's sparse-dense products) only."""
+    if sp.issparse(X) and backend.xp is not np:
+        raise ValueError(
+            f"sparse X is supported on the numpy and numba backends, not on backend="
+            f"{backend.name!r}; pass backend='numba' (or 'numpy'), or X.toarray() if it fits "
+            "in memory"
+        )

@@ -116,7 +116,13 @@ class MLPClassifier(ClassifierMixin, BaseMLP):
         self, X: Any, y: Any, incremental: bool, reset: bool
     ) -> tuple[np.ndarray, np.ndarray]:
         X, y = validate_data(
-            self, X, y, multi_output=True, dtype=(np.float64, np.float32), reset=reset
+            self,
+            X,
+            y,
+            accept_sparse=["csr", "csc"],
+            multi_output=True,
+            dtype=(np.float64, np.float32),
+            reset=reset,
         )
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
@@ -209,7 +215,7 @@ class MLPClassifier(ClassifierMixin, BaseMLP):
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
         tags.classifier_tags.multi_label = True
-        tags.input_tags.sparse = False
+        tags.input_tags.sparse = True
         return tags
 
 
@@ -316,6 +322,7 @@ class MLPRegressor(RegressorMixin, BaseMLP):
             y,
             multi_output=True,
             y_numeric=True,
+            accept_sparse=["csr", "csc"],
             dtype=(np.float64, np.float32),
             reset=reset,
         )
@@ -362,5 +369,5 @@ class MLPRegressor(RegressorMixin, BaseMLP):
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
-        tags.input_tags.sparse = False
+        tags.input_tags.sparse = True
         return tags

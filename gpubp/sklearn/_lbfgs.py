@@ -30,7 +30,7 @@ import scipy
 import scipy.optimize
 from sklearn.utils.optimize import _check_optimize_result
 
-from ._solver import Network
+from ._solver import Network, as_input
 
 
 class FullBatch:
@@ -43,7 +43,7 @@ class FullBatch:
     def __init__(self, net: Network, X: np.ndarray, y: np.ndarray, sw: np.ndarray | None) -> None:
         be, dtype = net.backend, net.dtype
         self.net = net
-        self.x = be.asarray(np.ascontiguousarray(X), dtype)
+        self.x = as_input(net, X)
         self.y = be.asarray(y, dtype)
         self.labels = be.asarray(np.argmax(y, axis=1)) if net.output == "softmax" else None
         self.sw = None if sw is None else be.asarray(sw, dtype)

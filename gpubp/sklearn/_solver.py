@@ -24,6 +24,11 @@ losses evaluated from the logits (so they stay finite where scikit-learn clips `
 
 Weights here are in gpubp's layout ``(n_out, n_in)``; the estimators expose scikit-learn's
 ``(n_in, n_out)``.
+
+Sparse ``X`` (scipy CSR, on the CPU backends) stays sparse: each batch's rows are taken from
+it as a CSR matrix, and the first layer's forward ``x @ W^1.T`` and weight gradient
+``dW^1 = (x.T @ delta^1).T`` are scipy's sparse-dense products; the other layers are the
+backend's ops (the per-layer path of the weighted case above).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import math
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.utils import gen_batches
 
 from .. import activations as act
@@ -240,7 +246,8 @@ class Network:
         exact ones where outputs saturate (its L-BFGS line search compares these values).
         """
         xp = self.xp
-        if sw is None and not (clipped and self.loss in ("cross_entropy", "binary_cross_entropy")):
+        exact = not (clipped and self.loss in ("cross_entropy", "binary_cross_entropy"))
+        if sw is None and exact and not sp.issparse(x):  # the backend's fused pass
             target = labels if labels is not None else y
             value, dWs, dbs = self.backend.gradients(
                 self.W, self.b, x, target, self.activation, self.output, self.loss
@@ -277,8 +284,8 @@ class Network:
         L = len(self.W)
         acts = [x]
         for i in range(L - 1):
-            acts.append(be.forward_layer(acts[i], self.W[i], self.b[i], self.activation))
-        z = be.forward_layer(acts[L - 1], self.W[L - 1], self.b[L - 1], "identity")
+            acts.append(self._layer(i, acts[i], self.activation))
+        z = self._layer(L - 1, acts[L - 1], "identity")
         rows = self._row_losses(z, y, clipped)
         total = x.shape[0] if sw is None else xp.sum(sw)
         value = (xp.sum(rows) if sw is None else xp.vdot(rows, sw)) / total
@@ -288,10 +295,24 @@ class Network:
         dWs: list[Any] = [None] * L
         dbs: list[Any] = [None] * L
         for i in range(L - 1, -1, -1):
-            dWs[i], dbs[i] = be.parameter_gradients(delta, acts[i])
+            if sp.issparse(acts[i]):  # dW = (x.T @ delta).T, a sparse-dense product
+                dWs[i] = np.ascontiguousarray((acts[i].T @ delta).T)
+                dbs[i] = delta.sum(axis=0)
+            else:
+                dWs[i], dbs[i] = be.parameter_gradients(delta, acts[i])
             if i > 0:
                 delta = be.hidden_delta(delta, self.W[i], acts[i], self.activation)
         return value, dWs, dbs, total
+
+    def _layer(self, i: int, a_prev: Any, activation: str) -> Any:
+        """``f(a_prev @ W^i.T + b^i)`` ``(B, n_i)``: the backend's op, or for a sparse
+        ``a_prev`` (the first layer's input) scipy's sparse-dense product then the bias and
+        activation in place."""
+        if not sp.issparse(a_prev):
+            return self.backend.forward_layer(a_prev, self.W[i], self.b[i], activation)
+        z = np.asarray(a_prev @ self.W[i].T)
+        z += self.b[i]
+        return act.apply_inplace(np, z, activation)
 
     def _row_losses(self, z: Any, y: Any, clipped: bool = False) -> Any:
         """Each row's loss ``(B,)`` from the output pre-activation ``z`` (see the module doc);
@@ -323,11 +344,27 @@ class Network:
         """The network's output ``(B, n_out)`` for ``x`` (NumPy, the model's dtype), as NumPy."""
         be = self.backend
         out = np.empty((x.shape[0], self.W[-1].shape[0]), dtype=self.dtype)
+        if sp.issparse(x):
+            x = as_input(self, x)
         for start in range(0, x.shape[0], chunk):
-            xb = be.asarray(np.ascontiguousarray(x[start : start + chunk]), self.dtype)
-            a = be.forward(self.W, self.b, xb, self.activation, self.output)
-            out[start : start + xb.shape[0]] = be.to_numpy(a)
+            if sp.issparse(x):  # layer by layer, the first a sparse-dense product
+                a = x[start : start + chunk]
+                for i in range(len(self.W)):
+                    last = i == len(self.W) - 1
+                    a = self._layer(i, a, self.output if last else self.activation)
+            else:
+                xb = be.asarray(np.ascontiguousarray(x[start : start + chunk]), self.dtype)
+                a = be.forward(self.W, self.b, xb, self.activation, self.output)
+            out[start : start + a.shape[0]] = be.to_numpy(a)
         return out
+
+
+def as_input(net: Network, X: Any) -> Any:
+    """``X`` ``(n, n_0)`` for ``net``: dense on its backend, or sparse as a CSR array of its
+    dtype on the host (CPU backends only: the caller checks)."""
+    if sp.issparse(X):
+        return sp.csr_array(X, dtype=net.dtype)
+    return net.backend.asarray(np.ascontiguousarray(X), net.dtype)
 
 
 class Batches:
@@ -344,14 +381,17 @@ class Batches:
     ) -> None:
         be, dtype = net.backend, net.dtype
         self.net, self.n, self.batch_size = net, X.shape[0], batch_size
-        self.x = be.asarray(np.ascontiguousarray(X), dtype)
+        self.x = as_input(net, X)
+        self.sparse = sp.issparse(self.x)
         self.y = be.asarray(y, dtype)
         self.labels = be.asarray(np.argmax(y, axis=1)) if net.output == "softmax" else None
         self.sw = None if sw is None else be.asarray(sw, dtype)
         # the shuffled batches are gathered into one buffer: a fresh array per batch would be
         # a fresh mapping (page faults) per step
         # (NumPy buffers take's output unless mode is not 'raise'; the indices are in range)
-        self.gathered = be.xp.empty((batch_size, X.shape[1]), dtype=dtype)
+        self.gathered: Any = (
+            None if self.sparse else be.xp.empty((batch_size, X.shape[1]), dtype=dtype)
+        )
         self.take_mode = {"mode": "clip"} if be.xp is np else {}
 
     def epoch(self, optimizer: Any, order: np.ndarray | None) -> Any:
@@ -365,7 +405,10 @@ class Batches:
         net, xp = self.net, self.net.backend.xp
         accumulated: Any = 0.0
         for batch in gen_batches(self.n, self.batch_size):
-            if order is not None:
+            if order is not None and self.sparse:
+                idx = order[batch]
+                xb = self.x[idx]  # the batch's rows, a CSR array
+            elif order is not None:
                 idx = net.backend.asarray(order[batch])
                 out = self.gathered[: len(idx)]
                 xb = xp.take(self.x, idx, axis=0, out=out, **self.take_mode)
