@@ -4,6 +4,7 @@ The loop is scikit-learn's ``BaseMultilayerPerceptron._fit_stochastic``, decisio
 (initialisation, batch order, early stopping, ``tol`` and ``n_iter_no_change``, the learning
 rate schedules, ``loss_curve_``, ``t_``), so that with the same ``random_state`` the same
 numbers come out; each step runs on a gpubp backend (:mod:`gpubp.sklearn._solver`).
+``solver='lbfgs'`` is scikit-learn's ``_fit_lbfgs`` (:mod:`gpubp.sklearn._lbfgs`).
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ class BaseMLP(BaseEstimator):
         dtype = self._compute_dtype(X) if first_pass else self.coefs_[0].dtype
         if first_pass:
             self._initialize(y, layer_units, dtype)
-        net = self._network(backend, dtype, train=self.solver != "lbfgs")
+        net = self._network(backend, dtype, train=self.solver != "lbfgs", sparse=sp.issparse(X))
         if self.solver == "lbfgs":
             coefs, intercepts = self._fit_lbfgs(net, X, y, sw)
         else:
@@ -242,10 +243,13 @@ class BaseMLP(BaseEstimator):
         self.coefs_, self.intercepts_ = coefs, intercepts
         return self
 
-    def _network(self, backend: Backend, dtype: np.dtype[Any], *, train: bool) -> Network:
+    def _network(
+        self, backend: Backend, dtype: np.dtype[Any], *, train: bool, sparse: bool = False
+    ) -> Network:
         """A :class:`Network` on ``backend`` with copies of ``coefs_`` and ``intercepts_``."""
         return Network(backend, self.coefs_, self.intercepts_, self.activation,
-                       self.out_activation_, self.alpha, dtype, train=train)  # fmt: skip
+                       self.out_activation_, self.alpha, dtype, train=train,
+                       sparse=sparse)  # fmt: skip
 
     def _fit_lbfgs(
         self, net: Network, X: np.ndarray, y: np.ndarray, sw: np.ndarray | None
@@ -269,10 +273,11 @@ class BaseMLP(BaseEstimator):
         :mod:`gpubp.sklearn._lbfgs`); ``buffers`` (scikit-learn's work arrays) are not used."""
         check_is_fitted(self)
         dtype = self.coefs_[0].dtype
-        net = self._network(get_backend(self.backend), dtype, train=False)
+        net = self._network(get_backend(self.backend), dtype, train=False, sparse=sp.issparse(X))
         Y = np.asarray(y, dtype=dtype).reshape(X.shape[0], -1)
         sw = None if sample_weight is None else np.asarray(sample_weight, dtype=dtype)
-        return FullBatch(net, np.asarray(X, dtype=dtype), Y, sw)(packed_coef_inter)
+        X = X if sp.issparse(X) else np.asarray(X, dtype=dtype)
+        return FullBatch(net, X, Y, sw)(packed_coef_inter)
 
     def _check_solver(self) -> bool:
         """Whether ``partial_fit`` exists: only for the stochastic solvers (scikit-learn's
@@ -466,7 +471,8 @@ class BaseMLP(BaseEstimator):
             self, X, accept_sparse=["csr", "csc"], dtype=(np.float64, np.float32), reset=False
         )
         _check_sparse_backend(X, get_backend(self.backend))
-        net = self._network(get_backend(self.backend), self.coefs_[0].dtype, train=False)
+        backend, dtype = get_backend(self.backend), self.coefs_[0].dtype
+        net = self._network(backend, dtype, train=False, sparse=sp.issparse(X))
         return net.forward(X)
 
 

@@ -183,6 +183,10 @@ class Network:
         Of the parameters and the arithmetic.
     train : bool
         Whether :meth:`step` will be called (allocates its scratch buffers).
+    sparse : bool
+        Whether the input will be sparse: ``W^1`` is then stored in scikit-learn's layout
+        ``(n_0, n_1)`` (``self.W[0]`` is a transposed view of it), the layout the sparse-dense
+        products read and write without a copy; the optimizer updates that array.
     """
 
     def __init__(
@@ -196,6 +200,7 @@ class Network:
         dtype: np.dtype[Any],
         *,
         train: bool = True,
+        sparse: bool = False,
     ) -> None:
         self.backend = backend
         self.xp = backend.xp
@@ -206,6 +211,9 @@ class Network:
         # copies (np.array copies), never views of the estimator's coefs_ / intercepts_: the
         # step updates these in place, and a fit that fails must leave those as they were
         self.W = [backend.asarray(np.array(c.T, dtype=dtype, order="C")) for c in coefs]
+        self.sparse = sparse
+        if sparse:
+            self.W[0] = np.array(coefs[0], dtype=dtype, order="C").T
         self.b = [backend.asarray(np.array(c, dtype=dtype, order="C")) for c in intercepts]
         # the optimizer ops' temporaries: a flat buffer of twice the parameter's size each
         self.scratch = (
@@ -214,8 +222,13 @@ class Network:
 
     @property
     def params(self) -> list[Any]:
-        """``W^1..W^L, b^1..b^L`` (the order of the optimizer's state)."""
-        return [*self.W, *self.b]
+        """``W^1..W^L, b^1..b^L`` (the order of the optimizer's state; ``W^1`` as stored: its
+        transpose for sparse input)."""
+        return [self._stored(0, self.W[0]), *self.W[1:], *self.b]
+
+    def _stored(self, i: int, a: Any) -> Any:
+        """``W^i`` or its gradient ``a`` in the layout of ``W^i``'s storage (contiguous)."""
+        return a.T if i == 0 and self.sparse else a
 
     def coefs(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """``(coefs_, intercepts_)`` as NumPy copies in scikit-learn's layout.
@@ -261,7 +274,7 @@ class Network:
         if self.alpha:
             denom = float(denom)
             l2 = self.alpha / denom
-            sq = sum(xp.vdot(W, W) for W in self.W)
+            sq = sum(xp.vdot(W, W) for W in self.params[: len(self.W)])
             value = value + 0.5 * self.alpha * sq / denom
         return value, dWs, dbs, l2
 
@@ -272,7 +285,8 @@ class Network:
         value, dWs, dbs, l2 = self.loss_and_gradients(x, y, labels, sw)
         L = len(self.W)
         decay = [l2] * L + [0.0] * L  # weights only
-        optimizer.update(self.backend, self.params, [*dWs, *dbs], decay, self.scratch)
+        grads = [self._stored(0, dWs[0]), *dWs[1:], *dbs]
+        optimizer.update(self.backend, self.params, grads, decay, self.scratch)
         return value
 
     def _weighted_gradients(
@@ -296,7 +310,7 @@ class Network:
         dbs: list[Any] = [None] * L
         for i in range(L - 1, -1, -1):
             if sp.issparse(acts[i]):  # dW = (x.T @ delta).T, a sparse-dense product
-                dWs[i] = np.ascontiguousarray((acts[i].T @ delta).T)
+                dWs[i] = np.asarray(acts[i].T @ delta).T  # a view of the (n_0, n_1) product
                 dbs[i] = delta.sum(axis=0)
             else:
                 dWs[i], dbs[i] = be.parameter_gradients(delta, acts[i])
@@ -310,7 +324,7 @@ class Network:
         activation in place."""
         if not sp.issparse(a_prev):
             return self.backend.forward_layer(a_prev, self.W[i], self.b[i], activation)
-        z = np.asarray(a_prev @ self.W[i].T)
+        z = np.asarray(a_prev @ self.W[i].T)  # W[0].T is contiguous when self.sparse
         z += self.b[i]
         return act.apply_inplace(np, z, activation)
 
