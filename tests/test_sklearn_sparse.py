@@ -105,3 +105,23 @@ def test_sparse_on_the_cupy_backend_is_refused_clearly():
     X, labels, _ = _data()
     with pytest.raises(ValueError, match="sparse X is supported on the numpy and numba"):
         MLPClassifier(backend="cupy", max_iter=1).fit(X, labels)
+
+
+@pytest.mark.skipif(
+    tuple(int(p) for p in __import__("sklearn").__version__.split(".")[:2]) < (1, 7),
+    reason="scikit-learn's MLP takes sample_weight from 1.7 on",
+)
+@pytest.mark.parametrize("hidden", [(7,), ()], ids=["hidden", "no-hidden"])
+def test_sparse_with_sample_weight_as_sklearn(hidden, never_densified):
+    """The weighted path, and a network whose first layer is its output layer."""
+    X, labels, _ = _data(3)
+    sw = np.random.default_rng(3).uniform(0.0, 2.0, X.shape[0])
+    for solver in ("sgd", "lbfgs"):
+        params = dict(hidden_layer_sizes=hidden, random_state=0, max_iter=5, batch_size=10,
+                      solver=solver)  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = sk.MLPClassifier(**params).fit(X, labels, sample_weight=sw)
+            ours = MLPClassifier(backend=BACKENDS[-1], **params).fit(X, labels, sample_weight=sw)
+        for a, b in zip(theirs.coefs_ + theirs.intercepts_, ours.coefs_ + ours.intercepts_):
+            assert np.abs(a - b).max() <= 1e-8 * np.abs(a).max()
