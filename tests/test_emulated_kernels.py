@@ -1056,6 +1056,7 @@ def test_warp_kernels_are_found() -> None:
         "softmax_cross_entropy",
         "mse_loss",
         "bce_loss",
+        "poisson_loss",
         "argmax_accuracy",
     }
 
