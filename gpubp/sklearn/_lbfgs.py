@@ -10,9 +10,11 @@ and ``f`` the loss of :mod:`gpubp.sklearn._solver` over the whole training set w
 
 (``delta^L = diag(w) (a - Y) / S``, ``S = sum_i w_i`` or ``n``). Here each evaluation copies
 ``theta`` into the backend's parameters, runs the backend's fused forward/backward over the
-whole batch (or, with sample weights, its per-layer ops) and packs the gradient on the device:
-only ``theta`` goes in and the flat gradient and the loss come out per evaluation (two
-transfers of ``8 * n_params`` bytes on a GPU; the data and activations stay on the device).
+whole batch (or, with sample weights or the clipped log losses, its per-layer ops) and packs
+the gradient on the device: only ``theta`` goes in and the flat gradient and the loss come out
+per evaluation (on a GPU two transfers of ``n_params`` values of the model's dtype, plus the
+scalar loss, each a synchronisation; the data and activations stay on the device). Sparse
+``X`` stays on the host (:mod:`gpubp.sklearn._solver`).
 
 ``max_iter`` bounds scipy's iterations (``maxiter``), ``max_fun`` its function evaluations
 (``maxfun``) and ``tol`` its projected-gradient test (``gtol``); ``n_iter_`` is scipy's
