@@ -16,7 +16,12 @@ tanh          tanh(z)                    1 - a^2
 relu          max(z, 0)                  1 if a > 0 else 0
 leaky_relu    z if z > 0 else 0.01 z     1 if a > 0 else 0.01
 softmax       exp(z_i) / sum_j exp(z_j)  (not elementwise; output layer only)
+exp           exp(z)                     a (output layer only: the Poisson loss's output)
 ============  =========================  ==============================
+
+``exp`` is the output of the Poisson loss (:mod:`gpubp.losses`), run by the backends' ops (the
+scikit-learn estimators use it); it is not an output of :class:`gpubp.MLP`
+(``OUTPUT_ACTIVATIONS``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ ACTIVATION_IDS: dict[str, int] = {
     "relu": 3,
     "leaky_relu": 4,
     "softmax": 5,
+    "exp": 6,
 }
 
 HIDDEN_ACTIVATIONS: tuple[str, ...] = ("identity", "sigmoid", "tanh", "relu", "leaky_relu")
@@ -78,6 +84,9 @@ def apply_inplace(xp: Any, z: Any, activation: str, scratch: Any = None) -> Any:
             xp.reciprocal(z, out=z)
     elif activation == "softmax":
         softmax_inplace(xp, z, None if scratch is None else scratch[:, :1])
+    elif activation == "exp":
+        with np.errstate(over="ignore"):  # overflow gives inf, as exp does
+            xp.exp(z, out=z)
     else:  # pragma: no cover - names are validated at the API boundary
         raise ValueError(f"unknown activation {activation!r}")
     return z

@@ -9,7 +9,12 @@ loss                   output      C                                    delta^L
 mse                    any         1/(2B) sum (a - Y)^2                 J_f^T (a - Y) / B
 cross_entropy          softmax     -1/B sum Y log a                     (a - Y) / B
 binary_cross_entropy   sigmoid     -1/B sum Y log a + (1-Y) log(1-a)    (a - Y) / B
+poisson                exp         1/B sum Y log(Y/a) - Y + a           (a - Y) / B
 =====================  ==========  ===================================  =======================
+
+``poisson`` (half the Poisson deviance, ``0 log 0 = 0``, targets ``Y >= 0``) is a loss of the
+backends' ops, which scikit-learn's ``MLPRegressor(loss='poisson')`` runs on; :class:`gpubp.MLP`
+takes the losses of ``LOSSES``.
 
 ``J_f^T g`` is ``g * f'(z)`` for elementwise outputs and ``a * (g - sum_j g_j a_j)`` for
 softmax.

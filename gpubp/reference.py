@@ -42,6 +42,8 @@ def activate(z: Array, activation: str) -> Array:
     if activation == "softmax":
         e = np.exp(z - z.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
+    if activation == "exp":
+        return np.exp(z)
     raise ValueError(f"unknown activation {activation!r}")
 
 
@@ -94,6 +96,8 @@ def output_delta(z: Array, y: Array, output: str, loss: str) -> tuple[Array, flo
     - ``cross_entropy`` (softmax): ``C = -1/B sum Y log a``, ``delta = (a - Y) / B``.
     - ``binary_cross_entropy`` (sigmoid): ``C = -1/B sum [Y log a + (1 - Y) log(1 - a)]``,
       ``delta = (a - Y) / B``.
+    - ``poisson`` (exp): half the Poisson deviance, ``C = 1/B sum [Y log(Y / a) - Y + a]``
+      (``0 log 0 = 0``; ``Y >= 0``), ``delta = (a - Y) / B``.
 
     The log-losses are evaluated from ``z`` (log-sum-exp, softplus) so they stay finite.
     Returns ``(delta, C)`` with ``delta`` of shape ``(B, n)``.
@@ -120,6 +124,10 @@ def output_delta(z: Array, y: Array, output: str, loss: str) -> tuple[Array, flo
         # -[y log s(z) + (1 - y) log(1 - s(z))] = softplus(z) - y z
         softplus = np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
         return (a - Y) / B, float(np.sum(softplus - Y * z) / B)
+    if loss == "poisson" and output == "exp":
+        # Y log(Y / a) = Y log Y - Y z, with 0 log 0 = 0
+        y_log_y = np.where(Y > 0, Y * np.log(np.where(Y > 0, Y, 1.0)), 0.0)
+        return (a - Y) / B, float(np.sum(y_log_y - Y * z - Y + a) / B)
     raise ValueError(f"loss {loss!r} is not defined for output {output!r}")
 
 

@@ -14,6 +14,7 @@ enum Activation : int {
     ACT_RELU = 3,
     ACT_LEAKY_RELU = 4,
     ACT_SOFTMAX = 5,  // row-wise; output layer only, never passed to the elementwise helpers
+    ACT_EXP = 6,      // output layer only: the Poisson loss's output
 };
 
 template <typename T>
@@ -33,6 +34,8 @@ __device__ __forceinline__ T activate(T z) {
         return tanh(z);
     } else if constexpr (ACT == ACT_RELU) {
         return z > T(0) ? z : T(0);
+    } else if constexpr (ACT == ACT_EXP) {
+        return exp(z);
     } else {
         static_assert(ACT == ACT_LEAKY_RELU, "activate<>: not an elementwise activation");
         return z > T(0) ? z : LeakySlope<T>::value * z;
@@ -50,6 +53,8 @@ __device__ __forceinline__ T derivative_from_output(T a) {
         return T(1) - a * a;
     } else if constexpr (ACT == ACT_RELU) {
         return a > T(0) ? T(1) : T(0);
+    } else if constexpr (ACT == ACT_EXP) {
+        return a;
     } else {
         static_assert(ACT == ACT_LEAKY_RELU, "derivative_from_output<>: not elementwise");
         return a > T(0) ? T(1) : LeakySlope<T>::value;

@@ -8,6 +8,8 @@
 //   MSE, softmax:            g = (a - Y) / B;                          delta = a (g - sum_j g_j a_j)
 //   sigmoid + BCE:           loss_r = sum_j (1 - Y_j) max(v_j, 0) - Y_j min(v_j, 0)
 //                                     + log1p(exp(-|v_j|));            delta = (a - Y) / B
+//   exp + Poisson:           loss_r = sum_j Y_j log Y_j - Y_j v_j - Y_j + exp(v_j)
+//                                     (0 log 0 = 0);                   delta = (a - Y) / B
 // C = scale * sum_r loss_r, with scale 1/B (log-losses) or 1/(2B) (MSE), by finalize_loss.
 // Every row is handled by one warp; row losses go to row_loss[r], so the total does not depend
 // on the order in which warps finish. A non-finite delta or loss sets STATUS_BAD.
@@ -143,6 +145,35 @@ __global__ void bce_loss(T* __restrict__ z, const T* __restrict__ b, const T* __
             const T t = target<T, TGT>(yr, label, j);
             l += (T(1) - t) * fmax(v, T(0)) - t * fmin(v, T(0)) + log1p(exp(-fabs(v)));
             const T d = (activate<ACT_SIGMOID>(v) - t) * inv_batch;
+            bad |= !finite(d);
+            zr[j] = d;
+        }
+        l = warp_sum(l);
+        if (lane == 0) row_loss[r] = l;
+    }
+    if (bad) flag_bad(status);
+}
+
+// Exp + half the Poisson deviance (Y >= 0), per element Y log Y - Y v - Y + exp(v).
+template <typename T, int TGT>
+__global__ void poisson_loss(T* __restrict__ z, const T* __restrict__ b, const T* __restrict__ y,
+                             const i64* __restrict__ labels, i64 rows, int n, T inv_batch,
+                             T* __restrict__ row_loss, int* __restrict__ status) {
+    if (!whole_warps(status)) return;
+    const int lane = threadIdx.x & 31;
+    const i64 warps = grid_threads() >> 5;
+    bool bad = false;
+    for (i64 r = global_thread() >> 5; r < rows; r += warps) {
+        T* zr = z + r * n;
+        const T* yr = TGT == TARGET_DENSE ? y + r * n : nullptr;
+        const i64 label = TGT == TARGET_LABELS ? labels[r] : -1;
+        T l = T(0);
+        for (int j = lane; j < n; j += 32) {
+            const T v = biased(zr, b, j);
+            const T t = target<T, TGT>(yr, label, j);
+            const T a = activate<ACT_EXP>(v);
+            l += (t > T(0) ? t * log(t) : T(0)) - t * v - t + a;
+            const T d = (a - t) * inv_batch;
             bad |= !finite(d);
             zr[j] = d;
         }

@@ -85,6 +85,10 @@ def _names_for_every_configuration() -> set[str]:
         for loss, outputs in LOSSES.items():
             for o, labels in itertools.product(outputs, flags):
                 names.add(ck.output_kernel(dt, o, loss, labels))
+        # the backend ops' Poisson loss (scikit-learn's MLPRegressor(loss='poisson')): its exp
+        # output for inference and its output-layer kernel
+        names.add(ck.bias_activation(dt, "exp"))
+        names |= {ck.output_kernel(dt, "exp", "poisson", labels) for labels in flags}
         names |= {ck.finalize_loss(dt), ck.bias_grad_partial(dt)}
         names.add(ck.bias_grad_finish(dt))
         for momentum, nesterov in ((0.0, False), (0.9, False), (0.9, True)):

@@ -328,6 +328,8 @@ def _output_of(template: str, params: tuple[int, ...]) -> tuple[str, str, bool]:
         return "softmax", "cross_entropy", params[0] == ck.TARGET_LABELS
     if template == "bce_loss":
         return "sigmoid", "binary_cross_entropy", params[0] == ck.TARGET_LABELS
+    if template == "poisson_loss":
+        return "exp", "poisson", params[0] == ck.TARGET_LABELS
     assert template == "mse_loss", template
     return ACT_NAMES[params[0]], "mse", params[1] == ck.TARGET_LABELS
 
@@ -338,6 +340,8 @@ def _dense_targets(loss: str, rows: int, n: int, rng: np.random.Generator) -> np
         return y / y.sum(axis=1, keepdims=True)
     if loss == "binary_cross_entropy":
         return rng.random((rows, n))
+    if loss == "poisson":  # counts, zeros among them (0 log 0 = 0)
+        return rng.poisson(1.5, (rows, n)).astype(np.float64)
     return rng.normal(0.0, 1.0, (rows, n))
 
 
@@ -949,6 +953,7 @@ CHECKS: dict[str, dict[str, Check]] = {
     "output_layer": {
         "softmax_cross_entropy": check_output_layer,
         "bce_loss": check_output_layer,
+        "poisson_loss": check_output_layer,
         "mse_loss": check_output_layer,
         "finalize_loss": check_output_layer,
     },
@@ -1051,6 +1056,7 @@ def test_warp_kernels_are_found() -> None:
         "softmax_cross_entropy",
         "mse_loss",
         "bce_loss",
+        "poisson_loss",
         "argmax_accuracy",
     }
 

@@ -112,8 +112,9 @@ void exercise(void (*k)(T*, const T*, i64, int*), const char* name) {
     }
 }
 
-// softmax_cross_entropy / mse_loss / bce_loss: (z, b, y, labels, rows, n, inv_batch, row_loss,
-// status); y and labels are both given, each instantiation reads the one its target kind names.
+// softmax_cross_entropy / mse_loss / bce_loss / poisson_loss: (z, b, y, labels, rows, n,
+// inv_batch, row_loss, status); y and labels are both given, each instantiation reads the one
+// its target kind names.
 template <class T>
 void exercise(void (*k)(T*, const T*, const T*, const i64*, i64, int, T, T*, int*),
               const char* name) {

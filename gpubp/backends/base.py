@@ -231,6 +231,20 @@ class Backend(UpdateOps):
             out -= Y
             out *= 1.0 / B
             return out, value
+        if loss == "poisson":
+            # C = 1/B sum [Y log Y - Y z - Y + exp(z)] (0 log 0 = 0), delta = (exp(z) - Y) / B
+            s[...] = xp.where(Y > 0, Y, 1)
+            xp.log(s, out=s)
+            s *= Y  # Y log Y, 0 where Y = 0
+            value = xp.sum(s) - xp.vdot(Y, z) - xp.sum(Y)
+            if out is not z:
+                out[...] = z
+            with np.errstate(over="ignore"):
+                xp.exp(out, out=out)
+            value = (value + xp.sum(out)) / B
+            out -= Y
+            out *= 1.0 / B
+            return out, value
         # mse: C = 1/(2B) ||a - Y||^2, delta = J_f^T (a - Y) / B
         if out is not z:
             out[...] = z

@@ -1,9 +1,10 @@
 """scikit-learn estimators on gpubp's backends: ``MLPClassifier`` and ``MLPRegressor``.
 
-Drop-in replacements for ``sklearn.neural_network.MLPClassifier`` / ``MLPRegressor`` (solvers
-'sgd' and 'adam'): the same parameters, attributes and methods, and, in float64 with the same
-``random_state``, the same coefficients after training, computed by gpubp's fused kernels on
-the backend of your choice (``backend=``). Needs scikit-learn (``pip install 'gpubp[sklearn]'``).
+Drop-in replacements for ``sklearn.neural_network.MLPClassifier`` / ``MLPRegressor``
+(solvers 'sgd', 'adam' and 'lbfgs'): the same parameters, attributes and methods, and, in
+float64 with the same ``random_state``, the same coefficients after training, computed by
+gpubp's fused kernels on the backend of your choice (``backend=``). Needs scikit-learn
+(``pip install 'gpubp[sklearn]'``).
 """
 
 from __future__ import annotations

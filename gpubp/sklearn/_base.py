@@ -4,18 +4,19 @@ The loop is scikit-learn's ``BaseMultilayerPerceptron._fit_stochastic``, decisio
 (initialisation, batch order, early stopping, ``tol`` and ``n_iter_no_change``, the learning
 rate schedules, ``loss_curve_``, ``t_``), so that with the same ``random_state`` the same
 numbers come out; each step runs on a gpubp backend (:mod:`gpubp.sklearn._solver`).
+``solver='lbfgs'`` is scikit-learn's ``_fit_lbfgs`` (:mod:`gpubp.sklearn._lbfgs`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import numbers
 import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.base import BaseEstimator, is_classifier
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import train_test_split
@@ -23,32 +24,11 @@ from sklearn.utils import check_random_state, shuffle
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..backends import Backend, get_backend
+from ._lbfgs import FullBatch, minimize
 from ._solver import AdamRule, Batches, Network, SGDRule
+from ._validation import check_sample_weight, dtype_name, fail, is_bool, is_int, is_real
 
 _STOCHASTIC_SOLVERS = ("sgd", "adam")
-
-
-def _is_bool(value: object) -> bool:
-    return isinstance(value, (bool, np.bool_))
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not _is_bool(value)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not _is_bool(value)
-
-
-def _dtype_name(value: Any) -> str | None:
-    try:
-        return np.dtype(value).name
-    except TypeError:
-        return None
-
-
-def _fail(name: str, value: object, expected: str) -> ValueError:
-    return ValueError(f"{name} must be {expected}; got {value!r}")
 
 
 class BaseMLP(BaseEstimator):
@@ -115,60 +95,54 @@ class BaseMLP(BaseEstimator):
 
     def _check_params(self) -> list[int]:
         """Check every hyper-parameter; the hidden widths as a list."""
-        if self.solver == "lbfgs":
-            raise ValueError(
-                "solver='lbfgs' is not supported by gpubp (it is a full-batch method with "
-                "nothing to gain from fused mini-batch steps); use solver='adam' (the default) "
-                "or solver='sgd', or sklearn.neural_network's own estimator for L-BFGS"
-            )
         sizes = self.hidden_layer_sizes
         hidden = [sizes] if not hasattr(sizes, "__iter__") or isinstance(sizes, str) else sizes
         hidden = list(hidden)
-        if not all(_is_int(n) and n >= 1 for n in hidden):
-            raise _fail(
+        if not all(is_int(n) and n >= 1 for n in hidden):
+            raise fail(
                 "hidden_layer_sizes", sizes, "a positive int or a sequence of them, e.g. (100,)"
             )
         choices = {
             "activation": ("identity", "logistic", "tanh", "relu"),
-            "solver": _STOCHASTIC_SOLVERS,
+            "solver": (*_STOCHASTIC_SOLVERS, "lbfgs"),
             "learning_rate": ("constant", "invscaling", "adaptive"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise _fail(name, getattr(self, name), "one of " + ", ".join(map(repr, allowed)))
+                raise fail(name, getattr(self, name), "one of " + ", ".join(map(repr, allowed)))
         checks: list[tuple[str, Any, str]] = [
-            ("alpha", lambda v: _is_real(v) and 0 <= v < math.inf, "a number >= 0"),
-            ("learning_rate_init", lambda v: _is_real(v) and 0 < v < math.inf, "a number > 0"),
-            ("power_t", lambda v: _is_real(v) and 0 <= v < math.inf, "a number >= 0"),
-            ("max_iter", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
-            ("max_fun", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
-            ("tol", lambda v: _is_real(v) and 0 <= v < math.inf, "a number >= 0"),
-            ("momentum", lambda v: _is_real(v) and 0 <= v <= 1, "a number in [0, 1]"),
-            ("validation_fraction", lambda v: _is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
-            ("beta_1", lambda v: _is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
-            ("beta_2", lambda v: _is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
-            ("epsilon", lambda v: _is_real(v) and 0 < v < math.inf, "a number > 0"),
+            ("alpha", lambda v: is_real(v) and 0 <= v < math.inf, "a number >= 0"),
+            ("learning_rate_init", lambda v: is_real(v) and 0 < v < math.inf, "a number > 0"),
+            ("power_t", lambda v: is_real(v) and 0 <= v < math.inf, "a number >= 0"),
+            ("max_iter", lambda v: is_int(v) and v >= 1, "an int >= 1"),
+            ("max_fun", lambda v: is_int(v) and v >= 1, "an int >= 1"),
+            ("tol", lambda v: is_real(v) and 0 <= v < math.inf, "a number >= 0"),
+            ("momentum", lambda v: is_real(v) and 0 <= v <= 1, "a number in [0, 1]"),
+            ("validation_fraction", lambda v: is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
+            ("beta_1", lambda v: is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
+            ("beta_2", lambda v: is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
+            ("epsilon", lambda v: is_real(v) and 0 < v < math.inf, "a number > 0"),
             (
                 "n_iter_no_change",
-                lambda v: (_is_int(v) and v >= 1) or (_is_real(v) and v == math.inf),
+                lambda v: (is_int(v) and v >= 1) or (is_real(v) and v == math.inf),
                 "an int >= 1 or numpy.inf",
             ),
             (
                 "batch_size",
-                lambda v: v == "auto" if isinstance(v, str) else _is_int(v) and v >= 1,
+                lambda v: v == "auto" if isinstance(v, str) else is_int(v) and v >= 1,
                 "'auto' or an int >= 1",
             ),
         ]
         for name, ok, expected in checks:
             if not ok(getattr(self, name)):
-                raise _fail(name, getattr(self, name), expected)
+                raise fail(name, getattr(self, name), expected)
         for name in ("shuffle", "warm_start", "nesterovs_momentum", "early_stopping"):
-            if not _is_bool(getattr(self, name)):
-                raise _fail(name, getattr(self, name), "True or False")
-        if not (_is_bool(self.verbose) or _is_int(self.verbose)):
-            raise _fail("verbose", self.verbose, "a bool or an int")
-        if self.dtype is not None and _dtype_name(self.dtype) not in ("float32", "float64"):
-            raise _fail(
+            if not is_bool(getattr(self, name)):
+                raise fail(name, getattr(self, name), "True or False")
+        if not (is_bool(self.verbose) or is_int(self.verbose)):
+            raise fail("verbose", self.verbose, "a bool or an int")
+        if self.dtype is not None and dtype_name(self.dtype) not in ("float32", "float64"):
+            raise fail(
                 "dtype",
                 self.dtype,
                 "None (follow X: float32 stays float32, the rest "
@@ -210,6 +184,8 @@ class BaseMLP(BaseEstimator):
             self.intercepts_.append(intercept.astype(dtype, copy=False))
         self._best_coefs = [c.copy() for c in self.coefs_]
         self._best_intercepts = [i.copy() for i in self.intercepts_]
+        if self.solver == "lbfgs":  # as scikit-learn: no epochs, no curve, no early stopping
+            return
         self.loss_curve_: list[float] = []
         self._no_improvement_count = 0
         if self.early_stopping:
@@ -226,15 +202,16 @@ class BaseMLP(BaseEstimator):
 
     def _fit(self, X: Any, y: Any, sample_weight: Any, incremental: bool) -> BaseMLP:
         hidden = self._check_params()
-        if self.early_stopping and incremental:
+        if self.early_stopping and incremental and self.solver != "lbfgs":
             raise ValueError(
                 "partial_fit does not support early_stopping=True; set early_stopping=False "
                 "or use fit"
             )
         backend = get_backend(self.backend)
+        _check_sparse_backend(X, backend)
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
         X, y = self._validate_input(X, y, incremental, reset=first_pass)
-        sw = None if sample_weight is None else _check_sample_weight(sample_weight, X)
+        sw = None if sample_weight is None else check_sample_weight(sample_weight, X)
         if y.ndim == 1:
             y = y.reshape((-1, 1))
         layer_units = [X.shape[1], *hidden, y.shape[1]]
@@ -252,16 +229,11 @@ class BaseMLP(BaseEstimator):
         dtype = self._compute_dtype(X) if first_pass else self.coefs_[0].dtype
         if first_pass:
             self._initialize(y, layer_units, dtype)
-        net = Network(
-            backend,
-            self.coefs_,
-            self.intercepts_,
-            self.activation,
-            self.out_activation_,
-            self.alpha,
-            dtype,
-        )
-        coefs, intercepts = self._fit_stochastic(net, X, y, sw, incremental)
+        net = self._network(backend, dtype, train=self.solver != "lbfgs", sparse=sp.issparse(X))
+        if self.solver == "lbfgs":
+            coefs, intercepts = self._fit_lbfgs(net, X, y, sw)
+        else:
+            coefs, intercepts = self._fit_stochastic(net, X, y, sw, incremental)
         if not all(np.isfinite(p).all() for p in (*coefs, *intercepts)):
             raise ValueError(
                 "Solver produced non-finite parameter weights. The input data may contain "
@@ -270,6 +242,52 @@ class BaseMLP(BaseEstimator):
             )
         self.coefs_, self.intercepts_ = coefs, intercepts
         return self
+
+    def _network(
+        self, backend: Backend, dtype: np.dtype[Any], *, train: bool, sparse: bool = False
+    ) -> Network:
+        """A :class:`Network` on ``backend`` with copies of ``coefs_`` and ``intercepts_``."""
+        return Network(backend, self.coefs_, self.intercepts_, self.activation,
+                       self.out_activation_, self.alpha, dtype, train=train,
+                       sparse=sparse)  # fmt: skip
+
+    def _fit_lbfgs(
+        self, net: Network, X: np.ndarray, y: np.ndarray, sw: np.ndarray | None
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """scikit-learn's ``_fit_lbfgs``: L-BFGS-B on the full batch (:mod:`._lbfgs`) from
+        the current parameters; sets ``n_iter_`` and ``loss_``; the coefficients to keep.
+
+        With ``dtype=None`` these are scipy's answer in float64, as scikit-learn returns them
+        (scipy evaluates a float32 model in float32 but keeps its iterate in float64)."""
+        objective = FullBatch(net, X, y, sw)
+        self.n_iter_, self.loss_, theta = minimize(
+            objective, self.max_iter, self.max_fun, self.tol, self.verbose
+        )
+        return objective.split(theta) if self.dtype is None else net.coefs()
+
+    def _loss_grad_lbfgs(
+        self, packed_coef_inter: np.ndarray, X: Any, y: Any, sample_weight: Any, *buffers: Any
+    ) -> tuple[float, np.ndarray]:
+        """scikit-learn's hook of the same name (its tests call it): ``(f(theta), grad)`` on
+        ``X`` and the encoded targets ``y`` at ``theta = packed_coef_inter`` (see
+        :mod:`gpubp.sklearn._lbfgs`); ``buffers`` (scikit-learn's work arrays) are not used."""
+        check_is_fitted(self)
+        dtype = self.coefs_[0].dtype
+        net = self._network(get_backend(self.backend), dtype, train=False, sparse=sp.issparse(X))
+        Y = np.asarray(y, dtype=dtype).reshape(X.shape[0], -1)
+        sw = None if sample_weight is None else np.asarray(sample_weight, dtype=dtype)
+        X = X if sp.issparse(X) else np.asarray(X, dtype=dtype)
+        return FullBatch(net, X, Y, sw)(packed_coef_inter)
+
+    def _check_solver(self) -> bool:
+        """Whether ``partial_fit`` exists: only for the stochastic solvers (scikit-learn's
+        ``AttributeError`` otherwise)."""
+        if self.solver not in _STOCHASTIC_SOLVERS:
+            raise AttributeError(
+                "partial_fit is only available for stochastic optimizers. "
+                f"{self.solver} is not stochastic."
+            )
+        return True
 
     def _fit_stochastic(
         self, net: Network, X: np.ndarray, y: np.ndarray, sw: np.ndarray | None, incremental: bool
@@ -301,8 +319,8 @@ class BaseMLP(BaseEstimator):
                     )
         except KeyboardInterrupt:
             warnings.warn("Training interrupted by user.", stacklevel=3)
-        if self.early_stopping:
-            return self._best_coefs, self._best_intercepts
+        if self.early_stopping:  # copies: the kept best stays the kept best whatever happens
+            return [c.copy() for c in self._best_coefs], [b.copy() for b in self._best_intercepts]
         return net.coefs()
 
     def _solver_rule(self, net: Network, incremental: bool) -> SGDRule | AdamRule:
@@ -449,42 +467,20 @@ class BaseMLP(BaseEstimator):
     def _forward_pass_fast(self, X: Any) -> np.ndarray:
         """The output layer's activations ``(n_samples, n_outputs_)`` for ``X``."""
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=(np.float64, np.float32), reset=False)
-        net = Network(
-            get_backend(self.backend),
-            self.coefs_,
-            self.intercepts_,
-            self.activation,
-            self.out_activation_,
-            0.0,
-            self.coefs_[0].dtype,
-            train=False,
+        X = validate_data(
+            self, X, accept_sparse=["csr", "csc"], dtype=(np.float64, np.float32), reset=False
         )
+        _check_sparse_backend(X, get_backend(self.backend))
+        backend, dtype = get_backend(self.backend), self.coefs_[0].dtype
+        net = self._network(backend, dtype, train=False, sparse=sp.issparse(X))
         return net.forward(X)
 
 
-def _check_sample_weight(sample_weight: Any, X: np.ndarray) -> np.ndarray:
-    """``sample_weight`` as a float ``(n_samples,)`` array of ``X``'s dtype (a number: the same
-    weight for every sample)."""
-    n = X.shape[0]
-    if isinstance(sample_weight, numbers.Number):
-        return np.full(n, sample_weight, dtype=X.dtype)
-    try:
-        sw = np.asarray(sample_weight, dtype=X.dtype)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"sample_weight must be an array of numbers; {exc}") from None
-    if sw.ndim != 1:
+def _check_sparse_backend(X: Any, backend: Backend) -> None:
+    """Sparse ``X`` runs on the CPU backends (scipy's sparse-dense products) only."""
+    if sp.issparse(X) and backend.xp is not np:
         raise ValueError(
-            f"Sample weights must be 1D array or scalar; sample_weight has shape {sw.shape}"
+            f"sparse X is supported on the numpy and numba backends, not on backend="
+            f"{backend.name!r}; pass backend='numba' (or 'numpy'), or X.toarray() if it fits "
+            "in memory"
         )
-    if sw.shape != (n,):
-        raise ValueError(
-            f"sample_weight.shape == {sw.shape}, expected {(n,)}: one weight per row of X"
-        )
-    if not np.isfinite(sw).all():
-        raise ValueError("sample_weight contains NaN or infinity; pass finite weights")
-    if n and not sw.any():
-        raise ValueError(
-            "Sample weights must contain at least one non-zero number; every sample_weight is 0"
-        )
-    return sw

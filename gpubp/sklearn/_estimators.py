@@ -9,6 +9,7 @@ import numpy as np
 from sklearn.base import ClassifierMixin, RegressorMixin
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.preprocessing import LabelBinarizer
+from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import type_of_target, unique_labels
 from sklearn.utils.validation import column_or_1d, validate_data
 
@@ -22,8 +23,9 @@ _DOC_PARAMETERS = """
         Widths of the hidden layers.
     activation : {'identity', 'logistic', 'tanh', 'relu'}, default='relu'
         Hidden activation.
-    solver : {'adam', 'sgd'}, default='adam'
-        scikit-learn's Adam or SGD rule ('lbfgs' is refused with what to use instead).
+    solver : {'adam', 'sgd', 'lbfgs'}, default='adam'
+        scikit-learn's Adam or SGD rule, or scipy's L-BFGS-B on the full batch (as
+        scikit-learn runs it: see :mod:`gpubp.sklearn._lbfgs`).
     alpha : float, default=1e-4
         L2 penalty on the weights (not the biases): each batch adds ``alpha W / S`` to the
         weight gradients and ``alpha / (2 S) sum ||W||^2`` to the loss, ``S`` the batch's
@@ -37,7 +39,7 @@ _DOC_PARAMETERS = """
     learning_rate_init : float, default=1e-3
     power_t : float, default=0.5
     max_iter : int, default=200
-        Epochs.
+        Epochs ('lbfgs': L-BFGS-B iterations).
     shuffle : bool, default=True
         Shuffle the samples each epoch.
     random_state : int, RandomState or None, default=None
@@ -59,8 +61,7 @@ _DOC_PARAMETERS = """
         ``-lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + epsilon)``.
     n_iter_no_change : int, default=10
     max_fun : int, default=15000
-        Only used by scikit-learn's 'lbfgs' solver, which gpubp refuses; accepted so that a
-        parameter set from scikit-learn's estimator (``get_params()``) carries over.
+        'lbfgs' only: the most loss evaluations L-BFGS-B may make.
     backend : str or Backend, default='auto'
         gpubp's backend: 'numpy', 'numba', 'cupy' or 'auto' (the best that runs here).
     dtype : {None, 'float32', 'float64'}, default=None
@@ -95,7 +96,7 @@ class MLPClassifier(ClassifierMixin, BaseMLP):
     """A multi-layer perceptron classifier: scikit-learn's ``MLPClassifier`` on gpubp.
 
     The same parameters, attributes and numbers as
-    ``sklearn.neural_network.MLPClassifier`` (solvers 'sgd' and 'adam'), with gpubp's
+    ``sklearn.neural_network.MLPClassifier`` (solvers 'sgd', 'adam' and 'lbfgs'), with gpubp's
     ``backend`` and ``dtype``. Minimises the log loss: softmax output for more than two
     classes (``-1/S sum_i w_i sum_j Y_ij log a_ij``), a logistic output per column for binary
     and multi-label targets (binary log loss summed over the columns), plus the L2 term.
@@ -115,7 +116,13 @@ class MLPClassifier(ClassifierMixin, BaseMLP):
         self, X: Any, y: Any, incremental: bool, reset: bool
     ) -> tuple[np.ndarray, np.ndarray]:
         X, y = validate_data(
-            self, X, y, multi_output=True, dtype=(np.float64, np.float32), reset=reset
+            self,
+            X,
+            y,
+            accept_sparse=["csr", "csc"],
+            multi_output=True,
+            dtype=(np.float64, np.float32),
+            reset=reset,
         )
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
@@ -160,6 +167,7 @@ class MLPClassifier(ClassifierMixin, BaseMLP):
         self._fit(X, y, sample_weight, incremental=False)
         return self
 
+    @available_if(lambda est: est._check_solver())
     def partial_fit(
         self, X: Any, y: Any, sample_weight: Any = None, classes: Any = None
     ) -> MLPClassifier:
@@ -207,7 +215,7 @@ class MLPClassifier(ClassifierMixin, BaseMLP):
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
         tags.classifier_tags.multi_label = True
-        tags.input_tags.sparse = False
+        tags.input_tags.sparse = True
         return tags
 
 
@@ -215,10 +223,11 @@ class MLPRegressor(RegressorMixin, BaseMLP):
     """A multi-layer perceptron regressor: scikit-learn's ``MLPRegressor`` on gpubp.
 
     The same parameters, attributes and numbers as ``sklearn.neural_network.MLPRegressor``
-    (solvers 'sgd' and 'adam', ``loss='squared_error'``), with gpubp's ``backend`` and
-    ``dtype``. Minimises ``1/S sum_i w_i ||a_i - y_i||^2 / (2 n_outputs)`` plus the L2 term,
-    through an identity output (scikit-learn steps along the gradient of the sum over the
-    outputs, and so does this).
+    (solvers 'sgd', 'adam' and 'lbfgs', losses 'squared_error' and 'poisson'), with gpubp's
+    ``backend`` and ``dtype``. Minimises ``1/S sum_i w_i ||a_i - y_i||^2 / (2 n_outputs)`` plus
+    the L2 term, through an identity output (scikit-learn steps along the gradient of the sum
+    over the outputs, and so does this), or with ``loss='poisson'`` half the Poisson deviance
+    through an exponential output.
     """
 
     __doc__ = (
@@ -226,8 +235,10 @@ class MLPRegressor(RegressorMixin, BaseMLP):
         + """
     Parameters
     ----------
-    loss : {'squared_error'}, default='squared_error'
-        scikit-learn's 'poisson' is refused (gpubp has no exponential output).
+    loss : {'squared_error', 'poisson'}, default='squared_error'
+        Half the squared error through an identity output, or half the Poisson deviance
+        ``1/S sum_i w_i sum_j [y_ij log(y_ij / a_ij) - y_ij + a_ij]`` through an exponential
+        output ``a = exp(z)`` (targets ``y >= 0``), as scikit-learn defines them.
 """
         + _DOC_PARAMETERS.replace("    Parameters\n    ----------\n", "")
         + _DOC_ATTRIBUTES
@@ -293,19 +304,14 @@ class MLPRegressor(RegressorMixin, BaseMLP):
         )
 
     def _check_extra_params(self) -> None:
-        if self.loss == "poisson":
-            raise ValueError(
-                "loss='poisson' is not supported by gpubp (it needs an exponential output); "
-                "use loss='squared_error', or sklearn.neural_network.MLPRegressor for Poisson"
-            )
-        if self.loss != "squared_error":
+        if self.loss not in ("squared_error", "poisson"):
             hint = (
                 "; the first positional argument of MLPRegressor is loss (as in scikit-learn), "
                 "so pass the widths as hidden_layer_sizes=..."
                 if not isinstance(self.loss, str)
                 else ""
             )
-            raise ValueError(f"loss must be 'squared_error'; got {self.loss!r}{hint}")
+            raise ValueError(f"loss must be 'squared_error' or 'poisson'; got {self.loss!r}{hint}")
 
     def _validate_input(
         self, X: Any, y: Any, incremental: bool, reset: bool
@@ -316,15 +322,21 @@ class MLPRegressor(RegressorMixin, BaseMLP):
             y,
             multi_output=True,
             y_numeric=True,
+            accept_sparse=["csr", "csc"],
             dtype=(np.float64, np.float32),
             reset=reset,
         )
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
+        if self.loss == "poisson" and np.any(y < 0):
+            raise ValueError(
+                "loss='poisson' needs targets y >= 0 (counts or rates); y has negative values. "
+                "Use loss='squared_error' for signed targets"
+            )
         return X, y
 
     def _output_activation(self) -> str:
-        return "identity"
+        return "exp" if self.loss == "poisson" else "identity"
 
     def _decode(self, y: np.ndarray) -> np.ndarray:
         return y
@@ -342,8 +354,12 @@ class MLPRegressor(RegressorMixin, BaseMLP):
         self._fit(X, y, sample_weight, incremental=False)
         return self
 
+    # scikit-learn's regressor tests the method itself, not its result, so partial_fit stays
+    # visible for 'lbfgs' there (and runs a whole L-BFGS fit from the current weights): the same
+    @available_if(lambda est: bool(est._check_solver))
     def partial_fit(self, X: Any, y: Any, sample_weight: Any = None) -> MLPRegressor:
-        """One epoch over ``(X, y)`` from the current parameters and optimizer state."""
+        """One epoch over ``(X, y)`` from the current parameters and optimizer state (with
+        ``solver='lbfgs'``, as in scikit-learn: an L-BFGS fit from the current parameters)."""
         self._fit(X, y, sample_weight, incremental=True)
         return self
 
@@ -353,5 +369,5 @@ class MLPRegressor(RegressorMixin, BaseMLP):
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
-        tags.input_tags.sparse = False
+        tags.input_tags.sparse = True
         return tags

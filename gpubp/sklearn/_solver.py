@@ -8,8 +8,8 @@ scikit-learn's (see :class:`SGDRule` and :class:`AdamRule`).
 
 With ``B`` the batch, ``w`` the sample weights (all ones without them), ``S = sum_i w_i``, ``a``
 the output and ``Y`` the ``(B, n_out)`` targets (identity output with squared error, softmax
-with log loss, logistic with binary log loss: the canonical pairs, whose output error is
-``a - Y``):
+with log loss, logistic with binary log loss, exp with half the Poisson deviance: the canonical
+pairs, whose output error is ``a - Y``):
 
     delta^L  = diag(w) (a - Y) / S
     dW^l     = delta^l.T @ a^{l-1} + alpha W^l / S        (weights only; biases get no penalty)
@@ -17,12 +17,18 @@ with log loss, logistic with binary log loss: the canonical pairs, whose output 
 
 where ``l_i`` is row ``i``'s loss: ``1/(2 n_out) ||a_i - Y_i||^2`` (squared error, averaged
 over the outputs as scikit-learn reports it; its gradient is the sum's), ``-sum_j Y_ij log a_ij``
-(log loss) or ``-sum_j [Y_ij log a_ij + (1 - Y_ij) log(1 - a_ij)]`` (binary log loss), the log
+(log loss), ``-sum_j [Y_ij log a_ij + (1 - Y_ij) log(1 - a_ij)]`` (binary log loss) or
+``sum_j [Y_ij log(Y_ij / a_ij) - Y_ij + a_ij]`` (Poisson, ``0 log 0 = 0``), the log
 losses evaluated from the logits (so they stay finite where scikit-learn clips ``a`` to
 ``[eps, 1 - eps]``).
 
 Weights here are in gpubp's layout ``(n_out, n_in)``; the estimators expose scikit-learn's
 ``(n_in, n_out)``.
+
+Sparse ``X`` (scipy CSR, on the CPU backends) stays sparse: each batch's rows are taken from
+it as a CSR matrix, and the first layer's forward ``x @ W^1.T`` and weight gradient
+``dW^1 = (x.T @ delta^1).T`` are scipy's sparse-dense products; the other layers are the
+backend's ops (the per-layer path of the weighted case above).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import math
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.utils import gen_batches
 
 from .. import activations as act
@@ -41,6 +48,7 @@ OUTPUTS: dict[str, tuple[str, str]] = {
     "identity": ("identity", "mse"),
     "softmax": ("softmax", "cross_entropy"),
     "logistic": ("sigmoid", "binary_cross_entropy"),
+    "exp": ("exp", "poisson"),
 }
 
 #: scikit-learn's hidden activation names -> gpubp's.
@@ -175,6 +183,10 @@ class Network:
         Of the parameters and the arithmetic.
     train : bool
         Whether :meth:`step` will be called (allocates its scratch buffers).
+    sparse : bool
+        Whether the input will be sparse: ``W^1`` is then stored in scikit-learn's layout
+        ``(n_0, n_1)`` (``self.W[0]`` is a transposed view of it), the layout the sparse-dense
+        products read and write without a copy; the optimizer updates that array.
     """
 
     def __init__(
@@ -188,6 +200,7 @@ class Network:
         dtype: np.dtype[Any],
         *,
         train: bool = True,
+        sparse: bool = False,
     ) -> None:
         self.backend = backend
         self.xp = backend.xp
@@ -198,6 +211,9 @@ class Network:
         # copies (np.array copies), never views of the estimator's coefs_ / intercepts_: the
         # step updates these in place, and a fit that fails must leave those as they were
         self.W = [backend.asarray(np.array(c.T, dtype=dtype, order="C")) for c in coefs]
+        self.sparse = sparse
+        if sparse:
+            self.W[0] = np.array(coefs[0], dtype=dtype, order="C").T
         self.b = [backend.asarray(np.array(c, dtype=dtype, order="C")) for c in intercepts]
         # the optimizer ops' temporaries: a flat buffer of twice the parameter's size each
         self.scratch = (
@@ -206,26 +222,45 @@ class Network:
 
     @property
     def params(self) -> list[Any]:
-        """``W^1..W^L, b^1..b^L`` (the order of the optimizer's state)."""
-        return [*self.W, *self.b]
+        """``W^1..W^L, b^1..b^L`` (the order of the optimizer's state; ``W^1`` as stored: its
+        transpose for sparse input)."""
+        return [self._stored(0, self.W[0]), *self.W[1:], *self.b]
+
+    def _stored(self, i: int, a: Any) -> Any:
+        """``W^i`` or its gradient ``a`` in the layout of ``W^i``'s storage (contiguous)."""
+        return a.T if i == 0 and self.sparse else a
 
     def coefs(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """``(coefs_, intercepts_)`` as NumPy copies in scikit-learn's layout."""
+        """``(coefs_, intercepts_)`` as NumPy copies in scikit-learn's layout.
+
+        Always fresh memory: ``to_numpy`` returns the live array itself on the CPU backends,
+        and the transpose of a ``(1, n)`` or ``(n, 1)`` matrix is already contiguous, so
+        ``ascontiguousarray`` would hand out a view that the next step changes.
+        """
         be = self.backend
         return (
-            [np.ascontiguousarray(be.to_numpy(W).T) for W in self.W],
-            [be.to_numpy(b).copy() for b in self.b],
+            [np.array(be.to_numpy(W).T, order="C", copy=True) for W in self.W],
+            [np.array(be.to_numpy(b), copy=True) for b in self.b],
         )
 
-    def step(self, x: Any, y: Any, labels: Any, sw: Any, optimizer: Any) -> Any:
-        """One scikit-learn step on the batch ``x`` ``(B, n_0)``: gradients, L2, update.
+    def loss_and_gradients(
+        self, x: Any, y: Any, labels: Any, sw: Any, *, clipped: bool = False
+    ) -> tuple[Any, list[Any], list[Any], float]:
+        """``(loss, dWs, dbs, l2)`` of the batch ``x`` ``(B, n_0)`` (see the module doc).
 
         ``y`` is ``(B, n_out)`` targets; ``labels`` the ``(B,)`` class indices standing for
-        them (softmax output) or None; ``sw`` ``(B,)`` sample weights or None. Returns the
-        batch's loss (a backend scalar) before the update.
+        them (softmax output) or None; ``sw`` ``(B,)`` sample weights or None. ``loss`` (a
+        backend scalar) includes the L2 term; the gradients do not: ``l2 = alpha / S`` times
+        ``W^l`` is still to be added to ``dW^l`` (0.0 without a penalty). The gradient arrays
+        may belong to the backend's workspace (the next call overwrites them).
+
+        ``clipped``: the log losses as scikit-learn evaluates them, on probabilities clipped
+        to ``[eps, 1 - eps]`` (``eps`` the dtype's machine epsilon), which differ from the
+        exact ones where outputs saturate (its L-BFGS line search compares these values).
         """
         xp = self.xp
-        if sw is None:
+        exact = not (clipped and self.loss in ("cross_entropy", "binary_cross_entropy"))
+        if sw is None and exact and not sp.issparse(x):  # the backend's fused pass
             target = labels if labels is not None else y
             value, dWs, dbs = self.backend.gradients(
                 self.W, self.b, x, target, self.activation, self.output, self.loss
@@ -234,61 +269,116 @@ class Network:
             if self.loss == "mse":
                 value = value / y.shape[1]
         else:
-            value, dWs, dbs, denom = self._weighted_gradients(x, y, sw)
-        L = len(self.W)
-        decay = [0.0] * (2 * L)
+            value, dWs, dbs, denom = self._weighted_gradients(x, y, sw, clipped)
+        l2 = 0.0
         if self.alpha:
             denom = float(denom)
-            decay[:L] = [self.alpha / denom] * L  # weights only
-            sq = sum(xp.vdot(W, W) for W in self.W)
+            l2 = self.alpha / denom
+            sq = sum(xp.vdot(W, W) for W in self.params[: len(self.W)])
             value = value + 0.5 * self.alpha * sq / denom
-        optimizer.update(self.backend, self.params, [*dWs, *dbs], decay, self.scratch)
+        return value, dWs, dbs, l2
+
+    def step(self, x: Any, y: Any, labels: Any, sw: Any, optimizer: Any) -> Any:
+        """One scikit-learn step on the batch ``x`` ``(B, n_0)``: gradients, L2, update
+        (arguments as for :meth:`loss_and_gradients`). Returns the batch's loss (a backend
+        scalar) before the update."""
+        value, dWs, dbs, l2 = self.loss_and_gradients(x, y, labels, sw)
+        L = len(self.W)
+        decay = [l2] * L + [0.0] * L  # weights only
+        grads = [self._stored(0, dWs[0]), *dWs[1:], *dbs]
+        optimizer.update(self.backend, self.params, grads, decay, self.scratch)
         return value
 
-    def _weighted_gradients(self, x: Any, y: Any, sw: Any) -> tuple[Any, list[Any], list[Any], Any]:
-        """Backpropagation with the output error of row ``i`` scaled by ``w_i / S``: the
-        backend's forward, Hadamard and gradient ops, layer by layer."""
+    def _weighted_gradients(
+        self, x: Any, y: Any, sw: Any, clipped: bool = False
+    ) -> tuple[Any, list[Any], list[Any], Any]:
+        """Backpropagation with the output error of row ``i`` scaled by ``w_i / S`` (``1 / B``
+        if ``sw`` is None): the backend's forward, Hadamard and gradient ops, layer by layer."""
         be, xp = self.backend, self.xp
         L = len(self.W)
         acts = [x]
         for i in range(L - 1):
-            acts.append(be.forward_layer(acts[i], self.W[i], self.b[i], self.activation))
-        z = be.forward_layer(acts[L - 1], self.W[L - 1], self.b[L - 1], "identity")
-        total = xp.sum(sw)
-        value = xp.vdot(self._row_losses(z, y), sw) / total
+            acts.append(self._layer(i, acts[i], self.activation))
+        z = self._layer(L - 1, acts[L - 1], "identity")
+        rows = self._row_losses(z, y, clipped)
+        total = x.shape[0] if sw is None else xp.sum(sw)
+        value = (xp.sum(rows) if sw is None else xp.vdot(rows, sw)) / total
         delta = act.apply_inplace(xp, z, self.output)
         delta -= y
-        delta *= (sw / total)[:, None]
+        delta *= 1.0 / total if sw is None else (sw / total)[:, None]
         dWs: list[Any] = [None] * L
         dbs: list[Any] = [None] * L
         for i in range(L - 1, -1, -1):
-            dWs[i], dbs[i] = be.parameter_gradients(delta, acts[i])
+            if sp.issparse(acts[i]):  # dW = (x.T @ delta).T, a sparse-dense product
+                dWs[i] = np.asarray(acts[i].T @ delta).T  # a view of the (n_0, n_1) product
+                dbs[i] = delta.sum(axis=0)
+            else:
+                dWs[i], dbs[i] = be.parameter_gradients(delta, acts[i])
             if i > 0:
                 delta = be.hidden_delta(delta, self.W[i], acts[i], self.activation)
         return value, dWs, dbs, total
 
-    def _row_losses(self, z: Any, y: Any) -> Any:
-        """Each row's loss ``(B,)`` from the output pre-activation ``z`` (see the module doc)."""
+    def _layer(self, i: int, a_prev: Any, activation: str) -> Any:
+        """``f(a_prev @ W^i.T + b^i)`` ``(B, n_i)``: the backend's op, or for a sparse
+        ``a_prev`` (the first layer's input) scipy's sparse-dense product then the bias and
+        activation in place."""
+        if not sp.issparse(a_prev):
+            return self.backend.forward_layer(a_prev, self.W[i], self.b[i], activation)
+        z = np.asarray(a_prev @ self.W[i].T)  # W[0].T is contiguous when self.sparse
+        z += self.b[i]
+        return act.apply_inplace(np, z, activation)
+
+    def _row_losses(self, z: Any, y: Any, clipped: bool = False) -> Any:
+        """Each row's loss ``(B,)`` from the output pre-activation ``z`` (see the module doc);
+        ``clipped``: the log losses with ``log a`` and ``log(1 - a)`` clipped to
+        ``[log eps, log(1 - eps)]``, as scikit-learn clips ``a``."""
         xp = self.xp
         if self.loss == "mse":
             r = z - y
             return xp.sum(r * r, axis=1) / (2 * y.shape[1])
+        if self.loss == "poisson":  # Y log Y - Y z - Y + exp(z), 0 log 0 = 0
+            y_log_y = y * xp.log(xp.where(y > 0, y, 1))
+            with np.errstate(over="ignore"):
+                return xp.sum(y_log_y - y * z - y + xp.exp(z), axis=1)
+        eps = float(np.finfo(self.dtype).eps)
+        lo, hi = math.log(eps), math.log1p(-eps)
         if self.loss == "cross_entropy":
             m = xp.max(z, axis=1, keepdims=True)
             lse = xp.log(xp.sum(xp.exp(z - m), axis=1)) + m[:, 0]
+            if clipped:  # -sum_j Y_ij clip(log a_ij), log a_ij = z_ij - lse_i
+                return -xp.sum(y * xp.clip(z - lse[:, None], lo, hi), axis=1)
             return lse * xp.sum(y, axis=1) - xp.sum(y * z, axis=1)
         softplus = xp.maximum(z, 0) + xp.log1p(xp.exp(-xp.abs(z)))
+        if clipped:  # log a = z - softplus(z), log(1 - a) = -softplus(z)
+            log_a, log_1ma = xp.clip(z - softplus, lo, hi), xp.clip(-softplus, lo, hi)
+            return -xp.sum(y * log_a + (1 - y) * log_1ma, axis=1)
         return xp.sum(softplus - y * z, axis=1)
 
     def forward(self, x: Any, chunk: int = 4096) -> np.ndarray:
         """The network's output ``(B, n_out)`` for ``x`` (NumPy, the model's dtype), as NumPy."""
         be = self.backend
         out = np.empty((x.shape[0], self.W[-1].shape[0]), dtype=self.dtype)
+        if sp.issparse(x):
+            x = as_input(self, x)
         for start in range(0, x.shape[0], chunk):
-            xb = be.asarray(np.ascontiguousarray(x[start : start + chunk]), self.dtype)
-            a = be.forward(self.W, self.b, xb, self.activation, self.output)
-            out[start : start + xb.shape[0]] = be.to_numpy(a)
+            if sp.issparse(x):  # layer by layer, the first a sparse-dense product
+                a = x[start : start + chunk]
+                for i in range(len(self.W)):
+                    last = i == len(self.W) - 1
+                    a = self._layer(i, a, self.output if last else self.activation)
+            else:
+                xb = be.asarray(np.ascontiguousarray(x[start : start + chunk]), self.dtype)
+                a = be.forward(self.W, self.b, xb, self.activation, self.output)
+            out[start : start + a.shape[0]] = be.to_numpy(a)
         return out
+
+
+def as_input(net: Network, X: Any) -> Any:
+    """``X`` ``(n, n_0)`` for ``net``: dense on its backend, or sparse as a CSR array of its
+    dtype on the host (CPU backends only: the caller checks)."""
+    if sp.issparse(X):
+        return sp.csr_array(X, dtype=net.dtype)
+    return net.backend.asarray(np.ascontiguousarray(X), net.dtype)
 
 
 class Batches:
@@ -305,14 +395,17 @@ class Batches:
     ) -> None:
         be, dtype = net.backend, net.dtype
         self.net, self.n, self.batch_size = net, X.shape[0], batch_size
-        self.x = be.asarray(np.ascontiguousarray(X), dtype)
+        self.x = as_input(net, X)
+        self.sparse = sp.issparse(self.x)
         self.y = be.asarray(y, dtype)
         self.labels = be.asarray(np.argmax(y, axis=1)) if net.output == "softmax" else None
         self.sw = None if sw is None else be.asarray(sw, dtype)
         # the shuffled batches are gathered into one buffer: a fresh array per batch would be
         # a fresh mapping (page faults) per step
         # (NumPy buffers take's output unless mode is not 'raise'; the indices are in range)
-        self.gathered = be.xp.empty((batch_size, X.shape[1]), dtype=dtype)
+        self.gathered: Any = (
+            None if self.sparse else be.xp.empty((batch_size, X.shape[1]), dtype=dtype)
+        )
         self.take_mode = {"mode": "clip"} if be.xp is np else {}
 
     def epoch(self, optimizer: Any, order: np.ndarray | None) -> Any:
@@ -326,7 +419,10 @@ class Batches:
         net, xp = self.net, self.net.backend.xp
         accumulated: Any = 0.0
         for batch in gen_batches(self.n, self.batch_size):
-            if order is not None:
+            if order is not None and self.sparse:
+                idx = order[batch]
+                xb = self.x[idx]  # the batch's rows, a CSR array
+            elif order is not None:
                 idx = net.backend.asarray(order[batch])
                 out = self.gathered[: len(idx)]
                 xb = xp.take(self.x, idx, axis=0, out=out, **self.take_mode)

@@ -104,6 +104,8 @@ def output_kernel(dtype: object, output: str, loss: str, labels: bool) -> str:
         return f"gpubp::softmax_cross_entropy<{t}, {tgt}>"
     if loss == "binary_cross_entropy" and output == "sigmoid":
         return f"gpubp::bce_loss<{t}, {tgt}>"
+    if loss == "poisson" and output == "exp":
+        return f"gpubp::poisson_loss<{t}, {tgt}>"
     if loss == "mse":
         return f"gpubp::mse_loss<{t}, {_act_id(output, act.OUTPUT_ACTIVATIONS)}, {tgt}>"
     raise ValueError(f"loss {loss!r} is not defined for output {output!r}")
@@ -186,6 +188,7 @@ def _catalogue() -> dict[str, list[str]]:
         for labels in flags:
             cat["output_layer"].append(output_kernel(dt, "softmax", "cross_entropy", labels))
             cat["output_layer"].append(output_kernel(dt, "sigmoid", "binary_cross_entropy", labels))
+            cat["output_layer"].append(output_kernel(dt, "exp", "poisson", labels))
             cat["output_layer"] += [
                 output_kernel(dt, o, "mse", labels) for o in act.OUTPUT_ACTIVATIONS
             ]

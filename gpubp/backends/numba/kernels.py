@@ -35,10 +35,16 @@ TANH = ACTIVATION_IDS["tanh"]
 RELU = ACTIVATION_IDS["relu"]
 LEAKY_RELU = ACTIVATION_IDS["leaky_relu"]
 SOFTMAX = ACTIVATION_IDS["softmax"]
+EXP = ACTIVATION_IDS["exp"]
 
 #: Loss name -> id used by :func:`output_delta`.
-LOSS_IDS: dict[str, int] = {"mse": 0, "cross_entropy": 1, "binary_cross_entropy": 2}
-MSE, CROSS_ENTROPY, BCE = 0, 1, 2
+LOSS_IDS: dict[str, int] = {
+    "mse": 0,
+    "cross_entropy": 1,
+    "binary_cross_entropy": 2,
+    "poisson": 3,
+}
+MSE, CROSS_ENTROPY, BCE, POISSON = 0, 1, 2, 3
 
 # every kernel: cached on disk, releases the GIL, no ZeroDivisionError checks (IEEE results)
 _jit = njit(cache=True, nogil=True, error_model="numpy")
@@ -94,6 +100,8 @@ def act_value(v, act):  # type: ignore[no-untyped-def]
         return 1 / (1 + fast_exp(-v))  # exp overflow gives the exact limit 0
     if act == TANH:
         return np.tanh(v)
+    if act == EXP:
+        return fast_exp(v)
     return v
 
 
@@ -108,6 +116,8 @@ def act_prime(a, act):  # type: ignore[no-untyped-def]
         return a * (1 - a)
     if act == TANH:
         return 1 - a * a
+    if act == EXP:
+        return a
     return 1.0
 
 
@@ -146,6 +156,9 @@ def bias_act(z, b, act, cm):  # type: ignore[no-untyped-def]
         elif act == TANH:
             for j in range(n):
                 row[j] = act_value(row[j] + b[j], TANH)
+        elif act == EXP:
+            for j in range(n):
+                row[j] = act_value(row[j] + b[j], EXP)
         else:
             for j in range(n):
                 row[j] += b[j]
@@ -260,6 +273,8 @@ def output_delta(z, Y, labels, out_act, loss, out, db, batch):  # type: ignore[n
     - binary cross-entropy (sigmoid): per element
       ``(1 - y) max(z, 0) - y min(z, 0) + log1p(exp(-|z|))``, ``delta = (sigmoid - y)/B``;
       written that way no large terms cancel when ``z`` is confidently right;
+    - poisson (exp): per element ``Y log Y - Y z - Y + exp(z)`` (``0 log 0 = 0``),
+      ``delta = (exp(z) - Y) / B``;
     - mse: ``(a - Y)^2 / 2`` and ``delta = J_f^T (a - Y) / B``.
 
     Returns ``(C, max |delta^L|)`` as float64 (``C``: these rows' loss sum over ``batch``).
@@ -287,6 +302,8 @@ def output_delta(z, Y, labels, out_act, loss, out, db, batch):  # type: ignore[n
             total += _ce_row(zr, orow, Y, i, lab, use_labels, inv_b)
         elif loss == BCE:
             total += _bce_row(zr, orow, Y, i, lab, use_labels, inv_b)
+        elif loss == POISSON:
+            total += _poisson_row(zr, orow, Y, i, lab, use_labels, inv_b)
         else:
             total += _mse_row(zr, orow, Y, i, lab, use_labels, inv_b, out_act)
         for j in range(n):
@@ -337,6 +354,21 @@ def _bce_row(zr, orow, Y, i, lab, use_labels, inv_b):  # type: ignore[no-untyped
         zf = float(zj)
         total += (1.0 - yj) * max(zf, 0.0) - yj * min(zf, 0.0) + math.log1p(math.exp(-abs(zf)))
         orow[j] = (act_value(zj, SIGMOID) - yj) * inv_b
+    return total
+
+
+@_inline
+def _poisson_row(zr, orow, Y, i, lab, use_labels, inv_b):  # type: ignore[no-untyped-def]
+    """Exp + half the Poisson deviance of one row: ``delta`` into ``orow``; the row's loss."""
+    total = 0.0
+    for j in range(zr.shape[0]):
+        zj = zr[j]
+        yj = _target(Y, i, j, lab, use_labels)
+        aj = act_value(zj, EXP)
+        if yj > 0:
+            total += yj * math.log(yj)
+        total += float(aj) - yj * float(zj) - yj
+        orow[j] = (aj - yj) * inv_b
     return total
 
 
