@@ -97,7 +97,7 @@ def test_one_thread_never_probes():
     ("sizes", "batch", "rule"),
     [([37, 129, 5], 1, "adam"), ([784, 300, 70, 10], 33, "sgd"), ([50, 500, 3], 200, "momentum")],
 )
-def test_steps_give_the_same_bits_at_any_count(rng, sizes, batch, rule):
+def test_steps_give_the_same_bits_at_any_count(rng, sizes, batch, rule, monkeypatch):
     """What lets the tuner switch counts under a run: every count gives the same numbers."""
     make = {
         "adam": lambda: optim.Adam(lr=1e-3),
@@ -109,10 +109,10 @@ def test_steps_give_the_same_bits_at_any_count(rng, sizes, batch, rule):
     got = []
     for threads in (1, 2, "switching"):
         be = NumbaBackend(threads=2 if threads == "switching" else threads)
-        if threads == "switching":  # alternate 2, 1, 2, ... under one optimizer state
-            be.adaptive_threads = True
-            ThreadTuner.threads = lambda self: 1 + self.steps % 2  # type: ignore[method-assign]
-        try:
+        with monkeypatch.context() as m:
+            if threads == "switching":  # alternate 2, 1, 2, ... under one optimizer state
+                be.adaptive_threads = True
+                m.setattr(ThreadTuner, "threads", lambda self: 1 + self.steps % 2)
             be.update_par_min = be.update_chunk = 64  # the update's parallel kernels too
             model = gpubp.MLP(sizes, activation="relu", backend=be, dtype="float32", seed=3)
             opt = make()
@@ -120,10 +120,10 @@ def test_steps_give_the_same_bits_at_any_count(rng, sizes, batch, rule):
                 model.train_step(
                     X[k * batch : (k + 1) * batch], y[k * batch : (k + 1) * batch], opt
                 )
-        finally:
-            if threads == "switching":
-                del ThreadTuner.threads
+        if threads == "switching":  # the tuner did run every step
+            assert [net.tuner.steps for net in be._nets.values()] == [6]
         got.append([p.copy() for p in (*model.parameters[0], *model.parameters[1])])
+    assert ThreadTuner(2, load=None).threads() == 2  # the class put back as it was
     for a, b, c in zip(*got, strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
