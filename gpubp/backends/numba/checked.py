@@ -115,6 +115,14 @@ def _biggest(xs):  # type: ignore[no-untyped-def]
     return top
 
 
+@_inline
+def _bounds(ps, gs, G, read_p):  # type: ignore[no-untyped-def]
+    """``(G, P)`` for the proof, on one thread: ``G`` as given where it is (``>= 0``), else
+    ``max |g|`` read; ``max |p|`` where ``read_p``, else 0 (:func:`_bounds_par` on every
+    thread)."""
+    return (_biggest(gs) if G < 0.0 else G), (_biggest(ps) if read_p else 0.0)
+
+
 # --- one thread ---------------------------------------------------------------------------------
 
 
@@ -128,9 +136,7 @@ def sgd_step(ps, gs, bufs, wide, G, known, lim):  # type: ignore[no-untyped-def]
     nesterov = wide[2] != 0
     proved = False
     if known[0] != 0.0:
-        if G < 0.0:
-            G = _biggest(gs)
-        P = _biggest(ps) if needs_p(False, s) else 0.0
+        G, P = _bounds(ps, gs, G, needs_p(False, s))
         proved = sgd_proved(
             float(lr), float(mu), nesterov, float(wd), G, P, known[1], lim[0], lim[1]
         )
@@ -181,9 +187,7 @@ def adam_step(ps, gs, ms, vs, wide, G, known, lim):  # type: ignore[no-untyped-d
     s[:] = wide
     proved = False
     if known[0] != 0.0:
-        if G < 0.0:
-            G = _biggest(gs)
-        P = _biggest(ps) if needs_p(True, s) else 0.0
+        G, P = _bounds(ps, gs, G, needs_p(True, s))
         proved = _adam_proof(s, G, P, known, lim)
     if not proved:
         for k in range(len(ps)):

@@ -265,9 +265,3 @@ def adam_scalars(
     values = rule_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled)
     with np.errstate(over="ignore"):
         return tuple(t(x) for x in values)
-
-
-def scalars(kind: str, dtype: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The kernels' scalars for ``kind`` ("sgd" or "adam") from the optimizer's
-    ``op_arguments(step)``."""
-    return sgd_scalars(dtype, *args) if kind == "sgd" else adam_scalars(dtype, *args)

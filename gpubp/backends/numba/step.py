@@ -59,6 +59,28 @@ class _Net(NamedTuple):
     tuner: ThreadTuner | None
 
 
+class _TunedScope:
+    """One step of ``net`` in the host's thread scope, at the count its tuner picks (where the
+    count is tuned), and the step's time handed to the tuner when it returns without an error
+    (a class, not a generator: a generator-based context costs a few microseconds a step)."""
+
+    __slots__ = ("rows", "scope", "start", "tuner")
+
+    def __init__(self, host: Any, net: _Net, rows: int) -> None:
+        self.tuner = net.tuner if host.adaptive_threads else None
+        self.scope = host._threads(None if self.tuner is None else self.tuner.threads())
+        self.rows, self.start = rows, 0.0
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+        self.scope.__enter__()
+
+    def __exit__(self, kind: object, *rest: object) -> None:
+        self.scope.__exit__(kind, *rest)
+        if kind is None and self.tuner is not None:
+            self.tuner.record(time.perf_counter() - self.start, self.rows)
+
+
 class NumbaStep:
     """``train_step`` of the Numba backend; the host provides the ops, the workspace, the
     thread setting and the checked update."""
@@ -115,14 +137,7 @@ class NumbaStep:
         output: str,
         loss: str,
     ) -> _Net | None:
-        if not (
-            self.blas_in_kernels
-            and self._own_ops(_STEP_OPS)
-            and activation in _HIDDEN
-            and loss in K.LOSS_IDS
-            and len(weights) >= 2
-            and self._fits(weights[0].dtype, *weights, *biases)
-        ):
+        if len(weights) < 2 or not self._own_step(weights, biases, activation, loss):
             return None
         ws = self.workspace_for(weights, x)
         assert isinstance(ws, NumbaWorkspace)
@@ -143,19 +158,15 @@ class NumbaStep:
             ThreadTuner(self.threads or 1) if self._tunable() else None,
         )
 
-    def _one_layer(
-        self, weights: list[Any], biases: list[Any], x: Any, activation: str, loss: str
-    ) -> bool:
-        """Whether a network without hidden layers takes this class's step (layer by layer,
-        with the bound for the checked update), as :meth:`_make_net` asks of deeper ones."""
+    def _own_step(self, weights: list[Any], biases: list[Any], activation: str, loss: str) -> bool:
+        """Whether this class's kernels take the step: a GEMM provider, no op overridden, an
+        activation and a loss with kernels, C-contiguous arrays of one float dtype."""
         return (
-            len(weights) == 1
-            and self.blas_in_kernels
+            self.blas_in_kernels
             and self._own_ops(_STEP_OPS)
             and activation in _HIDDEN
             and loss in K.LOSS_IDS
             and self._fits(weights[0].dtype, *weights, *biases)
-            and self._parts(x.shape[0]) == 1
         )
 
     def _tunable(self) -> bool:
@@ -163,32 +174,6 @@ class NumbaStep:
         provider whose results do not depend on the count (the elementwise passes' do not)."""
         provider = numba_blas.PROVIDER
         return bool(self.threads and self.threads > 1 and provider and provider.same_at_any_threads)
-
-    def _fused_backprop(
-        self,
-        weights: list[Any],
-        biases: list[Any],
-        x: Any,
-        y: Any,
-        activation: str,
-        output: str,
-        loss: str,
-    ) -> tuple[NumbaWorkspace, float, float]:
-        """``(ws, C, G)``: every layer's ``dW``, ``db`` and the bound ``G >= max |g|`` into the
-        workspace, all layers in one kernel call (:func:`.layers.backprop`) where
-        :meth:`_net` allows, else layer by layer (:meth:`_backprop`)."""
-        net = self._net(weights, biases, x, activation, output, loss)
-        if net is None:
-            ws, _, value, bounds = self._backprop(
-                weights, biases, x, y, activation, output, loss, False, True
-            )
-            return ws, value, gradient_bound(bounds, ws.db)
-        ws, a0, labels, Y = self._net_inputs(net, x, y)
-        value, gmax = layers.backprop(
-            a0, labels, Y, net.Ws, net.bs, net.acts, ws.z_out, net.ds, net.dWs, net.dbs,
-            *net.ids, ws.cm, float(ws.batch),
-        )  # fmt: skip
-        return ws, float(value), float(gmax)
 
     def _net_inputs(self, net: _Net, x: Any, y: Any) -> tuple[NumbaWorkspace, Any, Any, Any]:
         """``(ws, a0, labels, Y)``: ``x`` staged into the workspace and the targets as
@@ -222,15 +207,16 @@ class NumbaStep:
         net = self._net(weights, biases, x, activation, output, loss)
         args = (weights, biases, x, y, activation, output, loss, optimizer, state)
         if net is None:  # (a batch split over threads computes dW and updates as here)
-            if not self._one_layer(weights, biases, x, activation, loss):
+            one_layer = len(weights) == 1 and self._own_step(weights, biases, activation, loss)
+            if not (one_layer and self._parts(x.shape[0]) == 1):
                 return Backend.train_step(self, *args)  # type: ignore[arg-type]
-            with self._threads():
-                ws, value, gmax = self._fused_backprop(*args[:7])
+            with self._threads():  # layer by layer, with the bound for the checked update
+                ws, _, value, bounds = self._backprop(*args[:7], False, True)
                 self.check_loss(value)
-                grads = [*ws.dW, *ws.db]
                 self.checked_update_bounded(
-                    value, [*weights, *biases], grads, optimizer, state, gmax, scratch=ws.pscratch
-                )
+                    value, [*weights, *biases], [*ws.dW, *ws.db], optimizer, state,
+                    gradient_bound(bounds, ws.db), scratch=ws.pscratch,
+                )  # fmt: skip
             return value, weights, biases, state
         if (
             optimizer.kind == "sgd"
@@ -239,9 +225,7 @@ class NumbaStep:
             and x.shape[0] <= FOLD_MAX_BATCH
         ):
             return self._folded_step(net, *args)
-        tuner = net.tuner if self.adaptive_threads else None
-        start = time.perf_counter()
-        with self._threads(None if tuner is None else tuner.threads()):
+        with _TunedScope(self, net, x.shape[0]):
             ws, a0, labels, Y = self._net_inputs(net, x, y)
             value, gmax = layers.backprop(
                 a0, labels, Y, net.Ws, net.bs, net.acts, ws.z_out, net.ds, net.dWs, net.dbs,
@@ -251,8 +235,6 @@ class NumbaStep:
             self.checked_update_bounded(
                 value, net.params, net.grads, optimizer, state, float(gmax), scratch=ws.pscratch
             )
-        if tuner is not None:
-            tuner.record(time.perf_counter() - start, x.shape[0])
         return value, weights, biases, state
 
     def _folded_step(
@@ -275,9 +257,7 @@ class NumbaStep:
         :meth:`apply_update` checks and applies it."""
         lr, wd = float(optimizer.lr), float(optimizer.weight_decay)
         sgd = np.array([lr, wd, 1.0 if lr <= net.largest else 0.0, net.change])
-        tuner = net.tuner if self.adaptive_threads else None
-        start = time.perf_counter()
-        with self._threads(None if tuner is None else tuner.threads()):
+        with _TunedScope(self, net, x.shape[0]):
             ws, a0, labels, Y = self._net_inputs(net, x, y)
             value, done = layers.backprop_fold(
                 a0, labels, Y, net.Ws, net.bs, net.acts, ws.z_out, net.ds, net.dbs,
@@ -291,6 +271,4 @@ class NumbaStep:
                 self.apply_update(value, net.params, net.grads, optimizer, state)
                 return value, weights, biases, state
         state["step"] = int(state["step"]) + 1
-        if tuner is not None:
-            tuner.record(time.perf_counter() - start, x.shape[0])
         return value, weights, biases, state
