@@ -366,8 +366,10 @@ MUTANTS: list[Mutant] = [
     M(
         "numba kernels: activation maximum without abs (gradient bound)",
         "gpubp/backends/numba/kernels.py",
-        "                a = abs(row[j])\n                cm[j] = max(cm[j], a)",
-        "                a = row[j]\n                cm[j] = max(cm[j], a)",
+        "                cmax[j] = max(cmax[j], abs(row[j]))\n            for j in range(n):\n"
+        "                bad[j]",
+        "                cmax[j] = max(cmax[j], row[j])\n            for j in range(n):\n"
+        "                bad[j]",
         NUMBA,
     ),
     M(
@@ -492,11 +494,11 @@ MUTANTS: list[Mutant] = [
     M(
         "npz: no check for data past the declared size",
         "gpubp/npzfile.py",
-        "if len(data) != nbytes or fh.read(1):",
-        "if len(data) != nbytes:",
+        "if got != nbytes or stream.read(1):",
+        "if got != nbytes:",
         NPZ,
         equivalent="the check just above already requires the member's size to be the header "
-        "plus the declared bytes, and zipfile reads no further than a member's size",
+        "plus the declared bytes, and the capped inflater reads no further than a member's size",
     ),
     M(
         "npz: zip-bomb ratio check on the wrong size",
@@ -555,8 +557,8 @@ MUTANTS: list[Mutant] = [
     M(
         "sklearn: the L2 penalty on the biases too",
         "gpubp/sklearn/_solver.py",
-        "decay[:L] = [self.alpha / denom] * L",
-        "decay[:] = [self.alpha / denom] * (2 * L)",
+        "decay = [l2] * L + [0.0] * L  # weights only",
+        "decay = [l2] * (2 * L)",
         SKLEARN,
     ),
     M(
