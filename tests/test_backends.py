@@ -599,6 +599,53 @@ def test_update_ops_work_in_place(backend, dtype, rng):
     np.testing.assert_array_equal(to_numpy(g), g0)
 
 
+#: Tensors of the many-tensor update test: a single element, awkward widths, and enough
+#: elements together for the Numba backend's parallel pass (``update_par_min``).
+MANY_SHAPES = [(1,), (3, 33), (70001,), (257, 3)]
+MANY_DECAYS = [0.0, 0.1, 0.0, 1e-3]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_update_many_is_sgd_update_per_tensor(backend, dtype, rng, momentum):
+    hosts = [(rng.normal(size=s), rng.normal(size=s), rng.normal(size=s)) for s in MANY_SHAPES]
+    ps, gs, bufs = ([backend.asarray(h[i], dtype).copy() for h in hosts] for i in range(3))
+    start = [[to_numpy(a).astype(np.float64) for a in col] for col in (ps, gs, bufs)]
+    backend.sgd_update_many(
+        ps, gs, bufs if momentum else [None] * len(ps), 0.05, momentum, True, MANY_DECAYS
+    )
+    for i, wd in enumerate(MANY_DECAYS):
+        p0, g0, buf0 = (col[i] for col in start)
+        exp_p, exp_buf = ref.sgd_update(p0, g0, buf0 if momentum else None, 0.05, momentum,
+                                        True, wd)  # fmt: skip
+        _close(ps[i], exp_p, dtype)
+        if momentum:
+            _close(bufs[i], exp_buf, dtype)
+        np.testing.assert_array_equal(to_numpy(gs[i]), g0)  # the gradient is read only
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_adam_update_many_is_adam_update_per_tensor(backend, dtype, rng, decoupled):
+    hosts = [
+        (rng.normal(size=s), rng.normal(size=s) * 1e3, rng.normal(size=s), rng.random(s))
+        for s in MANY_SHAPES
+    ]
+    ps, gs, ms, vs = ([backend.asarray(h[i], dtype).copy() for h in hosts] for i in range(4))
+    twins = [[a.copy() for a in col] for col in (ps, ms, vs)]
+    start = [[to_numpy(a).astype(np.float64) for a in col] for col in (ps, gs, ms, vs)]
+    backend.adam_update_many(ps, gs, ms, vs, 7, 0.01, 0.9, 0.999, 1e-8, MANY_DECAYS, decoupled)
+    for i, wd in enumerate(MANY_DECAYS):
+        p0, g0, m0, v0 = (col[i] for col in start)
+        exp = ref.adam_update(p0, g0, m0, v0, 7, 0.01, 0.9, 0.999, 1e-8, wd, decoupled)
+        for arr, e in zip((ps[i], ms[i], vs[i]), exp, strict=True):
+            _close(arr, e, dtype)
+        np.testing.assert_array_equal(to_numpy(gs[i]), g0)
+        # the same numbers as the one-tensor op, bit for bit
+        p1, m1, v1 = (col[i] for col in twins)
+        backend.adam_update(p1, gs[i], m1, v1, 7, 0.01, 0.9, 0.999, 1e-8, wd, decoupled)
+        for got, one in ((ps[i], p1), (ms[i], m1), (vs[i], v1)):
+            np.testing.assert_array_equal(to_numpy(got), to_numpy(one))
+
+
 def test_gradients_reuse_workspace_buffers(backend, dtype, rng):
     sizes, B = (5, 33, 3), 7
     W = [backend.asarray(rng.normal(size=(sizes[i + 1], sizes[i])) / 3, dtype) for i in range(2)]

@@ -7,6 +7,7 @@ the empty ``gpubp`` folder it leaves shadows an editable install: ``gpubp info``
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,15 @@ def test_numba_cache_dir_still_wins(tmp_path):
     subprocess.run([sys.executable, "-c", CODE], env=env, check=True, capture_output=True)
     assert _index_files(tmp_path / "mine")
     assert not (tmp_path / "cache" / "gpubp" / "numba").exists()
+
+
+def test_every_module_with_cached_kernels_names_the_cache_folder():
+    """A module whose kernels are cached on disk but left out of ``KERNEL_MODULES`` would keep
+    a stale compiled caller of a changed kernel: every such module is listed."""
+    from gpubp.backends.numba import cache
+
+    here = Path(cache.__file__).parent
+    jit = re.compile(r"^[^`\n]*njit\([^)]*cache=True", re.MULTILINE)  # code, not docs
+    cached = {p.name for p in here.glob("*.py") if jit.search(p.read_text(encoding="utf-8"))}
+    assert cached, "no module with cached kernels found: the check looks in the wrong place"
+    assert cached <= set(cache.KERNEL_MODULES), sorted(cached - set(cache.KERNEL_MODULES))

@@ -148,6 +148,48 @@ class UpdateOps:
             xp.subtract(param, s2, out=p_out)
         return p_out, m_out, v_out
 
+    def sgd_update_many(
+        self,
+        params: list[Any],
+        grads: list[Any],
+        bufs: list[Any],
+        lr: float,
+        momentum: float,
+        nesterov: bool,
+        weight_decays: list[float],
+        *,
+        scratch: list[Any] | None = None,
+    ) -> None:
+        """:meth:`sgd_update` in place on every tensor ``params[i]``, with its own
+        ``weight_decays[i]`` (``bufs[i]`` unused, may be None, without momentum); a backend may
+        take them all in one call. ``scratch``: optional per-tensor buffers."""
+        for i, (p, g, buf, wd) in enumerate(zip(params, grads, bufs, weight_decays)):
+            s = None if scratch is None else scratch[i]
+            self.sgd_update(p, g, buf, lr, momentum, nesterov, wd, scratch=s)
+
+    def adam_update_many(
+        self,
+        params: list[Any],
+        grads: list[Any],
+        ms: list[Any],
+        vs: list[Any],
+        step: int,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decays: list[float],
+        decoupled: bool,
+        *,
+        scratch: list[Any] | None = None,
+    ) -> None:
+        """:meth:`adam_update` in place on every tensor ``params[i]``, with its own
+        ``weight_decays[i]``; a backend may take them all in one call. ``scratch``: optional
+        per-tensor buffers."""
+        for i, (p, g, m, v, wd) in enumerate(zip(params, grads, ms, vs, weight_decays)):
+            s = None if scratch is None else scratch[i]
+            self.adam_update(p, g, m, v, step, lr, beta1, beta2, eps, wd, decoupled, scratch=s)
+
     def _pscratch(self, param: Any, scratch: Any, k: int) -> Any:
         if scratch is None:
             return self.xp.empty_like(param)

@@ -2,9 +2,10 @@
 
 The gradients come from the backend's fused forward/backward (:meth:`Backend.gradients`), or,
 with sample weights, from its per-layer ops with the output error rows weighted. scikit-learn's
-L2 penalty and its SGD and Adam rules run as the backend's fused ``sgd_update`` /
-``adam_update`` ops (PyTorch's forms), with the hyper-parameters mapped so that each step is
-scikit-learn's (see :class:`SGDRule` and :class:`AdamRule`).
+L2 penalty and its SGD and Adam rules run as the backend's fused ``sgd_update_many`` /
+``adam_update_many`` ops (PyTorch's forms, every tensor in one call), with the
+hyper-parameters mapped so that each step is scikit-learn's (see :class:`SGDRule` and
+:class:`AdamRule`).
 
 With ``B`` the batch, ``w`` the sample weights (all ones without them), ``S = sum_i w_i``, ``a``
 the output and ``Y`` the ``(B, n_out)`` targets (identity output with squared error, softmax
@@ -100,8 +101,9 @@ class SGDRule:
             for buf in self.buffers:
                 buf *= self._buffer_lr / lr
         self._buffer_lr = lr
-        for p, g, buf, wd, s in zip(params, grads, self.buffers, decay, scratch):
-            be.sgd_update(p, g, buf, lr, self.momentum, self.nesterov, wd, scratch=s)
+        be.sgd_update_many(
+            params, grads, self.buffers, lr, self.momentum, self.nesterov, decay, scratch=scratch
+        )
 
     def iteration_ends(self, time_step: int) -> None:
         if self.schedule == "invscaling":
@@ -152,8 +154,9 @@ class AdamRule:
         root = math.sqrt(1 - b2**t)
         eps = self.epsilon / root
         lr = self.learning_rate_init
-        for p, g, m, v, wd, s in zip(params, grads, self.ms, self.vs, decay, scratch):
-            be.adam_update(p, g, m, v, t, lr, b1, b2, eps, wd, False, scratch=s)
+        be.adam_update_many(
+            params, grads, self.ms, self.vs, t, lr, b1, b2, eps, decay, False, scratch=scratch
+        )
 
     def iteration_ends(self, time_step: int) -> None:
         pass

@@ -299,9 +299,10 @@ class NumbaBackend(NumbaStep, RowSplit, NumbaUpdate, Backend):
     ) -> tuple[Any, list[Any], list[Any]]:
         """``(C, dWs, dbs)`` by backpropagation into this batch shape's workspace buffers.
 
-        One kernel call per GEMM-and-pass; ``db`` is summed inside the passes that make each
-        delta. The returned gradient arrays belong to the workspace: the next call overwrites
-        them.
+        One kernel call for the whole network where the one-call step applies (see
+        :meth:`.step.NumbaStep._net_gradients`), else one per GEMM-and-pass; ``db`` is summed
+        inside the passes that make each delta. The returned gradient arrays belong to the
+        workspace: the next call overwrites them.
         """
         dt = weights[0].dtype
         if (
@@ -311,6 +312,9 @@ class NumbaBackend(NumbaStep, RowSplit, NumbaUpdate, Backend):
             or loss not in K.LOSS_IDS
         ):
             return super().gradients(weights, biases, x, y, activation, output, loss)
+        one_call = self._net_gradients(weights, biases, x, y, activation, output, loss)
+        if one_call is not None:
+            return one_call
         with self._threads():
             parts = self._parts(x.shape[0])
             if parts > 1:

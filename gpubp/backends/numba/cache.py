@@ -31,6 +31,7 @@ KERNEL_MODULES = (
     "layers.py",
     "optim_kernels.py",
     "checked.py",
+    "many.py",
     "gemm.py",
     "pool.py",
 )

@@ -182,6 +182,30 @@ class NumbaStep:
         labels, Y = self._split_targets(y, net.Ws[-1].shape[0], ws.dtype, ws)
         return ws, self._stage(x, ws.a[0]), labels, Y
 
+    def _net_gradients(
+        self,
+        weights: list[Any],
+        biases: list[Any],
+        x: Any,
+        y: Any,
+        activation: str,
+        output: str,
+        loss: str,
+    ) -> tuple[Any, list[Any], list[Any]] | None:
+        """``(C, dWs, dbs)`` in one kernel call (:func:`.layers.backprop`), timed for the
+        network's thread tuner as a step is; None where the one-call step does not apply. The
+        gradient arrays belong to the workspace."""
+        net = self._net(weights, biases, x, activation, output, loss)
+        if net is None:
+            return None
+        with _TunedScope(self, net, x.shape[0]):
+            ws, a0, labels, Y = self._net_inputs(net, x, y)
+            value, _ = layers.backprop(
+                a0, labels, Y, net.Ws, net.bs, net.acts, ws.z_out, net.ds, net.dWs, net.dbs,
+                *net.ids, ws.cm, float(ws.batch),
+            )  # fmt: skip
+        return value, ws.dW, ws.db
+
     def train_step(
         self,
         weights: list[Any],

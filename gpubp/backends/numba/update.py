@@ -28,6 +28,7 @@ import numpy as np
 from ...optim import adam_scalars
 from ..update import MAXIMA, UpdateOps
 from . import checked as C
+from . import many as M
 from . import optim_kernels as O
 
 _UPDATE_OPS = ("sgd_update", "adam_update")
@@ -131,6 +132,101 @@ class NumbaUpdate:
         flat = [a.reshape(-1) for a in (param, grad, m, v)]
         O.adam_apply(*flat, 0, param.size, *O.adam_scalars(param.dtype, *args))  # type: ignore[call-arg]
         return param, m, v
+
+    def sgd_update_many(
+        self,
+        params: list[Any],
+        grads: list[Any],
+        bufs: list[Any],
+        lr: float,
+        momentum: float,
+        nesterov: bool,
+        weight_decays: list[float],
+        *,
+        scratch: list[Any] | None = None,
+    ) -> None:
+        """:meth:`sgd_update` on every tensor in one kernel call (:mod:`.many`), in parallel
+        over chunks from ``update_par_min`` elements; see
+        :meth:`.update.UpdateOps.sgd_update_many`."""
+        mbufs = [p if b is None else b for p, b in zip(params, bufs)]
+        run = self._many_run("sgd_update", (params, grads, mbufs))
+        if run is None:
+            UpdateOps.sgd_update_many(
+                self,  # type: ignore[arg-type]
+                params, grads, bufs, lr, momentum, nesterov, weight_decays, scratch=scratch,
+            )  # fmt: skip
+            return
+        dt = params[0].dtype
+        rows = {wd: O.sgd_scalars(dt, lr, momentum, nesterov, wd) for wd in set(weight_decays)}
+        scal = np.array([[r[0], r[1], r[3]] for r in (rows[wd] for wd in weight_decays)], dtype=dt)
+        kernel, cols, extra = run
+        with self._threads():
+            kernel(*cols, scal, bool(nesterov), *extra)
+
+    def adam_update_many(
+        self,
+        params: list[Any],
+        grads: list[Any],
+        ms: list[Any],
+        vs: list[Any],
+        step: int,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decays: list[float],
+        decoupled: bool,
+        *,
+        scratch: list[Any] | None = None,
+    ) -> None:
+        """:meth:`adam_update` on every tensor in one kernel call (:mod:`.many`), in parallel
+        over chunks from ``update_par_min`` elements; see
+        :meth:`.update.UpdateOps.adam_update_many`."""
+        run = self._many_run("adam_update", (params, grads, ms, vs))
+        if run is None:
+            UpdateOps.adam_update_many(
+                self,  # type: ignore[arg-type]
+                params, grads, ms, vs, step, lr, beta1, beta2, eps, weight_decays, decoupled,
+                scratch=scratch,
+            )  # fmt: skip
+            return
+        dt = params[0].dtype
+        args = (step, lr, beta1, beta2, eps)
+        rows = {wd: O.adam_scalars(dt, *args, wd, decoupled) for wd in set(weight_decays)}
+        scal = np.array([rows[wd] for wd in weight_decays], dtype=dt)
+        kernel, cols, extra = run
+        with self._threads():
+            kernel(*cols, scal, *extra)
+
+    def _many_run(
+        self, op: str, cols: tuple[list[Any], ...]
+    ) -> tuple[Any, tuple[tuple[Any, ...], ...], tuple[Any, ...]] | None:
+        """``(kernel, flat columns, extra)`` of :mod:`.many` for the tensors of ``cols``, kept
+        for the last few sets of arrays (the views hold them, so an ``id`` cannot be reused
+        meanwhile); None where ``op`` is overridden or the tensors are not C-contiguous of one
+        float dtype."""
+        threads = self.kernel_threads()
+        key = (op, threads, *(id(a) for col in cols for a in col))
+        cache: dict[Any, Any] = self.__dict__.setdefault("_many_runs", {})
+        run = cache.get(key)
+        if run is not None:
+            return run
+        arrays = [a for col in cols for a in col]
+        if not self._own_ops((op,)) or not self._fits(arrays[0].dtype, *arrays):
+            return None
+        flat = tuple(tuple(a.reshape(-1) for a in col) for col in cols)
+        sizes = [int(p.size) for p in cols[0]]
+        extra: tuple[Any, ...] = ()
+        kernel: Any
+        if threads < 2 or sum(sizes) < self.update_par_min:
+            kernel = M.sgd_many if op == "sgd_update" else M.adam_many
+        else:
+            kernel = M.sgd_many_par if op == "sgd_update" else M.adam_many_par
+            extra = (C.chunk_plan(sizes, self.update_chunk),)
+        run = cache[key] = (kernel, flat, extra)
+        while len(cache) > 4:
+            cache.pop(next(iter(cache)))
+        return run
 
     def checked_update(
         self,
