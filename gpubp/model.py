@@ -7,7 +7,7 @@ parameters and optimizer state exactly as they were.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,13 @@ from .losses import check_combination, is_classifier
 from .model_inputs import InputChecks, check_dtype, check_layer_sizes, check_optimizer
 from .optim import Adam, Optimizer
 from .preprocessing import Preprocessing
+from .sparse_inputs import (
+    SparseGather,
+    SparseRows,
+    sparse_gradients,
+    sparse_logits,
+    sparse_train_step,
+)
 
 __all__ = ["MLP"]
 
@@ -56,7 +63,9 @@ class MLP(InputChecks):
     ``a^0 = (x - shift) * scale`` (or ``x`` without preprocessing), then
     ``a^l = f(a^{l-1} @ W^l.T + b^l)`` on batches ``(B, n)``; losses are means over the batch.
     Inputs may be NumPy arrays, nested lists, or any DLPack array (PyTorch, JAX, CuPy): read
-    without a copy where they live on the backend's device (:mod:`gpubp.dlpack`).
+    without a copy where they live on the backend's device (:mod:`gpubp.dlpack`); or scipy.sparse
+    matrices and arrays (CSR, CSC, COO), never densified: the first layer's products run on
+    each batch's CSR rows (:mod:`gpubp.sparse_inputs`).
 
     One thread at a time may train or update a model (:meth:`fit`, :meth:`train_step`,
     :meth:`set_parameters`): a second is refused with
@@ -159,6 +168,8 @@ class MLP(InputChecks):
     def _logits(self, x: Any) -> Any:
         """Output pre-activation ``z^L`` ``(B, n_L)`` on the backend."""
         be = self.backend
+        if isinstance(x, SparseRows):
+            return sparse_logits(be, self._W, self._b, x, self.activation)
         a = x
         for i in range(self.n_layers - 1):
             a = be.forward_layer(a, self._W[i], self._b[i], self.activation)
@@ -243,8 +254,9 @@ class MLP(InputChecks):
         updating anything."""
         x = self.prepare_x(x)
         y = self.check_y(y, x.shape[0])
-        value, dWs, dbs = self.backend.gradients(
-            self._W, self._b, x, y, self.activation, self.output, self.loss
+        grads = sparse_gradients if isinstance(x, SparseRows) else type(self.backend).gradients
+        value, dWs, dbs = grads(
+            self.backend, self._W, self._b, x, y, self.activation, self.output, self.loss
         )
         return (
             float(value),
@@ -288,6 +300,10 @@ class MLP(InputChecks):
             raise self._busy.refusal("step")
         try:
             state = optimizer.bind(self, self.backend, self.parameter_shapes, self.dtype)
+            if isinstance(x, SparseRows):  # beside the backend's dense step, which is unchanged
+                return sparse_train_step(
+                    self.backend, self._W, self._b, x, y, self, optimizer, state
+                )
             value, _, _, _ = self.backend.train_step(
                 self._W, self._b, x, y, self.activation, self.output, self.loss, optimizer, state
             )
@@ -354,7 +370,8 @@ class MLP(InputChecks):
             self.layer_sizes, self.dtype.itemsize, min(batch_size, N), len(optimizer.slots)
         )
         # min(batch_size, N) rows in buffers reused every step (on the device too)
-        gather = BatchGather(X, y, batch_size, xp=self.backend.xp)
+        gathers = SparseGather if isinstance(X, SparseRows) else BatchGather
+        gather: Callable[[Any], tuple[Any, Any]] = gathers(X, y, batch_size, xp=self.backend.xp)
         with self._busy("fit"):  # held for the whole fit: no other thread's step in between
             loop.run(
                 lambda idx: self.step(*gather(idx), optimizer),

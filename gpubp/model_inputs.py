@@ -15,6 +15,7 @@ from . import dlpack
 from .backends import Backend, to_numpy
 from .optim import Optimizer
 from .preprocessing import Preprocessing
+from .sparse_inputs import SparseRows, check_sparse_x, is_sparse
 
 __all__ = ["InputChecks", "check_dtype"]
 
@@ -130,7 +131,10 @@ class InputChecks:
 
     def check_x(self, x: Any, argument: str = "x") -> Any:
         """``x`` checked as a batch ``(B, n_0)`` of finite numbers, cast to the model's dtype and
-        on its backend; still raw (:meth:`prepare_x` also preprocesses it)."""
+        on its backend; still raw (:meth:`prepare_x` also preprocesses it). A scipy.sparse ``x``
+        stays sparse: a canonical CSR array on the host (:mod:`gpubp.sparse_inputs`)."""
+        if is_sparse(x):
+            return check_sparse_x(x, argument, self.n_inputs, self.dtype)
         arr = self._array(x, argument)
         if arr.ndim == 1 and self.n_inputs > 1 and arr.shape[0] == self.n_inputs:
             raise ValueError(
@@ -155,6 +159,8 @@ class InputChecks:
         return self._preprocess(self.check_x(x, argument))
 
     def _preprocess(self, x: Any) -> Any:
+        if is_sparse(x):  # scaled, the shift folded into the first layer (never densified)
+            return SparseRows.preprocessed(x, self._pre, self.backend, self.dtype)
         if self._pre_arrays is None:
             return x
         shift, scale = self._pre_arrays

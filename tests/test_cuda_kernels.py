@@ -16,12 +16,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from gpubp import activations as act
 from gpubp import optim
 from gpubp import reference as ref
 from gpubp.backends.cuda import catalogue as ck
 from gpubp.backends.cuda import launch, memory
+from gpubp.backends.cuda import sparse as cuda_sparse
 from gpubp.backends.cuda.nvrtc import Nvrtc, find_nvrtc
 from gpubp.kernel_sources import read_kernel
 from gpubp.losses import LOSSES
@@ -98,6 +100,7 @@ def _names_for_every_configuration() -> set[str]:
         names |= {ck.adam_check_table(dt, d) for d in flags}
         names |= {ck.check_finite_table(dt), ck.zero_if_bad_table(dt)}
         names |= {ck.argmax_accuracy(dt, t) for t in (0, 1, 2)} | {ck.threshold_accuracy(dt)}
+        names.add(ck.csr_dense(dt))  # the first layer's products on sparse input
     names.add(ck.finish_step())
     return names
 
@@ -426,8 +429,24 @@ def test_every_wrapper_launches_what_the_kernel_signature_takes(dtype):
     for Y, lab in ((None, None), (a, None), (None, labels)):
         launch.argmax_accuracy(k, z, Y, lab, pred, correct, status)
     launch.threshold_accuracy(k, z, a, correct)
+    m = cuda_sparse.DeviceCsr(np, sp.csr_array(np.eye(rows, n)), dtype)
+    cuda_sparse.csr_dense(k, m, np.zeros((n, 4), dtype), np.zeros((rows, 4), dtype))
+    cuda_sparse.csr_dense(k, m, np.zeros((4, n), dtype).T, np.zeros((4, rows), dtype).T)
     families = {ck.family_of(name) for name, _, _ in k.launched}
     assert families == set(ck.FAMILIES)
+
+
+def test_csr_dense_refuses_wrong_arrays_saying_what_was_expected():
+    k = _Recorder()
+    m = cuda_sparse.DeviceCsr(np, sp.csr_array(np.eye(3, 4)), np.float32)
+    with pytest.raises(ValueError, match=r"w is float32 \(5, 2\); expected float32 \(4, n\)"):
+        cuda_sparse.csr_dense(k, m, np.zeros((5, 2), np.float32), np.zeros((3, 2), np.float32))
+    with pytest.raises(ValueError, match=r"out is float64 \(3, 2\); expected \(3, 2\)"):
+        cuda_sparse.csr_dense(k, m, np.zeros((4, 2), np.float32), np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="out must be C-contiguous or the transpose"):
+        w, strided = np.zeros((4, 2), np.float32), np.zeros((3, 4), np.float32)[:, ::2]
+        cuda_sparse.csr_dense(k, m, w, strided)
+    assert not k.launched
 
 
 def test_wrappers_refuse_wrong_arrays_saying_what_was_expected():

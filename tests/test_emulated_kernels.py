@@ -26,6 +26,7 @@ The module skips (with the reason) where no C++ compiler is installed, unless
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import re
@@ -939,6 +940,69 @@ def check_metrics(
             _argmax_case(name, a, y, labels, off, with_pred)
 
 
+# --- sparse.cu --------------------------------------------------------------------------------
+
+#: (rows, K, n, density): an empty matrix, a row and a column, widths on both sides of 32 and
+#: not multiples of it, a dense-ish one (each case also gets two empty rows).
+SPARSE_CASES: tuple[tuple[int, int, int, float], ...] = (
+    (3, 4, 5, 0.0),
+    (1, 9, 33, 0.5),
+    (6, 1, 1, 0.7),
+    (9, 40, 70, 0.2),
+    (5, 7, 31, 0.9),
+)
+
+
+def _csr_parts(rows: int, K: int, density: float, dtype: np.dtype, rng: np.random.Generator):
+    """``(indptr int64, indices int32, data)`` of a random CSR ``(rows, K)`` (sorted columns),
+    rows 0 and ``rows // 2`` empty."""
+    mask = rng.random((rows, K)) < density
+    mask[[0, rows // 2]] = False
+    dense = np.where(mask, rng.normal(0.0, 1.0, (rows, K)), 0.0).astype(dtype)
+    counts = mask.sum(axis=1)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    indices = np.nonzero(mask)[1].astype(np.int32)
+    return indptr, indices, dense[mask], dense
+
+
+def _csr_dense_case(
+    name: str, parts: tuple[np.ndarray, ...], w: np.ndarray, w_t: bool, out_t: bool
+) -> None:
+    """One launch of ``csr_dense`` on ``parts = (indptr, indices, data, dense)`` times ``w``,
+    ``w`` stored transposed (``w_t``) or not, the output written transposed (``out_t``)."""
+    indptr, indices, data, dense = parts
+    rows, K, n = dense.shape[0], w.shape[0], w.shape[1]
+    dtype = w.dtype
+
+    def body(launch: Launch, mem: Memory) -> list[np.ndarray]:
+        ip, ix = mem.put(indptr), mem.put(indices if indices.size else np.zeros(1, i32))
+        dv = mem.put(data if data.size else np.zeros(1, dtype))
+        wd = mem.put(w.T if w_t else w, True)  # offset: no alignment is assumed
+        od = mem.put(np.full((n, rows) if out_t else (rows, n), np.nan, dtype))
+        ws, os_ = ((1, K) if w_t else (n, 1)), ((1, rows) if out_t else (n, 1))
+        args = (ip, ix, dv, i64(rows), wd, i64(ws[0]), i64(ws[1]), i32(n), od, i64(os_[0]),
+                i64(os_[1]))  # fmt: skip
+        launch(name, args)
+        return [od.T if out_t else od]
+
+    what = f"{name} ({rows}, {K}) @ ({K}, {n}) w.T={w_t} out.T={out_t}"
+    (got,) = run_everywhere(body, what)
+    assert_close(got, dense.astype(np.float64) @ w.astype(np.float64), what)
+    assert not got[0].any() and not got[rows // 2].any(), f"{what}: empty rows not 0"
+
+
+def check_sparse(
+    name: str, dtype: np.dtype, params: tuple[int, ...], rng: np.random.Generator
+) -> None:
+    """``out = CSR @ w``: the weights read, and the output written, in either layout (strides),
+    against the float64 product; zeros for the empty rows."""
+    for rows, K, n, density in SPARSE_CASES:
+        parts = _csr_parts(rows, K, density, dtype, rng)
+        w = rng.normal(0.0, 1.0, (K, n)).astype(dtype)
+        for w_t, out_t in itertools.product((False, True), repeat=2):
+            _csr_dense_case(name, parts, w, w_t, out_t)
+
+
 # --- one test body per family -----------------------------------------------------------------
 
 Check = Callable[[str, Any, tuple[int, ...], np.random.Generator], None]
@@ -970,6 +1034,7 @@ CHECKS: dict[str, dict[str, Check]] = {
         "finish_step": check_guard,
     },
     "metrics": {"argmax_accuracy": check_metrics, "threshold_accuracy": check_metrics},
+    "sparse": {"csr_dense": check_sparse},
 }
 
 
@@ -1015,6 +1080,11 @@ def test_guard(name: str, rng: np.random.Generator) -> None:
 @_names("metrics")
 def test_metrics(name: str, rng: np.random.Generator) -> None:
     _family_test("metrics", name, rng)
+
+
+@_names("sparse")
+def test_sparse(name: str, rng: np.random.Generator) -> None:
+    _family_test("sparse", name, rng)
 
 
 def test_every_instantiation_is_tested() -> None:

@@ -15,7 +15,9 @@ from sklearn import neural_network as sk
 from gpubp.backends import available_backends
 from gpubp.sklearn import MLPClassifier, MLPRegressor
 
-BACKENDS = [b for b in ("numpy", "numba") if b in available_backends()]
+#: cupy runs on the emulated GPU where there is none (tests/conftest.py): gpubp's CSR kernel
+BACKENDS = [b for b in ("numpy", "numba", "cupy") if b in available_backends()]
+CPU_BACKENDS = [b for b in BACKENDS if b != "cupy"]
 FORMATS = ["csr_matrix", "csr_array", "csc_matrix", "csc_array", "coo_matrix", "coo_array"]
 SOLVERS = [
     dict(solver="adam"),
@@ -75,6 +77,8 @@ def test_same_numbers_as_sklearn_on_sparse_input(backend, solver, never_densifie
             assert np.abs(a - b).max() <= 1e-8 * np.abs(a).max()
         assert ours.n_iter_ == theirs.n_iter_
         assert ours.loss_ == pytest.approx(theirs.loss_, rel=1e-8)
+        if hasattr(theirs, "loss_curve_"):
+            np.testing.assert_allclose(ours.loss_curve_, theirs.loss_curve_, rtol=1e-8)
         if i == 0:
             np.testing.assert_allclose(ours.predict_proba(Xf), theirs.predict_proba(Xf), rtol=1e-7)
         else:
@@ -92,19 +96,11 @@ def test_every_sparse_format_gives_the_dense_fit(fmt, never_densified):
     for X_in in (getattr(sp, fmt)(X), dense):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            est = MLPClassifier(backend="numba" if "numba" in BACKENDS else "numpy", **params)
+            est = MLPClassifier(backend=CPU_BACKENDS[-1], **params)
             est.fit(X_in, labels).partial_fit(X_in, labels)
         fits.append((est.coefs_ + est.intercepts_, est.predict_proba(X_in)))
     for a, b in zip(fits[0][0] + [fits[0][1]], fits[1][0] + [fits[1][1]], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
-
-
-def test_sparse_on_the_cupy_backend_is_refused_clearly():
-    if "cupy" not in available_backends():
-        pytest.skip("the cupy backend cannot run here")
-    X, labels, _ = _data()
-    with pytest.raises(ValueError, match="sparse X is supported on the numpy and numba"):
-        MLPClassifier(backend="cupy", max_iter=1).fit(X, labels)
 
 
 @pytest.mark.skipif(
@@ -125,3 +121,44 @@ def test_sparse_with_sample_weight_as_sklearn(hidden, never_densified):
             ours = MLPClassifier(backend=BACKENDS[-1], **params).fit(X, labels, sample_weight=sw)
         for a, b in zip(theirs.coefs_ + theirs.intercepts_, ours.coefs_ + ours.intercepts_):
             assert np.abs(a - b).max() <= 1e-8 * np.abs(a).max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("solver", ["adam", "lbfgs"])
+def test_sparse_poisson_as_sklearn(backend, solver, never_densified):
+    """loss='poisson' (exp output, half the Poisson deviance) on sparse X: coefficients, loss
+    curve and n_iter_ to 1e-8 in float64."""
+    X, _, target = _data(4)
+    y = np.random.default_rng(4).poisson(np.exp(np.clip(0.5 * target, -2.0, 2.0)))
+    params = dict(hidden_layer_sizes=(6,), random_state=2, max_iter=8, batch_size=10,
+                  solver=solver, loss="poisson", alpha=0.001)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = sk.MLPRegressor(**params).fit(X, y)
+        ours = MLPRegressor(backend=backend, **params).fit(X, y)
+    for a, b in zip(theirs.coefs_ + theirs.intercepts_, ours.coefs_ + ours.intercepts_):
+        assert np.abs(a - b).max() <= 1e-8 * np.abs(a).max()
+    assert ours.n_iter_ == theirs.n_iter_
+    if solver != "lbfgs":
+        np.testing.assert_allclose(ours.loss_curve_, theirs.loss_curve_, rtol=1e-8)
+    np.testing.assert_allclose(ours.predict(X), theirs.predict(X), rtol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_float32_fit_agrees_with_the_dense_one(backend, never_densified):
+    """A float32 model (dtype=np.float32): sparse X against the same data dense, widths that
+    are not multiples of 32 and batches of one row."""
+    X, labels, _ = _data(5)
+    dense = np.zeros(X.shape, dtype=np.float32)
+    coo = X.tocoo()
+    dense[coo.row, coo.col] = coo.data
+    params = dict(hidden_layer_sizes=(33,), random_state=0, max_iter=2, batch_size=1,
+                  dtype=np.float32)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = MLPClassifier(backend=backend, **params).fit(X.astype(np.float32), labels)
+        b = MLPClassifier(backend=backend, **params).fit(dense, labels)
+    assert a.coefs_[0].dtype == np.float32
+    for p, q in zip(a.coefs_ + a.intercepts_, b.coefs_ + b.intercepts_):
+        assert np.abs(p - q).max() <= 1e-4 * np.abs(q).max()
+    np.testing.assert_allclose(a.loss_curve_, b.loss_curve_, rtol=1e-4)

@@ -303,6 +303,28 @@ void exercise(void (*k)(const T*, const T*, i64, unsigned long long*), const cha
     }
 }
 
+// csr_dense<T>: (indptr, indices, data, rows, w, w_j, w_c, n, out, o_r, o_c); a 5 x 7 CSR with
+// an empty row, times w (7, n) read and out (5, n) written in both layouts
+template <class T>
+void exercise(void (*k)(const i64*, const int*, const T*, i64, const T*, i64, i64, int, T*, i64,
+                        i64),
+              const char* name) {
+    const i64 rows = 5, K = 7;
+    const i64 indptr[6] = {0, 2, 2, 5, 6, 9};
+    const int indices[9] = {0, 6, 1, 2, 3, 4, 0, 5, 6};
+    for (int n : {3, 33}) {
+        for (int t : {0, 1}) {
+            every_launch([&](const Shape& s, int order) {
+                Buf<T> data(9), w(static_cast<size_t>(K * n)), out(static_cast<size_t>(rows * n));
+                const i64 wj = t ? 1 : n, wc = t ? K : 1, orr = t ? 1 : n, oc = t ? rows : 1;
+                run(k, name, s, order, static_cast<const i64*>(indptr),
+                    static_cast<const int*>(indices), data.at(t), rows, w.at(t), wj, wc, n,
+                    out.at(t), orr, oc);
+            });
+        }
+    }
+}
+
 inline int finish() {
     std::printf("%d launches, %d failed\n", g_launches, g_failures);
     return g_failures == 0 ? 0 : 1;

@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import activations as act
 from ..errors import NonFiniteLossError
+from .sparse import SparseOps
 from .update import UpdateOps
 
 #: The op names every backend offers, in the order the reference defines them.
@@ -74,7 +75,7 @@ class Workspace:
         return self.scratch[: math.prod(shape)].reshape(shape)
 
 
-class Backend(UpdateOps):
+class Backend(SparseOps, UpdateOps):
     """Backpropagation ops on the array module ``xp``; subclasses set ``name`` and ``xp``.
 
     Attributes

@@ -208,7 +208,6 @@ class BaseMLP(BaseEstimator):
                 "or use fit"
             )
         backend = get_backend(self.backend)
-        _check_sparse_backend(X, backend)
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
         X, y = self._validate_input(X, y, incremental, reset=first_pass)
         sw = None if sample_weight is None else check_sample_weight(sample_weight, X)
@@ -470,17 +469,6 @@ class BaseMLP(BaseEstimator):
         X = validate_data(
             self, X, accept_sparse=["csr", "csc"], dtype=(np.float64, np.float32), reset=False
         )
-        _check_sparse_backend(X, get_backend(self.backend))
         backend, dtype = get_backend(self.backend), self.coefs_[0].dtype
         net = self._network(backend, dtype, train=False, sparse=sp.issparse(X))
         return net.forward(X)
-
-
-def _check_sparse_backend(X: Any, backend: Backend) -> None:
-    """Sparse ``X`` runs on the CPU backends (scipy's sparse-dense products) only."""
-    if sp.issparse(X) and backend.xp is not np:
-        raise ValueError(
-            f"sparse X is supported on the numpy and numba backends, not on backend="
-            f"{backend.name!r}; pass backend='numba' (or 'numpy'), or X.toarray() if it fits "
-            "in memory"
-        )

@@ -14,7 +14,8 @@ whole batch (or, with sample weights or the clipped log losses, its per-layer op
 the gradient on the device: only ``theta`` goes in and the flat gradient and the loss come out
 per evaluation (on a GPU two transfers of ``n_params`` values of the model's dtype, plus the
 scalar loss, each a synchronisation; the data and activations stay on the device). Sparse
-``X`` stays on the host (:mod:`gpubp.sklearn._solver`).
+``X`` is prepared once as the backend's :class:`~gpubp.backends.sparse.CsrBatch` (on a GPU,
+uploaded once with its transpose; :mod:`gpubp.sklearn._solver`).
 
 ``max_iter`` bounds scipy's iterations (``maxiter``), ``max_fun`` its function evaluations
 (``maxfun``) and ``tol`` its projected-gradient test (``gtol``); ``n_iter_`` is scipy's
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 import scipy
 import scipy.optimize
+import scipy.sparse as sp
 from sklearn.utils.optimize import _check_optimize_result
 
 from ._solver import Network, as_input
@@ -45,7 +47,9 @@ class FullBatch:
     def __init__(self, net: Network, X: np.ndarray, y: np.ndarray, sw: np.ndarray | None) -> None:
         be, dtype = net.backend, net.dtype
         self.net = net
-        self.x = as_input(net, X)
+        x = as_input(net, X)
+        # sparse rows prepared once for the backend's products (uploaded once on a GPU)
+        self.x = net.backend.sparse_batch(x, dtype) if sp.issparse(x) else x
         self.y = be.asarray(y, dtype)
         self.labels = be.asarray(np.argmax(y, axis=1)) if net.output == "softmax" else None
         self.sw = None if sw is None else be.asarray(sw, dtype)

@@ -26,10 +26,11 @@ losses evaluated from the logits (so they stay finite where scikit-learn clips `
 Weights here are in gpubp's layout ``(n_out, n_in)``; the estimators expose scikit-learn's
 ``(n_in, n_out)``.
 
-Sparse ``X`` (scipy CSR, on the CPU backends) stays sparse: each batch's rows are taken from
-it as a CSR matrix, and the first layer's forward ``x @ W^1.T`` and weight gradient
-``dW^1 = (x.T @ delta^1).T`` are scipy's sparse-dense products; the other layers are the
-backend's ops (the per-layer path of the weighted case above).
+Sparse ``X`` (scipy CSR) stays sparse: each batch's rows are taken from it as a CSR matrix
+on the host, and the first layer's forward ``x @ W^1.T`` and weight gradient
+``dW^1 = (x.T @ delta^1).T`` are the backend's sparse-dense products
+(:mod:`gpubp.backends.sparse`: scipy's on the CPU, gpubp's CSR kernel on the GPU); the other
+layers are the backend's ops (the per-layer path of the weighted case above).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from sklearn.utils import gen_batches
 
 from .. import activations as act
 from ..backends import Backend
+from ..backends.sparse import CsrBatch
 
 #: scikit-learn's output activation -> (gpubp output, gpubp loss).
 OUTPUTS: dict[str, tuple[str, str]] = {
@@ -216,7 +218,7 @@ class Network:
         self.W = [backend.asarray(np.array(c.T, dtype=dtype, order="C")) for c in coefs]
         self.sparse = sparse
         if sparse:
-            self.W[0] = np.array(coefs[0], dtype=dtype, order="C").T
+            self.W[0] = backend.asarray(np.array(coefs[0], dtype=dtype, order="C")).T
         self.b = [backend.asarray(np.array(c, dtype=dtype, order="C")) for c in intercepts]
         # the optimizer ops' temporaries: a flat buffer of twice the parameter's size each
         self.scratch = (
@@ -249,7 +251,8 @@ class Network:
     def loss_and_gradients(
         self, x: Any, y: Any, labels: Any, sw: Any, *, clipped: bool = False
     ) -> tuple[Any, list[Any], list[Any], float]:
-        """``(loss, dWs, dbs, l2)`` of the batch ``x`` ``(B, n_0)`` (see the module doc).
+        """``(loss, dWs, dbs, l2)`` of the batch ``x`` ``(B, n_0)`` (a backend array, or a
+        :class:`CsrBatch` of sparse rows; see the module doc).
 
         ``y`` is ``(B, n_out)`` targets; ``labels`` the ``(B,)`` class indices standing for
         them (softmax output) or None; ``sw`` ``(B,)`` sample weights or None. ``loss`` (a
@@ -263,7 +266,7 @@ class Network:
         """
         xp = self.xp
         exact = not (clipped and self.loss in ("cross_entropy", "binary_cross_entropy"))
-        if sw is None and exact and not sp.issparse(x):  # the backend's fused pass
+        if sw is None and exact and not isinstance(x, CsrBatch):  # the backend's fused pass
             target = labels if labels is not None else y
             value, dWs, dbs = self.backend.gradients(
                 self.W, self.b, x, target, self.activation, self.output, self.loss
@@ -312,8 +315,8 @@ class Network:
         dWs: list[Any] = [None] * L
         dbs: list[Any] = [None] * L
         for i in range(L - 1, -1, -1):
-            if sp.issparse(acts[i]):  # dW = (x.T @ delta).T, a sparse-dense product
-                dWs[i] = np.asarray(acts[i].T @ delta).T  # a view of the (n_0, n_1) product
+            if isinstance(acts[i], CsrBatch):  # dW = (x.T @ delta).T, a sparse-dense product
+                dWs[i] = be.sparse_weight_gradient(acts[i], delta).T  # a view of (n_0, n_1)
                 dbs[i] = delta.sum(axis=0)
             else:
                 dWs[i], dbs[i] = be.parameter_gradients(delta, acts[i])
@@ -322,14 +325,13 @@ class Network:
         return value, dWs, dbs, total
 
     def _layer(self, i: int, a_prev: Any, activation: str) -> Any:
-        """``f(a_prev @ W^i.T + b^i)`` ``(B, n_i)``: the backend's op, or for a sparse
-        ``a_prev`` (the first layer's input) scipy's sparse-dense product then the bias and
-        activation in place."""
-        if not sp.issparse(a_prev):
+        """``f(a_prev @ W^i.T + b^i)`` ``(B, n_i)``: the backend's op, or for sparse rows
+        ``a_prev`` (a :class:`CsrBatch`, the first layer's input) its sparse-dense product then
+        the bias and activation in place."""
+        if not isinstance(a_prev, CsrBatch):
             return self.backend.forward_layer(a_prev, self.W[i], self.b[i], activation)
-        z = np.asarray(a_prev @ self.W[i].T)  # W[0].T is contiguous when self.sparse
-        z += self.b[i]
-        return act.apply_inplace(np, z, activation)
+        # W[0].T is contiguous when self.sparse
+        return self.backend.sparse_forward_layer(a_prev, self.W[i].T, self.b[i], activation)
 
     def _row_losses(self, z: Any, y: Any, clipped: bool = False) -> Any:
         """Each row's loss ``(B,)`` from the output pre-activation ``z`` (see the module doc);
@@ -365,7 +367,7 @@ class Network:
             x = as_input(self, x)
         for start in range(0, x.shape[0], chunk):
             if sp.issparse(x):  # layer by layer, the first a sparse-dense product
-                a = x[start : start + chunk]
+                a = be.sparse_batch(x[start : start + chunk], self.dtype)
                 for i in range(len(self.W)):
                     last = i == len(self.W) - 1
                     a = self._layer(i, a, self.output if last else self.activation)
@@ -378,7 +380,7 @@ class Network:
 
 def as_input(net: Network, X: Any) -> Any:
     """``X`` ``(n, n_0)`` for ``net``: dense on its backend, or sparse as a CSR array of its
-    dtype on the host (CPU backends only: the caller checks)."""
+    dtype on the host (whose batches :meth:`Backend.sparse_batch` prepares)."""
     if sp.issparse(X):
         return sp.csr_array(X, dtype=net.dtype)
     return net.backend.asarray(np.ascontiguousarray(X), net.dtype)
@@ -422,9 +424,10 @@ class Batches:
         net, xp = self.net, self.net.backend.xp
         accumulated: Any = 0.0
         for batch in gen_batches(self.n, self.batch_size):
-            if order is not None and self.sparse:
-                idx = order[batch]
-                xb = self.x[idx]  # the batch's rows, a CSR array
+            if self.sparse:  # the batch's rows, a CSR array, as the backend's products take it
+                host = batch if order is None else order[batch]
+                xb = net.backend.sparse_batch(self.x[host], net.dtype)
+                idx = host if xp is np or order is None else net.backend.asarray(host)
             elif order is not None:
                 idx = net.backend.asarray(order[batch])
                 out = self.gathered[: len(idx)]

@@ -36,6 +36,7 @@ from .cublas import Cublas
 from .cupy_module import import_cupy
 from .graph import StepBuffers
 from .memory import out_of_memory_error
+from .sparse import CudaSparseOps
 from .status import DeviceLoss, StepErrors
 from .steps import StepCache
 
@@ -68,7 +69,7 @@ def graphs_mode(graphs: bool | str | None) -> str:
     return "on" if graphs else "off"
 
 
-class CupyBackend(Backend):
+class CupyBackend(CudaSparseOps, Backend):
     """cuBLAS GEMMs, fused CUDA kernels and a CUDA-graph train step on an NVIDIA GPU.
 
     Parameters

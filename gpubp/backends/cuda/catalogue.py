@@ -31,6 +31,7 @@ FAMILIES: dict[str, str] = {
     "optimizers": "optimizers.cu",
     "guard": "guard.cu",
     "metrics": "metrics.cu",
+    "sparse": "sparse.cu",
 }
 
 CUDA_TYPES: dict[str, str] = {"float32": "float", "float64": "double"}
@@ -173,6 +174,11 @@ def threshold_accuracy(dtype: object) -> str:
     return f"gpubp::threshold_accuracy<{_ctype(dtype)}>"
 
 
+def csr_dense(dtype: object) -> str:
+    """CSR ``(rows, K)`` times dense ``(K, n)``: the first layer's products on sparse input."""
+    return f"gpubp::csr_dense<{_ctype(dtype)}>"
+
+
 ELEMENTWISE: tuple[str, ...] = tuple(a for a in act.ACTIVATION_IDS if a != "softmax")
 _DTYPES = tuple(CUDA_TYPES)
 
@@ -208,6 +214,7 @@ def _catalogue() -> dict[str, list[str]]:
             argmax_accuracy(dt, t) for t in (TARGET_DENSE, TARGET_LABELS, TARGET_NONE)
         ]
         cat["metrics"].append(threshold_accuracy(dt))
+        cat["sparse"].append(csr_dense(dt))
     cat["guard"].append(finish_step())
     return cat
 
