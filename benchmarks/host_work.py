@@ -48,7 +48,8 @@ def measure(steps: int, optimizer: str, schedule: bool) -> dict[str, float]:
     X = be.asarray(rng.normal(size=(n, 20)), "float32")
     Y = be.asarray(rng.integers(0, 5, n))
     opt = Adam(lr=1e-3) if optimizer == "adam" else SGD(lr=0.05, momentum=0.9)
-    gather = BatchGather(X, Y, batch, xp=be.xp)  # as gpubp train and MLP.fit make it
+    # as gpubp train and MLP.fit make it
+    gather = BatchGather(X, Y, batch, xp=be.xp, buffers=be.batch_buffers)
     losses = LossSum(be)
     order = rng.permutation(n)
 

@@ -69,11 +69,22 @@ class BatchGather:
     their array module ``xp``, are gathered the same way there: the host indices (checked on
     the host) uploaded into one reused device index buffer, then ``xp.take(..., out=)`` into
     reused device buffers, all queued in stream order (no allocation, no host wait; a step
-    queued on the same stream reads a batch before the next gather overwrites it). Without
+    queued on the same stream reads a batch before the next gather overwrites it). Those
+    buffers come from ``buffers(x_shape, x_dtype, y_shape, y_dtype)`` where given (a backend's
+    :meth:`~gpubp.backends.base.Backend.batch_buffers`: the CuPy backend's train step then
+    reads them as its own input buffers, no staging copy), else from ``xp.empty``. Without
     ``xp``, or with device indices, ``X[idx]`` is taken there.
     """
 
-    def __init__(self, X: Any, Y: Any, batch_size: int, xp: Any = None) -> None:
+    def __init__(
+        self,
+        X: Any,
+        Y: Any,
+        batch_size: int,
+        xp: Any = None,
+        buffers: Callable[[tuple[int, ...], Any, tuple[int, ...], Any], tuple[Any, Any]]
+        | None = None,
+    ) -> None:
         if X.shape[0] != Y.shape[0]:
             raise ValueError(
                 f"X has {X.shape[0]} rows and Y {Y.shape[0]}; expected one target row per "
@@ -83,8 +94,10 @@ class BatchGather:
         self.batch_size = min(int(batch_size), int(X.shape[0]))  # no more rows than there are
         self.host = isinstance(X, np.ndarray) and isinstance(Y, np.ndarray)
         self.xp: Any = None if self.host else xp
+        self.buffers = buffers
         self._bufs: tuple[np.ndarray, np.ndarray] | None = None
         self._device: tuple[Any, Any, Any] | None = None  # X rows, Y rows, indices
+        self._views: dict[int, tuple[Any, Any, Any]] = {}  # their first k rows, per k
         self._checked: np.ndarray | None = None  # the last order whose bounds were checked
 
     def __call__(self, idx: Any) -> tuple[Any, Any]:
@@ -120,12 +133,16 @@ class BatchGather:
         self._check(idx)
         if self._device is None:
             B = self.batch_size
-            self._device = (
-                xp.empty((B, *X.shape[1:]), dtype=X.dtype),
-                xp.empty((B, *Y.shape[1:]), dtype=Y.dtype),
-                xp.empty(B, dtype=np.int64),
-            )
-        xb, yb, ib = (a[:k] for a in self._device)
+            shapes = ((B, *X.shape[1:]), X.dtype, (B, *Y.shape[1:]), Y.dtype)
+            if self.buffers is not None:
+                xb, yb = self.buffers(*shapes)
+            else:
+                xb, yb = xp.empty(shapes[0], dtype=X.dtype), xp.empty(shapes[2], dtype=Y.dtype)
+            self._device = (xb, yb, xp.empty(B, dtype=np.int64))
+        views = self._views.get(k)
+        if views is None:  # the same view objects step after step (a step may key on them)
+            views = self._views[k] = tuple(a[:k] for a in self._device)
+        xb, yb, ib = views
         ib.set(np.ascontiguousarray(idx, dtype=np.int64))
         xp.take(X, ib, axis=0, out=xb)
         xp.take(Y, ib, axis=0, out=yb)

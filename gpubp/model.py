@@ -354,7 +354,9 @@ class MLP(InputChecks):
             self.layer_sizes, self.dtype.itemsize, min(batch_size, N), len(optimizer.slots)
         )
         # min(batch_size, N) rows in buffers reused every step (on the device too)
-        gather = BatchGather(X, y, batch_size, xp=self.backend.xp)
+        gather = BatchGather(
+            X, y, batch_size, xp=self.backend.xp, buffers=self.backend.batch_buffers
+        )
         with self._busy("fit"):  # held for the whole fit: no other thread's step in between
             loop.run(
                 lambda idx: self.step(*gather(idx), optimizer),
