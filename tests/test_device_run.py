@@ -128,3 +128,14 @@ def test_a_gpu_train_step_allocates_nothing_and_reads_nothing():
     assert counts["graph_launch"] == 1 and counts["eager_launch"] == 0
     assert counts["alloc"] * 8 <= 1  # at most one block of losses (LOSS_BLOCK steps each)
     assert counts["get"] == 0 and counts["sync"] == 0
+
+
+def test_a_gpu_train_step_reads_the_gathered_batch_in_place():
+    """The gather fills the step's input buffers (Backend.batch_buffers): no staging copy of
+    the batch into the step's own buffers (two ``a[...] = b`` per step before)."""
+    if not EMULATED_GPU:
+        pytest.skip("counted by the emulated GPU")
+    skip_unless_available("cupy")
+    for optimizer in ("sgd", "adam"):
+        counts = _script("host_work").measure(8, optimizer, schedule=False)
+        assert counts["setitem"] == 0, counts
