@@ -221,6 +221,12 @@ class LossSum:
     most ``fold`` values are kept pending: the next :meth:`add` reads them first (one
     synchronisation per ``fold`` steps), so an epoch of 10^6 steps without a progress bar keeps
     ``fold`` device scalars alive, not one per step. The sum is the same whenever it is read.
+
+    Where the backend sums the losses where its steps run (``backend.open_loss_sum``: the CuPy
+    backend's steps add ``rows * loss`` to a float64 total on the device, in step order, as this
+    class does), the values it added are not kept at all, and :meth:`read` is one transfer of the
+    total, the same bits as the host's sum. A value it did not add (another backend's, or a step
+    before this sum was opened) is summed here and added after the device's total.
     """
 
     #: Pending values at most (see the class docstring).
@@ -232,8 +238,13 @@ class LossSum:
         self.fold = int(fold)
         self.values: list[Any] = []
         self.weights: list[int] = []
+        self.device = backend.open_loss_sum(self.total)
+        self._on_device = False  # some value was added by the device
 
     def add(self, value: Any, weight: int) -> None:
+        if self.device is not None and self.device.holds(value, weight):
+            self._on_device = True  # already in the device's total: nothing to keep
+            return
         if len(self.values) >= self.fold:
             self.read()
         self.values.append(value)
@@ -245,6 +256,11 @@ class LossSum:
 
     def read(self) -> float:
         """The weighted sum so far (a synchronisation point: a deferred error is raised here)."""
+        if self._on_device:  # the device's total started at self.total and holds its values
+            assert self.device is not None
+            self.total = self.device.read()
+            self.device = self.backend.open_loss_sum(self.total)  # the next values from here
+            self._on_device = False
         if self.values:
             # one value at a time, in order: the same sum whenever it is read (a resumed run
             # reproduces an uninterrupted one bit for bit)

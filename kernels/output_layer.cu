@@ -223,4 +223,20 @@ __global__ void finalize_loss(const double* __restrict__ partial, i64 rows, doub
     }
 }
 
+// The loss ledger of the train steps, appended to by each step (in its graph): the step's loss
+// into the next slot of the current block of losses, and weight * loss into the running float64
+// total of the losses, one step after another (the host's sum, to the bit: never an FMA).
+// ledger: {block (T*), count (slots used), total (double*)}; the host starts a new block, or a
+// new total, by uploading the words, never per step.
+template <typename T>
+__global__ void record_loss(const T* __restrict__ loss, double weight,
+                            long long* __restrict__ ledger) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    const T v = loss[0];
+    reinterpret_cast<T*>(ledger[0])[ledger[1]] = v;
+    ledger[1] += 1;
+    double* total = reinterpret_cast<double*>(ledger[2]);
+    total[0] = __dadd_rn(total[0], __dmul_rn(static_cast<double>(v), weight));
+}
+
 }  // namespace gpubp

@@ -21,7 +21,7 @@ from gpubp import activations as act
 from gpubp import optim
 from gpubp import reference as ref
 from gpubp.backends.cuda import catalogue as ck
-from gpubp.backends.cuda import launch, memory
+from gpubp.backends.cuda import context, launch, memory
 from gpubp.backends.cuda.nvrtc import Nvrtc, find_nvrtc
 from gpubp.kernel_sources import read_kernel
 from gpubp.losses import LOSSES
@@ -89,7 +89,8 @@ def _names_for_every_configuration() -> set[str]:
         # output for inference and its output-layer kernel
         names.add(ck.bias_activation(dt, "exp"))
         names |= {ck.output_kernel(dt, "exp", "poisson", labels) for labels in flags}
-        names |= {ck.loss_partial(dt), ck.finalize_loss(dt), ck.bias_grad_partial(dt)}
+        names |= {ck.loss_partial(dt), ck.finalize_loss(dt), ck.record_loss(dt)}
+        names.add(ck.bias_grad_partial(dt))
         names.add(ck.bias_grad_finish(dt))
         for momentum, nesterov in ((0.0, False), (0.9, False), (0.9, True)):
             names.add(ck.sgd_update_table(dt, momentum != 0, nesterov))
@@ -129,7 +130,7 @@ def test_the_backend_compiles_each_family_with_exactly_its_catalogue():
             assert name in made[-1]["name_expressions"]
             return name
 
-    kernels = launch.Kernels(SimpleNamespace(RawModule=FakeModule))
+    kernels = context.Kernels(SimpleNamespace(RawModule=FakeModule))
     for family in ck.FAMILIES:
         first = ck.name_expressions(family)[0]
         assert kernels(first) == first

@@ -500,11 +500,26 @@ def check_finalize_loss(
         _finalize_case(name, row_loss, 1.0, True)
 
 
+def check_record_loss(name: str, dtype: np.dtype) -> None:
+    """Three steps' losses into a block (from slot 2) and the float64 total, as the host adds."""
+    losses = np.array([0.3, 1.7, 2.5e-3], dtype)
+    block, total = np.full(6, -1.0, dtype), np.array([10.0])
+    ledger = np.array([block.ctypes.data, 2, total.ctypes.data], np.int64)
+    want = 10.0
+    for v in losses:
+        kernel(name)((1,), (32,), (np.array([v]), np.float64(64.0), ledger))
+        want += float(v) * 64.0
+    assert bits_equal(block[2:5], losses) and ledger[1] == 5, (block, ledger)
+    assert total[0] == want, (total[0], want)  # bit for bit the host's sum
+
+
 def check_output_layer(
     name: str, dtype: np.dtype, params: tuple[int, ...], rng: np.random.Generator
 ) -> None:
     if parse(name)[0] in ("loss_partial", "finalize_loss"):
         check_finalize_loss(name, dtype, params, rng)
+    elif parse(name)[0] == "record_loss":
+        check_record_loss(name, dtype)
     else:
         check_output_kernel(name, dtype, params, rng)
 
@@ -1015,6 +1030,7 @@ CHECKS: dict[str, dict[str, Check]] = {
         "mse_loss": check_output_layer,
         "loss_partial": check_output_layer,
         "finalize_loss": check_output_layer,
+        "record_loss": check_output_layer,
     },
     "bias_grad": {"bias_grad_partial": check_bias_grad, "bias_grad_finish": check_bias_grad},
     "optimizers": {

@@ -161,6 +161,18 @@ void exercise(void (*k)(const double*, i64, double, T*, int*), const char* name)
     }
 }
 
+// record_loss<T>: (loss, weight, ledger)
+template <class T>
+void exercise(void (*k)(const T*, double, long long*), const char* name) {
+    every_launch([&](const Shape& s, int order) {
+        Buf<T> loss(1, 0.0, 1.0), block(4);
+        std::vector<double> total(1, 0.0);
+        long long ledger[3] = {reinterpret_cast<long long>(block.at(0)), 2,
+                               reinterpret_cast<long long>(total.data())};
+        run(k, name, s, order, loss.at(0), 64.0, ledger);
+    });
+}
+
 // bias_grad_partial<T>: (delta, rows, n, rows_per_split, splits, partial)
 template <class T>
 void exercise(void (*k)(const T*, i64, int, i64, i64, double*), const char* name) {

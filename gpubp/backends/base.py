@@ -165,6 +165,13 @@ class Backend(UpdateOps):
             self._workspaces.move_to_end(key)
         return ws
 
+    def open_loss_sum(self, total: float) -> Any:
+        """A running total of the next train steps' ``rows * loss`` kept where the steps run,
+        starting at ``total``, or ``None`` (the default: the host sums
+        the losses it reads). A backend's total has ``holds(value, rows)``, whether the step
+        that returned ``value`` added to it, and ``read()``; :class:`gpubp.loop.LossSum` uses it."""
+        return None
+
     def batch_buffers(
         self, x_shape: tuple[int, ...], x_dtype: Any, y_shape: tuple[int, ...], y_dtype: Any
     ) -> tuple[Any, Any]:

@@ -35,14 +35,10 @@ from .context import DeviceContext, table_entries
 from .cublas import Cublas
 from .cupy_module import import_cupy
 from .graph import StepBuffers
+from .inputs import GatheredInputs
 from .memory import out_of_memory_error
-from .status import DeviceLoss, StepErrors
+from .status import DeviceLoss, DeviceLossSum, LossLedger, StepErrors
 from .steps import StepCache
-
-_CUDA_MEMCPY_DEVICE_TO_DEVICE = 3
-#: Losses per device allocation (see :meth:`CupyBackend._loss_slot`).
-LOSS_BLOCK = 256
-
 
 #: The environment variable that turns CUDA graphs off (``0``) or makes them required.
 GRAPHS_ENV = "GPUBP_CUDA_GRAPHS"
@@ -110,11 +106,9 @@ class CupyBackend(Backend):
         mode = graphs_mode(graphs)
         self.graphs = mode != "off"
         self.fold_sgd = bool(fold_sgd)
-        self._loss_blocks: dict[tuple[int, str], tuple[Any, int]] = {}
-        #: the batch gathers' buffers (x pointer -> y pointer) a train step reads in place
-        self._batch_inputs: dict[int, int] = {}
-        #: _gathered's verdicts on the arrays it last saw (kept, so their ids stay theirs)
-        self._gathered_seen: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
+        self._ledgers: dict[tuple[int, str], LossLedger] = {}
+        self._loss_sum: DeviceLossSum | None = None  # the open one, where the steps add
+        self._inputs = GatheredInputs(cupy)  # the gathers' buffers a step reads in place
         self._errors = StepErrors(self._ctx)
         self._steps = StepCache(
             self._ctx, self.kernel, self._allocate, graphs=mode, fold_sgd=self.fold_sgd
@@ -199,37 +193,7 @@ class CupyBackend(Backend):
     ) -> tuple[Any, Any]:
         """A batch gather's device buffers, which a train step on a batch gathered there reads
         in place (its input buffers: no staging copy per step)."""
-        x, y = super().batch_buffers(x_shape, x_dtype, y_shape, y_dtype)
-        if x.size and y.size:
-            self._batch_inputs[x.data.ptr] = y.data.ptr
-        return x, y
-
-    def _gathered(self, x: Any, y: Any, dtype: Any, n_out: int) -> tuple[Any, Any] | None:
-        """``(x, y)`` when they are a batch gather's buffers in the form the step reads (``x``
-        of the parameters' dtype, ``y`` int64 labels or dense rows of it), else ``None``.
-        A gather hands out the same view objects step after step: their verdict is kept."""
-        key = (id(x), id(y), np.dtype(dtype).str, n_out)
-        seen = self._gathered_seen.get(key)
-        if seen is not None and seen[0] is x and seen[1] is y:
-            return seen[2]
-        if len(self._gathered_seen) >= 64:
-            self._gathered_seen.clear()
-        verdict = self._gathered_check(x, y, dtype, n_out)
-        self._gathered_seen[key] = (x, y, verdict)
-        return verdict
-
-    def _gathered_check(self, x: Any, y: Any, dtype: Any, n_out: int) -> tuple[Any, Any] | None:
-        cp = self._cp
-        if not isinstance(x, cp.ndarray) or not isinstance(y, cp.ndarray) or not x.size:
-            return None
-        if self._batch_inputs.get(x.data.ptr) != y.data.ptr or not y.size:
-            return None
-        if x.dtype != dtype or x.ndim != 2 or not (x.flags.c_contiguous and y.flags.c_contiguous):
-            return None
-        labels = y.ndim == 1 and y.dtype.kind in "iu" and n_out > 1
-        if labels:
-            return (x, y) if y.dtype == np.int64 else None
-        return (x, y) if y.dtype == dtype and y.size == x.shape[0] * n_out else None
+        return self._inputs.register(*super().batch_buffers(x_shape, x_dtype, y_shape, y_dtype))
 
     # --- checks ---------------------------------------------------------------------------------
 
@@ -479,35 +443,36 @@ class CupyBackend(Backend):
             )
         step_no = int(state["step"]) + 1
         x, y = self._cp.asarray(x), self._cp.asarray(y)
-        inputs = self._gathered(x, y, weights[0].dtype, weights[-1].shape[0])
+        inputs = self._inputs.of(x, y, weights[0].dtype, weights[-1].shape[0])
         step = self._steps.get(
             weights, biases, x, y, activation, output, loss, optimizer, slots, inputs
         )
         step.stage(x, y)
         step.set_hyperparameters(ck.hyperparameters(optimizer, step_no, weights[0].dtype))
+        ledger = self._ledger(weights[0].dtype)
+        step.ledger = ledger.words  # the step appends its loss to the ledger (in its graph)
+        into = self._loss_sum or self.open_loss_sum(0.0)
+        value = ledger.next_slot(into)
         step.run()
         state["step"] = step_no
-        value = self._loss_slot(weights[0].dtype)
-        self._cp.cuda.runtime.memcpyAsync(
-            value.data.ptr,
-            step.buf.loss.data.ptr,
-            value.dtype.itemsize,
-            _CUDA_MEMCPY_DEVICE_TO_DEVICE,
-            self._cp.cuda.get_current_stream().ptr,
-        )
-        self._errors.queued(state)  # after the loss's copy is queued: a check may synchronise
-        return DeviceLoss(self, value), weights, biases, state
+        self._errors.queued(state)  # after the step is queued: a check may synchronise
+        loss_value = DeviceLoss(self, value, into, int(x.shape[0]))
+        return loss_value, weights, biases, state
 
-    def _loss_slot(self, dtype: Any) -> Any:
-        """A fresh 0-d device array for one step's loss: the next element of a block of
-        :data:`LOSS_BLOCK` (one allocation per block, not per step). Each element is handed out
-        once; a block lives as long as a loss of it is referenced."""
-        key = (self._cp.cuda.Device().id, np.dtype(dtype).str)
-        block, used = self._loss_blocks.get(key, (None, LOSS_BLOCK))
-        if block is None or used >= LOSS_BLOCK:
-            block, used = self._cp.empty(LOSS_BLOCK, dtype=dtype), 0
-        self._loss_blocks[key] = (block, used + 1)
-        return block[used]
+    def _ledger(self, dtype: Any) -> LossLedger:
+        """The loss ledger of the current device and ``dtype`` (:class:`.status.LossLedger`)."""
+        key = (self._ctx.device().id, np.dtype(dtype).str)
+        ledger = self._ledgers.get(key)
+        if ledger is None:
+            ring = self._ctx.device().ring
+            ledger = self._ledgers[key] = LossLedger(self._cp, dtype, ring.upload)
+        return ledger
+
+    def open_loss_sum(self, total: float) -> DeviceLossSum:
+        """A running total of the next train steps' ``rows * loss``, kept on the device from
+        ``total`` in float64 (as the host sums): one read for any number of steps."""
+        self._loss_sum = DeviceLossSum(self, self._cp.asarray(np.array([total], np.float64)))
+        return self._loss_sum
 
     def _allocate(self, sizes: tuple[int, ...], batch: int, dtype: Any) -> StepBuffers:
         """The step's buffers; out of memory is an error giving the bytes and a batch that fits."""

@@ -119,6 +119,10 @@ def finalize_loss(dtype: object) -> str:
     return f"gpubp::finalize_loss<{_ctype(dtype)}>"
 
 
+def record_loss(dtype: object) -> str:
+    return f"gpubp::record_loss<{_ctype(dtype)}>"
+
+
 def bias_grad_partial(dtype: object) -> str:
     return f"gpubp::bias_grad_partial<{_ctype(dtype)}>"
 
@@ -196,7 +200,7 @@ def _catalogue() -> dict[str, list[str]]:
             cat["output_layer"] += [
                 output_kernel(dt, o, "mse", labels) for o in act.OUTPUT_ACTIVATIONS
             ]
-        cat["output_layer"] += [loss_partial(dt), finalize_loss(dt)]
+        cat["output_layer"] += [loss_partial(dt), finalize_loss(dt), record_loss(dt)]
         cat["bias_grad"].append(bias_grad_partial(dt))
         cat["bias_grad"].append(bias_grad_finish(dt))
         cat["optimizers"] += [

@@ -15,7 +15,8 @@ One train step, for ``L`` layers (every buffer preallocated per batch shape):
    bias-gradient column sum.
 
 The step is captured once per batch shape (and parameter buffers) as a CUDA graph and replayed;
-each batch is copied into the captured input buffers, and the learning rate and the other
+each batch is copied into the captured input buffers (or, gathered into a gather's buffers the
+backend handed out, read there in place), and the learning rate and the other
 hyper-parameters live in device memory, so a schedule needs no recapture. The captured step calls
 only kernel launches and gpubp's own cuBLAS handle's ``cublasGemmEx`` (:mod:`.cublas`), whose
 stream is set before the capture begins; CuPy's cuBLAS wrappers would refuse to run while
@@ -244,6 +245,9 @@ class TrainStep:
         self.dtype = weights[0].dtype
         self.graph: Any = None
         self.runs = 0
+        #: the loss ledger's words (int64 (3,)) the step appends its loss to; set before its
+        #: first run, baked into its graph
+        self.ledger: Any = None
         ws = buf.ws
         L = len(weights)
         self.adopted = inputs is not None
@@ -415,3 +419,5 @@ class TrainStep:
                                       status)  # fmt: skip
             launch.update_table(kern, self.optimizer, self.dtype, u.dev, u.n, u.chunks, hp, status)
         launch.finish_step(kern, status)
+        if self.ledger is not None:
+            launch.record_loss(kern, buf.loss, float(ws.batch), self.ledger)

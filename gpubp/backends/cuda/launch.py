@@ -3,7 +3,7 @@
 
 Every wrapper takes ``kernels``, a getter from an instantiation name (built by
 :mod:`.catalogue`) to a launchable ``fn((blocks,), (threads,), args)`` (a ``cupy.RawKernel``, or
-a stand-in's); :class:`Kernels` is the one the backend uses, and
+a stand-in's); :class:`.context.Kernels` is the one the backend uses, and
 ``CupyBackend.kernel`` is its getter for the current device. The checks (dtype,
 C-contiguity, shapes) raise :class:`TypeError` or :class:`ValueError` saying what was expected;
 they cost no device work and no synchronisation, so the wrappers may be called while a stream is
@@ -29,34 +29,6 @@ from . import catalogue as ck
 KernelGetter = Callable[[str], Any]
 
 _NULL = np.uint64(0)  # a null pointer argument
-
-
-class Kernels:
-    """The compiled kernel families of one device, compiled lazily, one RawModule per family.
-
-    Calling it with an instantiation name gives that kernel, compiling its family's module on
-    first use (``cupy_module.RawModule`` with the catalogue's name expressions).
-    """
-
-    def __init__(self, cupy_module: Any) -> None:
-        self._cp = cupy_module
-        self._modules: dict[str, Any] = {}
-        self._functions: dict[str, Any] = {}
-
-    def __call__(self, name: str) -> Any:
-        fn = self._functions.get(name)
-        if fn is None:
-            family = ck.family_of(name)  # raises for a name the compile test does not cover
-            mod = self._modules.get(family)
-            if mod is None:
-                mod = self._cp.RawModule(
-                    code=ck.source(family),
-                    options=ck.COMPILE_OPTIONS,
-                    name_expressions=ck.name_expressions(family),
-                )
-                self._modules[family] = mod
-            fn = self._functions[name] = mod.get_function(name)
-        return fn
 
 
 # --- checks ---------------------------------------------------------------------------------------
@@ -259,6 +231,16 @@ def finalize_loss(
         (partial, np.int64(rows), np.float64(scale), loss_out, status),
         ck.reduction_threads(parts),
     )
+
+
+def record_loss(kernels: KernelGetter, loss: Any, weight: float, ledger: Any) -> None:
+    """Append the step's loss ``loss`` ``(1,)`` to the loss ledger ``ledger`` (int64 ``(3,)``:
+    the current block's pointer, the slots used, the running float64 total's pointer): into
+    the block's next slot, and ``weight * loss`` into the total (one thread)."""
+    dt = _float("record_loss", "loss", loss, 1)
+    _check("record_loss", "loss", loss, dt, (1,))
+    _check("record_loss", "ledger", ledger, np.int64, (3,))
+    _launch(kernels, ck.record_loss(dt), 1, (loss, np.float64(weight), ledger), 32)
 
 
 # --- bias_grad.cu ---------------------------------------------------------------------------------
