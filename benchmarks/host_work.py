@@ -8,7 +8,8 @@ data set gathered by :class:`gpubp.loop.BatchGather`, ``MLP.step``, the losses a
 :class:`gpubp.loop.LossSum`, the learning rate set every step when ``--schedule``):
 
 - ``cupy_calls``: calls from outside into the cupy module (array methods and functions, stream
-  and memory calls), and ``python_calls``: every Python function call of the step;
+  and memory calls), of them ``setitem``: copies into device arrays (``a[...] = b``, a batch
+  staged), and ``python_calls``: every Python function call of the step;
 - the emulated device's counters: ``alloc`` (device allocations), ``h2d`` (host-to-device
   uploads), ``get`` (device-to-host reads), ``graph_launch``, ``eager_launch`` (kernels
   launched one by one), ``memcpy`` (copies outside a graph).
@@ -48,7 +49,8 @@ def measure(steps: int, optimizer: str, schedule: bool) -> dict[str, float]:
     X = be.asarray(rng.normal(size=(n, 20)), "float32")
     Y = be.asarray(rng.integers(0, 5, n))
     opt = Adam(lr=1e-3) if optimizer == "adam" else SGD(lr=0.05, momentum=0.9)
-    gather = BatchGather(X, Y, batch, xp=be.xp)  # as gpubp train and MLP.fit make it
+    # as gpubp train and MLP.fit make it
+    gather = BatchGather(X, Y, batch, xp=be.xp, buffers=be.batch_buffers)
     losses = LossSum(be)
     order = rng.permutation(n)
 
@@ -71,6 +73,8 @@ def measure(steps: int, optimizer: str, schedule: bool) -> dict[str, float]:
         caller = frame.f_back.f_code.co_filename if frame.f_back is not None else ""
         if code.co_filename.startswith(emu) and not caller.startswith(emu):
             calls["cupy_calls"] += 1
+            if code.co_name == "__setitem__":  # a device copy into an array (a staging copy)
+                calls["setitem"] += 1
 
     before = collections.Counter(_common.stats)
     sys.setprofile(profile)
@@ -80,7 +84,7 @@ def measure(steps: int, optimizer: str, schedule: bool) -> dict[str, float]:
     finally:
         sys.setprofile(None)
     after = collections.Counter(_common.stats)
-    out = {key: calls[key] / steps for key in ("cupy_calls", "python_calls")}
+    out = {key: calls[key] / steps for key in ("cupy_calls", "setitem", "python_calls")}
     for key in COUNTERS:
         out[key] = (after[key] - before[key]) / steps
     losses.read()

@@ -69,11 +69,22 @@ class BatchGather:
     their array module ``xp``, are gathered the same way there: the host indices (checked on
     the host) uploaded into one reused device index buffer, then ``xp.take(..., out=)`` into
     reused device buffers, all queued in stream order (no allocation, no host wait; a step
-    queued on the same stream reads a batch before the next gather overwrites it). Without
+    queued on the same stream reads a batch before the next gather overwrites it). Those
+    buffers come from ``buffers(x_shape, x_dtype, y_shape, y_dtype)`` where given (a backend's
+    :meth:`~gpubp.backends.base.Backend.batch_buffers`: the CuPy backend's train step then
+    reads them as its own input buffers, no staging copy), else from ``xp.empty``. Without
     ``xp``, or with device indices, ``X[idx]`` is taken there.
     """
 
-    def __init__(self, X: Any, Y: Any, batch_size: int, xp: Any = None) -> None:
+    def __init__(
+        self,
+        X: Any,
+        Y: Any,
+        batch_size: int,
+        xp: Any = None,
+        buffers: Callable[[tuple[int, ...], Any, tuple[int, ...], Any], tuple[Any, Any]]
+        | None = None,
+    ) -> None:
         if X.shape[0] != Y.shape[0]:
             raise ValueError(
                 f"X has {X.shape[0]} rows and Y {Y.shape[0]}; expected one target row per "
@@ -83,8 +94,10 @@ class BatchGather:
         self.batch_size = min(int(batch_size), int(X.shape[0]))  # no more rows than there are
         self.host = isinstance(X, np.ndarray) and isinstance(Y, np.ndarray)
         self.xp: Any = None if self.host else xp
+        self.buffers = buffers
         self._bufs: tuple[np.ndarray, np.ndarray] | None = None
         self._device: tuple[Any, Any, Any] | None = None  # X rows, Y rows, indices
+        self._views: dict[int, tuple[Any, Any, Any]] = {}  # their first k rows, per k
         self._checked: np.ndarray | None = None  # the last order whose bounds were checked
 
     def __call__(self, idx: Any) -> tuple[Any, Any]:
@@ -120,12 +133,16 @@ class BatchGather:
         self._check(idx)
         if self._device is None:
             B = self.batch_size
-            self._device = (
-                xp.empty((B, *X.shape[1:]), dtype=X.dtype),
-                xp.empty((B, *Y.shape[1:]), dtype=Y.dtype),
-                xp.empty(B, dtype=np.int64),
-            )
-        xb, yb, ib = (a[:k] for a in self._device)
+            shapes = ((B, *X.shape[1:]), X.dtype, (B, *Y.shape[1:]), Y.dtype)
+            if self.buffers is not None:
+                xb, yb = self.buffers(*shapes)
+            else:
+                xb, yb = xp.empty(shapes[0], dtype=X.dtype), xp.empty(shapes[2], dtype=Y.dtype)
+            self._device = (xb, yb, xp.empty(B, dtype=np.int64))
+        views = self._views.get(k)
+        if views is None:  # the same view objects step after step (a step may key on them)
+            views = self._views[k] = tuple(a[:k] for a in self._device)
+        xb, yb, ib = views
         ib.set(np.ascontiguousarray(idx, dtype=np.int64))
         xp.take(X, ib, axis=0, out=xb)
         xp.take(Y, ib, axis=0, out=yb)
@@ -204,6 +221,12 @@ class LossSum:
     most ``fold`` values are kept pending: the next :meth:`add` reads them first (one
     synchronisation per ``fold`` steps), so an epoch of 10^6 steps without a progress bar keeps
     ``fold`` device scalars alive, not one per step. The sum is the same whenever it is read.
+
+    Where the backend sums the losses where its steps run (``backend.open_loss_sum``: the CuPy
+    backend's steps add ``rows * loss`` to a float64 total on the device, in step order, as this
+    class does), the values it added are not kept at all, and :meth:`read` is one transfer of the
+    total, the same bits as the host's sum. A value it did not add (another backend's, or a step
+    before this sum was opened) is summed here and added after the device's total.
     """
 
     #: Pending values at most (see the class docstring).
@@ -215,8 +238,13 @@ class LossSum:
         self.fold = int(fold)
         self.values: list[Any] = []
         self.weights: list[int] = []
+        self.device = backend.open_loss_sum(self.total)
+        self._on_device = False  # some value was added by the device
 
     def add(self, value: Any, weight: int) -> None:
+        if self.device is not None and self.device.holds(value, weight):
+            self._on_device = True  # already in the device's total: nothing to keep
+            return
         if len(self.values) >= self.fold:
             self.read()
         self.values.append(value)
@@ -228,6 +256,11 @@ class LossSum:
 
     def read(self) -> float:
         """The weighted sum so far (a synchronisation point: a deferred error is raised here)."""
+        if self._on_device:  # the device's total started at self.total and holds its values
+            assert self.device is not None
+            self.total = self.device.read()
+            self.device = self.backend.open_loss_sum(self.total)  # the next values from here
+            self._on_device = False
         if self.values:
             # one value at a time, in order: the same sum whenever it is read (a resumed run
             # reproduces an uninterrupted one bit for bit)

@@ -7,7 +7,7 @@ parameters and optimizer state exactly as they were.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,14 +18,14 @@ from ._checks import check_int, check_positive_int
 from .backends import Backend, get_backend, to_numpy
 from .budget import check_network
 from .errors import ModelFileError
-from .loop import BatchGather, EpochEnd, EpochLoop, OneCaller
+from .loop import EpochEnd, EpochLoop, OneCaller
 from .losses import check_combination, is_classifier
 from .model_inputs import InputChecks, check_dtype, check_layer_sizes, check_optimizer
 from .optim import Adam, Optimizer
 from .preprocessing import Preprocessing
 from .sparse_inputs import (
-    SparseGather,
     SparseRows,
+    batch_gather,
     sparse_gradients,
     sparse_logits,
     sparse_train_step,
@@ -369,9 +369,7 @@ class MLP(InputChecks):
         check_network(
             self.layer_sizes, self.dtype.itemsize, min(batch_size, N), len(optimizer.slots)
         )
-        # min(batch_size, N) rows in buffers reused every step (on the device too)
-        gathers = SparseGather if isinstance(X, SparseRows) else BatchGather
-        gather: Callable[[Any], tuple[Any, Any]] = gathers(X, y, batch_size, xp=self.backend.xp)
+        gather = batch_gather(X, y, batch_size, self.backend)
         with self._busy("fit"):  # held for the whole fit: no other thread's step in between
             loop.run(
                 lambda idx: self.step(*gather(idx), optimizer),

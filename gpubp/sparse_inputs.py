@@ -18,12 +18,14 @@ sparsity) and the shift is folded in exactly, with ``o = shift * scale`` ``(n_0,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from .backends import Backend, to_numpy
 from .backends.sparse import is_sparse
+from .loop import BatchGather
 
 __all__ = [
     "SparseGather",
@@ -187,3 +189,14 @@ class SparseGather:
     def __call__(self, idx: Any) -> tuple[SparseRows, Any]:
         host = np.asarray(to_numpy(idx), dtype=np.int64)  # the host order's rows
         return self.X[host], self.Y[idx]
+
+
+def batch_gather(
+    X: Any, Y: Any, batch_size: int, backend: Backend
+) -> Callable[[Any], tuple[Any, Any]]:
+    """The gather of a fit's batches: :class:`SparseGather` for a :class:`SparseRows` ``X``, else
+    :class:`gpubp.loop.BatchGather` into the backend's step input buffers (``min(batch_size,
+    N)`` rows reused every step, on the device too)."""
+    if isinstance(X, SparseRows):
+        return SparseGather(X, Y, batch_size, xp=backend.xp)
+    return BatchGather(X, Y, batch_size, xp=backend.xp, buffers=backend.batch_buffers)

@@ -232,7 +232,9 @@ class _Run:
         total_steps = config.epochs * loop.n_batches
         quiet_rank = self.comm is not None and self.comm.rank != 0
         # reused buffers, no allocation per step (on the device too)
-        gather = BatchGather(X, Y, loop.batch_size, xp=model.backend.xp)
+        gather = BatchGather(
+            X, Y, loop.batch_size, xp=model.backend.xp, buffers=model.backend.batch_buffers
+        )
         self.graphs_before = model.backend.capture_report()
         with StopRequest(also_sigterm=self.comm is not None, announce=not quiet_rank) as stop:
             dp = self.dp

@@ -153,24 +153,35 @@ __device__ __forceinline__ T warp_max(T v) {
 // Fixed-order sum of value(i) for i < count, in double, by one block of any size up to 1024,
 // the same bit for bit whatever the block size: slot k of SUM_SLOTS accumulates the items
 // k, k + SUM_SLOTS, k + 2 SUM_SLOTS, ... in that order, then a pairwise tree sums the slots in
-// use (the smallest power of two >= min(count, SUM_SLOTS); the others would add only zeros).
-// Neither step depends on blockDim (threads only share out the slots), so a launch shape tuned
-// for speed never changes a loss or a bias gradient. Called by every thread of the block; the
-// result is valid in every thread. shared: SUM_SLOTS doubles of __shared__ memory.
+// use (the smallest power of two >= min(count, SUM_SLOTS), sum_span; the others would add only
+// zeros). Neither step depends on blockDim (threads only share out the slots), so a launch shape
+// tuned for speed never changes a loss or a bias gradient. Called by every thread of the block;
+// the result is valid in every thread. shared: SUM_SLOTS doubles of __shared__ memory.
 enum : int { SUM_SLOTS = 1024 };
 
-template <typename F>
-__device__ __forceinline__ double fixed_sum(i64 count, F value, double* shared) {
+__device__ __forceinline__ int sum_span(i64 count) {
     int span = 1;
     while (span < SUM_SLOTS && span < count) span <<= 1;
-    for (int k = threadIdx.x; k < span; k += blockDim.x) {
+    return span;
+}
+
+// The slots [first, first + width) of fixed_sum(count, ...) and their pairwise tree: the value
+// the whole tree holds at slot `first` after its first log2(width) levels (width a power of two
+// dividing sum_span(count), first a multiple of width). The whole fixed_sum is
+// fixed_sum_slots(count, value, shared, 0, sum_span(count)); a multi-block sum gives each block
+// a part of `width` slots, then sums the parts' values with fixed_sum again (the tree's
+// remaining levels), the same bits as one block.
+template <typename F>
+__device__ __forceinline__ double fixed_sum_slots(i64 count, F value, double* shared, int first,
+                                                  int width) {
+    for (int k = threadIdx.x; k < width; k += blockDim.x) {
         double s = 0.0;
-        for (i64 i = k; i < count; i += SUM_SLOTS) s += value(i);
+        for (i64 i = first + k; i < count; i += SUM_SLOTS) s += value(i);
         shared[k] = s;
     }
     __syncthreads();
-    for (int w = 1; w < span; w <<= 1) {
-        for (int k = 2 * w * static_cast<int>(threadIdx.x); k < span;
+    for (int w = 1; w < width; w <<= 1) {
+        for (int k = 2 * w * static_cast<int>(threadIdx.x); k < width;
              k += 2 * w * static_cast<int>(blockDim.x)) {
             shared[k] += shared[k + w];
         }
@@ -179,6 +190,36 @@ __device__ __forceinline__ double fixed_sum(i64 count, F value, double* shared) 
     const double total = shared[0];
     __syncthreads();  // every thread has read it before the buffer can be reused
     return total;
+}
+
+template <typename F>
+__device__ __forceinline__ double fixed_sum(i64 count, F value, double* shared) {
+    return fixed_sum_slots(count, value, shared, 0, sum_span(count));
+}
+
+// The same tree, summed by one thread: the slots [first, first + width) of fixed_sum(count,
+// value) (as fixed_sum_slots) with a stack of subtree sums (a slot joins its left neighbour
+// once both halves of a subtree are complete), so a thread per column needs no shared memory
+// and reads value(i) for consecutive columns in consecutive threads.
+template <typename F>
+__device__ __forceinline__ double fixed_sum_serial(i64 count, F value, int first, int width) {
+    double stack[12];  // subtree sums of sizes 2^level, at most log2(SUM_SLOTS) + 1 of them
+    int level[12];
+    int top = 0;
+    for (int k = 0; k < width; ++k) {
+        double s = 0.0;
+        for (i64 i = first + k; i < count; i += SUM_SLOTS) s += value(i);
+        int l = 0;
+        while (top > 0 && level[top - 1] == l) {  // a complete left sibling: left += right
+            s = stack[top - 1] + s;
+            --top;
+            ++l;
+        }
+        stack[top] = s;
+        level[top] = l;
+        ++top;
+    }
+    return stack[0];
 }
 
 }  // namespace gpubp

@@ -183,21 +183,60 @@ __global__ void poisson_loss(T* __restrict__ z, const T* __restrict__ b, const T
     if (bad) flag_bad(status);
 }
 
-// loss[0] = scale * sum_r row_loss[r], summed in double in a fixed order by block 0 alone (any
-// grid, any block size up to 1024: the order depends on neither), so the value does not depend
-// on scheduling or on the launch shape.
+// loss[0] = scale * sum_r row_loss[r], summed in double in common.cuh's fixed_sum order by many
+// blocks, in two launches: loss_partial gives part p the LOSS_PART_SLOTS slots from
+// p * LOSS_PART_SLOTS on (grid-stride over the parts, any block size) and writes their subtree's
+// sum to partial[p]; finalize_loss (one block) sums the parts with the tree's remaining levels.
+// The bits are those of one block summing everything (neither the grid nor the block size
+// changes the order), so the value depends on neither scheduling nor the launch shape.
+// partial: loss_parts(rows) doubles, at most SUM_SLOTS / LOSS_PART_SLOTS.
+enum : int { LOSS_PART_SLOTS = 32 };
+
+__device__ __forceinline__ int loss_parts(i64 rows) {
+    const int span = sum_span(rows);
+    return span > LOSS_PART_SLOTS ? span / LOSS_PART_SLOTS : 1;
+}
+
 template <typename T>
-__global__ void finalize_loss(const T* __restrict__ row_loss, i64 rows, double scale,
+__global__ void loss_partial(const T* __restrict__ row_loss, i64 rows,
+                             double* __restrict__ partial) {
+    __shared__ double part[LOSS_PART_SLOTS];
+    const int span = sum_span(rows);
+    const int width = span < LOSS_PART_SLOTS ? span : LOSS_PART_SLOTS;
+    for (int p = blockIdx.x; p < span / width; p += gridDim.x) {  // uniform in the block
+        const double s = fixed_sum_slots(
+            rows, [&](i64 i) { return static_cast<double>(row_loss[i]); }, part, p * width, width);
+        if (threadIdx.x == 0) partial[p] = s;
+    }
+}
+
+template <typename T>
+__global__ void finalize_loss(const double* __restrict__ partial, i64 rows, double scale,
                               T* __restrict__ loss, int* __restrict__ status) {
-    __shared__ double part[SUM_SLOTS];
+    __shared__ double part[SUM_SLOTS / LOSS_PART_SLOTS];
     if (blockIdx.x != 0) return;
-    const double s =
-        fixed_sum(rows, [&](i64 i) { return static_cast<double>(row_loss[i]); }, part);
+    const double s = fixed_sum(loss_parts(rows), [&](i64 p) { return partial[p]; }, part);
     if (threadIdx.x == 0) {
         const T value = static_cast<T>(s * scale);
         loss[0] = value;
         if (!finite(value)) flag_bad(status);
     }
+}
+
+// The loss ledger of the train steps, appended to by each step (in its graph): the step's loss
+// into the next slot of the current block of losses, and weight * loss into the running float64
+// total of the losses, one step after another (the host's sum, to the bit: never an FMA).
+// ledger: {block (T*), count (slots used), total (double*)}; the host starts a new block, or a
+// new total, by uploading the words, never per step.
+template <typename T>
+__global__ void record_loss(const T* __restrict__ loss, double weight,
+                            long long* __restrict__ ledger) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    const T v = loss[0];
+    reinterpret_cast<T*>(ledger[0])[ledger[1]] = v;
+    ledger[1] += 1;
+    double* total = reinterpret_cast<double*>(ledger[2]);
+    total[0] = __dadd_rn(total[0], __dmul_rn(static_cast<double>(v), weight));
 }
 
 }  // namespace gpubp

@@ -22,7 +22,7 @@ from gpubp import activations as act
 from gpubp import optim
 from gpubp import reference as ref
 from gpubp.backends.cuda import catalogue as ck
-from gpubp.backends.cuda import launch, memory
+from gpubp.backends.cuda import context, launch, memory
 from gpubp.backends.cuda import sparse as cuda_sparse
 from gpubp.backends.cuda.nvrtc import Nvrtc, find_nvrtc
 from gpubp.kernel_sources import read_kernel
@@ -91,7 +91,8 @@ def _names_for_every_configuration() -> set[str]:
         # output for inference and its output-layer kernel
         names.add(ck.bias_activation(dt, "exp"))
         names |= {ck.output_kernel(dt, "exp", "poisson", labels) for labels in flags}
-        names |= {ck.finalize_loss(dt), ck.bias_grad_partial(dt)}
+        names |= {ck.loss_partial(dt), ck.finalize_loss(dt), ck.record_loss(dt)}
+        names.add(ck.bias_grad_partial(dt))
         names.add(ck.bias_grad_finish(dt))
         for momentum, nesterov in ((0.0, False), (0.9, False), (0.9, True)):
             names.add(ck.sgd_update_table(dt, momentum != 0, nesterov))
@@ -132,7 +133,7 @@ def test_the_backend_compiles_each_family_with_exactly_its_catalogue():
             assert name in made[-1]["name_expressions"]
             return name
 
-    kernels = launch.Kernels(SimpleNamespace(RawModule=FakeModule))
+    kernels = context.Kernels(SimpleNamespace(RawModule=FakeModule))
     for family in ck.FAMILIES:
         first = ck.name_expressions(family)[0]
         assert kernels(first) == first
@@ -414,8 +415,11 @@ def test_every_wrapper_launches_what_the_kernel_signature_takes(dtype):
         launch.hidden_delta(k, z, a, activation, status)
     for loss, outputs in LOSSES.items():
         for output in outputs:
-            launch.output_layer(k, z, b, None, labels, output, loss, row_loss, loss_out, status)
-            launch.output_layer(k, z, None, a, None, output, loss, row_loss, loss_out, status)
+            parts = np.zeros(ck.LOSS_PARTS)
+            launch.output_layer(k, z, b, None, labels, output, loss, row_loss, loss_out, status,
+                                partial=parts)  # fmt: skip
+            launch.output_layer(k, z, None, a, None, output, loss, row_loss, loss_out, status,
+                                partial=parts)  # fmt: skip
     plan = ck.bias_grad_plan(rows, n)
     partial = np.zeros(plan[0] * n)
     launch.bias_grad(k, z, b, partial, plan, status)
@@ -465,10 +469,12 @@ def test_wrappers_refuse_wrong_arrays_saying_what_was_expected():
         launch.finish_step(k, np.zeros(2, np.int32))
     with pytest.raises(ValueError, match="exactly one of y"):
         launch.output_layer(k, z, None, None, None, "softmax", "cross_entropy",
-                            np.zeros(4, np.float32), np.zeros(1, np.float32), status)  # fmt: skip
+                            np.zeros(4, np.float32), np.zeros(1, np.float32), status,
+                            partial=np.zeros(ck.LOSS_PARTS))  # fmt: skip
     with pytest.raises(TypeError, match="labels is int32; expected int64"):
         launch.output_layer(k, z, None, None, np.zeros(4, np.int32), "softmax", "cross_entropy",
-                            np.zeros(4, np.float32), np.zeros(1, np.float32), status)  # fmt: skip
+                            np.zeros(4, np.float32), np.zeros(1, np.float32), status,
+                            partial=np.zeros(ck.LOSS_PARTS))  # fmt: skip
     with pytest.raises(ValueError, match="does not cover"):
         launch.bias_grad(k, z, np.zeros(3, np.float32), np.zeros(3), (1, 2), status)
     cols = ck.TABLE_COLS

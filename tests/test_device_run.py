@@ -128,3 +128,51 @@ def test_a_gpu_train_step_allocates_nothing_and_reads_nothing():
     assert counts["graph_launch"] == 1 and counts["eager_launch"] == 0
     assert counts["alloc"] * 8 <= 1  # at most one block of losses (LOSS_BLOCK steps each)
     assert counts["get"] == 0 and counts["sync"] == 0
+
+
+def test_a_gpu_train_step_reads_the_gathered_batch_in_place():
+    """The gather fills the step's input buffers (Backend.batch_buffers): no staging copy of
+    the batch into the step's own buffers (two ``a[...] = b`` per step before)."""
+    if not EMULATED_GPU:
+        pytest.skip("counted by the emulated GPU")
+    skip_unless_available("cupy")
+    for optimizer in ("sgd", "adam"):
+        counts = _script("host_work").measure(8, optimizer, schedule=False)
+        assert counts["setitem"] == 0, counts
+
+
+def test_losses_are_summed_on_the_device_to_the_hosts_bits():
+    """The train steps add ``rows * loss`` to a float64 total on the device (record_loss, in
+    the graph): no copy of the loss per step, nothing kept per step by LossSum, and one read
+    giving the bits the host's sum of the same losses gives."""
+    if not EMULATED_GPU:
+        pytest.skip("counted by the emulated GPU")
+    skip_unless_available("cupy")
+    counts = _script("host_work").measure(8, "sgd", schedule=False)
+    assert counts["memcpy"] == 0, counts  # one device-to-device copy of the loss before
+    import numpy as np
+
+    from cudaemu import _common
+    from gpubp import MLP
+    from gpubp.loop import BatchGather, LossSum
+    from gpubp.optim import Adam
+
+    rng = np.random.default_rng(1)
+    model = MLP([6, 9, 3], backend="cupy", seed=0)
+    be = model.backend
+    X = be.asarray(rng.normal(size=(50, 6)), "float32")
+    Y = be.asarray(rng.integers(0, 3, 50))
+    gather = BatchGather(X, Y, 16, xp=be.xp, buffers=be.batch_buffers)
+    losses, opt, values = LossSum(be, total=0.25), Adam(lr=1e-2), []
+    for k in range(7):
+        idx = rng.permutation(50)[: 16 - (k % 2)]  # two batch shapes: two graphs
+        values.append((model.step(*gather(idx), opt), int(idx.shape[0])))
+        losses.add(*values[-1])
+    assert not losses.values  # nothing kept on the host
+    before = _common.stats["get"]
+    total = losses.read()
+    assert _common.stats["get"] - before <= 3  # the total, and the status words (2)
+    want = 0.25
+    for v, w in values:
+        want += float(v) * w
+    assert total == want

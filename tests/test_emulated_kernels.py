@@ -10,9 +10,9 @@ Device memory is plain NumPy memory: every array sits inside a larger buffer bet
 Every case runs once per launch shape in :data:`SHAPES` and block order in :data:`ORDERS`, each
 time on fresh copies of the same inputs; the outputs must be bit-identical across all of them
 (the kernels promise a fixed reduction order and grid-stride loops, whatever the block size), and
-the first is compared with :mod:`gpubp.reference`. The block-wide sums (finalize_loss,
-bias_grad_finish) must also equal, bit for bit, the order common.cuh's ``fixed_sum`` documents
-(:func:`fixed_sum`).
+the first is compared with :mod:`gpubp.reference`. The fixed-order sums (loss_partial and
+finalize_loss, bias_grad_finish) must also equal, bit for bit, the order common.cuh's
+``fixed_sum`` documents (:func:`fixed_sum`).
 
 Tolerance (:func:`assert_close`): normwise relative error, ``max |got - ref| / max |ref|`` over
 the finite entries of an output, at most 2e-5 for float32 and 1e-12 for float64; entries the
@@ -462,15 +462,18 @@ def test_fixed_sum_slots_match_the_header() -> None:
 
 def _finalize_case(name: str, row_loss: np.ndarray, scale: float, bad: bool) -> None:
     dtype = row_loss.dtype
+    rows = row_loss.size
 
     def body(launch: Launch, mem: Memory) -> list[np.ndarray]:
         rl = mem.put(row_loss, True)
+        part = mem.put(np.full(ck.loss_parts(rows), np.nan))
         loss = mem.put(np.full(1, -1.0, dtype))
         st = mem.put(status_word())
-        launch(name, (rl, i64(row_loss.size), np.float64(scale), loss, st))
+        launch(ck.loss_partial(dtype), (rl, i64(rows), part))
+        launch(ck.finalize_loss(dtype), (part, i64(rows), np.float64(scale), loss, st))
         return [loss, st]
 
-    what = f"{name} rows={row_loss.size}"
+    what = f"{name} rows={rows}"
     loss, st = run_everywhere(body, what)
     if bad:
         assert not np.isfinite(loss[0]), what
@@ -498,13 +501,83 @@ def check_finalize_loss(
         _finalize_case(name, row_loss, 1.0, True)
 
 
+def check_record_loss(name: str, dtype: np.dtype) -> None:
+    """Three steps' losses into a block (from slot 2) and the float64 total, as the host adds."""
+    losses = np.array([0.3, 1.7, 2.5e-3], dtype)
+    block, total = np.full(6, -1.0, dtype), np.array([10.0])
+    ledger = np.array([block.ctypes.data, 2, total.ctypes.data], np.int64)
+    want = 10.0
+    for v in losses:
+        kernel(name)((1,), (32,), (np.array([v]), np.float64(64.0), ledger))
+        want += float(v) * 64.0
+    assert bits_equal(block[2:5], losses) and ledger[1] == 5, (block, ledger)
+    assert total[0] == want, (total[0], want)  # bit for bit the host's sum
+
+
 def check_output_layer(
     name: str, dtype: np.dtype, params: tuple[int, ...], rng: np.random.Generator
 ) -> None:
-    if parse(name)[0] == "finalize_loss":
+    if parse(name)[0] in ("loss_partial", "finalize_loss"):
         check_finalize_loss(name, dtype, params, rng)
+    elif parse(name)[0] == "record_loss":
+        check_record_loss(name, dtype)
     else:
         check_output_kernel(name, dtype, params, rng)
+
+
+#: The single-block ``finalize_loss`` the two-stage sum replaced (before issue 26), verbatim
+#: but for its name, compiled beside the current kernels to compare their bits.
+ONE_BLOCK_FINALIZE = """
+namespace gpubp {
+template <typename T>
+__global__ void finalize_loss_one_block(const T* __restrict__ row_loss, i64 rows, double scale,
+                                        T* __restrict__ loss, int* __restrict__ status) {
+    __shared__ double part[SUM_SLOTS];
+    if (blockIdx.x != 0) return;
+    const double s =
+        fixed_sum(rows, [&](i64 i) { return static_cast<double>(row_loss[i]); }, part);
+    if (threadIdx.x == 0) {
+        const T value = static_cast<T>(s * scale);
+        loss[0] = value;
+        if (!finite(value)) flag_bad(status);
+    }
+}
+}  // namespace gpubp
+"""
+
+
+@functools.cache
+def one_block_module() -> emu.Module:
+    names = [f"gpubp::finalize_loss_one_block<{t}>" for t in ("float", "double")]
+    names += [f(dt) for dt in ("float32", "float64") for f in (ck.loss_partial, ck.finalize_loss)]
+    return emu.Module(ck.source("output_layer") + ONE_BLOCK_FINALIZE, names)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("rows", [1, 255, 256, 257, 100_000, 262_144])
+def test_multi_block_loss_sum_has_the_single_block_bits(rows: int, dtype: str) -> None:
+    """The two-stage loss sum (many blocks, then one) gives the old single-block kernel's bits,
+    in the backend's launch shape and in others."""
+    dt = np.dtype(dtype)
+    mod = one_block_module()
+    row_loss = (np.random.default_rng(rows).random(rows) * 3.0).astype(dt)
+    scale = 1.0 / rows
+    old_loss, old_st = np.full(1, -1.0, dt), status_word()
+    old = mod.get_function(f"gpubp::finalize_loss_one_block<{ck.CUDA_TYPES[dtype]}>")
+    old((1,), (ck.reduction_threads(rows),), (row_loss, i64(rows), np.float64(scale), old_loss,
+                                               old_st))  # fmt: skip
+    parts = ck.loss_parts(rows)
+    shapes = [(parts, ck.reduction_threads(min(rows, ck.LOSS_PART_SLOTS))), (1, 64), (5, 96)]
+    for grid, block in shapes:
+        part, loss, st = np.full(parts, np.nan), np.full(1, -1.0, dt), status_word()
+        mod.get_function(ck.loss_partial(dt))((grid,), (block,), (row_loss, i64(rows), part))
+        mod.get_function(ck.finalize_loss(dt))(
+            (1,), (ck.reduction_threads(parts),), (part, i64(rows), np.float64(scale), loss, st)
+        )
+        where = f"rows={rows} grid={grid} block={block}"
+        assert bits_equal(loss, old_loss), f"{where}: {loss} is not the one block's {old_loss}"
+        expect_status(st, False, f"rows={rows}")
+    assert_close(loss, [math.fsum(row_loss.astype(np.float64)) * scale], f"rows={rows}")
 
 
 # --- bias_grad.cu -----------------------------------------------------------------------------
@@ -1019,7 +1092,9 @@ CHECKS: dict[str, dict[str, Check]] = {
         "bce_loss": check_output_layer,
         "poisson_loss": check_output_layer,
         "mse_loss": check_output_layer,
+        "loss_partial": check_output_layer,
         "finalize_loss": check_output_layer,
+        "record_loss": check_output_layer,
     },
     "bias_grad": {"bias_grad_partial": check_bias_grad, "bias_grad_finish": check_bias_grad},
     "optimizers": {

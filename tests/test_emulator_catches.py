@@ -12,8 +12,8 @@ defect                                                 caught by
 =====================================================  ==========================================
 a. ``__syncthreads`` removed from ``fixed_sum``: the    reference and bit-identity, in every
    first (after the slot sums) or the tree's (after     launch shape and block order (the tree
-   each level); finalize_loss and bias_grad_finish,     reads slots not yet written in this
-   2100 items each                                      launch: the values the previous launch
+   each level); loss_partial, 2100 row losses           reads slots not yet written in this
+                                                        launch: the values the previous launch
                                                         of the patched library left there)
 b. ``whole_warps`` guard removed, 48-thread block        EmulatorError: the shuffle names lanes
                                                         that do not exist
@@ -170,17 +170,33 @@ def check(
 SUMMED = 2100
 
 
+def loss_partial_case(name: str, seed: int) -> tuple[Place, list[np.ndarray]]:
+    """SUMMED row losses into the 32 parts of the multi-block loss sum."""
+    dtype = parse(name)[1]
+    assert dtype is not None
+    rows, parts = SUMMED, ck.loss_parts(SUMMED)
+    row_loss = (np.random.default_rng(seed).random(rows) * 3.0).astype(dtype)
+    slot = np.arange(rows) % 1024 // ck.LOSS_PART_SLOTS  # the part that sums each row
+    want = np.array([math.fsum(row_loss[slot == p].astype(np.float64)) for p in range(parts)])
+
+    def place(mem: Memory) -> tuple[tuple[Any, ...], list[np.ndarray]]:
+        rl, part = mem.put(row_loss), mem.put(np.full(parts, -1.0))
+        return (rl, i64(rows), part), [part]
+
+    return place, [want]
+
+
 def finalize_case(name: str, seed: int) -> tuple[Place, list[np.ndarray]]:
-    """SUMMED row losses, scale 1/SUMMED."""
+    """The 32 parts of SUMMED row losses, scale 1/SUMMED."""
     dtype = parse(name)[1]
     assert dtype is not None
     rows = SUMMED
-    row_loss = (np.random.default_rng(seed).random(rows) * 3.0).astype(dtype)
-    want = np.array([math.fsum(row_loss.astype(np.float64)) / rows])
+    partial = np.random.default_rng(seed).random(ck.loss_parts(rows)) * 3.0 * rows / 32
+    want = np.array([math.fsum(partial) / rows])
 
     def place(mem: Memory) -> tuple[tuple[Any, ...], list[np.ndarray]]:
-        rl, loss, st = mem.put(row_loss), mem.put(np.full(1, -1.0, dtype)), mem.put(status_word())
-        return (rl, i64(rows), np.float64(1.0 / rows), loss, st), [loss, st]
+        part, loss, st = mem.put(partial), mem.put(np.full(1, -1.0, dtype)), mem.put(status_word())
+        return (part, i64(rows), np.float64(1.0 / rows), loss, st), [loss, st]
 
     return place, [want, status_word()]
 
@@ -340,11 +356,18 @@ DEFECTS: list[Defect] = [
             frozenset({"reference", "bit-identity"}),
         )
         for which, old in (("first", FIRST_BARRIER), ("loop", LOOP_BARRIER))
-        for family, name, case in (
-            ("output_layer", ck.finalize_loss(F32), finalize_case),
-            ("bias_grad", ck.bias_grad_finish("float64"), bias_grad_finish_case),
-        )
+        for family, name, case in (("output_layer", ck.loss_partial(F32), loss_partial_case),)
     ],
+    # ... and bias_grad_finish's barrier between the groups' sums and the columns' totals
+    Defect(
+        "a-groups-barrier-bias_grad_finish",
+        "bias_grad",
+        ck.bias_grad_finish("float64"),
+        "        __syncthreads();\n        for (int lane = threadIdx.x;",
+        "        for (int lane = threadIdx.x;",
+        bias_grad_finish_case,
+        frozenset({"reference", "bit-identity"}),
+    ),
     # b. a missing partial-warp guard, launched with 48 threads
     *[
         Defect(
@@ -386,12 +409,12 @@ DEFECTS: list[Defect] = [
         frozenset({"guard"}),
     ),
     Defect(
-        "d-read-bound-finalize_loss",
+        "d-read-bound-loss_partial",
         "output_layer",
-        ck.finalize_loss(F32),
+        ck.loss_partial(F32),
         "i < count; i += SUM_SLOTS",
         "i <= count; i += SUM_SLOTS",
-        finalize_case,
+        loss_partial_case,
         frozenset({"reference"}),  # the NaN guard after the row losses is summed in
     ),
     # e. a shuffle inside a divergent branch

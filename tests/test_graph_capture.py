@@ -125,9 +125,9 @@ def test_gpubp_train_prints_and_records_whether_steps_were_captured(
 def test_every_loss_keeps_its_own_slot_across_loss_blocks(cupy_backend_class, monkeypatch):
     """The losses come from blocks of LOSS_BLOCK slots, each slot handed out once: losses kept
     unread over several blocks still read as they were when each step ran."""
-    from gpubp.backends.cuda import backend as backend_module
+    from gpubp.backends.cuda import status as status_module
 
-    monkeypatch.setattr(backend_module, "LOSS_BLOCK", 2)
+    monkeypatch.setattr(status_module, "LOSS_BLOCK", 2)
     be = cupy_backend_class(graphs=True)
     cp = be.xp
     W, b, x, y = random_problem((7, 13, 3), 5, "cross_entropy", "softmax", np.random.default_rng(2))

@@ -90,6 +90,17 @@ inline double __longlong_as_double(long long i) {
     return d;
 }
 
+// CUDA's round-to-nearest products and sums that are never contracted into an FMA: the volatile
+// keeps g++'s -ffp-contract=fast from fusing them after inlining
+inline double __dmul_rn(double x, double y) {
+    volatile double p = x * y;
+    return p;
+}
+inline double __dadd_rn(double x, double y) {
+    volatile double s = x + y;
+    return s;
+}
+
 // relaxed, as CUDA's atomics are
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
     return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);

@@ -135,17 +135,42 @@ void exercise(void (*k)(T*, const T*, const T*, const i64*, i64, int, T, T*, int
     }
 }
 
-// finalize_loss<T>: (row_loss, rows, scale, loss, status)
+// loss_partial<T>: (row_loss, rows, partial)
 template <class T>
-void exercise(void (*k)(const T*, i64, double, T*, int*), const char* name) {
-    for (i64 rows : {37, 300}) {
+void exercise(void (*k)(const T*, i64, double*), const char* name) {
+    for (i64 rows : {37, 300, 2100}) {
         every_launch([&](const Shape& s, int order) {
-            Buf<T> row_loss(static_cast<size_t>(rows), 0.0, 1.0), loss(1);
+            Buf<T> row_loss(static_cast<size_t>(rows), 0.0, 1.0);
+            std::vector<double> partial(32);
+            run(k, name, s, order, row_loss.at(0), rows, partial.data());
+        });
+    }
+}
+
+// finalize_loss<T>: (partial, rows, scale, loss, status)
+template <class T>
+void exercise(void (*k)(const double*, i64, double, T*, int*), const char* name) {
+    for (i64 rows : {37, 300, 2100}) {
+        every_launch([&](const Shape& s, int order) {
+            Buf<double> partial(32, 0.0, 1.0);
+            Buf<T> loss(1);
             int status[4] = {0, 0, 0, 0};
-            run(k, name, s, order, row_loss.at(0), rows, 1.0 / static_cast<double>(rows),
+            run(k, name, s, order, partial.at(0), rows, 1.0 / static_cast<double>(rows),
                 loss.at(0), status);
         });
     }
+}
+
+// record_loss<T>: (loss, weight, ledger)
+template <class T>
+void exercise(void (*k)(const T*, double, long long*), const char* name) {
+    every_launch([&](const Shape& s, int order) {
+        Buf<T> loss(1, 0.0, 1.0), block(4);
+        std::vector<double> total(1, 0.0);
+        long long ledger[3] = {reinterpret_cast<long long>(block.at(0)), 2,
+                               reinterpret_cast<long long>(total.data())};
+        run(k, name, s, order, loss.at(0), 64.0, ledger);
+    });
 }
 
 // bias_grad_partial<T>: (delta, rows, n, rows_per_split, splits, partial)

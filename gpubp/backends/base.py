@@ -166,6 +166,22 @@ class Backend(SparseOps, UpdateOps):
             self._workspaces.move_to_end(key)
         return ws
 
+    def open_loss_sum(self, total: float) -> Any:
+        """A running total of the next train steps' ``rows * loss`` kept where the steps run,
+        starting at ``total``, or ``None`` (the default: the host sums
+        the losses it reads). A backend's total has ``holds(value, rows)``, whether the step
+        that returned ``value`` added to it, and ``read()``; :class:`gpubp.loop.LossSum` uses it."""
+        return None
+
+    def batch_buffers(
+        self, x_shape: tuple[int, ...], x_dtype: Any, y_shape: tuple[int, ...], y_dtype: Any
+    ) -> tuple[Any, Any]:
+        """Two arrays of ``xp`` that a batch gather (:class:`gpubp.loop.BatchGather`) fills
+        step after step: ``x_shape`` rows of inputs and ``y_shape`` rows of targets. A backend
+        whose train step has input buffers of its own may hand out those (the CuPy backend's
+        graph step reads them in place, with no staging copy)."""
+        return self.xp.empty(x_shape, dtype=x_dtype), self.xp.empty(y_shape, dtype=y_dtype)
+
     # --- the ops ----------------------------------------------------------------------------
 
     def forward_layer(

@@ -35,15 +35,11 @@ from .context import DeviceContext, table_entries
 from .cublas import Cublas
 from .cupy_module import import_cupy
 from .graph import StepBuffers
+from .inputs import GatheredInputs
 from .memory import out_of_memory_error
 from .sparse import CudaSparseOps
-from .status import DeviceLoss, StepErrors
+from .status import DeviceLoss, DeviceLossSum, LossLedger, StepErrors
 from .steps import StepCache
-
-_CUDA_MEMCPY_DEVICE_TO_DEVICE = 3
-#: Losses per device allocation (see :meth:`CupyBackend._loss_slot`).
-LOSS_BLOCK = 256
-
 
 #: The environment variable that turns CUDA graphs off (``0``) or makes them required.
 GRAPHS_ENV = "GPUBP_CUDA_GRAPHS"
@@ -111,7 +107,9 @@ class CupyBackend(CudaSparseOps, Backend):
         mode = graphs_mode(graphs)
         self.graphs = mode != "off"
         self.fold_sgd = bool(fold_sgd)
-        self._loss_blocks: dict[tuple[int, str], tuple[Any, int]] = {}
+        self._ledgers: dict[tuple[int, str], LossLedger] = {}
+        self._loss_sum: DeviceLossSum | None = None  # the open one, where the steps add
+        self._inputs = GatheredInputs(cupy)  # the gathers' buffers a step reads in place
         self._errors = StepErrors(self._ctx)
         self._steps = StepCache(
             self._ctx, self.kernel, self._allocate, graphs=mode, fold_sgd=self.fold_sgd
@@ -191,6 +189,13 @@ class CupyBackend(CudaSparseOps, Backend):
         log = self._steps.log
         return log.report() if since is None else log.since(since)
 
+    def batch_buffers(
+        self, x_shape: tuple[int, ...], x_dtype: Any, y_shape: tuple[int, ...], y_dtype: Any
+    ) -> tuple[Any, Any]:
+        """A batch gather's device buffers, which a train step on a batch gathered there reads
+        in place (its input buffers: no staging copy per step)."""
+        return self._inputs.register(*super().batch_buffers(x_shape, x_dtype, y_shape, y_dtype))
+
     # --- checks ---------------------------------------------------------------------------------
 
     def _fits(self, *arrays: Any) -> bool:
@@ -258,8 +263,9 @@ class CupyBackend(CudaSparseOps, Backend):
         value = cp.empty(1, dtype=z.dtype)
         row_loss = cp.empty(rows, dtype=z.dtype)
         launch.output_layer(
-            self.kernel, out, None, Y, labels, output, loss, row_loss, value, self.scratch_status()
-        )
+            self.kernel, out, None, Y, labels, output, loss, row_loss, value,
+            self.scratch_status(), partial=cp.empty(ck.LOSS_PARTS, dtype=np.float64),
+        )  # fmt: skip
         return out, value.reshape(())
 
     def hidden_delta(
@@ -438,32 +444,36 @@ class CupyBackend(CudaSparseOps, Backend):
             )
         step_no = int(state["step"]) + 1
         x, y = self._cp.asarray(x), self._cp.asarray(y)
-        step = self._steps.get(weights, biases, x, y, activation, output, loss, optimizer, slots)
+        inputs = self._inputs.of(x, y, weights[0].dtype, weights[-1].shape[0])
+        step = self._steps.get(
+            weights, biases, x, y, activation, output, loss, optimizer, slots, inputs
+        )
         step.stage(x, y)
         step.set_hyperparameters(ck.hyperparameters(optimizer, step_no, weights[0].dtype))
+        ledger = self._ledger(weights[0].dtype)
+        step.ledger = ledger.words  # the step appends its loss to the ledger (in its graph)
+        into = self._loss_sum or self.open_loss_sum(0.0)
+        value = ledger.next_slot(into)
         step.run()
         state["step"] = step_no
-        value = self._loss_slot(weights[0].dtype)
-        self._cp.cuda.runtime.memcpyAsync(
-            value.data.ptr,
-            step.buf.loss.data.ptr,
-            value.dtype.itemsize,
-            _CUDA_MEMCPY_DEVICE_TO_DEVICE,
-            self._cp.cuda.get_current_stream().ptr,
-        )
-        self._errors.queued(state)  # after the loss's copy is queued: a check may synchronise
-        return DeviceLoss(self, value), weights, biases, state
+        self._errors.queued(state)  # after the step is queued: a check may synchronise
+        loss_value = DeviceLoss(self, value, into, int(x.shape[0]))
+        return loss_value, weights, biases, state
 
-    def _loss_slot(self, dtype: Any) -> Any:
-        """A fresh 0-d device array for one step's loss: the next element of a block of
-        :data:`LOSS_BLOCK` (one allocation per block, not per step). Each element is handed out
-        once; a block lives as long as a loss of it is referenced."""
-        key = (self._cp.cuda.Device().id, np.dtype(dtype).str)
-        block, used = self._loss_blocks.get(key, (None, LOSS_BLOCK))
-        if block is None or used >= LOSS_BLOCK:
-            block, used = self._cp.empty(LOSS_BLOCK, dtype=dtype), 0
-        self._loss_blocks[key] = (block, used + 1)
-        return block[used]
+    def _ledger(self, dtype: Any) -> LossLedger:
+        """The loss ledger of the current device and ``dtype`` (:class:`.status.LossLedger`)."""
+        key = (self._ctx.device().id, np.dtype(dtype).str)
+        ledger = self._ledgers.get(key)
+        if ledger is None:
+            ring = self._ctx.device().ring
+            ledger = self._ledgers[key] = LossLedger(self._cp, dtype, ring.upload)
+        return ledger
+
+    def open_loss_sum(self, total: float) -> DeviceLossSum:
+        """A running total of the next train steps' ``rows * loss``, kept on the device from
+        ``total`` in float64 (as the host sums): one read for any number of steps."""
+        self._loss_sum = DeviceLossSum(self, self._cp.asarray(np.array([total], np.float64)))
+        return self._loss_sum
 
     def _allocate(self, sizes: tuple[int, ...], batch: int, dtype: Any) -> StepBuffers:
         """The step's buffers; out of memory is an error giving the bytes and a batch that fits."""

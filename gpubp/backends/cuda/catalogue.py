@@ -112,8 +112,16 @@ def output_kernel(dtype: object, output: str, loss: str, labels: bool) -> str:
     raise ValueError(f"loss {loss!r} is not defined for output {output!r}")
 
 
+def loss_partial(dtype: object) -> str:
+    return f"gpubp::loss_partial<{_ctype(dtype)}>"
+
+
 def finalize_loss(dtype: object) -> str:
     return f"gpubp::finalize_loss<{_ctype(dtype)}>"
+
+
+def record_loss(dtype: object) -> str:
+    return f"gpubp::record_loss<{_ctype(dtype)}>"
 
 
 def bias_grad_partial(dtype: object) -> str:
@@ -198,7 +206,7 @@ def _catalogue() -> dict[str, list[str]]:
             cat["output_layer"] += [
                 output_kernel(dt, o, "mse", labels) for o in act.OUTPUT_ACTIVATIONS
             ]
-        cat["output_layer"].append(finalize_loss(dt))
+        cat["output_layer"] += [loss_partial(dt), finalize_loss(dt), record_loss(dt)]
         cat["bias_grad"].append(bias_grad_partial(dt))
         cat["bias_grad"].append(bias_grad_finish(dt))
         cat["optimizers"] += [
@@ -278,6 +286,23 @@ COMPILE_OPTIONS: tuple[str, ...] = ("--std=c++17",)
 def blocks_for(work_items: int, threads: int = THREADS, max_blocks: int = 65536) -> int:
     """Blocks for ``work_items`` grid-stride items (at least 1, at most ``max_blocks``)."""
     return max(1, min(max_blocks, math.ceil(max(work_items, 1) / threads)))
+
+
+#: Slots of the fixed-order sum per part of the multi-block loss sum (``LOSS_PART_SLOTS`` of
+#: ``kernels/output_layer.cu``), and the parts at most (the float64 scratch it needs).
+LOSS_PART_SLOTS = 32
+LOSS_PARTS = 1024 // LOSS_PART_SLOTS
+#: Slot groups per column of ``bias_grad_finish`` (``BIAS_GROUPS``): its block is 32 columns
+#: by this many groups.
+BIAS_GROUPS = 8
+
+
+def loss_parts(rows: int) -> int:
+    """Parts of the multi-block loss sum of ``rows`` row losses (``loss_parts`` of the kernel)."""
+    span = 1
+    while span < 1024 and span < rows:
+        span *= 2
+    return max(1, span // LOSS_PART_SLOTS)
 
 
 def reduction_threads(items: int, threads: int = THREADS) -> int:

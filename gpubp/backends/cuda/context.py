@@ -22,6 +22,34 @@ from .cublas import Cublas
 Entry = tuple[int, int, int, int, int]
 
 
+class Kernels:
+    """The compiled kernel families of one device, compiled lazily, one RawModule per family.
+
+    Calling it with an instantiation name gives that kernel, compiling its family's module on
+    first use (``cupy_module.RawModule`` with the catalogue's name expressions).
+    """
+
+    def __init__(self, cupy_module: Any) -> None:
+        self._cp = cupy_module
+        self._modules: dict[str, Any] = {}
+        self._functions: dict[str, Any] = {}
+
+    def __call__(self, name: str) -> Any:
+        fn = self._functions.get(name)
+        if fn is None:
+            family = ck.family_of(name)  # raises for a name the compile test does not cover
+            mod = self._modules.get(family)
+            if mod is None:
+                mod = self._cp.RawModule(
+                    code=ck.source(family),
+                    options=ck.COMPILE_OPTIONS,
+                    name_expressions=ck.name_expressions(family),
+                )
+                self._modules[family] = mod
+            fn = self._functions[name] = mod.get_function(name)
+        return fn
+
+
 class HostRing:
     """Pinned host slots for the per-step hyper-parameter upload (asynchronous, never a sync).
 
@@ -62,7 +90,7 @@ class DeviceState:
     ----------
     id : int
         The device number.
-    kernels : launch.Kernels
+    kernels : Kernels
         The kernel families, compiled on first use.
     status : device array
         The train steps' status word (``STATUS_SLOTS`` int32), read at synchronisation points.
@@ -77,7 +105,7 @@ class DeviceState:
 
     def __init__(self, cp: Any, device: int) -> None:
         self.id = device
-        self.kernels = launch.Kernels(cp)
+        self.kernels = Kernels(cp)
         self.status = cp.zeros(ck.STATUS_SLOTS, dtype=np.int32)
         self.scratch_status = cp.zeros(ck.STATUS_SLOTS, dtype=np.int32)
         self.clear_status = cp.zeros(ck.STATUS_SLOTS, dtype=np.int32)

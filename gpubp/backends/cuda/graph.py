@@ -4,8 +4,9 @@ One train step, for ``L`` layers (every buffer preallocated per batch shape):
 
 1. forward: ``z = a @ W.T`` (cuBLAS into the next activation buffer), then bias + activation in
    place (``bias_activation``); the last layer's GEMM output goes to the output kernel;
-2. output: bias, output activation, per-row loss and ``delta^L`` in one kernel, in place; one
-   block sums the row losses in a fixed order (``finalize_loss``);
+2. output: bias, output activation, per-row loss and ``delta^L`` in one kernel, in place; the
+   row losses summed in a fixed order by many blocks, then one (``loss_partial``,
+   ``finalize_loss``);
 3. backward: ``g = delta^{l+1} @ W^{l+1}`` (cuBLAS), then ``g *= f'(a^l)`` in place;
 4. update: ``dW`` and ``db`` are computed, checked for NaN/inf, and every parameter is updated in
    one launch from a table of pointers. With ``fold_sgd=True``, plain SGD (no momentum, no
@@ -14,7 +15,8 @@ One train step, for ``L`` layers (every buffer preallocated per batch shape):
    bias-gradient column sum.
 
 The step is captured once per batch shape (and parameter buffers) as a CUDA graph and replayed;
-each batch is copied into the captured input buffers, and the learning rate and the other
+each batch is copied into the captured input buffers (or, gathered into a gather's buffers the
+backend handed out, read there in place), and the learning rate and the other
 hyper-parameters live in device memory, so a schedule needs no recapture. The captured step calls
 only kernel launches and gpubp's own cuBLAS handle's ``cublasGemmEx`` (:mod:`.cublas`), whose
 stream is set before the capture begins; CuPy's cuBLAS wrappers would refuse to run while
@@ -52,7 +54,9 @@ class StepBuffers:
         self.hp = cp.zeros(ck.HP_SLOTS, dtype=dtype)
         self.hp_host: np.ndarray | None = None
         plans = [ck.bias_grad_plan(B, n) for n in sizes[1:]]
-        self.partial = cp.zeros(max(s * n for (s, _), n in zip(plans, sizes[1:])), np.float64)
+        # the bias sums' partial column sums, and the loss sum's parts (used one after another)
+        most = max([ck.LOSS_PARTS, *(s * n for (s, _), n in zip(plans, sizes[1:]))])
+        self.partial = cp.zeros(most, np.float64)
         self.plans = plans
 
 
@@ -207,6 +211,11 @@ class TrainStep:
         Called with the reason when the capture fails (the step then runs eagerly).
     log : CaptureLog, optional
         Where the step counts its graph and eager runs and a failed capture's reason.
+    inputs : pair of device arrays, optional
+        ``(x, y)``: a batch gather's buffers (the backend's ``batch_buffers``) the step reads in
+        place of its own input buffers, so a batch gathered there needs no staging copy:
+        ``x`` ``(B, n_0)`` of the parameters' dtype, ``y`` ``(B,)`` int64 labels or ``(B, n_L)``
+        dense targets as the step takes them.
     """
 
     def __init__(
@@ -223,6 +232,7 @@ class TrainStep:
         graphs: bool,
         on_eager: Callable[[str], None],
         log: CaptureLog | None = None,
+        inputs: tuple[Any, Any] | None = None,
     ) -> None:
         cp = ctx.cp
         self.log = log if log is not None else CaptureLog("on" if graphs else "off")
@@ -235,8 +245,20 @@ class TrainStep:
         self.dtype = weights[0].dtype
         self.graph: Any = None
         self.runs = 0
+        #: the loss ledger's words (int64 (3,)) the step appends its loss to; set before its
+        #: first run, baked into its graph
+        self.ledger: Any = None
         ws = buf.ws
         L = len(weights)
+        self.adopted = inputs is not None
+        # the activations a[0..L-1]: the input batch (a gather's buffer, or the step's own) first
+        self.a = [ws.a[0] if inputs is None else inputs[0], *ws.a[1:]]
+        self.labels_in, self.y_in = buf.labels, ws.y
+        if inputs is not None:
+            if self.labels:
+                self.labels_in = inputs[1]
+            else:
+                self.y_in = inputs[1].reshape(ws.y.shape)
         # delta of weights[i]: the output delta for the last layer, ws.d[i + 1] below it
         self.deltas = [ws.d[i + 1] for i in range(L - 1)] + [ws.z_out]
         self.status = ctx.device().status
@@ -247,20 +269,22 @@ class TrainStep:
         if self.fold:
             # both operands of every folded GEMM: zeroed when a flag is up, so that it adds
             # exactly 0 to W (zeroing the deltas alone would leave 0 * inf = NaN)
-            self.zeroed = _Table(cp, [_buffer_entry(d) for d in [*self.deltas, *ws.a[:L]]])
+            self.zeroed = _Table(cp, [_buffer_entry(d) for d in [*self.deltas, *self.a[:L]]])
             # the input batch, which the first folded GEMM reads (checked as a "gradient")
-            self.inputs = _Table(cp, [(0, ws.a[0].data.ptr, 0, 0, int(ws.a[0].size))])
+            self.inputs = _Table(cp, [(0, self.a[0].data.ptr, 0, 0, int(self.a[0].size))])
             # the biases, updated by the plain-SGD table kernel from db
             self.bias_update = _Table(cp, table_entries(biases, ws.db, []))
 
     def stage(self, x: Any, y: Any) -> None:
-        """Copy the batch into the captured input buffers (converting dtype on the device)."""
-        ws = self.buf.ws
-        ws.a[0][...] = x
+        """Copy the batch into the captured input buffers (converting dtype on the device);
+        nothing to do where the step reads a gather's buffers (``inputs``), which hold it."""
+        if self.adopted:
+            return
+        self.a[0][...] = x
         if self.labels:
-            self.buf.labels[...] = y
+            self.labels_in[...] = y
         else:
-            ws.y[...] = y.reshape(ws.y.shape)
+            self.y_in[...] = y.reshape(self.y_in.shape)
 
     def set_hyperparameters(self, hp: np.ndarray) -> None:
         """Upload the hyper-parameter block when it changed (asynchronously, from pinned memory)."""
@@ -338,7 +362,7 @@ class TrainStep:
         # forward
         for i in range(L):
             out = ws.a[i + 1] if i < L - 1 else ws.z_out
-            ctx.gemm(False, True, ws.a[i], self.W[i], out, "ONE", "ZERO", hp)
+            ctx.gemm(False, True, self.a[i], self.W[i], out, "ONE", "ZERO", hp)
             if i < L - 1:
                 launch.bias_activation(kern, out, self.b[i], self.activation, status)
         # output layer: bias, activation, loss per row, delta in place; the fixed-order total
@@ -346,22 +370,23 @@ class TrainStep:
             kern,
             ws.z_out,
             self.b[L - 1],
-            None if self.labels else ws.y,
-            buf.labels if self.labels else None,
+            None if self.labels else self.y_in,
+            self.labels_in if self.labels else None,
             self.output,
             self.loss,
             buf.row_loss,
             buf.loss,
             status,
+            partial=buf.partial,
         )
         # backward: every delta before any update (the deltas read the old weights)
         for i in range(L - 1, 0, -1):
             g = ws.d[i]
             ctx.gemm(False, False, self.deltas[i], self.W[i], g, "ONE", "ZERO", hp)
-            launch.hidden_delta(kern, g, ws.a[i], self.activation, status)
+            launch.hidden_delta(kern, g, self.a[i], self.activation, status)
         if self.optimizer is None:  # gradients only
             for i in range(L):
-                ctx.gemm(True, False, self.deltas[i], ws.a[i], ws.dW[i], "ONE", "ZERO", hp)
+                ctx.gemm(True, False, self.deltas[i], self.a[i], ws.dW[i], "ONE", "ZERO", hp)
                 launch.bias_grad(kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], status)
             return
         if self.fold:
@@ -379,12 +404,12 @@ class TrainStep:
             t = self.zeroed
             launch.zero_if_bad_table(kern, self.dtype, t.dev, t.n, t.biggest, status)
             for i in range(L):  # W = -lr * delta.T @ a + 1 * W
-                ctx.gemm(True, False, self.deltas[i], ws.a[i], self.W[i], "NEG_LR", "ONE", hp)
+                ctx.gemm(True, False, self.deltas[i], self.a[i], self.W[i], "NEG_LR", "ONE", hp)
             t = self.bias_update
             launch.update_table(kern, self.optimizer, self.dtype, t.dev, t.n, t.chunks, hp, status)
         else:
             for i in range(L):
-                ctx.gemm(True, False, self.deltas[i], ws.a[i], ws.dW[i], "ONE", "ZERO", hp)
+                ctx.gemm(True, False, self.deltas[i], self.a[i], ws.dW[i], "ONE", "ZERO", hp)
                 launch.bias_grad(kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], status)
             u = self.update
             assert u is not None  # made in __init__ whenever there is an optimizer and no fold
@@ -394,3 +419,5 @@ class TrainStep:
                                       status)  # fmt: skip
             launch.update_table(kern, self.optimizer, self.dtype, u.dev, u.n, u.chunks, hp, status)
         launch.finish_step(kern, status)
+        if self.ledger is not None:
+            launch.record_loss(kern, buf.loss, float(ws.batch), self.ledger)

@@ -3,7 +3,7 @@
 
 Every wrapper takes ``kernels``, a getter from an instantiation name (built by
 :mod:`.catalogue`) to a launchable ``fn((blocks,), (threads,), args)`` (a ``cupy.RawKernel``, or
-a stand-in's); :class:`Kernels` is the one the backend uses, and
+a stand-in's); :class:`.context.Kernels` is the one the backend uses, and
 ``CupyBackend.kernel`` is its getter for the current device. The checks (dtype,
 C-contiguity, shapes) raise :class:`TypeError` or :class:`ValueError` saying what was expected;
 they cost no device work and no synchronisation, so the wrappers may be called while a stream is
@@ -29,34 +29,6 @@ from . import catalogue as ck
 KernelGetter = Callable[[str], Any]
 
 _NULL = np.uint64(0)  # a null pointer argument
-
-
-class Kernels:
-    """The compiled kernel families of one device, compiled lazily, one RawModule per family.
-
-    Calling it with an instantiation name gives that kernel, compiling its family's module on
-    first use (``cupy_module.RawModule`` with the catalogue's name expressions).
-    """
-
-    def __init__(self, cupy_module: Any) -> None:
-        self._cp = cupy_module
-        self._modules: dict[str, Any] = {}
-        self._functions: dict[str, Any] = {}
-
-    def __call__(self, name: str) -> Any:
-        fn = self._functions.get(name)
-        if fn is None:
-            family = ck.family_of(name)  # raises for a name the compile test does not cover
-            mod = self._modules.get(family)
-            if mod is None:
-                mod = self._cp.RawModule(
-                    code=ck.source(family),
-                    options=ck.COMPILE_OPTIONS,
-                    name_expressions=ck.name_expressions(family),
-                )
-                self._modules[family] = mod
-            fn = self._functions[name] = mod.get_function(name)
-        return fn
 
 
 # --- checks ---------------------------------------------------------------------------------------
@@ -185,6 +157,8 @@ def output_layer(
     row_loss: Any,
     loss_out: Any,
     status: Any,
+    *,
+    partial: Any,
 ) -> None:
     """Output layer and loss in one row kernel, then the fixed-order loss total.
 
@@ -192,7 +166,8 @@ def output_layer(
     the output activation, the loss of each row into ``row_loss`` ``(rows,)`` and
     ``delta^L = dC/dz`` (averaged over rows) back into ``z``. Targets: ``y`` ``(rows, n)``
     dense (same dtype) or ``labels`` ``(rows,)`` int64, exactly one of them. Then
-    ``loss_out`` ``(1,)`` = the mean loss (:func:`finalize_loss`).
+    ``loss_out`` ``(1,)`` = the mean loss (:func:`finalize_loss`, through the float64 scratch
+    ``partial``).
     """
     fn = "output_layer"
     dt = _float(fn, "z", z, 2)
@@ -224,27 +199,48 @@ def output_layer(
         ),
     )
     scale = 1.0 / (2 * rows) if loss == "mse" else 1.0 / rows
-    finalize_loss(kernels, row_loss, loss_out, scale, status)
+    finalize_loss(kernels, row_loss, loss_out, scale, status, partial)
 
 
 def finalize_loss(
-    kernels: KernelGetter, row_loss: Any, loss_out: Any, scale: float, status: Any
+    kernels: KernelGetter, row_loss: Any, loss_out: Any, scale: float, status: Any, partial: Any
 ) -> None:
-    """``loss_out[0] = scale * sum(row_loss)`` by one block in a fixed order (float64 sums).
+    """``loss_out[0] = scale * sum(row_loss)`` in common.cuh's fixed order (float64 sums).
 
-    ``row_loss`` ``(rows,)``, ``loss_out`` ``(1,)`` of the same dtype; a non-finite total sets
-    ``status[STATUS_BAD]``.
+    Two launches: ``loss_partial``, one block per part of :data:`.catalogue.LOSS_PART_SLOTS`
+    slots, writes the parts' sums to ``partial`` (float64, at least
+    :func:`.catalogue.loss_parts` values); ``finalize_loss``, one block, adds them: the bits of
+    one block summing everything. ``row_loss`` ``(rows,)``, ``loss_out`` ``(1,)`` of the same
+    dtype; a non-finite total sets ``status[STATUS_BAD]``.
     """
-    dt = _float("finalize_loss", "row_loss", row_loss, 1)
-    _check("finalize_loss", "loss_out", loss_out, dt, (1,))
-    _status("finalize_loss", status)
+    fn = "finalize_loss"
+    dt = _float(fn, "row_loss", row_loss, 1)
+    _check(fn, "loss_out", loss_out, dt, (1,))
+    _check(fn, "partial", partial, np.float64, (None,))
+    rows = int(row_loss.shape[0])
+    parts = ck.loss_parts(rows)
+    if partial.size < parts:
+        raise ValueError(f"{fn}: partial holds {partial.size} values; expected >= {parts}")
+    _status(fn, status)
+    threads = ck.reduction_threads(min(rows, ck.LOSS_PART_SLOTS))
+    _launch(kernels, ck.loss_partial(dt), parts, (row_loss, np.int64(rows), partial), threads)
     _launch(
         kernels,
         ck.finalize_loss(dt),
         1,
-        (row_loss, np.int64(row_loss.shape[0]), np.float64(scale), loss_out, status),
-        ck.reduction_threads(row_loss.shape[0]),
+        (partial, np.int64(rows), np.float64(scale), loss_out, status),
+        ck.reduction_threads(parts),
     )
+
+
+def record_loss(kernels: KernelGetter, loss: Any, weight: float, ledger: Any) -> None:
+    """Append the step's loss ``loss`` ``(1,)`` to the loss ledger ``ledger`` (int64 ``(3,)``:
+    the current block's pointer, the slots used, the running float64 total's pointer): into
+    the block's next slot, and ``weight * loss`` into the total (one thread)."""
+    dt = _float("record_loss", "loss", loss, 1)
+    _check("record_loss", "loss", loss, dt, (1,))
+    _check("record_loss", "ledger", ledger, np.int64, (3,))
+    _launch(kernels, ck.record_loss(dt), 1, (loss, np.float64(weight), ledger), 32)
 
 
 # --- bias_grad.cu ---------------------------------------------------------------------------------
@@ -285,9 +281,9 @@ def bias_grad(
     _launch(
         kernels,
         ck.bias_grad_finish(dt),
-        min(n, 65536),
+        min(-(-n // 32), 65536),  # a tile of 32 columns per block
         (partial, np.int64(splits), np.int32(n), db, status),
-        ck.reduction_threads(splits),
+        32 * min(ck.BIAS_GROUPS, ck.reduction_threads(splits) // 32),
     )
 
 

@@ -5,7 +5,8 @@ delta, loss or gradient is NaN or infinite; the update kernels then skip themsel
 synchronisation is needed per step. :class:`StepErrors` remembers the optimizer states of the
 queued steps and, when the host looks (:meth:`StepErrors.check`), raises what the words hold,
 with the skipped steps' step counts taken back. :class:`DeviceLoss` is a queued step's loss,
-read (and checked) at ``float()``.
+read (and checked) at ``float()``; :class:`LossLedger` keeps the steps' losses on the device,
+and their running total (:class:`DeviceLossSum`), so an epoch's losses are one transfer.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from .context import DeviceContext
 
 #: Train steps queued without looking at the status word before the host looks anyway.
 MAX_PENDING = 1024
+#: Losses per block of the loss ledger (one device allocation per block, not per step).
+LOSS_BLOCK = 256
 
 
 class StepErrors:
@@ -75,6 +78,55 @@ class _Checks(Protocol):
     def check_status(self) -> None: ...
 
 
+class DeviceLossSum:
+    """A running float64 total of train steps' ``weight * loss`` kept on the device (the
+    ledger's total while it is the open one): :meth:`read` is one transfer for any number of
+    steps. ``total`` is a ``(1,)`` float64 device array."""
+
+    __slots__ = ("_backend", "total")
+
+    def __init__(self, backend: _Checks, total: Any) -> None:
+        self._backend, self.total = backend, total
+
+    def holds(self, value: Any, weight: int) -> bool:
+        """Whether the step that gave ``value`` added ``weight * value`` to this total."""
+        return isinstance(value, DeviceLoss) and value.sum is self and value.weight == weight
+
+    def read(self) -> float:
+        """The total (a synchronisation point: a deferred error is raised first)."""
+        self._backend.check_status()
+        return float(self.total.get()[0])
+
+
+class LossLedger:
+    """The train steps' losses on one device in one dtype, appended by each step on the device
+    (``record_loss``, in the step's graph): the loss into the next slot of a block of
+    :data:`LOSS_BLOCK`, and ``weight * loss`` into the open :class:`DeviceLossSum`'s total.
+    The host mirrors the slot count, and uploads the ledger's words only for a new block or a
+    new sum, never per step."""
+
+    def __init__(self, cp: Any, dtype: Any, upload: Any) -> None:
+        self._cp, self.dtype, self._upload = cp, np.dtype(dtype), upload
+        self.words = cp.zeros(3, dtype=np.int64)  # block pointer, slots used, total's pointer
+        self.sum: DeviceLossSum | None = None
+        self._block: Any = None
+        self._used = LOSS_BLOCK
+
+    def next_slot(self, into: DeviceLossSum) -> Any:
+        """Before a step that adds to ``into``: the 0-d device array its loss will be written
+        to (a new block, or a new sum, uploads the ledger's words first)."""
+        new_block = self._used >= LOSS_BLOCK
+        if new_block:
+            self._block, self._used = self._cp.empty(LOSS_BLOCK, dtype=self.dtype), 0
+        if new_block or into is not self.sum:
+            self.sum = into
+            words = [self._block.data.ptr, self._used, into.total.data.ptr]
+            self._upload(np.array(words, np.int64), self.words)
+        slot = self._block[self._used]
+        self._used += 1
+        return slot
+
+
 class DeviceLoss:
     """The loss of a queued train step: a device scalar, read (and checked) at ``float()``.
 
@@ -87,13 +139,20 @@ class DeviceLoss:
         The backend that queued the step (its ``check_status()`` is called before reading).
     value : device array
         The 0-d device array holding the loss (:attr:`value`).
+    sum : DeviceLossSum, optional
+        The device total the step added ``weight * loss`` to.
+    weight : int
+        The step's batch rows.
     """
 
-    __slots__ = ("_backend", "value")
+    __slots__ = ("_backend", "sum", "value", "weight")
 
-    def __init__(self, backend: _Checks, value: Any) -> None:
+    def __init__(
+        self, backend: _Checks, value: Any, sum: DeviceLossSum | None = None, weight: int = 0
+    ) -> None:
         self._backend = backend
         self.value = value
+        self.sum, self.weight = sum, weight  # the device sum it was added to, times weight
 
     def __float__(self) -> float:
         self._backend.check_status()

@@ -3,7 +3,7 @@
 A step holds its buffers and, once captured, its CUDA graph, so the cache is small (least
 recently used dropped first) and keyed by everything the recorded step bakes in: layer sizes,
 batch, dtype, the functions, the target form, the optimizer variant and the device pointers of
-the parameters and optimizer state.
+the parameters and optimizer state, and of the batch gather's buffers a step reads in place.
 """
 
 from __future__ import annotations
@@ -76,8 +76,10 @@ class StepCache:
         loss: str,
         optimizer: Any,
         slots: list[list[Any]] | None,
+        inputs: tuple[Any, Any] | None = None,
     ) -> TrainStep:
-        """The step for these arrays and settings (``optimizer=None``: gradients only)."""
+        """The step for these arrays and settings (``optimizer=None``: gradients only); with
+        ``inputs`` (``(x, y)``, a gather's buffers) a step that reads them in place."""
         sizes = (weights[0].shape[1], *(W.shape[0] for W in weights))
         dtype = weights[0].dtype
         labels = y.ndim == 1 and y.dtype.kind in "iu" and sizes[-1] > 1
@@ -93,6 +95,7 @@ class StepCache:
             structure,
             tuple(p.data.ptr for p in [*weights, *biases]),
             tuple(t.data.ptr for s in (slots or []) for t in s),
+            None if inputs is None else (inputs[0].data.ptr, inputs[1].data.ptr),
         )
         step = self._steps.get(key)
         if step is not None:
@@ -101,7 +104,7 @@ class StepCache:
         buf = self._allocate(sizes, int(x.shape[0]), dtype)
         step = TrainStep(
             self._ctx, self._kernels, buf, weights, biases, spec, optimizer, slots,
-            graphs=self.graphs, on_eager=self._say_eager, log=self.log,
+            graphs=self.graphs, on_eager=self._say_eager, log=self.log, inputs=inputs,
         )  # fmt: skip
         self._steps[key] = step
         while len(self._steps) > MAX_GRAPHS:
