@@ -85,6 +85,22 @@ def test_dact_mul_matches_reference_with_db_and_max(activation, dtype, rng):
     assert m == pytest.approx(np.abs(expected).max(), rel=1e-5)
 
 
+def test_dact_mul_relu_keeps_nan_infinity_and_signed_zeros(dtype, rng):
+    """The ReLU derivative is a product by 1 or 0, never a select: a NaN or an infinite ``g``
+    in a dead unit stays NaN (so the step's proof sees it), and every value has the bits of the
+    float64 product ``g * f'(a)`` (widths 1, 33 and 200: the vector loop and its tail)."""
+    for n in (1, 33, 200):
+        g = rng.standard_normal((5, n)).astype(dtype)
+        a = rng.standard_normal((5, n)).astype(dtype)
+        a[0, 0], a[1, 0] = 0.0, -0.0  # the kink: f'(0) = 0
+        g[2, 0], g[3, 0], g[4, 0] = np.nan, np.inf, -0.0
+        a[2, 0] = a[3, 0] = -1.0  # NaN and infinity in dead units
+        expected = (g.astype(np.float64) * np.where(a > 0, 1.0, 0.0)).astype(dtype)
+        K.dact_mul(g, a, ACT["relu"], g[0, :0], g[0, :0])
+        np.testing.assert_array_equal(g, expected)
+        assert np.signbit(g).tolist() == np.signbit(expected).tolist()
+
+
 @pytest.mark.parametrize(
     ("output", "loss"),
     [

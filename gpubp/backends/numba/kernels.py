@@ -231,12 +231,28 @@ def dact_mul(g, a, act, db, cm):  # type: ignore[no-untyped-def]
         db[:] = 0
     if with_max:
         cm[:n] = 0
+    one = np.ones(1, g.dtype)[0]
+    zero = one - one
     for i in range(B):
         grow = g[i]
         arow = a[i]
-        if act != IDENTITY:
+        # one loop per activation, its derivative a constant branch LLVM folds away: with
+        # ``act`` tested inside the loop it ran unvectorised, 4x slower than the GEMM before it
+        if act == RELU:  # times 1 or 0 of the dtype: the float64 product's bits, half the work
             for j in range(n):
-                grow[j] *= act_prime(arow[j], act)
+                grow[j] *= one if arow[j] > zero else zero
+        elif act == LEAKY_RELU:
+            for j in range(n):
+                grow[j] *= act_prime(arow[j], LEAKY_RELU)
+        elif act == SIGMOID:
+            for j in range(n):
+                grow[j] *= act_prime(arow[j], SIGMOID)
+        elif act == TANH:
+            for j in range(n):
+                grow[j] *= act_prime(arow[j], TANH)
+        elif act == EXP:
+            for j in range(n):
+                grow[j] *= act_prime(arow[j], EXP)
         if with_db:
             for j in range(n):
                 db[j] += grow[j]
