@@ -26,6 +26,7 @@ scikit-learn estimators use it); it is not an output of :class:`gpubp.MLP`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -151,3 +152,23 @@ def initial_std(activation: str, n_in: int, n_out: int) -> tuple[str, float]:
     if activation in RELU_FAMILY:
         return "normal", float(np.sqrt(2.0 / n_in))
     return "uniform", float(np.sqrt(6.0 / (n_in + n_out)))
+
+
+def initial_parameters(
+    sizes: Sequence[int], activation: str, output: str, rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """A network's first parameters, float64: ``W^l`` ``(n_l, n_{l-1})`` drawn as
+    :func:`initial_std` says for the layer's activation (``output`` for the last), ``b^l``
+    zeros."""
+    weights, biases = [], []
+    L = len(sizes) - 1
+    for i in range(L):
+        n_in, n_out = sizes[i], sizes[i + 1]
+        rule, scale = initial_std(activation if i < L - 1 else output, n_in, n_out)
+        if rule == "normal":
+            w = rng.normal(0.0, scale, size=(n_out, n_in))
+        else:
+            w = rng.uniform(-scale, scale, size=(n_out, n_in))
+        weights.append(w)
+        biases.append(np.zeros(n_out))
+    return weights, biases

@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -42,6 +42,11 @@ __all__ = [
 Echo = Callable[[str], None]
 
 #: Backends whose first step compiles kernels, announced once per process.
+#: About how long one run of a backend's many-step call (``EpochLoop.run``'s ``steps``) takes,
+#: and the most batches one takes: progress and a stop request are seen between runs.
+RUN_SECONDS = 0.1
+MAX_RUN = 64
+
 _COMPILING = {"numba": "compiling the numba kernels (first run only; later runs use the cache)"}
 _announced: set[str] = set()
 
@@ -398,6 +403,7 @@ class EpochLoop:
         self.samples = self.first_step_samples = 0
         self._first = True
         self._time_first = time_first_step
+        self._run = 1  # the batches the next run of ``steps`` may take (see run)
 
     @property
     def step_index(self) -> int:
@@ -431,6 +437,28 @@ class EpochLoop:
         self.first_step_samples = int(idx.shape[0])
         return value
 
+    def _run_steps(
+        self, steps: Callable[[Any, int, int], Sequence[Any]], order: Any, bs: int
+    ) -> tuple[Sequence[Any], int]:
+        """One run of ``steps`` over the full batches from the current one (at most
+        ``self._run``, which follows the time a run takes); its losses, counted in, and the
+        batches asked for."""
+        pos = self.pos
+        count = min(self._run, self.n // bs - pos.batch)
+        if count < 1:
+            return (), 0
+        t0 = time.perf_counter()
+        values = steps(order, pos.batch, count)
+        spent = time.perf_counter() - t0
+        for v in values:
+            self.losses.add(v, bs)
+        pos.seen += bs * len(values)
+        pos.batch += len(values)
+        if len(values) == count:
+            grow = RUN_SECONDS / max(spent, 1e-9) * count
+            self._run = max(1, min(MAX_RUN, int(grow)))
+        return values, count
+
     def run(
         self,
         step: Callable[[Any], Any],
@@ -439,6 +467,7 @@ class EpochLoop:
         *,
         stop: Callable[[], bool] = lambda: False,
         save: Callable[[bool, bool], None] | None = None,
+        steps: Callable[[Any, int, int], Sequence[Any]] | None = None,
     ) -> bool:
         """Train until ``epochs`` are done or ``stop()`` says so; True if stopped early.
 
@@ -446,6 +475,11 @@ class EpochLoop:
         the epoch resumes part-way); ``step(idx)`` trains on one batch and returns its loss
         unread; ``end_epoch`` records a finished epoch and returns its summary line;
         ``save(mid_epoch, stopped)`` is called after each epoch and when stopped part-way.
+        ``steps(order, first, count)``, where given, trains on up to ``count`` full batches
+        from batch ``first`` of ``order`` at once (a backend's
+        :meth:`~gpubp.backends.Backend.train_steps`) and returns their losses; the batches it
+        leaves go to ``step``. Runs of them are sized to take about :data:`RUN_SECONDS`, so
+        the progress and ``stop()`` are seen as often as that.
         """
         pos, be, bs = self.pos, self.backend, self.batch_size
         while pos.epoch < self.epochs:
@@ -454,11 +488,19 @@ class EpochLoop:
                 self.label(pos.epoch + 1), self.n_batches, live=self.live, echo=self.echo
             )
             t0, seen_before = time.perf_counter(), pos.seen
+            alone = self._first  # the next batch goes to step: the first, or one steps left
             while pos.batch < self.n_batches and not stop():
+                if steps is not None and not alone:
+                    values, asked = self._run_steps(steps, order, bs)
+                    alone = len(values) < asked
+                    if values:
+                        bar.update(pos.batch, self.losses.describe(pos.seen))
+                        continue
                 idx = order[pos.batch * bs : (pos.batch + 1) * bs]
                 self.losses.add(self._run_step(step, idx), int(idx.shape[0]))
                 pos.seen += int(idx.shape[0])
                 pos.batch += 1
+                alone = False
                 bar.update(pos.batch, self.losses.describe(pos.seen))
             complete = pos.batch == self.n_batches
             # wait for the queued steps: reading the epoch's losses does (one transfer on a GPU)

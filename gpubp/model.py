@@ -17,7 +17,6 @@ from . import interop, modelfile
 from ._checks import check_int, check_positive_int
 from .backends import Backend, get_backend, to_numpy
 from .budget import check_network
-from .errors import ModelFileError
 from .loop import EpochEnd, EpochLoop, OneCaller
 from .losses import check_combination, is_classifier
 from .model_inputs import InputChecks, check_dtype, check_layer_sizes, check_optimizer
@@ -103,7 +102,9 @@ class MLP(InputChecks):
         self.backend = get_backend(backend)
         self._busy = OneCaller()  # one thread at a time in fit, step and set_parameters
         self._rng = np.random.default_rng(seed)
-        weights, biases = self._initial_parameters(np.random.default_rng(seed))
+        weights, biases = act.initial_parameters(
+            self.layer_sizes, self.activation, self.output, np.random.default_rng(seed)
+        )
         self._W = [self.backend.asarray(w, self.dtype) for w in weights]
         self._b = [self.backend.asarray(b, self.dtype) for b in biases]
         self._pre: Preprocessing | None = None
@@ -116,24 +117,6 @@ class MLP(InputChecks):
         self.target: str | None = None
 
     # --- construction -----------------------------------------------------------------------
-
-    def _initial_parameters(
-        self, rng: np.random.Generator
-    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        weights, biases = [], []
-        L = self.n_layers
-        for i in range(L):
-            n_in, n_out = self.layer_sizes[i], self.layer_sizes[i + 1]
-            rule, scale = act.initial_std(
-                self.activation if i < L - 1 else self.output, n_in, n_out
-            )
-            if rule == "normal":
-                w = rng.normal(0.0, scale, size=(n_out, n_in))
-            else:
-                w = rng.uniform(-scale, scale, size=(n_out, n_in))
-            weights.append(w)
-            biases.append(np.zeros(n_out))
-        return weights, biases
 
     @property
     def n_layers(self) -> int:
@@ -311,6 +294,29 @@ class MLP(InputChecks):
             busy.release()
         return value
 
+    def steps(
+        self,
+        X: Any,
+        y: Any,
+        order: Any,
+        first: int,
+        count: int,
+        batch_size: int,
+        optimizer: Optimizer,
+        lrs: list[float],
+    ) -> list[float]:
+        """Up to ``count`` steps on the batches ``first, first + 1, ...`` of ``batch_size`` rows
+        ``order[...]`` of the whole training set ``(X, y)`` (checked and preprocessed as for
+        :meth:`step`), step ``s`` at learning rate ``lrs[s]``, in as few native calls as the
+        backend can (:meth:`~gpubp.backends.Backend.train_steps`); their losses. The steps it
+        does not take (none on a backend without such a call) are left to :meth:`step`."""
+        with self._busy("steps"):
+            state = optimizer.bind(self, self.backend, self.parameter_shapes, self.dtype)
+            return self.backend.train_steps(
+                self._W, self._b, X, y, order, first * batch_size, count, batch_size,
+                self.activation, self.output, self.loss, optimizer, state, lrs,
+            )  # fmt: skip
+
     def fit(
         self,
         X: Any,
@@ -375,6 +381,9 @@ class MLP(InputChecks):
                 lambda idx: self.step(*gather(idx), optimizer),
                 lambda: self._rng.permutation(N) if shuffle else np.arange(N),
                 end_epoch,
+                steps=lambda order, first, count: self.steps(
+                    X, y, order, first, count, batch_size, optimizer, [optimizer.lr] * count
+                ),
             )
         return history
 
@@ -439,20 +448,7 @@ class MLP(InputChecks):
         :class:`~gpubp.errors.ModelFileError` saying what is wrong. A file written before models
         carried their preprocessing loads with a
         :class:`~gpubp.errors.NoPreprocessingWarning`."""
-        meta, weights, biases, arrays = modelfile.read_model(path)
-        try:
-            model = cls(backend=backend, **meta["config"])
-        except (TypeError, ValueError) as exc:
-            raise ModelFileError(f"{path}: the saved configuration is invalid: {exc}") from None
-        pre = modelfile.read_preprocessing(arrays, meta, path)
-        model.dataset, model.labels = modelfile.read_model_info(meta, model.n_outputs, path)
-        model.features, model.target = modelfile.read_column_names(meta, model.n_inputs, path)
-        try:
-            model.set_parameters(weights, biases)
-        except (TypeError, ValueError) as exc:
-            raise ModelFileError(f"{path}: {exc}") from None
-        model.preprocessing = pre
-        return model
+        return modelfile.load_model(cls, path, backend)
 
     # --- PyTorch ----------------------------------------------------------------------------
 

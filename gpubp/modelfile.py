@@ -184,3 +184,23 @@ def read_column_names(
             "inputs"
         )
     return tuple(features), target
+
+
+def load_model(cls: Any, path: str | os.PathLike[str], backend: Any) -> Any:
+    """``cls`` (:class:`gpubp.MLP`) built from the model file ``path`` on ``backend``: its
+    configuration, parameters, preprocessing, dataset, label, feature and target names (see
+    :meth:`gpubp.MLP.load`)."""
+    meta, weights, biases, arrays = read_model(path)
+    try:
+        model = cls(backend=backend, **meta["config"])
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: the saved configuration is invalid: {exc}") from None
+    pre = read_preprocessing(arrays, meta, path)
+    model.dataset, model.labels = read_model_info(meta, model.n_outputs, path)
+    model.features, model.target = read_column_names(meta, model.n_inputs, path)
+    try:
+        model.set_parameters(weights, biases)
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: {exc}") from None
+    model.preprocessing = pre
+    return model

@@ -245,6 +245,11 @@ class _Run:
                     return model.step(*gather(idx), opt)
                 return dp.step(X, Y, idx, opt, stop=stop.requested)
 
+            def steps(order: Any, first: int, count: int) -> list[float]:
+                at = loop.step_index
+                lrs = [config.learning_rate(at + i, total_steps) for i in range(count)]
+                return model.steps(X, Y, order, first, count, loop.batch_size, opt, lrs)
+
             def draw_order() -> np.ndarray:
                 self.epoch_rng_state = self.rng.bit_generator.state
                 return self.rng.permutation(self.n)
@@ -252,7 +257,14 @@ class _Run:
             def stopping() -> bool:  # under MPI, every rank stops after the same step
                 return dp.stop_agreed if dp is not None else stop.requested
 
-            return loop.run(step, draw_order, self.end_epoch, stop=stopping, save=self.save)
+            return loop.run(
+                step,
+                draw_order,
+                self.end_epoch,
+                stop=stopping,
+                save=self.save,
+                steps=steps if dp is None else None,
+            )
 
     def end_epoch(self, end: EpochEnd) -> str:
         """Record a finished epoch in the history; its summary line."""

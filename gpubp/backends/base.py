@@ -25,6 +25,7 @@ from .. import activations as act
 from ..errors import NonFiniteLossError
 from .sparse import SparseOps
 from .update import UpdateOps
+from .workspace import Workspace
 
 #: The op names every backend offers, in the order the reference defines them.
 OPS: tuple[str, ...] = (
@@ -41,38 +42,6 @@ OPS: tuple[str, ...] = (
 )
 
 SUPPORTED_DTYPES: tuple[str, ...] = ("float32", "float64")
-
-
-class Workspace:
-    """Every buffer one train step needs, for one (layer sizes, batch size, dtype).
-
-    ``a[l]``: ``(B, n_l)`` activations for ``l = 0..L-1`` (``a[0]`` holds the staged input);
-    ``z_out``: ``(B, n_L)``, the output pre-activation, then ``delta^L`` in place;
-    ``d[l]``: ``(B, n_l)`` deltas of the hidden layers ``l = 1..L-1`` (``d[0]`` is None: the
-    input needs no delta); ``dW[l]``, ``db[l]``: gradients;
-    ``y``: ``(B, n_L)`` targets; scratch buffers for activations and the optimizer.
-    """
-
-    def __init__(self, xp: Any, sizes: tuple[int, ...], batch: int, dtype: Any) -> None:
-        L = len(sizes) - 1
-        widest = max(sizes)
-        self.batch = batch
-        self.a = [xp.empty((batch, n), dtype=dtype) for n in sizes[:-1]]
-        self.z_out = xp.empty((batch, sizes[-1]), dtype=dtype)
-        self.d: list[Any] = [None] + [xp.empty((batch, n), dtype=dtype) for n in sizes[1:-1]]
-        self.dW = [xp.empty((sizes[i + 1], sizes[i]), dtype=dtype) for i in range(L)]
-        self.db = [xp.empty((sizes[i + 1],), dtype=dtype) for i in range(L)]
-        self.y = xp.empty((batch, sizes[-1]), dtype=dtype)
-        self.scratch = xp.empty(batch * widest, dtype=dtype)
-        self.rowbuf = xp.empty((batch, 1), dtype=dtype)
-        self.rows = xp.arange(batch, dtype=np.int64)
-        self.flat_idx = xp.empty(batch, dtype=np.int64)
-        biggest = max(sizes[i + 1] * sizes[i] for i in range(L))
-        self.pscratch = xp.empty(2 * biggest, dtype=dtype)
-
-    def scratch_like(self, shape: tuple[int, ...]) -> Any:
-        """A view of the activation scratch buffer with ``shape``."""
-        return self.scratch[: math.prod(shape)].reshape(shape)
 
 
 class Backend(SparseOps, UpdateOps):
@@ -181,6 +150,29 @@ class Backend(SparseOps, UpdateOps):
         whose train step has input buffers of its own may hand out those (the CuPy backend's
         graph step reads them in place, with no staging copy)."""
         return self.xp.empty(x_shape, dtype=x_dtype), self.xp.empty(y_shape, dtype=y_dtype)
+
+    def train_steps(
+        self,
+        weights: list[Any],
+        biases: list[Any],
+        X: Any,
+        y: Any,
+        order: Any,
+        start: int,
+        count: int,
+        batch: int,
+        activation: str,
+        output: str,
+        loss: str,
+        optimizer: Any,
+        state: dict[str, Any],
+        lrs: list[float],
+    ) -> list[float]:
+        """Up to ``count`` training steps on the batches ``order[start + s batch : start + (s +
+        1) batch]`` of the whole set ``(X, y)`` (as checked for a fit), step ``s`` at learning
+        rate ``lrs[s]``, taken together where this backend can (its losses, as floats); the
+        steps not taken are left to :meth:`train_step`, one by one. This class takes none."""
+        return []
 
     # --- the ops ----------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import GraphCaptureError
-from ..base import Workspace
+from ..workspace import Workspace
 from . import catalogue as ck
 from . import launch
 from .context import DeviceContext, Entry, table_entries

@@ -37,13 +37,15 @@ import numpy as np
 
 from ... import activations as act
 from ..._checks import positive_int
-from ..base import Backend, Workspace
+from ..base import Backend
 from ..cores import usable_cores
+from ..workspace import Workspace
 from . import gemm as numba_blas
 from . import kernels as K
 from . import layers, pool
 from .split import RowSplit
 from .step import NumbaStep
+from .steps import NumbaSteps
 from .update import NumbaUpdate
 from .workspace import NumbaWorkspace
 
@@ -90,7 +92,7 @@ class _ThreadScope:
             numba_blas.set_blas_threads(self.before)
 
 
-class NumbaBackend(NumbaStep, RowSplit, NumbaUpdate, Backend):
+class NumbaBackend(NumbaSteps, NumbaStep, RowSplit, NumbaUpdate, Backend):
     """NumPy arrays, GEMMs in the fastest BLAS found (:mod:`.gemm`), everything else in fused
     Numba kernels.
 

@@ -32,6 +32,7 @@ KERNEL_MODULES = (
     "optim_kernels.py",
     "checked.py",
     "many.py",
+    "multistep.py",
     "gemm.py",
     "pool.py",
 )

@@ -74,6 +74,17 @@ class ThreadTuner:
         """The count for the next step."""
         return self.probe if self.probe is not None else self.current
 
+    def run_length(self) -> int:
+        """How many steps from now on run at :meth:`threads`'s count before the tuner may
+        change it (at least 1): steps taken in one call must not straddle a change."""
+        if self.probe is not None:
+            return max(1, self.window - len(self._probe_times))
+        if self.most == 1:
+            return 1 << 30
+        if len(self._recent) < self.window:
+            return self.window - len(self._recent)
+        return max(1, self.hold - self._since)
+
     def record(self, seconds: float, rows: int) -> None:
         """Note that the step just run took ``seconds`` for ``rows`` rows."""
         t = seconds / max(1, rows)

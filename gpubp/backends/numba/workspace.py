@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ..base import Workspace
+from ..workspace import Workspace
 
 
 class NumbaWorkspace(Workspace):

@@ -1,0 +1,185 @@
+"""The Numba backend's run of many training steps in one kernel call (:mod:`.multistep`): a
+mixin of :class:`~.backend.NumbaBackend`, used by the training loops for the full batches of
+an epoch, so that a small network's step is not paced by Python between its kernels."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from ...optim import adam_scalars
+from ..update import MAXIMA
+from . import checked as C
+from . import multistep as MS
+from .step import FOLD_MAX_BATCH, _Net
+
+_NO_PLAN = np.zeros((0, 3), dtype=np.int64)
+_NO_LABELS = np.zeros(0, dtype=np.int64)
+
+
+def _batch_targets(ws: Any, labels: Any) -> tuple[Any, Any]:
+    """``(lab, Yb)``: the workspace's buffers a step's targets are gathered into, the other one
+    empty (the kernels tell labels from dense targets by which one has the batch's rows)."""
+    return (ws.labels, ws.no_y) if labels.shape[0] else (_NO_LABELS, ws.y)
+
+
+class NumbaSteps:
+    """``train_steps`` of the Numba backend; the host provides the one-call network
+    (:meth:`.step.NumbaStep._net`), its thread scope and the checked update's plan."""
+
+    prove_updates: bool
+    update_counts: dict[str, int]
+    adaptive_threads: bool
+    _net: Any
+    _threads: Any
+    _update_plan: Any
+    _fits: Any
+
+    def train_steps(
+        self,
+        weights: list[Any],
+        biases: list[Any],
+        X: Any,
+        y: Any,
+        order: Any,
+        start: int,
+        count: int,
+        batch: int,
+        activation: str,
+        output: str,
+        loss: str,
+        optimizer: Any,
+        state: dict[str, Any],
+        lrs: list[float],
+    ) -> list[float]:
+        """Up to ``count`` steps on batches of ``batch`` rows ``order[start + s batch : start +
+        (s + 1) batch]`` of ``(X, y)``, step ``s`` at learning rate ``lrs[s]``, in as few
+        kernel calls as the thread tuner allows; their losses, in order.
+
+        Fewer (none, where this backend cannot take them: a network without the one-call
+        step, arrays not C-contiguous of the parameters' dtype, targets not int64 labels or
+        rows of that dtype) where a step must be taken the ordinary way; nothing of that step
+        is written, and ``optimizer.lr`` is the last step's rate. The numbers are those of
+        the same steps taken one by one.
+        """
+        x0 = X[:batch] if isinstance(X, np.ndarray) and X.ndim == 2 else None
+        net = None if x0 is None else self._net(weights, biases, x0, activation, output, loss)
+        labels, Y = self._all_targets(y, net)
+        if net is None or labels is None or not self._fits(net.ws.dtype, X):
+            return []
+        order = np.ascontiguousarray(order, dtype=np.int64)
+        fold = optimizer.kind == "sgd" and not optimizer.momentum and batch <= FOLD_MAX_BATCH
+        wd = float(optimizer.weight_decay)
+        losses: list[float] = []
+        while len(losses) < count:
+            rates = lrs[len(losses) : count]
+            if net.tuner is not None and self.adaptive_threads:
+                rates = rates[: net.tuner.run_length()]
+            if fold:  # folded only while lr wd <= 1, as a step alone is (see NumbaStep)
+                rates = rates[: next((i for i, r in enumerate(rates) if r * wd > 1.0), None)]
+                if not rates:
+                    break
+            k = len(rates)
+            first = start + len(losses) * batch
+            run = self._fold_run if fold else self._update_run
+            done = run(net, X, labels, Y, order, first, rates, optimizer, state)
+            losses.extend(done)
+            if len(done) < k:
+                break
+        return losses
+
+    def _all_targets(self, y: Any, net: _Net | None) -> tuple[Any, Any]:
+        """``(labels, Y)`` of the whole training set as the kernels take them, or
+        ``(None, None)`` where ``y`` is neither int64 labels nor rows of the net's dtype."""
+        if net is None or not isinstance(y, np.ndarray) or not y.flags.c_contiguous:
+            return None, None
+        n_out = net.Ws[-1].shape[0]
+        if y.ndim == 1 and y.dtype == np.int64 and n_out > 1:
+            return y, net.ws.no_y
+        if y.ndim == 2 and y.shape[1] == n_out and y.dtype == net.ws.dtype:
+            return _NO_LABELS, y
+        return None, None
+
+    def _timed(self, net: _Net, call: Any) -> int:
+        """``call()`` at the tuner's thread count, its time handed to the tuner per step."""
+        tuner = net.tuner if self.adaptive_threads else None
+        used = None if tuner is None else tuner.threads()
+        t0 = time.perf_counter()
+        with self._threads(used):
+            done = int(call())
+        if tuner is not None and done:
+            per_step = (time.perf_counter() - t0) / done
+            for _ in range(done):  # (an alarm may start a probe: later steps ran before it)
+                if tuner.threads() != used:
+                    break
+                tuner.record(per_step, net.ws.batch)
+        return done
+
+    def _fold_run(
+        self, net: _Net, X: Any, labels: Any, Y: Any, order: Any, first: int,
+        rates: list[float], optimizer: Any, state: dict[str, Any],
+    ) -> list[float]:  # fmt: skip
+        """Plain SGD folded into the GEMMs (:func:`.multistep.fold_steps`)."""
+        ws, k, wd = net.ws, len(rates), float(optimizer.weight_decay)
+        sgds = np.array([[lr, wd, 1.0 if lr <= net.largest else 0.0, net.change] for lr in rates])
+        out = np.empty(k)
+        args = (
+            X, labels, Y, order, first, k, ws.a[0], *_batch_targets(ws, labels),
+            net.Ws, net.bs, net.acts, ws.z_out, net.ds, net.dbs, *net.ids, ws.cm, sgds, out,
+        )  # fmt: skip
+        done = self._timed(net, lambda: MS.fold_steps(*args))
+        if done:
+            optimizer.lr = rates[done - 1]
+            state["step"] = int(state["step"]) + done
+        return out[:done].tolist()
+
+    def _update_run(
+        self, net: _Net, X: Any, labels: Any, Y: Any, order: Any, first: int,
+        rates: list[float], optimizer: Any, state: dict[str, Any],
+    ) -> list[float]:  # fmt: skip
+        """Backpropagation and the checked update (:func:`.multistep.update_steps`)."""
+        slots = [state[s] for s in optimizer.slots]
+        plan = self._update_plan(optimizer, net.params, net.grads, slots)
+        if plan is None:
+            return []
+        ws, k, step = net.ws, len(rates), int(state["step"])
+        wides = np.zeros((k, 8))
+        before = optimizer.lr
+        for s, lr in enumerate(rates):
+            optimizer.lr = lr
+            args = optimizer.op_arguments(step + s + 1)
+            wides[s, : 4 if plan.kind == "sgd" else 8] = (
+                args if plan.kind == "sgd" else adam_scalars(*args)
+            )
+        optimizer.lr = before
+        known = np.zeros(4)
+        maxima = state.pop(MAXIMA, None) if slots else ()
+        if maxima is not None:
+            known[0] = 1.0
+            known[1 : 1 + len(maxima)] = maxima
+        cols = (*plan.cols, *plan.cols[2:3] * (4 - len(plan.cols)))  # (ps, gs, slot1, slot2)
+        out, statuses = np.empty(k), np.zeros(k, dtype=np.int64)
+        args = (
+            X, labels, Y, order, first, k, ws.a[0], *_batch_targets(ws, labels),
+            net.Ws, net.bs, net.acts, ws.z_out, net.ds, net.dWs, net.dbs, *net.ids, ws.cm,
+            plan.kind == "adam", cols, wides, known, self.prove_updates, plan.limits,
+            plan.extra[0] if plan.extra else _NO_PLAN, out, statuses,
+        )  # fmt: skip
+        try:
+            done = self._timed(net, lambda: MS.update_steps(*args))
+        finally:  # the maxima the last written step left (or those it was handed)
+            if slots and (known[0] != 0.0 or maxima is not None):
+                state[MAXIMA] = (
+                    (float(known[1]),) if plan.kind == "sgd" else tuple(map(float, known[1:]))
+                )
+        for s in statuses[:done]:
+            self.update_counts["proved" if s == C.PROVED else "checked"] += 1
+        if done:
+            optimizer.lr = rates[done - 1]
+            state["step"] = step + done
+        return out[:done].tolist()
+
+
+__all__ = ["NumbaSteps"]
