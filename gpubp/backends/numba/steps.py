@@ -81,12 +81,12 @@ class NumbaSteps:
                 rates = rates[: next((i for i, r in enumerate(rates) if r * wd > 1.0), None)]
                 if not rates:
                     break
-            k = len(rates)
             first = start + len(losses) * batch
             run = self._fold_run if fold else self._update_run
-            done = run(net, X, labels, Y, order, first, rates, optimizer, state)
+            with self._threads(self._count(net)):  # the update's plan is made for this count
+                done = run(net, X, labels, Y, order, first, rates, optimizer, state)
             losses.extend(done)
-            if len(done) < k:
+            if len(done) < len(rates):
                 break
         return losses
 
@@ -102,13 +102,16 @@ class NumbaSteps:
             return _NO_LABELS, y
         return None, None
 
+    def _count(self, net: _Net) -> int | None:
+        """The thread count the tuner picks for the next steps (None: the backend's own)."""
+        return net.tuner.threads() if net.tuner is not None and self.adaptive_threads else None
+
     def _timed(self, net: _Net, call: Any) -> int:
-        """``call()`` at the tuner's thread count, its time handed to the tuner per step."""
+        """``call()`` (in the scope of :meth:`_count`), its time handed to the tuner per step."""
         tuner = net.tuner if self.adaptive_threads else None
-        used = None if tuner is None else tuner.threads()
+        used = self._count(net)
         t0 = time.perf_counter()
-        with self._threads(used):
-            done = int(call())
+        done = int(call())
         if tuner is not None and done:
             per_step = (time.perf_counter() - t0) / done
             for _ in range(done):  # (an alarm may start a probe: later steps ran before it)
