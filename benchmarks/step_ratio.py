@@ -1,10 +1,16 @@
 """One optimizer step of the numba backend against its GEMM floor, in one process, interleaved.
 
-``MLP.train_step`` (input checks included) on a float32 ReLU classifier, and the same step's
-GEMMs alone (forward ``a @ W.T``, ``delta.T @ a``, ``delta @ W``) through the GEMM provider
-(``gpubp.backends.numba.layers.matmul``, MKL where installed), nine interleaved rounds of 300
-calls each; the best round of each, and the ratio. Nothing but this process runs gpubp's
-threads, so no other runtime's spinning threads distort it::
+A float32 ReLU classifier's step three ways, and the same step's GEMMs alone (forward
+``a @ W.T``, ``delta.T @ a``, ``delta @ W``) through the GEMM provider
+(``gpubp.backends.numba.layers.matmul``, MKL where installed):
+
+- ``fit``: the step as ``MLP.fit`` and ``gpubp train`` take it, 20 batches gathered from a
+  shuffled training set and trained in one native call (``MLP.steps``), per step;
+- ``step``: ``MLP.step`` on a batch already gathered and checked (one call from Python a step);
+- ``train_step``: ``MLP.train_step``, the one-off call, its input checks included.
+
+Nine interleaved rounds of 300 steps each; the best round of each, and the ratios. Nothing but
+this process runs gpubp's threads, so no other runtime's spinning threads distort it::
 
     python benchmarks/step_ratio.py 784,512,256,10 128 adam
     python benchmarks/step_ratio.py 784,128,10 64 sgd
@@ -52,6 +58,17 @@ def main() -> None:
         calls[0] += 1
         model.train_step(X[j * B : (j + 1) * B], y[j * B : (j + 1) * B], opt)
 
+    Xc, yc = model.prepare_x(X), model.check_y(y, len(X))
+    order = rng.permutation(len(X))
+
+    def fit20() -> None:
+        model.steps(Xc, yc, order, 0, 20, B, opt, [opt.lr] * 20)
+
+    def step1() -> None:
+        j = calls[0] % 20
+        calls[0] += 1
+        model.step(Xc[j * B : (j + 1) * B], yc[j * B : (j + 1) * B], opt)
+
     def floor() -> None:
         for i in range(L):
             layers.matmul(a[i], W[i], a[i + 1], False, True)
@@ -60,20 +77,26 @@ def main() -> None:
             if i > 0:
                 layers.matmul(d[i + 1], W[i], d[i], False, False)
 
-    for _ in range(30):
-        step()
-        floor()
-    best = {"step": np.inf, "floor": np.inf}
+    # (name, call, steps per call)
+    runs = (("fit", fit20, 20), ("step", step1, 1), ("train_step", step, 1), ("floor", floor, 1))
+    for _, fn, per in runs:
+        for _ in range(60 // per):
+            fn()
+    best = {name: np.inf for name, _, _ in runs}
     for _ in range(9):
-        for name, fn in (("step", step), ("floor", floor)):
+        for name, fn, per in runs:
             t = time.perf_counter()
-            for _ in range(300):
+            for _ in range(300 // per):
                 fn()
-            best[name] = min(best[name], (time.perf_counter() - t) / 300)
+            best[name] = min(best[name], (time.perf_counter() - t) / (300 // per * per))
     provider = gemm.PROVIDER.name if gemm.PROVIDER else "matmul"
+    ratios = ", ".join(
+        f"{name} {best[name] * 1e3:.3f} ms ({best[name] / best['floor']:.2f}x)"
+        for name, _, _ in runs[:-1]
+    )
     print(
-        f"{provider} {sizes} batch {B} {args.optimizer}: step {best['step'] * 1e3:.3f} ms, "
-        f"floor {best['floor'] * 1e3:.3f} ms, ratio {best['step'] / best['floor']:.2f}"
+        f"{provider} {sizes} batch {B} {args.optimizer}: floor {best['floor'] * 1e3:.3f} ms; "
+        f"{ratios}"
     )
 
 
