@@ -215,18 +215,26 @@ class NumbaUpdate:
         if not self._own_ops((op,)) or not self._fits(arrays[0].dtype, *arrays):
             return None
         flat = tuple(tuple(a.reshape(-1) for a in col) for col in cols)
-        sizes = [int(p.size) for p in cols[0]]
-        extra: tuple[Any, ...] = ()
-        kernel: Any
-        if threads < 2 or sum(sizes) < self.update_par_min:
-            kernel = M.sgd_many if op == "sgd_update" else M.adam_many
-        else:
-            kernel = M.sgd_many_par if op == "sgd_update" else M.adam_many_par
-            extra = (C.chunk_plan(sizes, self.update_chunk),)
+        sgd = op == "sgd_update"
+        kernel, extra = self._kernel_for(
+            [int(p.size) for p in cols[0]],
+            threads,
+            (M.sgd_many, M.sgd_many_par) if sgd else (M.adam_many, M.adam_many_par),
+        )
         run = cache[key] = (kernel, flat, extra)
         while len(cache) > 4:
             cache.pop(next(iter(cache)))
         return run
+
+    def _kernel_for(
+        self, sizes: list[int], threads: int, kernels: tuple[Any, Any]
+    ) -> tuple[Any, tuple[Any, ...]]:
+        """``(kernel, extra)`` for tensors of ``sizes``: the serial one of ``kernels`` (and no
+        extra argument) on one thread or below ``update_par_min`` elements, else the parallel
+        one and its chunk plan."""
+        if threads < 2 or sum(sizes) < self.update_par_min:
+            return kernels[0], ()
+        return kernels[1], (C.chunk_plan(sizes, self.update_chunk),)
 
     def checked_update(
         self,
@@ -327,14 +335,11 @@ class NumbaUpdate:
         flat = [tuple(a.reshape(-1) for a in col) for col in (params, grads, *slots)]
         if kind == "sgd" and not slots:
             flat.append(flat[0])
-        sizes = [int(p.size) for p in params]
-        extra: tuple[Any, ...] = ()
-        run: Any
-        if threads < 2 or sum(sizes) < self.update_par_min:
-            run = C.sgd_step if kind == "sgd" else C.adam_step
-        else:
-            run = C.sgd_step_par if kind == "sgd" else C.adam_step_par
-            extra = (C.chunk_plan(sizes, self.update_chunk),)
+        run, extra = self._kernel_for(
+            [int(p.size) for p in params],
+            threads,
+            (C.sgd_step, C.sgd_step_par) if kind == "sgd" else (C.adam_step, C.adam_step_par),
+        )
         plan = cache[key] = _Plan(kind, tuple(flat), run, extra, C.limits(dt))
         while len(cache) > 4:  # (two thread counts of two sets of tensors)
             cache.pop(next(iter(cache)))
