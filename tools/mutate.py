@@ -331,8 +331,15 @@ MUTANTS: list[Mutant] = [
     M(
         "numba kernels: f' taken from g, not a",
         "gpubp/backends/numba/kernels.py",
-        "grow[j] *= act_prime(arow[j], act)",
-        "grow[j] *= act_prime(grow[j], act)",
+        "grow[j] *= act_prime(arow[j], TANH)",
+        "grow[j] *= act_prime(grow[j], TANH)",
+        NUMBA,
+    ),
+    M(
+        "numba kernels: ReLU's f' taken from g, not a",
+        "gpubp/backends/numba/kernels.py",
+        "grow[j] *= one if arow[j] > zero else zero",
+        "grow[j] *= one if grow[j] > zero else zero",
         NUMBA,
     ),
     M(
