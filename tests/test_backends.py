@@ -646,6 +646,14 @@ def test_adam_update_many_is_adam_update_per_tensor(backend, dtype, rng, decoupl
             np.testing.assert_array_equal(to_numpy(got), to_numpy(one))
 
 
+def test_sum_of_squares_is_the_float64_sum(backend, dtype, rng):
+    hosts = [rng.normal(size=s) * 10 for s in MANY_SHAPES]
+    arrays = [backend.asarray(h, dtype) for h in hosts]
+    expected = sum(float(np.sum(to_numpy(a).astype(np.float64) ** 2)) for a in arrays)
+    got = float(backend.sum_of_squares(arrays))
+    assert got == pytest.approx(expected, rel=1e-5 if dtype == "float32" else 1e-12)
+
+
 def test_gradients_reuse_workspace_buffers(backend, dtype, rng):
     sizes, B = (5, 33, 3), 7
     W = [backend.asarray(rng.normal(size=(sizes[i + 1], sizes[i])) / 3, dtype) for i in range(2)]

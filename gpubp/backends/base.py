@@ -151,6 +151,11 @@ class Backend(SparseOps, UpdateOps):
         graph step reads them in place, with no staging copy)."""
         return self.xp.empty(x_shape, dtype=x_dtype), self.xp.empty(y_shape, dtype=y_dtype)
 
+    def sum_of_squares(self, arrays: Sequence[Any]) -> Any:
+        """``sum_a sum_i a_i^2`` over ``arrays`` (an L2 penalty's ``||W||^2``), a backend
+        scalar, unread (on a GPU it stays on the device)."""
+        return sum(self.xp.vdot(a, a) for a in arrays)
+
     def train_steps(
         self,
         weights: list[Any],

@@ -264,7 +264,6 @@ class Network:
         to ``[eps, 1 - eps]`` (``eps`` the dtype's machine epsilon), which differ from the
         exact ones where outputs saturate (its L-BFGS line search compares these values).
         """
-        xp = self.xp
         exact = not (clipped and self.loss in ("cross_entropy", "binary_cross_entropy"))
         if sw is None and exact and not isinstance(x, CsrBatch):  # the backend's fused pass
             target = labels if labels is not None else y
@@ -280,7 +279,7 @@ class Network:
         if self.alpha:
             denom = float(denom)
             l2 = self.alpha / denom
-            sq = sum(xp.vdot(W, W) for W in self.params[: len(self.W)])
+            sq = self.backend.sum_of_squares(self.params[: len(self.W)])
             value = value + 0.5 * self.alpha * sq / denom
         return value, dWs, dbs, l2
 

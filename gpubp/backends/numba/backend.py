@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -43,6 +44,7 @@ from ..workspace import Workspace
 from . import gemm as numba_blas
 from . import kernels as K
 from . import layers, pool
+from . import optim_kernels as O
 from .split import RowSplit
 from .step import NumbaStep
 from .steps import NumbaSteps
@@ -286,6 +288,13 @@ class NumbaBackend(NumbaSteps, NumbaStep, RowSplit, NumbaUpdate, Backend):
             np.matmul(delta.T, a_prev, out=dW)
         K.colsum(delta, db)
         return dW, db
+
+    def sum_of_squares(self, arrays: Sequence[Any]) -> Any:
+        """``sum_a sum_i a_i^2`` in float64, one kernel call per array: NumPy's ``vdot`` calls
+        its BLAS, whose threads then spin beside the next step's."""
+        if not all(isinstance(a, np.ndarray) and a.flags.c_contiguous for a in arrays):
+            return super().sum_of_squares(arrays)
+        return float(sum(O.sumsq(a.reshape(-1), 0, a.size) for a in arrays))
 
     # --- compositions -----------------------------------------------------------------------
 

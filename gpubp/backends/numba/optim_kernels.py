@@ -240,6 +240,24 @@ def absmax(x, lo, hi):  # type: ignore[no-untyped-def]
     return float(acc.max())
 
 
+@_jit
+def sumsq(x, lo, hi):  # type: ignore[no-untyped-def]
+    """``sum x^2`` over elements ``[lo, hi)`` of flat ``x``, in float64 (LANES partial sums, so
+    the loop vectorises)."""
+    x = x[lo:hi]
+    n = x.shape[0]
+    acc = np.zeros(LANES)
+    whole = n - n % LANES
+    for s in range(0, whole, LANES):
+        for j in range(LANES):
+            v = float(x[s + j])
+            acc[j] += v * v
+    for k in range(whole, n):
+        v = float(x[k])
+        acc[0] += v * v
+    return acc.sum()
+
+
 def sgd_scalars(
     dtype: Any, lr: float, momentum: float, nesterov: bool, weight_decay: float
 ) -> tuple[Any, ...]:
