@@ -331,8 +331,8 @@ MUTANTS: list[Mutant] = [
     M(
         "numba kernels: f' taken from g, not a",
         "gpubp/backends/numba/kernels.py",
-        "grow[j] *= act_prime(arow[j], act)",
-        "grow[j] *= act_prime(grow[j], act)",
+        "grow[j] *= act_prime(arow[j], TANH)",
+        "grow[j] *= act_prime(grow[j], TANH)",
         NUMBA,
     ),
     M(
