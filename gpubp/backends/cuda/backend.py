@@ -395,7 +395,7 @@ class CupyBackend(CudaSparseOps, CudaUpdateOps, Backend):
             weights, biases, x, y, activation, output, loss, optimizer, slots, inputs
         )
         step.stage(x, y)
-        step.set_hyperparameters(ck.hyperparameters(optimizer, step_no, weights[0].dtype))
+        step.set_hyperparameters(optimizer, step_no)
         ledger = self._ledger(weights[0].dtype)
         step.ledger = ledger.words  # the step appends its loss to the ledger (in its graph)
         into = self._loss_sum or self.open_loss_sum(0.0)
