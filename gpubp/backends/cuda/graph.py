@@ -380,6 +380,8 @@ class TrainStep:
         kern = self.kernels
         L = len(self.W)
         hp = buf.hp if self.optimizer is not None else ctx.constants(self.dtype)
+        if self.device_scalars:  # Adam's block of this step (the GEMMs' constants too)
+            launch.adam_step_scalars(kern, hp, buf.hp64, buf.steps)
         # forward
         for i in range(L):
             out = ws.a[i + 1] if i < L - 1 else ws.z_out
@@ -434,8 +436,6 @@ class TrainStep:
                 launch.bias_grad(kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], status)
             u = self.update
             assert u is not None  # made in __init__ whenever there is an optimizer and no fold
-            if self.device_scalars:  # Adam's alpha and eps_hat of this step, from its counter
-                launch.adam_step_scalars(kern, hp, buf.hp64, buf.steps)
             # every new parameter and state value checked (a NaN gradient gives a NaN one)
             # before the update writes any
             launch.check_update_table(kern, self.optimizer, self.dtype, u.dev, u.n, u.chunks, hp,
