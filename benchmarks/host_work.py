@@ -1,11 +1,14 @@
 """Host work per train step of the cupy backend, counted on the emulated GPU (not timed).
 
 Usage: python benchmarks/host_work.py [--steps N] [--optimizer sgd|adam] [--schedule]
+                                     [--distributed]
 
 The emulator is no clock, so this counts what a step costs the host instead, per step, over
 ``N`` steps after a warm-up, through the same calls as ``gpubp train`` (the device-resident
 data set gathered by :class:`gpubp.loop.BatchGather`, ``MLP.step``, the losses added to a
-:class:`gpubp.loop.LossSum`, the learning rate set every step when ``--schedule``):
+:class:`gpubp.loop.LossSum`, the learning rate set every step when ``--schedule``), or with
+``--distributed`` through :meth:`gpubp.distributed.DataParallel.step` on one MPI rank
+(``COMM_SELF``; the all-reduce goes through the emulated NCCL, needs mpi4py):
 
 - ``cupy_calls``: calls from outside into the cupy module (array methods and functions, stream
   and memory calls), of them ``setitem``: copies into device arrays (``a[...] = b``, a batch
@@ -33,7 +36,9 @@ sys.path.insert(0, str(ROOT))
 COUNTERS = ("alloc", "h2d", "get", "graph_launch", "eager_launch", "memcpy", "sync")
 
 
-def measure(steps: int, optimizer: str, schedule: bool) -> dict[str, float]:
+def measure(
+    steps: int, optimizer: str, schedule: bool, distributed: bool = False
+) -> dict[str, float]:
     """Counts per step (see the module docstring), averaged over ``steps`` steps."""
     import numpy as np
 
@@ -53,12 +58,22 @@ def measure(steps: int, optimizer: str, schedule: bool) -> dict[str, float]:
     gather = BatchGather(X, Y, batch, xp=be.xp, buffers=be.batch_buffers)
     losses = LossSum(be)
     order = rng.permutation(n)
+    dp = None
+    if distributed:
+        from mpi4py import MPI
+
+        from gpubp.distributed import DataParallel, MPICommunicator
+
+        dp = DataParallel(MPICommunicator(MPI.COMM_SELF), model)
 
     def step(k: int) -> None:
         if schedule:
             opt.lr = 1e-3 * (1 + np.cos(k / 100))  # a new learning rate every step
         idx = order[(k * batch) % (n - batch) :][:batch]
-        losses.add(model.step(*gather(idx), opt), batch)
+        if dp is not None:  # as gpubp train --distributed steps
+            losses.add(dp.step(X, Y, idx, opt), batch)
+        else:
+            losses.add(model.step(*gather(idx), opt), batch)
 
     for k in range(3):  # warm-up: compile, allocate, capture
         step(k)
@@ -97,9 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
     parser.add_argument("--schedule", action="store_true", help="a new lr every step")
+    parser.add_argument(
+        "--distributed", action="store_true", help="DataParallel.step on one MPI rank"
+    )
     args = parser.parse_args(argv)
-    counts = measure(args.steps, args.optimizer, args.schedule)
-    print(json.dumps({"optimizer": args.optimizer, "schedule": args.schedule, **counts}))
+    counts = measure(args.steps, args.optimizer, args.schedule, args.distributed)
+    head = {"optimizer": args.optimizer, "schedule": args.schedule}
+    print(json.dumps({**head, "distributed": args.distributed, **counts}))
     return 0
 
 

@@ -221,8 +221,9 @@ class DataParallel:
         sizes = [int(np.prod(s)) for s in self.shapes]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
         n = self.offsets[-1]
-        # the flat buffer: every gradient, then the loss share and the stop flag
-        self.flat = be.zeros((n + 2,), model.dtype)
+        # the flat buffer: every gradient, then the loss share, the stop flag and a slot where
+        # the backend's update may put its verdict (Backend.reduced_update)
+        self.flat = be.zeros((n + 3,), model.dtype)
         self.grads = [
             self.flat[self.offsets[i] : self.offsets[i + 1]].reshape(s)
             for i, s in enumerate(self.shapes)
@@ -277,17 +278,18 @@ class DataParallel:
             scratch = be.workspace_for(W, x).pscratch
         else:  # fewer samples than ranks in this batch: this rank contributes nothing
             self.flat[...] = 0
-        self.flat[n + 1] = 1.0 if stop else 0.0
+        self.flat[n + 1 :] = 0.0
+        if stop:
+            self.flat[n + 1] = 1.0
         self._allreduce()
-        tail = self.flat[n : n + 2]  # the loss and the stop flag in one read (not to_numpy's
-        if not isinstance(tail, np.ndarray):  # status checks: the next synchronisation does them)
-            tail = tail.get()
-        value = float(tail[0])
-        self.stop_agreed = float(tail[1]) > 0
         state = optimizer.bind(model, be, self.shapes, model.dtype)
-        # the same loss and gradients on every rank, so the same verdict and the same update
-        be.apply_update(value, [*W, *b], list(self.grads), optimizer, state, scratch=scratch)
-        return value
+        # the same loss and gradients on every rank, so the same verdict and the same update;
+        # the loss, the stop flag and the update's verdict come back in one read
+        tail = be.reduced_update(
+            self.flat[n:], [*W, *b], list(self.grads), optimizer, state, scratch=scratch
+        )
+        self.stop_agreed = float(tail[1]) > 0
+        return float(tail[0])
 
     def checksum(self) -> int:
         """CRC-32 of this rank's parameters, bit for bit."""

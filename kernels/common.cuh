@@ -22,7 +22,9 @@ enum StatusSlot : int {
 };
 
 // --- the hyper-parameter block: T values in device memory, written by the host before a step ---
-// (device memory, not kernel arguments, so a captured CUDA graph sees a changed learning rate)
+// (device memory, not kernel arguments, so a captured CUDA graph sees a changed learning rate;
+// Adam's train step writes its block itself from a float64 one and a step counter,
+// adam_step_scalars in optimizers.cu)
 enum HyperSlot : int {
     HP_LR = 0,
     HP_MOMENTUM = 1,

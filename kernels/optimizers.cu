@@ -179,4 +179,27 @@ __global__ void adam_update_table(const i64* __restrict__ table, int n_tensors, 
     apply_table<T>(AdamRule<T, DECOUPLED>(hp), table, n_tensors, total_chunks, chunk);
 }
 
+// Adam's hyper-parameter block from the step counter in device memory, so that the captured
+// step uploads nothing per step: every slot of the float64 block hp64 (what
+// gpubp.backends.cuda.catalogue.hyperparameters computes in float64) rounded once to T, then
+// HP_ALPHA and HP_EPS_HAT of step t = steps[0] + 1 from hp64's lr, betas and eps exactly as
+// gpubp.optim.adam_scalars computes them, operation for operation in float64 (no product is
+// added to anything, so there is nothing to contract into an FMA). One thread.
+template <typename T>
+__global__ void adam_step_scalars(T* __restrict__ hp, const double* __restrict__ hp64,
+                                  const i64* __restrict__ steps) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    for (int i = 0; i < HP_SLOTS; ++i) hp[i] = static_cast<T>(hp64[i]);
+    const double t = static_cast<double>(steps[0] + 1);
+    const double root_bc2 = sqrt(1.0 - pow(hp64[HP_BETA2], t));
+    hp[HP_EPS_HAT] = static_cast<T>(hp64[HP_EPS] * root_bc2);
+    hp[HP_ALPHA] = static_cast<T>(hp64[HP_LR] * root_bc2 / (1.0 - pow(hp64[HP_BETA1], t)));
+}
+
+// After the update: the step counter advances unless STATUS_BAD is set (a skipped step is not
+// counted, as the host takes back its optimizer step count). One thread.
+__global__ void count_step(i64* __restrict__ steps, const int* __restrict__ status) {
+    if (blockIdx.x == 0 && threadIdx.x == 0 && status[STATUS_BAD] == 0) steps[0] += 1;
+}
+
 }  // namespace gpubp

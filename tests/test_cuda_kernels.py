@@ -99,10 +99,12 @@ def _names_for_every_configuration() -> set[str]:
             names.add(ck.sgd_check_table(dt, momentum != 0, nesterov))
         names |= {ck.adam_update_table(dt, d) for d in flags}
         names |= {ck.adam_check_table(dt, d) for d in flags}
+        names.add(ck.adam_step_scalars(dt))  # Adam's block in the graph step
         names |= {ck.check_finite_table(dt), ck.zero_if_bad_table(dt)}
         names |= {ck.argmax_accuracy(dt, t) for t in (0, 1, 2)} | {ck.threshold_accuracy(dt)}
         names.add(ck.csr_dense(dt))  # the first layer's products on sparse input
     names.add(ck.finish_step())
+    names.add(ck.count_step())
     return names
 
 
@@ -429,6 +431,9 @@ def test_every_wrapper_launches_what_the_kernel_signature_takes(dtype):
     launch.check_finite_table(k, dtype, table, 2, 10, status)
     launch.zero_if_bad_table(k, dtype, table, 2, 10, status)
     launch.finish_step(k, status)
+    steps = np.zeros(1, np.int64)
+    launch.adam_step_scalars(k, hp, ck.hyperparameters(Adam(), 1, np.float64), steps)
+    launch.count_step(k, steps, status)
     pred, correct = np.zeros(rows, np.int64), np.zeros(1, np.uint64)
     for Y, lab in ((None, None), (a, None), (None, labels)):
         launch.argmax_accuracy(k, z, Y, lab, pred, correct, status)

@@ -361,3 +361,47 @@ def test_bias_gradient_overflow_raises_and_keeps_the_parameters(cp, fold, graph)
         np.testing.assert_array_equal(p, cp.asnumpy(q))
     (step,) = be._steps.values()
     assert (step.graph not in (None, False)) == graph
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_adams_step_count_on_the_device_follows_the_optimizers(cp, graphs):
+    """Adam's bias corrections come from a step counter on the device (no upload per step):
+    it follows the optimizer's count through skipped steps (not counted), a count set from
+    outside (a loaded checkpoint) and a second batch shape (its own step), as the reference."""
+    be = _backend(graphs=graphs)
+    sizes = (12, 17, 3)
+    W, b, x, y = _problem(cp, sizes, 9, "float64")
+    x2, y2 = x[:5].copy(), y[:5].copy()  # another batch shape: another train step
+    bad_x = x.copy()
+    bad_x[0, 0] = np.nan
+    opt = Adam(lr=0.01)
+    shapes = [w.shape for w in W] + [v.shape for v in b]
+    state = opt.bind(None, be, shapes, "float64")
+    params = [cp.asnumpy(p) for p in [*W, *b]]
+    rstate = {"step": 0, **{s: [np.zeros(sh) for sh in shapes] for s in opt.slots}}
+
+    def both(xd, yd):
+        nonlocal params, rstate
+        value, *_ = be.train_step(W, b, xd, yd, "tanh", "softmax", "cross_entropy", opt, state)
+        rvalue, rw, rb, rstate = ref.train_step(
+            params[:2], params[2:], cp.asnumpy(xd), cp.asnumpy(yd), "tanh", "softmax",
+            "cross_entropy", opt, rstate,
+        )  # fmt: skip
+        np.testing.assert_allclose(float(value), rvalue, rtol=1e-10)
+        params = [*rw, *rb]
+
+    for _ in range(3):
+        both(x, y)
+    be.train_step(W, b, bad_x, y, "tanh", "softmax", "cross_entropy", opt, state)
+    with pytest.raises(NonFiniteLossError):
+        be.synchronize()
+    assert state["step"] == 3
+    both(x, y)
+    both(x2, y2)
+    both(x, y)
+    state["step"] = rstate["step"] = 1000  # as a loaded checkpoint sets it
+    both(x, y)
+    both(x, y)
+    assert state["step"] == 1002
+    for p, r in zip([*W, *b], params):
+        np.testing.assert_allclose(cp.asnumpy(p), r, rtol=1e-9, atol=1e-12)

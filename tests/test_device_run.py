@@ -141,6 +141,28 @@ def test_a_gpu_train_step_reads_the_gathered_batch_in_place():
         assert counts["setitem"] == 0, counts
 
 
+def test_a_steady_adam_step_uploads_nothing():
+    """Adam's bias corrections are computed in the graph from a step counter on the device
+    (adam_step_scalars, count_step): no hyper-parameter upload per step (one before)."""
+    if not EMULATED_GPU:
+        pytest.skip("counted by the emulated GPU")
+    skip_unless_available("cupy")
+    counts = _script("host_work").measure(8, "adam", schedule=False)
+    assert counts["memcpy"] == 0 and counts["graph_launch"] == 1, counts
+
+
+def test_a_data_parallel_gpu_step_reads_the_device_once():
+    """benchmarks/host_work.py --distributed: one read per step (the loss, the stop flag and
+    the update's verdict), no table or hyper-parameter block uploaded per step."""
+    if not EMULATED_GPU:
+        pytest.skip("counted by the emulated GPU")
+    skip_unless_available("cupy")
+    pytest.importorskip("mpi4py.MPI", reason="DataParallel needs mpi4py")
+    for optimizer in ("sgd", "adam"):
+        counts = _script("host_work").measure(8, optimizer, schedule=False, distributed=True)
+        assert counts["get"] == 1 and counts["h2d"] == 0, counts
+
+
 def test_losses_are_summed_on_the_device_to_the_hosts_bits():
     """The train steps add ``rows * loss`` to a float64 total on the device (record_loss, in
     the graph): no copy of the loss per step, nothing kept per step by LossSum, and one read

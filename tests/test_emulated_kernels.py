@@ -1076,6 +1076,60 @@ def check_sparse(
             _csr_dense_case(name, parts, w, w_t, out_t)
 
 
+# --- optimizers.cu: Adam's step scalars and the step counter on the device ---------------------
+
+#: (lr, beta1, beta2, eps) of the step-scalar checks, and the steps (1 first) they are taken at.
+ADAM_SETTINGS = ((1e-3, 0.9, 0.999, 1e-8), (0.3, 0.5, 0.9999, 1e-6), (2.0, 0.0, 0.0, 1e-3))
+ADAM_STEPS = (1, 2, 10, 1000, 10**6)
+
+
+def check_adam_step_scalars(
+    name: str, dtype: np.dtype, params: tuple[int, ...], rng: np.random.Generator
+) -> None:
+    """``HP_ALPHA`` and ``HP_EPS_HAT`` of step ``t`` from the counter ``t - 1``: within 2 ulps
+    of ``optim.adam_scalars`` (float64) rounded to the dtype; every other slot the host's block
+    in the dtype, bit for bit."""
+    for lr, b1, b2, eps in ADAM_SETTINGS:
+        opt = optim.Adam(lr=lr, betas=(b1, b2), eps=eps)
+        hp64 = ck.hyperparameters(opt, 1, np.float64)
+        for t in ADAM_STEPS:
+            start = rng.normal(size=ck.HP_SLOTS).astype(dtype)
+
+            def body(
+                launch: Launch, mem: Memory, t: int = t, start: Any = start, hp64: Any = hp64
+            ) -> list[Any]:
+                hp, steps = mem.put(start), mem.put(np.array([t - 1], np.int64))
+                launch(name, (hp, mem.put(hp64), steps))
+                return [hp, steps]
+
+            what = f"{name} lr={lr} betas=({b1}, {b2}) eps={eps} t={t}"
+            hp, steps = run_everywhere(body, what)
+            k = optim.adam_scalars(t, lr, b1, b2, eps, 0.0, False)
+            for slot, value in (("ALPHA", k.alpha), ("EPS_HAT", k.eps_hat)):
+                want, got = dtype.type(value), hp[ck.HP[slot]]
+                ulps = abs(float(got) - float(want)) / float(np.spacing(want))
+                assert ulps <= 2, f"{what}: {slot} {got!r}, expected {want!r} ({ulps:g} ulps)"
+            rest = [i for i in range(ck.HP_SLOTS) if i not in (ck.HP["ALPHA"], ck.HP["EPS_HAT"])]
+            host = ck.hyperparameters(opt, t, dtype)
+            assert bits_equal(hp[rest], host[rest]) and steps[0] == t - 1, what
+
+
+def check_count_step(
+    name: str, dtype: np.dtype | None, params: tuple[int, ...], rng: np.random.Generator
+) -> None:
+    """The counter advances by one per launch, whatever the grid, unless STATUS_BAD is set."""
+    for bad in (False, True):
+
+        def body(launch: Launch, mem: Memory, bad: bool = bad) -> list[Any]:
+            steps, st = mem.put(np.array([41], np.int64)), mem.put(status_word(bad))
+            launch(name, (steps, st))
+            return [steps, st]
+
+        steps, st = run_everywhere(body, f"{name} bad={bad}")
+        assert steps[0] == 41 + (not bad), f"{name} bad={bad}: {steps[0]}"
+        expect_status(st, bad, f"{name} bad={bad}")
+
+
 # --- one test body per family -----------------------------------------------------------------
 
 Check = Callable[[str, Any, tuple[int, ...], np.random.Generator], None]
@@ -1102,6 +1156,8 @@ CHECKS: dict[str, dict[str, Check]] = {
         "adam_update_table": check_optimizers,
         "sgd_check_table": check_update_checks,
         "adam_check_table": check_update_checks,
+        "adam_step_scalars": check_adam_step_scalars,
+        "count_step": check_count_step,
     },
     "guard": {
         "check_finite_table": check_guard,

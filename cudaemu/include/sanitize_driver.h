@@ -297,6 +297,26 @@ inline void exercise(void (*k)(int*), const char* name) {
     });
 }
 
+// adam_step_scalars<T>: (hp, hp64, steps)
+template <class T>
+void exercise(void (*k)(T*, const double*, const i64*), const char* name) {
+    every_launch([&](const Shape& s, int order) {
+        Buf<T> hp(16);
+        std::vector<double> hp64(16, 0.5);
+        i64 steps = 999;
+        run(k, name, s, order, hp.at(0), hp64.data(), &steps);
+    });
+}
+
+// count_step: (steps, status)
+inline void exercise(void (*k)(i64*, const int*), const char* name) {
+    every_launch([&](const Shape& s, int order) {
+        i64 steps = 41;
+        int status[4] = {0, 0, 0, 0};
+        run(k, name, s, order, &steps, status);
+    });
+}
+
 // argmax_accuracy<T, TGT>: (a, y, labels, rows, n, pred, correct, status)
 template <class T>
 void exercise(void (*k)(const T*, const T*, const i64*, i64, int, i64*, unsigned long long*, int*),

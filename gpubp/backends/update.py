@@ -48,6 +48,12 @@ class UpdateOps:
     def check_finite(self, value: Any, dWs: list[Any], dbs: list[Any]) -> None:
         raise NotImplementedError  # pragma: no cover - Backend's
 
+    def check_loss(self, value: Any) -> None:
+        raise NotImplementedError  # pragma: no cover - Backend's
+
+    def to_numpy(self, a: Any) -> np.ndarray:
+        raise NotImplementedError  # pragma: no cover - Backend's
+
     def sgd_update(
         self,
         param: Any,
@@ -250,6 +256,31 @@ class UpdateOps:
                     xp.copyto(col[i], row[k + 1])
         state["step"] = int(state["step"]) + 1
         return params, state
+
+    def reduced_update(
+        self,
+        tail: Any,
+        params: list[Any],
+        grads: list[Any],
+        optimizer: Any,
+        state: dict[str, Any],
+        *,
+        scratch: Any = None,
+    ) -> np.ndarray:
+        """The update of a data-parallel step after its all-reduce, in one read of ``tail``.
+
+        ``tail``: the reduced buffer's values after the gradients (which ``grads`` view), the
+        loss first and a slot of the backend's own last (a device backend writes its verdict
+        there, so that the one read brings it too). Read to the host, then the loss's check and
+        :meth:`checked_update`, as :meth:`~gpubp.backends.base.Backend.apply_update` does:
+        :class:`~gpubp.errors.NonFiniteLossError` and nothing changed unless every value is
+        finite. Returns the tail as read (a copy).
+        """
+        host = np.array(self.to_numpy(tail))
+        value = float(host[0])
+        self.check_loss(value)
+        self.checked_update(value, params, grads, optimizer, state, scratch=scratch)
+        return host
 
     def _staging(self, params: list[Any], optimizer: Any) -> tuple[list[tuple[Any, ...]], Any]:
         """Per parameter ``(p', slot'...)`` arrays (None for an absent slot), and a flat scratch

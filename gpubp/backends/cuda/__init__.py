@@ -15,6 +15,8 @@ Modules, one concern each (none imports CuPy or needs a GPU at import time), fro
 - :mod:`.graph`: the train step's buffers and the step recorded once as a CUDA graph;
 - :mod:`.steps`: the train steps kept per batch shape (least recently used dropped);
 - :mod:`.sparse`: the first layer on sparse input (the CSR kernel and its ops, a mixin);
+- :mod:`.update`: the table updates outside the graph step, the data-parallel one in no read of
+  its own (a mixin);
 - :mod:`.backend`: :class:`CupyBackend`, the ops;
 - :mod:`.memory`: the step's memory estimate and the out-of-memory error;
 - :mod:`.nvrtc`: NVRTC through ctypes, for compiling every kernel in CI without a GPU.

@@ -31,7 +31,7 @@ import numpy as np
 from ..base import Backend
 from . import catalogue as ck
 from . import launch
-from .context import DeviceContext, table_entries
+from .context import DeviceContext
 from .cublas import Cublas
 from .cupy_module import import_cupy
 from .graph import StepBuffers
@@ -40,6 +40,7 @@ from .memory import out_of_memory_error
 from .sparse import CudaSparseOps
 from .status import DeviceLoss, DeviceLossSum, LossLedger, StepErrors
 from .steps import StepCache
+from .update import CudaUpdateOps, UpdateTables
 
 #: The environment variable that turns CUDA graphs off (``0``) or makes them required.
 GRAPHS_ENV = "GPUBP_CUDA_GRAPHS"
@@ -65,7 +66,7 @@ def graphs_mode(graphs: bool | str | None) -> str:
     return "on" if graphs else "off"
 
 
-class CupyBackend(CudaSparseOps, Backend):
+class CupyBackend(CudaSparseOps, CudaUpdateOps, Backend):
     """cuBLAS GEMMs, fused CUDA kernels and a CUDA-graph train step on an NVIDIA GPU.
 
     Parameters
@@ -111,6 +112,7 @@ class CupyBackend(CudaSparseOps, Backend):
         self._loss_sum: DeviceLossSum | None = None  # the open one, where the steps add
         self._inputs = GatheredInputs(cupy)  # the gathers' buffers a step reads in place
         self._errors = StepErrors(self._ctx)
+        self._tables = UpdateTables(self._ctx)  # the updates outside the graph (.update)
         self._steps = StepCache(
             self._ctx, self.kernel, self._allocate, graphs=mode, fold_sgd=self.fold_sgd
         )
@@ -308,62 +310,6 @@ class CupyBackend(CudaSparseOps, Backend):
         launch.bias_grad(self.kernel, delta, db, partial, plan, self.scratch_status())
         return dW, db
 
-    def update_parameters(
-        self,
-        params: list[Any],
-        grads: list[Any],
-        optimizer: Any,
-        state: dict[str, Any],
-        *,
-        scratch: Any = None,
-    ) -> tuple[list[Any], dict[str, Any]]:
-        """Every parameter updated by one kernel launch from a table of pointers and sizes."""
-        slots = [state[s] for s in optimizer.slots]
-        if not self._fits(*params, *grads, *(x for s in slots for x in s)):
-            return super().update_parameters(params, grads, optimizer, state, scratch=scratch)
-        cp = self._cp
-        step = int(state["step"]) + 1
-        dtype = params[0].dtype
-        table, chunks = ck.build_table(table_entries(params, grads, slots))
-        hp = cp.asarray(ck.hyperparameters(optimizer, step, dtype))
-        launch.update_table(
-            self.kernel, optimizer, dtype, cp.asarray(table), len(params), chunks, hp,
-            self._ctx.device().clear_status,
-        )  # fmt: skip
-        state["step"] = step
-        return params, state
-
-    def checked_update(
-        self,
-        value: Any,
-        params: list[Any],
-        grads: list[Any],
-        optimizer: Any,
-        state: dict[str, Any],
-        *,
-        scratch: Any = None,
-    ) -> tuple[list[Any], dict[str, Any]]:
-        """:meth:`update_parameters` only if every new parameter and state value is finite,
-        checked on the device: the check kernel over the whole table, one read of its status
-        word, then the update kernel. Where the check fails the NumPy-path check runs instead,
-        which raises :class:`~gpubp.errors.NonFiniteLossError` naming the tensor; nothing is
-        changed. ``value`` is the loss, for the message."""
-        slots = [state[s] for s in optimizer.slots]
-        if not self._fits(*params, *grads, *(x for s in slots for x in s)):
-            return super().checked_update(value, params, grads, optimizer, state, scratch=scratch)
-        cp = self._cp
-        dtype = params[0].dtype
-        table, chunks = ck.build_table(table_entries(params, grads, slots))
-        args = (optimizer, dtype, cp.asarray(table), len(params), chunks)
-        hp = cp.asarray(ck.hyperparameters(optimizer, int(state["step"]) + 1, dtype))
-        status = cp.zeros(ck.STATUS_SLOTS, dtype=np.int32)
-        launch.check_update_table(self.kernel, *args, hp, status)
-        if int(status[ck.STATUS_BAD].get()) != 0:  # the one read
-            return super().checked_update(value, params, grads, optimizer, state, scratch=scratch)
-        launch.update_table(self.kernel, *args, hp, status)
-        state["step"] = int(state["step"]) + 1
-        return params, state
-
     # --- evaluation -------------------------------------------------------------------------------
 
     def argmax_correct(self, a: Any, y: Any = None) -> tuple[Any, Any]:
@@ -449,7 +395,7 @@ class CupyBackend(CudaSparseOps, Backend):
             weights, biases, x, y, activation, output, loss, optimizer, slots, inputs
         )
         step.stage(x, y)
-        step.set_hyperparameters(ck.hyperparameters(optimizer, step_no, weights[0].dtype))
+        step.set_hyperparameters(optimizer, step_no)
         ledger = self._ledger(weights[0].dtype)
         step.ledger = ledger.words  # the step appends its loss to the ledger (in its graph)
         into = self._loss_sum or self.open_loss_sum(0.0)

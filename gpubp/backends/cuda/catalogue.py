@@ -160,6 +160,16 @@ def update_table(op: str, dtype: object, variant: tuple[bool, ...], check: bool 
     return tables[op](dtype, *variant)
 
 
+def adam_step_scalars(dtype: object) -> str:
+    """Adam's ``alpha`` and ``eps_hat`` from the device step counter (``optim.adam_scalars``)."""
+    return f"gpubp::adam_step_scalars<{_ctype(dtype)}>"
+
+
+def count_step() -> str:
+    """The device step counter advanced after an update that was not skipped."""
+    return "gpubp::count_step"
+
+
 def check_finite_table(dtype: object) -> str:
     return f"gpubp::check_finite_table<{_ctype(dtype)}>"
 
@@ -217,6 +227,7 @@ def _catalogue() -> dict[str, list[str]]:
             sgd_check_table(dt, m, n) for m, n in itertools.product(flags, flags) if m or not n
         ]
         cat["optimizers"] += [adam_check_table(dt, d) for d in flags]
+        cat["optimizers"].append(adam_step_scalars(dt))
         cat["guard"] += [check_finite_table(dt), zero_if_bad_table(dt)]
         cat["metrics"] += [
             argmax_accuracy(dt, t) for t in (TARGET_DENSE, TARGET_LABELS, TARGET_NONE)
@@ -224,6 +235,7 @@ def _catalogue() -> dict[str, list[str]]:
         cat["metrics"].append(threshold_accuracy(dt))
         cat["sparse"].append(csr_dense(dt))
     cat["guard"].append(finish_step())
+    cat["optimizers"].append(count_step())
     return cat
 
 

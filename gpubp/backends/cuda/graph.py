@@ -53,6 +53,11 @@ class StepBuffers:
         self.loss = cp.zeros(1, dtype=dtype)
         self.hp = cp.zeros(ck.HP_SLOTS, dtype=dtype)
         self.hp_host: np.ndarray | None = None
+        # Adam: the float64 block its step's block is computed from, and the step counter
+        # (steps taken), both on the device; the host keeps what it last uploaded or expects
+        self.hp64 = cp.zeros(ck.HP_SLOTS, dtype=np.float64)
+        self.steps = cp.zeros(1, dtype=np.int64)
+        self.steps_host: int | None = None
         plans = [ck.bias_grad_plan(B, n) for n in sizes[1:]]
         # the bias sums' partial column sums, and the loss sum's parts (used one after another)
         most = max([ck.LOSS_PARTS, *(s * n for (s, _), n in zip(plans, sizes[1:]))])
@@ -263,6 +268,8 @@ class TrainStep:
         self.deltas = [ws.d[i + 1] for i in range(L - 1)] + [ws.z_out]
         self.status = ctx.device().status
         self.update: _Table | None = None
+        #: Adam's step scalars computed in the graph from the device step counter
+        self.device_scalars = optimizer is not None and optimizer.op == "adam_update"
         if optimizer is not None and not self.fold:
             entries = table_entries([*weights, *biases], [*ws.dW, *ws.db], slots or [])
             self.update = _Table(cp, entries)
@@ -286,11 +293,25 @@ class TrainStep:
         else:
             self.y_in[...] = y.reshape(self.y_in.shape)
 
-    def set_hyperparameters(self, hp: np.ndarray) -> None:
-        """Upload the hyper-parameter block when it changed (asynchronously, from pinned memory)."""
-        if self.buf.hp_host is None or not np.array_equal(self.buf.hp_host, hp):
-            self.ctx.device().ring.upload(hp, self.buf.hp)
-            self.buf.hp_host = hp.copy()
+    def set_hyperparameters(self, optimizer: Any, step: int) -> None:
+        """Before step ``step`` (1 first): upload what changed (asynchronously, from pinned
+        memory), so a steady step uploads nothing. SGD: the hyper-parameter block. Adam: the
+        block in float64 without its step's scalars (the graph rounds it to the dtype and adds
+        the bias corrections, ``adam_step_scalars``, from the device step counter, which
+        ``count_step`` advances), and the counter where it is not ``step - 1`` already (a
+        loaded or taken-back optimizer step count)."""
+        buf, ring = self.buf, self.ctx.device().ring
+        if self.device_scalars:
+            hp, dst = ck.hyperparameters(optimizer, 1, np.float64), buf.hp64
+        else:
+            hp, dst = ck.hyperparameters(optimizer, step, self.dtype), buf.hp
+        if buf.hp_host is None or not np.array_equal(buf.hp_host, hp):
+            ring.upload(hp, dst)
+            buf.hp_host = hp
+        if self.device_scalars:
+            if buf.steps_host != step - 1:
+                ring.upload(np.array([step - 1], dtype=np.int64), buf.steps)
+            buf.steps_host = step  # what the counter holds after this step, unless skipped
 
     def run(self) -> None:
         """Enqueue one step: the graph if there is one, else eagerly (capturing on the 2nd run)."""
@@ -359,6 +380,8 @@ class TrainStep:
         kern = self.kernels
         L = len(self.W)
         hp = buf.hp if self.optimizer is not None else ctx.constants(self.dtype)
+        if self.device_scalars:  # Adam's block of this step (the GEMMs' constants too)
+            launch.adam_step_scalars(kern, hp, buf.hp64, buf.steps)
         # forward
         for i in range(L):
             out = ws.a[i + 1] if i < L - 1 else ws.z_out
@@ -418,6 +441,8 @@ class TrainStep:
             launch.check_update_table(kern, self.optimizer, self.dtype, u.dev, u.n, u.chunks, hp,
                                       status)  # fmt: skip
             launch.update_table(kern, self.optimizer, self.dtype, u.dev, u.n, u.chunks, hp, status)
+            if self.device_scalars:
+                launch.count_step(kern, buf.steps, status)
         launch.finish_step(kern, status)
         if self.ledger is not None:
             launch.record_loss(kern, buf.loss, float(ws.batch), self.ledger)

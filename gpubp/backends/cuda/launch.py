@@ -1,19 +1,16 @@
 """One public wrapper per kernel family: check the arrays, then launch (as thinc's
 ``_custom_kernels.py`` does).
 
-Every wrapper takes ``kernels``, a getter from an instantiation name (built by
-:mod:`.catalogue`) to a launchable ``fn((blocks,), (threads,), args)`` (a ``cupy.RawKernel``, or
-a stand-in's); :class:`.context.Kernels` is the one the backend uses, and
-``CupyBackend.kernel`` is its getter for the current device. The checks (dtype,
-C-contiguity, shapes) raise :class:`TypeError` or :class:`ValueError` saying what was expected;
-they cost no device work and no synchronisation, so the wrappers may be called while a stream is
-capturing. Arrays are device arrays (anything with ``dtype``, ``shape``, ``flags`` that the
-launcher accepts); ``status`` is the int32 status word of ``STATUS_SLOTS`` slots
-(``kernels/common.cuh``), ``hp`` a hyper-parameter block of ``HP_SLOTS`` values of the
-parameters' dtype.
-
-Every launch has ``THREADS`` threads a block; the kernels use grid-stride loops, so the number of
-blocks tunes speed and never decides correctness.
+Every wrapper takes ``kernels``, a getter from an instantiation name (built by :mod:`.catalogue`)
+to a launchable ``fn((blocks,), (threads,), args)`` (a ``cupy.RawKernel``, or a stand-in's;
+:class:`.context.Kernels`, whose getter for the current device is ``CupyBackend.kernel``). The
+checks (dtype, C-contiguity, shapes) raise :class:`TypeError` or :class:`ValueError` saying what
+was expected; they cost no device work and no synchronisation, so the wrappers may be called
+while a stream is capturing. Arrays are device arrays (anything with ``dtype``, ``shape``,
+``flags`` that the launcher accepts); ``status`` is the int32 status word of ``STATUS_SLOTS``
+slots (``kernels/common.cuh``), ``hp`` a block of ``HP_SLOTS`` values of the parameters' dtype.
+Every launch has ``THREADS`` threads a block unless said; the kernels use grid-stride loops, so
+the number of blocks tunes speed and never decides correctness.
 """
 
 from __future__ import annotations
@@ -310,7 +307,7 @@ def update_table(
     :func:`.catalogue.build_table`; parameters, gradients and states are ``dtype``, as is ``hp``
     (:func:`.catalogue.hyperparameters`). Skipped on the device when ``status[STATUS_BAD]`` is set.
     """
-    _optimizer_table(kernels, optimizer, dtype, table, n, chunks, hp, status, check=False)
+    _optimizer_table(kernels, False, optimizer, dtype, table, n, chunks, hp, status)
 
 
 def check_update_table(
@@ -326,23 +323,14 @@ def check_update_table(
     """Set ``status[STATUS_BAD]`` if ``optimizer``'s update of ``table`` would give any NaN or
     infinite parameter or state value; nothing is written. Arguments as :func:`update_table`,
     which, launched next on the same ``status``, then skips itself."""
-    _optimizer_table(kernels, optimizer, dtype, table, n, chunks, hp, status, check=True)
+    _optimizer_table(kernels, True, optimizer, dtype, table, n, chunks, hp, status)
 
 
-def _optimizer_table(
-    kernels: KernelGetter,
-    optimizer: Any,
-    dtype: Any,
-    table: Any,
-    n: int,
-    chunks: int,
-    hp: Any,
-    status: Any,
-    *,
-    check: bool,
-) -> None:
-    """Check the arguments of ``optimizer``'s table kernel and launch it: the update, or with
-    ``check`` the kernel that flags a non-finite new value (the same arguments)."""
+def _optimizer_table(kernels: KernelGetter, check: bool, *args: Any) -> None:
+    """Check the arguments (``optimizer, dtype, table, n, chunks, hp, status``, as
+    :func:`update_table`'s) of ``optimizer``'s table kernel and launch it: the update, or with
+    ``check`` the kernel that flags a non-finite new value."""
+    optimizer, dtype, table, n, chunks, hp, status = args
     fn = "check_update_table" if check else "update_table"
     _table(fn, table, n)
     _hp(fn, hp, dtype)
@@ -354,6 +342,22 @@ def _optimizer_table(
         ck.blocks_for(chunks * ck.THREADS),
         (table, np.int32(n), np.int64(chunks), np.int64(ck.CHUNK), hp, status),
     )
+
+
+def adam_step_scalars(kernels: KernelGetter, hp: Any, hp64: Any, steps: Any) -> None:
+    """``hp`` = the float64 block ``hp64`` in ``hp``'s dtype, with Adam's ``HP_ALPHA`` and
+    ``HP_EPS_HAT`` of step ``steps[0] + 1`` (int64 ``(1,)``) as ``optim.adam_scalars``."""
+    _hp("adam_step_scalars", hp, _float("adam_step_scalars", "hp", hp, 1))
+    _hp("adam_step_scalars", hp64, np.float64)
+    _check("adam_step_scalars", "steps", steps, np.int64, (1,))
+    _launch(kernels, ck.adam_step_scalars(hp.dtype), 1, (hp, hp64, steps), 32)
+
+
+def count_step(kernels: KernelGetter, steps: Any, status: Any) -> None:
+    """``steps[0] += 1`` (int64 ``(1,)``) unless ``status[STATUS_BAD]`` is set."""
+    _check("count_step", "steps", steps, np.int64, (1,))
+    _status("count_step", status)
+    _launch(kernels, ck.count_step(), 1, (steps, status), 32)
 
 
 # --- guard.cu -------------------------------------------------------------------------------------
