@@ -5,7 +5,7 @@ Usage: python benchmarks/host_work.py [--steps N] [--optimizer sgd|adam] [--sche
 
 The emulator is no clock, so this counts what a step costs the host instead, per step, over
 ``N`` steps after a warm-up, through the same calls as ``gpubp train`` (the device-resident
-data set gathered by :class:`gpubp.loop.BatchGather`, ``MLP.step``, the losses added to a
+data set gathered by :class:`gpubp.gather.BatchGather`, ``MLP.step``, the losses added to a
 :class:`gpubp.loop.LossSum`, the learning rate set every step when ``--schedule``), or with
 ``--distributed`` through :meth:`gpubp.distributed.DataParallel.step` on one MPI rank
 (``COMM_SELF``; the all-reduce goes through the emulated NCCL, needs mpi4py):
@@ -44,7 +44,8 @@ def measure(
 
     from cudaemu import _common
     from gpubp import MLP
-    from gpubp.loop import BatchGather, LossSum
+    from gpubp.gather import BatchGather
+    from gpubp.loop import LossSum
     from gpubp.optim import SGD, Adam
 
     rng = np.random.default_rng(0)

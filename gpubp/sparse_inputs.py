@@ -25,7 +25,7 @@ import numpy as np
 
 from .backends import Backend, to_numpy
 from .backends.sparse import is_sparse
-from .loop import BatchGather
+from .gather import BatchGather
 
 __all__ = [
     "SparseGather",
@@ -175,7 +175,7 @@ def sparse_train_step(
 
 
 class SparseGather:
-    """:class:`gpubp.loop.BatchGather` for sparse inputs: ``(X[idx], Y[idx])`` with ``X`` a
+    """:class:`gpubp.gather.BatchGather` for sparse inputs: ``(X[idx], Y[idx])`` with ``X`` a
     :class:`SparseRows` (its rows cut on the host) and ``Y`` on the backend."""
 
     def __init__(self, X: SparseRows, Y: Any, batch_size: int, xp: Any = None) -> None:
@@ -195,7 +195,7 @@ def batch_gather(
     X: Any, Y: Any, batch_size: int, backend: Backend
 ) -> Callable[[Any], tuple[Any, Any]]:
     """The gather of a fit's batches: :class:`SparseGather` for a :class:`SparseRows` ``X``, else
-    :class:`gpubp.loop.BatchGather` into the backend's step input buffers (``min(batch_size,
+    :class:`gpubp.gather.BatchGather` into the backend's step input buffers (``min(batch_size,
     N)`` rows reused every step, on the device too)."""
     if isinstance(X, SparseRows):
         return SparseGather(X, Y, batch_size, xp=backend.xp)

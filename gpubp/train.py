@@ -52,8 +52,9 @@ from .errors import CheckpointError, CheckpointMismatchError, OutputWriteError
 from .evaluate import dataset_preprocessing, raw_test_split
 from .filedata import take_on_file_data
 from .files import check_outputs
+from .gather import BatchGather
 from .gradflow import PROBE_SAMPLES, gradflow, gradient_norms
-from .loop import BatchGather, EpochEnd, EpochLoop, Position, StopRequest
+from .loop import EpochEnd, EpochLoop, Position, StopRequest
 from .model import MLP
 from .outputs import TrainResult, final_line, graphs_line, write_outputs
 from .train_inputs import check_before_the_run, check_resume_settings, load_data, run_inputs

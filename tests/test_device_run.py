@@ -176,7 +176,8 @@ def test_losses_are_summed_on_the_device_to_the_hosts_bits():
 
     from cudaemu import _common
     from gpubp import MLP
-    from gpubp.loop import BatchGather, LossSum
+    from gpubp.gather import BatchGather
+    from gpubp.loop import LossSum
     from gpubp.optim import Adam
 
     rng = np.random.default_rng(1)

@@ -17,7 +17,7 @@ import pytest
 from gpubp import MLP, cli
 from gpubp.budget import check_memory, memory_limit, parse_size
 from gpubp.errors import ConcurrentUseError, MemoryBudgetError
-from gpubp.loop import BatchGather
+from gpubp.gather import BatchGather
 from gpubp.optim import Adam
 
 from .idx_files import write_fake_idx_dataset

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import gpubp
-from gpubp.loop import BatchGather, EpochLoop
+from gpubp.gather import BatchGather
+from gpubp.loop import EpochLoop
 from gpubp.optim import Adam
 
 from .conftest import skip_unless_available

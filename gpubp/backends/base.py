@@ -145,7 +145,7 @@ class Backend(SparseOps, UpdateOps):
     def batch_buffers(
         self, x_shape: tuple[int, ...], x_dtype: Any, y_shape: tuple[int, ...], y_dtype: Any
     ) -> tuple[Any, Any]:
-        """Two arrays of ``xp`` that a batch gather (:class:`gpubp.loop.BatchGather`) fills
+        """Two arrays of ``xp`` that a batch gather (:class:`gpubp.gather.BatchGather`) fills
         step after step: ``x_shape`` rows of inputs and ``y_shape`` rows of targets. A backend
         whose train step has input buffers of its own may hand out those (the CuPy backend's
         graph step reads them in place, with no staging copy)."""

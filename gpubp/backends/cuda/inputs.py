@@ -1,6 +1,6 @@
 """The batch gathers' device buffers that a train step reads in place of its own input buffers.
 
-:class:`gpubp.loop.BatchGather` fills buffers the backend handed out
+:class:`gpubp.gather.BatchGather` fills buffers the backend handed out
 (:meth:`~gpubp.backends.cuda.backend.CupyBackend.batch_buffers`); a train step on a batch
 gathered there reads them directly (its graph keyed by their pointers), so a step needs no
 staging copy of its batch.
