@@ -62,7 +62,9 @@ def main() -> None:
     order = rng.permutation(len(X))
 
     def fit20() -> None:
-        model.steps(Xc, yc, order, 0, 20, B, opt, [opt.lr] * 20)
+        took = model.steps(Xc, yc, order, 0, 20, B, opt, [opt.lr] * 20)
+        if took is None or len(took) != 20:  # else the time per step would mean nothing
+            raise SystemExit(f"MLP.steps took {took and len(took)} of 20 steps here")
 
     def step1() -> None:
         j = calls[0] % 20

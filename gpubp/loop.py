@@ -286,6 +286,7 @@ class EpochLoop:
         self._first = True
         self._time_first = time_first_step
         self._run = 1  # the batches the next run of ``steps`` may take (see run)
+        self._first_run = True  # the first run of ``steps`` compiles its kernels
 
     @property
     def step_index(self) -> int:
@@ -320,8 +321,8 @@ class EpochLoop:
         return value
 
     def _run_steps(
-        self, steps: Callable[[Any, int, int], Sequence[Any]], order: Any, bs: int
-    ) -> tuple[Sequence[Any], int]:
+        self, steps: Callable[[Any, int, int], Sequence[Any] | None], order: Any, bs: int
+    ) -> tuple[Sequence[Any] | None, int]:
         """One run of ``steps`` over the full batches from the current one (at most
         ``self._run``, which follows the time a run takes); its losses, counted in, and the
         batches asked for."""
@@ -332,6 +333,12 @@ class EpochLoop:
         t0 = time.perf_counter()
         values = steps(order, pos.batch, count)
         spent = time.perf_counter() - t0
+        if values is None:
+            return None, count
+        if self._time_first and self._first_run:  # it compiles: kept out of the speed too
+            self._first_run = False
+            self.first_step_seconds += spent
+            self.first_step_samples += bs * len(values)
         for v in values:
             self.losses.add(v, bs)
         pos.seen += bs * len(values)
@@ -349,7 +356,7 @@ class EpochLoop:
         *,
         stop: Callable[[], bool] = lambda: False,
         save: Callable[[bool, bool], None] | None = None,
-        steps: Callable[[Any, int, int], Sequence[Any]] | None = None,
+        steps: Callable[[Any, int, int], Sequence[Any] | None] | None = None,
     ) -> bool:
         """Train until ``epochs`` are done or ``stop()`` says so; True if stopped early.
 
@@ -360,8 +367,9 @@ class EpochLoop:
         ``steps(order, first, count)``, where given, trains on up to ``count`` full batches
         from batch ``first`` of ``order`` at once (a backend's
         :meth:`~gpubp.backends.Backend.train_steps`) and returns their losses; the batches it
-        leaves go to ``step``. Runs of them are sized to take about :data:`RUN_SECONDS`, so
-        the progress and ``stop()`` are seen as often as that.
+        leaves go to ``step``, and all of them once it returns None. Runs of them are sized
+        to take about :data:`RUN_SECONDS`, so the progress and ``stop()`` are seen as often as
+        that.
         """
         pos, be, bs = self.pos, self.backend, self.batch_size
         while pos.epoch < self.epochs:
@@ -374,6 +382,8 @@ class EpochLoop:
             while pos.batch < self.n_batches and not stop():
                 if steps is not None and not alone:
                     values, asked = self._run_steps(steps, order, bs)
+                    if values is None:  # never on this backend or data: every step alone
+                        steps, values = None, ()
                     alone = len(values) < asked
                     if values:
                         bar.update(pos.batch, self.losses.describe(pos.seen))

@@ -19,7 +19,7 @@ from .backends import Backend, get_backend, to_numpy
 from .budget import check_network
 from .loop import EpochEnd, EpochLoop, OneCaller
 from .losses import check_combination, is_classifier
-from .model_inputs import InputChecks, check_dtype, check_layer_sizes, check_optimizer
+from .model_inputs import InputChecks, check_dtype, check_layer_sizes, check_optimizer, check_run
 from .optim import Adam, Optimizer
 from .preprocessing import Preprocessing
 from .sparse_inputs import (
@@ -304,12 +304,13 @@ class MLP(InputChecks):
         batch_size: int,
         optimizer: Optimizer,
         lrs: list[float],
-    ) -> list[float]:
+    ) -> list[float] | None:
         """Up to ``count`` steps on the batches ``first, first + 1, ...`` of ``batch_size`` rows
         ``order[...]`` of the whole training set ``(X, y)`` (checked and preprocessed as for
         :meth:`step`), step ``s`` at learning rate ``lrs[s]``, in as few native calls as the
         backend can (:meth:`~gpubp.backends.Backend.train_steps`); their losses. The steps it
-        does not take (none on a backend without such a call) are left to :meth:`step`."""
+        does not take are left to :meth:`step`; None where the backend takes none of them."""
+        check_run(X, order, first, count, batch_size, lrs)
         with self._busy("steps"):
             state = optimizer.bind(self, self.backend, self.parameter_shapes, self.dtype)
             return self.backend.train_steps(

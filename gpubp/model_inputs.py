@@ -278,3 +278,27 @@ def check_layer_sizes(layer_sizes: object) -> tuple[int, ...]:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"{msg}; layer_sizes[{i}] is {n!r}")
     return tuple(int(n) for n in sizes)
+
+
+def check_run(X: Any, order: Any, first: int, count: int, batch: int, lrs: Sequence[float]) -> None:
+    """Refuse a run of steps (:meth:`gpubp.MLP.steps`) that would read outside ``order`` or
+    ``X``: ``order`` 1-D integers in ``[0, N)``, ``first >= 0``, ``count`` batches of ``batch``
+    rows from batch ``first`` within ``order``, a rate in ``lrs`` for each."""
+    n = int(X.shape[0])
+    if not isinstance(order, np.ndarray) or order.ndim != 1 or order.dtype.kind not in "iu":
+        raise TypeError(
+            f"order must be a 1-D NumPy array of integer row indices; got "
+            f"{type(order).__name__} {getattr(order, 'dtype', '')}"
+        )
+    for name, value in (("first", first), ("count", count), ("batch_size", batch)):
+        if not isinstance(value, (int, np.integer)) or value < (1 if name == "batch_size" else 0):
+            raise ValueError(f"{name} must be a non-negative integer (batch_size positive)")
+    if batch > n or (first + count) * batch > order.shape[0] or len(lrs) < count:
+        raise ValueError(
+            f"{count} batches of {batch} rows from batch {first} need "
+            f"{(first + count) * batch} entries of order (it has {order.shape[0]}), at most "
+            f"{n} rows a batch (X has {n}) and {count} learning rates (lrs has {len(lrs)})"
+        )
+    part = order[first * batch : (first + count) * batch]
+    if part.size and (int(part.min()) < 0 or int(part.max()) >= n):
+        raise IndexError(f"order holds row indices outside [0, {n}), the rows of X")

@@ -246,7 +246,7 @@ class _Run:
                     return model.step(*gather(idx), opt)
                 return dp.step(X, Y, idx, opt, stop=stop.requested)
 
-            def steps(order: Any, first: int, count: int) -> list[float]:
+            def steps(order: Any, first: int, count: int) -> list[float] | None:
                 at = loop.step_index
                 lrs = [config.learning_rate(at + i, total_steps) for i in range(count)]
                 return model.steps(X, Y, order, first, count, loop.batch_size, opt, lrs)

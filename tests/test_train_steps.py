@@ -14,10 +14,12 @@ import pytest
 import gpubp
 from gpubp import optim
 from gpubp.backends.base import Backend
+from gpubp.backends.update import MAXIMA
 from gpubp.errors import NonFiniteLossError
 from gpubp.loop import EpochLoop
 
 pytest.importorskip("numba")
+from gpubp.backends.numba import NumbaBackend, multistep
 from gpubp.backends.numba.tuner import ThreadTuner
 
 SIZES = (37, 45, 29, 5)
@@ -66,6 +68,20 @@ def _train(model, opt, X, y, order, lrs, together: bool):
     return losses, taken
 
 
+def _state(opt, model):
+    return opt.bind(model, model.backend, model.parameter_shapes, model.dtype)
+
+
+def _same_state(opt_a, a, opt_b, b) -> None:
+    """The optimizer states the same: step count, every slot bit for bit, the kept maxima."""
+    sa, sb = _state(opt_a, a), _state(opt_b, b)
+    assert sa["step"] == sb["step"]
+    assert sa.get(MAXIMA) == sb.get(MAXIMA)
+    for slot in opt_a.slots:
+        for x, y in zip(sa[slot], sb[slot], strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
 def _same(a: gpubp.MLP, b: gpubp.MLP) -> None:
     for x, y in zip([*a.get_parameters()[0], *a.get_parameters()[1]],
                     [*b.get_parameters()[0], *b.get_parameters()[1]]):  # fmt: skip
@@ -87,9 +103,8 @@ def test_steps_together_are_the_steps_one_by_one(rng, rule, task, dtype):
     assert lt == la
     _same(together, alone)
     assert opt_t.lr == opt_a.lr == lrs[-1]
-    st = opt_t.bind(together, together.backend, together.parameter_shapes, together.dtype)
-    sa = opt_a.bind(alone, alone.backend, alone.parameter_shapes, alone.dtype)
-    assert st["step"] == sa["step"] == len(lrs)
+    _same_state(opt_t, together, opt_a, alone)
+    assert _state(opt_t, together)["step"] == len(lrs)
 
 
 @pytest.mark.parametrize("rule", ["sgd", "adam"])
@@ -102,8 +117,7 @@ def test_a_parallel_update_and_a_tuned_thread_count_change_nothing(rng, rule):
     lrs = [RULES[rule]().lr] * 40
     models = []
     for together in (False, True):
-        m = gpubp.MLP(list(sizes), backend=gpubp.get_backend("numba"), seed=1)
-        m.backend.threads = 2
+        m = gpubp.MLP(list(sizes), backend=NumbaBackend(threads=2), seed=1)
         _train(m, RULES[rule](), X, y, order, lrs, together)
         models.append(m)
     _same(*models)
@@ -150,7 +164,7 @@ def test_a_step_the_update_rejects_is_left_whole(rng, rule):
 def test_the_numpy_backend_takes_no_steps_together(rng):
     X, y = _data(rng, "classification", "float32")
     model = gpubp.MLP(list(SIZES), backend="numpy", dtype="float32", seed=0)
-    assert model.steps(X, y, np.arange(N), 0, 3, BATCH, optim.Adam(), [1e-3] * 3) == []
+    assert model.steps(X, y, np.arange(N), 0, 3, BATCH, optim.Adam(), [1e-3] * 3) is None
 
 
 def test_unsupported_targets_take_no_steps_together(rng):
@@ -158,7 +172,7 @@ def test_unsupported_targets_take_no_steps_together(rng):
     X, y = _data(rng, "classification", "float32")
     model = _model("classification", "float32")
     got = model.steps(X, y.astype(np.float32), np.arange(N), 0, 3, BATCH, optim.Adam(), [1e-3] * 3)
-    assert got == []
+    assert got is None
 
 
 class _Recorder:
@@ -231,3 +245,101 @@ def test_fit_takes_its_full_batches_together(rng, monkeypatch):
     hb = b.fit(X, y, epochs=2, batch_size=BATCH, progress=False)
     assert ha["loss"] == hb["loss"]
     _same(a, b)
+
+
+@pytest.mark.parametrize("rule", ["sgd", "adam"])
+def test_a_label_out_of_range_is_left_to_the_step_which_refuses_it(rng, rule):
+    X, y = _data(rng, "classification", "float32")
+    order = rng.permutation(N)
+    y[order[2 * BATCH + 5]] = SIZES[-1]  # in the third batch
+    lrs = [RULES[rule]().lr] * (N // BATCH)
+    model, twin = _model("classification", "float32"), _model("classification", "float32")
+    opt, opt_twin = RULES[rule](), RULES[rule]()
+    assert len(model.steps(X, y, order, 0, len(lrs), BATCH, opt, lrs)) == 2
+    _train(twin, opt_twin, X, y, order, lrs[:2], together=False)
+    _same(model, twin)
+    _same_state(opt, model, opt_twin, twin)
+    idx = order[2 * BATCH : 3 * BATCH]
+    with pytest.raises(ValueError, match="label"):
+        model.step(X[idx], y[idx], opt)
+    _same(model, twin)
+
+
+@pytest.mark.parametrize("kernel", ["fold_steps", "update_steps"])
+def test_an_interrupted_run_counts_the_steps_it_wrote(rng, monkeypatch, kernel):
+    """Ctrl-C lands when the kernel returns: the steps it wrote are counted (the optimizer's
+    step count and rate, the state's maxima), so training on agrees with one by one."""
+    real = getattr(multistep, kernel)
+
+    def interrupted(*args):
+        real(*args)
+        raise KeyboardInterrupt
+
+    rule = "sgd" if kernel == "fold_steps" else "adam"
+    X, y = _data(rng, "classification", "float32")
+    order = rng.permutation(N)
+    lrs = [RULES[rule]().lr * (1 + i) for i in range(N // BATCH)]
+    model, twin = _model("classification", "float32"), _model("classification", "float32")
+    opt, opt_twin = RULES[rule](), RULES[rule]()
+    monkeypatch.setattr(multistep, kernel, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.steps(X, y, order, 0, 4, BATCH, opt, lrs[:4])
+    monkeypatch.setattr(multistep, kernel, real)
+    _train(twin, opt_twin, X, y, order, lrs[:4], together=False)
+    _same(model, twin)
+    _same_state(opt, model, opt_twin, twin)
+    assert opt.lr == opt_twin.lr
+
+
+def test_the_update_check_without_the_proof_and_a_folding_cut_change_nothing(rng, monkeypatch):
+    """``prove_updates = False`` (every step's exact check) and a rate whose ``lr wd > 1``
+    stops the folded SGD run: still the steps one by one, state included."""
+    X, y = _data(rng, "regression", "float32")
+    order = rng.permutation(N)
+    rules = {"adam": RULES["adam"], "sgd-decay": lambda: optim.SGD(lr=0.05, weight_decay=2.0)}
+    for rule, lrs in (("adam", [1e-2] * 9), ("sgd-decay", [0.05] * 4 + [0.6] + [0.05] * 4)):
+        runs = []
+        for together in (False, True):  # (the fifth step's lr wd = 1.2: not folded)
+            model, opt = _model("regression", "float32"), rules[rule]()
+            monkeypatch.setattr(model.backend, "prove_updates", False)
+            losses, _ = _train(model, opt, X, y, order, lrs, together)
+            runs.append((model, opt, losses))
+        (a, oa, la), (b, ob, lb) = runs
+        assert la == lb
+        _same(a, b)
+        _same_state(oa, a, ob, b)
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (dict(order=np.arange(N, dtype=float)), TypeError),
+        (dict(order=np.arange(N) - 1), IndexError),
+        (dict(count=N // BATCH + 1), ValueError),
+        (dict(first=-1), ValueError),
+        (dict(lrs=[1e-3]), ValueError),
+        (dict(batch_size=N + 1, count=1), ValueError),
+    ],
+)
+def test_a_run_outside_the_data_is_refused_with_nothing_changed(rng, change, error):
+    X, y = _data(rng, "classification", "float32")
+    model = _model("classification", "float32")
+    before = model.get_parameters()
+    call = dict(order=rng.permutation(N), first=0, count=3, batch_size=BATCH, lrs=[1e-3] * 3)
+    call.update(change)
+    with pytest.raises(error):
+        model.steps(X, y, call["order"], call["first"], call["count"], call["batch_size"],
+                    optim.Adam(), call["lrs"])  # fmt: skip
+    after = model.get_parameters()
+    for p, q in zip([*before[0], *before[1]], [*after[0], *after[1]]):
+        np.testing.assert_array_equal(p, q)
+
+
+def test_a_backend_that_takes_none_is_asked_once(rng):
+    """None from ``steps`` (this backend never takes runs): every later batch goes alone,
+    without asking again."""
+    calls = []
+    loop = EpochLoop(gpubp.get_backend("numpy"), 100, 10, 2, progress=False, echo=None)
+    loop.run(lambda idx: 0.0, lambda: np.arange(100), lambda end: "",
+             steps=lambda *a: calls.append(a) or None)  # fmt: skip
+    assert len(calls) == 1

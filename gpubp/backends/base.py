@@ -172,12 +172,13 @@ class Backend(SparseOps, UpdateOps):
         optimizer: Any,
         state: dict[str, Any],
         lrs: list[float],
-    ) -> list[float]:
+    ) -> list[float] | None:
         """Up to ``count`` training steps on the batches ``order[start + s batch : start + (s +
         1) batch]`` of the whole set ``(X, y)`` (as checked for a fit), step ``s`` at learning
         rate ``lrs[s]``, taken together where this backend can (its losses, as floats); the
-        steps not taken are left to :meth:`train_step`, one by one. This class takes none."""
-        return []
+        steps not taken are left to :meth:`train_step`, one by one. None: this backend takes
+        none of these steps together, now or later (this class never does)."""
+        return None
 
     # --- the ops ----------------------------------------------------------------------------
 

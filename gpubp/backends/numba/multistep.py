@@ -33,9 +33,10 @@ _inline = njit(inline="always", error_model="numpy")
 
 
 @_inline
-def _gather(X, labels, Y, order, lo, a0, lab, Yb):  # type: ignore[no-untyped-def]
+def _gather(X, labels, Y, order, lo, a0, lab, Yb, n_out):  # type: ignore[no-untyped-def]
     """Rows ``order[lo : lo + B]`` of ``X`` into ``a0`` ``(B, n_0)``, their targets into
-    ``lab`` (labels) or ``Yb`` (dense rows)."""
+    ``lab`` (labels) or ``Yb`` (dense rows); False (the step not to be taken here) if a label
+    is outside ``[0, n_out)``: the ordinary step refuses it, with nothing written."""
     B, n = a0.shape
     for i in range(B):
         r = order[lo + i]
@@ -44,32 +45,39 @@ def _gather(X, labels, Y, order, lo, a0, lab, Yb):  # type: ignore[no-untyped-de
             dst[j] = src[j]
     if labels.shape[0]:
         for i in range(B):
-            lab[i] = labels[order[lo + i]]
+            c = labels[order[lo + i]]
+            if c < 0 or c >= n_out:
+                return False
+            lab[i] = c
     else:
         m = Yb.shape[1]
         for i in range(B):
             src, dst = Y[order[lo + i]], Yb[i]
             for j in range(m):
                 dst[j] = src[j]
+    return True
 
 
 @_jit
 def fold_steps(  # type: ignore[no-untyped-def]
     X, labels, Y, order, start, count, a0, lab, Yb,
-    Ws, bs, acts, z, ds, dbs, hid, out_act, loss, cm, sgds, losses,
+    Ws, bs, acts, z, ds, dbs, hid, out_act, loss, cm, sgds, losses, progress,
 ):  # fmt: skip
     """Up to ``count`` plain-SGD steps folded into the gradient GEMMs
     (:func:`.layers.backprop_fold`), step ``s`` with the scalars ``sgds[s]``; each loss into
-    ``losses[s]``. Returns the steps done."""
+    ``losses[s]`` and the steps written so far into ``progress[0]`` (read it even where the
+    call is interrupted). Returns the steps done."""
     B = a0.shape[0]
     for s in range(count):
-        _gather(X, labels, Y, order, start + s * B, a0, lab, Yb)
+        if not _gather(X, labels, Y, order, start + s * B, a0, lab, Yb, z.shape[1]):
+            return s
         value, done = backprop_fold(
             a0, lab, Yb, Ws, bs, acts, z, ds, dbs, hid, out_act, loss, cm, float(B), sgds[s]
         )
         if not done:
             return s
         losses[s] = value
+        progress[0] = s + 1
     return count
 
 
@@ -77,7 +85,7 @@ def fold_steps(  # type: ignore[no-untyped-def]
 def update_steps(  # type: ignore[no-untyped-def]
     X, labels, Y, order, start, count, a0, lab, Yb,
     Ws, bs, acts, z, ds, dWs, dbs, hid, out_act, loss, cm,
-    adam, cols, wides, known, prove, lim, plan, losses, statuses,
+    adam, cols, wides, known, prove, lim, plan, losses, statuses, progress,
 ):  # fmt: skip
     """Up to ``count`` steps of backpropagation (:func:`.layers.backprop`) and the checked
     update (:mod:`.checked`: Adam where ``adam``, else SGD; on ``plan``'s chunks in parallel
@@ -85,14 +93,17 @@ def update_steps(  # type: ignore[no-untyped-def]
     ``slot1`` is the momentum buffer, ``ps`` without momentum; ``slot2`` unused); step ``s``
     takes the rule's scalars ``wides[s]`` and the state's maxima in ``known`` (left there for
     the next step; its first entry is cleared before each step unless ``prove``). Each loss
-    goes into ``losses[s]`` and the update's status into ``statuses[s]``. Returns the steps
-    done."""
+    goes into ``losses[s]``, the update's status into ``statuses[s]`` and the steps written so
+    far into ``progress[0]``. Returns the steps done."""
     B = a0.shape[0]
     ps, gs, m1, m2 = cols
     par = plan.shape[0] > 0
     for s in range(count):
-        _gather(X, labels, Y, order, start + s * B, a0, lab, Yb)
-        value, G = backprop(a0, lab, Yb, Ws, bs, acts, z, ds, dWs, dbs, hid, out_act, loss, cm, B)
+        if not _gather(X, labels, Y, order, start + s * B, a0, lab, Yb, z.shape[1]):
+            return s
+        value, G = backprop(
+            a0, lab, Yb, Ws, bs, acts, z, ds, dWs, dbs, hid, out_act, loss, cm, float(B)
+        )
         if value - value != 0.0:
             return s
         if not prove:
@@ -109,6 +120,7 @@ def update_steps(  # type: ignore[no-untyped-def]
             return s
         losses[s] = value
         statuses[s] = status
+        progress[0] = s + 1
     return count
 
 

@@ -53,22 +53,24 @@ class NumbaSteps:
         optimizer: Any,
         state: dict[str, Any],
         lrs: list[float],
-    ) -> list[float]:
+    ) -> list[float] | None:
         """Up to ``count`` steps on batches of ``batch`` rows ``order[start + s batch : start +
         (s + 1) batch]`` of ``(X, y)``, step ``s`` at learning rate ``lrs[s]``, in as few
         kernel calls as the thread tuner allows; their losses, in order.
 
-        Fewer (none, where this backend cannot take them: a network without the one-call
-        step, arrays not C-contiguous of the parameters' dtype, targets not int64 labels or
-        rows of that dtype) where a step must be taken the ordinary way; nothing of that step
-        is written, and ``optimizer.lr`` is the last step's rate. The numbers are those of
-        the same steps taken one by one.
+        Fewer where a step must be taken the ordinary way (nothing of that step is written),
+        and None where this backend can take none of these steps (a network without the
+        one-call step, arrays not C-contiguous of the parameters' dtype, targets not int64
+        labels or rows of that dtype, a batch split over threads). ``optimizer.lr`` is left
+        at the last step's rate, and an interruption (Ctrl-C) counts the steps written. The
+        numbers are those of the same steps taken one by one.
         """
+        count = min(count, len(lrs))
         x0 = X[:batch] if isinstance(X, np.ndarray) and X.ndim == 2 else None
         net = None if x0 is None else self._net(weights, biases, x0, activation, output, loss)
         labels, Y = self._all_targets(y, net)
         if net is None or labels is None or not self._fits(net.ws.dtype, X):
-            return []
+            return None
         order = np.ascontiguousarray(order, dtype=np.int64)
         fold = optimizer.kind == "sgd" and not optimizer.momentum and batch <= FOLD_MAX_BATCH
         wd = float(optimizer.weight_decay)
@@ -106,19 +108,30 @@ class NumbaSteps:
         """The thread count the tuner picks for the next steps (None: the backend's own)."""
         return net.tuner.threads() if net.tuner is not None and self.adaptive_threads else None
 
-    def _timed(self, net: _Net, call: Any) -> int:
-        """``call()`` (in the scope of :meth:`_count`), its time handed to the tuner per step."""
+    def _timed(self, net: _Net, call: Any, progress: Any) -> None:
+        """``call()`` (in the scope of :meth:`_count`), its time handed to the tuner per step
+        written (``progress[0]``)."""
         tuner = net.tuner if self.adaptive_threads else None
         used = self._count(net)
         t0 = time.perf_counter()
-        done = int(call())
+        call()
+        done = int(progress[0])
         if tuner is not None and done:
             per_step = (time.perf_counter() - t0) / done
             for _ in range(done):  # (an alarm may start a probe: later steps ran before it)
                 if tuner.threads() != used:
                     break
                 tuner.record(per_step, net.ws.batch)
-        return done
+
+    @staticmethod
+    def _count_steps(
+        optimizer: Any, state: dict[str, Any], rates: list[float], step: int, done: int
+    ) -> None:
+        """The optimizer's rate and the state's step count after ``done`` steps written (also
+        where the call was interrupted: what the kernel wrote is counted, no more)."""
+        if done:
+            optimizer.lr = rates[done - 1]
+            state["step"] = step + done
 
     def _fold_run(
         self, net: _Net, X: Any, labels: Any, Y: Any, order: Any, first: int,
@@ -127,16 +140,17 @@ class NumbaSteps:
         """Plain SGD folded into the GEMMs (:func:`.multistep.fold_steps`)."""
         ws, k, wd = net.ws, len(rates), float(optimizer.weight_decay)
         sgds = np.array([[lr, wd, 1.0 if lr <= net.largest else 0.0, net.change] for lr in rates])
-        out = np.empty(k)
+        out, progress, step = np.empty(k), np.zeros(1, dtype=np.int64), int(state["step"])
         args = (
             X, labels, Y, order, first, k, ws.a[0], *_batch_targets(ws, labels),
             net.Ws, net.bs, net.acts, ws.z_out, net.ds, net.dbs, *net.ids, ws.cm, sgds, out,
+            progress,
         )  # fmt: skip
-        done = self._timed(net, lambda: MS.fold_steps(*args))
-        if done:
-            optimizer.lr = rates[done - 1]
-            state["step"] = int(state["step"]) + done
-        return out[:done].tolist()
+        try:
+            self._timed(net, lambda: MS.fold_steps(*args), progress)
+        finally:
+            self._count_steps(optimizer, state, rates, step, int(progress[0]))
+        return out[: int(progress[0])].tolist()
 
     def _update_run(
         self, net: _Net, X: Any, labels: Any, Y: Any, order: Any, first: int,
@@ -164,24 +178,24 @@ class NumbaSteps:
             known[1 : 1 + len(maxima)] = maxima
         cols = (*plan.cols, *plan.cols[2:3] * (4 - len(plan.cols)))  # (ps, gs, slot1, slot2)
         out, statuses = np.empty(k), np.zeros(k, dtype=np.int64)
+        progress = np.zeros(1, dtype=np.int64)
         args = (
             X, labels, Y, order, first, k, ws.a[0], *_batch_targets(ws, labels),
             net.Ws, net.bs, net.acts, ws.z_out, net.ds, net.dWs, net.dbs, *net.ids, ws.cm,
             plan.kind == "adam", cols, wides, known, self.prove_updates, plan.limits,
-            plan.extra[0] if plan.extra else _NO_PLAN, out, statuses,
+            plan.extra[0] if plan.extra else _NO_PLAN, out, statuses, progress,
         )  # fmt: skip
         try:
-            done = self._timed(net, lambda: MS.update_steps(*args))
-        finally:  # the maxima the last written step left (or those it was handed)
+            self._timed(net, lambda: MS.update_steps(*args), progress)
+        finally:  # what the kernel wrote, also where the call was interrupted
+            done = int(progress[0])
             if slots and (known[0] != 0.0 or maxima is not None):
                 state[MAXIMA] = (
                     (float(known[1]),) if plan.kind == "sgd" else tuple(map(float, known[1:]))
                 )
-        for s in statuses[:done]:
-            self.update_counts["proved" if s == C.PROVED else "checked"] += 1
-        if done:
-            optimizer.lr = rates[done - 1]
-            state["step"] = step + done
+            for st in statuses[:done]:
+                self.update_counts["proved" if st == C.PROVED else "checked"] += 1
+            self._count_steps(optimizer, state, rates, step, done)
         return out[:done].tolist()
 
 
