@@ -285,9 +285,10 @@ def check_run(X: Any, order: Any, first: int, count: int, batch: int, lrs: Seque
     ``X``: ``order`` 1-D integers in ``[0, N)``, ``first >= 0``, ``count`` batches of ``batch``
     rows from batch ``first`` within ``order``, a rate in ``lrs`` for each."""
     n = int(X.shape[0])
-    if not isinstance(order, np.ndarray) or order.ndim != 1 or order.dtype.kind not in "iu":
+    kind = np.dtype(getattr(order, "dtype", object)).kind
+    if getattr(order, "ndim", None) != 1 or kind not in "iu":
         raise TypeError(
-            f"order must be a 1-D NumPy array of integer row indices; got "
+            f"order must be a 1-D array of integer row indices; got "
             f"{type(order).__name__} {getattr(order, 'dtype', '')}"
         )
     for name, value in (("first", first), ("count", count), ("batch_size", batch)):

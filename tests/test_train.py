@@ -133,11 +133,13 @@ def test_digits_learns(tmp_path):
 
 
 class _InterruptAfter:
-    """Send this process SIGINT (as Ctrl-C does) during training step ``n``."""
+    """Send this process SIGINT (as Ctrl-C does) during training step ``n``, whether the step
+    runs alone (``MLP.step``) or in a run of steps in one native call (``MLP.steps``, which is
+    then cut to end at step ``n``: the signal lands when the call returns)."""
 
     def __init__(self, monkeypatch, n):
         self.count, self.n = 0, n
-        original = MLP.step
+        original, original_run = MLP.step, MLP.steps
 
         def step(model, x, y, optimizer):
             self.count += 1
@@ -145,7 +147,20 @@ class _InterruptAfter:
                 os.kill(os.getpid(), signal.SIGINT)
             return original(model, x, y, optimizer)
 
+        def steps(model, X, y, order, first, count, batch_size, optimizer, lrs):
+            left = self.n - self.count
+            if 0 < left < count:
+                count, lrs = left, lrs[:left]
+            took = original_run(model, X, y, order, first, count, batch_size, optimizer, lrs)
+            if took:
+                crossed = self.count < self.n <= self.count + len(took)
+                self.count += len(took)
+                if crossed:
+                    os.kill(os.getpid(), signal.SIGINT)
+            return took
+
         monkeypatch.setattr(MLP, "step", step)
+        monkeypatch.setattr(MLP, "steps", steps)
 
 
 @pytest.mark.parametrize("stop_at", [4, 7, 15])  # mid-epoch; end of epoch 1 (7 batches); later
