@@ -69,6 +69,17 @@ def test_header_constants_match_the_host():
     assert ck.THREADS % 32 == 0 and ck.CHUNK % 4 == 0
 
 
+def test_the_elementwise_losses_share_one_kernel_body():
+    """mse_loss (elementwise outputs), bce_loss and poisson_loss are elementwise_loss with a
+    loss functor each (their bits unchanged: test_emulated_kernels' output_layer checks)."""
+    src = read_kernel("output_layer.cu")
+    for name, term in (("bce_loss", "BceTerm"), ("poisson_loss", "PoissonTerm"),
+                       ("mse_loss", "MseTerm")):  # fmt: skip
+        body = src[src.index(f"void {name}(") :].split("\n}\n", 1)[0]
+        assert f"elementwise_loss<T, TGT>({term}<" in body, name
+    assert src.count("for (i64 r = global_thread() >> 5; r < rows; r += warps)") == 3
+
+
 @pytest.mark.parametrize("family", ck.FAMILIES)
 def test_every_kernel_template_is_instantiated(family):
     templates = set(ck.kernel_templates(family))

@@ -1289,14 +1289,15 @@ def test_every_instantiation_is_tested() -> None:
 
 
 def _warp_kernels() -> list[str]:
-    """Instantiations whose kernel template begins with the ``whole_warps`` check."""
+    """Instantiations whose kernel template begins with the ``whole_warps`` check (itself or
+    through ``elementwise_loss``, the elementwise losses' row body)."""
     names = []
     for family in ck.FAMILIES:
         src = ck.source(family)
         for template in ck.kernel_templates(family):
             m = re.search(rf"__global__\s+void\s+{template}\s*\(.*?\{{(.*?)\n\}}", src, re.S)
             assert m is not None, template
-            if "whole_warps(" in m[1]:
+            if "whole_warps(" in m[1] or "elementwise_loss<" in m[1]:
                 names += [n for n in ck.name_expressions(family) if parse(n)[0] == template]
     return names
 
