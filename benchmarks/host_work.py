@@ -6,7 +6,8 @@ Usage: python benchmarks/host_work.py [--steps N] [--optimizer sgd|adam] [--sche
 The emulator is no clock, so this counts what a step costs the host instead, per step, over
 ``N`` steps after a warm-up, through the same calls as ``gpubp train`` (the device-resident
 data set gathered by :class:`gpubp.gather.BatchGather`, ``MLP.step``, the losses added to a
-:class:`gpubp.loop.LossSum`, the learning rate set every step when ``--schedule``), or with
+:class:`gpubp.loop.LossSum`, with ``--schedule`` a cosine learning rate set every step by
+:meth:`gpubp.optim.Optimizer.follow`), or with
 ``--distributed`` through :meth:`gpubp.distributed.DataParallel.step` on one MPI rank
 (``COMM_SELF``; the all-reduce goes through the emulated NCCL, needs mpi4py):
 
@@ -47,6 +48,7 @@ def measure(
     from gpubp.gather import BatchGather
     from gpubp.loop import LossSum
     from gpubp.optim import SGD, Adam
+    from gpubp.schedules import Schedule
 
     rng = np.random.default_rng(0)
     model = MLP([20, 32, 5], backend="cupy", seed=0)
@@ -55,6 +57,7 @@ def measure(
     X = be.asarray(rng.normal(size=(n, 20)), "float32")
     Y = be.asarray(rng.integers(0, 5, n))
     opt = Adam(lr=1e-3) if optimizer == "adam" else SGD(lr=0.05, momentum=0.9)
+    cosine = Schedule("cosine", opt.lr, 3 + steps)
     # as gpubp train and MLP.fit make it
     gather = BatchGather(X, Y, batch, xp=be.xp, buffers=be.batch_buffers)
     losses = LossSum(be)
@@ -69,7 +72,7 @@ def measure(
 
     def step(k: int) -> None:
         if schedule:
-            opt.lr = 1e-3 * (1 + np.cos(k / 100))  # a new learning rate every step
+            opt.follow(cosine, k)  # a new learning rate every step, as gpubp train sets it
         idx = order[(k * batch) % (n - batch) :][:batch]
         if dp is not None:  # as gpubp train --distributed steps
             losses.add(dp.step(X, Y, idx, opt), batch)

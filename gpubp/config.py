@@ -8,7 +8,6 @@ options. What a checkpoint records of it, and what a resume takes back, is
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from ._checks import (
 )
 from .activations import HIDDEN_ACTIVATIONS
 from .optim import Optimizer, make_optimizer
+from .schedules import SCHEDULES, Schedule
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -40,7 +40,6 @@ __all__ = [
 OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam", "adamw")
 #: The learning rate each optimizer starts from when ``lr`` is not given.
 DEFAULT_LR: dict[str, float] = {"sgd": 0.1, "momentum": 0.05, "adam": 1e-3, "adamw": 1e-3}
-SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 DEFAULT_BATCH = 128
 SMALL_DATA_BATCH = 32
 SMALL_DATA = 10_000
@@ -197,11 +196,13 @@ class TrainConfig:
             kwargs["weight_decay"] = self.weight_decay
         return make_optimizer(self.optimizer, **kwargs)
 
+    def lr_schedule(self, total_steps: int) -> Schedule:
+        """The run's learning-rate schedule over ``total_steps`` global steps."""
+        return Schedule(self.schedule, self.peak_lr, total_steps)
+
     def learning_rate(self, step: int, total_steps: int) -> float:
         """The learning rate for global step ``step`` (0-based) of ``total_steps``."""
-        if self.schedule == "constant":
-            return self.peak_lr
-        return self.peak_lr * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
+        return self.lr_schedule(total_steps).at(step)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

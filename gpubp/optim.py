@@ -14,6 +14,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .schedules import Schedule
+
 __all__ = ["SGD", "Adam", "AdamW", "Optimizer"]
 
 #: The owner of state bound with ``owner=None``: parameters the caller keeps itself.
@@ -105,6 +107,16 @@ class Optimizer:
         #: the backend the state lives on (its ``to_numpy`` copies the state out)
         self._backend: Any = None
         self._shapes: list[tuple[int, ...]] = []
+        #: the schedule ``lr`` follows and its global step (:meth:`follow`), or ``None``
+        self.schedule: Schedule | None = None
+        self.schedule_step: int | None = None
+
+    def follow(self, schedule: Schedule, step: int) -> None:
+        """Set ``lr`` to ``schedule``'s rate of global step ``step`` (0 first), and keep both, so
+        that a backend may compute the rate itself (the CUDA step does, on the device, where the
+        schedule is a formula and ``lr`` is still that rate)."""
+        self.lr = schedule.at(step)
+        self.schedule, self.schedule_step = schedule, int(step)
 
     @property
     def slots(self) -> tuple[str, ...]:

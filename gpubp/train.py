@@ -231,6 +231,7 @@ class _Run:
             time_first_step=True,
         )
         total_steps = config.epochs * loop.n_batches
+        schedule = config.lr_schedule(total_steps)
         quiet_rank = self.comm is not None and self.comm.rank != 0
         # reused buffers, no allocation per step (on the device too)
         gather = BatchGather(
@@ -241,14 +242,15 @@ class _Run:
             dp = self.dp
 
             def step(idx: Any) -> Any:
-                opt.lr = config.learning_rate(loop.step_index, total_steps)
+                # lr, and the schedule, which the CUDA step computes on the device
+                opt.follow(schedule, loop.step_index)
                 if dp is None:
                     return model.step(*gather(idx), opt)
                 return dp.step(X, Y, idx, opt, stop=stop.requested)
 
             def steps(order: Any, first: int, count: int) -> list[float] | None:
                 at = loop.step_index
-                lrs = [config.learning_rate(at + i, total_steps) for i in range(count)]
+                lrs = [schedule.at(at + i) for i in range(count)]
                 return model.steps(X, Y, order, first, count, loop.batch_size, opt, lrs)
 
             def draw_order() -> np.ndarray:

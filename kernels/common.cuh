@@ -24,7 +24,7 @@ enum StatusSlot : int {
 // --- the hyper-parameter block: T values in device memory, written by the host before a step ---
 // (device memory, not kernel arguments, so a captured CUDA graph sees a changed learning rate;
 // Adam's train step writes its block itself from a float64 one and a step counter,
-// adam_step_scalars in optimizers.cu)
+// adam_step_scalars in optimizers.cu, and a step with a schedule its rate, schedule_lr)
 enum HyperSlot : int {
     HP_LR = 0,
     HP_MOMENTUM = 1,
@@ -42,6 +42,21 @@ enum HyperSlot : int {
     HP_ONE_MINUS_BETA1 = 13,
     HP_ONE_MINUS_BETA2 = 14,
     HP_SLOTS = 16,
+};
+
+// --- a learning-rate schedule the train step computes on the device (schedule_lr in
+// optimizers.cu): SCHED_SLOTS doubles written by the host when they change (gpubp.schedules) ---
+enum ScheduleSlot : int {
+    SCHED_KIND = 0,         // 0: the host sets the rate; else gpubp.schedules.FORMULAS' code
+    SCHED_LR = 1,           // the peak rate
+    SCHED_STEPS = 2,        // T, at least 1
+    SCHED_SCALED_DECAY = 3, // 1: HP_DECAY is 1 - lr * weight_decay (SGD, AdamW); 0: left (Adam)
+    SCHED_SLOTS = 4,
+};
+enum ScheduleKind : int {
+    SCHED_KIND_HOST = 0,
+    SCHED_KIND_CONSTANT = 1,
+    SCHED_KIND_COSINE = 2,
 };
 
 // --- target kinds of the output-layer kernels --------------------------------------------------

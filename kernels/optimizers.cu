@@ -196,6 +196,36 @@ __global__ void adam_step_scalars(T* __restrict__ hp, const double* __restrict__
     hp[HP_ALPHA] = static_cast<T>(hp64[HP_LR] * root_bc2 / (1.0 - pow(hp64[HP_BETA1], t)));
 }
 
+// The learning rate of global step count[0] (0 first) from the schedule block sched, as
+// gpubp.schedules.Schedule.at computes it in float64, operation for operation (cosine:
+// lr * c * c with c = cos(pi t / 2T); no product is added to anything there), written into the
+// float64 block hp64 with the slots derived from it as gpubp.backends.cuda.catalogue.
+// hyperparameters derives them (1 - lr * weight_decay through __dmul_rn / __dadd_rn, so that
+// it is not contracted into an FMA); then count[0] advances (every step, skipped or not: it
+// counts global steps) and hp64 is rounded once into hp. With SCHED_KIND_HOST the host's rate
+// in hp64 is kept and the counter is not read. One thread; first in the train step.
+template <typename T>
+__global__ void schedule_lr(T* __restrict__ hp, double* __restrict__ hp64,
+                            const double* __restrict__ sched, i64* __restrict__ count) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    const int kind = static_cast<int>(sched[SCHED_KIND]);
+    if (kind != SCHED_KIND_HOST) {
+        double lr = sched[SCHED_LR];
+        if (kind == SCHED_KIND_COSINE) {
+            const double pi = 3.141592653589793;  // math.pi
+            const double c = cos(pi * static_cast<double>(count[0]) / (2.0 * sched[SCHED_STEPS]));
+            lr = lr * c * c;
+        }
+        hp64[HP_LR] = lr;
+        hp64[HP_NEG_LR] = -lr;
+        hp64[HP_LR_MOMENTUM] = __dmul_rn(lr, hp64[HP_MOMENTUM]);
+        if (sched[SCHED_SCALED_DECAY] != 0.0)
+            hp64[HP_DECAY] = __dadd_rn(1.0, -__dmul_rn(lr, hp64[HP_WEIGHT_DECAY]));
+        count[0] += 1;
+    }
+    for (int i = 0; i < HP_SLOTS; ++i) hp[i] = static_cast<T>(hp64[i]);
+}
+
 // After the update: the step counter advances unless STATUS_BAD is set (a skipped step is not
 // counted, as the host takes back its optimizer step count). One thread.
 __global__ void count_step(i64* __restrict__ steps, const int* __restrict__ status) {

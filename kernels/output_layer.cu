@@ -72,11 +72,16 @@ __global__ void softmax_cross_entropy(T* __restrict__ z, const T* __restrict__ b
     if (bad) flag_bad(status);
 }
 
-// MSE for every output activation; ACT is the output activation (ACT_SOFTMAX: row-wise Jacobian).
-template <typename T, int ACT, int TGT>
-__global__ void mse_loss(T* __restrict__ z, const T* __restrict__ b, const T* __restrict__ y,
-                         const i64* __restrict__ labels, i64 rows, int n, T inv_batch,
-                         T* __restrict__ row_loss, int* __restrict__ status) {
+// The losses taken element by element share their kernel: one warp per row, each element's
+// delta written in place over z and its loss term summed to the row's loss. Term is a functor,
+// T operator()(T v, T t, T inv_batch, T& d): the loss term of v = z + b against target t, and
+// the delta d. (Each term's operations are those of the kernel it came from, so the bits are.)
+template <typename T, int TGT, class Term>
+__device__ __forceinline__ void elementwise_loss(Term term, T* __restrict__ z,
+                                                 const T* __restrict__ b, const T* __restrict__ y,
+                                                 const i64* __restrict__ labels, i64 rows, int n,
+                                                 T inv_batch, T* __restrict__ row_loss,
+                                                 int* __restrict__ status) {
     if (!whole_warps(status)) return;
     const int lane = threadIdx.x & 31;
     const i64 warps = grid_threads() >> 5;
@@ -85,8 +90,69 @@ __global__ void mse_loss(T* __restrict__ z, const T* __restrict__ b, const T* __
         T* zr = z + r * n;
         const T* yr = TGT == TARGET_DENSE ? y + r * n : nullptr;
         const i64 label = TGT == TARGET_LABELS ? labels[r] : -1;
-        T sq = T(0);
-        if constexpr (ACT == ACT_SOFTMAX) {
+        T l = T(0);
+        for (int j = lane; j < n; j += 32) {
+            T d;
+            l += term(biased(zr, b, j), target<T, TGT>(yr, label, j), inv_batch, d);
+            bad |= !finite(d);
+            zr[j] = d;
+        }
+        l = warp_sum(l);
+        if (lane == 0) row_loss[r] = l;
+    }
+    if (bad) flag_bad(status);
+}
+
+// MSE with an elementwise output activation ACT: (a - t)^2, delta (a - t) f'(a) / B.
+template <typename T, int ACT>
+struct MseTerm {
+    __device__ __forceinline__ T operator()(T v, T t, T inv_batch, T& d) const {
+        const T a = activate<ACT>(v);
+        const T res = a - t;
+        d = (res * inv_batch) * derivative_from_output<ACT>(a);
+        return res * res;
+    }
+};
+
+// Sigmoid + binary cross-entropy in the stable form (no softplus(v) - y v cancellation):
+// (1 - y) max(v, 0) - y min(v, 0) + log1p(exp(-|v|)), delta (sigmoid(v) - t) / B.
+template <typename T>
+struct BceTerm {
+    __device__ __forceinline__ T operator()(T v, T t, T inv_batch, T& d) const {
+        d = (activate<ACT_SIGMOID>(v) - t) * inv_batch;
+        return (T(1) - t) * fmax(v, T(0)) - t * fmin(v, T(0)) + log1p(exp(-fabs(v)));
+    }
+};
+
+// Exp + half the Poisson deviance (Y >= 0): Y log Y - Y v - Y + exp(v), delta (exp(v) - t) / B.
+template <typename T>
+struct PoissonTerm {
+    __device__ __forceinline__ T operator()(T v, T t, T inv_batch, T& d) const {
+        const T a = activate<ACT_EXP>(v);
+        d = (a - t) * inv_batch;
+        return (t > T(0) ? t * log(t) : T(0)) - t * v - t + a;
+    }
+};
+
+// MSE for every output activation; ACT is the output activation (ACT_SOFTMAX: row-wise Jacobian,
+// its own kernel body; the elementwise ones MseTerm).
+template <typename T, int ACT, int TGT>
+__global__ void mse_loss(T* __restrict__ z, const T* __restrict__ b, const T* __restrict__ y,
+                         const i64* __restrict__ labels, i64 rows, int n, T inv_batch,
+                         T* __restrict__ row_loss, int* __restrict__ status) {
+    if constexpr (ACT != ACT_SOFTMAX) {
+        elementwise_loss<T, TGT>(MseTerm<T, ACT>{}, z, b, y, labels, rows, n, inv_batch,
+                                 row_loss, status);
+    } else {
+        if (!whole_warps(status)) return;
+        const int lane = threadIdx.x & 31;
+        const i64 warps = grid_threads() >> 5;
+        bool bad = false;
+        for (i64 r = global_thread() >> 5; r < rows; r += warps) {
+            T* zr = z + r * n;
+            const T* yr = TGT == TARGET_DENSE ? y + r * n : nullptr;
+            const i64 label = TGT == TARGET_LABELS ? labels[r] : -1;
+            T sq = T(0);
             T m = neg_inf<T>();
             for (int j = lane; j < n; j += 32) m = fmax(m, biased(zr, b, j));
             m = warp_max(m);
@@ -109,78 +175,26 @@ __global__ void mse_loss(T* __restrict__ z, const T* __restrict__ b, const T* __
                 bad |= !finite(d);
                 zr[j] = d;
             }
-        } else {
-            for (int j = lane; j < n; j += 32) {
-                const T a = activate<ACT>(biased(zr, b, j));
-                const T res = a - target<T, TGT>(yr, label, j);
-                sq += res * res;
-                const T d = (res * inv_batch) * derivative_from_output<ACT>(a);
-                bad |= !finite(d);
-                zr[j] = d;
-            }
+            sq = warp_sum(sq);
+            if (lane == 0) row_loss[r] = sq;
         }
-        sq = warp_sum(sq);
-        if (lane == 0) row_loss[r] = sq;
+        if (bad) flag_bad(status);
     }
-    if (bad) flag_bad(status);
 }
 
-// Sigmoid + binary cross-entropy, per element in the stable form (no softplus(v) - y v
-// cancellation): (1 - y) max(v, 0) - y min(v, 0) + log1p(exp(-|v|)).
 template <typename T, int TGT>
 __global__ void bce_loss(T* __restrict__ z, const T* __restrict__ b, const T* __restrict__ y,
                          const i64* __restrict__ labels, i64 rows, int n, T inv_batch,
                          T* __restrict__ row_loss, int* __restrict__ status) {
-    if (!whole_warps(status)) return;
-    const int lane = threadIdx.x & 31;
-    const i64 warps = grid_threads() >> 5;
-    bool bad = false;
-    for (i64 r = global_thread() >> 5; r < rows; r += warps) {
-        T* zr = z + r * n;
-        const T* yr = TGT == TARGET_DENSE ? y + r * n : nullptr;
-        const i64 label = TGT == TARGET_LABELS ? labels[r] : -1;
-        T l = T(0);
-        for (int j = lane; j < n; j += 32) {
-            const T v = biased(zr, b, j);
-            const T t = target<T, TGT>(yr, label, j);
-            l += (T(1) - t) * fmax(v, T(0)) - t * fmin(v, T(0)) + log1p(exp(-fabs(v)));
-            const T d = (activate<ACT_SIGMOID>(v) - t) * inv_batch;
-            bad |= !finite(d);
-            zr[j] = d;
-        }
-        l = warp_sum(l);
-        if (lane == 0) row_loss[r] = l;
-    }
-    if (bad) flag_bad(status);
+    elementwise_loss<T, TGT>(BceTerm<T>{}, z, b, y, labels, rows, n, inv_batch, row_loss, status);
 }
 
-// Exp + half the Poisson deviance (Y >= 0), per element Y log Y - Y v - Y + exp(v).
 template <typename T, int TGT>
 __global__ void poisson_loss(T* __restrict__ z, const T* __restrict__ b, const T* __restrict__ y,
                              const i64* __restrict__ labels, i64 rows, int n, T inv_batch,
                              T* __restrict__ row_loss, int* __restrict__ status) {
-    if (!whole_warps(status)) return;
-    const int lane = threadIdx.x & 31;
-    const i64 warps = grid_threads() >> 5;
-    bool bad = false;
-    for (i64 r = global_thread() >> 5; r < rows; r += warps) {
-        T* zr = z + r * n;
-        const T* yr = TGT == TARGET_DENSE ? y + r * n : nullptr;
-        const i64 label = TGT == TARGET_LABELS ? labels[r] : -1;
-        T l = T(0);
-        for (int j = lane; j < n; j += 32) {
-            const T v = biased(zr, b, j);
-            const T t = target<T, TGT>(yr, label, j);
-            const T a = activate<ACT_EXP>(v);
-            l += (t > T(0) ? t * log(t) : T(0)) - t * v - t + a;
-            const T d = (a - t) * inv_batch;
-            bad |= !finite(d);
-            zr[j] = d;
-        }
-        l = warp_sum(l);
-        if (lane == 0) row_loss[r] = l;
-    }
-    if (bad) flag_bad(status);
+    elementwise_loss<T, TGT>(PoissonTerm<T>{}, z, b, y, labels, rows, n, inv_batch, row_loss,
+                             status);
 }
 
 // loss[0] = scale * sum_r row_loss[r], summed in double in common.cuh's fixed_sum order by many

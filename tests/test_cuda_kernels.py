@@ -22,12 +22,13 @@ from gpubp import activations as act
 from gpubp import optim
 from gpubp import reference as ref
 from gpubp.backends.cuda import catalogue as ck
-from gpubp.backends.cuda import context, launch, memory
+from gpubp.backends.cuda import context, launch, memory, scalars
 from gpubp.backends.cuda import sparse as cuda_sparse
 from gpubp.backends.cuda.nvrtc import Nvrtc, find_nvrtc
 from gpubp.kernel_sources import read_kernel
 from gpubp.losses import LOSSES
 from gpubp.optim import SGD, Adam
+from gpubp.schedules import FORMULAS
 
 ARCHS = ("sm_80", "sm_90")
 
@@ -48,6 +49,8 @@ def test_header_constants_match_the_host():
         "SLOTS": ck.STATUS_SLOTS,
     }
     assert _enum(src, "HP_") == {**ck.HP, "SLOTS": ck.HP_SLOTS}
+    kinds = {f"KIND_{k.upper()}": v for k, v in FORMULAS.items()}
+    assert _enum(src, "SCHED_") == {**ck.SCHED, "SLOTS": ck.SCHED_SLOTS, "KIND_HOST": 0, **kinds}
     assert _enum(src, "TARGET_") == {
         "DENSE": ck.TARGET_DENSE,
         "LABELS": ck.TARGET_LABELS,
@@ -64,6 +67,17 @@ def test_header_constants_match_the_host():
     }
     assert _enum(src, "TABLE_") == {"COLS": ck.TABLE_COLS}
     assert ck.THREADS % 32 == 0 and ck.CHUNK % 4 == 0
+
+
+def test_the_elementwise_losses_share_one_kernel_body():
+    """mse_loss (elementwise outputs), bce_loss and poisson_loss are elementwise_loss with a
+    loss functor each (their bits unchanged: test_emulated_kernels' output_layer checks)."""
+    src = read_kernel("output_layer.cu")
+    for name, term in (("bce_loss", "BceTerm"), ("poisson_loss", "PoissonTerm"),
+                       ("mse_loss", "MseTerm")):  # fmt: skip
+        body = src[src.index(f"void {name}(") :].split("\n}\n", 1)[0]
+        assert f"elementwise_loss<T, TGT>({term}<" in body, name
+    assert src.count("for (i64 r = global_thread() >> 5; r < rows; r += warps)") == 3
 
 
 @pytest.mark.parametrize("family", ck.FAMILIES)
@@ -100,6 +114,7 @@ def _names_for_every_configuration() -> set[str]:
         names |= {ck.adam_update_table(dt, d) for d in flags}
         names |= {ck.adam_check_table(dt, d) for d in flags}
         names.add(ck.adam_step_scalars(dt))  # Adam's block in the graph step
+        names.add(ck.schedule_lr(dt))  # a schedule's rate in the graph step
         names |= {ck.check_finite_table(dt), ck.zero_if_bad_table(dt)}
         names |= {ck.argmax_accuracy(dt, t) for t in (0, 1, 2)} | {ck.threshold_accuracy(dt)}
         names.add(ck.csr_dense(dt))  # the first layer's products on sparse input
@@ -432,8 +447,10 @@ def test_every_wrapper_launches_what_the_kernel_signature_takes(dtype):
     launch.zero_if_bad_table(k, dtype, table, 2, 10, status)
     launch.finish_step(k, status)
     steps = np.zeros(1, np.int64)
-    launch.adam_step_scalars(k, hp, ck.hyperparameters(Adam(), 1, np.float64), steps)
-    launch.count_step(k, steps, status)
+    hp64 = ck.hyperparameters(Adam(), 1, np.float64)
+    scalars.adam_step_scalars(k, hp, hp64, steps)
+    scalars.schedule_lr(k, hp, hp64, ck.schedule_block(SGD(lr=0.1), None), steps)
+    scalars.count_step(k, steps, status)
     pred, correct = np.zeros(rows, np.int64), np.zeros(1, np.uint64)
     for Y, lab in ((None, None), (a, None), (None, labels)):
         launch.argmax_accuracy(k, z, Y, lab, pred, correct, status)

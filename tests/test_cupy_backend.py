@@ -16,7 +16,8 @@ from gpubp import reference as ref
 from gpubp.backends.cuda import catalogue as ck
 from gpubp.check import random_problem
 from gpubp.errors import DeviceOutOfMemoryError, NonFiniteLossError
-from gpubp.optim import SGD, Adam
+from gpubp.optim import SGD, Adam, AdamW
+from gpubp.schedules import Schedule
 
 from .conftest import EMULATED_GPU, skip_unless_available
 
@@ -405,3 +406,42 @@ def test_adams_step_count_on_the_device_follows_the_optimizers(cp, graphs):
     assert state["step"] == 1002
     for p, r in zip([*W, *b], params):
         np.testing.assert_allclose(cp.asnumpy(p), r, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+@pytest.mark.parametrize(
+    "make_opt, dtype",
+    [
+        (lambda: SGD(lr=1.0, momentum=0.9, weight_decay=0.01), "float32"),
+        (lambda: AdamW(lr=1.0, weight_decay=0.1), "float64"),
+    ],
+)
+def test_a_schedule_computed_on_the_device_gives_the_hosts_steps(cp, graphs, make_opt, dtype):
+    """An optimizer that follows a cosine schedule (Optimizer.follow) has its rate computed in
+    the step from a global step counter on the device: the same bits as the steps with the
+    rate set by the host, through a second batch shape, a rate set by hand, a jump of the
+    global step (a resumed run), the last step and beyond; the counter is the device's."""
+    sched = Schedule("cosine", 0.05, 8)
+    sizes = (12, 17, 3)
+    # (global step or None: a rate set by hand, the short batch?)
+    plan = [(0, 0), (1, 0), (2, 1), (3, 0), (None, 0), (4, 0), (6, 0), (7, 0), (8, 0), (30, 0)]
+    runs, counts = [], []
+    for follow in (True, False):
+        be = _backend(graphs=graphs)
+        W, b, x, y = _problem(cp, sizes, 9, dtype)
+        opt = make_opt()
+        state = opt.bind(None, be, [w.shape for w in W] + [v.shape for v in b], dtype)
+        for t, short in plan:
+            if t is None:
+                opt.lr = 0.003
+            elif follow:
+                opt.follow(sched, t)
+            else:
+                opt.lr = sched.at(t)
+            xd, yd = (x[:5].copy(), y[:5].copy()) if short else (x, y)
+            be.train_step(W, b, xd, yd, "tanh", "softmax", "cross_entropy", opt, state)
+        runs.append([cp.asnumpy(p) for p in [*W, *b]])
+        counts.append([int(s.buf.count[0]) for s in be._steps.values() if s.device_lr])
+    for p, q in zip(*runs):
+        np.testing.assert_array_equal(p, q)
+    assert sorted(counts[0]) == [3, 31] and counts[1] == [], counts

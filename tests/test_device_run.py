@@ -151,6 +151,17 @@ def test_a_steady_adam_step_uploads_nothing():
     assert counts["memcpy"] == 0 and counts["graph_launch"] == 1, counts
 
 
+def test_a_steady_scheduled_step_uploads_nothing():
+    """A cosine schedule's rate is computed in the graph from a global step counter on the
+    device (schedule_lr): no upload per step for SGD or Adam (one before, the new rate)."""
+    if not EMULATED_GPU:
+        pytest.skip("counted by the emulated GPU")
+    skip_unless_available("cupy")
+    for optimizer in ("sgd", "adam"):
+        counts = _script("host_work").measure(8, optimizer, schedule=True)
+        assert counts["memcpy"] == 0 and counts["graph_launch"] == 1, (optimizer, counts)
+
+
 def test_a_data_parallel_gpu_step_reads_the_device_once():
     """benchmarks/host_work.py --distributed: one read per step (the loss, the stop flag and
     the update's verdict), no table or hyper-parameter block uploaded per step."""

@@ -41,6 +41,7 @@ from gpubp import optim
 from gpubp import reference as ref
 from gpubp.activations import ACTIVATION_IDS
 from gpubp.backends.cuda import catalogue as ck
+from gpubp.schedules import Schedule
 
 _WHY = emu.compiler_missing()
 if _WHY is not None:
@@ -1114,6 +1115,58 @@ def check_adam_step_scalars(
             assert bits_equal(hp[rest], host[rest]) and steps[0] == t - 1, what
 
 
+#: (optimizer, schedule) pairs of the schedule checks: every slot a rate changes, and both ways
+#: of HP_DECAY; and the global steps (0 first) they are taken at: first, second, mid, last, beyond.
+SCHEDULE_CASES = (
+    (lambda: optim.SGD(lr=1.0, momentum=0.9, weight_decay=0.01), ("cosine", 0.1, 1000)),
+    (lambda: optim.Adam(lr=1.0, weight_decay=0.01), ("cosine", 3e-3, 7)),
+    (lambda: optim.AdamW(lr=1.0, weight_decay=0.05), ("cosine", 1e-3, 1)),
+    (lambda: optim.SGD(lr=1.0, weight_decay=0.3), ("constant", 0.7, 10)),
+)
+
+
+def check_schedule_lr(
+    name: str, dtype: np.dtype, params: tuple[int, ...], rng: np.random.Generator
+) -> None:
+    """The rate of global step ``t`` (the counter, then advanced) and every slot derived from
+    it: within 2 ulps of ``Schedule.at`` and ``catalogue.hyperparameters`` in float64 (the
+    float64 block), and of those rounded to the dtype (the block the step reads); every other
+    slot (Adam's step scalars too, which ``adam_step_scalars`` computes next) the host's. The
+    host's kind (0) keeps the block's rate and the counter."""
+    for make, (kind, peak, total) in SCHEDULE_CASES:
+        opt, sched = make(), Schedule(kind, peak, total)
+        for t in (0, 1, total // 2, total - 1, total, 3 * total + 1):
+            hp64, block = ck.hyperparameters(opt, 1, np.float64), ck.schedule_block(opt, sched)
+
+            def body(
+                launch: Launch, mem: Memory, t: int = t, block: Any = block, hp64: Any = hp64
+            ) -> list[Any]:
+                hp, wide = mem.put(np.zeros(ck.HP_SLOTS, dtype)), mem.put(hp64)
+                count = mem.put(np.array([t], np.int64))
+                launch(name, (hp, wide, mem.put(block), count))
+                return [hp, wide, count]
+
+            what = f"{name} {kind} lr={peak} T={total} t={t} {type(opt).__name__}"
+            hp, wide, count = run_everywhere(body, what)
+            want = ck.hyperparameters(opt, 1, np.float64, lr=sched.at(t))
+            for slot in ("ALPHA", "EPS_HAT"):  # Adam's, from the rate next (adam_step_scalars)
+                want[ck.HP[slot]] = hp64[ck.HP[slot]]
+            assert count[0] == t + 1, what
+            for got_block, want_block in ((wide, want), (hp, want.astype(dtype))):
+                ulps = np.abs(got_block - want_block) / np.spacing(np.abs(want_block))
+                assert (ulps <= 2).all(), f"{what}: {got_block!r}, expected {want_block!r}"
+    hp64 = ck.hyperparameters(optim.SGD(lr=0.25), 1, np.float64)
+
+    def host(launch: Launch, mem: Memory) -> list[Any]:
+        hp, wide = mem.put(np.zeros(ck.HP_SLOTS, dtype)), mem.put(hp64)
+        count = mem.put(np.array([5], np.int64))
+        launch(name, (hp, wide, mem.put(ck.schedule_block(optim.SGD(lr=0.25), None)), count))
+        return [hp, wide, count]
+
+    hp, wide, count = run_everywhere(host, f"{name} host's rate")
+    assert bits_equal(wide, hp64) and bits_equal(hp, hp64.astype(dtype)) and count[0] == 5
+
+
 def check_count_step(
     name: str, dtype: np.dtype | None, params: tuple[int, ...], rng: np.random.Generator
 ) -> None:
@@ -1158,6 +1211,7 @@ CHECKS: dict[str, dict[str, Check]] = {
         "adam_check_table": check_update_checks,
         "adam_step_scalars": check_adam_step_scalars,
         "count_step": check_count_step,
+        "schedule_lr": check_schedule_lr,
     },
     "guard": {
         "check_finite_table": check_guard,
@@ -1235,14 +1289,15 @@ def test_every_instantiation_is_tested() -> None:
 
 
 def _warp_kernels() -> list[str]:
-    """Instantiations whose kernel template begins with the ``whole_warps`` check."""
+    """Instantiations whose kernel template begins with the ``whole_warps`` check (itself or
+    through ``elementwise_loss``, the elementwise losses' row body)."""
     names = []
     for family in ck.FAMILIES:
         src = ck.source(family)
         for template in ck.kernel_templates(family):
             m = re.search(rf"__global__\s+void\s+{template}\s*\(.*?\{{(.*?)\n\}}", src, re.S)
             assert m is not None, template
-            if "whole_warps(" in m[1]:
+            if "whole_warps(" in m[1] or "elementwise_loss<" in m[1]:
                 names += [n for n in ck.name_expressions(family) if parse(n)[0] == template]
     return names
 

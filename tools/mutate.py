@@ -463,8 +463,8 @@ MUTANTS: list[Mutant] = [
         LOOP,
     ),
     M(
-        "loop: row n allowed by the gather",
-        "gpubp/loop.py",
+        "gather: row n allowed",
+        "gpubp/gather.py",
         "int(whole.max()) >= n",
         "int(whole.max()) > n",
         LOOP,

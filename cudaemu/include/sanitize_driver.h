@@ -308,6 +308,18 @@ void exercise(void (*k)(T*, const double*, const i64*), const char* name) {
     });
 }
 
+// schedule_lr<T>: (hp, hp64, sched, count), a cosine schedule
+template <class T>
+void exercise(void (*k)(T*, double*, const double*, i64*), const char* name) {
+    every_launch([&](const Shape& s, int order) {
+        Buf<T> hp(16);
+        std::vector<double> hp64(16, 0.5);
+        double sched[4] = {2.0, 0.1, 100.0, 1.0};
+        i64 count = 7;
+        run(k, name, s, order, hp.at(0), hp64.data(), sched, &count);
+    });
+}
+
 // count_step: (steps, status)
 inline void exercise(void (*k)(i64*, const int*), const char* name) {
     every_launch([&](const Shape& s, int order) {

@@ -21,6 +21,7 @@ import numpy as np
 from ... import activations as act
 from ...kernel_sources import read_kernel
 from ...optim import adam_scalars
+from ...schedules import FORMULAS
 
 #: Kernel family -> CUDA source file (one file per family).
 FAMILIES: dict[str, str] = {
@@ -56,6 +57,8 @@ HP = {
     "ONE_MINUS_BETA2": 14,
 }
 HP_SLOTS = 16
+SCHED = {"KIND": 0, "LR": 1, "STEPS": 2, "SCALED_DECAY": 3}
+SCHED_SLOTS = 4
 TARGET_DENSE, TARGET_LABELS, TARGET_NONE = 0, 1, 2
 TAB_PARAM, TAB_GRAD, TAB_STATE1, TAB_STATE2, TAB_SIZE, TAB_CHUNK0, TABLE_COLS = range(7)
 
@@ -165,6 +168,11 @@ def adam_step_scalars(dtype: object) -> str:
     return f"gpubp::adam_step_scalars<{_ctype(dtype)}>"
 
 
+def schedule_lr(dtype: object) -> str:
+    """A schedule's learning rate from the device's global step counter (``schedules``)."""
+    return f"gpubp::schedule_lr<{_ctype(dtype)}>"
+
+
 def count_step() -> str:
     """The device step counter advanced after an update that was not skipped."""
     return "gpubp::count_step"
@@ -227,7 +235,7 @@ def _catalogue() -> dict[str, list[str]]:
             sgd_check_table(dt, m, n) for m, n in itertools.product(flags, flags) if m or not n
         ]
         cat["optimizers"] += [adam_check_table(dt, d) for d in flags]
-        cat["optimizers"].append(adam_step_scalars(dt))
+        cat["optimizers"] += [adam_step_scalars(dt), schedule_lr(dt)]
         cat["guard"] += [check_finite_table(dt), zero_if_bad_table(dt)]
         cat["metrics"] += [
             argmax_accuracy(dt, t) for t in (TARGET_DENSE, TARGET_LABELS, TARGET_NONE)
@@ -365,13 +373,17 @@ def build_table(
     return table, first
 
 
-def hyperparameters(optimizer: object, step: int, dtype: object) -> np.ndarray:
-    """The ``HP_SLOTS`` hyper-parameter block for ``optimizer`` at step ``step`` (1 first).
+def hyperparameters(
+    optimizer: object, step: int, dtype: object, lr: float | None = None
+) -> np.ndarray:
+    """The ``HP_SLOTS`` hyper-parameter block for ``optimizer`` at step ``step`` (1 first), with
+    learning rate ``lr`` (default: the optimizer's).
 
     Derived values are computed in float64 and rounded once to ``dtype``, as the NumPy backend's
     Python-float scalars are.
     """
-    lr = float(getattr(optimizer, "lr"))  # noqa: B009 - optimizer is any gpubp.optim object
+    if lr is None:
+        lr = float(getattr(optimizer, "lr"))  # noqa: B009 - optimizer is any gpubp.optim object
     wd = float(getattr(optimizer, "weight_decay", 0.0))
     hp = np.zeros(HP_SLOTS, dtype=np.float64)
     hp[HP["LR"]] = lr
@@ -395,3 +407,30 @@ def hyperparameters(optimizer: object, step: int, dtype: object) -> np.ndarray:
         hp[HP["ALPHA"]], hp[HP["EPS_HAT"]] = k.alpha, k.eps_hat
         hp[HP["DECAY"]] = k.shrink
     return np.asarray(hp, dtype=np.dtype(dtype))  # type: ignore[call-overload]
+
+
+def device_schedule(optimizer: object) -> tuple[object, int] | None:
+    """``(schedule, step)`` where ``optimizer`` follows a schedule that is a closed formula
+    (:meth:`gpubp.optim.Optimizer.follow`) and its ``lr`` is that schedule's rate of ``step``
+    (so the device computes the rate it would be given); else ``None`` (the host's rate)."""
+    schedule = getattr(optimizer, "schedule", None)
+    step = getattr(optimizer, "schedule_step", None)
+    if schedule is None or step is None or getattr(schedule, "kind", None) not in FORMULAS:
+        return None
+    if getattr(schedule, "at")(step) != getattr(optimizer, "lr"):  # noqa: B009
+        return None  # the rate was set by hand since
+    return schedule, int(step)
+
+
+def schedule_block(optimizer: object, schedule: object | None) -> np.ndarray:
+    """The float64 ``SCHED_SLOTS`` block ``schedule_lr`` computes ``optimizer``'s rate from:
+    ``schedule``'s (a :class:`gpubp.schedules.Schedule` of :data:`FORMULAS`), or with ``None``
+    the host's rate kept."""
+    block = np.zeros(SCHED_SLOTS, dtype=np.float64)
+    if schedule is not None:
+        block[SCHED["KIND"]] = FORMULAS[getattr(schedule, "kind")]  # noqa: B009
+        block[SCHED["LR"]] = float(getattr(schedule, "lr"))  # noqa: B009
+        block[SCHED["STEPS"]] = float(getattr(schedule, "steps"))  # noqa: B009
+        sgd = getattr(optimizer, "kind", "") == "sgd"
+        block[SCHED["SCALED_DECAY"]] = float(sgd or bool(getattr(optimizer, "decoupled", False)))
+    return block

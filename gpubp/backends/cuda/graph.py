@@ -17,12 +17,14 @@ One train step, for ``L`` layers (every buffer preallocated per batch shape):
 The step is captured once per batch shape (and parameter buffers) as a CUDA graph and replayed;
 each batch is copied into the captured input buffers (or, gathered into a gather's buffers the
 backend handed out, read there in place), and the learning rate and the other
-hyper-parameters live in device memory, so a schedule needs no recapture. The captured step calls
-only kernel launches and gpubp's own cuBLAS handle's ``cublasGemmEx`` (:mod:`.cublas`), whose
-stream is set before the capture begins; CuPy's cuBLAS wrappers would refuse to run while
-capturing. If capture fails nonetheless, the steps run eagerly (said once, as a warning), or,
-where graphs are required (``GPUBP_CUDA_GRAPHS=require``), :class:`~gpubp.errors.GraphCaptureError`
-names the call that broke the capture; :class:`CaptureLog` counts graph and eager steps.
+hyper-parameters live in device memory, so a schedule needs no recapture (a schedule that is a
+formula is computed there, from a global step counter, by the step's first kernel). The captured
+step calls only kernel launches and gpubp's own cuBLAS handle's ``cublasGemmEx``
+(:mod:`.cublas`), whose stream is set before the capture begins; CuPy's cuBLAS wrappers would
+refuse to run while capturing. If capture fails nonetheless, the steps run eagerly (said once,
+as a warning), or, where graphs are required (``GPUBP_CUDA_GRAPHS=require``),
+:class:`~gpubp.errors.GraphCaptureError` names the call that broke the capture;
+:class:`CaptureLog` counts graph and eager steps.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import numpy as np
 from ...errors import GraphCaptureError
 from ..workspace import Workspace
 from . import catalogue as ck
-from . import launch
+from . import launch, scalars
 from .context import DeviceContext, Entry, table_entries
 
 
@@ -58,6 +60,11 @@ class StepBuffers:
         self.hp64 = cp.zeros(ck.HP_SLOTS, dtype=np.float64)
         self.steps = cp.zeros(1, dtype=np.int64)
         self.steps_host: int | None = None
+        # a schedule's block and the global step counter its rate is computed from
+        self.sched = cp.zeros(ck.SCHED_SLOTS, dtype=np.float64)
+        self.sched_host: tuple[Any, Any] | None = None  # (schedule, optimizer kind) uploaded
+        self.count = cp.zeros(1, dtype=np.int64)
+        self.count_host: int | None = None
         plans = [ck.bias_grad_plan(B, n) for n in sizes[1:]]
         # the bias sums' partial column sums, and the loss sum's parts (used one after another)
         most = max([ck.LOSS_PARTS, *(s * n for (s, _), n in zip(plans, sizes[1:]))])
@@ -270,6 +277,9 @@ class TrainStep:
         self.update: _Table | None = None
         #: Adam's step scalars computed in the graph from the device step counter
         self.device_scalars = optimizer is not None and optimizer.op == "adam_update"
+        #: the learning rate computed in the graph (schedule_lr) where the optimizer follows a
+        #: schedule (optim.Optimizer.follow) when the step is made
+        self.device_lr = getattr(optimizer, "schedule", None) is not None
         if optimizer is not None and not self.fold:
             entries = table_entries([*weights, *biases], [*ws.dW, *ws.db], slots or [])
             self.update = _Table(cp, entries)
@@ -299,19 +309,42 @@ class TrainStep:
         block in float64 without its step's scalars (the graph rounds it to the dtype and adds
         the bias corrections, ``adam_step_scalars``, from the device step counter, which
         ``count_step`` advances), and the counter where it is not ``step - 1`` already (a
-        loaded or taken-back optimizer step count)."""
+        loaded or taken-back optimizer step count). With ``device_lr`` the block is float64
+        too; where the optimizer's rate is its schedule's (``catalogue.device_schedule``) the
+        block holds the schedule's peak rate, which ``schedule_lr`` replaces in the graph by the
+        rate of the global step counter, uploaded where it is not that step already."""
         buf, ring = self.buf, self.ctx.device().ring
-        if self.device_scalars:
-            hp, dst = ck.hyperparameters(optimizer, 1, np.float64), buf.hp64
-        else:
-            hp, dst = ck.hyperparameters(optimizer, step, self.dtype), buf.hp
+        follows = ck.device_schedule(optimizer) if self.device_lr else None
+        lr = None if follows is None else float(getattr(follows[0], "lr"))  # noqa: B009
+        wide = self.device_scalars or self.device_lr
+        hp = ck.hyperparameters(
+            optimizer, 1 if self.device_scalars else step, np.float64 if wide else self.dtype, lr
+        )
         if buf.hp_host is None or not np.array_equal(buf.hp_host, hp):
-            ring.upload(hp, dst)
+            ring.upload(hp, buf.hp64 if wide else buf.hp)
             buf.hp_host = hp
+        if self.device_lr:
+            self._set_schedule(optimizer, follows)
         if self.device_scalars:
             if buf.steps_host != step - 1:
                 ring.upload(np.array([step - 1], dtype=np.int64), buf.steps)
             buf.steps_host = step  # what the counter holds after this step, unless skipped
+
+    def _set_schedule(self, optimizer: Any, follows: tuple[Any, int] | None) -> None:
+        """Upload the schedule block where it changed, and the global step counter where it is
+        not ``follows``' step already (a resumed run, another batch shape's step)."""
+        buf, ring = self.buf, self.ctx.device().ring
+        schedule = None if follows is None else follows[0]
+        key = (schedule, (optimizer.kind, getattr(optimizer, "decoupled", False)))
+        if buf.sched_host != key:
+            ring.upload(ck.schedule_block(optimizer, schedule), buf.sched)
+            buf.sched_host = key
+        if follows is None:
+            buf.count_host = None  # the counter is not read nor advanced
+            return
+        if buf.count_host != follows[1]:
+            ring.upload(np.array([follows[1]], dtype=np.int64), buf.count)
+        buf.count_host = follows[1] + 1  # schedule_lr advances it
 
     def run(self) -> None:
         """Enqueue one step: the graph if there is one, else eagerly (capturing on the 2nd run)."""
@@ -380,8 +413,10 @@ class TrainStep:
         kern = self.kernels
         L = len(self.W)
         hp = buf.hp if self.optimizer is not None else ctx.constants(self.dtype)
+        if self.device_lr:  # the schedule's rate of this step (the GEMMs' constants too)
+            scalars.schedule_lr(kern, hp, buf.hp64, buf.sched, buf.count)
         if self.device_scalars:  # Adam's block of this step (the GEMMs' constants too)
-            launch.adam_step_scalars(kern, hp, buf.hp64, buf.steps)
+            scalars.adam_step_scalars(kern, hp, buf.hp64, buf.steps)
         # forward
         for i in range(L):
             out = ws.a[i + 1] if i < L - 1 else ws.z_out
@@ -442,7 +477,7 @@ class TrainStep:
                                       status)  # fmt: skip
             launch.update_table(kern, self.optimizer, self.dtype, u.dev, u.n, u.chunks, hp, status)
             if self.device_scalars:
-                launch.count_step(kern, buf.steps, status)
+                scalars.count_step(kern, buf.steps, status)
         launch.finish_step(kern, status)
         if self.ledger is not None:
             launch.record_loss(kern, buf.loss, float(ws.batch), self.ledger)

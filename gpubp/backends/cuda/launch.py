@@ -344,22 +344,6 @@ def _optimizer_table(kernels: KernelGetter, check: bool, *args: Any) -> None:
     )
 
 
-def adam_step_scalars(kernels: KernelGetter, hp: Any, hp64: Any, steps: Any) -> None:
-    """``hp`` = the float64 block ``hp64`` in ``hp``'s dtype, with Adam's ``HP_ALPHA`` and
-    ``HP_EPS_HAT`` of step ``steps[0] + 1`` (int64 ``(1,)``) as ``optim.adam_scalars``."""
-    _hp("adam_step_scalars", hp, _float("adam_step_scalars", "hp", hp, 1))
-    _hp("adam_step_scalars", hp64, np.float64)
-    _check("adam_step_scalars", "steps", steps, np.int64, (1,))
-    _launch(kernels, ck.adam_step_scalars(hp.dtype), 1, (hp, hp64, steps), 32)
-
-
-def count_step(kernels: KernelGetter, steps: Any, status: Any) -> None:
-    """``steps[0] += 1`` (int64 ``(1,)``) unless ``status[STATUS_BAD]`` is set."""
-    _check("count_step", "steps", steps, np.int64, (1,))
-    _status("count_step", status)
-    _launch(kernels, ck.count_step(), 1, (steps, status), 32)
-
-
 # --- guard.cu -------------------------------------------------------------------------------------
 
 
