@@ -301,5 +301,7 @@ def check_run(X: Any, order: Any, first: int, count: int, batch: int, lrs: Seque
             f"{n} rows a batch (X has {n}) and {count} learning rates (lrs has {len(lrs)})"
         )
     part = order[first * batch : (first + count) * batch]
+    if not isinstance(part, np.ndarray):  # on a device: no backend runs steps from there
+        return
     if part.size and (int(part.min()) < 0 or int(part.max()) >= n):
         raise IndexError(f"order holds row indices outside [0, {n}), the rows of X")

@@ -101,10 +101,10 @@ def final_line(result: TrainResult, n_test: int, trained: bool) -> str:
         if resumed:
             timing += f" {result.extra['sessions']}"
         if result.first_step_seconds > 0:
-            timing += f", of which the first step {result.first_step_seconds:.1f} s"
+            timing += f", of which the first steps {result.first_step_seconds:.1f} s"
         timing += f"; {result.samples_per_second:,.0f} samples/s"
         if result.first_step_seconds > 0:
-            timing += " after the first step"
+            timing += " after the first steps"
         timing += ")"
     model, ranks = result.model, result.extra.get("mpi_ranks")
     return (

@@ -148,7 +148,8 @@ def test_a_steady_adam_step_uploads_nothing():
         pytest.skip("counted by the emulated GPU")
     skip_unless_available("cupy")
     counts = _script("host_work").measure(8, "adam", schedule=False)
-    assert counts["memcpy"] == 0 and counts["graph_launch"] == 1, counts
+    # (a new block of LOSS_BLOCK losses uploads the ledger's words: at most once in 8 steps)
+    assert counts["memcpy"] * 8 <= 1 and counts["graph_launch"] == 1, counts
 
 
 def test_a_steady_scheduled_step_uploads_nothing():
@@ -159,7 +160,8 @@ def test_a_steady_scheduled_step_uploads_nothing():
     skip_unless_available("cupy")
     for optimizer in ("sgd", "adam"):
         counts = _script("host_work").measure(8, optimizer, schedule=True)
-        assert counts["memcpy"] == 0 and counts["graph_launch"] == 1, (optimizer, counts)
+        # (at most one upload for a new block of LOSS_BLOCK losses in 8 steps)
+        assert counts["memcpy"] * 8 <= 1 and counts["graph_launch"] == 1, (optimizer, counts)
 
 
 def test_a_data_parallel_gpu_step_reads_the_device_once():
@@ -182,7 +184,9 @@ def test_losses_are_summed_on_the_device_to_the_hosts_bits():
         pytest.skip("counted by the emulated GPU")
     skip_unless_available("cupy")
     counts = _script("host_work").measure(8, "sgd", schedule=False)
-    assert counts["memcpy"] == 0, counts  # one device-to-device copy of the loss before
+    # one device-to-device copy of the loss per step before; now at most one upload in 8 steps,
+    # where a new block of LOSS_BLOCK losses starts (the test suite's earlier steps decide where)
+    assert counts["memcpy"] * 8 <= 1, counts
     import numpy as np
 
     from cudaemu import _common
