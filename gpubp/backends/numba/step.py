@@ -37,6 +37,18 @@ _STEP_OPS = (
 FOLD_MAX_BATCH = 512
 
 
+def folds(optimizer: Any, lr: float, batch: int) -> bool:
+    """Whether a step at rate ``lr`` is plain SGD folded into the gradient GEMMs: no momentum,
+    ``lr wd <= 1`` (the weights' factor ``1 - lr wd`` not negative) and at most
+    :data:`FOLD_MAX_BATCH` rows."""
+    return (
+        optimizer.kind == "sgd"
+        and not optimizer.momentum
+        and lr * optimizer.weight_decay <= 1.0
+        and batch <= FOLD_MAX_BATCH
+    )
+
+
 class _Net(NamedTuple):
     """A network's arrays as the one-call kernels take them, for one batch size: kept per set
     of arrays (it holds them, so an ``id`` cannot be reused meanwhile)."""
@@ -199,12 +211,18 @@ class NumbaStep:
         if net is None:
             return None
         with _TunedScope(self, net, x.shape[0]):
-            ws, a0, labels, Y = self._net_inputs(net, x, y)
-            value, _ = layers.backprop(
-                a0, labels, Y, net.Ws, net.bs, net.acts, ws.z_out, net.ds, net.dWs, net.dbs,
-                *net.ids, ws.cm, float(ws.batch),
-            )  # fmt: skip
+            ws, value, _ = self._net_backprop(net, x, y)
         return value, ws.dW, ws.db
+
+    def _net_backprop(self, net: _Net, x: Any, y: Any) -> tuple[NumbaWorkspace, Any, Any]:
+        """``(ws, C, G)``: ``x`` staged and every gradient into the workspace in one kernel call
+        (:func:`.layers.backprop`), with ``G >= max |g|``."""
+        ws, a0, labels, Y = self._net_inputs(net, x, y)
+        value, gmax = layers.backprop(
+            a0, labels, Y, net.Ws, net.bs, net.acts, ws.z_out, net.ds, net.dWs, net.dbs,
+            *net.ids, ws.cm, float(ws.batch),
+        )  # fmt: skip
+        return ws, value, gmax
 
     def train_step(
         self,
@@ -242,19 +260,10 @@ class NumbaStep:
                     gradient_bound(bounds, ws.db), scratch=ws.pscratch,
                 )  # fmt: skip
             return value, weights, biases, state
-        if (
-            optimizer.kind == "sgd"
-            and not optimizer.momentum
-            and optimizer.lr * optimizer.weight_decay <= 1.0
-            and x.shape[0] <= FOLD_MAX_BATCH
-        ):
+        if folds(optimizer, float(optimizer.lr), x.shape[0]):
             return self._folded_step(net, *args)
         with _TunedScope(self, net, x.shape[0]):
-            ws, a0, labels, Y = self._net_inputs(net, x, y)
-            value, gmax = layers.backprop(
-                a0, labels, Y, net.Ws, net.bs, net.acts, ws.z_out, net.ds, net.dWs, net.dbs,
-                *net.ids, ws.cm, float(ws.batch),
-            )  # fmt: skip
+            ws, value, gmax = self._net_backprop(net, x, y)
             self.check_loss(value)
             self.checked_update_bounded(
                 value, net.params, net.grads, optimizer, state, float(gmax), scratch=ws.pscratch
@@ -279,8 +288,7 @@ class NumbaStep:
         (:func:`.layers.backprop_fold`), which writes only where that provably cannot produce
         NaN or infinity. Otherwise ``dW`` is computed from the deltas it left and
         :meth:`apply_update` checks and applies it."""
-        lr, wd = float(optimizer.lr), float(optimizer.weight_decay)
-        sgd = np.array([lr, wd, 1.0 if lr <= net.largest else 0.0, net.change])
+        sgd = np.array(fold_scalars(net, float(optimizer.lr), float(optimizer.weight_decay)))
         with _TunedScope(self, net, x.shape[0]):
             ws, a0, labels, Y = self._net_inputs(net, x, y)
             value, done = layers.backprop_fold(
@@ -296,3 +304,8 @@ class NumbaStep:
                 return value, weights, biases, state
         state["step"] = int(state["step"]) + 1
         return value, weights, biases, state
+
+
+def fold_scalars(net: _Net, lr: float, wd: float) -> tuple[float, float, float, float]:
+    """The float64 ``(lr, weight_decay, lr_ok, change)`` of :func:`.layers.backprop_fold`."""
+    return (lr, wd, 1.0 if lr <= net.largest else 0.0, net.change)

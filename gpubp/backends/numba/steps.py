@@ -9,11 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from ...optim import adam_scalars
-from ..update import MAXIMA
 from . import checked as C
 from . import multistep as MS
-from .step import FOLD_MAX_BATCH, _Net
+from .step import _Net, fold_scalars, folds
+from .update import keep_maxima, step_scalars, take_maxima
 
 _NO_PLAN = np.zeros((0, 3), dtype=np.int64)
 _NO_LABELS = np.zeros(0, dtype=np.int64)
@@ -72,17 +71,16 @@ class NumbaSteps:
         if net is None or labels is None or not self._fits(net.ws.dtype, X):
             return None
         order = np.ascontiguousarray(order, dtype=np.int64)
-        fold = optimizer.kind == "sgd" and not optimizer.momentum and batch <= FOLD_MAX_BATCH
-        wd = float(optimizer.weight_decay)
         losses: list[float] = []
         while len(losses) < count:
             rates = lrs[len(losses) : count]
             if net.tuner is not None and self.adaptive_threads:
                 rates = rates[: net.tuner.run_length()]
-            if fold:  # folded only while lr wd <= 1, as a step alone is (see NumbaStep)
-                rates = rates[: next((i for i, r in enumerate(rates) if r * wd > 1.0), None)]
-                if not rates:
-                    break
+            # a run is all folded steps or none, each decided as a step alone decides it
+            fold = folds(optimizer, rates[0], batch)
+            rates = rates[
+                : next((i for i, r in enumerate(rates) if folds(optimizer, r, batch) != fold), None)
+            ]
             first = start + len(losses) * batch
             run = self._fold_run if fold else self._update_run
             with self._threads(self._count(net)):  # the update's plan is made for this count
@@ -139,7 +137,7 @@ class NumbaSteps:
     ) -> list[float]:  # fmt: skip
         """Plain SGD folded into the GEMMs (:func:`.multistep.fold_steps`)."""
         ws, k, wd = net.ws, len(rates), float(optimizer.weight_decay)
-        sgds = np.array([[lr, wd, 1.0 if lr <= net.largest else 0.0, net.change] for lr in rates])
+        sgds = np.array([fold_scalars(net, lr, wd) for lr in rates])
         out, progress, step = np.empty(k), np.zeros(1, dtype=np.int64), int(state["step"])
         args = (
             X, labels, Y, order, first, k, ws.a[0], *_batch_targets(ws, labels),
@@ -166,16 +164,12 @@ class NumbaSteps:
         before = optimizer.lr
         for s, lr in enumerate(rates):
             optimizer.lr = lr
-            args = optimizer.op_arguments(step + s + 1)
-            wides[s, : 4 if plan.kind == "sgd" else 8] = (
-                args if plan.kind == "sgd" else adam_scalars(*args)
-            )
+            row = step_scalars(plan.kind, optimizer, step + s + 1)
+            wides[s, : len(row)] = row
         optimizer.lr = before
-        known = np.zeros(4)
-        maxima = state.pop(MAXIMA, None) if slots else ()
-        if maxima is not None:
-            known[0] = 1.0
-            known[1 : 1 + len(maxima)] = maxima
+        # the maxima are handed over whatever prove_updates says: the kernel clears known[0]
+        # before each step where it says no, and they are kept again if nothing is written
+        known, maxima = take_maxima(state, bool(slots), True)
         cols = (*plan.cols, *plan.cols[2:3] * (4 - len(plan.cols)))  # (ps, gs, slot1, slot2)
         out, statuses = np.empty(k), np.zeros(k, dtype=np.int64)
         progress = np.zeros(1, dtype=np.int64)
@@ -190,9 +184,7 @@ class NumbaSteps:
         finally:  # what the kernel wrote, also where the call was interrupted
             done = int(progress[0])
             if slots and (known[0] != 0.0 or maxima is not None):
-                state[MAXIMA] = (
-                    (float(known[1]),) if plan.kind == "sgd" else tuple(map(float, known[1:]))
-                )
+                keep_maxima(state, plan.kind, known)
             for st in statuses[:done]:
                 self.update_counts["proved" if st == C.PROVED else "checked"] += 1
             self._count_steps(optimizer, state, rates, step, done)

@@ -284,13 +284,8 @@ class NumbaUpdate:
                 scratch=scratch,
             )
         step = int(state["step"]) + 1
-        args = optimizer.op_arguments(step)
-        wide = np.array(args if plan.kind == "sgd" else adam_scalars(*args), dtype=np.float64)
-        known = np.zeros(4)
-        maxima = state.pop(MAXIMA, None) if slots else ()
-        if maxima is not None and self.prove_updates:
-            known[0] = 1.0
-            known[1 : 1 + len(maxima)] = maxima
+        wide = np.array(step_scalars(plan.kind, optimizer, step), dtype=np.float64)
+        known, _ = take_maxima(state, bool(slots), self.prove_updates)
         G = -1.0 if gmax is None else float(gmax)
         with self._threads():
             status = plan.run(*plan.cols, wide, G, known, plan.limits, *plan.extra)
@@ -298,9 +293,7 @@ class NumbaUpdate:
             raise self._rejected(value, params, grads, optimizer, int(status))
         self.update_counts["proved" if status == C.PROVED else "checked"] += 1
         if slots:
-            state[MAXIMA] = (
-                (float(known[1]),) if plan.kind == "sgd" else tuple(map(float, known[1:]))
-            )
+            keep_maxima(state, plan.kind, known)
         state["step"] = step
         return params, state
 
@@ -344,6 +337,31 @@ class NumbaUpdate:
         while len(cache) > 4:  # (two thread counts of two sets of tensors)
             cache.pop(next(iter(cache)))
         return plan
+
+
+def step_scalars(kind: str, optimizer: Any, step: int) -> tuple[float, ...]:
+    """The float64 scalars of the checked kernels for step ``step`` at ``optimizer.lr``:
+    SGD's ``op_arguments`` (4), Adam's :func:`gpubp.optim.adam_scalars` (8)."""
+    args = optimizer.op_arguments(step)
+    return tuple(args) if kind == "sgd" else tuple(adam_scalars(*args))
+
+
+def take_maxima(state: dict[str, Any], slots: bool, prove: bool) -> tuple[np.ndarray, Any]:
+    """``(known, maxima)``: the state's kept maxima taken out of ``state`` (``()`` for a rule
+    without state, None where none are kept) into ``known``, the checked kernels' ``(1,
+    *maxima)``; ``known[0]`` is 0 where there are none or ``prove`` is False (the exact check
+    then decides)."""
+    known = np.zeros(4)
+    maxima = state.pop(MAXIMA, None) if slots else ()
+    if maxima is not None:
+        known[0] = 1.0 if prove else 0.0
+        known[1 : 1 + len(maxima)] = maxima
+    return known, maxima
+
+
+def keep_maxima(state: dict[str, Any], kind: str, known: np.ndarray) -> None:
+    """The maxima a write pass left in ``known`` kept in ``state`` for the next step's proof."""
+    state[MAXIMA] = (float(known[1]),) if kind == "sgd" else tuple(map(float, known[1:]))
 
 
 def gradient_bound(bounds: list[float], dbs: list[Any]) -> float:
