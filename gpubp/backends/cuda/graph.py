@@ -8,11 +8,12 @@ One train step, for ``L`` layers (every buffer preallocated per batch shape):
    row losses summed in a fixed order by many blocks, then one (``loss_partial``,
    ``finalize_loss``);
 3. backward: ``g = delta^{l+1} @ W^{l+1}`` (cuBLAS), then ``g *= f'(a^l)`` in place;
-4. update: ``dW`` and ``db`` are computed, checked for NaN/inf, and every parameter is updated in
-   one launch from a table of pointers. With ``fold_sgd=True``, plain SGD (no momentum, no
+4. update: ``dW`` (a GEMM per layer) and ``db`` (every layer's column sums in two launches,
+   :class:`.bias.BiasLayers`) are computed, checked for NaN/inf, and every parameter is updated
+   in one launch from a table of pointers. With ``fold_sgd=True``, plain SGD (no momentum, no
    weight decay) instead folds the weight update into the gradient GEMM,
-   ``W = -lr * delta.T @ a + 1 * W`` (``dW`` never exists), and fuses the bias update into the
-   bias-gradient column sum.
+   ``W = -lr * delta.T @ a + 1 * W`` (``dW`` never exists), and updates the biases from ``db``
+   by the table kernel.
 
 The step is captured once per batch shape (and parameter buffers) as a CUDA graph and replayed;
 each batch is copied into the captured input buffers (or, gathered into a gather's buffers the
@@ -41,6 +42,7 @@ from ...errors import GraphCaptureError
 from ..workspace import Workspace
 from . import catalogue as ck
 from . import launch, scalars
+from .bias import BiasLayers, bias_grad_layers
 from .context import DeviceContext, Entry, table_entries
 
 
@@ -66,10 +68,10 @@ class StepBuffers:
         self.count = cp.zeros(1, dtype=np.int64)
         self.count_host: int | None = None
         plans = [ck.bias_grad_plan(B, n) for n in sizes[1:]]
-        # the bias sums' partial column sums, and the loss sum's parts (used one after another)
-        most = max([ck.LOSS_PARTS, *(s * n for (s, _), n in zip(plans, sizes[1:]))])
-        self.partial = cp.zeros(most, np.float64)
-        self.plans = plans
+        # every layer's partial bias column sums (bias.BiasLayers), and the loss sum's parts
+        # (used one after another)
+        items = sum(s * n for (s, _), n in zip(plans, sizes[1:]))
+        self.partial = cp.zeros(max(ck.LOSS_PARTS, items), np.float64)
 
 
 @dataclass(frozen=True)
@@ -273,6 +275,8 @@ class TrainStep:
                 self.y_in = inputs[1].reshape(ws.y.shape)
         # delta of weights[i]: the output delta for the last layer, ws.d[i + 1] below it
         self.deltas = [ws.d[i + 1] for i in range(L - 1)] + [ws.z_out]
+        #: every layer's bias gradient, db[i] = sum over rows of deltas[i], in two launches
+        self.bias = BiasLayers(cp, self.deltas, ws.db)
         self.status = ctx.device().status
         self.update: _Table | None = None
         #: Adam's step scalars computed in the graph from the device step counter
@@ -445,15 +449,14 @@ class TrainStep:
         if self.optimizer is None:  # gradients only
             for i in range(L):
                 ctx.gemm(True, False, self.deltas[i], self.a[i], ws.dW[i], "ONE", "ZERO", hp)
-                launch.bias_grad(kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], status)
+            bias_grad_layers(kern, self.bias, buf.partial, status)
             return
         if self.fold:
             # Every flag is up before anything is written: the bias sums (a float32 overflow is
             # flagged), then the input batch, which the first folded GEMM reads and whose NaN a
             # ReLU hides from the forward flags. If any flag is up the deltas and activations are
-            # zeroed, so the folded GEMMs add exactly 0 to W, and the bias kernel skips itself.
-            for i in range(L):
-                launch.bias_grad(kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], status)
+            # zeroed, so the folded GEMMs add exactly 0 to W, and the bias update skips itself.
+            bias_grad_layers(kern, self.bias, buf.partial, status)
             t = self.inputs
             launch.check_finite_table(kern, self.dtype, t.dev, t.n, t.biggest, status)
             t = self.bias_update  # the new biases, before anything is written
@@ -468,7 +471,7 @@ class TrainStep:
         else:
             for i in range(L):
                 ctx.gemm(True, False, self.deltas[i], self.a[i], ws.dW[i], "ONE", "ZERO", hp)
-                launch.bias_grad(kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], status)
+            bias_grad_layers(kern, self.bias, buf.partial, status)
             u = self.update
             assert u is not None  # made in __init__ whenever there is an optimizer and no fold
             # every new parameter and state value checked (a NaN gradient gives a NaN one)
