@@ -109,3 +109,18 @@ def test_a_captured_step_makes_two_bias_launches_for_all_layers(cp, make_opt, fo
         ck.bias_grad_partial_layers("float32"): 5,
         ck.bias_grad_finish_layers("float32"): 5,
     }, bias
+
+
+@pytest.mark.parametrize("sizes", [(7, 33, 1, 257), (784, 128, 10), (64, 4096, 4096, 3)])
+@pytest.mark.parametrize("batch", [1, 37, 1000, 262144])
+def test_the_memory_estimate_holds_every_layers_partial_sums(sizes, batch):
+    """The step's float64 scratch holds every layer's partial sums one after another (their
+    sum, no longer the largest layer's): memory.workspace_bytes counts that much."""
+    from gpubp.backends.cuda import memory
+
+    items = sum(ck.bias_grad_plan(batch, n)[0] * n for n in sizes[1:])
+    need = 8 * max(ck.LOSS_PARTS, items)
+    bound = 8 * sum(sizes[1:]) + batch * (8 * -(-sum(sizes[1:]) // 32) + 8)
+    assert need <= bound
+    fixed, per_sample = memory.workspace_bytes(sizes, batch, "float32")
+    assert fixed + per_sample * batch >= bound
