@@ -66,6 +66,11 @@ def test_header_constants_match_the_host():
         "CHUNK0": ck.TAB_CHUNK0,
     }
     assert _enum(src, "TABLE_") == {"COLS": ck.TABLE_COLS}
+    bias = ("DELTA", "DB", "ROWS", "N", "PER", "SPLITS", "ITEM0", "TILE0", "COLS")
+    assert _enum(read_kernel("bias_grad.cu"), "BIAS_") == {
+        **{k: getattr(ck, f"BIAS_{k}") for k in bias},
+        "GROUPS": ck.BIAS_GROUPS,
+    }
     assert ck.THREADS % 32 == 0 and ck.CHUNK % 4 == 0
 
 
@@ -108,6 +113,8 @@ def _names_for_every_configuration() -> set[str]:
         names |= {ck.loss_partial(dt), ck.finalize_loss(dt), ck.record_loss(dt)}
         names.add(ck.bias_grad_partial(dt))
         names.add(ck.bias_grad_finish(dt))
+        # every layer's bias gradients of a train step in two launches
+        names |= {ck.bias_grad_partial_layers(dt), ck.bias_grad_finish_layers(dt)}
         for momentum, nesterov in ((0.0, False), (0.9, False), (0.9, True)):
             names.add(ck.sgd_update_table(dt, momentum != 0, nesterov))
             names.add(ck.sgd_check_table(dt, momentum != 0, nesterov))

@@ -441,7 +441,7 @@ def test_a_schedule_computed_on_the_device_gives_the_hosts_steps(cp, graphs, mak
             xd, yd = (x[:5].copy(), y[:5].copy()) if short else (x, y)
             be.train_step(W, b, xd, yd, "tanh", "softmax", "cross_entropy", opt, state)
         runs.append([cp.asnumpy(p) for p in [*W, *b]])
-        counts.append([int(s.buf.count[0]) for s in be._steps.values() if s.device_lr])
+        counts.append([int(s.scalars.count[0]) for s in be._steps.values() if s.device_lr])
     for p, q in zip(*runs):
         np.testing.assert_array_equal(p, q)
     assert sorted(counts[0]) == [3, 31] and counts[1] == [], counts

@@ -176,6 +176,21 @@ def test_a_data_parallel_gpu_step_reads_the_device_once():
         assert counts["get"] == 1 and counts["h2d"] == 0, counts
 
 
+def test_a_steady_scheduled_data_parallel_step_uploads_nothing():
+    """Under DataParallel the update computes a cosine schedule's rate (schedule_lr) and Adam's
+    step scalars on the device, as the single-device step does: no upload per step for SGD or
+    Adam (one before, the new rate or Adam's scalars), and still one read."""
+    if not EMULATED_GPU:
+        pytest.skip("counted by the emulated GPU")
+    skip_unless_available("cupy")
+    pytest.importorskip("mpi4py.MPI", reason="DataParallel needs mpi4py")
+    for optimizer in ("sgd", "adam"):
+        for schedule in (True, False):
+            counts = _script("host_work").measure(8, optimizer, schedule, distributed=True)
+            assert counts["memcpy"] == 0 and counts["h2d"] == 0, (optimizer, schedule, counts)
+            assert counts["get"] == 1, (optimizer, schedule, counts)
+
+
 def test_losses_are_summed_on_the_device_to_the_hosts_bits():
     """The train steps add ``rows * loss`` to a float64 total on the device (record_loss, in
     the graph): no copy of the loss per step, nothing kept per step by LossSum, and one read

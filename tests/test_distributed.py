@@ -442,3 +442,49 @@ def test_a_rejected_data_parallel_gpu_step_changes_nothing(rng, bad):
     for m, k in zip(momentum, opt.state["momentum_buffer"]):
         np.testing.assert_array_equal(m, model.backend.to_numpy(k))
     assert opt.state["step"] == 1
+
+
+@pytest.mark.parametrize(
+    "opt_name, dtype", [("sgd", "float32"), ("adamw", "float64"), ("adam", "float32")]
+)
+def test_a_data_parallel_gpu_schedule_computed_on_the_device_gives_the_hosts_steps(
+    rng, opt_name, dtype
+):
+    """Under DataParallel on the (emulated) GPU an optimizer that follows a cosine schedule
+    (Optimizer.follow) has its rate computed in the update from a global step counter on the
+    device, as the single-device step does: the same bits as the steps with the rate set by the
+    host, through a short batch, a rate set by hand, a jump of the global step (a resumed run),
+    the last step and beyond; the counter is the device's."""
+    from gpubp.schedules import Schedule
+
+    sched = Schedule("cosine", 0.05, 8)
+    x = rng.normal(size=(24, 7))
+    y = rng.integers(0, 3, 24)
+    # (global step or None: a rate set by hand, the short batch?)
+    plan = [(0, 0), (1, 0), (2, 1), (3, 0), (None, 0), (4, 0), (6, 0), (7, 0), (8, 0), (30, 0)]
+    runs, steps = [], []
+    for follow in (True, False):
+        model = MLP([7, 11, 3], activation="tanh", backend="cupy", dtype=dtype, seed=2)
+        dp = _gpu_data_parallel(model)
+        X, Y = model.backend.asarray(x, dtype), model.backend.xp.asarray(y)
+        opt = {
+            "sgd": lambda: optim.SGD(lr=1.0, momentum=0.9, weight_decay=0.01),
+            "adamw": lambda: optim.AdamW(lr=1.0, weight_decay=0.1),
+            "adam": lambda: optim.Adam(lr=1.0),
+        }[opt_name]()
+        for t, short in plan:
+            if t is None:
+                opt.lr = 0.003
+            elif follow:
+                opt.follow(sched, t)
+            else:
+                opt.lr = sched.at(t)
+            dp.step(X, Y, np.arange(5) if short else np.arange(16), opt)
+        runs.append(flat(model))
+        steps.append(opt.state["step"])
+        if follow:
+            scalars = model.backend._tables.scalars(dtype, adam=opt.kind == "adam", schedule=True)
+            assert int(scalars.count[0]) == 31  # the global step after step 30, on the device
+    for p, q in zip(*runs):
+        np.testing.assert_array_equal(p, q)
+    assert steps == [len(plan), len(plan)]

@@ -678,10 +678,95 @@ def check_bias_grad_finish(name: str, dtype: np.dtype, rng: np.random.Generator)
 def check_bias_grad(
     name: str, dtype: np.dtype, params: tuple[int, ...], rng: np.random.Generator
 ) -> None:
-    if parse(name)[0] == "bias_grad_partial":
+    template = parse(name)[0]
+    if template == "bias_grad_partial":
         check_bias_grad_partial(name, dtype, rng)
-    else:
+    elif template == "bias_grad_finish":
         check_bias_grad_finish(name, dtype, rng)
+    else:
+        check_bias_grad_layers(name, dtype, rng)
+
+
+#: (rows, layer widths, deltas offset by one element) of the one-launch bias gradients: widths
+#: of one column, of a tile and one more (33), of eight tiles and one more (257); one row, an
+#: awkward batch (37), several splits of 32 rows (1000), and more splits than SUM_SLOTS (33000
+#: rows: 1032 splits, every slot of fixed_sum adding two).
+BIAS_LAYER_CASES: tuple[tuple[int, tuple[int, ...], bool], ...] = (
+    (1, (1, 33, 257), False),
+    (37, (257, 1, 33), True),
+    (1000, (33, 1, 257, 5), False),
+    (33000, (1, 3), True),
+)
+
+
+def _bias_layers_run(
+    dtype: np.dtype, deltas: list[np.ndarray], off: bool, what: str
+) -> list[np.ndarray]:
+    """``bias_grad_partial_layers`` then ``bias_grad_finish_layers`` over every launch shape:
+    ``[db_0, ..., db_{L-1}, partial, status]``."""
+    rows = [(d.shape[0], d.shape[1]) for d in deltas]
+    items = ck.bias_table([(0, 0, r, n) for r, n in rows])[1]
+
+    def body(launch: Launch, mem: Memory) -> list[np.ndarray]:
+        dd = [mem.put(d, off) for d in deltas]
+        dbs = [mem.put(np.full(d.shape[1], -7.0, dtype), not off) for d in deltas]
+        ptrs = [(x.ctypes.data, b.ctypes.data, r, n) for x, b, (r, n) in zip(dd, dbs, rows)]
+        table, items, tiles, _ = ck.bias_table(ptrs)
+        td, part = mem.put(table), mem.put(np.full(items, np.nan))
+        st = mem.put(status_word())
+        layers = i32(len(deltas))
+        launch(ck.bias_grad_partial_layers(dtype), (td, layers, i64(items), part))
+        launch(ck.bias_grad_finish_layers(dtype), (td, layers, i64(tiles), part, st))
+        return [*dbs, part, st]
+
+    got = run_everywhere(body, what)
+    assert got[-2].size == items
+    return got
+
+
+def _bias_one_layer(dtype: np.dtype, delta: np.ndarray) -> list[np.ndarray]:
+    """The per-layer kernels on one delta: ``[db, partial, status]``."""
+    (rows, n), (splits, per) = delta.shape, ck.bias_grad_plan(*delta.shape)
+
+    def body(launch: Launch, mem: Memory) -> list[np.ndarray]:
+        dd, db = mem.put(delta), mem.put(np.full(n, -7.0, dtype))
+        part, st = mem.put(np.full(splits * n, np.nan)), mem.put(status_word())
+        launch(ck.bias_grad_partial(dtype), (dd, i64(rows), i32(n), i64(per), i64(splits), part))
+        launch(ck.bias_grad_finish(dtype), (part, i64(splits), i32(n), db, st))
+        return [db, part, st]
+
+    return run_everywhere(body, f"one layer {delta.shape}", ((2, 256, "forward"),))
+
+
+def check_bias_grad_layers(name: str, dtype: np.dtype, rng: np.random.Generator) -> None:
+    """Every layer's bias gradient in two launches: bit for bit the per-layer kernels' (partial
+    sums and db) and the fixed_sum order; a non-finite column of one layer flags the step, the
+    other layers' columns are still written."""
+    big = float(np.finfo(dtype).max) * 0.75
+    cases = [(r, w, off, None) for r, w, off in BIAS_LAYER_CASES]
+    cases += [(4, (3, 33, 2), False, p) for p in (np.nan, np.inf, big)]
+    for rows, widths, off, poison in cases:
+        deltas = [rng.normal(0.0, 1.0, (rows, n)).astype(dtype) for n in widths]
+        if poison is not None:
+            deltas[1][:, 31] = poison  # layer 1's column 31 sums to NaN or infinity
+        what = f"{name} rows={rows} widths={widths} offset={off} poison={poison}"
+        *dbs, part, st = _bias_layers_run(dtype, deltas, off, what)
+        start, flagged = 0, []
+        for k, (d, db) in enumerate(zip(deltas, dbs)):
+            one_db, one_part, one_st = _bias_one_layer(dtype, d)
+            flagged.append(bool(one_st[ck.STATUS_BAD]))
+            here = f"{what}: layer {k}"
+            assert bits_equal(part[start : start + one_part.size], one_part), here + " partial"
+            assert bits_equal(db, one_db), here + ": db differs from the per-layer kernels'"
+            splits = ck.bias_grad_plan(*d.shape)[0]
+            want = fixed_sum_columns(one_part.reshape(splits, d.shape[1]), dtype)
+            assert bits_equal(db, want), here + ": not fixed_sum's order"
+            start += one_part.size
+            if poison is None:
+                assert_close(db, d.astype(np.float64).sum(axis=0), here)
+        assert start == part.size, what
+        assert flagged == [k == 1 and poison is not None for k in range(len(deltas))], what
+        expect_status(st, poison is not None, what)
 
 
 # --- optimizers.cu and guard.cu: tables of tensors -------------------------------------------
@@ -1203,7 +1288,12 @@ CHECKS: dict[str, dict[str, Check]] = {
         "finalize_loss": check_output_layer,
         "record_loss": check_output_layer,
     },
-    "bias_grad": {"bias_grad_partial": check_bias_grad, "bias_grad_finish": check_bias_grad},
+    "bias_grad": {
+        "bias_grad_partial": check_bias_grad,
+        "bias_grad_finish": check_bias_grad,
+        "bias_grad_partial_layers": check_bias_grad,
+        "bias_grad_finish_layers": check_bias_grad,
+    },
     "optimizers": {
         "sgd_update_table": check_optimizers,
         "adam_update_table": check_optimizers,

@@ -202,6 +202,65 @@ void exercise(void (*k)(const double*, i64, int, T*, int*), const char* name) {
     }
 }
 
+// A bias-gradient layer table of three layers (widths 1, 33 and 5 of 40 rows, 2 splits of 32
+// rows; the middle delta offset by one element) over the given buffers, as
+// catalogue.bias_table builds it; returns (items, tiles).
+template <class T>
+std::pair<i64, i64> make_bias_table(std::vector<i64>& table, std::vector<Buf<T>>& deltas,
+                                    std::vector<Buf<T>>& dbs) {
+    const i64 widths[3] = {1, 33, 5};
+    const i64 rows = 40, per = 32, splits = 2;
+    table.assign(3 * 8, 0);
+    deltas.clear();
+    dbs.clear();
+    for (int l = 0; l < 3; ++l) {
+        deltas.emplace_back(static_cast<size_t>(rows * widths[l]));
+        dbs.emplace_back(static_cast<size_t>(widths[l]));
+    }
+    i64 items = 0, tiles = 0;
+    for (int l = 0; l < 3; ++l) {
+        i64* row = table.data() + l * 8;
+        row[0] = static_cast<i64>(reinterpret_cast<unsigned long long>(
+            deltas[static_cast<size_t>(l)].at(l == 1 ? 1 : 0)));
+        row[1] = static_cast<i64>(reinterpret_cast<unsigned long long>(dbs[static_cast<size_t>(l)].at(0)));
+        row[2] = rows;
+        row[3] = widths[l];
+        row[4] = per;
+        row[5] = splits;
+        row[6] = items;
+        row[7] = tiles;
+        items += splits * widths[l];
+        tiles += (widths[l] + 31) / 32;
+    }
+    return {items, tiles};
+}
+
+// bias_grad_partial_layers<T>: (table, layers, items, partial)
+template <class T>
+void exercise(void (*k)(const i64*, int, i64, double*), const char* name) {
+    every_launch([&](const Shape& s, int order) {
+        std::vector<i64> table;
+        std::vector<Buf<T>> deltas, dbs;
+        const std::pair<i64, i64> counts = make_bias_table<T>(table, deltas, dbs);
+        std::vector<double> partial(static_cast<size_t>(counts.first));
+        run(k, name, s, order, table.data(), 3, counts.first, partial.data());
+    });
+}
+
+// bias_grad_finish_layers<T>: (table, layers, tiles, partial, status)
+template <class T>
+void exercise(void (*k)(const i64*, int, i64, const double*, int*), const char* name) {
+    every_launch([&](const Shape& s, int order) {
+        std::vector<i64> table;
+        std::vector<Buf<T>> deltas, dbs;
+        const std::pair<i64, i64> counts = make_bias_table<T>(table, deltas, dbs);
+        Buf<double> partial(static_cast<size_t>(counts.first));
+        partial.at(0)[counts.first - 1] = 1e300;  // overflows float: the flag
+        int status[4] = {0, 0, 0, 0};
+        run(k, name, s, order, table.data(), 3, counts.second, partial.at(0), status);
+    });
+}
+
 // One table of two tensors (sizes 37 and 8) over the given buffers; returns the chunk count.
 template <class T>
 i64 make_table(std::vector<i64>& table, std::vector<Buf<T>>& bufs, int off, i64 chunk) {

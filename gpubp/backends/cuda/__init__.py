@@ -7,6 +7,7 @@ Modules, one concern each (none imports CuPy or needs a GPU at import time), fro
 - :mod:`.catalogue`: the kernel sources, every instantiation by name, launch plans, tables and
   the hyper-parameter block;
 - :mod:`.launch`: one public wrapper per kernel family that checks its arrays and launches;
+- :mod:`.bias`: every layer's bias gradient of a train step in two launches, from a layer table;
 - :mod:`.cublas`: the ctypes cuBLAS binding (own handle, device pointer mode, workspace);
 - :mod:`.context`: the device context the ops and the graph step share: the cupy module, per
   device its kernels, status words, GEMM constants and host ring; cuBLAS handles and the GEMM;

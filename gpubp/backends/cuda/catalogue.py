@@ -61,6 +61,9 @@ SCHED = {"KIND": 0, "LR": 1, "STEPS": 2, "SCALED_DECAY": 3}
 SCHED_SLOTS = 4
 TARGET_DENSE, TARGET_LABELS, TARGET_NONE = 0, 1, 2
 TAB_PARAM, TAB_GRAD, TAB_STATE1, TAB_STATE2, TAB_SIZE, TAB_CHUNK0, TABLE_COLS = range(7)
+# (the bias-gradient layer table's columns, from kernels/bias_grad.cu)
+BIAS_DELTA, BIAS_DB, BIAS_ROWS, BIAS_N, BIAS_PER, BIAS_SPLITS, BIAS_ITEM0, BIAS_TILE0 = range(8)
+BIAS_COLS = 8
 
 #: Block size of every launch (a multiple of 32: the row kernels give one warp to a row).
 THREADS = 256
@@ -133,6 +136,16 @@ def bias_grad_partial(dtype: object) -> str:
 
 def bias_grad_finish(dtype: object) -> str:
     return f"gpubp::bias_grad_finish<{_ctype(dtype)}>"
+
+
+def bias_grad_partial_layers(dtype: object) -> str:
+    """:func:`bias_grad_partial` of every layer of a layer table (:func:`bias_table`)."""
+    return f"gpubp::bias_grad_partial_layers<{_ctype(dtype)}>"
+
+
+def bias_grad_finish_layers(dtype: object) -> str:
+    """:func:`bias_grad_finish` of every layer of a layer table (:func:`bias_table`)."""
+    return f"gpubp::bias_grad_finish_layers<{_ctype(dtype)}>"
 
 
 def sgd_update_table(dtype: object, momentum: bool, nesterov: bool) -> str:
@@ -227,6 +240,7 @@ def _catalogue() -> dict[str, list[str]]:
         cat["output_layer"] += [loss_partial(dt), finalize_loss(dt), record_loss(dt)]
         cat["bias_grad"].append(bias_grad_partial(dt))
         cat["bias_grad"].append(bias_grad_finish(dt))
+        cat["bias_grad"] += [bias_grad_partial_layers(dt), bias_grad_finish_layers(dt)]
         cat["optimizers"] += [
             sgd_update_table(dt, m, n) for m, n in itertools.product(flags, flags) if m or not n
         ]
@@ -348,6 +362,32 @@ def bias_grad_plan(rows: int, n: int, target_threads: int = 1 << 18) -> tuple[in
     rows_per_split = max(32, math.ceil(rows / wanted))
     splits = math.ceil(rows / rows_per_split)
     return splits, rows_per_split
+
+
+def bias_table(
+    layers: Sequence[tuple[int, int, int, int]],
+) -> tuple[np.ndarray, int, int, int]:
+    """The int64 layer table of ``bias_grad_partial_layers`` and ``bias_grad_finish_layers``.
+
+    ``layers``: per layer ``(delta_ptr, db_ptr, rows, n)`` of a ``(rows, n)`` delta and its
+    ``(n,)`` bias gradient. Each layer keeps its own :func:`bias_grad_plan` (so its bits are
+    the one-layer kernels'); its partial sums follow the layers before it (``BIAS_ITEM0``: the
+    sum of their ``splits * n``), as do its tiles of 32 columns (``BIAS_TILE0``). Returns
+    ``(table, items, tiles, threads)``: the partial sums in all (the float64 scratch needed),
+    the tiles in all, and the finish kernel's block size (the widest layer's).
+    """
+    if not layers:
+        raise ValueError("a bias-gradient layer table needs at least one layer")
+    table = np.zeros((len(layers), BIAS_COLS), dtype=np.int64)
+    items = tiles = 0
+    threads = 32
+    for k, (delta, db, rows, n) in enumerate(layers):
+        splits, per = bias_grad_plan(rows, n)
+        table[k] = (delta, db, rows, n, per, splits, items, tiles)
+        items += splits * n
+        tiles += -(-n // 32)
+        threads = max(threads, 32 * min(BIAS_GROUPS, reduction_threads(splits) // 32))
+    return table, items, tiles, threads
 
 
 def build_table(

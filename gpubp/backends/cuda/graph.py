@@ -8,11 +8,12 @@ One train step, for ``L`` layers (every buffer preallocated per batch shape):
    row losses summed in a fixed order by many blocks, then one (``loss_partial``,
    ``finalize_loss``);
 3. backward: ``g = delta^{l+1} @ W^{l+1}`` (cuBLAS), then ``g *= f'(a^l)`` in place;
-4. update: ``dW`` and ``db`` are computed, checked for NaN/inf, and every parameter is updated in
-   one launch from a table of pointers. With ``fold_sgd=True``, plain SGD (no momentum, no
+4. update: ``dW`` (a GEMM per layer) and ``db`` (every layer's column sums in two launches,
+   :class:`.bias.BiasLayers`) are computed, checked for NaN/inf, and every parameter is updated
+   in one launch from a table of pointers. With ``fold_sgd=True``, plain SGD (no momentum, no
    weight decay) instead folds the weight update into the gradient GEMM,
-   ``W = -lr * delta.T @ a + 1 * W`` (``dW`` never exists), and fuses the bias update into the
-   bias-gradient column sum.
+   ``W = -lr * delta.T @ a + 1 * W`` (``dW`` never exists), and updates the biases from ``db``
+   by the table kernel.
 
 The step is captured once per batch shape (and parameter buffers) as a CUDA graph and replayed;
 each batch is copied into the captured input buffers (or, gathered into a gather's buffers the
@@ -41,6 +42,7 @@ from ...errors import GraphCaptureError
 from ..workspace import Workspace
 from . import catalogue as ck
 from . import launch, scalars
+from .bias import BiasLayers, bias_grad_layers
 from .context import DeviceContext, Entry, table_entries
 
 
@@ -53,23 +55,11 @@ class StepBuffers:
         self.labels = cp.zeros(B, dtype=np.int64)
         self.row_loss = cp.zeros(B, dtype=dtype)
         self.loss = cp.zeros(1, dtype=dtype)
-        self.hp = cp.zeros(ck.HP_SLOTS, dtype=dtype)
-        self.hp_host: np.ndarray | None = None
-        # Adam: the float64 block its step's block is computed from, and the step counter
-        # (steps taken), both on the device; the host keeps what it last uploaded or expects
-        self.hp64 = cp.zeros(ck.HP_SLOTS, dtype=np.float64)
-        self.steps = cp.zeros(1, dtype=np.int64)
-        self.steps_host: int | None = None
-        # a schedule's block and the global step counter its rate is computed from
-        self.sched = cp.zeros(ck.SCHED_SLOTS, dtype=np.float64)
-        self.sched_host: tuple[Any, Any] | None = None  # (schedule, optimizer kind) uploaded
-        self.count = cp.zeros(1, dtype=np.int64)
-        self.count_host: int | None = None
         plans = [ck.bias_grad_plan(B, n) for n in sizes[1:]]
-        # the bias sums' partial column sums, and the loss sum's parts (used one after another)
-        most = max([ck.LOSS_PARTS, *(s * n for (s, _), n in zip(plans, sizes[1:]))])
-        self.partial = cp.zeros(most, np.float64)
-        self.plans = plans
+        # every layer's partial bias column sums (bias.BiasLayers), and the loss sum's parts
+        # (used one after another)
+        items = sum(s * n for (s, _), n in zip(plans, sizes[1:]))
+        self.partial = cp.zeros(max(ck.LOSS_PARTS, items), np.float64)
 
 
 @dataclass(frozen=True)
@@ -273,6 +263,8 @@ class TrainStep:
                 self.y_in = inputs[1].reshape(ws.y.shape)
         # delta of weights[i]: the output delta for the last layer, ws.d[i + 1] below it
         self.deltas = [ws.d[i + 1] for i in range(L - 1)] + [ws.z_out]
+        #: every layer's bias gradient, db[i] = sum over rows of deltas[i], in two launches
+        self.bias = BiasLayers(cp, self.deltas, ws.db)
         self.status = ctx.device().status
         self.update: _Table | None = None
         #: Adam's step scalars computed in the graph from the device step counter
@@ -280,6 +272,10 @@ class TrainStep:
         #: the learning rate computed in the graph (schedule_lr) where the optimizer follows a
         #: schedule (optim.Optimizer.follow) when the step is made
         self.device_lr = getattr(optimizer, "schedule", None) is not None
+        #: the hyper-parameter block the step reads, and what the graph computes it from
+        self.scalars = scalars.StepScalars(
+            cp, self.dtype, adam=self.device_scalars, schedule=self.device_lr
+        )
         if optimizer is not None and not self.fold:
             entries = table_entries([*weights, *biases], [*ws.dW, *ws.db], slots or [])
             self.update = _Table(cp, entries)
@@ -304,47 +300,9 @@ class TrainStep:
             self.y_in[...] = y.reshape(self.y_in.shape)
 
     def set_hyperparameters(self, optimizer: Any, step: int) -> None:
-        """Before step ``step`` (1 first): upload what changed (asynchronously, from pinned
-        memory), so a steady step uploads nothing. SGD: the hyper-parameter block. Adam: the
-        block in float64 without its step's scalars (the graph rounds it to the dtype and adds
-        the bias corrections, ``adam_step_scalars``, from the device step counter, which
-        ``count_step`` advances), and the counter where it is not ``step - 1`` already (a
-        loaded or taken-back optimizer step count). With ``device_lr`` the block is float64
-        too; where the optimizer's rate is its schedule's (``catalogue.device_schedule``) the
-        block holds the schedule's peak rate, which ``schedule_lr`` replaces in the graph by the
-        rate of the global step counter, uploaded where it is not that step already."""
-        buf, ring = self.buf, self.ctx.device().ring
-        follows = ck.device_schedule(optimizer) if self.device_lr else None
-        lr = None if follows is None else float(getattr(follows[0], "lr"))  # noqa: B009
-        wide = self.device_scalars or self.device_lr
-        hp = ck.hyperparameters(
-            optimizer, 1 if self.device_scalars else step, np.float64 if wide else self.dtype, lr
-        )
-        if buf.hp_host is None or not np.array_equal(buf.hp_host, hp):
-            ring.upload(hp, buf.hp64 if wide else buf.hp)
-            buf.hp_host = hp
-        if self.device_lr:
-            self._set_schedule(optimizer, follows)
-        if self.device_scalars:
-            if buf.steps_host != step - 1:
-                ring.upload(np.array([step - 1], dtype=np.int64), buf.steps)
-            buf.steps_host = step  # what the counter holds after this step, unless skipped
-
-    def _set_schedule(self, optimizer: Any, follows: tuple[Any, int] | None) -> None:
-        """Upload the schedule block where it changed, and the global step counter where it is
-        not ``follows``' step already (a resumed run, another batch shape's step)."""
-        buf, ring = self.buf, self.ctx.device().ring
-        schedule = None if follows is None else follows[0]
-        key = (schedule, (optimizer.kind, getattr(optimizer, "decoupled", False)))
-        if buf.sched_host != key:
-            ring.upload(ck.schedule_block(optimizer, schedule), buf.sched)
-            buf.sched_host = key
-        if follows is None:
-            buf.count_host = None  # the counter is not read nor advanced
-            return
-        if buf.count_host != follows[1]:
-            ring.upload(np.array([follows[1]], dtype=np.int64), buf.count)
-        buf.count_host = follows[1] + 1  # schedule_lr advances it
+        """Before step ``step`` (1 first): upload what changed (:meth:`.scalars.StepScalars.set`),
+        so a steady step uploads nothing."""
+        self.scalars.set(self.ctx.device().ring.upload, optimizer, step)
 
     def run(self) -> None:
         """Enqueue one step: the graph if there is one, else eagerly (capturing on the 2nd run)."""
@@ -412,11 +370,8 @@ class TrainStep:
         ctx, buf, ws = self.ctx, self.buf, self.buf.ws
         kern = self.kernels
         L = len(self.W)
-        hp = buf.hp if self.optimizer is not None else ctx.constants(self.dtype)
-        if self.device_lr:  # the schedule's rate of this step (the GEMMs' constants too)
-            scalars.schedule_lr(kern, hp, buf.hp64, buf.sched, buf.count)
-        if self.device_scalars:  # Adam's block of this step (the GEMMs' constants too)
-            scalars.adam_step_scalars(kern, hp, buf.hp64, buf.steps)
+        hp = self.scalars.hp if self.optimizer is not None else ctx.constants(self.dtype)
+        self.scalars.record(kern)  # this step's block (the GEMMs' constants too)
         # forward
         for i in range(L):
             out = ws.a[i + 1] if i < L - 1 else ws.z_out
@@ -445,15 +400,14 @@ class TrainStep:
         if self.optimizer is None:  # gradients only
             for i in range(L):
                 ctx.gemm(True, False, self.deltas[i], self.a[i], ws.dW[i], "ONE", "ZERO", hp)
-                launch.bias_grad(kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], status)
+            bias_grad_layers(kern, self.bias, buf.partial, status)
             return
         if self.fold:
             # Every flag is up before anything is written: the bias sums (a float32 overflow is
             # flagged), then the input batch, which the first folded GEMM reads and whose NaN a
             # ReLU hides from the forward flags. If any flag is up the deltas and activations are
-            # zeroed, so the folded GEMMs add exactly 0 to W, and the bias kernel skips itself.
-            for i in range(L):
-                launch.bias_grad(kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], status)
+            # zeroed, so the folded GEMMs add exactly 0 to W, and the bias update skips itself.
+            bias_grad_layers(kern, self.bias, buf.partial, status)
             t = self.inputs
             launch.check_finite_table(kern, self.dtype, t.dev, t.n, t.biggest, status)
             t = self.bias_update  # the new biases, before anything is written
@@ -468,7 +422,7 @@ class TrainStep:
         else:
             for i in range(L):
                 ctx.gemm(True, False, self.deltas[i], self.a[i], ws.dW[i], "ONE", "ZERO", hp)
-                launch.bias_grad(kern, self.deltas[i], ws.db[i], buf.partial, buf.plans[i], status)
+            bias_grad_layers(kern, self.bias, buf.partial, status)
             u = self.update
             assert u is not None  # made in __init__ whenever there is an optimizer and no fold
             # every new parameter and state value checked (a NaN gradient gives a NaN one)
@@ -476,8 +430,7 @@ class TrainStep:
             launch.check_update_table(kern, self.optimizer, self.dtype, u.dev, u.n, u.chunks, hp,
                                       status)  # fmt: skip
             launch.update_table(kern, self.optimizer, self.dtype, u.dev, u.n, u.chunks, hp, status)
-            if self.device_scalars:
-                scalars.count_step(kern, buf.steps, status)
+            self.scalars.counted(kern, status)
         launch.finish_step(kern, status)
         if self.ledger is not None:
             launch.record_loss(kern, buf.loss, float(ws.batch), self.ledger)

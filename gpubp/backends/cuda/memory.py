@@ -26,8 +26,9 @@ def workspace_bytes(sizes: Sequence[int], batch: int, dtype: Any) -> tuple[int, 
     widest = max(sizes)
     per_sample = item * (sum(sizes[:-1]) + 2 * sizes[-1] + sum(sizes[1:-1]) + widest + 2)
     per_sample += 8 * 3  # row indices, flat indices, int64 labels
-    per_sample += 8 * math.ceil(max(sizes[1:]) / 32) + 8  # bias partial sums (>= 32 rows each)
-    fixed = item * sum(sizes[i + 1] * (sizes[i] + 1) for i in range(L))
+    # every layer's bias partial sums, one after another (>= 32 rows each, one more split)
+    per_sample += 8 * math.ceil(sum(sizes[1:]) / 32) + 8
+    fixed = item * sum(sizes[i + 1] * (sizes[i] + 1) for i in range(L)) + 8 * sum(sizes[1:])
     fixed += 2 * item * max(sizes[i + 1] * sizes[i] for i in range(L))
     fixed += 64 * 1024  # tables, status word, hyper-parameters, alignment
     return fixed, per_sample

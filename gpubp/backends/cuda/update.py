@@ -8,7 +8,9 @@ Three entry points of :class:`CudaUpdateOps`, a mixin of the CuPy backend:
 - :meth:`~CudaUpdateOps.reduced_update`: the data-parallel step's update after the all-reduce,
   with no read of its own: the loss checked as a gradient, the check kernel, the update kernel
   (which skips itself on a raised flag), and the verdict written into the reduced buffer's
-  tail, which comes back with the loss and the stop flag in the step's one read.
+  tail, which comes back with the loss and the stop flag in the step's one read. Its
+  hyper-parameters are the graph step's (:class:`.scalars.StepScalars`): Adam's step scalars
+  and a schedule's rate computed on the device, so a steady step uploads nothing.
 
 The pointer tables are kept by their rows (:class:`UpdateTables`: pointers and sizes decide a
 table's content), so updating the same tensors again uploads nothing; a hyper-parameter block
@@ -25,6 +27,7 @@ import numpy as np
 from . import catalogue as ck
 from . import launch
 from .context import DeviceContext, Entry, table_entries
+from .scalars import StepScalars
 
 
 class UpdateTables:
@@ -44,6 +47,7 @@ class UpdateTables:
         self._ctx, self._keep = ctx, keep
         self._tables: OrderedDict[tuple[Any, ...], tuple[Any, int]] = OrderedDict()
         self._hp: dict[tuple[int, str], tuple[Any, np.ndarray]] = {}
+        self._scalars: dict[tuple[Any, ...], StepScalars] = {}
         self._status: dict[int, Any] = {}
 
     def table(self, entries: list[Entry]) -> tuple[Any, int]:
@@ -71,6 +75,18 @@ class UpdateTables:
             dev.ring.upload(hp, block)
             self._hp[key] = (block, hp.copy())
         return block
+
+    def scalars(self, dtype: Any, *, adam: bool, schedule: bool) -> StepScalars:
+        """The current device's :class:`.scalars.StepScalars` of ``dtype`` for Adam's step
+        scalars (``adam``) and a schedule's rate (``schedule``) computed on the device, each
+        kind kept with what it last uploaded."""
+        key = (self._ctx.device().id, np.dtype(dtype).str, adam, schedule)
+        got = self._scalars.get(key)
+        if got is None:
+            got = self._scalars[key] = StepScalars(
+                self._ctx.cp, dtype, adam=adam, schedule=schedule
+            )
+        return got
 
     def status(self) -> Any:
         """The current device's status word of the data-parallel update (zeroed by its user)."""
@@ -177,14 +193,23 @@ class CudaUpdateOps:
             return super().reduced_update(  # type: ignore[misc]
                 tail, params, grads, optimizer, state, scratch=scratch
             )
-        args, hp = self._table_args(params, grads, optimizer, state)
-        dtype = args[1]
+        slots = [state[s] for s in optimizer.slots]
+        dtype = params[0].dtype
+        table, chunks = self._tables.table(table_entries(params, grads, slots))
+        args = (optimizer, dtype, table, len(params), chunks)
+        # as the graph step: Adam's scalars and a schedule's rate computed on the device
+        adam = optimizer.op == "adam_update"
+        follows = getattr(optimizer, "schedule", None) is not None
+        scalars = self._tables.scalars(dtype, adam=adam, schedule=follows)
+        scalars.set(self._ctx.device().ring.upload, optimizer, int(state["step"]) + 1)
         loss_row, _ = self._tables.table([(0, int(tail.data.ptr), 0, 0, 1)])  # as a gradient
         status = self._tables.status()
         status.fill(0)
+        scalars.record(self.kernel)
         launch.check_finite_table(self.kernel, dtype, loss_row, 1, 1, status)
-        launch.check_update_table(self.kernel, *args, hp, status)
-        launch.update_table(self.kernel, *args, hp, status)  # skips itself on a raised flag
+        launch.check_update_table(self.kernel, *args, scalars.hp, status)
+        launch.update_table(self.kernel, *args, scalars.hp, status)  # skips itself if flagged
+        scalars.counted(self.kernel, status)  # Adam's counter, unless flagged
         tail[-1:] = status[ck.STATUS_BAD : ck.STATUS_BAD + 1]  # the verdict, beside the loss
         host: np.ndarray = tail.get()  # the step's one read
         if host[-1] != 0:
