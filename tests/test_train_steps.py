@@ -265,8 +265,10 @@ def test_a_label_out_of_range_is_left_to_the_step_which_refuses_it(rng, rule):
     _same(model, twin)
 
 
-@pytest.mark.parametrize("kernel", ["fold_steps", "update_steps"])
-def test_an_interrupted_run_counts_the_steps_it_wrote(rng, monkeypatch, kernel):
+@pytest.mark.parametrize(
+    ("kernel", "rule"), [("fold_steps", "sgd"), ("adam_steps", "adam"), ("sgd_steps", "nesterov")]
+)
+def test_an_interrupted_run_counts_the_steps_it_wrote(rng, monkeypatch, kernel, rule):
     """Ctrl-C lands when the kernel returns: the steps it wrote are counted (the optimizer's
     step count and rate, the state's maxima), so training on agrees with one by one."""
     real = getattr(multistep, kernel)
@@ -275,7 +277,6 @@ def test_an_interrupted_run_counts_the_steps_it_wrote(rng, monkeypatch, kernel):
         real(*args)
         raise KeyboardInterrupt
 
-    rule = "sgd" if kernel == "fold_steps" else "adam"
     X, y = _data(rng, "classification", "float32")
     order = rng.permutation(N)
     lrs = [RULES[rule]().lr * (1 + i) for i in range(N // BATCH)]

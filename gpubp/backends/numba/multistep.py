@@ -81,47 +81,96 @@ def fold_steps(  # type: ignore[no-untyped-def]
     return count
 
 
+@_inline
+def _gradients(  # type: ignore[no-untyped-def]
+    X, labels, Y, order, lo, a0, lab, Yb,
+    Ws, bs, acts, z, ds, dWs, dbs, hid, out_act, loss, cm, known, prove,
+):  # fmt: skip
+    """The batch at ``order[lo:]`` gathered and every gradient of it (:func:`.layers.backprop`);
+    ``(ok, C, G)``, ``ok`` false where the step is not to be taken here (a label out of range,
+    a loss that is not finite). ``known[0]`` is cleared unless ``prove``."""
+    if not _gather(X, labels, Y, order, lo, a0, lab, Yb, z.shape[1]):
+        return False, 0.0, 0.0
+    value, G = backprop(
+        a0, lab, Yb, Ws, bs, acts, z, ds, dWs, dbs, hid, out_act, loss, cm, float(a0.shape[0])
+    )
+    if value - value != 0.0:
+        return False, value, G
+    if not prove:
+        known[0] = 0.0
+    return True, value, G
+
+
+@_inline
+def _written(s, value, status, losses, statuses, progress):  # type: ignore[no-untyped-def]
+    """Whether step ``s``'s update was written (``status < 0``); its loss and status kept."""
+    if status >= 0:
+        return False
+    losses[s] = value
+    statuses[s] = status
+    progress[0] = s + 1
+    return True
+
+
 @_jit
-def update_steps(  # type: ignore[no-untyped-def]
+def adam_steps(  # type: ignore[no-untyped-def]
     X, labels, Y, order, start, count, a0, lab, Yb,
     Ws, bs, acts, z, ds, dWs, dbs, hid, out_act, loss, cm,
-    adam, cols, wides, known, prove, lim, plan, losses, statuses, progress,
+    cols, wides, known, prove, lim, plan, losses, statuses, progress,
 ):  # fmt: skip
-    """Up to ``count`` steps of backpropagation (:func:`.layers.backprop`) and the checked
-    update (:mod:`.checked`: Adam where ``adam``, else SGD; on ``plan``'s chunks in parallel
-    where it has rows). ``cols``: the flat ``(ps, gs, slot1, slot2)`` of the update (for SGD
-    ``slot1`` is the momentum buffer, ``ps`` without momentum; ``slot2`` unused); step ``s``
-    takes the rule's scalars ``wides[s]`` and the state's maxima in ``known`` (left there for
-    the next step; its first entry is cleared before each step unless ``prove``). Each loss
-    goes into ``losses[s]``, the update's status into ``statuses[s]`` and the steps written so
-    far into ``progress[0]``. Returns the steps done."""
+    """Up to ``count`` steps of backpropagation (:func:`.layers.backprop`) and the checked Adam
+    update (:func:`.checked.adam_step`, on ``plan``'s chunks in parallel where it has rows).
+    ``cols``: the flat ``(ps, gs, ms, vs)`` of the update; step ``s`` takes the rule's scalars
+    ``wides[s]`` (8) and the state's maxima in ``known`` (left there for the next step; its
+    first entry is cleared before each step unless ``prove``). Each loss goes into
+    ``losses[s]``, the update's status into ``statuses[s]`` and the steps written so far into
+    ``progress[0]``. Returns the steps done.
+
+    A kernel per rule (with :func:`sgd_steps`), so that a run compiles only its own rule's
+    update."""
     B = a0.shape[0]
-    ps, gs, m1, m2 = cols
-    par = plan.shape[0] > 0
+    ps, gs, ms, vs = cols
     for s in range(count):
-        if not _gather(X, labels, Y, order, start + s * B, a0, lab, Yb, z.shape[1]):
+        ok, value, G = _gradients(
+            X, labels, Y, order, start + s * B, a0, lab, Yb,
+            Ws, bs, acts, z, ds, dWs, dbs, hid, out_act, loss, cm, known, prove,
+        )  # fmt: skip
+        if not ok:
             return s
-        value, G = backprop(
-            a0, lab, Yb, Ws, bs, acts, z, ds, dWs, dbs, hid, out_act, loss, cm, float(B)
-        )
-        if value - value != 0.0:
-            return s
-        if not prove:
-            known[0] = 0.0
-        if adam and par:
-            status = adam_step_par(ps, gs, m1, m2, wides[s], G, known, lim, plan)
-        elif adam:
-            status = adam_step(ps, gs, m1, m2, wides[s], G, known, lim)
-        elif par:
-            status = sgd_step_par(ps, gs, m1, wides[s, :4], G, known, lim, plan)
+        if plan.shape[0]:
+            status = adam_step_par(ps, gs, ms, vs, wides[s], G, known, lim, plan)
         else:
-            status = sgd_step(ps, gs, m1, wides[s, :4], G, known, lim)
-        if status >= 0:
+            status = adam_step(ps, gs, ms, vs, wides[s], G, known, lim)
+        if not _written(s, value, status, losses, statuses, progress):
             return s
-        losses[s] = value
-        statuses[s] = status
-        progress[0] = s + 1
     return count
 
 
-__all__ = ["fold_steps", "update_steps"]
+@_jit
+def sgd_steps(  # type: ignore[no-untyped-def]
+    X, labels, Y, order, start, count, a0, lab, Yb,
+    Ws, bs, acts, z, ds, dWs, dbs, hid, out_act, loss, cm,
+    cols, wides, known, prove, lim, plan, losses, statuses, progress,
+):  # fmt: skip
+    """:func:`adam_steps` for the checked SGD update (:func:`.checked.sgd_step`): ``cols`` the
+    flat ``(ps, gs, bufs)`` (``bufs`` is ``ps`` without momentum), ``wides[s]`` its 4
+    scalars."""
+    B = a0.shape[0]
+    ps, gs, bufs = cols
+    for s in range(count):
+        ok, value, G = _gradients(
+            X, labels, Y, order, start + s * B, a0, lab, Yb,
+            Ws, bs, acts, z, ds, dWs, dbs, hid, out_act, loss, cm, known, prove,
+        )  # fmt: skip
+        if not ok:
+            return s
+        if plan.shape[0]:
+            status = sgd_step_par(ps, gs, bufs, wides[s], G, known, lim, plan)
+        else:
+            status = sgd_step(ps, gs, bufs, wides[s], G, known, lim)
+        if not _written(s, value, status, losses, statuses, progress):
+            return s
+    return count
+
+
+__all__ = ["adam_steps", "fold_steps", "sgd_steps"]

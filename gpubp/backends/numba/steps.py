@@ -154,33 +154,34 @@ class NumbaSteps:
         self, net: _Net, X: Any, labels: Any, Y: Any, order: Any, first: int,
         rates: list[float], optimizer: Any, state: dict[str, Any],
     ) -> list[float]:  # fmt: skip
-        """Backpropagation and the checked update (:func:`.multistep.update_steps`)."""
+        """Backpropagation and the checked update (:func:`.multistep.adam_steps` or
+        :func:`.multistep.sgd_steps`: a run compiles its own rule's kernel only)."""
         slots = [state[s] for s in optimizer.slots]
         plan = self._update_plan(optimizer, net.params, net.grads, slots)
         if plan is None:
             return []
         ws, k, step = net.ws, len(rates), int(state["step"])
-        wides = np.zeros((k, 8))
+        adam = plan.kind == "adam"
+        wides = np.zeros((k, 8 if adam else 4))
         before = optimizer.lr
         for s, lr in enumerate(rates):
             optimizer.lr = lr
-            row = step_scalars(plan.kind, optimizer, step + s + 1)
-            wides[s, : len(row)] = row
+            wides[s] = step_scalars(plan.kind, optimizer, step + s + 1)
         optimizer.lr = before
         # the maxima are handed over whatever prove_updates says: the kernel clears known[0]
         # before each step where it says no, and they are kept again if nothing is written
         known, maxima = take_maxima(state, bool(slots), True)
-        cols = (*plan.cols, *plan.cols[2:3] * (4 - len(plan.cols)))  # (ps, gs, slot1, slot2)
         out, statuses = np.empty(k), np.zeros(k, dtype=np.int64)
         progress = np.zeros(1, dtype=np.int64)
         args = (
             X, labels, Y, order, first, k, ws.a[0], *_batch_targets(ws, labels),
             net.Ws, net.bs, net.acts, ws.z_out, net.ds, net.dWs, net.dbs, *net.ids, ws.cm,
-            plan.kind == "adam", cols, wides, known, self.prove_updates, plan.limits,
+            plan.cols, wides, known, self.prove_updates, plan.limits,
             plan.extra[0] if plan.extra else _NO_PLAN, out, statuses, progress,
         )  # fmt: skip
+        kernel = MS.adam_steps if adam else MS.sgd_steps
         try:
-            self._timed(net, lambda: MS.update_steps(*args), progress)
+            self._timed(net, lambda: kernel(*args), progress)
         finally:  # what the kernel wrote, also where the call was interrupted
             done = int(progress[0])
             if slots and (known[0] != 0.0 or maxima is not None):
