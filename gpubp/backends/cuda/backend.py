@@ -358,8 +358,9 @@ class CupyBackend(CudaSparseOps, CudaUpdateOps, Backend):
         if not self._fits(*weights, *biases):
             return super().gradients(weights, biases, x, y, activation, output, loss)
         x, y = self._cp.asarray(x), self._cp.asarray(y)
-        step = self._steps.get(weights, biases, x, y, activation, output, loss, None, None)
-        step.stage(x, y)
+        inputs = self._inputs.of(x, y, weights[0].dtype, weights[-1].shape[0])  # a gather's
+        step = self._steps.get(weights, biases, x, y, activation, output, loss, None, None, inputs)
+        step.stage(x, y)  # nothing to copy where the step reads the gather's buffers
         step.record(self.scratch_status())
         value = self._cp.empty((), dtype=weights[0].dtype)
         value[...] = step.buf.loss[0]
