@@ -278,12 +278,9 @@ class DataParallel:
         scratch = None
         if hi > lo:
             x, y = self._rows(X, Y, idx[lo:hi])
-            value, dWs, dbs = be.gradients(W, b, x, y, model.activation, model.output, model.loss)
-            share = (hi - lo) / G
-            for dst, g in zip(self.grads, [*dWs, *dbs]):
-                be.xp.multiply(g, share, out=dst)
-            # on the device: float64 product, one rounding to the buffer's dtype, no host read
-            self.flat[n] = be.xp.asarray(value, dtype=np.float64) * share
+            spec = (model.activation, model.output, model.loss)
+            # the scaled gradients and loss share into the flat buffer, on the device
+            be.shard_gradients(W, b, x, y, spec, (hi - lo) / G, self.grads, self.flat[n:])
             scratch = be.workspace_for(W, x).pscratch
         else:  # fewer samples than ranks in this batch: this rank contributes nothing
             self.flat[...] = 0
