@@ -270,6 +270,10 @@ class ndarray:
                 parts = (*parts, Ellipsis)  # a 0-d view rather than a NumPy scalar
             return _wrap(self._a[parts])
         _guard("advanced indexing (a gather)")
+        for part in idx if isinstance(idx, tuple) else (idx,):
+            if isinstance(part, (np.ndarray, list)):  # CuPy uploads a host index array first
+                stats["h2d"] += 1
+                stats["alloc"] += 1
         return _wrap(np.asarray(self._a[_index(idx)]))
 
     def __setitem__(self, idx: Any, value: Any) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 
 from .backends.cores import usable_cores
 from .errors import DistributedError
+from .gather import BatchGather
 
 __all__ = [
     "BUCKET_ELEMENTS",
@@ -239,7 +240,18 @@ class DataParallel:
         else:
             self.note = _limit_blas_threads(self.size, be) if limit_threads else None
         self.stop_agreed = False
+        self._gather: Any = None  # the shard's rows, gathered into buffers kept step to step
         self.check_in_sync("the initial parameters")
+
+    def _rows(self, X: Any, Y: Any, shard: Any) -> tuple[Any, Any]:
+        """``(X[shard], Y[shard])`` gathered into the backend's batch buffers (on the GPU the
+        train step's own input buffers: no allocation and no staging copy), kept for these
+        ``X``, ``Y`` and shards of at most this many rows."""
+        g, k = self._gather, int(shard.shape[0])
+        if g is None or g.X is not X or g.Y is not Y or k > g.batch_size:
+            be = self.model.backend
+            g = self._gather = BatchGather(X, Y, k, xp=be.xp, buffers=be.batch_buffers)
+        return g(shard)
 
     def _allreduce(self) -> None:
         buf = self.flat
@@ -265,16 +277,10 @@ class DataParallel:
         n = self.offsets[-1]
         scratch = None
         if hi > lo:
-            shard = idx[lo:hi]
-            x = X[shard]
-            value, dWs, dbs = be.gradients(
-                W, b, x, Y[shard], model.activation, model.output, model.loss
-            )
-            share = (hi - lo) / G
-            for dst, g in zip(self.grads, [*dWs, *dbs]):
-                be.xp.multiply(g, share, out=dst)
-            # on the device: float64 product, one rounding to the buffer's dtype, no host read
-            self.flat[n] = be.xp.asarray(value, dtype=np.float64) * share
+            x, y = self._rows(X, Y, idx[lo:hi])
+            spec = (model.activation, model.output, model.loss)
+            # the scaled gradients and loss share into the flat buffer, on the device
+            be.shard_gradients(W, b, x, y, spec, (hi - lo) / G, self.grads, self.flat[n:])
             scratch = be.workspace_for(W, x).pscratch
         else:  # fewer samples than ranks in this batch: this rank contributes nothing
             self.flat[...] = 0

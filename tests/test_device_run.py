@@ -166,20 +166,29 @@ def test_a_steady_scheduled_step_uploads_nothing():
 
 def test_a_data_parallel_gpu_step_reads_the_device_once():
     """benchmarks/host_work.py --distributed: one read per step (the loss, the stop flag and
-    the update's verdict), no table or hyper-parameter block uploaded per step."""
+    the update's verdict), no table or hyper-parameter block uploaded per step, and no
+    allocation: the shard gathered into the step's input buffers (one upload, its row
+    indices), the scaled gradients and loss share written straight into the reduced buffer
+    (7 allocations and 6 copies into arrays per step before: the gathers and their uploaded
+    indices, the loss copied and widened, the step's staging copies)."""
     if not EMULATED_GPU:
         pytest.skip("counted by the emulated GPU")
     skip_unless_available("cupy")
     pytest.importorskip("mpi4py.MPI", reason="DataParallel needs mpi4py")
     for optimizer in ("sgd", "adam"):
         counts = _script("host_work").measure(8, optimizer, schedule=False, distributed=True)
-        assert counts["get"] == 1 and counts["h2d"] == 0, counts
+        assert counts["get"] == 1 and counts["h2d"] == 1, counts
+        assert counts["alloc"] == 0 and counts["memcpy"] == 0, counts
+        # the two left: the stop flag's slots zeroed, the update's verdict beside the loss
+        assert counts["setitem"] == 2, counts
 
 
 def test_a_steady_scheduled_data_parallel_step_uploads_nothing():
     """Under DataParallel the update computes a cosine schedule's rate (schedule_lr) and Adam's
-    step scalars on the device, as the single-device step does: no upload per step for SGD or
-    Adam (one before, the new rate or Adam's scalars), and still one read."""
+    step scalars on the device, as the single-device step does: no upload of hyper-parameters
+    per step for SGD or Adam (one before, the new rate or Adam's scalars), and still one read.
+    The one upload is the shard's row indices, gathered into the step's own input buffers as
+    the single-device gather does (CuPy's ``X[idx]`` uploaded them twice, uncounted before)."""
     if not EMULATED_GPU:
         pytest.skip("counted by the emulated GPU")
     skip_unless_available("cupy")
@@ -187,7 +196,7 @@ def test_a_steady_scheduled_data_parallel_step_uploads_nothing():
     for optimizer in ("sgd", "adam"):
         for schedule in (True, False):
             counts = _script("host_work").measure(8, optimizer, schedule, distributed=True)
-            assert counts["memcpy"] == 0 and counts["h2d"] == 0, (optimizer, schedule, counts)
+            assert counts["memcpy"] == 0 and counts["h2d"] == 1, (optimizer, schedule, counts)
             assert counts["get"] == 1, (optimizer, schedule, counts)
 
 

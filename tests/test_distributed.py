@@ -380,6 +380,35 @@ def test_a_data_parallel_gpu_step_reads_the_device_once(rng, opt_name):
     assert all(np.isfinite(losses)) and opt.state["step"] == 4
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_shard_gradients_on_the_gpu_are_the_scaled_gradients_bit_for_bit(rng, dtype):
+    """The CuPy backend's shard_gradients (the shard read from a gather's buffers, products
+    written from the step's buffers) gives the bits of what DataParallel computed before:
+    ``gradients``, each tensor times the share, the loss widened to float64 times the share."""
+    if not EMULATED_GPU:
+        pytest.skip("runs on the emulated GPU")
+    from gpubp.gather import BatchGather
+
+    model = MLP([9, 19, 4], activation="tanh", backend="cupy", dtype=dtype, seed=4)
+    be, (W, b) = model.backend, model.parameters
+    xp = be.xp
+    X, Y = be.asarray(rng.normal(size=(40, 9)), dtype), xp.asarray(rng.integers(0, 4, 40))
+    gather = BatchGather(X, Y, 13, xp=xp, buffers=be.batch_buffers)
+    spec = ("tanh", "softmax", "cross_entropy")
+    share = 13 / 40  # not a power of two: every product rounds
+    for _ in range(2):  # a second step: the kept buffers reused
+        idx = rng.permutation(40)[:13]
+        grads = [xp.empty(p.shape, dtype=p.dtype) for p in [*W, *b]]
+        tail = xp.zeros(3, dtype=dtype)
+        be.shard_gradients(W, b, *gather(idx), spec, share, grads, tail)
+        value, dWs, dbs = be.gradients(W, b, X[idx], Y[idx], *spec)
+        for got, g in zip(grads, [*dWs, *dbs]):
+            np.testing.assert_array_equal(xp.asnumpy(got), xp.asnumpy(g * share))
+        want = xp.zeros(1, dtype=dtype)
+        want[0] = xp.asarray(value, dtype=np.float64) * share
+        assert xp.asnumpy(tail[:1]).tobytes() == xp.asnumpy(want).tobytes()
+
+
 @pytest.mark.parametrize("opt_name", ["sgd", "adam", "adamw"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_a_data_parallel_gpu_step_is_the_single_device_step(rng, opt_name, dtype):

@@ -54,6 +54,42 @@ class UpdateOps:
     def to_numpy(self, a: Any) -> np.ndarray:
         raise NotImplementedError  # pragma: no cover - Backend's
 
+    def gradients(
+        self,
+        weights: list[Any],
+        biases: list[Any],
+        x: Any,
+        y: Any,
+        activation: str,
+        output: str,
+        loss: str,
+    ) -> tuple[Any, list[Any], list[Any]]:
+        raise NotImplementedError  # pragma: no cover - Backend's
+
+    def shard_gradients(
+        self,
+        weights: list[Any],
+        biases: list[Any],
+        x: Any,
+        y: Any,
+        spec: tuple[str, str, str],
+        share: float,
+        grads: list[Any],
+        loss_out: Any,
+    ) -> None:
+        """A data-parallel rank's share of the gradients, written into kept buffers.
+
+        With ``C`` the mean loss of the shard ``x`` ``(g, n_0)``, ``y`` and ``spec``
+        ``(activation, output, loss)``: ``grads[i] = share * dC/dtheta_i`` (``theta`` =
+        ``[*weights, *biases]``, each product in the parameters' dtype, ``grads[i]`` of
+        ``theta_i``'s shape) and ``loss_out[0] = share * C`` (the product in float64, rounded
+        once to ``loss_out``'s dtype), on the backend's device, nothing read."""
+        value, dWs, dbs = self.gradients(weights, biases, x, y, *spec)
+        xp = self.xp
+        for dst, g in zip(grads, [*dWs, *dbs]):
+            xp.multiply(g, share, out=dst)
+        xp.multiply(value, share, out=loss_out[:1], dtype=np.float64)
+
     def sgd_update(
         self,
         param: Any,

@@ -357,13 +357,45 @@ class CupyBackend(CudaSparseOps, CudaUpdateOps, Backend):
         """``(C, dWs, dbs)`` by the train step's kernels, without the update (run eagerly)."""
         if not self._fits(*weights, *biases):
             return super().gradients(weights, biases, x, y, activation, output, loss)
-        x, y = self._cp.asarray(x), self._cp.asarray(y)
-        step = self._steps.get(weights, biases, x, y, activation, output, loss, None, None)
-        step.stage(x, y)
-        step.record(self.scratch_status())
+        step = self._gradient_step(weights, biases, x, y, (activation, output, loss))
         value = self._cp.empty((), dtype=weights[0].dtype)
         value[...] = step.buf.loss[0]
         return value, step.buf.ws.dW, step.buf.ws.db
+
+    def _gradient_step(
+        self, weights: list[Any], biases: list[Any], x: Any, y: Any, spec: tuple[str, str, str]
+    ) -> Any:
+        """The gradients-only step for these arrays, run eagerly: its buffers hold ``C``
+        (``buf.loss[0]``), ``dW`` and ``db`` (``buf.ws``)."""
+        x, y = self._cp.asarray(x), self._cp.asarray(y)
+        inputs = self._inputs.of(x, y, weights[0].dtype, weights[-1].shape[0])  # a gather's
+        step = self._steps.get(weights, biases, x, y, *spec, None, None, inputs)
+        step.stage(x, y)  # nothing to copy where the step reads the gather's buffers
+        step.record(self.scratch_status())
+        return step
+
+    def shard_gradients(
+        self,
+        weights: list[Any],
+        biases: list[Any],
+        x: Any,
+        y: Any,
+        spec: tuple[str, str, str],
+        share: float,
+        grads: list[Any],
+        loss_out: Any,
+    ) -> None:
+        """:meth:`~gpubp.backends.update.UpdateOps.shard_gradients` from the step's buffers:
+        one multiply per tensor into ``grads`` and one for the loss (no allocation, no copy of
+        the loss first); the same numbers."""
+        if not self._fits(*weights, *biases, *grads):
+            return super().shard_gradients(weights, biases, x, y, spec, share, grads, loss_out)
+        step = self._gradient_step(weights, biases, x, y, spec)
+        cp = self._cp
+        for dst, g in zip(grads, [*step.buf.ws.dW, *step.buf.ws.db]):
+            cp.multiply(g, share, out=dst)
+        cp.multiply(step.buf.loss, share, out=loss_out[:1], dtype=np.float64)
+        return None
 
     def train_step(
         self,
