@@ -127,3 +127,33 @@ def test_steps_give_the_same_bits_at_any_count(rng, sizes, batch, rule, monkeypa
     for a, b, c in zip(*got, strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
+
+
+def test_a_job_started_beside_a_busy_process_moves_after_its_first_window():
+    """Cores already busy when the count was chosen: the first probe comes after the first
+    window (the free cores Linux reports), not after the hold."""
+    tuner = ThreadTuner(2, load=Machine(1.0))
+    counts = run(tuner, {1: 1.7, 2: 10.0}.__getitem__, 300)
+    assert counts.index(1) == tuner.window and counts[-1] == 1
+
+
+def test_no_probe_above_the_free_cores():
+    """On one thread beside a busy process, Linux says no core is free for a second thread:
+    no step is spent probing it, until the other process ends."""
+    machine = Machine(1.0)
+    tuner = ThreadTuner(2, load=machine)
+    busy = {1: 1.7, 2: 10.0}.__getitem__
+    counts = run(tuner, busy, 5000)
+    assert counts[tuner.window :].count(2) == 0
+    machine.busy = 0.0
+    counts = run(tuner, {1: 1.6, 2: 1.0}.__getitem__, 3 * tuner.longest)
+    assert tuner.current == 2 and counts[-1000:].count(2) > 950
+
+
+def test_neighbours_still_probe_where_linux_cannot_tell():
+    """Without ``/proc/stat`` the tuner still finds its way back up by probing neighbours."""
+    tuner = ThreadTuner(2, load=None)
+    run(tuner, {1: 1.7, 2: 10.0}.__getitem__, 500)
+    assert tuner.current == 1
+    counts = run(tuner, {1: 1.6, 2: 1.0}.__getitem__, 3 * tuner.longest)
+    assert tuner.current == 2 and counts[-1000:].count(2) > 950
