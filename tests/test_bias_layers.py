@@ -13,10 +13,10 @@ import pytest
 from gpubp.backends.cuda import catalogue as ck
 from gpubp.backends.cuda import launch
 from gpubp.backends.cuda.bias import BiasLayers, bias_grad_layers
-from gpubp.check import random_problem
 from gpubp.optim import SGD, Adam
 
 from .conftest import EMULATED_GPU, skip_unless_available
+from .test_cupy_backend import _backend, _problem
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +25,6 @@ def cp():
     from gpubp.backends.cuda.cupy_module import import_cupy
 
     return import_cupy()
-
-
-def _backend(**kwargs):
-    from gpubp.backends.cuda import CupyBackend
-
-    return CupyBackend(**kwargs)
-
-
-def _problem(cp, sizes, batch, dtype, seed=0):
-    W, b, x, y = random_problem(sizes, batch, "cross_entropy", "softmax",
-                                np.random.default_rng(seed))  # fmt: skip
-    return ([cp.asarray(w, dtype) for w in W], [cp.asarray(v, dtype) for v in b],
-            cp.asarray(x, dtype), cp.asarray(y))  # fmt: skip
 
 
 def _bits(a, b) -> bool:
