@@ -129,12 +129,34 @@ def test_steps_give_the_same_bits_at_any_count(rng, sizes, batch, rule, monkeypa
         np.testing.assert_array_equal(a, c)
 
 
-def test_a_job_started_beside_a_busy_process_moves_after_its_first_window():
-    """Cores already busy when the count was chosen: the first probe comes after the first
-    window (the free cores Linux reports), not after the hold."""
+def test_a_job_started_beside_a_busy_process_moves_after_its_first_step():
+    """Cores already busy when the count was chosen: the steps after the first run at the free
+    cores Linux reported during it, not after a hold."""
     tuner = ThreadTuner(2, load=Machine(1.0))
     counts = run(tuner, {1: 1.7, 2: 10.0}.__getitem__, 300)
+    assert counts[:2] == [2, 1] and set(counts[1:]) == {1}
+    assert tuner.history[0] == (1, 1)
+
+
+def test_a_busy_first_window_moves_where_the_first_step_could_not_tell():
+    """No reading when the tuner was made (``/proc/stat`` unreadable for a moment): the first
+    window's reading decides."""
+    machine = Machine(1.0)
+    calls = []
+
+    def load():
+        calls.append(1)
+        return None if len(calls) == 1 else machine()
+
+    tuner = ThreadTuner(2, load=load)
+    counts = run(tuner, {1: 1.7, 2: 10.0}.__getitem__, 300)
     assert counts.index(1) == tuner.window and counts[-1] == 1
+
+
+def test_a_quiet_first_step_keeps_every_thread():
+    tuner = ThreadTuner(2, load=Machine(0.0))
+    counts = run(tuner, {1: 1.6, 2: 1.0}.__getitem__, 100)
+    assert counts[:64] == [2] * 64
 
 
 def test_no_probe_above_the_free_cores():

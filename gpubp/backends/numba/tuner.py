@@ -19,10 +19,12 @@ or more) are compared, and the faster count is kept.
   says the current count is what is free, only one thread fewer is tried: a probe above the
   free cores is skipped (on 2 cores beside a busy process, each such probe ran its 8 steps
   about 10x slower).
-- The first probe comes after :attr:`ThreadTuner.shortest` steps, or right after the first
-  :attr:`ThreadTuner.window` steps where Linux says fewer cores than the current count were
-  free during them: a job started beside a busy process would otherwise run its first 64
-  steps on a team that waits for its busy core (1.9 s of the default job's 3 epochs).
+- A job started beside a busy process starts at the free cores: where Linux says fewer cores
+  than the count were free during the first step, the next steps run at that many; where it
+  could not tell then, the first probe comes right after the first :attr:`ThreadTuner.window`
+  steps if fewer were free during them, else after :attr:`ThreadTuner.shortest` steps. (It
+  used to run its first 64 steps on a team that waits for its busy core: 1.9 s of the default
+  job's 3 epochs.)
 - Between probes the current count *holds* for ``hold`` steps; a probe that does not win
   doubles ``hold`` (up to :attr:`ThreadTuner.longest`), so on a quiet machine the probes cost
   well under 1% of the steps. When the current count's recent median slows by :data:`ALARM`
@@ -96,6 +98,8 @@ class ThreadTuner:
         """Note that the step just run took ``seconds`` for ``rows`` rows."""
         t = seconds / max(1, rows)
         self.steps += 1
+        if self.steps == 1 and self._start_at_free_cores():
+            return
         if self.probe is not None:
             self._probe_times.append(t)
             if len(self._probe_times) >= self.window:
@@ -120,6 +124,20 @@ class ThreadTuner:
             return
         if self._since >= self.hold:
             self._start_probe()
+
+    def _start_at_free_cores(self) -> bool:
+        """After the first step (its time says nothing of the count: it loads or compiles the
+        kernels): where Linux says fewer cores than the count were free during it, the next
+        steps start at that many, and the tuner measures from there. Whether it moved."""
+        target = self._free_target()
+        if target is None:  # no reading over the first step: the first window's decides
+            self._mark = self._load() if self._load is not None else None
+        if target is None or target >= self.current:
+            return False
+        self.current = target
+        self.history = [*self.history[-99:], (self.steps, self.current)]
+        self._mark = self._load() if self._load is not None else None
+        return True
 
     def _start_probe(self, target: int | None = None) -> None:
         """Probe ``target`` (default: the free cores where Linux tells them) where it is not
