@@ -66,7 +66,8 @@ class ThreadTuner:
     def __init__(self, most: int, load: Callable[[], Reading | None] | None = cpu_times) -> None:
         self.most = max(1, int(most))
         self._load = load
-        self._mark = load() if load is not None else None
+        self._mark: Reading | None = None
+        self._take_mark()
         self.current = self.most
         self.hold = self.shortest
         self.direction = -1  # the next probe: one thread fewer (-1) or more (+1)
@@ -125,18 +126,26 @@ class ThreadTuner:
         if self._since >= self.hold:
             self._start_probe()
 
+    def _take_mark(self) -> None:
+        """Start the interval :meth:`_free_target` reads the free cores over."""
+        self._mark = self._load() if self._load is not None else None
+
+    def _changed(self) -> None:
+        """Note the current count's change in :attr:`history`."""
+        self.history = [*self.history[-99:], (self.steps, self.current)]
+
     def _start_at_free_cores(self) -> bool:
         """After the first step (its time says nothing of the count: it loads or compiles the
         kernels): where Linux says fewer cores than the count were free during it, the next
         steps start at that many, and the tuner measures from there. Whether it moved."""
         target = self._free_target()
         if target is None:  # no reading over the first step: the first window's decides
-            self._mark = self._load() if self._load is not None else None
+            self._take_mark()
         if target is None or target >= self.current:
             return False
         self.current = target
-        self.history = [*self.history[-99:], (self.steps, self.current)]
-        self._mark = self._load() if self._load is not None else None
+        self._changed()
+        self._take_mark()
         return True
 
     def _start_probe(self, target: int | None = None) -> None:
@@ -154,7 +163,7 @@ class ThreadTuner:
         if target is not None:
             if self.current == 1:  # nothing below, and no core free above: hold on
                 self._since = 0
-                self._mark = self._load() if self._load is not None else None
+                self._take_mark()
                 self.hold = min(self.longest, self.hold * 2)
                 return
             self.direction = -1
@@ -178,11 +187,11 @@ class ThreadTuner:
         tried = statistics.median(self._probe_times)
         mine = statistics.median(self._recent) if self._recent else float("inf")
         self._since = 0
-        self._mark = self._load() if self._load is not None else None
+        self._take_mark()
         if tried <= mine * GAIN:  # take it, and look further the same way
             self.current, self.baseline = self.probe, tried
             self._recent = self._probe_times[-self.window :]
-            self.history = [*self.history[-99:], (self.steps, self.current)]
+            self._changed()
             self.hold = self.shortest
             self.probe = None
             if 1 <= self.current + self.direction <= self.most:
