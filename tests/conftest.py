@@ -126,3 +126,20 @@ def fake_mnist(tmp_path, rng, monkeypatch):
     write_fake_idx_dataset(root / "mnist", rng, n_train=120, n_test=40)
     monkeypatch.setenv("GPUBP_DATA", str(root))
     return root
+
+
+#: A schedule's steps as the device-schedule tests take them: ``(global step, or None for a
+#: rate set by hand; whether the batch is the short one)``, through a short batch, a rate set
+#: by hand, a jump of the global step (a resumed run), the last step and beyond.
+SCHEDULE_PLAN = [(0, 0), (1, 0), (2, 1), (3, 0), (None, 0), (4, 0), (6, 0), (7, 0), (8, 0), (30, 0)]
+
+
+def set_scheduled_rate(opt, sched, t, follow: bool) -> None:
+    """The rate of step ``t`` of :data:`SCHEDULE_PLAN`: 0.003 by hand where ``t`` is None, else
+    the optimizer following ``sched`` (``follow``) or the host setting ``sched.at(t)``."""
+    if t is None:
+        opt.lr = 0.003
+    elif follow:
+        opt.follow(sched, t)
+    else:
+        opt.lr = sched.at(t)

@@ -19,7 +19,7 @@ from gpubp.errors import DeviceOutOfMemoryError, NonFiniteLossError
 from gpubp.optim import SGD, Adam, AdamW
 from gpubp.schedules import Schedule
 
-from .conftest import EMULATED_GPU, skip_unless_available
+from .conftest import EMULATED_GPU, SCHEDULE_PLAN, set_scheduled_rate, skip_unless_available
 
 
 @pytest.fixture(scope="module")
@@ -423,8 +423,7 @@ def test_a_schedule_computed_on_the_device_gives_the_hosts_steps(cp, graphs, mak
     global step (a resumed run), the last step and beyond; the counter is the device's."""
     sched = Schedule("cosine", 0.05, 8)
     sizes = (12, 17, 3)
-    # (global step or None: a rate set by hand, the short batch?)
-    plan = [(0, 0), (1, 0), (2, 1), (3, 0), (None, 0), (4, 0), (6, 0), (7, 0), (8, 0), (30, 0)]
+    plan = SCHEDULE_PLAN
     runs, counts = [], []
     for follow in (True, False):
         be = _backend(graphs=graphs)
@@ -432,12 +431,7 @@ def test_a_schedule_computed_on_the_device_gives_the_hosts_steps(cp, graphs, mak
         opt = make_opt()
         state = opt.bind(None, be, [w.shape for w in W] + [v.shape for v in b], dtype)
         for t, short in plan:
-            if t is None:
-                opt.lr = 0.003
-            elif follow:
-                opt.follow(sched, t)
-            else:
-                opt.lr = sched.at(t)
+            set_scheduled_rate(opt, sched, t, follow)
             xd, yd = (x[:5].copy(), y[:5].copy()) if short else (x, y)
             be.train_step(W, b, xd, yd, "tanh", "softmax", "cross_entropy", opt, state)
         runs.append([cp.asnumpy(p) for p in [*W, *b]])

@@ -22,7 +22,7 @@ from gpubp import MLP, optim
 from gpubp.distributed import DataParallel, DistributedError, shard_bounds
 from gpubp.train import TrainConfig, train
 
-from .conftest import EMULATED_GPU, EMULATOR_MODULE
+from .conftest import EMULATED_GPU, EMULATOR_MODULE, SCHEDULE_PLAN, set_scheduled_rate
 from .idx_files import write_fake_idx_dataset
 
 HANG_GUARD_S = 300
@@ -489,8 +489,7 @@ def test_a_data_parallel_gpu_schedule_computed_on_the_device_gives_the_hosts_ste
     sched = Schedule("cosine", 0.05, 8)
     x = rng.normal(size=(24, 7))
     y = rng.integers(0, 3, 24)
-    # (global step or None: a rate set by hand, the short batch?)
-    plan = [(0, 0), (1, 0), (2, 1), (3, 0), (None, 0), (4, 0), (6, 0), (7, 0), (8, 0), (30, 0)]
+    plan = SCHEDULE_PLAN
     runs, steps = [], []
     for follow in (True, False):
         model = MLP([7, 11, 3], activation="tanh", backend="cupy", dtype=dtype, seed=2)
@@ -502,12 +501,7 @@ def test_a_data_parallel_gpu_schedule_computed_on_the_device_gives_the_hosts_ste
             "adam": lambda: optim.Adam(lr=1.0),
         }[opt_name]()
         for t, short in plan:
-            if t is None:
-                opt.lr = 0.003
-            elif follow:
-                opt.follow(sched, t)
-            else:
-                opt.lr = sched.at(t)
+            set_scheduled_rate(opt, sched, t, follow)
             dp.step(X, Y, np.arange(5) if short else np.arange(16), opt)
         runs.append(flat(model))
         steps.append(opt.state["step"])
