@@ -230,3 +230,68 @@ def test_a_non_finite_activation_makes_the_bound_infinite():
         z[2, 3] = bad
         cm = np.empty(10, np.float32)
         assert K.bias_act(z, np.zeros(5, np.float32), K.IDENTITY, cm) == np.inf
+
+
+DECAYING = {  # rules whose state decays by a factor where the gradient is zero, and the factors
+    "momentum": (lambda: optim.SGD(lr=0.05, momentum=0.9), (0.9,)),
+    "nesterov": (lambda: optim.SGD(lr=0.05, momentum=0.9, nesterov=True), (0.9,)),
+    "adam": (lambda: optim.Adam(lr=1e-3), (0.9, 0.999)),
+    "adamw": (lambda: optim.AdamW(lr=1e-3, weight_decay=1e-2, betas=(0.5, 0.99)), (0.5, 0.99)),
+}
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["serial", "split"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("label", list(DECAYING))
+def test_state_that_decays_below_the_smallest_normal_is_stored_as_zero(rng, label, dtype, split):
+    """A state entry whose gradient is zero decays by ``b1``, ``b2`` or ``mu`` each step; once
+    it falls below the dtype's smallest normal number it is stored as exactly zero (subnormal
+    arithmetic costs a microcode assist on x86), and one that is subnormal already becomes
+    zero. Everything else is as the float64 reference has it, and the proof and the exact
+    check write the same bits."""
+    make, factors = DECAYING[label]
+    tiny = np.finfo(dtype).tiny
+    fast, exact = backends(split)
+    params = [rng.uniform(-1, 1, s).astype(dtype) for s in SHAPES]
+    grads = [rng.uniform(-1, 1, s).astype(dtype) for s in SHAPES]
+    still = [rng.random(s) < 0.5 for s in SHAPES]  # where the gradient is zero
+    for g, z in zip(grads, still, strict=True):
+        g[z] = 0
+    opts = [make(), make()]
+    saved = {"step": 4}
+    for k, slot in enumerate(opts[0].slots):  # just above tiny (falls below it), subnormal, normal
+        pick = [rng.integers(0, 3, s) for s in SHAPES]
+        near = [tiny * rng.uniform(1.0, 1.0 + (1 - factors[k]) / 2, s) for s in SHAPES]
+        sub = [tiny * rng.uniform(0.0, 1.0, s) for s in SHAPES]
+        sign = -1.0 if slot != "exp_avg_sq" else 1.0
+        saved[slot] = [
+            np.choose(w, [n * sign, s, np.abs(rng.normal(0, 1, sh))]).astype(dtype)
+            for w, n, s, sh in zip(pick, near, sub, SHAPES, strict=True)
+        ]
+        assert any(((a != 0) & (np.abs(a) < tiny)).any() for a in saved[slot])  # subnormals in
+    pairs = []
+    for opt, be in zip(opts, (fast, exact)):
+        opt.load_state_dict(saved, None, be, SHAPES, dtype)
+        pairs.append(([p.copy() for p in params], opt))
+        be.apply_update(
+            dtype_type(dtype)(1.0), pairs[-1][0], [g.copy() for g in grads], opt, opt.state
+        )
+    assert_same(*pairs[0], *pairs[1])
+    ref_opt = make()
+    ref_state = {"step": 4, **{s: [a.astype(np.float64) for a in saved[s]] for s in ref_opt.slots}}
+    p64, ref_state = ref.update_parameters(
+        [p.astype(np.float64) for p in params], grads, ref_opt, ref_state
+    )
+    got_params, opt = pairs[0]
+    flushed = []
+    for got, want, p0 in zip(got_params, p64, params, strict=True):
+        assert rel_error(got - p0, want - p0) <= TOLERANCE[dtype]
+    for k, slot in enumerate(opt.slots):
+        for got, old, z in zip(opt.state[slot], saved[slot], still, strict=True):
+            assert not ((got != 0) & (np.abs(got) < tiny)).any(), f"a subnormal {slot} was kept"
+            decayed = old[z] * dtype_type(dtype)(factors[k])  # the new value where g is 0
+            want = np.where(np.abs(decayed) < tiny, 0, decayed)
+            np.testing.assert_array_equal(got[z], want)
+            flushed.append(want)
+    every = np.concatenate(flushed)
+    assert (every == 0).any() and (every != 0).any()  # both cases were there
