@@ -123,6 +123,19 @@ def _kept(x, tiny):  # type: ignore[no-untyped-def]
     return x
 
 
+@_inline
+def _momentum(b, gk, mu, tiny):  # type: ignore[no-untyped-def]
+    """The new momentum buffer entry, as stored: ``mu b + g'``."""
+    return _kept(mu * b + gk, tiny)
+
+
+@_inline
+def _moments(mk, vk, gk, b1, omb1, b2, omb2, tiny):  # type: ignore[no-untyped-def]
+    """The new Adam moments ``(m', v')`` of one entry, as stored: ``b1 m + (1 - b1) g'`` and
+    ``b2 v + (1 - b2) g'^2`` (the check and the write pass compute them here alike)."""
+    return _kept(b1 * mk + omb1 * gk, tiny), _kept(b2 * vk + omb2 * (gk * gk), tiny)
+
+
 @_jit
 def sgd_check(p, g, buf, lo, hi, lr, mu, nesterov, wd):  # type: ignore[no-untyped-def]
     """Whether any of elements ``[lo, hi)`` would get a non-finite ``p`` or ``buf`` (nothing
@@ -145,13 +158,13 @@ def sgd_check(p, g, buf, lo, hi, lr, mu, nesterov, wd):  # type: ignore[no-untyp
     elif nesterov:
         for k in range(p.shape[0]):
             gk = g[k] + wd * p[k]
-            m = _kept(mu * buf[k] + gk, tiny)
+            m = _momentum(buf[k], gk, mu, tiny)
             q = p[k] - lr * (gk + mu * m)
             d = (q - q) + (m - m)
             bad |= d != d
     else:
         for k in range(p.shape[0]):
-            m = _kept(mu * buf[k] + (g[k] + wd * p[k]), tiny)
+            m = _momentum(buf[k], g[k] + wd * p[k], mu, tiny)
             q = p[k] - lr * m
             d = (q - q) + (m - m)
             bad |= d != d
@@ -188,7 +201,7 @@ def sgd_apply(p, g, buf, lo, hi, lr, mu, nesterov, wd):  # type: ignore[no-untyp
 def _sgd_one(p, g, buf, k, lr, mu, nesterov, wd, tiny):  # type: ignore[no-untyped-def]
     """The momentum step of element ``k``, written; returns ``|buf'|``."""
     gk = g[k] + wd * p[k]
-    m = _kept(mu * buf[k] + gk, tiny)
+    m = _momentum(buf[k], gk, mu, tiny)
     buf[k] = m
     if nesterov:
         p[k] = p[k] - lr * (gk + mu * m)
@@ -209,8 +222,7 @@ def adam_check(  # type: ignore[no-untyped-def]
     for k in range(p.shape[0]):
         pk = p[k]
         gk = g[k] + l2 * pk
-        mk = _kept(b1 * m[k] + omb1 * gk, tiny)
-        vk = _kept(b2 * v[k] + omb2 * (gk * gk), tiny)
+        mk, vk = _moments(m[k], v[k], gk, b1, omb1, b2, omb2, tiny)
         q = pk * shrink - mk / (math.sqrt(vk) + eps) * alpha
         d = (q - q) + (mk - mk) + (vk - vk)
         bad |= d != d
@@ -249,8 +261,7 @@ def _adam_one(p, g, m, v, k, b1, omb1, b2, omb2, eps, alpha, shrink, l2, tiny): 
     """The Adam step of element ``k``, written; returns ``(m', v')``."""
     pk = p[k]
     gk = g[k] + l2 * pk
-    mk = _kept(b1 * m[k] + omb1 * gk, tiny)
-    vk = _kept(b2 * v[k] + omb2 * (gk * gk), tiny)
+    mk, vk = _moments(m[k], v[k], gk, b1, omb1, b2, omb2, tiny)
     m[k] = mk
     v[k] = vk
     p[k] = pk * shrink - mk / (math.sqrt(vk) + eps) * alpha
