@@ -203,6 +203,33 @@ def test_split_update_matches_the_reference(rng, label, dtype):
             assert rel_error(got, want) <= TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_the_chunk_plan_gives_each_thread_one_share_of_every_tensor(parts):
+    """The rows come in ``parts`` blocks of one length (what a static schedule gives each
+    thread); block ``t`` holds share ``t`` of every tensor, in one piece, within 64 elements of
+    an equal share; every element is in exactly one row, and rows end at multiples of 64 (or
+    a tensor's end) and hold at most a chunk."""
+    pytest.importorskip("numba")
+    from gpubp.backends.numba.checked import chunk_plan
+
+    sizes, chunk = [1000, 10, 130, 64 * 7 + 5, 1, 4096], 256
+    plan = chunk_plan(sizes, chunk, parts)
+    assert plan.dtype == np.int64 and plan.shape[1] == 3 and len(plan) % parts == 0
+    blocks = np.split(plan, parts)
+    for k, n in enumerate(sizes):
+        covered, end = np.zeros(n, dtype=int), 0
+        for block in blocks:
+            rows = block[(block[:, 0] == k) & (block[:, 2] > block[:, 1])]
+            if len(rows):
+                assert rows[0, 1] == end and (rows[1:, 1] == rows[:-1, 2]).all()
+                end = rows[-1, 2]
+            assert abs(rows[:, 2].sum() - rows[:, 1].sum() - n / parts) <= 64
+            for _, lo, hi in rows:
+                covered[lo:hi] += 1
+                assert hi - lo <= chunk and lo % 64 == 0 and (hi % 64 == 0 or hi == n)
+        assert end == n and (covered == 1).all()
+
+
 @pytest.mark.parametrize("label", list(OPTIMIZERS))
 def test_split_update_checks_every_part_before_any_writes(rng, label):
     """The overflow is in the last elements (the second thread's part): the first part, checked

@@ -278,11 +278,28 @@ def adam_step_par(ps, gs, ms, vs, wide, G, known, lim, plan):  # type: ignore[no
     return PROVED if proved else CHECKED
 
 
-def chunk_plan(sizes: list[int], chunk: int) -> np.ndarray:
+def chunk_plan(sizes: list[int], chunk: int, parts: int = 1) -> np.ndarray:
     """``(tensor, lo, hi)`` rows cutting tensors of ``sizes`` into chunks of at most ``chunk``
-    elements (multiples of 64 but the last of each tensor), in order."""
-    rows = [(k, lo, min(lo + chunk, n)) for k, n in enumerate(sizes) for lo in range(0, n, chunk)]
-    return np.array(rows, dtype=np.int64).reshape(-1, 3)
+    elements, whose ends are multiples of 64 but at a tensor's end.
+
+    Each tensor is cut into ``parts`` shares as equal as 64 allows, and the rows go share by
+    share: share 0 of every tensor, in order, then share 1, and so on, each share's rows
+    padded to one count with empty rows (``lo == hi``). A parallel loop's static schedule
+    gives each of ``parts`` threads one contiguous block of as many rows, so thread ``t``
+    updates share ``t`` of every tensor: the same elements at every step, each tensor's work
+    split evenly, and share ``t`` of ``dW`` where the GEMM's thread ``t`` most likely left it
+    (docs/DESIGN.md, section 7, gives what it was measured to save).
+    """
+    shares: list[list[tuple[int, int, int]]] = [[] for _ in range(max(1, parts))]
+    for k, n in enumerate(sizes):
+        cuts = [min(n, (n * t // len(shares) + 32) // 64 * 64) for t in range(len(shares))] + [n]
+        for t, rows in enumerate(shares):
+            rows.extend(
+                (k, lo, min(lo + chunk, cuts[t + 1])) for lo in range(cuts[t], cuts[t + 1], chunk)
+            )
+    most = max(len(rows) for rows in shares)
+    flat = [row for rows in shares for row in rows + [(0, 0, 0)] * (most - len(rows))]
+    return np.array(flat, dtype=np.int64).reshape(-1, 3)
 
 
 __all__ = [

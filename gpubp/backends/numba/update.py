@@ -238,7 +238,7 @@ class NumbaUpdate:
         one and its chunk plan."""
         if threads < 2 or sum(sizes) < self.update_par_min:
             return kernels[0], ()
-        return kernels[1], (C.chunk_plan(sizes, self.update_chunk),)
+        return kernels[1], (C.chunk_plan(sizes, self.update_chunk, threads),)
 
     def checked_update(
         self,
