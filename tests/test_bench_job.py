@@ -185,3 +185,48 @@ def test_quick_leaves_torch_compile_out_unless_named(monkeypatch, capsys):
     assert cli.main([*argv, "--threads", "3"]) == 0
     assert seen[-1] == (["gpubp"], 0, 3)
     assert "--contenders gpubp --threads 3" in capsys.readouterr().out
+
+
+_NOTHING_LOADED_INSIDE_THE_CLOCK = """
+import gc, json
+from numba.core.registry import CPUDispatcher
+import gpubp.train
+from gpubp.bench import job_worker
+
+def kernels():
+    return [o for o in gc.get_objects() if isinstance(o, CPUDispatcher)
+            and o.py_func.__module__.startswith("gpubp")]
+
+real, new = gpubp.train.train, []
+def timed(*args, **kw):  # the worker's clock runs inside this call
+    before = {id(k): set(k.overloads) for k in kernels()}
+    result = real(*args, **kw)
+    new.extend(k.py_func.__qualname__ for k in kernels()
+               if set(k.overloads) - before.get(id(k), set()))
+    return result
+gpubp.train.train = timed
+answer = job_worker.run_gpubp(job_worker.job_config({"dataset": "digits", "epochs": 2}), 1)
+print(json.dumps({"new": new, "seconds": answer["train_seconds"]}))
+"""
+
+
+def test_the_gpubp_worker_warms_up_every_kernel_the_timed_job_calls():
+    """The worker's warm-up takes the job's own paths, so no kernel is compiled or loaded from
+    the cache while the job is timed, in a fresh process (its first calls of each kernel).
+    Warmed up by one ``train_step``, the runs of steps in one native call were first called
+    inside the clock: 5 s of compiling counted as training, with a cold cache."""
+    pytest.importorskip("numba")
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _NOTHING_LOADED_INSIDE_THE_CLOCK],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["seconds"] > 0
+    assert answer["new"] == [], f"first called inside the clock: {answer['new']}"
