@@ -30,15 +30,14 @@ the GEMMs can meet it::
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
 import numpy as np
 from numba import njit
+from step_ratio import RULES, arguments  # (this folder is on the path of a script run here)
 
 import gpubp
-from gpubp import optim
 from gpubp.backends.numba import gemm as provider
 from gpubp.backends.numba import multistep
 from gpubp.backends.numba.checked import adam_step_par, sgd_step_par
@@ -47,11 +46,6 @@ from gpubp.backends.numba.step import fold_scalars
 from gpubp.backends.numba.update import step_scalars
 from gpubp.backends.update import MAXIMA
 
-RULES = {
-    "sgd": lambda: optim.SGD(lr=0.01),
-    "momentum": lambda: optim.SGD(lr=0.01, momentum=0.9),
-    "adam": lambda: optim.Adam(lr=1e-3),
-}
 ROWS, ROUNDS, STEPS = 60_000, 9, 150
 
 
@@ -128,11 +122,7 @@ def _known(state: dict[str, Any]) -> np.ndarray:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("sizes", help="layer sizes, e.g. 784,512,256,10")
-    p.add_argument("batch", type=int)
-    p.add_argument("optimizer", choices=sorted(RULES))
-    args = p.parse_args()
+    p, args = arguments(__doc__.split("\n\n")[0])
     sizes, B = [int(s) for s in args.sizes.split(",")], args.batch
     if len(sizes) < 3 or min(sizes) < 2 or not 1 <= B <= ROWS // STEPS:
         p.error(f"need at least three sizes of 2 or more and a batch of 1 to {ROWS // STEPS}")

@@ -34,12 +34,17 @@ RULES = {
 }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(description: str) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The command line of this benchmark and of ``step_parts.py``: sizes, batch, optimizer."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("sizes", help="layer sizes, e.g. 784,512,256,10")
     p.add_argument("batch", type=int)
     p.add_argument("optimizer", choices=sorted(RULES))
-    args = p.parse_args()
+    return p, p.parse_args()
+
+
+def main() -> None:
+    _, args = arguments(__doc__.split("\n\n")[0])
     sizes, B = [int(s) for s in args.sizes.split(",")], args.batch
     L = len(sizes) - 1
     rng = np.random.default_rng(0)
