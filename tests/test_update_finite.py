@@ -249,6 +249,34 @@ def test_split_update_checks_every_part_before_any_writes(rng, label):
     assert_unchanged(before, params, opt)
 
 
+@pytest.mark.parametrize("label", list(OPTIMIZERS))
+def test_split_update_names_the_first_bad_tensor_as_the_serial_one_does(rng, label):
+    """Two tensors overflow: the first in its second thread's share, the second in its first
+    thread's share. The parallel check's rows go share by share, so its first bad row is the
+    second tensor's; the step must still name the first tensor, as the serial kernel does."""
+    shapes = [(256,), (256,)]
+    errors = []
+    for be in (splitting(threads=1), splitting()):
+        params = [np.full(s, 0.5, np.float32) for s in shapes]
+        grads = [np.full(s, 0.25, np.float32) for s in shapes]
+        for tensor, at in ((0, -1), (1, 0)):
+            params[tensor][at], grads[tensor][at] = 3e38, -1e38
+        opt = OPTIMIZERS[label](1.0)
+        if label in ("adam", "adamw"):
+            opt = optim.Adam(lr=2e38, decoupled=label == "adamw")
+        opt.bind(None, be, shapes, np.float32)
+        before = snapshot(params, opt)
+        with pytest.raises(gpubp.NonFiniteLossError) as caught:
+            be.apply_update(np.float32(0.5), params, grads, opt, opt.state)
+        assert_unchanged(before, params, opt)
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1] and "[0]" in errors[0], errors
+    from gpubp.backends.numba import checked
+
+    plan = [*be._update_plans.values()][-1]  # the second backend's: parallel, share by share
+    assert plan.run in (checked.sgd_step_par, checked.adam_step_par)
+
+
 @pytest.mark.parametrize("decay", ["adamw", "sgd_wd"])
 def test_a_huge_decoupled_decay_changes_nothing(backend_name, decay):
     """lr and the weight decay each finite in float32, their product not: AdamW's shrink

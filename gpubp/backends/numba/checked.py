@@ -221,6 +221,18 @@ def _bounds_par(ps, gs, plan, G, read_p):  # type: ignore[no-untyped-def]
     return (rows[:, 0].max() if read_g else G), (rows[:, 1].max() if read_p else 0.0)
 
 
+@_inline
+def _first_bad(plan, flags):  # type: ignore[no-untyped-def]
+    """The lowest tensor index among ``plan``'s rows flagged non-zero in ``flags``, -1 where
+    none is: the tensor the serial kernels name (the rows go share by share, not in tensor
+    order, so the first flagged row may be a later tensor's)."""
+    bad = -1
+    for c in range(plan.shape[0]):
+        if flags[c] != 0.0 and (bad < 0 or plan[c, 0] < bad):
+            bad = plan[c, 0]
+    return bad
+
+
 @_par
 def sgd_step_par(ps, gs, bufs, wide, G, known, lim, plan):  # type: ignore[no-untyped-def]
     """:func:`sgd_step` over ``plan``'s chunks in parallel."""
@@ -240,9 +252,9 @@ def sgd_step_par(ps, gs, bufs, wide, G, known, lim, plan):  # type: ignore[no-un
         for c in prange(n):
             k, lo, hi = plan[c, 0], plan[c, 1], plan[c, 2]
             out[c] = 1.0 if sgd_check(ps[k], gs[k], bufs[k], lo, hi, lr, mu, nesterov, wd) else 0.0
-        for c in range(n):
-            if out[c] != 0.0:
-                return plan[c, 0]
+        bad = _first_bad(plan, out)
+        if bad >= 0:
+            return bad
     for c in prange(n):
         k, lo, hi = plan[c, 0], plan[c, 1], plan[c, 2]
         out[c] = float(sgd_apply(ps[k], gs[k], bufs[k], lo, hi, lr, mu, nesterov, wd))
@@ -266,9 +278,9 @@ def adam_step_par(ps, gs, ms, vs, wide, G, known, lim, plan):  # type: ignore[no
             k, lo, hi = plan[c, 0], plan[c, 1], plan[c, 2]
             bad = adam_check(ps[k], gs[k], ms[k], vs[k], lo, hi, *_eight(s))
             rows[c, 0] = 1.0 if bad else 0.0
-        for c in range(n):
-            if rows[c, 0] != 0.0:
-                return plan[c, 0]
+        bad = _first_bad(plan, rows[:, 0])
+        if bad >= 0:
+            return bad
     for c in prange(n):
         k, lo, hi = plan[c, 0], plan[c, 1], plan[c, 2]
         m, v, w = adam_apply(ps[k], gs[k], ms[k], vs[k], lo, hi, *_eight(s))
