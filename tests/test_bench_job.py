@@ -188,7 +188,7 @@ def test_quick_leaves_torch_compile_out_unless_named(monkeypatch, capsys):
 
 
 _NOTHING_LOADED_INSIDE_THE_CLOCK = """
-import gc, json
+import gc, json, sys
 from numba.core.registry import CPUDispatcher
 import gpubp.train
 from gpubp.bench import job_worker
@@ -199,28 +199,41 @@ def kernels():
 
 real, new = gpubp.train.train, []
 def timed(*args, **kw):  # the worker's clock runs inside this call
+    if sys.argv[2] == "busy":  # from here on the thread tuner finds one core free, every step
+        from gpubp.backends.numba.tuner import ThreadTuner
+        ThreadTuner.threads = lambda self: 1
     before = {id(k): set(k.overloads) for k in kernels()}
     result = real(*args, **kw)
     new.extend(k.py_func.__qualname__ for k in kernels()
                if set(k.overloads) - before.get(id(k), set()))
     return result
 gpubp.train.train = timed
-answer = job_worker.run_gpubp(job_worker.job_config({"dataset": "digits", "epochs": 2}), 1)
-print(json.dumps({"new": new, "seconds": answer["train_seconds"]}))
+threads = json.loads(sys.argv[1])
+answer = job_worker.run_gpubp(job_worker.job_config({"dataset": "digits", "epochs": 2}), threads)
+loaded = sorted(k.py_func.__qualname__ for k in kernels() if k.overloads)
+print(json.dumps({"new": new, "seconds": answer["train_seconds"], "label": answer["label"],
+                  "loaded": loaded}))
 """
 
 
-def test_the_gpubp_worker_warms_up_every_kernel_the_timed_job_calls():
+@pytest.mark.parametrize(
+    ("threads", "busy"),
+    [(1, "quiet"), (None, "quiet"), (None, "busy")],
+    ids=["one-thread", "default-tuned", "tuned-to-one-thread"],
+)
+def test_the_gpubp_worker_warms_up_every_kernel_the_timed_job_calls(threads, busy):
     """The worker's warm-up takes the job's own paths, so no kernel is compiled or loaded from
     the cache while the job is timed, in a fresh process (its first calls of each kernel).
     Warmed up by one ``train_step``, the runs of steps in one native call were first called
-    inside the clock: 5 s of compiling counted as training, with a cold cache."""
+    inside the clock: 5 s of compiling counted as training, with a cold cache. ``busy``: the
+    thread tuner takes every timed step on one thread, as beside a busy process (the one-thread
+    update kernel must be warm too)."""
     pytest.importorskip("numba")
     import subprocess
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-c", _NOTHING_LOADED_INSIDE_THE_CLOCK],
+        [sys.executable, "-c", _NOTHING_LOADED_INSIDE_THE_CLOCK, json.dumps(threads), busy],
         capture_output=True,
         text=True,
         timeout=600,
@@ -228,5 +241,6 @@ def test_the_gpubp_worker_warms_up_every_kernel_the_timed_job_calls():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     answer = json.loads(done.stdout.strip().splitlines()[-1])
-    assert answer["seconds"] > 0
+    assert answer["seconds"] > 0 and "numba" in answer["label"], answer
+    assert "adam_steps" in answer["loaded"], answer  # the job's kernel ran: there was a check
     assert answer["new"] == [], f"first called inside the clock: {answer['new']}"

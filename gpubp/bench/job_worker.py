@@ -76,25 +76,25 @@ def run_gpubp(config: TrainConfig, threads: int | None) -> dict[str, Any]:
     be = get_backend(config.backend, threads=threads)
     # warm up, outside the clock: every kernel the job calls compiled or loaded from its cache,
     # through the job's own paths (runs of full batches in one native call, a last short batch
-    # on its own, the evaluations); one train_step warmed only the short batch's, so with a
-    # cold cache the first run of steps compiled inside the clock (2 epochs: 6.45 s, not 1.19)
-    warm = MLP(
-        [x_tr.shape[1], *config.layers, n_out],
-        activation=config.activation,
-        backend=be,
-        dtype=config.dtype,
-        seed=1,
-    )
-    few = 2 * job_batch(config, len(x_tr)) + 1
+    # on its own, the evaluations, and a step on one thread, where the thread tuner may take
+    # one); one train_step warmed only the short batch's, so with a cold cache the first run
+    # of steps compiled inside the clock (2 epochs: 6.45 s, not 1.19)
+    sizes, batch = [x_tr.shape[1], *config.layers, n_out], job_batch(config, len(x_tr))
+    few = 2 * batch + 1
+    warm = MLP(sizes, config.activation, backend=be, dtype=config.dtype, seed=1)
     warm.fit(
         x_tr[:few],
         y_tr[:few],
         epochs=1,
-        batch_size=job_batch(config, len(x_tr)),
+        batch_size=batch,
         optimizer=config.make_optimizer(),
-        validation_data=(x_tr[:few], y_tr[:few]),  # the per-epoch evaluations' kernels too
+        validation_data=(x_tr[:few], y_tr[:few]),  # the evaluations' kernels too
         progress=False,
     )
+    if threads != 1:  # the thread tuner may take a step on one thread (a probe, a busy core)
+        one = get_backend(config.backend, threads=1)
+        warm = MLP(sizes, config.activation, backend=one, dtype=config.dtype, seed=1)
+        warm.train_step(x_tr[:batch], y_tr[:batch], config.make_optimizer())
     del x_tr, y_tr, warm
     with use_backend(be):  # the run's MLP gets this instance, threads and all
         result = train(config, progress=False, log=lambda line: None)
