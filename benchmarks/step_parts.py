@@ -40,13 +40,13 @@ from step_ratio import RULES, arguments  # (this folder is on the path of a scri
 import gpubp
 from gpubp.backends.numba import gemm as provider
 from gpubp.backends.numba import multistep
-from gpubp.backends.numba.checked import adam_step_par, sgd_step_par
+from gpubp.backends.numba.checked import PROVED, adam_step_par, sgd_step_par
 from gpubp.backends.numba.gemm import gemm
 from gpubp.backends.numba.step import fold_scalars
-from gpubp.backends.numba.update import step_scalars
+from gpubp.backends.numba.update import keep_maxima, step_scalars
 from gpubp.backends.update import MAXIMA
 
-ROWS, ROUNDS, STEPS = 60_000, 9, 150
+ROWS, ROUNDS, STEPS = 60_000, 9, 160  # STEPS: a multiple of 20 (the rows of 20-step calls)
 
 
 @njit(cache=False, nogil=True)
@@ -72,11 +72,11 @@ def _built_up(  # type: ignore[no-untyped-def]
     part, first, n, X, order, a, Ws, dWs, d, fold, update, cols, wide, known, lim, plan
 ):
     """``n`` steps of part ``part`` from batch ``first`` on: 0 the floor, 1 the gather and the
-    GEMMs, 2 and the update (its proof holding: ``|g| <= 1``). Returns the update's status
-    (negative: written)."""
+    GEMMs, 2 and the update (its proof holding: ``|g| <= 1``). Returns the update's last status:
+    :data:`PROVED` (one write pass a step) or what stopped it."""
     B = a[0].shape[0]
     batches = order.shape[0] // B
-    status = -1
+    status = PROVED
     for s in range(first, first + n):
         if part >= 1:
             multistep._rows(X, order, (s % batches) * B, a[0])
@@ -84,7 +84,7 @@ def _built_up(  # type: ignore[no-untyped-def]
         if part >= 2 and not fold:
             kept = known.copy()  # the same proof each step: the state's maxima as they were
             status = update(cols, wide, kept, lim, plan)
-            if status >= 0:
+            if status != PROVED:
                 return status
     return status
 
@@ -161,25 +161,34 @@ def main() -> None:
     a = (net.ws.a[0], *(np.empty((B, n), np.float32) for n in sizes[1:]))
     d = tuple(np.full((B, n), 1e-9, np.float32) for n in sizes)  # |dW| <= B 1e-9 max|a|
     Ws = tuple(w.copy() for w in net.Ws)  # the folded rows write into copies
+    # the update row writes copies of the optimizer state (its parameters keep their values),
+    # so the state the step kernel and fit train stays theirs, its kept maxima true
+    cols = (*plan.cols[:2], *(tuple(c.copy() for c in col) for col in plan.cols[2:]))
+    if not opt.slots:
+        cols = (*plan.cols[:2], plan.cols[0])
+    threads = backend.kernel_threads()  # the count the plan was made for: every native row's
 
     def part(k: int) -> Any:
         def run(steps: int) -> None:
             W = Ws if fold or k < 2 else net.Ws
             args = (X, order, a, W, net.dWs, d, fold, _adam if plan.kind == "adam" else _sgd)
-            args += (plan.cols, wide)
-            if _built_up(k, start(), steps, *args, _known(state), plan.limits, plan.extra[0]) >= 0:
-                raise SystemExit("the update's proof did not hold here: the row would mislead")
+            args += (cols, wide, _known(state), plan.limits, plan.extra[0])
+            with backend._threads(threads):
+                if _built_up(k, start(), steps, *args) != PROVED:
+                    raise SystemExit("the update's proof did not hold: the row would mislead")
 
         return run
+
+    def kernel(steps: int) -> None:
+        with backend._threads(threads):
+            for _ in range(steps // 20):
+                kernel_steps(net, X, y, order, start(), opt, state, plan, fold)
 
     runs = {
         "floor": part(0),
         "gather + GEMMs": part(1),
         "gather + GEMMs + update": part(2),
-        "step kernel": lambda steps: [
-            kernel_steps(net, X, y, order, start(), opt, state, plan, fold)
-            for _ in range(steps // 20)
-        ],
+        "step kernel": kernel,
         "fit": fit,
     }
     best = _time(runs)
@@ -209,12 +218,18 @@ def kernel_steps(
         sgds = np.array([fold_scalars(net, float(opt.lr), 0.0)] * steps)
         done = multistep.fold_steps(*common, net.dbs, *net.ids, ws.cm, sgds, out, progress)
     else:
-        wides = np.array([step_scalars(plan.kind, opt, int(state["step"]) + 1)] * steps)
+        step = int(state["step"])
+        wides = np.array([step_scalars(plan.kind, opt, step + 1 + s) for s in range(steps)])
         run = multistep.adam_steps if plan.kind == "adam" else multistep.sgd_steps
+        known, statuses = _known(state), np.zeros(steps, dtype=np.int64)
         done = run(
-            *common, net.dWs, net.dbs, *net.ids, ws.cm, plan.cols, wides, _known(state), True,
-            plan.limits, plan.extra[0], out, np.zeros(steps, dtype=np.int64), progress,
+            *common, net.dWs, net.dbs, *net.ids, ws.cm, plan.cols, wides, known, True,
+            plan.limits, plan.extra[0], out, statuses, progress,
         )  # fmt: skip
+        keep_maxima(state, plan.kind, known)  # these steps trained the model: as fit keeps them
+        state["step"] = step + int(progress[0])
+        if (statuses[:done] != PROVED).any():
+            raise SystemExit("the step kernel's update was not proved: one pass more than fit")
     if done != steps:
         raise SystemExit(f"the step kernel took {done} of {steps} steps here")
 
