@@ -51,11 +51,13 @@ class NumbaUpdate:
 
     #: Fewest elements (all tensors together) for an update pass to run on every thread.
     update_par_min: ClassVar[int] = 1 << 15
-    #: Elements per chunk of a parallel update pass (16 KiB of float32). The chunks are shared
-    #: out statically, so smaller ones balance the threads better, down to where a chunk's own
-    #: set-up shows: Adam over the default model's 536 k parameters on 2 threads took 191 us at
-    #: 16 Ki, 182 us at 8 Ki, 180 us at 4 Ki, 186 us at 2 Ki and 204 us at 1 Ki; over
-    #: [784, 128, 10]'s 102 k, 48, 40, 38-42, 44 and 48 us.
+    #: Elements per chunk of a parallel update pass (16 KiB of float32). Each thread takes one
+    #: share of every tensor (:func:`.checked.chunk_plan`), cut into these chunks: measured
+    #: right after the step's GEMMs (``benchmarks/step_parts.py``'s update row, 2 threads),
+    #: 64 Ki, 16 Ki and 4 Ki chunks took the same time and 1 Ki chunks 30 us more on the default
+    #: model's Adam, where each chunk's own set-up shows. (Before the shares, when the chunks
+    #: went out in tensor order, the smaller ones balanced the threads: 191 us alone at 16 Ki,
+    #: 180 us at 4 Ki.)
     update_chunk: ClassVar[int] = 1 << 12
     #: Whether a step may be decided by the proof (False: the exact check pass always).
     prove_updates: bool = True
