@@ -302,3 +302,47 @@ def test_state_that_decays_below_the_smallest_normal_is_stored_as_zero(rng, labe
             seen.append(w[z])
     every = np.abs(np.concatenate(seen))
     assert (every == 0).any() and ((every > 0) & (every < 1e-15)).any()  # flushed; small kept
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["serial", "split"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("label", list(DECAYING))
+def test_a_subnormal_gradient_entry_counts_as_zero(rng, label, dtype, split):
+    """Late in training a few gradient entries are subnormal (a confident softmax output
+    underflows and the GEMMs carry it on); the stateful rules take them as zero before any
+    arithmetic, so that they cost no microcode assist. With the state just above the smallest
+    normal number, where such an entry would still move ``m`` or ``buf``, two steps write the
+    same bits as the same steps with those entries zeroed, decided by the proof or by the
+    exact check alike, and the parameters follow the float64 reference."""
+    make, _ = DECAYING[label]
+    tiny = np.finfo(dtype).tiny
+    params = [rng.uniform(-1, 1, s).astype(dtype) for s in SHAPES]
+    grads = [rng.uniform(-1, 1, s).astype(dtype) for s in SHAPES]
+    for g in grads:  # a third of the entries subnormal (the first always), of either sign
+        sub = tiny * rng.uniform(0.25, 0.75, g.shape) * rng.choice([-1.0, 1.0], g.shape)
+        where = rng.random(g.shape) < 0.35
+        where.flat[0] = True
+        g[...] = np.where(where, sub, g)
+    assert all(((g != 0) & (np.abs(g) < tiny)).any() for g in grads)
+    zeroed = [np.where(np.abs(g) < tiny, 0, g).astype(dtype) for g in grads]
+    saved = {"step": 4}
+    for slot in make().slots:  # 2 tiny: b m + (1 - b) g would still see a subnormal g
+        saved[slot] = [np.full(s, 1.0 if slot == "exp_avg_sq" else 2 * tiny, dtype) for s in SHAPES]
+    runs = []
+    for gs, (be, proving) in [(grads, backends(split)), (zeroed, backends(split))]:
+        for b in (be, proving):
+            opt = make()
+            opt.load_state_dict(saved, None, b, SHAPES, dtype)
+            ps = [p.copy() for p in params]
+            for _ in range(2):
+                b.apply_update(dtype_type(dtype)(1.0), ps, [g.copy() for g in gs], opt, opt.state)
+            runs.append((ps, opt))
+    for other in runs[1:]:
+        assert_same(*runs[0], *other)
+    ref_opt = make()
+    p64 = [p.astype(np.float64) for p in params]
+    ref_state = {"step": 4, **{s: [a.astype(np.float64) for a in saved[s]] for s in ref_opt.slots}}
+    for _ in range(2):
+        p64, ref_state = ref.update_parameters(p64, grads, ref_opt, ref_state)
+    for got, want in zip(runs[0][0], p64, strict=True):
+        assert rel_error(got, want) <= TOLERANCE[dtype]
