@@ -56,32 +56,25 @@ Maxima inside a loop are kept in :data:`LANES` accumulators (one running maximum
 vectorise). No ``fastmath``: it would let LLVM assume there is no NaN or infinity and drop the
 very test.
 
-Subnormal state is stored as zero. A moment or momentum buffer whose gradient stays zero (a ReLU
-unit that no longer fires, an input feature that is constant) decays by ``b1`` or ``mu`` each
-step through the subnormal numbers (about 150 steps of them in float32 at 0.9; ``v`` at ``b2 =
-0.999`` far longer), and every x86 operation on a vector that holds one takes a microcode assist
-of about a hundred cycles. In the main job (Fashion-MNIST, Adam) a few thousand of the 536,000
-``m`` entries are subnormal at any time, which cost the job about 7% (3-11% between runs). So
-:func:`_kept` stores a new ``m``, ``v`` or ``buf`` below the dtype's smallest normal number as
-zero: the value changes by less than that number (``2^-126`` in float32). The parameter's step
-changes by at most ``alpha tiny / eps'`` from ``m`` and, from ``v``, by the relative amount
-``sqrt(tiny) / eps'`` (``2^-63 / eps'`` in float32): both below a parameter's last bit for
-``eps'`` well above ``2^-40`` (the default ``eps = 1e-8``) unless the parameter itself is below
-about ``1e-25``; with a tiny ``eps'`` the flush of ``v`` can change the step of an entry whose
-gradient is below ``sqrt(tiny)``. A gradient entry below the smallest normal number counts as
-zero in these rules too, before any arithmetic: late in training a few hundred of the default
-model's gradient entries are subnormal at each step (a confident softmax output underflows, and
-the GEMMs carry it on), and each would take assists through ``(1 - b1) g``, ``g^2`` or ``mu buf
-+ g``; the change it makes to ``m`` or ``buf`` is below ``tiny`` as for the state (to a Nesterov
-step, ``lr tiny``) (``g^2`` was below float32's range already). Measured, the last four of 18
-epochs of the main job's model took 1.547-1.577 ms a step with it against 1.609 ms without, two
-runs each, alternately. NaN and infinity are kept (a comparison with NaN is false), so the check
-still sees them. The check computes the same flushed values as the write pass, so the two agree;
-the proof's bounds hold as they are (a flush only lowers a magnitude, and ``v' >= 0`` stays
-true). The parameters, the gradients as stored, the generic fallback of :mod:`.update` (``out=``
-arrays) and the other backends are left as they are: the CUDA kernels flush float32 subnormals
-already (CuPy's ``-ftz=true``), and NumPy's twelve passes per Adam step measured no faster with
-them flushed.
+Subnormal state is stored as zero. A moment or momentum buffer whose gradient stays zero (a
+ReLU unit that no longer fires, an input feature that is constant) decays by ``b1`` or ``mu``
+each step through the subnormal numbers (about 150 steps of them in float32 at 0.9; ``v`` at
+``b2 = 0.999`` far longer), and every x86 operation on a vector that holds one takes a
+microcode assist of about a hundred cycles. In the main job (Fashion-MNIST, Adam) a few
+thousand of the 536,000 ``m`` entries are subnormal at any time, which cost the job about 7%
+(3-11% between runs). So :func:`_kept` stores a new ``m``, ``v`` or ``buf`` below the dtype's
+smallest normal number as zero: the value changes by less than that number (``2^-126`` in
+float32). The parameter's step changes by at most ``alpha tiny / eps'`` from ``m`` and, from
+``v``, by the relative amount ``sqrt(tiny) / eps'`` (``2^-63 / eps'`` in float32): both below
+a parameter's last bit for ``eps'`` well above ``2^-40`` (the default ``eps = 1e-8``) unless the
+parameter itself is below about ``1e-25``; with a tiny ``eps'`` the flush of ``v`` can change
+the step of an entry whose gradient is below ``sqrt(tiny)``. NaN and infinity are kept (a
+comparison with NaN is false), so the check still sees them. The check computes the same
+flushed values as the write pass, so the two agree; the proof's bounds hold as they are (a
+flush only lowers a magnitude, and ``v' >= 0`` stays true). The parameters, the gradients, the
+generic fallback of :mod:`.update` (``out=`` arrays) and the other backends are left as they
+are: the CUDA kernels flush float32 subnormals already (CuPy's ``-ftz=true``), and NumPy's
+twelve passes per Adam step measured no faster with them flushed.
 
 Rules (``torch.optim``'s; ``t`` the step, ``g`` the gradient):
 
@@ -164,14 +157,14 @@ def sgd_check(p, g, buf, lo, hi, lr, mu, nesterov, wd):  # type: ignore[no-untyp
                 bad |= d != d
     elif nesterov:
         for k in range(p.shape[0]):
-            gk = _kept(g[k], tiny) + wd * p[k]
+            gk = g[k] + wd * p[k]
             m = _momentum(buf[k], gk, mu, tiny)
             q = p[k] - lr * (gk + mu * m)
             d = (q - q) + (m - m)
             bad |= d != d
     else:
         for k in range(p.shape[0]):
-            m = _momentum(buf[k], _kept(g[k], tiny) + wd * p[k], mu, tiny)
+            m = _momentum(buf[k], g[k] + wd * p[k], mu, tiny)
             q = p[k] - lr * m
             d = (q - q) + (m - m)
             bad |= d != d
@@ -207,7 +200,7 @@ def sgd_apply(p, g, buf, lo, hi, lr, mu, nesterov, wd):  # type: ignore[no-untyp
 @_inline
 def _sgd_one(p, g, buf, k, lr, mu, nesterov, wd, tiny):  # type: ignore[no-untyped-def]
     """The momentum step of element ``k``, written; returns ``|buf'|``."""
-    gk = _kept(g[k], tiny) + wd * p[k]
+    gk = g[k] + wd * p[k]
     m = _momentum(buf[k], gk, mu, tiny)
     buf[k] = m
     if nesterov:
@@ -228,7 +221,7 @@ def adam_check(  # type: ignore[no-untyped-def]
     tiny = _tiny(p)
     for k in range(p.shape[0]):
         pk = p[k]
-        gk = _kept(g[k], tiny) + l2 * pk
+        gk = g[k] + l2 * pk
         mk, vk = _moments(m[k], v[k], gk, b1, omb1, b2, omb2, tiny)
         q = pk * shrink - mk / (math.sqrt(vk) + eps) * alpha
         d = (q - q) + (mk - mk) + (vk - vk)
@@ -267,7 +260,7 @@ def adam_apply(  # type: ignore[no-untyped-def]
 def _adam_one(p, g, m, v, k, b1, omb1, b2, omb2, eps, alpha, shrink, l2, tiny):  # type: ignore[no-untyped-def]
     """The Adam step of element ``k``, written; returns ``(m', v')``."""
     pk = p[k]
-    gk = _kept(g[k], tiny) + l2 * pk
+    gk = g[k] + l2 * pk
     mk, vk = _moments(m[k], v[k], gk, b1, omb1, b2, omb2, tiny)
     m[k] = mk
     v[k] = vk
