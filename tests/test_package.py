@@ -227,3 +227,40 @@ def test_import_gpubp_then_gpubp_train_works():
     code = "import gpubp; print(gpubp.train.train.__name__, gpubp.train.TrainConfig.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["train", "TrainConfig"]
+
+
+def _private_imports(source: str, where: str) -> list[str]:
+    """``from M import _name`` of a gpubp module in ``source``: another module's private name."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        ours = node.level > 0 or (node.module or "").split(".")[0] == "gpubp"
+        for alias in node.names if ours else ():
+            if alias.name.startswith("_") and not alias.name.startswith("__"):
+                found.append(f"{where}:{node.lineno} {alias.name}")
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    """DESIGN.md section 3: a name with a leading underscore stays in its module (a private
+    *module*, such as ``_checks.py``, is imported by its public names)."""
+    offenders = [
+        hit
+        for p in sorted((ROOT / "gpubp").rglob("*.py"))
+        for hit in _private_imports(p.read_text(encoding="utf-8"), str(p.relative_to(ROOT)))
+    ]
+    assert not offenders, offenders
+
+
+def test_the_private_import_finder_finds_them():
+    source = (
+        "from .launch import _check\n"
+        "from gpubp.x import _y, ok\n"
+        "from . import _checks\n"
+        "from __future__ import annotations\n"
+        "from sklearn.utils import _private\n"
+    )
+    assert [h.split()[-1] for h in _private_imports(source, "probe")] == ["_check", "_y", "_checks"]

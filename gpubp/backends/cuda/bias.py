@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import catalogue as ck
-from .launch import KernelGetter, _check, _float, _launch, _status
+from .launch import KernelGetter, check_array, check_status_block, float_array, launch_kernel
 
 
 class BiasLayers:
@@ -49,11 +49,11 @@ class BiasLayers:
         if not deltas or len(deltas) != len(dbs):
             raise ValueError(f"{fn}: give one bias gradient per delta (got {len(deltas)} deltas, "
                              f"{len(dbs)} gradients)")  # fmt: skip
-        self.dtype = _float(fn, "deltas[0]", deltas[0], 2)
+        self.dtype = float_array(fn, "deltas[0]", deltas[0], 2)
         rows = []
         for k, (d, db) in enumerate(zip(deltas, dbs)):
-            _check(fn, f"deltas[{k}]", d, self.dtype, (None, None))
-            _check(fn, f"dbs[{k}]", db, self.dtype, (int(d.shape[1]),))
+            check_array(fn, f"deltas[{k}]", d, self.dtype, (None, None))
+            check_array(fn, f"dbs[{k}]", db, self.dtype, (int(d.shape[1]),))
             rows.append((int(d.data.ptr), int(db.data.ptr), int(d.shape[0]), int(d.shape[1])))
         table, self.items, self.tiles, self.threads = ck.bias_table(rows)
         self.layers = len(rows)
@@ -67,17 +67,17 @@ def bias_grad_layers(kernels: KernelGetter, layers: BiasLayers, partial: Any, st
     finite sets ``status[STATUS_BAD]``; the other columns are still written.
     """
     fn = "bias_grad_layers"
-    _check(fn, "partial", partial, np.float64, (None,))
+    check_array(fn, "partial", partial, np.float64, (None,))
     if partial.size < layers.items:
         raise ValueError(f"{fn}: partial holds {partial.size} values; expected >= {layers.items}")
-    _status(fn, status)
-    _launch(
+    check_status_block(fn, status)
+    launch_kernel(
         kernels,
         ck.bias_grad_partial_layers(layers.dtype),
         ck.blocks_for(layers.items),
         (layers.dev, np.int32(layers.layers), np.int64(layers.items), partial),
     )
-    _launch(
+    launch_kernel(
         kernels,
         ck.bias_grad_finish_layers(layers.dtype),
         min(layers.tiles, 65536),

@@ -36,7 +36,7 @@ def _shape_text(shape: tuple[int | None, ...]) -> str:
     return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
 
 
-def _check(
+def check_array(
     fn: str,
     what: str,
     a: Any,
@@ -57,30 +57,33 @@ def _check(
         raise ValueError(f"{fn}: {what} must be C-contiguous (use ascontiguousarray)")
 
 
-def _float(fn: str, what: str, a: Any, ndim: int) -> Any:
+def float_array(fn: str, what: str, a: Any, ndim: int) -> Any:
     """The dtype of ``a``, checked to be float32 or float64, ``ndim``-D and C-contiguous."""
     dt = getattr(a, "dtype", None)
     if dt is None or np.dtype(dt).name not in ck.CUDA_TYPES:
         raise TypeError(f"{fn}: {what} is {dt}; expected a float32 or float64 array")
-    _check(fn, what, a, dt, (None,) * ndim)
+    check_array(fn, what, a, dt, (None,) * ndim)
     return dt
 
 
-def _status(fn: str, status: Any) -> None:
-    _check(fn, "status", status, np.int32, (ck.STATUS_SLOTS,))
+def check_status_block(fn: str, status: Any) -> None:
+    """Raise unless ``status`` is the step's int32 status block."""
+    check_array(fn, "status", status, np.int32, (ck.STATUS_SLOTS,))
 
 
-def _hp(fn: str, hp: Any, dtype: Any) -> None:
-    _check(fn, "hp", hp, dtype, (ck.HP_SLOTS,))
+def check_hp_block(fn: str, hp: Any, dtype: Any) -> None:
+    """Raise unless ``hp`` is a hyper-parameter block of ``dtype``."""
+    check_array(fn, "hp", hp, dtype, (ck.HP_SLOTS,))
 
 
-def _launch(
+def launch_kernel(
     kernels: KernelGetter,
     name: str,
     blocks: int,
     args: tuple[Any, ...],
     threads: int = ck.THREADS,
 ) -> None:
+    """Launch kernel ``name`` on ``blocks`` blocks of ``threads`` threads with ``args``."""
     kernels(name)((blocks,), (threads,), args)
 
 
@@ -95,11 +98,11 @@ def bias_activation(kernels: KernelGetter, z: Any, b: Any, activation: str, stat
     if activation == "softmax":
         bias_softmax(kernels, z, b, status)
         return
-    dt = _float("bias_activation", "z", z, 2)
+    dt = float_array("bias_activation", "z", z, 2)
     rows, n = z.shape
-    _check("bias_activation", "b", b, dt, (n,))
-    _status("bias_activation", status)
-    _launch(
+    check_array("bias_activation", "b", b, dt, (n,))
+    check_status_block("bias_activation", status)
+    launch_kernel(
         kernels,
         ck.bias_activation(dt, activation),
         ck.blocks_for(rows * n // (16 // dt.itemsize) + 1),
@@ -109,11 +112,11 @@ def bias_activation(kernels: KernelGetter, z: Any, b: Any, activation: str, stat
 
 def bias_softmax(kernels: KernelGetter, z: Any, b: Any, status: Any) -> None:
     """``z = softmax(z + b)`` by row, in place: ``z`` ``(rows, n)``, ``b`` ``(n,)``."""
-    dt = _float("bias_softmax", "z", z, 2)
+    dt = float_array("bias_softmax", "z", z, 2)
     rows, n = z.shape
-    _check("bias_softmax", "b", b, dt, (n,))
-    _status("bias_softmax", status)
-    _launch(
+    check_array("bias_softmax", "b", b, dt, (n,))
+    check_status_block("bias_softmax", status)
+    launch_kernel(
         kernels,
         ck.bias_softmax(dt),
         ck.row_blocks(rows),
@@ -129,10 +132,10 @@ def hidden_delta(kernels: KernelGetter, g: Any, a: Any, activation: str, status:
 
     ``g`` and ``a`` are ``(rows, n)`` of one dtype (``g = delta_next @ W_next`` beforehand).
     """
-    dt = _float("hidden_delta", "g", g, 2)
-    _check("hidden_delta", "a", a, dt, tuple(g.shape))
-    _status("hidden_delta", status)
-    _launch(
+    dt = float_array("hidden_delta", "g", g, 2)
+    check_array("hidden_delta", "a", a, dt, tuple(g.shape))
+    check_status_block("hidden_delta", status)
+    launch_kernel(
         kernels,
         ck.hidden_delta(dt, activation),
         ck.blocks_for(g.size // (16 // dt.itemsize) + 1),
@@ -167,19 +170,19 @@ def output_layer(
     ``partial``).
     """
     fn = "output_layer"
-    dt = _float(fn, "z", z, 2)
+    dt = float_array(fn, "z", z, 2)
     rows, n = z.shape
     if b is not None:
-        _check(fn, "b", b, dt, (n,))
+        check_array(fn, "b", b, dt, (n,))
     if (y is None) == (labels is None):
         raise ValueError(f"{fn}: give exactly one of y (dense targets) and labels")
     if y is not None:
-        _check(fn, "y", y, dt, (rows, n))
+        check_array(fn, "y", y, dt, (rows, n))
     else:
-        _check(fn, "labels", labels, np.int64, (rows,))
-    _check(fn, "row_loss", row_loss, dt, (rows,))
-    _status(fn, status)
-    _launch(
+        check_array(fn, "labels", labels, np.int64, (rows,))
+    check_array(fn, "row_loss", row_loss, dt, (rows,))
+    check_status_block(fn, status)
+    launch_kernel(
         kernels,
         ck.output_kernel(dt, output, loss, labels is not None),
         ck.row_blocks(rows),
@@ -211,17 +214,17 @@ def finalize_loss(
     dtype; a non-finite total sets ``status[STATUS_BAD]``.
     """
     fn = "finalize_loss"
-    dt = _float(fn, "row_loss", row_loss, 1)
-    _check(fn, "loss_out", loss_out, dt, (1,))
-    _check(fn, "partial", partial, np.float64, (None,))
+    dt = float_array(fn, "row_loss", row_loss, 1)
+    check_array(fn, "loss_out", loss_out, dt, (1,))
+    check_array(fn, "partial", partial, np.float64, (None,))
     rows = int(row_loss.shape[0])
     parts = ck.loss_parts(rows)
     if partial.size < parts:
         raise ValueError(f"{fn}: partial holds {partial.size} values; expected >= {parts}")
-    _status(fn, status)
+    check_status_block(fn, status)
     threads = ck.reduction_threads(min(rows, ck.LOSS_PART_SLOTS))
-    _launch(kernels, ck.loss_partial(dt), parts, (row_loss, np.int64(rows), partial), threads)
-    _launch(
+    launch_kernel(kernels, ck.loss_partial(dt), parts, (row_loss, np.int64(rows), partial), threads)
+    launch_kernel(
         kernels,
         ck.finalize_loss(dt),
         1,
@@ -234,10 +237,10 @@ def record_loss(kernels: KernelGetter, loss: Any, weight: float, ledger: Any) ->
     """Append the step's loss ``loss`` ``(1,)`` to the loss ledger ``ledger`` (int64 ``(3,)``:
     the current block's pointer, the slots used, the running float64 total's pointer): into
     the block's next slot, and ``weight * loss`` into the total (one thread)."""
-    dt = _float("record_loss", "loss", loss, 1)
-    _check("record_loss", "loss", loss, dt, (1,))
-    _check("record_loss", "ledger", ledger, np.int64, (3,))
-    _launch(kernels, ck.record_loss(dt), 1, (loss, np.float64(weight), ledger), 32)
+    dt = float_array("record_loss", "loss", loss, 1)
+    check_array("record_loss", "loss", loss, dt, (1,))
+    check_array("record_loss", "ledger", ledger, np.int64, (3,))
+    launch_kernel(kernels, ck.record_loss(dt), 1, (loss, np.float64(weight), ledger), 32)
 
 
 # --- bias_grad.cu ---------------------------------------------------------------------------------
@@ -259,23 +262,23 @@ def bias_grad(
     column sum that is not finite sets ``status[STATUS_BAD]``.
     """
     fn = "bias_grad"
-    dt = _float(fn, "delta", delta, 2)
+    dt = float_array(fn, "delta", delta, 2)
     rows, n = delta.shape
     splits, per = plan
     if splits < 1 or per < 1 or splits * per < rows:
         raise ValueError(f"{fn}: plan {plan} does not cover {rows} rows")
-    _check(fn, "db", db, dt, (n,))
-    _check(fn, "partial", partial, np.float64, (None,))
+    check_array(fn, "db", db, dt, (n,))
+    check_array(fn, "partial", partial, np.float64, (None,))
     if partial.size < splits * n:
         raise ValueError(f"{fn}: partial holds {partial.size} values; expected >= {splits * n}")
-    _status(fn, status)
-    _launch(
+    check_status_block(fn, status)
+    launch_kernel(
         kernels,
         ck.bias_grad_partial(dt),
         ck.blocks_for(splits * n),
         (delta, np.int64(rows), np.int32(n), np.int64(per), np.int64(splits), partial),
     )
-    _launch(
+    launch_kernel(
         kernels,
         ck.bias_grad_finish(dt),
         min(-(-n // 32), 65536),  # a tile of 32 columns per block
@@ -288,7 +291,7 @@ def bias_grad(
 
 
 def _table(fn: str, table: Any, n: int) -> None:
-    _check(fn, "table", table, np.int64, (n, ck.TABLE_COLS))
+    check_array(fn, "table", table, np.int64, (n, ck.TABLE_COLS))
 
 
 def update_table(
@@ -333,10 +336,10 @@ def _optimizer_table(kernels: KernelGetter, check: bool, *args: Any) -> None:
     optimizer, dtype, table, n, chunks, hp, status = args
     fn = "check_update_table" if check else "update_table"
     _table(fn, table, n)
-    _hp(fn, hp, dtype)
-    _status(fn, status)
+    check_hp_block(fn, hp, dtype)
+    check_status_block(fn, status)
     name = ck.update_table(optimizer.op, dtype, optimizer.variant, check=check)
-    _launch(
+    launch_kernel(
         kernels,
         name,
         ck.blocks_for(chunks * ck.THREADS),
@@ -355,8 +358,8 @@ def check_finite_table(
     ``biggest``: the largest tensor's size (it sizes the grid).
     """
     _table("check_finite_table", table, n)
-    _status("check_finite_table", status)
-    _launch(
+    check_status_block("check_finite_table", status)
+    launch_kernel(
         kernels,
         ck.check_finite_table(dtype),
         ck.blocks_for(biggest),
@@ -371,8 +374,8 @@ def zero_if_bad_table(
     is set: the deltas the folded plain-SGD GEMM reads, so a skipped step adds exactly 0 to ``W``.
     """
     _table("zero_if_bad_table", table, n)
-    _status("zero_if_bad_table", status)
-    _launch(
+    check_status_block("zero_if_bad_table", status)
+    launch_kernel(
         kernels,
         ck.zero_if_bad_table(dtype),
         ck.blocks_for(biggest),
@@ -382,8 +385,8 @@ def zero_if_bad_table(
 
 def finish_step(kernels: KernelGetter, status: Any) -> None:
     """The last node of a train step: count it as skipped when ``status[STATUS_BAD]`` is set."""
-    _status("finish_step", status)
-    _launch(kernels, ck.finish_step(), 1, (status,))
+    check_status_block("finish_step", status)
+    launch_kernel(kernels, ck.finish_step(), 1, (status,))
 
 
 # --- metrics.cu -----------------------------------------------------------------------------------
@@ -399,21 +402,21 @@ def argmax_accuracy(
     neither (``correct`` untouched).
     """
     fn = "argmax_accuracy"
-    dt = _float(fn, "a", a, 2)
+    dt = float_array(fn, "a", a, 2)
     rows, n = a.shape
     if Y is not None and labels is not None:
         raise ValueError(f"{fn}: give at most one of Y (dense targets) and labels")
     target = ck.TARGET_NONE
     if Y is not None:
-        _check(fn, "Y", Y, dt, (rows, n))
+        check_array(fn, "Y", Y, dt, (rows, n))
         target = ck.TARGET_DENSE
     elif labels is not None:
-        _check(fn, "labels", labels, np.int64, (rows,))
+        check_array(fn, "labels", labels, np.int64, (rows,))
         target = ck.TARGET_LABELS
-    _check(fn, "pred", pred, np.int64, (rows,))
-    _check(fn, "correct", correct, np.uint64, (1,))
-    _status(fn, status)
-    _launch(
+    check_array(fn, "pred", pred, np.int64, (rows,))
+    check_array(fn, "correct", correct, np.uint64, (1,))
+    check_status_block(fn, status)
+    launch_kernel(
         kernels,
         ck.argmax_accuracy(dt, target),
         ck.row_blocks(rows),
@@ -436,10 +439,10 @@ def threshold_accuracy(kernels: KernelGetter, a: Any, y: Any, correct: Any) -> N
     ``a`` and ``y``: same shape and dtype (sigmoid outputs and 0/1 targets).
     """
     fn = "threshold_accuracy"
-    dt = _float(fn, "a", a, a.ndim if hasattr(a, "ndim") else 1)
-    _check(fn, "y", y, dt, tuple(a.shape))
-    _check(fn, "correct", correct, np.uint64, (1,))
-    _launch(
+    dt = float_array(fn, "a", a, a.ndim if hasattr(a, "ndim") else 1)
+    check_array(fn, "y", y, dt, tuple(a.shape))
+    check_array(fn, "correct", correct, np.uint64, (1,))
+    launch_kernel(
         kernels,
         ck.threshold_accuracy(dt),
         ck.blocks_for(a.size),
@@ -473,8 +476,8 @@ def gemm(
         if slot not in ck.HP:
             raise ValueError(f"gemm: {slot!r} is not a hyper-parameter slot; expected one of "
                              f"{list(ck.HP)}")  # fmt: skip
-    dt = _float("gemm", "C", C, 2)
-    _hp("gemm", hp, dt)
+    dt = float_array("gemm", "C", C, 2)
+    check_hp_block("gemm", hp, dt)
     base, item = int(hp.data.ptr), dt.itemsize
     return blas.gemm(
         trans_a, trans_b, A, B, C, base + ck.HP[alpha] * item, base + ck.HP[beta] * item, tf32

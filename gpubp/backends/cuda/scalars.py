@@ -14,7 +14,14 @@ from typing import Any
 import numpy as np
 
 from . import catalogue as ck
-from .launch import KernelGetter, _check, _float, _hp, _launch, _status
+from .launch import (
+    KernelGetter,
+    check_array,
+    check_hp_block,
+    check_status_block,
+    float_array,
+    launch_kernel,
+)
 
 
 def schedule_lr(kernels: KernelGetter, hp: Any, hp64: Any, sched: Any, count: Any) -> None:
@@ -22,27 +29,27 @@ def schedule_lr(kernels: KernelGetter, hp: Any, hp64: Any, sched: Any, count: An
     ``count[0]`` (int64 ``(1,)``, then advanced) of the schedule block ``sched`` (float64
     ``(SCHED_SLOTS,)``, :func:`.catalogue.schedule_block`; one of kind 0 keeps ``hp64``'s rate
     and the counter), then ``hp`` = ``hp64`` in ``hp``'s dtype."""
-    _hp("schedule_lr", hp, _float("schedule_lr", "hp", hp, 1))
-    _hp("schedule_lr", hp64, np.float64)
-    _check("schedule_lr", "sched", sched, np.float64, (ck.SCHED_SLOTS,))
-    _check("schedule_lr", "count", count, np.int64, (1,))
-    _launch(kernels, ck.schedule_lr(hp.dtype), 1, (hp, hp64, sched, count), 32)
+    check_hp_block("schedule_lr", hp, float_array("schedule_lr", "hp", hp, 1))
+    check_hp_block("schedule_lr", hp64, np.float64)
+    check_array("schedule_lr", "sched", sched, np.float64, (ck.SCHED_SLOTS,))
+    check_array("schedule_lr", "count", count, np.int64, (1,))
+    launch_kernel(kernels, ck.schedule_lr(hp.dtype), 1, (hp, hp64, sched, count), 32)
 
 
 def adam_step_scalars(kernels: KernelGetter, hp: Any, hp64: Any, steps: Any) -> None:
     """``hp`` = the float64 block ``hp64`` in ``hp``'s dtype, with Adam's ``HP_ALPHA`` and
     ``HP_EPS_HAT`` of step ``steps[0] + 1`` (int64 ``(1,)``) as ``optim.adam_scalars``."""
-    _hp("adam_step_scalars", hp, _float("adam_step_scalars", "hp", hp, 1))
-    _hp("adam_step_scalars", hp64, np.float64)
-    _check("adam_step_scalars", "steps", steps, np.int64, (1,))
-    _launch(kernels, ck.adam_step_scalars(hp.dtype), 1, (hp, hp64, steps), 32)
+    check_hp_block("adam_step_scalars", hp, float_array("adam_step_scalars", "hp", hp, 1))
+    check_hp_block("adam_step_scalars", hp64, np.float64)
+    check_array("adam_step_scalars", "steps", steps, np.int64, (1,))
+    launch_kernel(kernels, ck.adam_step_scalars(hp.dtype), 1, (hp, hp64, steps), 32)
 
 
 def count_step(kernels: KernelGetter, steps: Any, status: Any) -> None:
     """``steps[0] += 1`` (int64 ``(1,)``) unless ``status[STATUS_BAD]`` is set."""
-    _check("count_step", "steps", steps, np.int64, (1,))
-    _status("count_step", status)
-    _launch(kernels, ck.count_step(), 1, (steps, status), 32)
+    check_array("count_step", "steps", steps, np.int64, (1,))
+    check_status_block("count_step", status)
+    launch_kernel(kernels, ck.count_step(), 1, (steps, status), 32)
 
 
 class StepScalars:

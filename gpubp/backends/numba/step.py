@@ -49,7 +49,7 @@ def folds(optimizer: Any, lr: float, batch: int) -> bool:
     )
 
 
-class _Net(NamedTuple):
+class Net(NamedTuple):
     """A network's arrays as the one-call kernels take them, for one batch size: kept per set
     of arrays (it holds them, so an ``id`` cannot be reused meanwhile)."""
 
@@ -78,7 +78,7 @@ class _TunedScope:
 
     __slots__ = ("rows", "scope", "start", "tuner")
 
-    def __init__(self, host: Any, net: _Net, rows: int) -> None:
+    def __init__(self, host: Any, net: Net, rows: int) -> None:
         self.tuner = net.tuner if host.adaptive_threads else None
         self.scope = host._threads(None if self.tuner is None else self.tuner.threads())
         self.rows, self.start = rows, 0.0
@@ -121,8 +121,8 @@ class NumbaStep:
         activation: str,
         output: str,
         loss: str,
-    ) -> _Net | None:
-        """This network's :class:`_Net` for ``x``'s batch size, or None where the one-call
+    ) -> Net | None:
+        """This network's :class:`Net` for ``x``'s batch size, or None where the one-call
         step does not apply (an op overridden, an activation or loss without a kernel, arrays
         that are not C-contiguous of one float dtype, no hidden layer, a batch split over
         threads). Kept for the last few networks and batch sizes, so a step's Python is a
@@ -148,13 +148,13 @@ class NumbaStep:
         activation: str,
         output: str,
         loss: str,
-    ) -> _Net | None:
+    ) -> Net | None:
         if len(weights) < 2 or not self._own_step(weights, biases, activation, loss):
             return None
         ws = self.workspace_for(weights, x)
         assert isinstance(ws, NumbaWorkspace)
         lim = limits(weights[0].dtype)
-        return _Net(
+        return Net(
             ws,
             tuple(weights),
             tuple(biases),
@@ -187,7 +187,7 @@ class NumbaStep:
         provider = numba_blas.PROVIDER
         return bool(self.threads and self.threads > 1 and provider and provider.same_at_any_threads)
 
-    def _net_inputs(self, net: _Net, x: Any, y: Any) -> tuple[NumbaWorkspace, Any, Any, Any]:
+    def _net_inputs(self, net: Net, x: Any, y: Any) -> tuple[NumbaWorkspace, Any, Any, Any]:
         """``(ws, a0, labels, Y)``: ``x`` staged into the workspace and the targets as
         :meth:`_split_targets` gives them."""
         ws = net.ws
@@ -214,7 +214,7 @@ class NumbaStep:
             ws, value, _ = self._net_backprop(net, x, y)
         return value, ws.dW, ws.db
 
-    def _net_backprop(self, net: _Net, x: Any, y: Any) -> tuple[NumbaWorkspace, Any, Any]:
+    def _net_backprop(self, net: Net, x: Any, y: Any) -> tuple[NumbaWorkspace, Any, Any]:
         """``(ws, C, G)``: ``x`` staged and every gradient into the workspace in one kernel call
         (:func:`.layers.backprop`), with ``G >= max |g|``."""
         ws, a0, labels, Y = self._net_inputs(net, x, y)
@@ -272,7 +272,7 @@ class NumbaStep:
 
     def _folded_step(
         self,
-        net: _Net,
+        net: Net,
         weights: list[Any],
         biases: list[Any],
         x: Any,
@@ -306,6 +306,6 @@ class NumbaStep:
         return value, weights, biases, state
 
 
-def fold_scalars(net: _Net, lr: float, wd: float) -> tuple[float, float, float, float]:
+def fold_scalars(net: Net, lr: float, wd: float) -> tuple[float, float, float, float]:
     """The float64 ``(lr, weight_decay, lr_ok, change)`` of :func:`.layers.backprop_fold`."""
     return (lr, wd, 1.0 if lr <= net.largest else 0.0, net.change)

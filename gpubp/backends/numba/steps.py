@@ -11,7 +11,7 @@ import numpy as np
 
 from . import checked as C
 from . import multistep as MS
-from .step import _Net, fold_scalars, folds
+from .step import Net, fold_scalars, folds
 from .update import keep_maxima, step_scalars, take_maxima
 
 _NO_PLAN = np.zeros((0, 3), dtype=np.int64)
@@ -90,7 +90,7 @@ class NumbaSteps:
                 break
         return losses
 
-    def _all_targets(self, y: Any, net: _Net | None) -> tuple[Any, Any]:
+    def _all_targets(self, y: Any, net: Net | None) -> tuple[Any, Any]:
         """``(labels, Y)`` of the whole training set as the kernels take them, or
         ``(None, None)`` where ``y`` is neither int64 labels nor rows of the net's dtype."""
         if net is None or not isinstance(y, np.ndarray) or not y.flags.c_contiguous:
@@ -102,11 +102,11 @@ class NumbaSteps:
             return _NO_LABELS, y
         return None, None
 
-    def _count(self, net: _Net) -> int | None:
+    def _count(self, net: Net) -> int | None:
         """The thread count the tuner picks for the next steps (None: the backend's own)."""
         return net.tuner.threads() if net.tuner is not None and self.adaptive_threads else None
 
-    def _timed(self, net: _Net, call: Any, progress: Any) -> None:
+    def _timed(self, net: Net, call: Any, progress: Any) -> None:
         """``call()`` (in the scope of :meth:`_count`), its time handed to the tuner per step
         written (``progress[0]``)."""
         tuner = net.tuner if self.adaptive_threads else None
@@ -132,7 +132,7 @@ class NumbaSteps:
             state["step"] = step + done
 
     def _fold_run(
-        self, net: _Net, X: Any, labels: Any, Y: Any, order: Any, first: int,
+        self, net: Net, X: Any, labels: Any, Y: Any, order: Any, first: int,
         rates: list[float], optimizer: Any, state: dict[str, Any],
     ) -> list[float]:  # fmt: skip
         """Plain SGD folded into the GEMMs (:func:`.multistep.fold_steps`)."""
@@ -151,7 +151,7 @@ class NumbaSteps:
         return out[: int(progress[0])].tolist()
 
     def _update_run(
-        self, net: _Net, X: Any, labels: Any, Y: Any, order: Any, first: int,
+        self, net: Net, X: Any, labels: Any, Y: Any, order: Any, first: int,
         rates: list[float], optimizer: Any, state: dict[str, Any],
     ) -> list[float]:  # fmt: skip
         """Backpropagation and the checked update (:func:`.multistep.adam_steps` or
