@@ -8,6 +8,9 @@ Modules, one concern each (none imports CuPy or needs a GPU at import time), fro
   the hyper-parameter block;
 - :mod:`.launch`: one public wrapper per kernel family that checks its arrays and launches;
 - :mod:`.bias`: every layer's bias gradient of a train step in two launches, from a layer table;
+- :mod:`.scalars`: the checked wrappers of the step's one-thread scalar kernels (a schedule's
+  rate, Adam's step scalars, the step counter) and :class:`~.scalars.StepScalars`, the
+  hyper-parameter block and the device state it is computed from;
 - :mod:`.cublas`: the ctypes cuBLAS binding (own handle, device pointer mode, workspace);
 - :mod:`.context`: the device context the ops and the graph step share: the cupy module, per
   device its kernels, status words, GEMM constants and host ring; cuBLAS handles and the GEMM;
@@ -15,6 +18,8 @@ Modules, one concern each (none imports CuPy or needs a GPU at import time), fro
   :class:`DeviceLoss`;
 - :mod:`.graph`: the train step's buffers and the step recorded once as a CUDA graph;
 - :mod:`.steps`: the train steps kept per batch shape (least recently used dropped);
+- :mod:`.inputs`: the batch gathers' buffers a train step reads in place of its own input
+  buffers;
 - :mod:`.sparse`: the first layer on sparse input (the CSR kernel and its ops, a mixin);
 - :mod:`.update`: the table updates outside the graph step, the data-parallel one in no read of
   its own (a mixin);

@@ -4,10 +4,10 @@ Numba's default for ``@njit(cache=True)`` is a ``__pycache__`` folder beside the
 for an installed gpubp is inside site-packages. A later ``pip install -e .`` removes the package
 but leaves that folder, and the empty ``gpubp`` folder left behind then shadows the editable
 install (``gpubp info`` fails with an ImportError). So the cache goes to
-``$XDG_CACHE_HOME/gpubp/numba`` (``~/.cache/gpubp/numba``); ``NUMBA_CACHE_DIR``, Numba's own
-setting, still wins. Imported by :mod:`.kernels` before any kernel is defined (Numba reads
-``config.CACHE_DIR`` when a cached function is made, so this works even when Numba was imported
-first).
+``$XDG_CACHE_HOME/gpubp/numba/<provider>-<hash of the kernel modules>`` (under
+``~/.cache/gpubp/numba``); ``NUMBA_CACHE_DIR``, Numba's own setting, still wins. Imported by
+:mod:`.kernels` before any kernel is defined (Numba reads ``config.CACHE_DIR`` when a cached
+function is made, so this works even when Numba was imported first).
 """
 
 from __future__ import annotations

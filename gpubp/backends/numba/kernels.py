@@ -6,8 +6,8 @@ Each kernel is one pass over its arrays, run while the data is hot after the GEM
 - :func:`dact_mul`: ``g *= f'(a)`` in place on the backward GEMM's output, with the bias
   gradient ``db = sum over B of g`` in the same pass;
 - :func:`output_delta`: loss value and ``delta^L`` in one pass per row, from ``z`` ``(B, n)``;
-- :func:`colsum`, :func:`has_nonfinite`: the remaining reductions (the optimizer kernels
-  are in :mod:`.optim_kernels`);
+- :func:`absmax`, :func:`colsum`, :func:`has_nonfinite`: the remaining reductions (the
+  optimizer kernels are in :mod:`.optim_kernels`);
 The activation rules are written once, as scalar functions (:func:`act_value`,
 :func:`act_prime`), and inlined into every loop that needs them; the activation id is a runtime
 argument that is constant over each loop, so LLVM hoists the branch out of it (one compiled

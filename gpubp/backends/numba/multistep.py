@@ -10,11 +10,11 @@ labels, or its target rows, into ``lab`` or ``Yb``). Targets are int64 class lab
 ``labels``), as :meth:`.backend.NumbaBackend._split_targets` gives them for a batch.
 
 A call stops before the first step it cannot finish on its own, with nothing of that step
-written: a loss that is not finite, a folded SGD step whose proof does not hold (the plain
-path computes ``dW`` and checks it), or an update the check rejects. It returns the number of
-steps done; the caller runs the next one the ordinary way, which decides it exactly as a step
-alone would (and raises where the step is rejected). Every step's numbers are those of the
-same step taken alone: the same kernels, in the same order.
+written: a label out of range, a loss that is not finite, a folded SGD step whose proof does
+not hold (the plain path computes ``dW`` and checks it), or an update the check rejects. It
+returns the number of steps done; the caller runs the next one the ordinary way, which decides
+it exactly as a step alone would (and raises where the step is rejected). Every step's numbers
+are those of the same step taken alone: the same kernels, in the same order.
 """
 
 from __future__ import annotations

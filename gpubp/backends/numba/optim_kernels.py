@@ -8,7 +8,8 @@ can split a tensor over its threads; the kernels release the GIL):
   (``max |buf'|``; ``max |m'|``, ``max v'``, ``min(0, min v')``), taken in the same loop;
 - ``*_check``: computes the same values (same expressions, same order) without writing and
   returns whether any of them is not finite: the exact check, a second full pass;
-- :func:`absmax`: ``max |x|`` (inf for NaN or infinity), one read pass.
+- :func:`absmax`: ``max |x|`` (inf for NaN or infinity), one read pass;
+- :func:`sumsq`: the sum of squares of a range (gradient norms), one read pass.
 
 Before writing, the backend first tries the proof (:mod:`.checked`, which runs the whole step
 in one kernel call): from ``G >= max |g|`` (the step's passes give it, or one read of the

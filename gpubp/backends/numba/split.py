@@ -1,7 +1,8 @@
 """A large batch split by rows over threads, each part running the whole forward and backward pass.
 
-The Numba backend's kernels are serial, so between the GEMMs (which BLAS runs on every core)
-the elementwise passes run on one core. A large batch (at least
+The Numba backend's elementwise passes are serial (only the batch gather and the optimizer
+update run on the pool's threads), so between the GEMMs (which BLAS runs on every core) they
+run on one core. A large batch (at least
 :attr:`RowSplit.split_min_rows` rows per thread) is therefore split by rows over the threads
 instead: each part runs the whole forward and backward pass on its rows, with BLAS at one
 thread, in a persistent Python thread pool whose idle threads sleep on a queue, and the parts'

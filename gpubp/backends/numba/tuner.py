@@ -30,9 +30,10 @@ or more) are compared, and the faster count is kept.
   well under 1% of the steps. When the current count's recent median slows by :data:`ALARM`
   (another process started), ``hold`` drops back and a probe starts at once.
 
-The counts change only the partition of the work: with the GEMM providers gpubp uses (MKL,
-OpenBLAS) and the elementwise passes (per element, whatever the chunks), a step's results are
-the same at every count (``tests/test_threads.py`` checks it bit for bit).
+The counts change only the partition of the work: with MKL in its strict reproducible mode
+(the only provider whose counts are tuned; with OpenBLAS the count stays fixed) and the
+elementwise passes (per element, whatever the chunks), a step's results are the same at every
+count (``tests/test_thread_tuner.py`` checks it bit for bit).
 """
 
 from __future__ import annotations
