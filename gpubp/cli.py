@@ -33,7 +33,7 @@ from .backends.cuda.cupy_module import injected
 from .bench import add_arguments as add_bench_arguments
 from .bench import main as bench_main
 from .check import DEFAULT_SHAPES, TOLERANCE, CheckResult, format_failures, format_table, run_checks
-from .cli_errors import RUN_ERRORS, Parser, command_line_message, wrong_file_hint
+from .cli_errors import RUN_ERRORS, Parser, command_line_message, input_named, wrong_file_hint
 from .cli_models import add_evaluate_parser, add_predict_parser
 from .errors import (
     BackendUnavailableError,
@@ -167,15 +167,25 @@ def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
-def _threads_context(backend: str, threads: int | None) -> Any:
+def _threads_context(backend: str, threads: int | None, command: str) -> Any:
     """Inside it, ``backend`` (a name or ``auto``) is the instance with ``threads=threads``; a
-    no-op without ``--threads``. :class:`ValueError` names ``--threads``."""
+    no-op without ``--threads``. :class:`ValueError` names ``--threads``; a count above the
+    cores this process may use is taken, with a note that says what it costs."""
     if threads is None:
         return contextlib.nullcontext()
     try:
-        return use_backend(get_backend(backend, threads=threads))
+        context = use_backend(get_backend(backend, threads=threads))
     except ValueError as exc:
         raise ValueError(f"--threads: {exc}") from None
+    cores = machine.usable_cores()
+    if threads > cores:
+        print(
+            f"gpubp {command}: note: --threads {threads} is more than the {cores} core(s) this "
+            f"process may use; the extra threads only wait for each other at every step "
+            f"(--threads {cores} or fewer, or leave it out to let gpubp choose)",
+            file=sys.stderr,
+        )
+    return context
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -191,7 +201,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         track_gradients = settings.pop("track_gradients")
         try:
             config = TrainConfig(**settings)
-            threads = _threads_context(config.backend, args.threads)
+            threads = _threads_context(config.backend, args.threads, "train")
         except ValueError as exc:  # e.g. --lr beyond the range of --dtype
             print(f"gpubp train: {command_line_message(exc)}", file=sys.stderr)
             return 2
@@ -213,12 +223,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 override=args.override or (),
             )
     except BaseException as exc:
+        if isinstance(exc, BrokenPipeError) and comm is None:
+            raise  # the reader of stdout left: main ends quietly
         if isinstance(exc, NonFiniteLossError):
             message = f"{exc}; try a smaller --lr"
             if args.resume is not None and "lr" not in (args.override or ()):
                 message += " with --override lr (a resume keeps the checkpoint's lr otherwise)"
         elif isinstance(exc, (*RUN_ERRORS, OSError)):  # OSError: an output path not writable
-            message = command_line_message(exc)
+            message = input_named(command_line_message(exc), args)
             if isinstance(exc, ModelFileError) and args.resume is not None:
                 message = wrong_file_hint(args.resume, "checkpoint") or message
         elif comm is None or isinstance(exc, SystemExit):
@@ -241,7 +253,7 @@ def _cmd_gradflow(args: argparse.Namespace) -> int:
     from .gradflow import gradflow
 
     try:
-        threads = _threads_context(args.backend, args.threads)
+        threads = _threads_context(args.backend, args.threads, "gradflow")
     except ValueError as exc:
         print(f"gpubp gradflow: {exc}", file=sys.stderr)
         return 2
@@ -267,6 +279,8 @@ def _cmd_gradflow(args: argparse.Namespace) -> int:
                 progress=not args.quiet,
             )
     except (*RUN_ERRORS, OSError) as exc:
+        if isinstance(exc, BrokenPipeError):
+            raise
         print(f"gpubp gradflow: {command_line_message(exc)}", file=sys.stderr)
         return 1
     except NonFiniteLossError as exc:
@@ -379,6 +393,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit does not complain
         return 1
+    except KeyboardInterrupt:  # outside a training loop, or a second Ctrl-C inside one
+        fresh_line = "\n" if getattr(sys.stderr, "isatty", lambda: False)() else ""
+        print(
+            f"{fresh_line}gpubp {args.command}: interrupted (Ctrl-C); gpubp replaces the files "
+            "it writes whole, so none is left half-written",
+            file=sys.stderr,
+        )
+        return 130
     return code
 
 

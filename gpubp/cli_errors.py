@@ -103,6 +103,16 @@ def wrong_file_hint(path: str | os.PathLike[str], wanted: str) -> str | None:
     return None
 
 
+def input_named(message: str, args: Any) -> str:
+    """``message`` with its option in front where it concerns a file an input option named
+    (``--resume nope.ckpt: no such file``, ``--data x.csv: ...``)."""
+    for dest in ("resume", "data"):
+        value = getattr(args, dest, None)
+        if value is not None and message.startswith(f"{os.fspath(value)}: "):
+            return f"--{dest.replace('_', '-')} {message}"
+    return message
+
+
 def print_error(command: str, message: str) -> None:
     """``gpubp <command>: <message>`` on stderr."""
     print(f"gpubp {command}: {message}", file=sys.stderr)

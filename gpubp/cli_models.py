@@ -42,6 +42,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if args.json is not None:
             write_json(args.json, record)
     except (*RUN_ERRORS, OSError) as exc:
+        if isinstance(exc, BrokenPipeError):
+            raise
         message = command_line_message(exc)
         if isinstance(exc, ModelFileError):
             message = wrong_file_hint(args.model, "model") or message
@@ -141,6 +143,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         model = MLP.load(args.model, backend=args.backend)
         rows = predict_file(model, args.data, args.output, args.proba)
     except (*RUN_ERRORS, OSError) as exc:
+        if isinstance(exc, BrokenPipeError):
+            raise
         message = command_line_message(exc)
         if isinstance(exc, ModelFileError):
             message = wrong_file_hint(args.model, "model") or message

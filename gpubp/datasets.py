@@ -375,13 +375,22 @@ def load_dataset(
     and standard deviation (recorded in ``Dataset.normalization``). ``auto`` takes the largest
     dataset present locally: Fashion-MNIST, then MNIST, then digits.
     """
+    folder = None if data_dir is None else Path(data_dir)
+    if folder is not None and (folder.exists() or not download_missing) and not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        fetch = f", add --download to fetch {name} into it" if name in DATASETS else ""
+        raise DatasetNotFoundError(
+            f"--data-dir {data_dir} {what}; give the folder that holds the dataset's IDX "
+            f"files{fetch}, or leave out --data-dir to look in the usual places"
+        )
     if name == "auto":
         found = local_datasets(data_dir)
         if data_dir is not None and not set(found) & set(DATASETS):
             raise DatasetNotFoundError(
                 f"--data-dir {data_dir} holds neither Fashion-MNIST's nor MNIST's four IDX "
                 f"files (looked in {Path(data_dir)}/<name> and {data_dir}); put them there, "
-                "or leave out --data-dir (auto then falls back to scikit-learn's digits)"
+                "or leave out --data-dir to look in the usual places (auto takes the largest "
+                "dataset found, else scikit-learn's digits)"
             )
         if not found:
             raise DatasetNotFoundError(

@@ -383,7 +383,8 @@ def read_npz(
             raise
         except zipfile.BadZipFile as exc:
             raise error(
-                f"{path}: not a gpubp model file or checkpoint (expected an .npz archive: {exc})"
+                f"{path}: not a gpubp model file or checkpoint, or one that is truncated or "
+                f"damaged (expected a whole .npz archive: {exc})"
             ) from None
         except _READ_ERRORS as exc:
             raise error(
@@ -403,7 +404,18 @@ def parse_meta(
     if raw is None or raw.dtype != np.uint8 or raw.ndim != 1:
         raise error(f"{path}: no gpubp metadata; was it written by MLP.save?")
     meta = parse_json(raw.tobytes(), path, error)
-    if not isinstance(meta, dict) or meta.get("format") != expected:
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found == CHECKPOINT_FORMAT and expected == FORMAT:
+        raise error(
+            f"{path}: a checkpoint of gpubp train, not a model file: continue its run with "
+            f"gpubp train --resume {path}; a run writes its model with --save PATH (MLP.save)"
+        )
+    if found == FORMAT and expected == CHECKPOINT_FORMAT:
+        raise error(
+            f"{path}: a model file (written by MLP.save or --save), not a checkpoint of "
+            "gpubp train; load it with MLP.load"
+        )
+    if found != expected:
         raise error(f"{path}: not a {expected} file")
     if meta.get("version") != FORMAT_VERSION:
         raise error(

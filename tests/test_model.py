@@ -184,12 +184,15 @@ def test_unknown_names_are_refused(kwargs, argument):
     assert "expected" in msg, f"the message should say what is supported: {msg}"
 
 
-@pytest.mark.parametrize("name", [n for n in ALL_BACKEND_NAMES if n not in BACKENDS])
-def test_unavailable_backend_says_why(name):
-    with pytest.raises(gpubp.BackendUnavailableError) as info:
-        gpubp.MLP([3, 4, 2], backend=name)
-    assert name in str(info.value)
-    assert "auto" in str(info.value), "the message should offer an alternative"
+def test_unavailable_backend_says_why():
+    missing = [n for n in ALL_BACKEND_NAMES if n not in BACKENDS]
+    if not missing:
+        pytest.skip("needs a backend that cannot run here, and every backend runs here")
+    for name in missing:
+        with pytest.raises(gpubp.BackendUnavailableError) as info:
+            gpubp.MLP([3, 4, 2], backend=name)
+        assert name in str(info.value)
+        assert "auto" in str(info.value), "the message should offer an alternative"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", np.float32, np.dtype("float64")])

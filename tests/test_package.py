@@ -92,6 +92,18 @@ def test_readme_training_loop_runs_as_written(tmp_path, monkeypatch):
     assert (tmp_path / "model.npz").exists()
 
 
+def test_every_readme_python_block_runs_on_its_own(tmp_path, monkeypatch):
+    """Each ```python block of the README, alone in a fresh namespace, as a reader pastes it into
+    a file of their own (the PyTorch ones where PyTorch is installed)."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 4, "the README's Python blocks were not found"
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        if "torch" in block:  # to_torch, from_torch, torch.nn
+            pytest.importorskip("torch")
+        exec(compile(block, "README.md", "exec"), {})
+
+
 def test_ci_runs_the_readme_quickstart_commands_verbatim_and_in_order():
     """.ci/run runs the README's two Quickstart commands exactly as written, one line each
     (a trailing ``|| fail ...`` allowed, since ``set -e`` ignores failures inside ``&&``)."""

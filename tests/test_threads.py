@@ -85,8 +85,7 @@ def test_train_threads_reach_the_backend(numba_name, data_dir, monkeypatch, caps
 
     monkeypatch.setattr(gpubp.train, "train", fake_train)
     argv = ["train", "--backend", numba_name, "--threads", "1", "--data-dir", str(data_dir)]
-    with pytest.raises(KeyboardInterrupt):
-        cli.main([*argv, "--dataset", "mnist"])
+    assert cli.main([*argv, "--dataset", "mnist"]) == 130  # the fake's Ctrl-C, said in a line
     (be,) = seen
     assert be.name == "numba" and be.threads == 1
 
@@ -134,3 +133,24 @@ def test_bench_load_and_contenders_refuse_bad_values(argv, message, capsys):
         cli.main(["bench", *argv])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_threads_above_the_usable_cores_are_taken_with_a_note(
+    numba_name, data_dir, monkeypatch, capsys
+):
+    from gpubp import machine
+
+    seen = []
+
+    def fake_train(config, **kw):
+        seen.append(gpubp.get_backend(config.backend).threads)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpubp.train, "train", fake_train)
+    monkeypatch.setattr(machine, "usable_cores", lambda: 1)
+    argv = ["train", "--backend", numba_name, "--threads", "3", "--data-dir", str(data_dir)]
+    assert cli.main([*argv, "--dataset", "mnist"]) == 130
+    assert seen == [3]  # what was asked for
+    err = capsys.readouterr().err
+    assert "note: --threads 3 is more than the 1 core(s) this process may use" in err
+    assert "--threads 1 or fewer" in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 
 import numpy as np
@@ -237,10 +238,18 @@ def test_bad_checkpoint_files_are_refused(fake_mnist, tmp_path):
         run(small_config(), resume=garbage)
     model_file = tmp_path / "model.npz"
     MLP([784, 13, 7, 10]).save(model_file)
-    with pytest.raises(ModelFileError, match="not a gpubp-checkpoint file"):
+    with pytest.raises(ModelFileError, match=r"a model file .*not a checkpoint.*MLP\.load"):
         run(small_config(), resume=model_file)
     ckpt = tmp_path / "run.ckpt"
     run(small_config(epochs=1), checkpoint=ckpt)
+    with pytest.raises(ModelFileError, match=f"a checkpoint .*--resume {re.escape(str(ckpt))}"):
+        MLP.load(ckpt)  # the other way round: a checkpoint is not a model file
+    for cut in (0.5, 0.98):  # a truncated copy is said to be truncated, whatever is missing
+        short = tmp_path / f"short-{cut}.ckpt"
+        data = ckpt.read_bytes()
+        short.write_bytes(data[: int(len(data) * cut)])
+        with pytest.raises(ModelFileError, match="truncated or damaged"):
+            run(small_config(), resume=short)
     arrays = dict(np.load(ckpt))
     arrays["opt_exp_avg_0"] = arrays["opt_exp_avg_0"][:3]  # a truncated optimizer slot
     np.savez(tmp_path / "bad.ckpt.npz", **arrays)
