@@ -312,4 +312,8 @@ def add_gradflow_options(p: argparse.ArgumentParser) -> None:
         help="the .png to write; '' for none",
     )
     p.add_argument("--json", metavar="PATH", help="also write the norms as JSON")
-    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no live progress bar (the per-layer norms and the summary stay)",
+    )

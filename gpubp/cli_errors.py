@@ -40,9 +40,13 @@ __all__ = [
 
 
 def did_you_mean(word: str, candidates: Any) -> str:
-    """``"; did you mean X?"`` for the closest of ``candidates`` to ``word``, or ``""``."""
+    """``"; did you mean X?"`` for the closest of ``candidates`` to ``word``, or ``""``; none
+    where the two differ only in their numbers (``float16`` is another size, not a typo of
+    ``float64``)."""
     close = difflib.get_close_matches(word, [str(c) for c in candidates], n=1, cutoff=0.6)
-    return f"; did you mean {close[0]}?" if close else ""
+    if not close or re.sub(r"\d+", "#", close[0]) == re.sub(r"\d+", "#", word):
+        return ""
+    return f"; did you mean {close[0]}?"
 
 
 class Parser(argparse.ArgumentParser):

@@ -80,6 +80,14 @@ def test_a_mistyped_option_choice_or_command_gets_did_you_mean(argv, meant, caps
     assert len(err.strip().splitlines()) == 2, err  # one usage line, then the error
 
 
+def test_another_size_is_not_taken_for_a_typo(capsys):
+    """``--dtype float16`` is refused with the choices, not "did you mean float64?"."""
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--dtype", "float16"])
+    err = capsys.readouterr().err
+    assert "float32" in err and "float64" in err and "did you mean" not in err
+
+
 def test_a_bad_value_has_one_usage_line_before_the_error(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--epochs", "0"])
