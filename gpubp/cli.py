@@ -167,10 +167,13 @@ def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
-def _threads_context(backend: str, threads: int | None, command: str) -> Any:
+def _threads_context(
+    backend: str, threads: int | None, command: str, distributed: bool = False
+) -> Any:
     """Inside it, ``backend`` (a name or ``auto``) is the instance with ``threads=threads``; a
     no-op without ``--threads``. :class:`ValueError` names ``--threads``; a count above the
-    cores this process may use is taken, with a note that says what it costs."""
+    cores this process may use is taken, with a note that says what it costs (not under MPI,
+    where each rank's count is capped at its share of the node, :mod:`.distributed`)."""
     if threads is None:
         return contextlib.nullcontext()
     try:
@@ -178,7 +181,7 @@ def _threads_context(backend: str, threads: int | None, command: str) -> Any:
     except ValueError as exc:
         raise ValueError(f"--threads: {exc}") from None
     cores = machine.usable_cores()
-    if threads > cores:
+    if threads > cores and not distributed:
         print(
             f"gpubp {command}: note: --threads {threads} is more than the {cores} core(s) this "
             f"process may use; the extra threads only wait for each other at every step "
@@ -201,7 +204,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         track_gradients = settings.pop("track_gradients")
         try:
             config = TrainConfig(**settings)
-            threads = _threads_context(config.backend, args.threads, "train")
+            threads = _threads_context(config.backend, args.threads, "train", args.distributed)
         except ValueError as exc:  # e.g. --lr beyond the range of --dtype
             print(f"gpubp train: {command_line_message(exc)}", file=sys.stderr)
             return 2
@@ -373,6 +376,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (True where it cannot tell)."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no file descriptor
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -389,15 +404,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = int(args.func(args))
         sys.stdout.flush()  # a closed pipe shows here, inside the try, not at exit
-    except BrokenPipeError:  # e.g. gpubp info | head -3: the reader has what it wanted
+    except BrokenPipeError as exc:
+        if not _stdout_closed():  # a pipe of something else: an error like any other
+            print(f"gpubp {args.command}: {exc}", file=sys.stderr)
+            return 1
+        # e.g. gpubp info | head -3: the reader has what it wanted
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit does not complain
         return 1
     except KeyboardInterrupt:  # outside a training loop, or a second Ctrl-C inside one
         fresh_line = "\n" if getattr(sys.stderr, "isatty", lambda: False)() else ""
         print(
-            f"{fresh_line}gpubp {args.command}: interrupted (Ctrl-C); gpubp replaces the files "
-            "it writes whole, so none is left half-written",
+            f"{fresh_line}gpubp {args.command}: interrupted (Ctrl-C); no file gpubp writes by "
+            "name is left half-written (each is replaced whole)",
             file=sys.stderr,
         )
         return 130

@@ -10,7 +10,7 @@ from typing import Any
 from ._checks import printable
 from .arguments import add_data_dir_options, show_defaults
 from .backends import BACKEND_NAMES
-from .cli_errors import RUN_ERRORS, command_line_message, wrong_file_hint
+from .cli_errors import RUN_ERRORS, command_line_message, input_named, wrong_file_hint
 from .errors import ModelFileError
 
 __all__ = ["add_evaluate_parser", "add_predict_parser"]
@@ -44,7 +44,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     except (*RUN_ERRORS, OSError) as exc:
         if isinstance(exc, BrokenPipeError):
             raise
-        message = command_line_message(exc)
+        message = input_named(command_line_message(exc), args)
         if isinstance(exc, ModelFileError):
             message = wrong_file_hint(args.model, "model") or message
         print(f"gpubp evaluate: {printable(message, newlines=True)}", file=sys.stderr)
@@ -145,7 +145,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     except (*RUN_ERRORS, OSError) as exc:
         if isinstance(exc, BrokenPipeError):
             raise
-        message = command_line_message(exc)
+        message = input_named(command_line_message(exc), args)
         if isinstance(exc, ModelFileError):
             message = wrong_file_hint(args.model, "model") or message
         print(f"gpubp predict: {message}", file=sys.stderr)

@@ -299,6 +299,27 @@ def read_test_split(
     return images.reshape(len(images), -1), labels.astype(np.int64), folder
 
 
+def _check_data_dir(
+    data_dir: str | os.PathLike[str] | None, download_missing: bool, name: str = "auto"
+) -> None:
+    """:class:`~gpubp.errors.DatasetNotFoundError` where ``data_dir`` is given but is no
+    folder: missing (unless ``download_missing`` will make it) or a file. The IDX datasets are
+    looked for there only; digits, which comes with scikit-learn, never reads it."""
+    if data_dir is None:
+        return
+    folder = Path(data_dir)
+    if folder.is_dir() or (download_missing and not folder.exists()):
+        return
+    what = "is not a folder" if folder.exists() else "does not exist"
+    fetch = ""
+    if name in DATASETS and not folder.exists():
+        fetch = f", add --download to fetch {name} into it"
+    raise DatasetNotFoundError(
+        f"--data-dir {data_dir} {what}; give the folder that holds the dataset's IDX "
+        f"files{fetch}, or leave out --data-dir to look in the usual places"
+    )
+
+
 def _locate(
     name: str,
     data_dir: str | os.PathLike[str] | None,
@@ -307,6 +328,7 @@ def _locate(
 ) -> Path:
     """The folder holding ``name``'s four IDX files (downloaded there if asked), or
     :class:`~gpubp.errors.DatasetNotFoundError` saying where it looked and how to get them."""
+    _check_data_dir(data_dir, download_missing, name)
     folder = find_dataset(name, data_dir)
     if folder is None and download_missing:
         folder = download(name, _download_dir(name, data_dir), progress=progress)
@@ -375,15 +397,8 @@ def load_dataset(
     and standard deviation (recorded in ``Dataset.normalization``). ``auto`` takes the largest
     dataset present locally: Fashion-MNIST, then MNIST, then digits.
     """
-    folder = None if data_dir is None else Path(data_dir)
-    if folder is not None and (folder.exists() or not download_missing) and not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        fetch = f", add --download to fetch {name} into it" if name in DATASETS else ""
-        raise DatasetNotFoundError(
-            f"--data-dir {data_dir} {what}; give the folder that holds the dataset's IDX "
-            f"files{fetch}, or leave out --data-dir to look in the usual places"
-        )
     if name == "auto":
+        _check_data_dir(data_dir, download_missing)
         found = local_datasets(data_dir)
         if data_dir is not None and not set(found) & set(DATASETS):
             raise DatasetNotFoundError(

@@ -415,6 +415,7 @@ def test_two_ctrl_c_in_a_real_process_end_in_one_line(data_dir, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (said + err)[-2000:]
     assert "Traceback" not in err, err[-2000:]
+    assert "gpubp train: interrupted (Ctrl-C)" in err, err[-2000:]  # the second one was taken
     assert sorted(p.name for p in tmp_path.iterdir()) in (["data"], ["data", "run.ckpt"])
     if ckpt.exists():
         load_checkpoint(ckpt)
@@ -442,6 +443,9 @@ def test_a_closed_stdout_ends_every_command_quietly(command, data_dir, tmp_path)
     err = proc.stderr.read().decode()
     proc.wait(timeout=300)
     assert "Traceback" not in err and "Broken pipe" not in err, err[-2000:]
+    said = [line for line in err.splitlines() if line.startswith(f"gpubp {command}:")]
+    assert all(": warning:" in line for line in said), err[-2000:]  # no error was said
+    assert proc.returncode == 1, err[-2000:]
 
 
 def test_a_missing_input_file_names_its_option(data_dir, tmp_path, capsys):
@@ -450,16 +454,47 @@ def test_a_missing_input_file_names_its_option(data_dir, tmp_path, capsys):
     assert cli.main([*base, "--resume", str(missing)]) == 1
     assert f"--resume {missing}: no such file" in capsys.readouterr().err
     table = tmp_path / "nope.csv"
-    assert cli.main(["train", "--data", str(table), *SMALL]) == 1
-    assert f"--data {table}: no such file" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("dataset", ["auto", "mnist", "digits"])
-def test_a_data_dir_that_is_no_folder_is_said_so(dataset, tmp_path, capsys):
-    for where, said in ((tmp_path / "absent", "does not exist"), (tmp_path, "is not a folder")):
-        if said == "is not a folder":
-            where = tmp_path / "a-file"
-            where.write_text("x")
-        argv = ["train", "--dataset", dataset, "--data-dir", str(where), *SMALL]
+    model = tmp_path / "m.npz"
+    gpubp.MLP([4, 3, 2]).save(model)
+    for argv in (
+        ["train", "--data", str(table), *SMALL],
+        ["evaluate", str(model), "--data", str(table)],
+        ["predict", str(model), "--data", str(table)],
+    ):
         assert cli.main(argv) == 1
-        assert f"--data-dir {where} {said}" in capsys.readouterr().err
+        assert f"gpubp {argv[0]}: --data {table}: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--dataset", "auto", *SMALL],
+        ["train", "--dataset", "mnist", *SMALL],
+        ["evaluate", "MODEL", "--dataset", "mnist"],
+    ],
+)
+def test_a_data_dir_that_is_no_folder_is_said_so(argv, tmp_path, capsys):
+    model = tmp_path / "m.npz"
+    gpubp.MLP([784, 3, 10]).save(model)
+    argv = [str(model) if a == "MODEL" else a for a in argv]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for where, extra, said in (
+        (tmp_path / "absent", [], "does not exist"),
+        (a_file, [], "is not a folder"),
+        (a_file, ["--download"], "is not a folder"),
+    ):
+        assert cli.main([*argv, "--data-dir", str(where), *extra]) == 1
+        err = capsys.readouterr().err
+        assert f"--data-dir {where} {said}" in err, err
+        # --download is offered only where it would help: a dataset by name, a missing folder
+        offered = "add --download" in err
+        assert offered == (said == "does not exist" and "mnist" in argv), err
+
+
+def test_digits_never_reads_the_data_dir(tmp_path, capsys):
+    """A digits run (or its resume) whose --data-dir is gone still runs: digits comes with
+    scikit-learn and is never looked for there."""
+    pytest.importorskip("sklearn")
+    argv = ["train", "--dataset", "digits", "--epochs", "1", *SMALL]
+    assert cli.main([*argv, "--data-dir", str(tmp_path / "gone")]) == 0
