@@ -114,10 +114,9 @@ def test_train_mismatched_resume(data_dir, tmp_path, capsys):
     assert "layers: checkpoint [13, 7], this run [13, 8]" in err
 
 
-def test_ctrl_c_in_a_real_process_checkpoints_and_resumes(data_dir, tmp_path):
-    """SIGINT to a running ``gpubp train``: exit status 130, a checkpoint, and a resume that
-    finishes the run."""
-    ckpt = tmp_path / "run.ckpt"
+def _training_process(data_dir, ckpt):
+    """A real ``gpubp train`` of 300 epochs writing ``ckpt``, returned once its second epoch
+    is under way (epoch lines: stdout), with its command line and environment."""
     argv = [sys.executable, "-m", "gpubp", "train", "--dataset", "mnist"]
     argv += ["--data-dir", str(data_dir), "--layers", "13,7", "--batch-size", "16"]
     argv += ["--epochs", "300", "--checkpoint", str(ckpt)]
@@ -127,10 +126,18 @@ def test_ctrl_c_in_a_real_process_checkpoints_and_resumes(data_dir, tmp_path):
     )
     assert proc.stdout is not None
     seen = ""
-    while "epoch 2/300:" not in seen:  # wait until training is under way (epoch lines: stdout)
+    while "epoch 2/300:" not in seen:
         line = proc.stdout.readline()
         assert line, f"gpubp train ended early: {seen[-2000:]}"
         seen += line
+    return proc, argv, env
+
+
+def test_ctrl_c_in_a_real_process_checkpoints_and_resumes(data_dir, tmp_path):
+    """SIGINT to a running ``gpubp train``: exit status 130, a checkpoint, and a resume that
+    finishes the run."""
+    ckpt = tmp_path / "run.ckpt"
+    proc, argv, env = _training_process(data_dir, ckpt)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
@@ -391,19 +398,7 @@ def test_two_ctrl_c_in_a_real_process_end_in_one_line(data_dir, tmp_path):
     """The second Ctrl-C aborts at once, wherever it lands (the step, the checkpoint's write):
     exit status 130, no traceback, no temporary file, and a checkpoint, if any, that loads."""
     ckpt = tmp_path / "run.ckpt"
-    argv = [sys.executable, "-m", "gpubp", "train", "--dataset", "mnist"]
-    argv += ["--data-dir", str(data_dir), "--layers", "13,7", "--batch-size", "16"]
-    argv += ["--epochs", "300", "--checkpoint", str(ckpt)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, bufsize=1
-    )
-    assert proc.stdout is not None
-    seen = ""
-    while "epoch 2/300:" not in seen:
-        line = proc.stdout.readline()
-        assert line, f"gpubp train ended early: {seen[-2000:]}"
-        seen += line
+    proc, _, _ = _training_process(data_dir, ckpt)
     proc.send_signal(signal.SIGINT)
     assert proc.stderr is not None
     said = ""
