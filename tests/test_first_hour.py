@@ -80,6 +80,32 @@ def test_a_mistyped_option_choice_or_command_gets_did_you_mean(argv, meant, caps
     assert len(err.strip().splitlines()) == 2, err  # one usage line, then the error
 
 
+@pytest.mark.parametrize(
+    ("argv", "status"),
+    [  # README, Output: 2 the command line refused, 1 the run failed; one line, no traceback
+        (["train", "--epochs", "0"], 2),
+        (["gradflow", "--depth", "0"], 2),
+        (["evaluate", "m.npz", "--backend", "nope"], 2),
+        (["predict", "m.npz"], 2),
+        (["check", "--backends", "nope"], 2),
+        (["bench", "--load", "-1"], 2),
+        (["train", "--dataset", "mnist", "--data-dir", "ABSENT"], 1),
+        (["gradflow", "--dataset", "mnist", "--data-dir", "ABSENT"], 1),
+        (["evaluate", "ABSENT/m.npz"], 1),
+        (["predict", "ABSENT/m.npz", "--data", "x.csv"], 1),
+    ],
+)
+def test_every_command_refuses_with_the_documented_status(argv, status, tmp_path, capsys):
+    argv = [a.replace("ABSENT", str(tmp_path / "absent")) for a in argv]
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse's refusals
+        code = exc.code
+    assert code == status
+    err = capsys.readouterr().err
+    assert f"gpubp {argv[0]}:" in err and "Traceback" not in err, err
+
+
 def test_another_size_is_not_taken_for_a_typo(capsys):
     """``--dtype float16`` is refused with the choices, not "did you mean float64?"."""
     with pytest.raises(SystemExit):
