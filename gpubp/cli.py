@@ -33,12 +33,11 @@ from .backends.cuda.cupy_module import injected
 from .bench import add_arguments as add_bench_arguments
 from .bench import main as bench_main
 from .check import DEFAULT_SHAPES, TOLERANCE, CheckResult, format_failures, format_table, run_checks
-from .cli_errors import RUN_ERRORS, Parser, command_line_message, input_named, wrong_file_hint
+from .cli_errors import RUN_ERRORS, Parser, command_line_message, input_named
 from .cli_models import add_evaluate_parser, add_predict_parser
 from .errors import (
     BackendUnavailableError,
     GraphCaptureError,
-    ModelFileError,
     NonFiniteLossError,
 )
 
@@ -234,8 +233,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 message += " with --override lr (a resume keeps the checkpoint's lr otherwise)"
         elif isinstance(exc, (*RUN_ERRORS, OSError)):  # OSError: an output path not writable
             message = input_named(command_line_message(exc), args)
-            if isinstance(exc, ModelFileError) and args.resume is not None:
-                message = wrong_file_hint(args.resume, "checkpoint") or message
         elif comm is None or isinstance(exc, SystemExit):
             raise
         else:  # an unexpected error on one rank: say which, with the traceback, then end all

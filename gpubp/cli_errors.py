@@ -1,17 +1,16 @@
 """How the command line says what went wrong: one usage line (not the whole usage) before an
-argparse error, "did you mean" for a mistyped option, choice or command, and the right option
-for a checkpoint given where a model file is wanted (and the reverse).
+argparse error, "did you mean" for a mistyped option, choice or command, and the option whose
+input file an error concerns (a checkpoint given where a model file is wanted, and the reverse,
+is said by :func:`gpubp.npzfile.parse_meta` itself).
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import os
 import re
 import sys
-import zipfile
 from typing import Any, NoReturn
 
 from .backends import EMULATOR_HINT
@@ -25,7 +24,6 @@ from .errors import (
     ModelFileError,
     OutputPathError,
 )
-from .npzfile import CHECKPOINT_FORMAT, FORMAT
 from .plots import PlotUnavailableError
 
 __all__ = [
@@ -33,9 +31,7 @@ __all__ = [
     "Parser",
     "command_line_message",
     "did_you_mean",
-    "file_format",
     "print_error",
-    "wrong_file_hint",
 ]
 
 
@@ -73,47 +69,13 @@ class Parser(argparse.ArgumentParser):
         return ""
 
 
-def file_format(path: str | os.PathLike[str]) -> str | None:
-    """The gpubp format a ``.npz`` file's metadata names (:data:`~gpubp.npzfile.FORMAT` or
-    :data:`~gpubp.npzfile.CHECKPOINT_FORMAT`), or None where it names none or cannot be read;
-    only the small ``meta`` member is read."""
-    try:
-        with zipfile.ZipFile(path) as zf, zf.open("meta.npy") as f:
-            import numpy as np
-
-            raw = np.lib.format.read_array(f, allow_pickle=False)
-        meta = json.loads(raw.tobytes().decode("utf-8"))
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile, UnicodeDecodeError):
-        return None
-    fmt = meta.get("format") if isinstance(meta, dict) else None
-    return fmt if fmt in (FORMAT, CHECKPOINT_FORMAT) else None
-
-
-def wrong_file_hint(path: str | os.PathLike[str], wanted: str) -> str | None:
-    """What to say when ``path`` is the other kind of gpubp file than ``wanted`` (``"model"``
-    or ``"checkpoint"``), naming the option that takes it; None when it is not."""
-    fmt, name = file_format(path), os.fspath(path)
-    if wanted == "model" and fmt == CHECKPOINT_FORMAT:
-        return (
-            f"{name} is a checkpoint of gpubp train, not a model file: continue the run with "
-            f"gpubp train --resume {name}; a run writes its model with --save PATH"
-        )
-    if wanted == "checkpoint" and fmt == FORMAT:
-        return (
-            f"{name} is a model file (written by --save or MLP.save), not a checkpoint: "
-            "--resume takes the file a run wrote with --checkpoint; score this model with "
-            f"gpubp evaluate {name}"
-        )
-    return None
-
-
 def input_named(message: str, args: Any) -> str:
     """``message`` with its option in front where it concerns a file an input option named
     (``--resume nope.ckpt: no such file``, ``--data x.csv: ...``)."""
     for dest in ("resume", "data"):
         value = getattr(args, dest, None)
         if value is not None and message.startswith(f"{os.fspath(value)}: "):
-            return f"--{dest.replace('_', '-')} {message}"
+            return f"--{dest} {message}"
     return message
 
 

@@ -10,8 +10,7 @@ from typing import Any
 from ._checks import printable
 from .arguments import add_data_dir_options, show_defaults
 from .backends import BACKEND_NAMES
-from .cli_errors import RUN_ERRORS, command_line_message, input_named, wrong_file_hint
-from .errors import ModelFileError
+from .cli_errors import RUN_ERRORS, command_line_message, input_named
 
 __all__ = ["add_evaluate_parser", "add_predict_parser"]
 
@@ -45,8 +44,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if isinstance(exc, BrokenPipeError):
             raise
         message = input_named(command_line_message(exc), args)
-        if isinstance(exc, ModelFileError):
-            message = wrong_file_hint(args.model, "model") or message
         print(f"gpubp evaluate: {printable(message, newlines=True)}", file=sys.stderr)
         return 1
     accuracy = "n/a" if record["accuracy"] is None else f"{record['accuracy']:.4f}"
@@ -146,8 +143,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         if isinstance(exc, BrokenPipeError):
             raise
         message = input_named(command_line_message(exc), args)
-        if isinstance(exc, ModelFileError):
-            message = wrong_file_hint(args.model, "model") or message
         print(f"gpubp predict: {message}", file=sys.stderr)
         return 1
     if args.output is not None:

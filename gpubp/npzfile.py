@@ -407,13 +407,14 @@ def parse_meta(
     found = meta.get("format") if isinstance(meta, dict) else None
     if found == CHECKPOINT_FORMAT and expected == FORMAT:
         raise error(
-            f"{path}: a checkpoint of gpubp train, not a model file: continue its run with "
+            f"{path} is a checkpoint of gpubp train, not a model file: continue the run with "
             f"gpubp train --resume {path}; a run writes its model with --save PATH (MLP.save)"
         )
     if found == FORMAT and expected == CHECKPOINT_FORMAT:
         raise error(
-            f"{path}: a model file (written by MLP.save or --save), not a checkpoint of "
-            "gpubp train; load it with MLP.load"
+            f"{path} is a model file (written by --save or MLP.save), not a checkpoint: "
+            "--resume takes the file a run wrote with --checkpoint; load this model with "
+            f"MLP.load, or score it with gpubp evaluate {path}"
         )
     if found != expected:
         raise error(f"{path}: not a {expected} file")
